@@ -1,0 +1,166 @@
+"""Writing stage outputs safely: whole directories appear at once, manifests say what produced them.
+
+Every stage writes a directory with a `manifest.json`. The directory is built under a hidden sibling name
+and renamed into place only when complete, so an interrupted run never leaves a half-written output that a
+later run could mistake for a finished one. A later run that finds the output compares manifests: the same
+request is reused, a different one is refused with the first differing field named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from probing.errors import ProbingError
+
+MANIFEST_NAME = "manifest.json"
+_PARTIAL_MARK = ".partial-"
+
+
+def code_version() -> str:
+    """The installed package version, recorded in every manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("probing")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def file_key(path: Path) -> tuple[str, int, int]:
+    """(resolved path, mtime in ns, size): changes whenever the file is rewritten; a cache key for reads."""
+    path = Path(path).resolve()
+    status = path.stat()
+    return (str(path), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(key: tuple[str, int, int]) -> str:
+    digest = hashlib.sha256()
+    with open(key[0], "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks; cached per (path, mtime, size) because the same
+    annotation file is hashed once per split and per stage."""
+    return _sha256_of(file_key(path))
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and an atomic rename: readers see the old file or the new one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}{_PARTIAL_MARK}{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of a finished output directory, or None where there is none."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ProbingError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+
+
+def first_difference(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> str | None:
+    """The dotted name of the first field (sorted order) whose value differs, or None when all agree."""
+    for key in sorted(set(expected) | set(found)):
+        name = f"{prefix}{key}"
+        if key not in found or key not in expected:
+            return name
+        left, right = expected[key], found[key]
+        if isinstance(left, Mapping) and isinstance(right, Mapping):
+            inner = first_difference(left, right, prefix=f"{name}.")
+            if inner is not None:
+                return inner
+        elif left != right:
+            return name
+    return None
+
+
+def existing_output_matches(directory: Path, identity: Mapping[str, Any], what: str) -> bool:
+    """True when `directory` already holds a finished output made for the same request.
+
+    `identity` holds the manifest fields that define the request (inputs' hashes, seed, version ...).
+    Absent or empty directory: False (build it). A finished output for another request: ProbingError naming
+    the first differing field, because silently overwriting or mixing results is worse than stopping.
+    A non-empty directory without a manifest is refused too: it is not ours to overwrite.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return False
+    if not directory.is_dir():
+        raise ProbingError(f"{directory}: exists and is not a directory")
+    manifest = read_manifest(directory)
+    if manifest is None:
+        if any(directory.iterdir()):
+            raise ProbingError(f"{directory}: not empty and has no {MANIFEST_NAME}; choose another output directory")
+        return False
+    found = {key: manifest.get(key) for key in identity}
+    differing = first_difference(dict(identity), found)
+    if differing is None:
+        return True
+    raise ProbingError(
+        f"{directory}: holds a {what} made with a different '{differing}'; choose another output directory or remove it"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete partial directories left by runs that were killed (their process is gone)."""
+    pattern = f".{target.name}{_PARTIAL_MARK}*"
+    for leftover in target.parent.glob(pattern):
+        suffix = leftover.name.rsplit(_PARTIAL_MARK, 1)[-1]
+        if suffix.isdigit() and not _pid_alive(int(suffix)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty hidden sibling of `target`; on success rename it to `target`, on failure delete it.
+
+    The caller writes everything, manifest last, into the yielded directory. `target` must be absent or an
+    empty directory (checked by `existing_output_matches` before any work is done).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
+    staging = target.with_name(f".{target.name}{_PARTIAL_MARK}{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
