@@ -1,0 +1,204 @@
+"""The `probing` command line: a thin typer layer over the typed stage functions.
+
+No logic lives here: each command parses options, calls one function and prints its result. User errors
+(`ProbingError`) are printed as one line on stderr with exit status 2; `--verbose` (anywhere on the line)
+adds the traceback. Other exceptions are bugs: traceback and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from probing.errors import ProbingError
+
+app = typer.Typer(
+    name="probing",
+    help="Probe whether a vision-and-language resampler (BLIP-2 / InstructBLIP Q-Former) encodes where things are.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect datasets before a long run.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_VERBOSE = False
+
+# ------------------------------------------------------------------ data options, the same on every command
+TaskOption = Annotated[str, typer.Option("--task", help="refcocog | vsr | rcm")]
+RefsOption = Annotated[Path | None, typer.Option("--refs", help="RefCOCOg: REFER refs(umd).p")]
+InstancesOption = Annotated[Path | None, typer.Option("--instances", help="RefCOCOg: COCO instances.json")]
+ImagesOption = Annotated[
+    Path | None,
+    typer.Option("--images", help="Image root: train2014/ and/or train2017/ (RefCOCOg, RCM); "
+                                   "trainval2017/ or train2017/ + val2017/ (VSR)"),
+]
+VsrOption = Annotated[Path | None, typer.Option("--vsr", help="VSR: folder with train.jsonl, dev.jsonl, test.jsonl")]
+RcmOption = Annotated[Path | None, typer.Option("--rcm", help="RCM: folder written by `probing build-rcm`")]
+
+
+def _data_options(task: str, refs, instances, images, vsr, rcm):
+    from probing.data import DataOptions
+
+    return DataOptions(task=task, images=images, refs=refs, instances=instances, vsr=vsr, rcm=rcm)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logging.")] = False,
+) -> None:
+    """Probe whether a resampler's query outputs still encode where things are."""
+
+
+# ------------------------------------------------------------------ commands
+
+@app.command("make-demo-data")
+def make_demo_data_command(
+    out: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.")],
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    refcocog_images: Annotated[int, typer.Option(help="Number of RefCOCOg-style images.")] = 300,
+    vsr_images: Annotated[int, typer.Option(help="Number of VSR-style images.")] = 240,
+    vsr_version: Annotated[str, typer.Option(help="VSR file version: current | original.")] = "current",
+) -> None:
+    """Write the embedded demo dataset (synthetic shapes) in the real RefCOCOg / COCO / VSR formats."""
+    from probing.data.synthetic import demo_data_options, make_demo_data
+
+    if vsr_version not in ("current", "original"):
+        raise ProbingError(f"--vsr-version: unknown version '{vsr_version}' (choose current or original)")
+    manifest = make_demo_data(out, seed=seed, refcocog_images=refcocog_images, vsr_images=vsr_images,
+                              vsr_version=vsr_version)
+    verb = "already there" if manifest["reused"] else "written"
+    typer.echo(f"demo dataset {verb}: {out}")
+    for split, counts in manifest["refcocog"].items():
+        typer.echo(f"  refcocog {split:5s} images {counts['images']:5d}  refs {counts['refs']:5d}  "
+                   f"sentences {counts['sentences']:5d}")
+    for split, counts in manifest["vsr"].items():
+        typer.echo(f"  vsr      {split:5s} examples {counts['examples']:5d}  true {counts['true']:5d}")
+    options = demo_data_options(out)
+    typer.echo("data options:")
+    typer.echo(f"  refcocog: --refs '{options['refcocog']['refs']}' --instances {options['refcocog']['instances']} "
+               f"--images {options['refcocog']['images']}")
+    typer.echo(f"  vsr:      --vsr {options['vsr']['vsr']} --images {options['vsr']['images']}")
+
+
+@app.command("build-rcm")
+def build_rcm_command(
+    refs: Annotated[Path, typer.Option("--refs", help="RefCOCOg: REFER refs(umd).p")],
+    instances: Annotated[Path, typer.Option("--instances", help="RefCOCOg: COCO instances.json")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for {train,val,test}.jsonl + manifest.json")],
+    seed: Annotated[int, typer.Option(help="Random seed (the build is deterministic for a seed).")] = 0,
+) -> None:
+    """Build Region Cell Matching (3x3 grid cells) from RefCOCOg umd, balanced per cell, per split."""
+    from probing.data.rcm import build_rcm
+
+    manifest = build_rcm(refs, instances, out, seed=seed)
+    verb = "already there" if manifest["reused"] else "written"
+    typer.echo(f"RCM {verb}: {out}")
+    for split, counts in manifest["splits"].items():
+        typer.echo(f"  {split:5s} examples {counts['examples']:7d}  positives {counts['positives']:6d}  "
+                   f"negatives {counts['negatives']:6d}  ({counts['positives_per_cell']} per cell, "
+                   f"from {counts['sentences']} sentences)")
+
+
+@data_app.command("stats")
+def data_stats_command(
+    task: TaskOption,
+    refs: RefsOption = None,
+    instances: InstancesOption = None,
+    images: ImagesOption = None,
+    vsr: VsrOption = None,
+    rcm: RcmOption = None,
+    split: Annotated[list[str] | None, typer.Option("--split", help="train | val | test (repeatable; default all)")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Per split: examples, images (existence checked, not decoded), missing images, per-category counts."""
+    from probing.data.stats import data_stats
+
+    stats = data_stats(_data_options(task, refs, instances, images, vsr, rcm), split)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))  # keeps cells in row-major order
+        return
+    _print_stats(stats)
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    typer.echo(f"task {stats['task']}")
+    for split, values in stats["splits"].items():
+        typer.echo(f"  {split:5s} examples {values['examples']:7d}  images {values['images']:6d}  "
+                   f"missing images {values['missing_images']:6d}")
+        if values.get("first_missing_image"):
+            typer.echo(f"        first missing: {values['first_missing_image']}")
+        for category, count in values["categories"].items():
+            shown = count if isinstance(count, int) else ", ".join(f"{k} {v}" for k, v in count.items())
+            typer.echo(f"        {category:22s} {shown}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option(help="Where the demo writes its data and reports.")] = Path("reports/demo"),
+) -> None:
+    """The embedded default run on synthetic data. Today: demo data, RCM and data checks (later stages to come)."""
+    from probing.data import DataOptions
+    from probing.data.rcm import build_rcm
+    from probing.data.stats import data_stats
+    from probing.data.synthetic import demo_data_options, make_demo_data
+
+    data_dir, rcm_dir = out / "data", out / "rcm"
+    typer.echo(f"[1/3] demo dataset -> {data_dir}")
+    make_demo_data(data_dir)
+    options = demo_data_options(data_dir)
+    typer.echo(f"[2/3] Region Cell Matching -> {rcm_dir}")
+    build_rcm(options["refcocog"]["refs"], options["refcocog"]["instances"], rcm_dir)
+    typer.echo("[3/3] data checks")
+    for task, task_options in (("refcocog", options["refcocog"]),
+                               ("vsr", options["vsr"]),
+                               ("rcm", {"rcm": rcm_dir, "images": options["refcocog"]["images"]})):
+        _print_stats(data_stats(DataOptions(task=task, **task_options)))
+    typer.echo("Feature extraction, probe training, search and reports are not built yet; "
+               "`probing demo` will run them as they land.")
+
+
+# ------------------------------------------------------------------ entry point
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger("probing")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.INFO, "info")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the typer app, turning ProbingError into one line and exit status 2."""
+    global _VERBOSE
+    args = list(sys.argv[1:] if argv is None else argv)
+    cut = args.index("--") if "--" in args else len(args)
+    _VERBOSE = any(flag in ("--verbose", "-v") for flag in args[:cut])
+    # --verbose is accepted anywhere on the line, not only before the command.
+    args = [a for i, a in enumerate(args) if i >= cut or a not in ("--verbose", "-v")]
+    _configure_logging(_VERBOSE)
+    try:
+        app(args=args, prog_name="probing")
+    except ProbingError as error:
+        if _VERBOSE:
+            traceback.print_exc()
+        message = " ".join(str(error).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The command line: help everywhere, exit codes, one-line errors, JSON stats, the demo."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import small_refer_dataset
+
+from probing.cli import main
+
+
+def run_cli(capsys, *args):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", [[], ["make-demo-data"], ["build-rcm"], ["data"], ["data", "stats"], ["demo"]])
+def test_help_on_every_command(capsys, command):
+    code, out, _ = run_cli(capsys, *command, "--help")
+    assert code == 0 and "Usage: probing" in out
+
+
+def test_console_script_and_module_entry_points_exist():
+    script = shutil.which("probing", path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert script is not None
+    result = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "build-rcm" in result.stdout
+
+
+def test_stats_json_on_the_demo_data(capsys, demo_options):
+    options = demo_options["refcocog"]
+    code, out, err = run_cli(capsys, "data", "stats", "--task", "refcocog", "--refs", str(options["refs"]),
+                             "--instances", str(options["instances"]), "--images", str(options["images"]), "--json")
+    assert code == 0, err
+    stats = json.loads(out)
+    assert set(stats["splits"]) == {"train", "val", "test"}
+    manifest = json.loads((options["refs"].parent.parent / "manifest.json").read_text())
+    for split, values in stats["splits"].items():
+        assert values["examples"] == manifest["refcocog"][split]["sentences"]
+        assert values["images"] == manifest["refcocog"][split]["images"]
+        assert values["missing_images"] == 0
+        assert sum(values["categories"].values()) == values["examples"]
+        assert set(values["categories"]) <= {"round", "angular", "mark"}
+
+
+def test_stats_counts_missing_images_without_decoding(capsys, tmp_path):
+    paths = small_refer_dataset(tmp_path)
+    (paths["images"] / "train2014" / "COCO_train2014_000000000012.jpg").unlink()
+    (paths["images"] / "train2014" / "COCO_train2014_000000000011.jpg").write_bytes(b"not a jpeg")  # exists: ok
+    code, out, _ = run_cli(capsys, "data", "stats", "--task", "refcocog", "--refs", str(paths["refs"]),
+                           "--instances", str(paths["instances"]), "--images", str(paths["images"]),
+                           "--split", "train", "--split", "test", "--json")
+    assert code == 0
+    stats = json.loads(out)["splits"]
+    assert set(stats) == {"train", "test"}
+    assert stats["train"] == {**stats["train"], "examples": 3, "images": 1, "missing_images": 0,
+                              "categories": {"animal": 2, "person": 1}}
+    assert stats["test"]["missing_images"] == 1
+    assert stats["test"]["first_missing_image"].endswith("train2014/COCO_train2014_000000000012.jpg")
+
+
+def test_stats_for_vsr_and_rcm(capsys, demo_options, tmp_path):
+    vsr = demo_options["vsr"]
+    code, out, _ = run_cli(capsys, "data", "stats", "--task", "vsr", "--vsr", str(vsr["vsr"]),
+                           "--images", str(vsr["images"]), "--split", "val", "--json")
+    assert code == 0
+    val = json.loads(out)["splits"]["val"]
+    dev_lines = (vsr["vsr"] / "dev.jsonl").read_text().splitlines()
+    assert val["examples"] == len(dev_lines)
+    assert val["labels"]["1"] == sum(json.loads(line)["label"] for line in dev_lines)
+    ref = demo_options["refcocog"]
+    code, out, _ = run_cli(capsys, "build-rcm", "--refs", str(ref["refs"]), "--instances", str(ref["instances"]),
+                           "--out", str(tmp_path / "rcm"))
+    assert code == 0 and "train examples" in out and "positives" in out
+    code, out, _ = run_cli(capsys, "data", "stats", "--task", "rcm", "--rcm", str(tmp_path / "rcm"),
+                           "--images", str(ref["images"]), "--json")
+    assert code == 0
+    cells = json.loads(out)["splits"]["test"]["categories"]
+    assert list(cells) == ["top left", "top middle", "top right", "middle left", "middle", "middle right",
+                           "bottom left", "bottom middle", "bottom right"]
+    assert len({(c["positive"], c["negative"]) for c in cells.values()}) == 1  # balanced
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["data", "stats", "--task", "vsr"], "error: --vsr is required for --task vsr"),
+        (["data", "stats", "--task", "coco"], "error: --task: unknown task 'coco'"),
+        (["data", "stats", "--task", "vsr", "--vsr", "{missing}", "--images", "{tmp}"],
+         "error: --vsr: {missing}: not found"),
+        (["build-rcm", "--refs", "{missing}", "--instances", "{missing}", "--out", "{tmp}/rcm"],
+         "error: {missing}: file not found"),
+        (["make-demo-data", "{tmp}/d", "--vsr-version", "v3"], "error: --vsr-version: unknown version 'v3'"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_2(capsys, tmp_path, args, message):
+    missing = str(tmp_path / "missing")
+    args = [a.format(missing=missing, tmp=tmp_path) for a in args]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith(message.format(missing=missing, tmp=tmp_path))
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_jsonl_line_and_truncated_pickle_through_the_cli(capsys, tmp_path):
+    paths = small_refer_dataset(tmp_path)
+    paths["refs"].write_bytes(paths["refs"].read_bytes()[:40])
+    code, _, err = run_cli(capsys, "data", "stats", "--task", "refcocog", "--refs", str(paths["refs"]),
+                           "--instances", str(paths["instances"]), "--images", str(paths["images"]))
+    assert code == 2 and "refs(umd).p: not a readable pickle" in err and err.count("\n") == 1
+    vsr = tmp_path / "vsr"
+    vsr.mkdir()
+    for name in ("train", "dev", "test"):
+        (vsr / f"{name}.jsonl").write_text('{"image": "000000000001.jpg"}\nnot json\n')
+    code, _, err = run_cli(capsys, "data", "stats", "--task", "vsr", "--vsr", str(vsr), "--images", str(tmp_path))
+    assert code == 2 and err.strip() == f"error: {vsr / 'train.jsonl'}: line 1: missing field 'caption'"
+    (vsr / "train.jsonl").write_text("not json\n")
+    code, _, err = run_cli(capsys, "data", "stats", "--task", "vsr", "--vsr", str(vsr), "--images", str(tmp_path))
+    assert code == 2 and err.strip().startswith(f"error: {vsr / 'train.jsonl'}: line 1: not valid JSON")
+
+
+def test_unknown_split_and_verbose_traceback(capsys, demo_options):
+    vsr = demo_options["vsr"]
+    args = ["data", "stats", "--task", "vsr", "--vsr", str(vsr["vsr"]), "--images", str(vsr["images"]),
+            "--split", "holdout"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and err == "error: --split: unknown split 'holdout' (choose train, val, test)\n"
+    code, _, err = run_cli(capsys, *args, "--verbose")
+    assert code == 2 and "Traceback" in err and err.rstrip().endswith("(choose train, val, test)")
+
+
+def test_make_demo_data_reuses_and_refuses_another_seed(capsys, tmp_path):
+    out = tmp_path / "demo"
+    code, text, _ = run_cli(capsys, "make-demo-data", str(out), "--refcocog-images", "30", "--vsr-images", "12")
+    assert code == 0 and "demo dataset written" in text and "--refs" in text
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    code, text, _ = run_cli(capsys, "make-demo-data", str(out), "--refcocog-images", "30", "--vsr-images", "12")
+    assert code == 0 and "already there" in text and (out / "manifest.json").stat().st_mtime_ns == stamp
+    code, _, err = run_cli(capsys, "make-demo-data", str(out), "--refcocog-images", "30", "--vsr-images", "12",
+                           "--seed", "1")
+    assert code == 2 and "made with a different 'seed'" in err
+
+
+def test_output_directory_that_is_not_ours_is_refused(capsys, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "make-demo-data", str(out), "--refcocog-images", "30", "--vsr-images", "12")
+    assert code == 2 and "not empty and has no manifest.json" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "demo", "--out", str(tmp_path / "demo"))
+    assert code == 0, err
+    assert "task rcm" in out and "task vsr" in out and "task refcocog" in out
+    assert (tmp_path / "demo" / "data" / "manifest.json").is_file()
+    assert (tmp_path / "demo" / "rcm" / "manifest.json").is_file()
