@@ -59,10 +59,10 @@ def sha256_file(path: Path) -> str:
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file and an atomic rename: readers see the old file or the new one."""
     path = Path(path)
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"  # serialise first: a bad value writes nothing
     temporary = path.with_name(f".{path.name}{_PARTIAL_MARK}{os.getpid()}")
     with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
@@ -80,9 +80,19 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         raise ProbingError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
 
 
+def json_normalised(payload: Any) -> Any:
+    """`payload` as it reads back from JSON (tuples become lists ...), so that a fresh request compares equal
+    to the manifest it was saved as."""
+    return json.loads(json.dumps(payload))
+
+
 def first_difference(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> str | None:
-    """The dotted name of the first field (sorted order) whose value differs, or None when all agree."""
-    for key in sorted(set(expected) | set(found)):
+    """The dotted name of the first field whose value differs, or None when all agree.
+
+    Fields are visited in the order `expected` lists them (identities put the telling fields first, e.g.
+    the model's init before its config hash), then fields only `found` has.
+    """
+    for key in [*expected, *(key for key in found if key not in expected)]:
         name = f"{prefix}{key}"
         if key not in found or key not in expected:
             return name
@@ -115,7 +125,7 @@ def existing_output_matches(directory: Path, identity: Mapping[str, Any], what: 
             raise ProbingError(f"{directory}: not empty and has no {MANIFEST_NAME}; choose another output directory")
         return False
     found = {key: manifest.get(key) for key in identity}
-    differing = first_difference(dict(identity), found)
+    differing = first_difference(json_normalised(dict(identity)), found)
     if differing is None:
         return True
     raise ProbingError(
