@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import os
+
+# No test may reach a model hub: offline mode makes huggingface_hub answer from its cache or fail at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json  # noqa: E402
 import pickle
 from pathlib import Path
 
@@ -85,3 +90,19 @@ def demo_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_options(demo_root) -> dict[str, dict[str, Path]]:
     return demo_data_options(demo_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random BLIP-2 ITM and InstructBLIP checkpoints saved with save_pretrained (sharded)."""
+    from probing.models.tiny import write_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: write_checkpoint(root / family, family, seed=7) for family in ("blip2", "instructblip")}
+
+
+@pytest.fixture(scope="session")
+def refcocog_val(demo_options):
+    from probing.data import DataOptions
+
+    return DataOptions(task="refcocog", **demo_options["refcocog"])

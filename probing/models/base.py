@@ -1,0 +1,134 @@
+"""The `Resampler` interface: one family of Q-Former resampler, reduced to what probing needs.
+
+A Resampler is an `nn.Module` holding only the vision model, the Q-Former and the query tokens (BLIP-2 also
+its text embeddings and ITM head), under the same attribute names as the transformers composite model, so
+that checkpoint keys load into it unchanged and the language model is never built.
+
+- `encode_images(pixel_values) -> image_embeds [B, V, D]`: the ViT output the Q-Former attends to (after the
+  vision model's post-LayerNorm, i.e. LAVIS `ln_vision`).
+- `query_states(image_embeds, texts, layers) -> [B, len(layers), Q, H]`: the query-token outputs of the
+  text-conditioned Q-Former at each requested layer (1..num_layers; 0 = the embedding output, which is the
+  same for every input and only given on request).
+- `trainable_parameters()`: what unfrozen probing trains: everything but the ViT (and BLIP-2's ITM head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from probing.errors import ProbingError
+
+
+class Resampler(nn.Module):
+    family: ClassVar[str]
+    max_text_tokens: ClassVar[int]
+    truncation_side: ClassVar[str]
+    checkpoint_prefixes: ClassVar[tuple[str, ...]]  # keys read from a checkpoint; the LLM is not among them
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("vision_model.",)  # never trained, in no mode
+
+    def __init__(self, config, tokenizer, image_processor, identity: Mapping[str, Any]):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.tokenizer.truncation_side = self.truncation_side
+        self.image_processor = image_processor
+        self.identity = dict(identity)
+        self.build_modules(config)
+
+    # ------------------------------------------------------------------ family-specific parts
+    @classmethod
+    def check_config(cls, config, where: str) -> None:
+        """Refuse a config this family cannot run, before any weight is read."""
+
+    def build_modules(self, config) -> None:
+        raise NotImplementedError
+
+    def qformer_hidden_states(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All `num_layers + 1` Q-Former hidden states `[B, Q + T, H]` (queries first)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def num_query_tokens(self) -> int:
+        return int(self.config.num_query_tokens)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.qformer_config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.qformer_config.num_hidden_layers)
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision_model.parameters()).dtype
+
+    @property
+    def qformer_dtype(self) -> torch.dtype:
+        return self.query_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    def set_dtypes(self, vision_dtype: torch.dtype, qformer_dtype: torch.dtype) -> Resampler:
+        """ViT in `vision_dtype` (bf16 on GPU is the fast path); everything else in `qformer_dtype`."""
+        for name, child in self.named_children():
+            child.to(vision_dtype if name == "vision_model" else qformer_dtype)
+        self.query_tokens.data = self.query_tokens.data.to(qformer_dtype)
+        return self
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images -> pixel values with the checkpoint's own image processor."""
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Q-Former text ids and mask: padded to the longest, truncated at the family's length and side."""
+        encoded = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_text_tokens,
+                                 return_tensors="pt", return_token_type_ids=False)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixel_values = pixel_values.to(device=self.device, dtype=self.vision_dtype)
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def query_states(self, image_embeds: torch.Tensor, texts: Sequence[str] | Mapping[str, torch.Tensor],
+                     layers: Sequence[int]) -> torch.Tensor:
+        """Query outputs at `layers` for each (image, text) pair: `[B, len(layers), Q, H]`."""
+        for layer in layers:
+            if not 0 <= layer <= self.num_layers:
+                raise ProbingError(f"--layers: layer {layer} does not exist (the Q-Former has 1..{self.num_layers})")
+        tokens = texts if isinstance(texts, Mapping) else self.tokenize(texts)
+        input_ids = tokens["input_ids"].to(self.device)
+        attention_mask = tokens["attention_mask"].to(self.device)
+        # The BLIP-2 Q-Former casts the image embeds to its dtype itself, InstructBLIP's does not: do it here.
+        image_embeds = image_embeds.to(device=self.device, dtype=self.qformer_dtype)
+        hidden = self.qformer_hidden_states(image_embeds, input_ids, attention_mask)
+        queries = self.num_query_tokens
+        return torch.stack([hidden[layer][:, :queries] for layer in layers], dim=1)
+
+    def query_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The Q-Former mask over `[queries ; text]` (queries always attended)."""
+        ones = torch.ones(attention_mask.shape[0], self.num_query_tokens, dtype=attention_mask.dtype,
+                          device=attention_mask.device)
+        return torch.cat([ones, attention_mask], dim=1)
+
+    def image_attention_mask(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, parameter in self.named_parameters():
+            if not name.startswith(self.frozen_prefixes):
+                yield name, parameter
+
+    def train(self, mode: bool = True) -> Resampler:
+        """Q-Former dropout follows `mode`; the ViT always stays in eval (it is frozen in every mode)."""
+        super().train(mode)
+        self.vision_model.eval()
+        return self

@@ -1,0 +1,56 @@
+"""BLIP-2 first stage (`Blip2ForImageTextRetrieval`, e.g. Salesforce/blip2-itm-vit-g).
+
+Queries and text attend jointly, as in its image-text-matching path: `[queries ; text]` through one
+self-attention per layer, with `query_length` set so that only the query slice goes through cross-attention
+and the query FFN (model_notes.md 1.2-1.3). Text is truncated on the right at 32 tokens (LAVIS max_txt_len).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings, Blip2VisionModel
+
+from probing.errors import ProbingError
+from probing.models.base import Resampler
+
+
+class Blip2Resampler(Resampler):
+    family = "blip2"
+    max_text_tokens = 32
+    truncation_side = "right"
+    checkpoint_prefixes = ("vision_model.", "query_tokens", "qformer.", "embeddings.", "itm_head.")
+    frozen_prefixes = ("vision_model.", "itm_head.")  # the ITM head is kept for checks, never trained
+
+    @classmethod
+    def check_config(cls, config, where: str) -> None:
+        if not getattr(config.qformer_config, "use_qformer_text_input", False):
+            # Without the text FFN the ITM path cannot run (model_notes.md pitfall 6).
+            raise ProbingError(
+                f"{where}: the BLIP-2 checkpoint has no Q-Former text path (use_qformer_text_input is false): "
+                "use a first-stage image-text-matching checkpoint such as Salesforce/blip2-itm-vit-g"
+            )
+
+    def build_modules(self, config) -> None:
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.itm_head = nn.Linear(config.qformer_config.hidden_size, 2)
+
+    def qformer_hidden_states(self, image_embeds, input_ids, attention_mask):
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
+        output = self.qformer(
+            query_embeds=embeds,
+            query_length=self.num_query_tokens,  # without it text tokens are treated as queries (pitfall 3)
+            attention_mask=self.query_mask(attention_mask),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=self.image_attention_mask(image_embeds),
+            output_hidden_states=True,
+        )
+        return output.hidden_states
+
+    def itm_logits(self, last_query_states: torch.Tensor) -> torch.Tensor:
+        """The model's ITM logits from last-layer query states: `itm_head(...)` averaged over queries."""
+        return self.itm_head(last_query_states.to(self.itm_head.weight.dtype)).mean(dim=1)

@@ -1,0 +1,154 @@
+"""Reading only the tensors we need from a Hugging Face checkpoint: a Hub repo or a local folder.
+
+Shard-selective loading (model_notes.md 2.3, approach A): the shard index maps each key to its file; we
+keep the keys under the wanted prefixes, open only the shards that hold them (downloading only those from
+the Hub) and read tensors one by one with `safe_open`. A shard that holds only language-model weights is
+never opened, so it may be absent; shards that mix modules are read by key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from probing.errors import ProbingError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+class CheckpointSource:
+    """A checkpoint folder, local or on the Hub (`revision` = branch, tag or commit; offline mode respected).
+
+    `file(name)` returns a local path, downloading from the Hub when needed; hub errors become one-line
+    ProbingErrors naming the repo and file.
+    """
+
+    def __init__(self, spec: str, revision: str | None = None):
+        self.spec = spec
+        self.revision = revision
+        path = Path(spec).expanduser()
+        self.local_dir: Path | None = path.resolve() if path.is_dir() else None
+        if self.local_dir is None and (path.exists() or spec.startswith((".", "/", "~"))):
+            raise ProbingError(f"--model: {spec}: not a checkpoint folder")
+        self.commit: str | None = None  # the Hub commit the files came from, once one was downloaded
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_dir is not None
+
+    @property
+    def name_or_path(self) -> str:
+        return str(self.local_dir) if self.local_dir is not None else self.spec
+
+    def file(self, name: str, required: bool = True) -> Path | None:
+        if self.local_dir is not None:
+            path = self.local_dir / name
+            if path.is_file():
+                return path
+            if required:
+                raise ProbingError(f"{path}: file not found")
+            return None
+        return self._download(name, required)
+
+    def _download(self, name: str, required: bool) -> Path | None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:
+            path = Path(hf_hub_download(self.spec, name, revision=self.revision))
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: it must come first
+            if not required:
+                return None
+            raise ProbingError(
+                f"{self.spec}: '{name}' is not in the Hugging Face cache and cannot be downloaded "
+                "(offline or no network); download it first or pass a local folder"
+            ) from None
+        except EntryNotFoundError:
+            if required:
+                raise ProbingError(f"{self.spec}: the repository has no file '{name}'") from None
+            return None
+        except RevisionNotFoundError:
+            raise ProbingError(f"{self.spec}: revision '{self.revision}' not found") from None
+        except GatedRepoError:
+            raise ProbingError(f"{self.spec}: gated repository; log in with `huggingface-cli login`") from None
+        except RepositoryNotFoundError:
+            raise ProbingError(f"--model: '{self.spec}' is neither a local folder nor a Hub repository") from None
+        except OSError as error:  # network failures surface as OSError subclasses
+            raise ProbingError(f"{self.spec}: cannot download '{name}' ({error})") from None
+        if "snapshots" in path.parts:  # .../snapshots/<commit>/<name>: the immutable identity of the files
+            self.commit = path.parts[path.parts.index("snapshots") + 1]
+        return path
+
+    def weight_map(self) -> tuple[dict[str, str], str]:
+        """Key -> file name for every tensor in the checkpoint, and the format ('safetensors' or 'bin')."""
+        for index_name, kind in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+            index = self.file(index_name, required=False)
+            if index is not None:
+                try:
+                    return dict(json.loads(index.read_text())["weight_map"]), kind
+                except (json.JSONDecodeError, KeyError) as error:
+                    raise ProbingError(f"{index}: not a shard index ({error})") from None
+        single = self.file(SAFE_SINGLE, required=False)
+        if single is not None:
+            from safetensors import safe_open
+
+            with safe_open(single, framework="pt") as handle:
+                return {key: SAFE_SINGLE for key in handle.keys()}, "safetensors"
+        single = self.file(BIN_SINGLE, required=False)
+        if single is not None:
+            state = torch.load(single, map_location="cpu", mmap=True, weights_only=True)
+            return {key: BIN_SINGLE for key in state}, "bin"
+        raise ProbingError(f"{self.name_or_path}: no model weights ({SAFE_INDEX}, {SAFE_SINGLE} or {BIN_SINGLE})")
+
+    def read_tensors(self, prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Every tensor whose key starts with one of `prefixes` (`*.position_ids` buffers dropped)."""
+        prefixes = tuple(prefixes)
+        weight_map, kind = self.weight_map()
+        wanted: dict[str, list[str]] = defaultdict(list)
+        for key, file_name in weight_map.items():
+            if key.startswith(prefixes) and not key.endswith(".position_ids"):
+                wanted[file_name].append(key)
+        if not wanted:
+            raise ProbingError(f"{self.name_or_path}: no tensors under {', '.join(prefixes)}")
+        tensors: dict[str, torch.Tensor] = {}
+        for file_name in sorted(wanted):
+            path = self.file(file_name)
+            if kind == "safetensors":
+                from safetensors import SafetensorError, safe_open
+
+                try:
+                    with safe_open(path, framework="pt") as handle:
+                        for key in wanted[file_name]:
+                            tensors[key] = handle.get_tensor(key)
+                except SafetensorError as error:
+                    raise ProbingError(f"{path}: unreadable safetensors shard ({error})") from None
+            else:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                for key in wanted[file_name]:
+                    tensors[key] = state[key].clone()
+        return tensors
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of names, dtypes, shapes and bytes of a state dict: the identity of local weights."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return digest.hexdigest()

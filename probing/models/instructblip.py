@@ -1,0 +1,38 @@
+"""InstructBLIP (e.g. Salesforce/instructblip-vicuna-7b): vision model + Q-Former + query tokens only.
+
+The Q-Former owns its text embeddings and reads the instruction text beside the queries; it infers the
+query length from `query_embeds` (model_notes.md 2.2). The instruction is truncated on the left at 128
+tokens (LAVIS max_txt_len, `truncation_side="left"`). The Vicuna language model is never built or read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.instructblip.modeling_instructblip import InstructBlipQFormerModel, InstructBlipVisionModel
+
+from probing.models.base import Resampler
+
+
+class InstructBlipResampler(Resampler):
+    family = "instructblip"
+    max_text_tokens = 128
+    truncation_side = "left"
+    checkpoint_prefixes = ("vision_model.", "query_tokens", "qformer.")
+
+    def build_modules(self, config) -> None:
+        self.vision_model = InstructBlipVisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = InstructBlipQFormerModel(config.qformer_config)
+
+    def qformer_hidden_states(self, image_embeds, input_ids, attention_mask):
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        output = self.qformer(
+            input_ids=input_ids,
+            attention_mask=self.query_mask(attention_mask),
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=self.image_attention_mask(image_embeds),
+            output_hidden_states=True,
+        )
+        return output.hidden_states

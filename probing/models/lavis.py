@@ -1,0 +1,134 @@
+"""LAVIS `.pth` checkpoints (e.g. blip2_pretrained.pth) mapped onto the transformers key names.
+
+`salesforce-lavis` cannot be installed beside transformers 5 (its pins), so its checkpoints are read with
+`torch.load(weights_only=True)` and renamed by the table of model_notes.md section 5, which follows the two
+transformers conversion scripts. Nothing of LAVIS is imported.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from probing.errors import ProbingError
+
+# Keys that carry nothing a resampler needs: the Q-Former's MLM head, the ITC temperature, position-id
+# buffers, EVA's relative-position buffers and the language models.
+_DROPPED = re.compile(
+    r"^(Qformer\.cls\.|temp$|llm_model\.|t5_model\.|opt_model\.)|position_ids$|relative_position_index$"
+)
+_HEADS = {
+    "itm_head.": "itm_head.",
+    "vision_proj.": "vision_projection.",
+    "text_proj.": "text_projection.",
+    "llm_proj.": "language_projection.",
+    "t5_proj.": "language_projection.",
+    "opt_proj.": "language_projection.",
+}
+_VISION_BLOCK = {
+    "norm1.": "layer_norm1.",
+    "norm2.": "layer_norm2.",
+    "attn.qkv.weight": "self_attn.qkv.weight",
+    "attn.proj.": "self_attn.projection.",
+    "mlp.fc1.": "mlp.fc1.",
+    "mlp.fc2.": "mlp.fc2.",
+}
+
+
+def read_lavis_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a LAVIS `.pth` (LAVIS wraps it as {'model': ...})."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ProbingError(f"{path}: file not found") from None
+    except Exception as error:  # weights_only refuses code; a corrupt zip raises RuntimeError
+        raise ProbingError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    state = payload.get("model", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ProbingError(f"{path}: expected a state dict (optionally under 'model')")
+    return state
+
+
+def guess_family(state: dict[str, torch.Tensor]) -> str | None:
+    """blip2 for a stage-1 checkpoint (ITM head), instructblip for one with an LLM projection."""
+    if any(key.startswith("itm_head.") for key in state):
+        return "blip2"
+    if any(key.startswith(("llm_proj.", "t5_proj.")) for key in state):
+        return "instructblip"
+    return None
+
+
+def _qformer_key(rest: str, family: str) -> str | None:
+    """`Qformer.bert.<rest>` -> transformers name."""
+    embedding_prefix = "embeddings." if family == "blip2" else "qformer.embeddings."
+    if rest.startswith("embeddings.LayerNorm."):
+        suffix = rest[len("embeddings.LayerNorm."):]
+        return f"qformer.layernorm.{suffix}" if family == "blip2" else f"qformer.embeddings.layernorm.{suffix}"
+    for name in ("word_embeddings.", "position_embeddings."):
+        if rest.startswith(f"embeddings.{name}"):
+            return embedding_prefix + rest[len("embeddings."):]
+    if rest.startswith("encoder.layer."):
+        # attention.self.* and crossattention.self.* are *.attention.*; everything else keeps its name
+        return "qformer." + re.sub(r"(attention|crossattention)\.self\.", r"\1.attention.", rest)
+    return None
+
+
+def _vision_key(rest: str, vision_layers: int) -> str | None:
+    """`visual_encoder.<rest>` -> transformers name (None for EVA parts the HF model does not have)."""
+    simple = {
+        "cls_token": "vision_model.embeddings.class_embedding",
+        "pos_embed": "vision_model.embeddings.position_embedding",
+        "patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
+        "patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
+    }
+    if rest in simple:
+        return simple[rest]
+    match = re.match(r"blocks\.(\d+)\.(.+)$", rest)
+    if match is None or int(match[1]) >= vision_layers:  # LAVIS builds 39 of EVA's 40 blocks; extra are unused
+        return None
+    for lavis, hf in _VISION_BLOCK.items():
+        if match[2].startswith(lavis):
+            return f"vision_model.encoder.layers.{match[1]}.{hf}{match[2][len(lavis):]}"
+    return None
+
+
+def lavis_to_hf(state: dict[str, torch.Tensor], family: str, vision_layers: int) -> tuple[dict[str, torch.Tensor],
+                                                                                          list[str]]:
+    """Rename a LAVIS state dict to transformers keys; returns (mapped tensors, ignored LAVIS keys).
+
+    EVA's separate q/v biases become one qkv bias with a zero key bias (EVA has none):
+    `qkv.bias = cat(q_bias, zeros_like(v_bias), v_bias)`.
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for key, tensor in state.items():
+        target: str | None = None
+        if _DROPPED.search(key):
+            ignored.append(key)
+            continue
+        if key == "query_tokens":
+            target = "query_tokens"
+        elif key.startswith("ln_vision."):
+            target = "vision_model.post_layernorm." + key[len("ln_vision."):]
+        elif key.startswith("visual_encoder."):
+            rest = key[len("visual_encoder."):]
+            bias = re.match(r"blocks\.(\d+)\.attn\.(q|v)_bias$", rest)
+            if bias is not None:
+                if int(bias[1]) < vision_layers and bias[2] == "q":
+                    q_bias, v_bias = tensor, state[f"visual_encoder.blocks.{bias[1]}.attn.v_bias"]
+                    mapped[f"vision_model.encoder.layers.{bias[1]}.self_attn.qkv.bias"] = torch.cat(
+                        [q_bias, torch.zeros_like(v_bias), v_bias])
+                continue
+            target = _vision_key(rest, vision_layers)
+        elif key.startswith("Qformer.bert."):
+            target = _qformer_key(key[len("Qformer.bert."):], family)
+        else:
+            target = next((hf + key[len(lavis):] for lavis, hf in _HEADS.items() if key.startswith(lavis)), None)
+        if target is None:
+            ignored.append(key)
+        else:
+            mapped[target] = tensor
+    return mapped, ignored

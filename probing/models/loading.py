@@ -1,0 +1,229 @@
+"""From a model name, Hub id, local folder or LAVIS `.pth` to a ready `Resampler`.
+
+- A registry name (`blip2`, `blip2-coco`, `instructblip`) stands for its Hub id.
+- A Hub id or a local folder in the Hugging Face format: config, tokenizer and image processor come from
+  it; weights are read shard-selectively (never the language model). `HF_HUB_OFFLINE=1` is honoured by
+  huggingface_hub: an offline run uses the local cache or fails with one line.
+- A LAVIS `.pth` file: weights through the LAVIS key map; config, tokenizer and processor from `base` (a
+  Hub id or folder, by default the family's registry checkpoint); keys the `.pth` lacks (a trimmed file
+  without the ViT) are taken from `base`'s weights.
+- `init="random"`: the same architecture with seeded random weights and no weight file read: the control
+  baseline. The ViT's `initializer_range` (1e-10 in the configs, which would make a random ViT output
+  constant) is set to 0.02 and recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from probing.errors import ProbingError
+from probing.models.base import Resampler
+from probing.models.blip2 import Blip2Resampler
+from probing.models.checkpoint import CheckpointSource, tensors_sha256
+from probing.models.instructblip import InstructBlipResampler
+from probing.models.lavis import guess_family, lavis_to_hf, read_lavis_checkpoint
+from probing.models.tiny import QFORMER_TOKENIZER_FOLDER
+
+log = logging.getLogger(__name__)
+
+FAMILY_CLASSES: dict[str, type[Resampler]] = {"blip2": Blip2Resampler, "instructblip": InstructBlipResampler}
+MODEL_TYPES = {"blip-2": "blip2", "instructblip": "instructblip"}
+REGISTRY: dict[str, tuple[str, str]] = {
+    "blip2": ("blip2", "Salesforce/blip2-itm-vit-g"),
+    "blip2-coco": ("blip2", "Salesforce/blip2-itm-vit-g-coco"),
+    "instructblip": ("instructblip", "Salesforce/instructblip-vicuna-7b"),
+}
+RANDOM_VISION_INITIALIZER_RANGE = 0.02
+
+
+def _load_config(source: CheckpointSource):
+    from transformers import AutoConfig
+
+    config_path = source.file("config.json")
+    try:
+        return AutoConfig.from_pretrained(config_path.parent)
+    except (ValueError, OSError, KeyError) as error:
+        raise ProbingError(f"{config_path}: not a transformers config ({error})") from None
+
+
+def _family_of(config, source: CheckpointSource, requested: str | None) -> str:
+    family = MODEL_TYPES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise ProbingError(
+            f"{source.name_or_path}: model_type '{getattr(config, 'model_type', None)}' is not a BLIP-2 or "
+            "InstructBLIP checkpoint"
+        )
+    if requested is not None and requested != family:
+        raise ProbingError(f"--family {requested}: {source.name_or_path} is a {family} checkpoint")
+    return family
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def _load_tokenizer(source: CheckpointSource, family: str):
+    """The Q-Former's BERT tokenizer (InstructBLIP repos keep it in `qformer_tokenizer/`).
+
+    Its files are fetched one by one through the checkpoint source and loaded from the resulting folder,
+    so a Hub repo and a local folder take the same path (transformers' own Hub lookup with `subfolder`
+    wants a config.json there when offline).
+    """
+    from transformers import AutoTokenizer
+
+    prefix = f"{QFORMER_TOKENIZER_FOLDER}/" if family == "instructblip" else ""
+    config_file = source.file(f"{prefix}tokenizer_config.json")
+    for name in TOKENIZER_FILES:
+        source.file(prefix + name, required=False)
+    try:
+        return AutoTokenizer.from_pretrained(config_file.parent)
+    except (OSError, ValueError) as error:
+        raise ProbingError(f"{config_file.parent}: cannot load the Q-Former tokenizer "
+                           f"({str(error).splitlines()[0]})") from None
+
+
+def _load_image_processor(source: CheckpointSource, config):
+    """The checkpoint's own processor with the PIL backend (LAVIS-exact pixels), else BLIP's defaults."""
+    from transformers import AutoImageProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    processor_file = source.file("preprocessor_config.json", required=False)
+    if processor_file is not None:
+        try:
+            return AutoImageProcessor.from_pretrained(processor_file.parent, backend="pil")
+        except (OSError, ValueError) as error:
+            raise ProbingError(f"{processor_file}: cannot load the image processor ({error})") from None
+    size = config.vision_config.image_size
+    log.info("%s: no preprocessor_config.json; using BlipImageProcessorPil(%d px, CLIP mean/std, bicubic)",
+             source.name_or_path, size)
+    return BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=OPENAI_CLIP_MEAN,
+                                 image_std=OPENAI_CLIP_STD)
+
+
+def _check_tokenizer(tokenizer, config, where: str) -> None:
+    if tokenizer.pad_token_id != config.qformer_config.pad_token_id:
+        raise ProbingError(f"{where}: tokenizer pad id {tokenizer.pad_token_id} != Q-Former pad id "
+                           f"{config.qformer_config.pad_token_id}")
+    if len(tokenizer) > config.qformer_config.vocab_size:
+        raise ProbingError(f"{where}: tokenizer has {len(tokenizer)} tokens, the Q-Former only "
+                           f"{config.qformer_config.vocab_size}")
+
+
+def _restore_buffers(module: torch.nn.Module) -> None:
+    """Re-create non-persistent buffers left on the meta device (position ids are not in checkpoints)."""
+    for name, buffer in list(module.named_buffers()):
+        if buffer.device.type != "meta":
+            continue
+        owner_name, _, attribute = name.rpartition(".")
+        if attribute != "position_ids":
+            raise ProbingError(f"internal: buffer {name} is not in the checkpoint")  # pragma: no cover
+        owner = module.get_submodule(owner_name)
+        owner.register_buffer(attribute, torch.arange(buffer.shape[-1]).expand((1, -1)), persistent=False)
+
+
+def _build_from_tensors(cls: type[Resampler], config, tokenizer, processor, identity: dict[str, Any],
+                        tensors: dict[str, torch.Tensor], where: str) -> Resampler:
+    # Built on the meta device and filled by assignment: no time spent on random init that is overwritten.
+    with torch.device("meta"):
+        resampler = cls(config, tokenizer, processor, identity)
+    expected = set(resampler.state_dict())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        detail = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "") + (
+            f"{', ' if missing else ''}{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "")
+        raise ProbingError(f"{where}: weights do not fit the {cls.family} architecture: {detail}")
+    try:
+        resampler.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as error:  # shape mismatches
+        raise ProbingError(f"{where}: weights do not fit the config ({str(error).splitlines()[-1].strip()})") from None
+    _restore_buffers(resampler)
+    return resampler
+
+
+def _random_resampler(cls: type[Resampler], config, tokenizer, processor, identity: dict[str, Any],
+                      seed: int, device: torch.device) -> Resampler:
+    config.vision_config.initializer_range = RANDOM_VISION_INITIALIZER_RANGE
+    torch.manual_seed(seed)
+    with torch.device(device):  # real-size random init is much faster where it will run (the GPU)
+        resampler = cls(config, tokenizer, processor, identity)
+        with torch.no_grad():
+            resampler.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
+    return resampler
+
+
+def resolve_model(model: str) -> tuple[str | None, str]:
+    """(family or None, checkpoint spec) for a registry name, Hub id, folder or `.pth` file."""
+    if model in REGISTRY:
+        return REGISTRY[model]
+    return None, model
+
+
+def load_resampler(model: str, *, init: str = "pretrained", revision: str | None = None, family: str | None = None,
+                   base: str | None = None, seed: int = 0, device: str | torch.device = "cpu",
+                   vision_dtype: torch.dtype = torch.float32, qformer_dtype: torch.dtype = torch.float32,
+                   ) -> Resampler:
+    """Load a resampler; its `.identity` holds what manifests record (source, revision, weights hash, init)."""
+    if init not in ("pretrained", "random"):
+        raise ProbingError(f"--init: unknown value '{init}' (choose pretrained or random)")
+    if family is not None and family not in FAMILY_CLASSES:
+        raise ProbingError(f"--family: unknown family '{family}' (choose {', '.join(FAMILY_CLASSES)})")
+    device = torch.device(device)
+    registry_family, spec = resolve_model(model)
+    lavis_state = None
+    if spec.endswith((".pth", ".pt")) and Path(spec).is_file():
+        lavis_state = read_lavis_checkpoint(Path(spec))
+        family = family or guess_family(lavis_state)
+        if family is None:
+            raise ProbingError(f"--model {spec}: cannot tell the family from its keys; pass --family")
+        source = CheckpointSource(base or REGISTRY[family][1], revision)
+    else:
+        if base is not None:
+            raise ProbingError("--base is only used with a LAVIS .pth checkpoint")
+        source = CheckpointSource(spec, revision)
+    config = _load_config(source)
+    family = _family_of(config, source, family or registry_family)
+    cls = FAMILY_CLASSES[family]
+    cls.check_config(config, source.name_or_path)
+    tokenizer = _load_tokenizer(source, family)
+    _check_tokenizer(tokenizer, config, source.name_or_path)
+    processor = _load_image_processor(source, config)
+    identity: dict[str, Any] = {
+        "family": family,
+        "source": f"lavis:{Path(spec).resolve()}" if lavis_state is not None else source.name_or_path,
+        "config_source": source.name_or_path,
+        "revision": revision,
+        "init": init,
+    }
+    if init == "random":
+        identity |= {"init_seed": seed, "vision_initializer_range": RANDOM_VISION_INITIALIZER_RANGE}
+        resampler = _random_resampler(cls, config, tokenizer, processor, identity, seed, device)
+    else:
+        if lavis_state is not None:
+            tensors, ignored = lavis_to_hf(lavis_state, family, config.vision_config.num_hidden_layers)
+            tensors = {k: v for k, v in tensors.items() if k.startswith(cls.checkpoint_prefixes)}
+            log.info("%s: %d LAVIS keys not used by a resampler (e.g. %s)", spec, len(ignored),
+                     ", ".join(ignored[:3]) or "none")
+            wanted = {k for k in _expected_keys(cls, config, tokenizer, processor)} - set(tensors)
+            if wanted:
+                from_base = source.read_tensors(cls.checkpoint_prefixes)
+                filled = {k: from_base[k] for k in wanted if k in from_base}
+                log.info("%s: %d tensors missing from the .pth taken from %s", spec, len(filled), source.name_or_path)
+                tensors |= filled
+        else:
+            tensors = source.read_tensors(cls.checkpoint_prefixes)
+        identity["weights_sha256"] = tensors_sha256(tensors)
+        where = spec if lavis_state is not None else source.name_or_path
+        resampler = _build_from_tensors(cls, config, tokenizer, processor, identity, tensors, where)
+    if source.commit is not None:
+        resampler.identity["revision"] = source.commit  # the immutable commit the files came from
+    resampler.set_dtypes(vision_dtype, qformer_dtype)
+    return resampler.to(device).eval()
+
+
+def _expected_keys(cls, config, tokenizer, processor) -> set[str]:
+    with torch.device("meta"):
+        return set(cls(config, tokenizer, processor, {}).state_dict())

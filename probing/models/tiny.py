@@ -1,0 +1,152 @@
+"""Checkpoints of the real architectures written locally, in the Hugging Face format, with no download.
+
+No machine here reaches a model hub, so the loading code is proven on checkpoints that this module writes
+with `save_pretrained`: the same classes, keys, shard index and tokenizer files as the Hub repos, at a tiny
+size and with random weights (model_notes.md section 9). Two uses:
+
+- `size="tiny"` with weights: tests and `probing demo`. BLIP-2 is a `Blip2ForImageTextRetrieval`;
+  InstructBLIP is a whole `InstructBlipForConditionalGeneration` with a small Llama, sharded so that some
+  shards hold only LLM weights and one mixes Q-Former and LLM tensors, as on the Hub.
+- `size="real"` without weights: the real configs (model_notes.md section 6), a BERT-style tokenizer with
+  the real vocabulary size and the real image processor; `--init random` builds the real-size model from it
+  (benchmarks on a GPU, no download needed).
+
+The tokenizer vocabulary is generated (we cannot ship bert-base-uncased's): special tokens at BERT's ids,
+whole words used by the demo data and common English, then single characters and `##` pieces so that
+any text tokenizes. `[DEC]` is added as the BOS token, as LAVIS and the HF conversion do.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+from probing.errors import ProbingError
+
+FAMILIES = ("blip2", "instructblip")
+QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"  # where InstructBLIP repos keep the Q-Former's BERT tokenizer
+REAL_VOCAB_SIZE = 30522  # bert-base-uncased, before [DEC]
+
+_WORDS = """
+a an the of in on at to is are was be by with and or that this it its which who what where there here
+photo image picture part phrase refers cell region top bottom left right middle center centre side corner
+edge small big large tiny huge little red green blue yellow purple orange black white gray grey brown pink
+circle ring square triangle diamond cross star shape object thing one two three first second third last
+above below under beneath behind front near far from next beside between inside outside touching
+contains consists part has as adjacent alongside attached back ahead against off past toward down up away
+along around into across through facing parallel perpendicular over close within surrounding out beyond
+opposite enclosed among connected detached man woman person people dog cat horse car bus table chair
+couch bed cup bowl plate pizza cake tv laptop phone book clock vase standing sitting holding wearing
+""".split()
+
+
+def _vocabulary(size: int | None) -> list[str]:
+    """A WordPiece vocabulary: BERT's special-token ids, words, characters, `##` pieces, then fillers."""
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if size is None:  # tiny: no unused block, specials first (ids 0..4) as in model_notes.md section 9
+        tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    characters = list(string.ascii_lowercase + string.digits + string.punctuation)
+    for token in characters + [f"##{c}" for c in string.ascii_lowercase + string.digits] + sorted(set(_WORDS)):
+        if token not in tokens:
+            tokens.append(token)
+    if size is not None:
+        tokens += [f"[unused{i}]" for i in range(99, 99 + size - len(tokens))]
+        assert len(tokens) == size
+    return tokens
+
+
+def write_tokenizer(out: Path, real_size: bool):
+    """A BERT WordPiece tokenizer with `[DEC]` added (len = Q-Former vocab_size), saved to `out`."""
+    from transformers import BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_file = out / "vocab.txt"
+    vocab_file.write_text("\n".join(_vocabulary(REAL_VOCAB_SIZE if real_size else None)) + "\n")
+    # `vocab=` and not `vocab_file=`: transformers 5 silently ignores the latter (model_notes.md pitfall 10).
+    tokenizer = BertTokenizerFast(vocab=str(vocab_file), do_lower_case=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    assert tokenizer.pad_token_id == 0
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def _image_processor(image_size: int):
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": image_size, "width": image_size},
+                                 image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+
+
+def build_config(family: str, size: str, vocab_size: int):
+    """The BLIP-2 ITM or InstructBLIP config at tiny or real size (model_notes.md sections 6 and 9)."""
+    from transformers import (
+        Blip2Config,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        InstructBlipConfig,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+        LlamaConfig,
+    )
+
+    if family not in FAMILIES:
+        raise ProbingError(f"unknown model family '{family}' (choose {', '.join(FAMILIES)})")
+    if size == "tiny":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=8, initializer_range=0.02)
+        qformer = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                       cross_attention_frequency=2, vocab_size=vocab_size, max_position_embeddings=160)
+        llm = dict(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+        queries = 4
+    elif size == "real":
+        vision = dict(image_size=224)  # the rest are the configs' defaults: ViT-g, 39 layers, 1408 wide
+        qformer = dict(vocab_size=vocab_size)  # 12 layers, 768 wide, cross-attention every 2nd layer
+        llm = dict(vocab_size=32001)  # Llama-7B defaults; never instantiated by probing
+        queries = 32
+    else:
+        raise ProbingError(f"unknown checkpoint size '{size}' (choose tiny or real)")
+    if family == "blip2":
+        return Blip2Config(vision_config=Blip2VisionConfig(**vision).to_dict(),
+                           qformer_config=Blip2QFormerConfig(use_qformer_text_input=True, **qformer).to_dict(),
+                           num_query_tokens=queries, image_text_hidden_size=16 if size == "tiny" else 256)
+    return InstructBlipConfig(vision_config=InstructBlipVisionConfig(**vision).to_dict(),
+                              qformer_config=InstructBlipQFormerConfig(**qformer).to_dict(),
+                              text_config=LlamaConfig(**llm).to_dict(), num_query_tokens=queries,
+                              image_token_index=llm["vocab_size"] - 1)
+
+
+def write_checkpoint(out: Path, family: str, size: str = "tiny", weights: bool = True, seed: int = 0,
+                     max_shard_size: str = "40KB") -> Path:
+    """Write a Hugging Face checkpoint folder for `family`; see the module docstring. Returns `out`."""
+    from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    if size == "real" and weights:
+        raise ProbingError("real-size checkpoints are written without weights (use --init random with them)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = out / QFORMER_TOKENIZER_FOLDER if family == "instructblip" else out
+    tokenizer = write_tokenizer(tokenizer_dir, real_size=size == "real")
+    config = build_config(family, size, vocab_size=len(tokenizer))
+    _image_processor(config.vision_config.image_size).save_pretrained(out)
+    if not weights:
+        config.save_pretrained(out)
+        return out
+    torch.manual_seed(seed)
+    model_class = Blip2ForImageTextRetrieval if family == "blip2" else InstructBlipForConditionalGeneration
+    model = model_class(config).eval()
+    with torch.no_grad():  # zero-initialised by _init_weights: make the queries differ (model_notes.md section 9)
+        model.query_tokens.normal_(0.0, 0.5)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return out
