@@ -140,6 +140,57 @@ def _print_stats(stats: dict[str, Any]) -> None:
             typer.echo(f"        {category:22s} {shown}")
 
 
+@app.command("extract")
+def extract_command(
+    model: Annotated[str, typer.Option("--model", help="blip2 | blip2-coco | instructblip, a Hub id, a local "
+                                                        "checkpoint folder, or a LAVIS .pth file")],
+    task: TaskOption,
+    split: Annotated[str, typer.Option("--split", help="train | val | test")],
+    out: Annotated[Path, typer.Option("--out", help="Feature store folder (resumed if it holds this request)")],
+    refs: RefsOption = None,
+    instances: InstancesOption = None,
+    images: ImagesOption = None,
+    vsr: VsrOption = None,
+    rcm: RcmOption = None,
+    layers: Annotated[str, typer.Option(help="all | comma-separated Q-Former layers, e.g. 1,6,12 (0 = the "
+                                             "constant embedding output)")] = "all",
+    shard_size: Annotated[int, typer.Option(help="Examples per shard (the unit of resumption).")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Images and texts per forward pass.")] = 64,
+    init: Annotated[str, typer.Option(help="pretrained | random (same architecture, seeded random weights: "
+                                           "the control baseline)")] = "pretrained",
+    store_vision: Annotated[bool, typer.Option(help="Also store per-image ViT outputs for unfrozen training.")]
+    = False,
+    dtype: Annotated[str, typer.Option(help="Storage dtype of the query states: float16 | bfloat16 | float32.")]
+    = "float16",
+    vision_dtype: Annotated[str | None, typer.Option(help="ViT compute dtype (default bfloat16 on GPU, float32 "
+                                                          "on CPU).")] = None,
+    qformer_dtype: Annotated[str, typer.Option(help="Q-Former compute dtype.")] = "float32",
+    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")] = None,
+    family: Annotated[str | None, typer.Option(help="blip2 | instructblip (for a LAVIS .pth).")] = None,
+    base: Annotated[str | None, typer.Option(help="For a LAVIS .pth: where the config, tokenizer and image "
+                                                  "processor come from (default: the family's Hub id).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --init random.")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Image decoding processes (default: cores - 1, <= 8).")]
+    = None,
+    skip_bad_images: Annotated[bool, typer.Option(help="Record missing or corrupt images in the manifest and "
+                                                       "leave their examples out, instead of stopping.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: accelerate's choice).")]
+    = None,
+) -> None:
+    """Store per-layer Q-Former query outputs of one split (sharded safetensors, resumable)."""
+    from probing.extract import ExtractionRequest, extract
+
+    store = extract(ExtractionRequest(
+        model=model, data=_data_options(task, refs, instances, images, vsr, rcm), split=split, out=out,
+        layers=layers, shard_size=shard_size, batch_size=batch_size, init=init, store_vision=store_vision,
+        dtype=dtype, vision_dtype=vision_dtype, qformer_dtype=qformer_dtype, revision=revision, family=family,
+        base=base, seed=seed, workers=workers, skip_bad_images=skip_bad_images, device=device,
+    ))
+    bad = len(store.manifest["bad_images"])
+    typer.echo(f"features: {out} ({len(store)} examples, layers {store.layers}"
+               + (f", {bad} bad images skipped" if bad else "") + ")")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Where the demo writes its data and reports.")] = Path("reports/demo"),

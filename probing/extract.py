@@ -1,0 +1,352 @@
+"""`probing extract`: run a resampler over a split and store per-layer query outputs (FeatureStore).
+
+Speed where it matters:
+- Examples are grouped by image and the ViT runs once per unique image of a shard (RefCOCOg has ~3.7
+  sentences per image); each example's text then goes through the Q-Former with its image's embeds.
+- Images are decoded and preprocessed in DataLoader workers while the device computes.
+- On GPU the ViT runs in bf16 (configurable), the Q-Former in fp32 unless asked.
+- A shard is written by a background thread while the next one is computed; at most one shard waits,
+  so memory stays flat however large the split.
+- Several GPUs: `accelerate launch -m probing extract ...`; process r computes shards r, r+P, r+2P ... and
+  writes them itself; nothing large is gathered; the main process writes the manifest at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from probing.artifacts import code_version
+from probing.data import DataOptions, Example, load_split
+from probing.data.images import load_rgb_image
+from probing.errors import ProbingError
+from probing.features import FeatureStore, FeatureStoreWriter, layer_key
+from probing.models import Resampler, load_resampler
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str, option: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ProbingError(f"{option}: unknown dtype '{name}' (choose {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """`all` -> 1..num_layers; `1,6,12` -> [1, 6, 12]; 0 (the constant embedding output) only if named."""
+    if isinstance(spec, str):
+        if spec == "all":
+            return list(range(1, num_layers + 1))
+        try:
+            layers = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ProbingError(f"--layers: '{spec}' is not 'all' or a comma-separated list of layers") from None
+    else:
+        layers = list(spec)
+    if not layers:
+        raise ProbingError("--layers: no layer given")
+    for layer in layers:
+        if not 0 <= layer <= num_layers:
+            raise ProbingError(f"--layers: layer {layer} does not exist (the Q-Former has layers 1..{num_layers})")
+    return sorted(set(layers))
+
+
+@dataclass(frozen=True)
+class ExtractionRequest:
+    model: str
+    data: DataOptions
+    split: str
+    out: Path
+    layers: str | Sequence[int] = "all"
+    shard_size: int = 1024
+    batch_size: int = 64
+    init: str = "pretrained"
+    store_vision: bool = False
+    dtype: str = "float16"  # storage dtype of the query states
+    vision_dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    qformer_dtype: str = "float32"
+    revision: str | None = None
+    family: str | None = None
+    base: str | None = None
+    seed: int = 0
+    workers: int | None = None  # None: one per core but one, at most 8
+    skip_bad_images: bool = False
+    device: str | None = None  # None: what accelerate picks (the process's GPU if any)
+    progress: bool = True
+
+
+@dataclass
+class _Shard:
+    index: int
+    examples: list[Example]
+    images: list[Path] = field(default_factory=list)  # unique, first-appearance order
+    image_ids: list[int] = field(default_factory=list)
+    slot_of_example: list[int] = field(default_factory=list)  # index into `images`
+    owns_image: list[bool] = field(default_factory=list)  # first appearance in the whole split
+
+
+def plan_shards(examples: list[Example], shard_size: int) -> list[_Shard]:
+    """Store order groups examples by image (stable), then cuts it into shards of `shard_size` examples."""
+    if shard_size < 1:
+        raise ProbingError("--shard-size must be at least 1")
+    ordered = sorted(examples, key=lambda e: str(e.image_path))  # sorted() is stable: split order within an image
+    seen: set[Path] = set()
+    shards = []
+    for index, start in enumerate(range(0, len(ordered), shard_size)):
+        shard = _Shard(index=index, examples=ordered[start:start + shard_size])
+        slots: dict[Path, int] = {}
+        for example in shard.examples:
+            if example.image_path not in slots:
+                slots[example.image_path] = len(shard.images)
+                shard.images.append(example.image_path)
+                shard.image_ids.append(example.image_id)
+                shard.owns_image.append(example.image_path not in seen)
+                seen.add(example.image_path)
+            shard.slot_of_example.append(slots[example.image_path])
+        shards.append(shard)
+    return shards
+
+
+class _Images(Dataset):
+    """Decodes and preprocesses one image per item in a worker; a bad image becomes an error string."""
+
+    def __init__(self, paths: list[Path], resampler: Resampler):
+        self.paths = paths
+        self.image_processor = resampler.image_processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = load_rgb_image(self.paths[index])
+        except ProbingError as error:  # reported by the main process: a worker's traceback is not one line
+            return index, None, str(error)
+        return index, self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0], None
+
+
+def _collate(items):
+    indices = [index for index, _, _ in items]
+    pixels = [p for _, p, _ in items if p is not None]
+    errors = [(index, error) for index, _, error in items if error is not None]
+    good = [index for index, p, _ in items if p is not None]
+    return indices, good, torch.stack(pixels) if pixels else None, errors
+
+
+def _model_identity(resampler: Resampler) -> dict[str, Any]:
+    """What defines the weights: their hash when read from a checkpoint, the seed and config when random."""
+    identity = {"family": resampler.family, "init": resampler.identity["init"]}
+    if resampler.identity["init"] == "random":
+        config_json = resampler.config.to_json_string(use_diff=False)
+        identity |= {"init_seed": resampler.identity["init_seed"],
+                     "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
+    else:
+        identity["weights_sha256"] = resampler.identity["weights_sha256"]
+    return identity
+
+
+def _preprocessing(resampler: Resampler) -> dict[str, Any]:
+    """The image processor's settings that change pixels (its own JSON form: `to_dict()`)."""
+    settings = resampler.image_processor.to_dict()
+    keys = ("size", "resample", "image_mean", "image_std", "do_resize", "do_rescale", "rescale_factor",
+            "do_normalize", "do_convert_rgb", "do_center_crop", "crop_size")
+    return {"image_processor": type(resampler.image_processor).__name__,
+            **{key: settings[key] for key in keys if settings.get(key) is not None}}
+
+
+def _distributed_state(device: str | None):
+    from accelerate import PartialState
+
+    # Without a GPU accelerate only sees the processes of `accelerate launch` when told to use the CPU.
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
+def extract(request: ExtractionRequest) -> FeatureStore:
+    """Extract per-layer query states for one split into `request.out`; resume or refuse as the manifest says."""
+    state = _distributed_state(request.device)
+    device = torch.device(request.device) if request.device not in (None, "cpu") else state.device
+    if request.batch_size < 1:
+        raise ProbingError("--batch-size must be at least 1")
+    storage_dtype = parse_dtype(request.dtype, "--dtype")
+    vision_dtype = parse_dtype(request.vision_dtype or ("bfloat16" if device.type == "cuda" else "float32"),
+                               "--vision-dtype")
+    qformer_dtype = parse_dtype(request.qformer_dtype, "--qformer-dtype")
+    data = load_split(request.data, request.split)
+    resampler = load_resampler(request.model, init=request.init, revision=request.revision, family=request.family,
+                               base=request.base, seed=request.seed, device=device, vision_dtype=vision_dtype,
+                               qformer_dtype=qformer_dtype)
+    layers = parse_layers(request.layers, resampler.num_layers)
+    shards = plan_shards(data.examples, request.shard_size)
+    identity = {
+        "kind": "features",
+        "format_version": 1,
+        "model": _model_identity(resampler),
+        "task": data.task,
+        "split": data.split,
+        "dataset_fingerprint": data.fingerprint,
+        "layers": layers,
+        "dtype": request.dtype,
+        "vision_dtype": str(vision_dtype).removeprefix("torch."),
+        "qformer_dtype": request.qformer_dtype,
+        "preprocessing": _preprocessing(resampler),
+        "text": {"max_tokens": resampler.max_text_tokens, "truncation_side": resampler.truncation_side,
+                 "padding": "longest"},
+        "shard_size": request.shard_size,
+        "order": "grouped by image path",
+        "store_vision": request.store_vision,
+        "skip_bad_images": request.skip_bad_images,
+    }
+    writer = FeatureStoreWriter(request.out, identity)  # every process checks; none writes yet
+    if writer.complete:
+        log.info("%s: already complete for this request; nothing to do", request.out)
+        return FeatureStore(request.out)
+    _check_images_exist(data.examples, request.skip_bad_images)
+    state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
+    if state.is_main_process:
+        writer.prepare()
+    state.wait_for_everyone()
+    mine = [s for s in shards
+            if s.index % state.num_processes == state.process_index and not writer.shard_done(s.index)]
+    started = time.perf_counter()
+    done_examples = _run_shards(mine, resampler, layers, storage_dtype, writer, request, device,
+                                show_progress=request.progress and state.is_main_process)
+    elapsed = time.perf_counter() - started
+    if done_examples:
+        log.info("extracted %d examples in %.1f s (%.1f examples/s on this process)", done_examples, elapsed,
+                 done_examples / max(elapsed, 1e-9))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        writer.finish(len(shards), {
+            "model_source": resampler.identity,
+            "data_sources": data.sources,
+            "images": len({e.image_path for e in data.examples}),
+            "code_version": code_version(),
+        })
+    state.wait_for_everyone()
+    return FeatureStore(request.out)
+
+
+def _check_images_exist(examples: list[Example], skip_bad_images: bool) -> None:
+    """Fail before any work when images are missing (cheap existence checks), unless told to skip them."""
+    paths = sorted({e.image_path for e in examples})
+    missing = [p for p in paths if not p.is_file()]
+    if missing and not skip_bad_images:
+        raise ProbingError(f"{missing[0]}: image not found ({len(missing)} of {len(paths)} images missing; "
+                           "--skip-bad-images records them in the manifest and leaves their examples out)")
+
+
+def _default_workers() -> int:
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def _run_shards(shards: list[_Shard], resampler: Resampler, layers: list[int], storage_dtype: torch.dtype,
+                writer: FeatureStoreWriter, request: ExtractionRequest, device: torch.device,
+                show_progress: bool) -> int:
+    from tqdm.auto import tqdm
+
+    if not shards:
+        return 0
+    paths = [path for shard in shards for path in shard.images]
+    batches, offset = [], 0
+    for shard in shards:  # image batches never straddle shards
+        batches.extend([list(range(offset + s, offset + min(s + request.batch_size, len(shard.images))))
+                        for s in range(0, len(shard.images), request.batch_size)])
+        offset += len(shard.images)
+    workers = _default_workers() if request.workers is None else request.workers
+    loader = DataLoader(_Images(paths, resampler), batch_sampler=batches, num_workers=workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    batch_iterator = iter(loader)
+    pending: Future | None = None
+    # disable=None: a bar only on a terminal, so logs and one-line errors stay clean
+    progress = tqdm(total=sum(len(s.examples) for s in shards), unit="ex", desc="extract",
+                    disable=None if show_progress else True)
+    done = 0
+    with ThreadPoolExecutor(max_workers=1) as write_pool, torch.inference_mode():
+        offset = 0
+        for shard in shards:
+            embeds, bad_slots, errors = _encode_shard_images(shard, offset, batch_iterator, resampler, request)
+            offset += len(shard.images)
+            tensors, vision, metadata = _query_shard(shard, embeds, bad_slots, resampler, layers, storage_dtype,
+                                                     request, errors)
+            if pending is not None:
+                pending.result()  # at most one shard waits to be written: memory stays flat
+            pending = write_pool.submit(writer.write_shard, shard.index, tensors, metadata, vision)
+            done += len(shard.examples)
+            progress.update(len(shard.examples))
+        if pending is not None:
+            pending.result()
+    progress.close()
+    return done
+
+
+def _encode_shard_images(shard: _Shard, offset: int, batch_iterator, resampler: Resampler,
+                         request: ExtractionRequest) -> tuple[torch.Tensor | None, set[int], dict[int, str]]:
+    """ViT outputs for the shard's unique images: `[U, V, D]` on the device, plus bad image slots."""
+    embeds: torch.Tensor | None = None
+    bad_slots: set[int] = set()
+    errors: dict[int, str] = {}
+    remaining = len(shard.images)
+    while remaining:
+        indices, good, pixels, failures = next(batch_iterator)
+        remaining -= len(indices)
+        for index, message in failures:
+            if not request.skip_bad_images:
+                raise ProbingError(message)
+            bad_slots.add(index - offset)
+            errors[index - offset] = message
+        if pixels is None:
+            continue
+        output = resampler.encode_images(pixels)
+        if embeds is None:
+            embeds = torch.empty((len(shard.images), *output.shape[1:]), dtype=output.dtype, device=output.device)
+        embeds[torch.tensor(good, device=output.device) - offset] = output
+    return embeds, bad_slots, errors
+
+
+def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int], resampler: Resampler,
+                 layers: list[int], storage_dtype: torch.dtype, request: ExtractionRequest,
+                 errors: dict[int, str]):
+    rows = [i for i, slot in enumerate(shard.slot_of_example) if slot not in bad_slots]
+    queries, hidden = resampler.num_query_tokens, resampler.hidden_size
+    per_layer = torch.empty((len(layers), len(rows), queries, hidden), dtype=storage_dtype, device=resampler.device)
+    truncated = 0
+    for start in range(0, len(rows), request.batch_size):
+        chunk = rows[start:start + request.batch_size]
+        texts = [shard.examples[i].text for i in chunk]
+        tokens = resampler.tokenize(texts)
+        if tokens["input_ids"].shape[1] == resampler.max_text_tokens:  # only then can a text have been cut
+            lengths = [len(ids) for ids in resampler.tokenizer(texts, return_token_type_ids=False)["input_ids"]]
+            truncated += sum(length > resampler.max_text_tokens for length in lengths)
+        slots = torch.tensor([shard.slot_of_example[i] for i in chunk], device=embeds.device)
+        states = resampler.query_states(embeds[slots], tokens, layers)  # [b, L, Q, H]
+        per_layer[:, start:start + len(chunk)] = states.transpose(0, 1).to(storage_dtype)
+    per_layer = per_layer.cpu()
+    tensors = {"ids": torch.tensor([shard.examples[i].example_id for i in rows], dtype=torch.int64)}
+    tensors |= {layer_key(layer): per_layer[j] for j, layer in enumerate(layers)}
+    metadata = {
+        "examples": len(rows),
+        "batch_size": request.batch_size,
+        "truncated_texts": truncated,
+        "bad_images": [errors[slot] for slot in sorted(errors)],
+    }
+    vision = None
+    if request.store_vision:
+        owned = [slot for slot, owns in enumerate(shard.owns_image) if owns and slot not in bad_slots]
+        index = torch.tensor(owned, dtype=torch.long)
+        vision = {
+            "ids": torch.tensor([shard.image_ids[s] for s in owned], dtype=torch.int64),
+            "image_embeds": embeds[index.to(embeds.device)].cpu() if embeds is not None else torch.empty((0, 0, 0)),
+        }
+    return tensors, vision, metadata
