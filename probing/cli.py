@@ -193,27 +193,18 @@ def extract_command(
 
 @app.command("demo")
 def demo_command(
-    out: Annotated[Path, typer.Option(help="Where the demo writes its data and reports.")] = Path("reports/demo"),
+    out: Annotated[Path, typer.Option(help="Where the demo writes its data, models, features and reports.")]
+    = Path("reports/demo"),
 ) -> None:
-    """The embedded default run on synthetic data. Today: demo data, RCM and data checks (later stages to come)."""
-    from probing.data import DataOptions
-    from probing.data.rcm import build_rcm
-    from probing.data.stats import data_stats
-    from probing.data.synthetic import demo_data_options, make_demo_data
+    """The embedded default run on synthetic data with tiny random models (no network, CPU)."""
+    from probing.demo import run_demo
 
-    data_dir, rcm_dir = out / "data", out / "rcm"
-    typer.echo(f"[1/3] demo dataset -> {data_dir}")
-    make_demo_data(data_dir)
-    options = demo_data_options(data_dir)
-    typer.echo(f"[2/3] Region Cell Matching -> {rcm_dir}")
-    build_rcm(options["refcocog"]["refs"], options["refcocog"]["instances"], rcm_dir)
-    typer.echo("[3/3] data checks")
-    for task, task_options in (("refcocog", options["refcocog"]),
-                               ("vsr", options["vsr"]),
-                               ("rcm", {"rcm": rcm_dir, "images": options["refcocog"]["images"]})):
-        _print_stats(data_stats(DataOptions(task=task, **task_options)))
-    typer.echo("Feature extraction, probe training, search and reports are not built yet; "
-               "`probing demo` will run them as they land.")
+    result = run_demo(out, say=typer.echo)
+    for stats in result.stats.values():
+        _print_stats(stats)
+    typer.echo(f"features: {len(result.features)} stores under {out / 'features'} "
+               f"({', '.join(result.checkpoints)} x {', '.join(result.stats)} x train/val/test)")
+    typer.echo("Probe training, search and reports are not built yet; `probing demo` will run them as they land.")
 
 
 # ------------------------------------------------------------------ entry point

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from probing.artifacts import code_version
-from probing.data import DataOptions, Example, load_split
+from probing.data import DataOptions, Example, SplitData, load_split
 from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
 from probing.features import FeatureStore, FeatureStoreWriter, layer_key
@@ -173,20 +173,33 @@ def _distributed_state(device: str | None):
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
+def resolve_dtypes(request: ExtractionRequest, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(storage, vision, Q-Former) dtypes of a request; the ViT defaults to bf16 on GPU, fp32 on CPU."""
+    return (parse_dtype(request.dtype, "--dtype"),
+            parse_dtype(request.vision_dtype or ("bfloat16" if device.type == "cuda" else "float32"),
+                        "--vision-dtype"),
+            parse_dtype(request.qformer_dtype, "--qformer-dtype"))
+
+
 def extract(request: ExtractionRequest) -> FeatureStore:
     """Extract per-layer query states for one split into `request.out`; resume or refuse as the manifest says."""
     state = _distributed_state(request.device)
     device = torch.device(request.device) if request.device not in (None, "cpu") else state.device
     if request.batch_size < 1:
         raise ProbingError("--batch-size must be at least 1")
-    storage_dtype = parse_dtype(request.dtype, "--dtype")
-    vision_dtype = parse_dtype(request.vision_dtype or ("bfloat16" if device.type == "cuda" else "float32"),
-                               "--vision-dtype")
-    qformer_dtype = parse_dtype(request.qformer_dtype, "--qformer-dtype")
+    _, vision_dtype, qformer_dtype = resolve_dtypes(request, device)
     data = load_split(request.data, request.split)
     resampler = load_resampler(request.model, init=request.init, revision=request.revision, family=request.family,
                                base=request.base, seed=request.seed, device=device, vision_dtype=vision_dtype,
                                qformer_dtype=qformer_dtype)
+    return extract_loaded(resampler, data, request, state)
+
+
+def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionRequest, state=None) -> FeatureStore:
+    """The extraction proper, for a loaded resampler and split (what `benchmarks/extract.py` times)."""
+    state = state or _distributed_state(request.device)
+    device = resampler.device
+    storage_dtype = resolve_dtypes(request, device)[0]
     layers = parse_layers(request.layers, resampler.num_layers)
     shards = plan_shards(data.examples, request.shard_size)
     identity = {
@@ -198,8 +211,8 @@ def extract(request: ExtractionRequest) -> FeatureStore:
         "dataset_fingerprint": data.fingerprint,
         "layers": layers,
         "dtype": request.dtype,
-        "vision_dtype": str(vision_dtype).removeprefix("torch."),
-        "qformer_dtype": request.qformer_dtype,
+        "vision_dtype": str(resampler.vision_dtype).removeprefix("torch."),
+        "qformer_dtype": str(resampler.qformer_dtype).removeprefix("torch."),
         "preprocessing": _preprocessing(resampler),
         "text": {"max_tokens": resampler.max_text_tokens, "truncation_side": resampler.truncation_side,
                  "padding": "longest"},

@@ -150,3 +150,15 @@ def write_checkpoint(out: Path, family: str, size: str = "tiny", weights: bool =
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     return out
+
+
+def ensure_checkpoint(out: Path, family: str, seed: int = 0) -> Path:
+    """A tiny checkpoint at `out`, written once (atomically) and reused while its manifest matches."""
+    from probing.artifacts import existing_output_matches, staged_directory, write_json
+
+    identity = {"kind": "tiny-checkpoint", "family": family, "seed": seed, "size": "tiny"}
+    if not existing_output_matches(Path(out), identity, "checkpoint"):
+        with staged_directory(Path(out)) as staging:
+            write_checkpoint(staging, family, seed=seed)
+            write_json(staging / "manifest.json", identity)
+    return Path(out)

@@ -1,0 +1,152 @@
+"""Benchmark: `probing extract` against the plain way, measured in the same run.
+
+The plain way is the model's own forward once per example: `Blip2ForImageTextRetrieval` in fp32, every
+example with its own image through the ViT (no deduplication), images decoded in the loop, Q-Former hidden
+states taken from the forward (`qformer.config.output_hidden_states`) and moved to the CPU. Our way is
+`extract_loaded` (ViT once per unique image, images decoded in DataLoader workers, ViT in bf16 on GPU,
+shards written to disk by a background thread). Both use the same batch size, the same examples and an
+already-loaded model, so the figures are throughput of the work itself.
+
+Data: the demo's synthetic RefCOCOg with sentences dropped until there are about 3.7 per image, the ratio
+of RefCOCOg umd train (80,512 sentences / 21,899 images).
+
+    python benchmarks/extract.py                       # CPU, tiny model
+    python benchmarks/extract.py --device cuda --size real --images 1500   # GPU, real-size ViT-g + Q-Former
+
+`--size real` needs no download: the real architecture with random weights (`--init random`). The last line
+printed is `speedup=<ours / plain>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from probing.data import DataOptions, load_split
+from probing.data.images import load_rgb_image
+from probing.data.synthetic import demo_data_options, make_demo_data
+from probing.extract import ExtractionRequest, extract_loaded
+from probing.models import load_resampler
+from probing.models.tiny import build_config, write_checkpoint
+
+REFCOCOG_SENTENCES_PER_IMAGE = 80512 / 21899
+
+
+def refcocog_like(root: Path, images: int, seed: int = 0) -> DataOptions:
+    """Demo RefCOCOg data thinned to RefCOCOg's sentences-per-image ratio, every split in train."""
+    make_demo_data(root, seed=seed, refcocog_images=images, vsr_images=10)
+    options = demo_data_options(root)["refcocog"]
+    refs = pickle.loads(options["refs"].read_bytes())
+    rng = np.random.default_rng(seed)
+    target = round(REFCOCOG_SENTENCES_PER_IMAGE * images)
+    keep = {(i, 0) for i in range(len(refs))}  # every ref keeps one sentence, extra ones fill up to the target
+    extra = [(i, j) for i, ref in enumerate(refs) for j in range(1, len(ref["sentences"]))]
+    chosen = rng.choice(len(extra), size=min(max(target - len(keep), 0), len(extra)), replace=False)
+    keep |= {extra[k] for k in chosen}
+    for i, ref in enumerate(refs):
+        ref["split"] = "train"
+        ref["sentences"] = [s for j, s in enumerate(ref["sentences"]) if (i, j) in keep]
+        ref["sent_ids"] = [s["sent_id"] for s in ref["sentences"]]
+    options["refs"].write_bytes(pickle.dumps(refs, protocol=2))
+    return DataOptions(task="refcocog", **options)
+
+
+def plain_way(checkpoint: Path, size: str, examples, batch_size: int, device: torch.device) -> float:
+    """Seconds for the model's own fp32 forward, one ViT pass per example."""
+    from transformers import Blip2ForImageTextRetrieval
+
+    reference = load_resampler(str(checkpoint), init="pretrained" if size == "tiny" else "random", device="cpu")
+    if size == "tiny":
+        model = Blip2ForImageTextRetrieval.from_pretrained(checkpoint)
+    else:
+        config = build_config("blip2", "real", vocab_size=reference.config.qformer_config.vocab_size)
+        with torch.device(device):
+            model = Blip2ForImageTextRetrieval(config)
+    model = model.to(device=device, dtype=torch.float32).eval()
+    model.qformer.config.output_hidden_states = True
+    layers = model.config.qformer_config.num_hidden_layers
+    queries = model.config.num_query_tokens
+
+    def run(batch):
+        pixels = reference.preprocess([load_rgb_image(e.image_path) for e in batch]).to(device)
+        tokens = reference.tokenize([e.text for e in batch])
+        output = model(pixel_values=pixels, input_ids=tokens["input_ids"].to(device),
+                       attention_mask=tokens["attention_mask"].to(device), use_image_text_matching_head=True)
+        states = torch.stack([output.text_model_output.hidden_states[k][:, :queries] for k in range(1, layers + 1)], 1)
+        return states.to(torch.float16).cpu()
+
+    with torch.inference_mode():
+        run(examples[:batch_size])  # warm-up (kernels, allocator)
+        _sync(device)
+        started = time.perf_counter()
+        for start in range(0, len(examples), batch_size):
+            run(examples[start:start + batch_size])
+        _sync(device)
+        return time.perf_counter() - started
+
+
+def our_way(checkpoint: Path, size: str, data, batch_size: int, workers: int, device: torch.device,
+            scratch: Path) -> float:
+    init = "pretrained" if size == "tiny" else "random"
+    vision_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    resampler = load_resampler(str(checkpoint), init=init, device=device, vision_dtype=vision_dtype)
+    request = dict(model=str(checkpoint), data=data, split="train", layers="all", batch_size=batch_size,
+                   workers=workers, init=init, progress=False, shard_size=1024, device=str(device))
+    warm = load_split(data, "train")
+    warm = type(warm)(warm.task, warm.split, warm.examples[:batch_size], warm.fingerprint + "-warm", warm.sources)
+    extract_loaded(resampler, warm, ExtractionRequest(out=scratch / "warm", **request))  # warm-up
+    split = load_split(data, "train")
+    _sync(device)
+    started = time.perf_counter()
+    extract_loaded(resampler, split, ExtractionRequest(out=scratch / "store", **request))
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=("tiny", "real"), default=None, help="default: real on GPU, tiny on CPU")
+    parser.add_argument("--images", type=int, default=None, help="unique images (default 300 tiny, 1500 real)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    size = args.size or ("real" if device.type == "cuda" else "tiny")
+    images = args.images or (300 if size == "tiny" else 1500)
+    workers = args.workers if args.workers is not None else (1 if device.type == "cpu" else 8)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        data = refcocog_like(scratch / "data", images)
+        checkpoint = write_checkpoint(scratch / "model", "blip2", size=size, weights=size == "tiny")
+        examples = load_split(data, "train").examples
+        unique = len({e.image_path for e in examples})
+        print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
+              f"size={size} examples={len(examples)} images={unique} ratio={len(examples) / unique:.2f} "
+              f"batch={args.batch_size} workers={workers} torch={torch.__version__}", flush=True)
+        ours = our_way(checkpoint, size, data, args.batch_size, workers, device, scratch)
+        print(f"ours:  {len(examples) / ours:9.1f} examples/s ({ours:.2f} s; ViT "
+              f"{'bf16' if device.type == 'cuda' else 'fp32'} once per image, all layers stored fp16)", flush=True)
+        plain = plain_way(checkpoint, size, examples, args.batch_size, device)
+        print(f"plain: {len(examples) / plain:9.1f} examples/s ({plain:.2f} s; fp32 forward once per example)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    print(f"peak_rss_mb={peak:.0f} peak_gpu_gib={gpu_peak:.1f}")
+    print(f"speedup={plain / ours:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
