@@ -13,7 +13,6 @@ Speed where it matters:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -145,18 +144,6 @@ def _collate(items):
     return indices, good, torch.stack(pixels) if pixels else None, errors
 
 
-def _model_identity(resampler: Resampler) -> dict[str, Any]:
-    """What defines the weights: their hash when read from a checkpoint, the seed and config when random."""
-    identity = {"family": resampler.family, "init": resampler.identity["init"]}
-    if resampler.identity["init"] == "random":
-        config_json = resampler.config.to_json_string(use_diff=False)
-        identity |= {"init_seed": resampler.identity["init_seed"],
-                     "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
-    else:
-        identity["weights_sha256"] = resampler.identity["weights_sha256"]
-    return identity
-
-
 def _preprocessing(resampler: Resampler) -> dict[str, Any]:
     """The image processor's settings that change pixels (its own JSON form: `to_dict()`)."""
     settings = resampler.image_processor.to_dict()
@@ -205,7 +192,7 @@ def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionReq
     identity = {
         "kind": "features",
         "format_version": 1,
-        "model": _model_identity(resampler),
+        "model": resampler.weights_identity(),
         "task": data.task,
         "split": data.split,
         "dataset_fingerprint": data.fingerprint,
@@ -244,6 +231,9 @@ def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionReq
         writer.finish(len(shards), {
             "model_source": resampler.identity,
             "data_sources": data.sources,
+            # where the data was read from, so that `probing train` can find the targets by itself
+            "data_options": {key: str(Path(value).resolve()) if key != "task" else value
+                             for key, value in vars(request.data).items() if value is not None},
             "images": len({e.image_path for e in data.examples}),
             "code_version": code_version(),
         })

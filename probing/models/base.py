@@ -14,6 +14,7 @@ that checkpoint keys load into it unchanged and the language model is never buil
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -121,6 +122,18 @@ class Resampler(nn.Module):
 
     def image_attention_mask(self, image_embeds: torch.Tensor) -> torch.Tensor:
         return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+
+    def weights_identity(self) -> dict[str, Any]:
+        """What defines the weights, for manifests: their hash when read from a checkpoint, or the seed and
+        config hash of a random init."""
+        identity = {"family": self.family, "init": self.identity["init"]}
+        if self.identity["init"] == "random":
+            config_json = self.config.to_json_string(use_diff=False)
+            identity |= {"init_seed": self.identity["init_seed"],
+                         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
+        else:
+            identity["weights_sha256"] = self.identity["weights_sha256"]
+        return identity
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, parameter in self.named_parameters():

@@ -1,0 +1,466 @@
+"""Training probes: frozen (K probes batched on resident features) and unfrozen (Q-Former + probe).
+
+One schedule code path for every mode: AdamW (weight decay only on weight matrices, never on biases,
+norms or parameters without gradient), the learning rate warmed up linearly over the first 10 % of steps
+and then decayed linearly (`schedule_factor`), evaluation on val after every epoch, the best epoch kept by
+the val metric (the first epoch reaching the best value), early stopping after `patience` epochs without
+improvement (`EarlyStopping`), and seeds for initialisation and batch order.
+
+- `train_frozen`: the chosen layer's features sit on the device (GPU if present, bf16 there); batches are
+  sliced by index, no DataLoader; K trials (lr, epochs, loss scales, seed) run in one pass over the data as
+  a `ProbeBank`, each with its own schedule, early-stopping state and best epoch, updated by
+  `BatchedAdamW`. Trials of one pass share the batch order (drawn from `order_seed`); a trial's seed sets
+  its initialisation.
+- `train_module`: the standard single-probe loop (DataLoader, `torch.optim.AdamW`, `LambdaLR`) through
+  accelerate; it runs frozen single probes (the reference the batched trainer is tested against) and
+  unfrozen training (`probing.unfrozen`), with bf16 autocast on GPU and DDP under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from probing.data import Example
+from probing.errors import ProbingError
+from probing.losses import task_loss
+from probing.metrics import main_metric, task_metrics
+from probing.probes import Probe, ProbeBank, layer_count, new_probe
+
+TASK_OUTPUTS = {"refcocog": 4, "vsr": 1, "rcm": 1}
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Trial:
+    """The hyper-parameters of one probe run (the paper's search space: lr, epochs, loss scales)."""
+
+    lr: float
+    epochs: int
+    seed: int = 0
+    giou_scale: float = 1.0
+    l1_scale: float = 1.0
+
+    def check(self) -> Trial:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ProbingError(f"--lr must be a positive number, got {self.lr}")
+        if self.epochs < 1:
+            raise ProbingError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.giou_scale < 0 or self.l1_scale < 0:
+            raise ProbingError("--giou-scale and --l1-scale must not be negative")
+        return self
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    task: str
+    probe: str = "linear"
+    hidden: int = 768
+    batch_size: int = 128
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    patience: int | None = None  # None: no early stopping
+    order_seed: int = 0
+    device: str | None = None  # None: cuda if available
+    eval_batch_size: int = 1024
+
+    def check(self) -> TrainSettings:
+        if self.task not in TASK_OUTPUTS:
+            raise ProbingError(f"--task: unknown task '{self.task}' (choose {', '.join(TASK_OUTPUTS)})")
+        layer_count(self.probe)
+        if self.batch_size < 1 or self.hidden < 1:
+            raise ProbingError("--batch-size and --hidden must be at least 1")
+        if self.patience is not None and self.patience < 1:
+            raise ProbingError(f"--patience must be at least 1, got {self.patience}")
+        return self
+
+
+def default_patience(task: str) -> int | None:
+    """RCM stops after 10 epochs without improvement (the paper); RefCOCOg and VSR run their epochs."""
+    return 10 if task == "rcm" else None
+
+
+@dataclass
+class ProbeData:
+    """One split ready for probing: flattened features `[N, Q*H]`, targets, ids and examples (aligned)."""
+
+    task: str
+    split: str
+    features: torch.Tensor
+    targets: torch.Tensor  # [N, 4] normalized xyxy boxes, or [N] labels 0/1
+    ids: list[int]
+    examples: list[Example]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class TrialResult:
+    trial: Trial
+    best_epoch: int  # 1-based
+    epochs_run: int
+    stopped_early: bool
+    val_metrics: dict[str, float]  # at the best epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    probe: Probe | None = None  # weights of the best epoch, on the CPU
+
+
+def schedule_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
+    """Learning-rate multiplier for optimiser step `step` (1-based) of `total_steps`.
+
+    Linear warm-up to 1 over the first `warmup_fraction` of the steps (none under 10 steps at 10 %), then
+    linear decay from 1 to 1/(decay steps) at the last step; no step has a zero learning rate.
+    """
+    warmup = int(warmup_fraction * total_steps)
+    if step <= warmup:
+        return step / warmup
+    return max(0.0, (total_steps - step + 1) / (total_steps - warmup))
+
+
+class EarlyStopping:
+    """Best epoch and patience for K trials (host side, consulted once per epoch)."""
+
+    def __init__(self, trials: Sequence[Trial], patience: int | None):
+        self.trials, self.patience = list(trials), patience
+        self.best_value = [-math.inf] * len(trials)
+        self.best_epoch = [0] * len(trials)
+        self.stopped = [False] * len(trials)
+        self.epochs_run = [0] * len(trials)
+
+    def running(self, epoch: int) -> list[bool]:
+        return [not stopped and epoch <= trial.epochs for stopped, trial in zip(self.stopped, self.trials, strict=True)]
+
+    def update(self, epoch: int, values: Sequence[float], running: Sequence[bool]) -> list[bool]:
+        """Record the epoch's val metric per trial; return which trials improved (strictly)."""
+        improved = []
+        for index, (value, active) in enumerate(zip(values, running, strict=True)):
+            better = active and value > self.best_value[index]
+            if active:
+                self.epochs_run[index] = epoch
+            if better:
+                self.best_value[index], self.best_epoch[index] = value, epoch
+            elif active and self.patience is not None and epoch - self.best_epoch[index] >= self.patience:
+                self.stopped[index] = True
+            improved.append(better)
+        return improved
+
+
+def val_metrics_at(epoch_record: dict[str, float]) -> dict[str, float]:
+    """The val part of a history record, named as test metrics are: {'loss', 'acc@0.5', ...}."""
+    return {("loss" if k == "val_loss" else k): v for k, v in epoch_record.items() if k not in ("epoch", "train_loss")}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (features resident and matmuls in bf16, master weights fp32), fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def decays(name: str, parameter: torch.Tensor) -> bool:
+    """Weight decay on weight matrices (and query tokens), never on biases or norms (LAVIS's rule)."""
+    lowered = name.lower()
+    return parameter.ndim >= 2 and "norm" not in lowered and not lowered.endswith("bias")
+
+
+class EpochOrder(torch.utils.data.Sampler[int]):
+    """The batch order: a fresh permutation of the rows per epoch from one seeded generator.
+
+    Both trainers draw from it (the batched one directly, the module loop as a DataLoader sampler), so a
+    batched pass and a plain run with the same `order_seed` see the same batches. (A DataLoader's own
+    `shuffle=True, generator=...` also draws a worker seed from the generator, so it would not match.)
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        return iter(self.next_order().tolist())
+
+    def next_order(self) -> torch.Tensor:
+        return torch.randperm(self.size, generator=self.generator)
+
+
+# ---------------------------------------------------------------------------------------------- batched
+
+
+class BatchedAdamW:
+    """AdamW over stacked probe parameters with one learning rate, step count and on/off switch per probe.
+
+    Written by hand because `torch.optim.AdamW` has one learning rate per parameter tensor, while a stacked
+    tensor holds K probes. The arithmetic follows `torch.optim.AdamW` step by step (decoupled decay first,
+    then the bias-corrected update); the tests check the batched result against K runs of the real thing.
+    """
+
+    def __init__(self, bank: ProbeBank, weight_decay: float, betas=BETAS, eps: float = EPS):
+        self.bank, self.weight_decay, self.betas, self.eps = bank, weight_decay, betas, eps
+        # Stacked tensors carry a probe axis, so decide on the name: weight_i decays, bias_i does not.
+        self.entries = [(name, parameter, bank.probe_axis(name), name.startswith("weight_"))
+                        for name, parameter in bank.named_parameters()]
+        self.exp_avg = {name: torch.zeros_like(p) for name, p, _, _ in self.entries}
+        self.exp_avg_sq = {name: torch.zeros_like(p) for name, p, _, _ in self.entries}
+        self.steps = torch.zeros(bank.size, dtype=torch.float64, device=bank.weight_0.device)
+
+    @staticmethod
+    def _along(values: torch.Tensor, parameter: torch.Tensor, axis: int) -> torch.Tensor:
+        shape = [1] * parameter.ndim
+        shape[axis] = -1
+        return values.view(shape)
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor, active: torch.Tensor) -> None:
+        """One update; `lrs` [K] (already scheduled), `active` [K] bool (inactive probes are left as they are)."""
+        beta1, beta2 = self.betas
+        self.steps += active.to(self.steps.dtype)
+        steps = self.steps.clamp(min=1)
+        correction1 = 1 - beta1 ** steps
+        correction2_sqrt = (1 - beta2 ** steps).sqrt()
+        step_sizes = (lrs.to(steps.dtype) / correction1)
+        for name, parameter, axis, decay in self.entries:
+            gradient = parameter.grad
+            on = self._along(active, parameter, axis)
+            lr = self._along(lrs.to(parameter.dtype), parameter, axis)
+            if decay:
+                parameter.mul_(torch.where(on, 1 - lr * self.weight_decay, 1.0))
+            exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
+            exp_avg.copy_(torch.where(on, exp_avg.lerp(gradient, 1 - beta1), exp_avg))
+            exp_avg_sq.copy_(torch.where(on, exp_avg_sq * beta2 + (1 - beta2) * gradient * gradient, exp_avg_sq))
+            denominator = (exp_avg_sq.sqrt() / self._along(correction2_sqrt.to(parameter.dtype), parameter, axis)
+                           ).add_(self.eps)
+            update = exp_avg / denominator * self._along(step_sizes.to(parameter.dtype), parameter, axis)
+            parameter.sub_(torch.where(on, update, 0.0))
+
+
+def _bank_outputs(bank: ProbeBank, features: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+    """All K probes on all rows, `[K, N, out]` in fp32, evaluated in chunks."""
+    outputs = []
+    with torch.no_grad(), torch.autocast(features.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for start in range(0, len(features), chunk):
+            outputs.append(bank(features[start:start + chunk]).float())
+    return torch.cat(outputs, dim=1)
+
+
+def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], settings: TrainSettings
+                 ) -> list[TrialResult]:
+    """Train K probes in one pass over resident features; one TrialResult per trial, best weights kept."""
+    settings.check()
+    trials = [trial.check() for trial in trials]
+    if not trials:
+        raise ProbingError("no trial to train")
+    device = resolve_device(settings.device)
+    dtype = compute_dtype(device)
+    features = train.features.to(device=device, dtype=dtype)
+    val_features = val.features.to(device=device, dtype=dtype)
+    targets, val_targets = train.targets.to(device), val.targets.to(device)
+    inputs, outputs = features.shape[1], TASK_OUTPUTS[settings.task]
+    bank = ProbeBank([new_probe(settings.probe, inputs, outputs, settings.hidden, t.seed) for t in trials]).to(device)
+    optimizer = BatchedAdamW(bank, settings.weight_decay)
+    size = len(trials)
+    steps_per_epoch = math.ceil(len(features) / settings.batch_size)
+    longest = max(t.epochs for t in trials) * steps_per_epoch
+    # The whole schedule as one table on the device: no per-step host work or synchronisation.
+    lr_table = torch.tensor([[t.lr * schedule_factor(s, t.epochs * steps_per_epoch, settings.warmup_fraction)
+                              if s <= t.epochs * steps_per_epoch else 0.0 for t in trials]
+                             for s in range(1, longest + 1)], dtype=torch.float32, device=device)
+    giou = torch.tensor([t.giou_scale for t in trials], device=device)
+    l1 = torch.tensor([t.l1_scale for t in trials], device=device)
+    stopper = EarlyStopping(trials, settings.patience)
+    best = {name: p.detach().clone() for name, p in bank.named_parameters()}
+    histories: list[list[dict[str, float]]] = [[] for _ in trials]
+    metric = main_metric(settings.task)
+    epoch_order = EpochOrder(len(features), settings.order_seed)
+    step = 0
+    for epoch in range(1, max(t.epochs for t in trials) + 1):
+        running = stopper.running(epoch)
+        if not any(running):
+            break
+        active = torch.tensor(running, device=device)
+        order = epoch_order.next_order().to(device)
+        loss_sum = torch.zeros(size, device=device)
+        for start in range(0, len(features), settings.batch_size):
+            rows = order[start:start + settings.batch_size]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                predictions = bank(features[rows])
+            losses = task_loss(settings.task, predictions, targets[rows], giou, l1)
+            losses.sum().backward()  # probes share no parameter: each gradient is its own probe's
+            optimizer.step(lr_table[step], active)
+            bank.zero_grad(set_to_none=True)
+            loss_sum += losses.detach()
+            step += 1
+        val_outputs = _bank_outputs(bank, val_features, settings.eval_batch_size, dtype)
+        val_losses = task_loss(settings.task, val_outputs, val_targets, giou, l1)
+        val_values = task_metrics(settings.task, val_outputs, val_targets)
+        train_losses = (loss_sum / steps_per_epoch).tolist()  # one host synchronisation per epoch
+        values = {name: v.tolist() for name, v in val_values.items()}
+        improved = stopper.update(epoch, values[metric], running)
+        with torch.no_grad():
+            mask = torch.tensor(improved, device=device)
+            for name, parameter in bank.named_parameters():
+                keep = optimizer._along(mask, parameter, bank.probe_axis(name))
+                best[name].copy_(torch.where(keep, parameter, best[name]))
+        val_loss_values = val_losses.tolist()
+        for index, is_running in enumerate(running):
+            if is_running:
+                histories[index].append({"epoch": epoch, "train_loss": train_losses[index],
+                                         "val_loss": val_loss_values[index],
+                                         **{name: v[index] for name, v in values.items()}})
+    with torch.no_grad():
+        for name, parameter in bank.named_parameters():
+            parameter.copy_(best[name])
+    results = []
+    for index, trial in enumerate(trials):
+        best_epoch = stopper.best_epoch[index]
+        at_best = next(h for h in histories[index] if h["epoch"] == best_epoch)
+        results.append(TrialResult(
+            trial=trial, best_epoch=best_epoch, epochs_run=stopper.epochs_run[index],
+            stopped_early=stopper.stopped[index] and stopper.epochs_run[index] < trial.epochs,
+            val_metrics=val_metrics_at(at_best),
+            history=histories[index], probe=bank.probe(index).cpu(),
+        ))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- module loop
+
+
+def parameter_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                     without_gradient: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices that receive gradient, none on biases, norms or the rest."""
+    decay, plain = [], []
+    for name, parameter in named:
+        if parameter.requires_grad:
+            (decay if decays(name, parameter) and name not in without_gradient else plain).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+@dataclass
+class ModuleRun:
+    """What `train_module` needs to train one model: how to run a batch and which parameters to train."""
+
+    model: nn.Module
+    forward: Callable[[nn.Module, Any], torch.Tensor]  # (prepared model, batch) -> outputs [B, out]
+    targets: Callable[[Any], torch.Tensor]  # batch -> targets
+    train_loader: DataLoader
+    val_loader: DataLoader
+    groups: list[dict[str, Any]]
+    probe: Callable[[nn.Module], Probe]  # (unwrapped model) -> the probe, for saving
+
+
+def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelerator=None) -> TrialResult:
+    """The standard loop: one model, `torch.optim.AdamW`, `LambdaLR`, through accelerate."""
+    from accelerate import Accelerator
+
+    settings.check()
+    trial.check()
+    accelerator = accelerator or Accelerator(cpu=resolve_device(settings.device).type == "cpu",
+                                             mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    optimizer = torch.optim.AdamW(run.groups, lr=trial.lr, betas=BETAS, eps=EPS)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(run.model, optimizer, run.train_loader,
+                                                                     run.val_loader)
+    total = trial.epochs * len(train_loader)
+    # Stepped by hand once per optimiser step (not prepared: accelerate would step it once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: schedule_factor(done + 1, total, settings.warmup_fraction))
+    stopper = EarlyStopping([trial], settings.patience)
+    metric = main_metric(settings.task)
+    history: list[dict[str, float]] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    for epoch in range(1, trial.epochs + 1):
+        if not stopper.running(epoch)[0]:
+            break
+        model.train()
+        loss_sum, batches = torch.zeros((), device=accelerator.device), 0
+        for batch in train_loader:
+            outputs = run.forward(model, batch)
+            loss = task_loss(settings.task, outputs, run.targets(batch), trial.giou_scale, trial.l1_scale)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            batches += 1
+        val_loss, values = evaluate_module(run, model, val_loader, settings.task, trial, accelerator)
+        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(batches, 1)
+        improved = stopper.update(epoch, [values[metric]], [True])[0]
+        if improved:
+            unwrapped = accelerator.unwrap_model(model)
+            best_state = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **values})
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.load_state_dict(best_state)
+    at_best = next(h for h in history if h["epoch"] == stopper.best_epoch[0])
+    return TrialResult(
+        trial=trial, best_epoch=stopper.best_epoch[0], epochs_run=stopper.epochs_run[0],
+        stopped_early=stopper.stopped[0] and stopper.epochs_run[0] < trial.epochs,
+        val_metrics=val_metrics_at(at_best),
+        history=history, probe=run.probe(unwrapped).cpu(),
+    )
+
+
+def module_outputs(run: ModuleRun, model: nn.Module, loader: DataLoader, accelerator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs [N, out], targets) over a loader, gathered across processes, in loader order."""
+    model.eval()
+    outputs, targets = [], []
+    with torch.no_grad():
+        for batch in loader:
+            predicted = run.forward(model, batch).float()
+            expected = run.targets(batch)
+            predicted, expected = accelerator.gather_for_metrics((predicted, expected))
+            outputs.append(predicted)
+            targets.append(expected)
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def evaluate_module(run: ModuleRun, model: nn.Module, loader: DataLoader, task: str, trial: Trial, accelerator
+                    ) -> tuple[float, dict[str, float]]:
+    outputs, targets = module_outputs(run, model, loader, accelerator)
+    loss = task_loss(task, outputs, targets, trial.giou_scale, trial.l1_scale)
+    return float(loss), {name: float(value) for name, value in task_metrics(task, outputs, targets).items()}
+
+
+def frozen_module_run(train: ProbeData, val: ProbeData, trial: Trial, settings: TrainSettings) -> ModuleRun:
+    """A single probe on features through the standard loop (DataLoader over a TensorDataset)."""
+    probe = new_probe(settings.probe, train.features.shape[1], TASK_OUTPUTS[settings.task], settings.hidden,
+                      trial.seed)
+    train_loader = DataLoader(TensorDataset(train.features.float(), train.targets), batch_size=settings.batch_size,
+                              sampler=EpochOrder(len(train), settings.order_seed))  # train_frozen's batch order
+    val_loader = DataLoader(TensorDataset(val.features.float(), val.targets), batch_size=settings.eval_batch_size)
+    return ModuleRun(model=probe, forward=lambda model, batch: model(batch[0]), targets=lambda batch: batch[1],
+                     train_loader=train_loader, val_loader=val_loader,
+                     groups=parameter_groups(probe.named_parameters(), settings.weight_decay),
+                     probe=lambda model: model)
+
+
+def train_single(train: ProbeData, val: ProbeData, trial: Trial, settings: TrainSettings) -> TrialResult:
+    """One frozen probe through the standard loop: the plain way, and the batched trainer's reference."""
+    return train_module(frozen_module_run(train, val, trial, settings), trial, settings)
+
+
+def probe_outputs(probe: Probe, data: ProbeData, settings: TrainSettings) -> torch.Tensor:
+    """A trained probe's raw outputs on a split, `[N, out]` in fp32 on the CPU."""
+    device = resolve_device(settings.device)
+    dtype = compute_dtype(device)
+    probe = probe.to(device).eval()
+    chunks = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for start in range(0, len(data), settings.eval_batch_size):
+            rows = data.features[start:start + settings.eval_batch_size].to(device=device, dtype=dtype)
+            chunks.append(probe(rows).float().cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, TASK_OUTPUTS[settings.task])
