@@ -191,6 +191,66 @@ def extract_command(
                + (f", {bad} bad images skipped" if bad else "") + ")")
 
 
+@app.command("train")
+def train_command(
+    task: TaskOption,
+    layer: Annotated[int, typer.Option("--layer", help="Q-Former layer to probe (1..12 for the real models).")],
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")],
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs (the best epoch by val is kept).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
+    mode: Annotated[str, typer.Option(help="frozen (probe on stored features) | unfrozen (Q-Former + probe).")]
+    = "frozen",
+    features: Annotated[Path | None, typer.Option(help="Folder with train/ val/ test/ feature stores (frozen); "
+                                                      "for unfrozen, optional stores with --store-vision.")] = None,
+    probe: Annotated[str, typer.Option(help="linear | swiglu2 | swiglu4")] = "linear",
+    hidden: Annotated[int, typer.Option(help="Width of the SwiGLU probes' hidden layers.")] = 768,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (initialisation); mean and std are reported.")]
+    = "0",
+    giou_scale: Annotated[float, typer.Option(help="RefCOCOg: weight of the GIoU loss.")] = 1.0,
+    l1_scale: Annotated[float, typer.Option(help="RefCOCOg: weight of the L1 loss.")] = 1.0,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs; 0 = none (default: 10 "
+                                                      "for RCM, none otherwise).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
+    order_seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
+    model: Annotated[str | None, typer.Option(help="Unfrozen: the model (as for probing extract).")] = None,
+    init: Annotated[str, typer.Option(help="Unfrozen: pretrained | random.")] = "pretrained",
+    revision: Annotated[str | None, typer.Option(help="Unfrozen: Hub branch, tag or commit.")] = None,
+    refs: RefsOption = None,
+    instances: InstancesOption = None,
+    images: ImagesOption = None,
+    vsr: VsrOption = None,
+    rcm: RcmOption = None,
+    workers: Annotated[int, typer.Option(help="Unfrozen: image decoding processes.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if available).")] = None,
+) -> None:
+    """Train a probe on one layer (frozen on stored features, or unfrozen with the Q-Former); val + test."""
+    from probing.runs import TrainRequest, run_training
+    from probing.train import TrainSettings, Trial, default_patience
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ProbingError(f"--seeds: '{seeds}' is not a comma-separated list of integers") from None
+    if not seed_list:
+        raise ProbingError("--seeds: no seed given")
+    given = any(v is not None for v in (refs, instances, images, vsr, rcm))
+    data = _data_options(task, refs, instances, images, vsr, rcm) if given else None
+    settings = TrainSettings(task=task, probe=probe, hidden=hidden, batch_size=batch_size, order_seed=order_seed,
+                             patience=default_patience(task) if patience is None else (patience or None),
+                             device=device)
+    trials = tuple(Trial(lr=lr, epochs=epochs, seed=s, giou_scale=giou_scale, l1_scale=l1_scale) for s in seed_list)
+    metrics = run_training(TrainRequest(task=task, mode=mode, layer=layer, out=out, trials=trials, settings=settings,
+                                        features=features, data=data, model=model, init=init, revision=revision,
+                                        workers=workers))
+    verb = "already there" if metrics["reused"] else "written"
+    name = metrics["metric"]
+    typer.echo(f"run {verb}: {out}")
+    for split in ("val", "test"):
+        value = metrics["summary"][split][name]
+        spread = f" +- {value['std']:.4f}" if value["std"] is not None else ""
+        typer.echo(f"  {split:4s} {name} {value['mean']:.4f}{spread} ({value['seeds']} seed(s))")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Where the demo writes its data, models, features and reports.")]

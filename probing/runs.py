@@ -1,0 +1,250 @@
+"""`probing train`: one probe configuration (one or several seeds), frozen or unfrozen, written as a run folder.
+
+    RUN/manifest.json              what was trained on what (features / model identity, data fingerprints,
+                                   layer, probe, hyper-parameters, settings, code version)
+    RUN/metrics.json               per seed: best epoch, val and test metrics, the epoch history;
+                                   across seeds: mean and standard deviation
+    RUN/predictions/val.jsonl      one line per example and seed: id, category, target, prediction,
+    RUN/predictions/test.jsonl     correctness and the example's metadata (for per-category analysis)
+    RUN/probes/seed-<s>.safetensors  the best epoch's probe weights
+
+The folder appears whole (written aside, renamed when complete); a run folder made for the same request is
+reused, one made for another request is refused naming the differing field.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
+from probing.data import SPLITS, DataOptions, Example, load_split
+from probing.errors import ProbingError
+from probing.losses import predicted_boxes, task_loss
+from probing.metrics import IOU_THRESHOLD, box_ious, main_metric, task_metrics
+from probing.probe_data import load_probe_splits, targets_for
+from probing.train import ProbeData, TrainSettings, Trial, TrialResult, probe_outputs, train_frozen
+
+RUN_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    task: str
+    mode: str  # frozen | unfrozen
+    layer: int
+    out: Path
+    trials: tuple[Trial, ...]
+    settings: TrainSettings
+    features: Path | None = None  # frozen: the stores; unfrozen: optional vision stores
+    data: DataOptions | None = None  # frozen: optional (else the stores' recorded paths); unfrozen: required
+    model: str | None = None  # unfrozen
+    init: str = "pretrained"
+    revision: str | None = None
+    model_seed: int = 0  # the seed of --init random (the same random model for every probe seed)
+    workers: int = 0
+
+    def check(self) -> TrainRequest:
+        if self.mode not in ("frozen", "unfrozen"):
+            raise ProbingError(f"--mode: unknown mode '{self.mode}' (choose frozen or unfrozen)")
+        if self.mode == "frozen" and self.features is None:
+            raise ProbingError("--features is required for --mode frozen")
+        if self.mode == "unfrozen" and (self.model is None or self.data is None):
+            raise ProbingError("--mode unfrozen needs --model and the task's data options")
+        if self.data is not None and self.data.task != self.task:
+            raise ProbingError(f"--task {self.task}: the data options are for '{self.data.task}'")
+        seeds = [t.seed for t in self.trials]
+        if len(set(seeds)) != len(seeds):
+            raise ProbingError("--seeds: each seed once")
+        self.settings.check()
+        for trial in self.trials:
+            trial.check()
+        return self
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation across seeds of every val and test metric."""
+    summary: dict[str, Any] = {}
+    for split in ("val", "test"):
+        names = runs[0][split].keys()
+        summary[split] = {name: {"mean": statistics.fmean(r[split][name] for r in runs),
+                                 "std": _std([r[split][name] for r in runs]), "seeds": len(runs)} for name in names}
+    return summary
+
+
+def prediction_records(task: str, split: str, seed: int, examples: list[Example], outputs: torch.Tensor,
+                       targets: torch.Tensor) -> list[dict[str, Any]]:
+    """One JSON-ready record per example: id, category, target, prediction, correctness, metadata."""
+    records = []
+    if task == "refcocog":
+        boxes = predicted_boxes(outputs.float())
+        ious = box_ious(outputs, targets)
+        for example, box, target, iou in zip(examples, boxes.tolist(), targets.tolist(), ious.tolist(), strict=True):
+            records.append({"id": example.example_id, "split": split, "seed": seed, "category": example.category,
+                            "target_xyxy": target, "predicted_xyxy": box, "iou": iou,
+                            "correct": iou >= IOU_THRESHOLD, **dict(example.metadata)})
+    else:
+        probabilities = outputs.float().squeeze(-1).sigmoid()
+        for example, probability, label in zip(examples, probabilities.tolist(), targets.tolist(), strict=True):
+            predicted = int(probability > 0.5)
+            records.append({"id": example.example_id, "split": split, "seed": seed, "category": example.category,
+                            "label": int(label), "probability": probability, "predicted": predicted,
+                            "correct": predicted == int(label), **dict(example.metadata)})
+    return records
+
+
+def _test_metrics(task: str, outputs: torch.Tensor, targets: torch.Tensor, trial: Trial) -> dict[str, float]:
+    """Test loss (with the trial's loss scales) and metrics, keyed as the val metrics are."""
+    loss = task_loss(task, outputs, targets, trial.giou_scale, trial.l1_scale)
+    return {"loss": float(loss), **{name: float(v) for name, v in task_metrics(task, outputs, targets).items()}}
+
+
+def _run_record(result: TrialResult, test_metrics: dict[str, float]) -> dict[str, Any]:
+    return {"seed": result.trial.seed, "trial": asdict(result.trial), "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
+            "val": result.val_metrics, "test": test_metrics, "history": result.history}
+
+
+def _identity(request: TrainRequest, inputs: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "probe-run", "format_version": RUN_FORMAT_VERSION, "mode": request.mode, "task": request.task,
+            "layer": request.layer, "probe": request.settings.probe, "hidden": request.settings.hidden,
+            "settings": {k: v for k, v in asdict(request.settings).items() if k not in ("device", "eval_batch_size",
+                                                                                       "task", "probe", "hidden")},
+            "trials": [asdict(t) for t in request.trials], "inputs": inputs}
+
+
+def _write_run(request: TrainRequest, identity: dict[str, Any], runs: list[dict[str, Any]],
+               predictions: dict[str, list[dict[str, Any]]], probes: dict[int, Any], extra: dict[str, Any]
+               ) -> dict[str, Any]:
+    metrics = {"task": request.task, "metric": main_metric(request.task), "runs": runs, "summary": summarise(runs)}
+    with staged_directory(request.out) as staging:
+        (staging / "predictions").mkdir()
+        for split, records in predictions.items():
+            with open(staging / "predictions" / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+                for record in records:
+                    handle.write(json.dumps(record) + "\n")
+        (staging / "probes").mkdir()
+        for seed, probe in probes.items():
+            save_file({k: v.contiguous() for k, v in probe.state_dict().items()},
+                      str(staging / "probes" / f"seed-{seed}.safetensors"),
+                      metadata={"architecture": probe.architecture, "inputs": str(probe.inputs),
+                                "outputs": str(probe.outputs), "hidden": str(probe.hidden)})
+        write_json(staging / "metrics.json", metrics)
+        write_json(staging / "manifest.json", {**identity, "code_version": code_version(), **extra})
+    return metrics
+
+
+def run_training(request: TrainRequest) -> dict[str, Any]:
+    """Train, evaluate on val and test, write the run folder; return metrics.json's content."""
+    request.check()
+    if request.mode == "frozen":
+        return _run_frozen(request)
+    return _run_unfrozen(request)
+
+
+def _reused(request: TrainRequest, identity: dict[str, Any]) -> dict[str, Any] | None:
+    if existing_output_matches(request.out, identity, "probe run"):
+        return json.loads((request.out / "metrics.json").read_text()) | {"reused": True}
+    return None
+
+
+def _run_frozen(request: TrainRequest) -> dict[str, Any]:
+    splits, stores = load_probe_splits(request.features, request.task, request.layer, request.data)
+    inputs = {"features": {split: store.manifest["request"] for split, store in stores.items()}}
+    identity = _identity(request, inputs)
+    reused = _reused(request, identity)
+    if reused is not None:
+        return reused
+    results = train_frozen(splits["train"], splits["val"], request.trials, request.settings)
+    runs, predictions, probes = [], {"val": [], "test": []}, {}
+    for result in results:
+        test_metrics = {}
+        for split in ("val", "test"):
+            data: ProbeData = splits[split]
+            outputs = probe_outputs(result.probe, data, request.settings)
+            predictions[split] += prediction_records(request.task, split, result.trial.seed, data.examples, outputs,
+                                                     data.targets)
+            if split == "test":
+                test_metrics = _test_metrics(request.task, outputs, data.targets, result.trial)
+        runs.append(_run_record(result, test_metrics))
+        probes[result.trial.seed] = result.probe
+    extra = {"feature_paths": {split: str(store.path.resolve()) for split, store in stores.items()}}
+    return _write_run(request, identity, runs, predictions, probes, extra) | {"reused": False}
+
+
+def _module_outputs(model, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs and targets of an (unfrozen) model over a loader, in loader order, on one process."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = model.to(device).eval()
+    outputs, targets = [], []
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for batch in loader:
+            outputs.append(model(batch["vision"].to(device), batch["input_ids"].to(device),
+                                 batch["attention_mask"].to(device)).float().cpu())
+            targets.append(batch["targets"])
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def _run_unfrozen(request: TrainRequest) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from probing.features import FeatureStore
+    from probing.models import load_resampler
+    from probing.train import resolve_device, train_module
+    from probing.unfrozen import VisionTable, _collate, _Examples, check_vision_store, unfrozen_run
+
+    device = resolve_device(request.settings.device)
+    vision_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def fresh_resampler():
+        return load_resampler(request.model, init=request.init, revision=request.revision, seed=request.model_seed,
+                              device=device, vision_dtype=vision_dtype)
+
+    resampler = fresh_resampler()
+    data = {split: load_split(request.data, split) for split in SPLITS}
+    examples = {split: data[split].examples for split in SPLITS}
+    targets = {split: targets_for(request.task, examples[split], f"{split} data") for split in SPLITS}
+    vision = None
+    if request.features is not None:
+        vision = {}
+        for split in SPLITS:
+            store = FeatureStore(Path(request.features) / split).vision
+            check_vision_store(store, resampler)
+            vision[split] = VisionTable(store)
+    inputs = {"model": resampler.weights_identity(),
+              "datasets": {split: data[split].fingerprint for split in SPLITS}}
+    identity = _identity(request, inputs)
+    reused = _reused(request, identity)
+    if reused is not None:
+        return reused
+    runs, predictions, probes = [], {"val": [], "test": []}, {}
+    for trial in request.trials:
+        resampler = resampler if not runs else fresh_resampler()  # each seed starts from the checkpoint
+        run = unfrozen_run(resampler, request.layer, (examples["train"], targets["train"]),
+                           (examples["val"], targets["val"]), trial, request.settings, vision, request.workers)
+        result = train_module(run, trial, request.settings)
+        test_metrics = {}
+        for split in ("val", "test"):
+            dataset = _Examples(examples[split], targets[split], resampler, vision[split] if vision else None)
+            loader = DataLoader(dataset, batch_size=request.settings.batch_size, collate_fn=_collate(resampler))
+            outputs, split_targets = _module_outputs(run.model, loader, device)
+            predictions[split] += prediction_records(request.task, split, trial.seed, examples[split], outputs,
+                                                     split_targets)
+            if split == "test":
+                test_metrics = _test_metrics(request.task, outputs, split_targets, trial)
+        runs.append(_run_record(result, test_metrics))
+        probes[trial.seed] = result.probe
+    extra = {"model_source": resampler.identity, "vision_store": request.features is not None,
+             "data_options": {k: str(v) for k, v in vars(request.data).items() if v is not None}}
+    return _write_run(request, identity, runs, predictions, probes, extra) | {"reused": False}
+

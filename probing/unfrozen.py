@@ -1,0 +1,145 @@
+"""Unfrozen probing: the Q-Former (and query tokens, BLIP-2's text embeddings) trained jointly with the probe.
+
+The ViT stays frozen and in eval mode; the Q-Former's dropout is on while training. ViT outputs come from
+a vision store (`probing extract --store-vision`) when one is given, so the ViT is never recomputed;
+otherwise images are decoded in DataLoader workers and the ViT runs under `no_grad` for each batch.
+Layers above the probed one cannot influence the probe, so they are dropped for the run (no wasted
+compute, no parameters without gradient under DDP). Parameters that still receive no gradient signal (the
+probed layer's text FFN, whose output no query reads) get no weight decay. Training itself is
+`train.train_module`: the same schedule, early stopping and evaluation as the frozen path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from probing.data import Example
+from probing.data.images import load_rgb_image
+from probing.errors import ProbingError
+from probing.features import VisionStore
+from probing.models import Resampler
+from probing.probes import Probe, new_probe
+from probing.train import TASK_OUTPUTS, EpochOrder, ModuleRun, TrainSettings, Trial, parameter_groups
+
+
+class UnfrozenProbe(nn.Module):
+    """Resampler + probe: `forward(vision, input_ids, attention_mask) -> [B, out]`.
+
+    `vision` is pixel values (the ViT runs under no_grad) or ViT outputs from a vision store.
+    """
+
+    def __init__(self, resampler: Resampler, probe: Probe, layer: int, from_pixels: bool):
+        super().__init__()
+        self.resampler, self.probe, self.layer, self.from_pixels = resampler, probe, layer, from_pixels
+
+    def forward(self, vision: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.from_pixels:
+            with torch.no_grad():
+                vision = self.resampler.encode_images(vision)
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
+        states = self.resampler.query_states(vision, tokens, [self.layer])[:, 0]
+        return self.probe(states.flatten(1))
+
+
+class VisionTable:
+    """ViT outputs by image id, read once from a vision store into memory."""
+
+    def __init__(self, store: VisionStore):
+        self.embeds = store.load()
+        self.row = {image_id: row for row, image_id in enumerate(store.ids)}
+        self.path = store.path
+
+    def __getitem__(self, image_id: int) -> torch.Tensor:
+        if image_id not in self.row:
+            raise ProbingError(f"{self.path}: no ViT output for image {image_id}")
+        return self.embeds[self.row[image_id]]
+
+
+class _Examples(Dataset):
+    def __init__(self, examples: Sequence[Example], targets: torch.Tensor, resampler: Resampler,
+                 vision: VisionTable | None):
+        self.examples, self.targets, self.vision = list(examples), targets, vision
+        self.image_processor = resampler.image_processor
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        example = self.examples[index]
+        if self.vision is not None:
+            vision = self.vision[example.image_id]
+        else:
+            image = load_rgb_image(example.image_path)
+            vision = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return vision, example.text, self.targets[index]
+
+
+def _collate(resampler: Resampler):
+    def collate(items):
+        tokens = resampler.tokenize([text for _, text, _ in items])
+        return {"vision": torch.stack([v for v, _, _ in items]), "input_ids": tokens["input_ids"],
+                "attention_mask": tokens["attention_mask"], "targets": torch.stack([t for _, _, t in items])}
+    return collate
+
+
+def check_vision_store(store: VisionStore, resampler: Resampler) -> None:
+    """A vision store is only usable with the ViT that made it."""
+    made_by = store.manifest["request"]["model"]
+    if made_by != resampler.weights_identity():
+        raise ProbingError(f"{store.path}: ViT outputs made by another model ({made_by}); extract them with "
+                           "this model or leave out --features")
+
+
+def without_gradient(model: nn.Module, batch: dict, task: str) -> tuple[set[str], set[str]]:
+    """(parameters that get no gradient, parameters whose gradient is all zeros) on one batch."""
+    from probing.losses import task_loss
+
+    model.zero_grad(set_to_none=True)
+    outputs = model(batch["vision"], batch["input_ids"], batch["attention_mask"])
+    task_loss(task, outputs, batch["targets"]).backward()
+    none = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    zero = {n for n, p in model.named_parameters() if p.grad is not None and not p.grad.any()}
+    model.zero_grad(set_to_none=True)
+    return none, zero
+
+
+def unfrozen_run(resampler: Resampler, layer: int, train: tuple[Sequence[Example], torch.Tensor],
+                 val: tuple[Sequence[Example], torch.Tensor], trial: Trial, settings: TrainSettings,
+                 vision: dict[str, VisionTable] | None = None, workers: int = 0) -> ModuleRun:
+    """The ModuleRun of one unfrozen trial (the resampler is modified: layers above `layer` are dropped)."""
+    if not 1 <= layer <= resampler.num_layers:
+        raise ProbingError(f"--layer: layer {layer} does not exist (the Q-Former has 1..{resampler.num_layers})")
+    # Later layers cannot influence the probe: drop them (the encoder loops over config.num_hidden_layers).
+    resampler.qformer.encoder.layer = resampler.qformer.encoder.layer[:layer]
+    resampler.qformer.config.num_hidden_layers = layer
+    trainable = {name for name, _ in resampler.trainable_parameters()}
+    for name, parameter in resampler.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    probe = new_probe(settings.probe, resampler.num_query_tokens * resampler.hidden_size, TASK_OUTPUTS[settings.task],
+                      settings.hidden, trial.seed)
+    model = UnfrozenProbe(resampler, probe, layer, from_pixels=vision is None)
+    collate = _collate(resampler)
+    train_set = _Examples(train[0], train[1], resampler, vision["train"] if vision else None)
+    val_set = _Examples(val[0], val[1], resampler, vision["val"] if vision else None)
+    loader_workers = 0 if vision else workers  # stored ViT outputs are indexed in memory: no decoding to hide
+    train_loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=EpochOrder(len(train_set),
+                              settings.order_seed), collate_fn=collate, num_workers=loader_workers)
+    val_loader = DataLoader(val_set, batch_size=settings.batch_size, collate_fn=collate, num_workers=loader_workers)
+    first = collate([train_set[i] for i in range(min(len(train_set), settings.batch_size))])
+    none, zero = without_gradient(model, {k: v.to(resampler.device) for k, v in first.items()}, settings.task)
+    for name, parameter in model.named_parameters():
+        if name in none:
+            parameter.requires_grad_(False)
+    torch.manual_seed(trial.seed)  # dropout draws of the run depend on the trial's seed only
+    return ModuleRun(
+        model=model,
+        forward=lambda m, batch: m(batch["vision"], batch["input_ids"], batch["attention_mask"]),
+        targets=lambda batch: batch["targets"],
+        train_loader=train_loader, val_loader=val_loader,
+        groups=parameter_groups(model.named_parameters(), settings.weight_decay, without_gradient=zero),
+        probe=lambda unwrapped: unwrapped.probe,
+    )
