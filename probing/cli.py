@@ -255,16 +255,22 @@ def train_command(
 def demo_command(
     out: Annotated[Path, typer.Option(help="Where the demo writes its data, models, features and reports.")]
     = Path("reports/demo"),
+    refcocog_images: Annotated[int, typer.Option(help="Demo RefCOCOg images (fewer: a quicker check).")] = 300,
+    vsr_images: Annotated[int, typer.Option(help="Demo VSR images.")] = 240,
 ) -> None:
     """The embedded default run on synthetic data with tiny random models (no network, CPU)."""
-    from probing.demo import run_demo
+    from probing.demo import results_table, run_demo
 
-    result = run_demo(out, say=typer.echo)
+    result = run_demo(out, say=typer.echo, refcocog_images=refcocog_images, vsr_images=vsr_images)
     for stats in result.stats.values():
         _print_stats(stats)
     typer.echo(f"features: {len(result.features)} stores under {out / 'features'} "
                f"({', '.join(result.checkpoints)} x {', '.join(result.stats)} x train/val/test)")
-    typer.echo("Probe training, search and reports are not built yet; `probing demo` will run them as they land.")
+    typer.echo(f"test results (%), tiny random models on synthetic shapes, not the paper's numbers; runs under "
+               f"{out / 'runs'}:")
+    for line in results_table(result):
+        typer.echo("  " + line)
+    typer.echo("Search and reports are not built yet; `probing demo` will run them as they land.")
 
 
 # ------------------------------------------------------------------ entry point

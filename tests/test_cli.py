@@ -162,15 +162,22 @@ def test_output_directory_that_is_not_ours_is_refused(capsys, tmp_path):
 def test_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path):
     from probing.features import FeatureStore
 
-    code, out, err = run_cli(capsys, "demo", "--out", str(tmp_path / "demo"))
+    reduced = ["--refcocog-images", "150", "--vsr-images", "80"]
+    code, out, err = run_cli(capsys, "demo", "--out", str(tmp_path / "demo"), *reduced)
     assert code == 0, err
     assert "task rcm" in out and "task vsr" in out and "task refcocog" in out
     assert "features: 18 stores" in out
+    table = out[out.index("test results"):].splitlines()
+    assert table[1].split() == ["model", "task", "metric", "frozen", "unfrozen"] and len(table) >= 8
+    for family in ("blip2", "instructblip"):
+        for task in ("refcocog", "vsr", "rcm"):
+            for mode in ("frozen", "unfrozen"):
+                assert (tmp_path / "demo" / "runs" / family / task / mode / "metrics.json").is_file()
     for family in ("blip2", "instructblip"):
         store = FeatureStore(tmp_path / "demo" / "features" / family / "vsr" / "test")
         lines = (tmp_path / "demo" / "data" / "vsr" / "test.jsonl").read_text().splitlines()
         assert sorted(store.ids) == list(range(len(lines))) and store.layers == [1, 2, 3, 4]
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}
-    code, _, err = run_cli(capsys, "demo", "--out", str(tmp_path / "demo"))
+    code, _, err = run_cli(capsys, "demo", "--out", str(tmp_path / "demo"), *reduced)
     assert code == 0, err
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}  # all reused
