@@ -200,6 +200,13 @@ class EpochOrder(torch.utils.data.Sampler[int]):
 # ---------------------------------------------------------------------------------------------- batched
 
 
+def along_probe_axis(values: torch.Tensor, parameter: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-probe values `[K]` shaped to broadcast over a stacked parameter whose probe axis is `axis`."""
+    shape = [1] * parameter.ndim
+    shape[axis] = -1
+    return values.view(shape)
+
+
 class BatchedAdamW:
     """AdamW over stacked probe parameters with one learning rate, step count and on/off switch per probe.
 
@@ -217,12 +224,6 @@ class BatchedAdamW:
         self.exp_avg_sq = {name: torch.zeros_like(p) for name, p, _, _ in self.entries}
         self.steps = torch.zeros(bank.size, dtype=torch.float64, device=bank.weight_0.device)
 
-    @staticmethod
-    def _along(values: torch.Tensor, parameter: torch.Tensor, axis: int) -> torch.Tensor:
-        shape = [1] * parameter.ndim
-        shape[axis] = -1
-        return values.view(shape)
-
     @torch.no_grad()
     def step(self, lrs: torch.Tensor, active: torch.Tensor) -> None:
         """One update; `lrs` [K] (already scheduled), `active` [K] bool (inactive probes are left as they are)."""
@@ -234,16 +235,16 @@ class BatchedAdamW:
         step_sizes = (lrs.to(steps.dtype) / correction1)
         for name, parameter, axis, decay in self.entries:
             gradient = parameter.grad
-            on = self._along(active, parameter, axis)
-            lr = self._along(lrs.to(parameter.dtype), parameter, axis)
+            on = along_probe_axis(active, parameter, axis)
+            lr = along_probe_axis(lrs.to(parameter.dtype), parameter, axis)
             if decay:
                 parameter.mul_(torch.where(on, 1 - lr * self.weight_decay, 1.0))
             exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
             exp_avg.copy_(torch.where(on, exp_avg.lerp(gradient, 1 - beta1), exp_avg))
             exp_avg_sq.copy_(torch.where(on, exp_avg_sq * beta2 + (1 - beta2) * gradient * gradient, exp_avg_sq))
-            denominator = (exp_avg_sq.sqrt() / self._along(correction2_sqrt.to(parameter.dtype), parameter, axis)
+            denominator = (exp_avg_sq.sqrt() / along_probe_axis(correction2_sqrt.to(parameter.dtype), parameter, axis)
                            ).add_(self.eps)
-            update = exp_avg / denominator * self._along(step_sizes.to(parameter.dtype), parameter, axis)
+            update = exp_avg / denominator * along_probe_axis(step_sizes.to(parameter.dtype), parameter, axis)
             parameter.sub_(torch.where(on, update, 0.0))
 
 
@@ -312,7 +313,7 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
         with torch.no_grad():
             mask = torch.tensor(improved, device=device)
             for name, parameter in bank.named_parameters():
-                keep = optimizer._along(mask, parameter, bank.probe_axis(name))
+                keep = along_probe_axis(mask, parameter, bank.probe_axis(name))
                 best[name].copy_(torch.where(keep, parameter, best[name]))
         val_loss_values = val_losses.tolist()
         for index, is_running in enumerate(running):

@@ -29,6 +29,7 @@ from probing.data import boxes
 from probing.data.coco import read_instances
 from probing.data.examples import SPLITS, Example
 from probing.data.images import coco2014_candidates, resolve_image
+from probing.data.jsonl import read_objects
 from probing.data.refcocog import Sentence, join_sentences, read_refs, sentence_metadata
 from probing.errors import ProbingError
 
@@ -181,29 +182,16 @@ def read_rcm_file(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(0-based line, record) pairs of an RCM jsonl file, each checked for the required fields."""
     path = Path(path)
     records = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise ProbingError(f"{path}: file not found") from None
-    with handle:
-        for line_index, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ProbingError(f"{path}: line {line_index + 1}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ProbingError(f"{path}: line {line_index + 1}: expected a JSON object")
-            for key in REQUIRED_FIELDS:
-                if key not in record:
-                    raise ProbingError(f"{path}: line {line_index + 1}: missing field '{key}'")
-            if record["label"] not in (0, 1):
-                raise ProbingError(f"{path}: line {line_index + 1}: field 'label' must be 0 or 1")
-            for key in ("cell", "true_cell"):
-                if not isinstance(record[key], int) or not 0 <= record[key] < len(boxes.CELL_NAMES):
-                    raise ProbingError(f"{path}: line {line_index + 1}: field '{key}' must be a cell 0..8")
-            records.append((line_index, record))
+    for line_index, record in read_objects(path):
+        for key in REQUIRED_FIELDS:
+            if key not in record:
+                raise ProbingError(f"{path}: line {line_index + 1}: missing field '{key}'")
+        if record["label"] not in (0, 1):
+            raise ProbingError(f"{path}: line {line_index + 1}: field 'label' must be 0 or 1")
+        for key in ("cell", "true_cell"):
+            if not isinstance(record[key], int) or not 0 <= record[key] < len(boxes.CELL_NAMES):
+                raise ProbingError(f"{path}: line {line_index + 1}: field '{key}' must be a cell 0..8")
+        records.append((line_index, record))
     return records
 
 

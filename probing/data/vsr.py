@@ -21,6 +21,7 @@ from typing import Any
 
 from probing.data.examples import Example
 from probing.data.images import resolve_image, vsr_candidates
+from probing.data.jsonl import read_objects
 from probing.errors import ProbingError
 
 log = logging.getLogger(__name__)
@@ -115,61 +116,48 @@ def read_vsr_file(path: Path) -> list[VsrRecord]:
     records: list[VsrRecord] = []
     unknown_relations: Counter[str] = Counter()
     unparsed_captions = 0
-    try:
-        handle = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise ProbingError(f"{path}: file not found") from None
-    with handle:
-        for line_index, line in enumerate(handle):
-            line_number = line_index + 1
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ProbingError(f"{path}: line {line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ProbingError(f"{path}: line {line_number}: expected a JSON object")
-            for key, expected in _REQUIRED_FIELDS.items():
-                if key not in row:
-                    raise ProbingError(f"{path}: line {line_number}: missing field '{key}'")
-                if not isinstance(row[key], expected):
-                    raise ProbingError(f"{path}: line {line_number}: field '{key}' has the wrong type")
-            label = int(row["label"])
-            if label not in (0, 1):
-                raise ProbingError(f"{path}: line {line_number}: field 'label' must be 0 or 1, got {row['label']}")
-            if not re.fullmatch(r"\d+\.jpg", row["image"]):
-                raise ProbingError(f"{path}: line {line_number}: field 'image' is not a COCO file name (%012d.jpg)")
-            relation = row["relation"]
-            meta_category = table.get(relation)
-            if meta_category is None:
-                unknown_relations[relation] += 1
-                meta_category = UNALLOCATED
-            parsed = parse_caption(row["caption"], relation)
-            if parsed is None:
-                unparsed_captions += 1
-            votes_true = votes_false = None
-            if "vote_true_validator_id" in row:
-                votes_true = len(_votes(row["vote_true_validator_id"], path, line_number, "vote_true_validator_id"))
-            if "vote_false_validator_id" in row:
-                votes_false = len(_votes(row["vote_false_validator_id"], path, line_number, "vote_false_validator_id"))
-            current = "reference_frame" in row or isinstance(row.get("vote_true_validator_id"), str)
-            records.append(
-                VsrRecord(
-                    line_index=line_index,
-                    image=row["image"],
-                    caption=row["caption"],
-                    label=label,
-                    relation=relation,
-                    meta_category=meta_category,
-                    subject=parsed[0] if parsed else None,
-                    object=parsed[1] if parsed else None,
-                    votes_true=votes_true,
-                    votes_false=votes_false,
-                    reference_frame=row.get("reference_frame"),
-                    version="current" if current else "original",
-                )
+    for line_index, row in read_objects(path):
+        line_number = line_index + 1
+        for key, expected in _REQUIRED_FIELDS.items():
+            if key not in row:
+                raise ProbingError(f"{path}: line {line_number}: missing field '{key}'")
+            if not isinstance(row[key], expected):
+                raise ProbingError(f"{path}: line {line_number}: field '{key}' has the wrong type")
+        label = int(row["label"])
+        if label not in (0, 1):
+            raise ProbingError(f"{path}: line {line_number}: field 'label' must be 0 or 1, got {row['label']}")
+        if not re.fullmatch(r"\d+\.jpg", row["image"]):
+            raise ProbingError(f"{path}: line {line_number}: field 'image' is not a COCO file name (%012d.jpg)")
+        relation = row["relation"]
+        meta_category = table.get(relation)
+        if meta_category is None:
+            unknown_relations[relation] += 1
+            meta_category = UNALLOCATED
+        parsed = parse_caption(row["caption"], relation)
+        if parsed is None:
+            unparsed_captions += 1
+        votes_true = votes_false = None
+        if "vote_true_validator_id" in row:
+            votes_true = len(_votes(row["vote_true_validator_id"], path, line_number, "vote_true_validator_id"))
+        if "vote_false_validator_id" in row:
+            votes_false = len(_votes(row["vote_false_validator_id"], path, line_number, "vote_false_validator_id"))
+        current = "reference_frame" in row or isinstance(row.get("vote_true_validator_id"), str)
+        records.append(
+            VsrRecord(
+                line_index=line_index,
+                image=row["image"],
+                caption=row["caption"],
+                label=label,
+                relation=relation,
+                meta_category=meta_category,
+                subject=parsed[0] if parsed else None,
+                object=parsed[1] if parsed else None,
+                votes_true=votes_true,
+                votes_false=votes_false,
+                reference_frame=row.get("reference_frame"),
+                version="current" if current else "original",
             )
+        )
     if unknown_relations:
         listed = ", ".join(f"{name} ({count})" for name, count in sorted(unknown_relations.items()))
         log.warning(
