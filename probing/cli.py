@@ -251,6 +251,80 @@ def train_command(
         typer.echo(f"  {split:4s} {name} {value['mean']:.4f}{spread} ({value['seeds']} seed(s))")
 
 
+@app.command("search")
+def search_command(
+    task: TaskOption,
+    layer: Annotated[int, typer.Option("--layer", help="Q-Former layer to probe.")],
+    out: Annotated[Path, typer.Option("--out", help="Search folder to write (summary, trials, plots, best/).")],
+    mode: Annotated[str, typer.Option(help="frozen | unfrozen")] = "frozen",
+    features: Annotated[Path | None, typer.Option(help="Folder with train/ val/ test/ feature stores.")] = None,
+    probe: Annotated[str, typer.Option(help="linear | swiglu2 | swiglu4")] = "linear",
+    hidden: Annotated[int, typer.Option(help="Width of the SwiGLU probes' hidden layers.")] = 768,
+    trials: Annotated[int, typer.Option(help="Trials to finish (shared by every worker of a study).")] = 10,
+    batch: Annotated[int, typer.Option(help="Frozen: trials trained together in one pass.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and of every trial's probe.")] = 0,
+    storage: Annotated[str | None, typer.Option(help="sqlite:///file.db | postgresql://... | journal:PATH "
+                                                     "(default: in memory).")] = None,
+    study_name: Annotated[str | None, typer.Option(help="Study to create or resume in --storage.")] = None,
+    heartbeat: Annotated[float, typer.Option(help="Seconds between a running trial's heartbeats; a trial silent "
+                                                  "for 4x as long is retried.")] = 30.0,
+    lr_range: Annotated[str | None, typer.Option(help="low,high of the log-uniform lr (default 1e-5,5e-4).")]
+    = None,
+    epochs: Annotated[str | None, typer.Option(help="Comma-separated epoch choices (default: the paper's).")]
+    = None,
+    patience: Annotated[int | None, typer.Option(help="Early stopping (default: 10 for RCM); 0 = none.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
+    model: Annotated[str | None, typer.Option(help="Unfrozen: the model.")] = None,
+    init: Annotated[str, typer.Option(help="Unfrozen: pretrained | random.")] = "pretrained",
+    revision: Annotated[str | None, typer.Option(help="Unfrozen: Hub branch, tag or commit.")] = None,
+    refs: RefsOption = None,
+    instances: InstancesOption = None,
+    images: ImagesOption = None,
+    vsr: VsrOption = None,
+    rcm: RcmOption = None,
+    workers: Annotated[int, typer.Option(help="Unfrozen: image decoding processes.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if available).")] = None,
+) -> None:
+    """Optuna (TPE) search of lr, epochs and loss scales; the best trial is evaluated on test."""
+    from dataclasses import replace
+
+    from probing.search import SearchRequest, default_space, run_search
+    from probing.train import TrainSettings, default_patience
+
+    space = default_space(task) if task in ("refcocog", "vsr", "rcm") else None
+    if space is None:
+        raise ProbingError(f"--task: unknown task '{task}' (choose refcocog, vsr, rcm)")
+    if lr_range is not None:
+        space = replace(space, lr=_numbers(lr_range, "--lr-range", float, 2))
+    if epochs is not None:
+        space = replace(space, epochs=_numbers(epochs, "--epochs", int))
+    given = any(v is not None for v in (refs, instances, images, vsr, rcm))
+    settings = TrainSettings(task=task, probe=probe, hidden=hidden, batch_size=batch_size, order_seed=seed,
+                             patience=default_patience(task) if patience is None else (patience or None),
+                             device=device)
+    outcome = run_search(SearchRequest(
+        task=task, mode=mode, layer=layer, out=out, settings=settings, space=space, trials=trials, batch=batch,
+        seed=seed, storage=storage, study_name=study_name, heartbeat=heartbeat, features=features,
+        data=_data_options(task, refs, instances, images, vsr, rcm) if given else None, model=model, init=init,
+        revision=revision, workers=workers))
+    best = outcome.summary["best"]
+    metric = outcome.summary["metric"]
+    typer.echo(f"search {'already there' if outcome.reused else 'written'}: {out} "
+               f"({outcome.summary['trials_complete']} trials)")
+    typer.echo(f"  best trial {best['number']}: {json.dumps(best['params'], sort_keys=True)}")
+    typer.echo(f"  val {metric} {best['val'][metric]:.4f}   test {metric} {best['test'][metric]:.4f}")
+
+
+def _numbers(text: str, option: str, kind, count: int | None = None) -> tuple:
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ProbingError(f"{option}: '{text}' is not a comma-separated list of numbers") from None
+    if not values or (count is not None and len(values) != count):
+        raise ProbingError(f"{option}: expected {count or 'some'} comma-separated numbers, got '{text}'")
+    return values
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Where the demo writes its data, models, features and reports.")]

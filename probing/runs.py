@@ -24,11 +24,11 @@ import torch
 from safetensors.torch import save_file
 
 from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
-from probing.data import SPLITS, DataOptions, Example, load_split
+from probing.data import DataOptions, Example
 from probing.errors import ProbingError
 from probing.losses import predicted_boxes, task_loss
 from probing.metrics import IOU_THRESHOLD, box_ious, main_metric, task_metrics
-from probing.probe_data import load_probe_splits, targets_for
+from probing.probe_data import load_probe_splits
 from probing.train import ProbeData, TrainSettings, Trial, TrialResult, probe_outputs, train_frozen
 
 RUN_FORMAT_VERSION = 1
@@ -182,69 +182,28 @@ def _run_frozen(request: TrainRequest) -> dict[str, Any]:
     return _write_run(request, identity, runs, predictions, probes, extra) | {"reused": False}
 
 
-def _module_outputs(model, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs and targets of an (unfrozen) model over a loader, in loader order, on one process."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = model.to(device).eval()
-    outputs, targets = [], []
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for batch in loader:
-            outputs.append(model(batch["vision"].to(device), batch["input_ids"].to(device),
-                                 batch["attention_mask"].to(device)).float().cpu())
-            targets.append(batch["targets"])
-    return torch.cat(outputs), torch.cat(targets)
-
-
 def _run_unfrozen(request: TrainRequest) -> dict[str, Any]:
-    from torch.utils.data import DataLoader
+    from probing.unfrozen import UnfrozenSetup
 
-    from probing.features import FeatureStore
-    from probing.models import load_resampler
-    from probing.train import resolve_device, train_module
-    from probing.unfrozen import VisionTable, _collate, _Examples, check_vision_store, unfrozen_run
-
-    device = resolve_device(request.settings.device)
-    vision_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    def fresh_resampler():
-        return load_resampler(request.model, init=request.init, revision=request.revision, seed=request.model_seed,
-                              device=device, vision_dtype=vision_dtype)
-
-    resampler = fresh_resampler()
-    data = {split: load_split(request.data, split) for split in SPLITS}
-    examples = {split: data[split].examples for split in SPLITS}
-    targets = {split: targets_for(request.task, examples[split], f"{split} data") for split in SPLITS}
-    vision = None
-    if request.features is not None:
-        vision = {}
-        for split in SPLITS:
-            store = FeatureStore(Path(request.features) / split).vision
-            check_vision_store(store, resampler)
-            vision[split] = VisionTable(store)
-    inputs = {"model": resampler.weights_identity(),
-              "datasets": {split: data[split].fingerprint for split in SPLITS}}
-    identity = _identity(request, inputs)
+    setup = UnfrozenSetup(request.task, request.model, request.data, request.settings, init=request.init,
+                          revision=request.revision, model_seed=request.model_seed, features=request.features,
+                          workers=request.workers)
+    identity = _identity(request, {"model": setup.model_identity, "datasets": setup.fingerprints})
     reused = _reused(request, identity)
     if reused is not None:
         return reused
     runs, predictions, probes = [], {"val": [], "test": []}, {}
     for trial in request.trials:
-        resampler = resampler if not runs else fresh_resampler()  # each seed starts from the checkpoint
-        run = unfrozen_run(resampler, request.layer, (examples["train"], targets["train"]),
-                           (examples["val"], targets["val"]), trial, request.settings, vision, request.workers)
-        result = train_module(run, trial, request.settings)
+        result, model = setup.fit(trial, request.layer)
         test_metrics = {}
         for split in ("val", "test"):
-            dataset = _Examples(examples[split], targets[split], resampler, vision[split] if vision else None)
-            loader = DataLoader(dataset, batch_size=request.settings.batch_size, collate_fn=_collate(resampler))
-            outputs, split_targets = _module_outputs(run.model, loader, device)
-            predictions[split] += prediction_records(request.task, split, trial.seed, examples[split], outputs,
-                                                     split_targets)
+            outputs = setup.outputs(model, split)
+            predictions[split] += prediction_records(request.task, split, trial.seed, setup.examples[split], outputs,
+                                                     setup.targets[split])
             if split == "test":
-                test_metrics = _test_metrics(request.task, outputs, split_targets, trial)
+                test_metrics = _test_metrics(request.task, outputs, setup.targets[split], trial)
         runs.append(_run_record(result, test_metrics))
         probes[trial.seed] = result.probe
-    extra = {"model_source": resampler.identity, "vision_store": request.features is not None,
+    extra = {"model_source": setup.model_source, "vision_store": request.features is not None,
              "data_options": {k: str(v) for k, v in vars(request.data).items() if v is not None}}
     return _write_run(request, identity, runs, predictions, probes, extra) | {"reused": False}
-

@@ -12,18 +12,30 @@ probed layer's text FFN, whose output no query reads) get no weight decay. Train
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from probing.data import Example
+from probing.data import SPLITS, DataOptions, Example, load_split
 from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
-from probing.features import VisionStore
-from probing.models import Resampler
+from probing.features import FeatureStore, VisionStore
+from probing.models import Resampler, load_resampler
+from probing.probe_data import targets_for
 from probing.probes import Probe, new_probe
-from probing.train import TASK_OUTPUTS, EpochOrder, ModuleRun, TrainSettings, Trial, parameter_groups
+from probing.train import (
+    TASK_OUTPUTS,
+    EpochOrder,
+    ModuleRun,
+    TrainSettings,
+    Trial,
+    TrialResult,
+    parameter_groups,
+    resolve_device,
+    train_module,
+)
 
 
 class UnfrozenProbe(nn.Module):
@@ -143,3 +155,56 @@ def unfrozen_run(resampler: Resampler, layer: int, train: tuple[Sequence[Example
         groups=parameter_groups(model.named_parameters(), settings.weight_decay, without_gradient=zero),
         probe=lambda unwrapped: unwrapped.probe,
     )
+
+
+class UnfrozenSetup:
+    """What every unfrozen trial of one configuration shares, prepared once: examples and targets of the three
+    splits, ViT outputs from the vision stores (when given), and the model's identity. `fit` trains one
+    trial from the checkpoint; `outputs` evaluates a trained model on a split."""
+
+    def __init__(self, task: str, model: str, data: DataOptions, settings: TrainSettings, init: str = "pretrained",
+                 revision: str | None = None, model_seed: int = 0, features: Path | None = None, workers: int = 0):
+        self.task, self.model, self.init, self.revision, self.model_seed = task, model, init, revision, model_seed
+        self.settings, self.workers = settings, workers
+        self.device = resolve_device(settings.device)
+        self._first: Resampler | None = self.fresh_resampler()
+        loaded = {split: load_split(data, split) for split in SPLITS}
+        self.examples = {split: loaded[split].examples for split in SPLITS}
+        self.targets = {split: targets_for(task, self.examples[split], f"{split} data") for split in SPLITS}
+        self.fingerprints = {split: loaded[split].fingerprint for split in SPLITS}
+        self.model_identity = self._first.weights_identity()
+        self.model_source = self._first.identity
+        self.vision: dict[str, VisionTable] | None = None
+        if features is not None:
+            self.vision = {}
+            for split in SPLITS:
+                store = FeatureStore(Path(features) / split).vision
+                check_vision_store(store, self._first)
+                self.vision[split] = VisionTable(store)
+
+    def fresh_resampler(self) -> Resampler:
+        vision_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return load_resampler(self.model, init=self.init, revision=self.revision, seed=self.model_seed,
+                              device=self.device, vision_dtype=vision_dtype)
+
+    def fit(self, trial: Trial, layer: int) -> tuple[TrialResult, UnfrozenProbe]:
+        """Train one trial from the checkpoint (every trial starts from the same weights)."""
+        resampler, self._first = self._first or self.fresh_resampler(), None
+        run = unfrozen_run(resampler, layer, (self.examples["train"], self.targets["train"]),
+                           (self.examples["val"], self.targets["val"]), trial, self.settings, self.vision,
+                           self.workers)
+        return train_module(run, trial, self.settings), run.model
+
+    def outputs(self, model: UnfrozenProbe, split: str) -> torch.Tensor:
+        """Raw outputs `[N, out]` of a trained model on a split, in example order (one process)."""
+        dataset = _Examples(self.examples[split], self.targets[split], model.resampler,
+                            self.vision[split] if self.vision else None)
+        loader = DataLoader(dataset, batch_size=self.settings.batch_size, collate_fn=_collate(model.resampler))
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        model = model.to(self.device).eval()
+        outputs = []
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            for batch in loader:
+                outputs.append(model(batch["vision"].to(self.device), batch["input_ids"].to(self.device),
+                                     batch["attention_mask"].to(self.device)).float().cpu())
+        return torch.cat(outputs)

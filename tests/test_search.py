@@ -1,0 +1,193 @@
+"""The search: finds good settings, shares one budget between workers, retries a dead worker's trial."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from test_train import synthetic
+
+from probing.cli import main
+from probing.data import SPLITS, DataOptions
+from probing.errors import ProbingError
+from probing.extract import ExtractionRequest, extract
+from probing.search import SearchRequest, SearchSpace, create_study, default_space, run_trials
+from probing.train import TrainSettings, train_frozen
+
+
+def run_cli(capsys, *args):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def vsr_features(tiny_checkpoints, demo_options, tmp_path_factory):
+    root = tmp_path_factory.mktemp("search") / "vsr"
+    options = DataOptions(task="vsr", **demo_options["vsr"])
+    for split in SPLITS:
+        extract(ExtractionRequest(model=str(tiny_checkpoints["blip2"]), data=options, split=split, out=root / split,
+                                  layers="4", workers=0, progress=False))
+    return root
+
+
+def test_the_paper_spaces():
+    assert default_space("refcocog").epochs == (20, 30, 40) and default_space("vsr").epochs == (3, 5, 10, 15, 20)
+    assert default_space("rcm").epochs == (50, 100, 150) and default_space("rcm").giou_scale is None
+    assert default_space("refcocog").giou_scale[:3] == (1, 2, 4) and default_space("refcocog").l1_scale[-1] == 20
+    assert default_space("vsr").lr == (1e-5, 5e-4)
+
+
+def test_search_finds_the_right_decade_on_synthetic_features(tmp_path):
+    """Two epochs of a linear probe: too small a rate learns nothing, the search must find a large one."""
+    train, val = synthetic("vsr", 1500, dims=48), synthetic("vsr", 500, dims=48, seed=1)
+    settings = TrainSettings(task="vsr", batch_size=64, device="cpu")
+    space = SearchSpace(lr=(1e-7, 1e-1), epochs=(2,))
+    request = SearchRequest(task="vsr", mode="frozen", layer=1, out=tmp_path / "s", settings=settings, space=space,
+                            trials=16, batch=4, seed=0, features=tmp_path)
+    study = create_study(request)
+    run_trials(study, request, lambda trials: [r.val_metrics["accuracy"]
+                                               for r in train_frozen(train, val, trials, settings)])
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 16 and len(study.trials) == 16
+    assert 1e-3 <= study.best_trial.params["lr"] <= 1e-1  # the right decades
+    assert study.best_value > 0.85 and study.best_value > min(t.value for t in done) + 0.2
+
+
+def test_search_end_to_end_and_deterministic(capsys, vsr_features, tmp_path):
+    args = ["search", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--trials", 6, "--batch", 3,
+            "--lr-range", "1e-4,1e-2", "--device", "cpu"]
+    code, out, err = run_cli(capsys, *args, "--out", tmp_path / "a")
+    assert code == 0, err
+    assert "best trial" in out and "test accuracy" in out
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["trials_complete"] == 6 and len(summary["trials"]) == 6
+    best = summary["best"]
+    assert best["val"]["accuracy"] == pytest.approx(best["val_search"], abs=1e-6)  # the retrained best agrees
+    assert best["val_search"] == max(t["value"] for t in summary["trials"])
+    assert (tmp_path / "a" / "best" / "predictions" / "test.jsonl").is_file()
+    assert (tmp_path / "a" / "plots" / "optimization_history.png").stat().st_size > 10_000
+    assert (tmp_path / "a" / "trials.csv").read_text().splitlines()[0].startswith("number,")
+    assert run_cli(capsys, *args, "--out", tmp_path / "b")[0] == 0
+    again = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert [t["param_lr"] for t in again["trials"]] == [t["param_lr"] for t in summary["trials"]]  # seeded
+    code, out, _ = run_cli(capsys, *args, "--out", tmp_path / "a")
+    assert code == 0 and "already there" in out
+
+
+def test_a_study_resumes_counting_finished_trials(capsys, vsr_features, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    base = ["search", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--batch", 2, "--storage", storage,
+            "--study-name", "s", "--device", "cpu"]
+    assert run_cli(capsys, *base, "--trials", 3, "--out", tmp_path / "first")[0] == 0
+    assert run_cli(capsys, *base, "--trials", 5, "--out", tmp_path / "second")[0] == 0
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert len(study.trials) == 5 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    code, _, err = run_cli(capsys, "search", "--task", "vsr", "--features", vsr_features, "--layer", 4,
+                           "--storage", storage, "--out", tmp_path / "x")
+    assert code == 2 and err == "error: --storage needs --study-name (the study that workers share)\n"
+    code, _, err = run_cli(capsys, *base[:-2], "--storage", "redis://host", "--study-name", "s", "--out",
+                           tmp_path / "y")
+    assert code == 2 and "is not sqlite:///..., postgresql://... or journal:PATH" in err
+
+
+def worker(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "probing", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_two_workers_share_a_journal_study(vsr_features, tmp_path):
+    journal = tmp_path / "study.log"
+    base = ["search", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--trials", 8, "--batch", 2,
+            "--storage", f"journal:{journal}", "--study-name", "shared", "--epochs", "10,15,20", "--device", "cpu"]
+    processes = [worker([*base, "--out", tmp_path / f"out{i}"]) for i in range(2)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-2000:]
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    study = optuna.load_study(study_name="shared", storage=JournalStorage(JournalFileBackend(str(journal))))
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 8  # exactly the budget: none lost, none extra
+    assert all("surplus" in t.user_attrs for t in study.trials if t.state == TrialState.FAIL)
+    assert len({t.number for t in complete}) == 8  # no trial trained twice
+    assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == 8  # workers propose different points
+    for i in range(2):
+        assert json.loads((tmp_path / f"out{i}" / "summary.json").read_text())["trials_complete"] == 8
+
+
+SLOW_WORKER = """
+import sys, time
+from pathlib import Path
+from probing.search import SearchRequest, create_study, default_space, run_trials
+from probing.train import TrainSettings
+request = SearchRequest(task="vsr", mode="frozen", layer=4, out=Path(sys.argv[2]), settings=TrainSettings(task="vsr"),
+                        space=default_space("vsr"), trials=3, batch=1, storage="journal:" + sys.argv[1],
+                        study_name="killed", heartbeat=0.25)
+run_trials(create_study(request), request, lambda trials: [time.sleep(600) or 0.0 for _ in trials])
+"""
+
+
+def test_a_killed_workers_trial_is_retried(vsr_features, tmp_path):
+    journal = tmp_path / "study.log"
+    slow = subprocess.Popen([sys.executable, "-c", SLOW_WORKER, str(journal), str(tmp_path / "never")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    deadline = time.time() + 120
+    running = []
+    while time.time() < deadline and not running:
+        time.sleep(0.2)
+        if journal.exists():
+            study = optuna.load_study(study_name="killed", storage=JournalStorage(JournalFileBackend(str(journal))))
+            running = [t for t in study.trials if t.state == TrialState.RUNNING and "heartbeat" in t.user_attrs]
+    assert running, "the slow worker never started a trial"
+    killed_params = running[0].params
+    os.kill(slow.pid, signal.SIGKILL)
+    slow.wait()
+    result = subprocess.run(
+        [sys.executable, "-m", "probing", "search", "--task", "vsr", "--features", str(vsr_features), "--layer", "4",
+         "--trials", "3", "--batch", "1", "--storage", f"journal:{journal}", "--study-name", "killed",
+         "--heartbeat", "0.25", "--device", "cpu", "--out", str(tmp_path / "resumed")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = optuna.load_study(study_name="killed", storage=JournalStorage(JournalFileBackend(str(journal))))
+    states = {t.number: t.state for t in study.trials}
+    assert states[running[0].number] == TrialState.FAIL
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3
+    retries = [t for t in complete if t.user_attrs.get("retry_of") == running[0].number]
+    assert len(retries) == 1 and retries[0].params == killed_params  # the same trial, run again
+
+
+def test_unfrozen_search_runs(capsys, tiny_checkpoints, demo_options, tmp_path):
+    vsr = demo_options["vsr"]
+    code, out, err = run_cli(capsys, "search", "--task", "vsr", "--mode", "unfrozen", "--model",
+                             tiny_checkpoints["blip2"], "--vsr", vsr["vsr"], "--images", vsr["images"], "--layer", 2,
+                             "--trials", 2, "--epochs", "1,2", "--batch-size", 32, "--device", "cpu",
+                             "--out", tmp_path / "u")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "u" / "summary.json").read_text())
+    assert summary["mode"] == "unfrozen" and summary["trials_complete"] == 2
+    assert math.isfinite(summary["best"]["test"]["accuracy"])
+
+
+def test_bad_search_options(capsys, vsr_features, tmp_path):
+    base = ["search", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--out", tmp_path / "x"]
+    code, _, err = run_cli(capsys, *base, "--lr-range", "1e-3")
+    assert code == 2 and err == "error: --lr-range: expected 2 comma-separated numbers, got '1e-3'\n"
+    code, _, err = run_cli(capsys, *base, "--lr-range", "1e-2,1e-3")
+    assert code == 2 and err.startswith("error: search space: lr bounds must satisfy 0 < low <= high")
+    code, _, err = run_cli(capsys, *base, "--trials", 0)
+    assert code == 2 and err == "error: --trials and --batch must be at least 1\n"
+    with pytest.raises(ProbingError, match="epochs must be positive"):
+        SearchSpace(epochs=(0,)).check()
