@@ -325,6 +325,65 @@ def _numbers(text: str, option: str, kind, count: int | None = None) -> tuple:
     return values
 
 
+@app.command("analyze")
+def analyze_command(
+    run: Annotated[Path, typer.Argument(help="A run folder (probing train) or a search folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Test accuracy with a 95% bootstrap CI, per category, and Kendall correlations (RefCOCOg, RCM)."""
+    from probing.analysis import analyse, load_run
+    from probing.report import analysis_json, cell
+
+    if as_json:
+        typer.echo(analysis_json(run))
+        return
+    loaded = load_run(run)
+    result = analyse(loaded)
+    test = result["test"]
+    typer.echo(f"{result['model']} {result['mode']} {result['task']} layer {result['layer']} {result['probe']}: "
+               f"test {result['metric']} {100 * test['mean']:.1f}% [{100 * test['ci_low']:.1f}, "
+               f"{100 * test['ci_high']:.1f}] ({test['seeds']} seed(s), {test['examples']} examples)")
+    from probing.analysis import per_category
+
+    for category, estimate in per_category(loaded).items():
+        typer.echo(f"  {category:22s} {cell(estimate)}")
+    for name, values in result.get("kendall", {}).items():
+        tau = "undefined" if values["tau"] is None else f"{values['tau']:+.2f} (p {values['p_value']:.3f})"
+        typer.echo(f"  Kendall tau vs {name}: {tau}{'' if values['significant'] else ' not significant'}")
+
+
+@app.command("plot")
+def plot_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run or search folders, or folders holding them.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the figures (PNG + SVG).")],
+) -> None:
+    """Per-layer curves and per-category bars (frozen vs unfrozen) from run folders."""
+    from probing.analysis import load_run
+    from probing.plots import category_figure, per_layer_figure
+    from probing.report import find_runs, last_layer_runs
+
+    loaded = [load_run(path) for path in find_runs(runs)]
+    written = []
+    for task in ("vsr", "refcocog", "rcm"):
+        written += per_layer_figure(loaded, task, out / f"per_layer_{task}")
+        written += category_figure(list(last_layer_runs(loaded).values()), task, out / f"categories_{task}")
+    typer.echo(f"{len(written)} figure files in {out}")
+
+
+@app.command("report")
+def report_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run or search folders, or folders holding them.")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder (README.md, tables/, figures/).")],
+    compare_paper: Annotated[bool, typer.Option(help="Show the paper's Table 1 numbers beside ours.")] = False,
+) -> None:
+    """Tables in the shapes of the paper's Tables 1, 2, 3, 5 (with CIs), per-layer table, figures, README."""
+    from probing.report import write_report
+
+    written = write_report(runs, out, compare_paper=compare_paper)
+    typer.echo(f"report of {written['runs']} run(s): {written['readme']} "
+               f"({len(written['tables']) // 2} tables, {len(written['figures']) // 2} figures)")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Where the demo writes its data, models, features and reports.")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class TrainRequest:
     revision: str | None = None
     model_seed: int = 0  # the seed of --init random (the same random model for every probe seed)
     workers: int = 0
+    label: str | None = None  # how reports name the model (default: from its family and init)
 
     def check(self) -> TrainRequest:
         if self.mode not in ("frozen", "unfrozen"):
@@ -123,10 +125,17 @@ def _identity(request: TrainRequest, inputs: dict[str, Any]) -> dict[str, Any]:
             "trials": [asdict(t) for t in request.trials], "inputs": inputs}
 
 
+def category_counts(examples: list[Example]) -> dict[str, int]:
+    return dict(sorted(Counter(example.category for example in examples).items()))
+
+
 def _write_run(request: TrainRequest, identity: dict[str, Any], runs: list[dict[str, Any]],
-               predictions: dict[str, list[dict[str, Any]]], probes: dict[int, Any], extra: dict[str, Any]
-               ) -> dict[str, Any]:
-    metrics = {"task": request.task, "metric": main_metric(request.task), "runs": runs, "summary": summarise(runs)}
+               predictions: dict[str, list[dict[str, Any]]], probes: dict[int, Any], extra: dict[str, Any],
+               train_examples: list[Example]) -> dict[str, Any]:
+    # Per-category training counts travel with the run: the analysis (Kendall against the number of training
+    # examples of each category) then needs nothing but run folders.
+    metrics = {"task": request.task, "metric": main_metric(request.task), "runs": runs, "summary": summarise(runs),
+               "train_categories": category_counts(train_examples), "label": request.label}
     with staged_directory(request.out) as staging:
         (staging / "predictions").mkdir()
         for split, records in predictions.items():
@@ -179,7 +188,8 @@ def _run_frozen(request: TrainRequest) -> dict[str, Any]:
         runs.append(_run_record(result, test_metrics))
         probes[result.trial.seed] = result.probe
     extra = {"feature_paths": {split: str(store.path.resolve()) for split, store in stores.items()}}
-    return _write_run(request, identity, runs, predictions, probes, extra) | {"reused": False}
+    return _write_run(request, identity, runs, predictions, probes, extra, splits["train"].examples) | {
+        "reused": False}
 
 
 def _run_unfrozen(request: TrainRequest) -> dict[str, Any]:
@@ -206,4 +216,5 @@ def _run_unfrozen(request: TrainRequest) -> dict[str, Any]:
         probes[trial.seed] = result.probe
     extra = {"model_source": setup.model_source, "vision_store": request.features is not None,
              "data_options": {k: str(v) for k, v in vars(request.data).items() if v is not None}}
-    return _write_run(request, identity, runs, predictions, probes, extra) | {"reused": False}
+    return _write_run(request, identity, runs, predictions, probes, extra, setup.examples["train"]) | {
+        "reused": False}

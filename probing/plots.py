@@ -1,0 +1,96 @@
+"""Figures in the paper's shapes (matplotlib, each saved as PNG and SVG).
+
+- `per_layer_figure`: test accuracy per Q-Former layer, one line per model, frozen probes, with the 95 %
+  bootstrap interval as a band (the paper's Fig. 2a for VSR, Fig. 4 for RefCOCOg).
+- `category_figure`: accuracy per category, frozen and unfrozen side by side, one panel per model, with
+  interval whiskers (Fig. 2b, Fig. 5).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from probing.analysis import RunResults, overall, per_category  # noqa: E402
+
+TASK_TITLES = {"refcocog": "RefCOCOg", "vsr": "VSR", "rcm": "RCM"}
+METRIC_LABELS = {"acc@0.5": "Acc@0.5 (%)", "accuracy": "accuracy (%)"}
+MODE_COLOURS = {"frozen": "#4C72B0", "unfrozen": "#DD8452"}
+CHANCE = {"vsr": 50.0, "rcm": 50.0}
+
+
+def _save(figure, base: Path) -> list[Path]:
+    base.parent.mkdir(parents=True, exist_ok=True)
+    paths = [base.with_suffix(".png"), base.with_suffix(".svg")]
+    figure.savefig(paths[0], dpi=150, bbox_inches="tight")
+    figure.savefig(paths[1], bbox_inches="tight")
+    plt.close(figure)
+    return paths
+
+
+def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: str = "linear") -> list[Path]:
+    """Frozen test accuracy per layer and model for one task, with interval bands."""
+    chosen = [r for r in runs if r.task == task and r.mode == "frozen" and r.probe == probe]
+    if not chosen:
+        return []
+    by_model: dict[str, dict[int, RunResults]] = defaultdict(dict)
+    for run in chosen:
+        by_model[run.label][run.layer] = run
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for label, layers in sorted(by_model.items()):
+        xs = sorted(layers)
+        estimates = [overall(layers[x]) for x in xs]
+        axes.plot(xs, [100 * e.mean for e in estimates], marker="o", label=label)
+        axes.fill_between(xs, [100 * e.low for e in estimates], [100 * e.high for e in estimates], alpha=0.2)
+    if task in CHANCE:
+        axes.axhline(CHANCE[task], color="grey", linestyle=":", linewidth=1, label="chance")
+    all_layers = sorted({run.layer for run in chosen})
+    axes.set_xticks(all_layers)
+    axes.set_xlabel("Q-Former layer")
+    axes.set_ylabel(f"test {METRIC_LABELS[chosen[0].metric]}")
+    axes.set_title(f"{TASK_TITLES[task]}: frozen {probe} probes per layer (95% bootstrap CI)")
+    axes.grid(alpha=0.3)
+    axes.legend(frameon=False)
+    return _save(figure, base)
+
+
+def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[Path]:
+    """Per-category accuracy, frozen vs unfrozen side by side, one panel per model."""
+    chosen = [r for r in runs if r.task == task]
+    if not chosen:
+        return []
+    by_model: dict[str, dict[str, RunResults]] = defaultdict(dict)
+    for run in chosen:
+        by_model[run.label][run.mode] = run
+    models = sorted(by_model)
+    categories = sorted({c for run in chosen for c in run.categories})
+    width = max(5.0, 0.65 * len(categories) + 1.5)
+    figure, panels = plt.subplots(1, len(models), figsize=(width * len(models), 4.2), sharey=True, squeeze=False)
+    bar = 0.38
+    for panel, model in zip(panels[0], models, strict=True):
+        modes = [m for m in ("frozen", "unfrozen") if m in by_model[model]]
+        for offset, mode in enumerate(modes):
+            estimates = per_category(by_model[model][mode])
+            xs = [i + (offset - (len(modes) - 1) / 2) * bar for i in range(len(categories))]
+            means = [100 * estimates[c].mean if c in estimates else 0.0 for c in categories]
+            errors = [[100 * (estimates[c].mean - estimates[c].low) if c in estimates else 0 for c in categories],
+                      [100 * (estimates[c].high - estimates[c].mean) if c in estimates else 0 for c in categories]]
+            panel.bar(xs, means, width=bar, yerr=errors, capsize=2, label=mode, color=MODE_COLOURS[mode])
+        panel.set_xticks(range(len(categories)))
+        panel.set_xticklabels(categories, rotation=35, ha="right")
+        panel.set_title(model)
+        panel.grid(axis="y", alpha=0.3)
+        if task in CHANCE:
+            panel.axhline(CHANCE[task], color="grey", linestyle=":", linewidth=1)
+    panels[0][0].set_ylabel(f"test {METRIC_LABELS[chosen[0].metric]}")
+    panels[0][-1].legend(frameon=False)
+    kind = "meta-category" if task == "vsr" else "COCO supercategory"
+    figure.suptitle(f"{TASK_TITLES[task]} per {kind}: frozen vs unfrozen (95% bootstrap CI)")
+    figure.tight_layout()
+    return _save(figure, base)
