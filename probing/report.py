@@ -229,8 +229,9 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
-def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False) -> dict[str, Any]:
-    """Load the runs, write tables, figures and `README.md` into `out`; return what was written."""
+def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False,
+                 only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Load the runs, write tables (all, or those named in `only`), figures and `README.md` into `out`."""
     runs = [load_run(path) for path in find_runs(paths)]
     out = Path(out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
@@ -243,7 +244,7 @@ def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False) 
         per_layer_table(runs),
         category_table(runs, "refcocog", "categories_refcocog", "RefCOCOg Acc@0.5 per COCO supercategory (%)"),
         category_table(runs, "rcm", "categories_rcm", "RCM accuracy per COCO supercategory (%)"),
-    ) if t is not None]
+    ) if t is not None and (only is None or t.name in only)]
     written = {"tables": [], "figures": []}
     for table in tables:
         written["tables"] += [str(p.relative_to(out)) for p in table.write(out / "tables")]

@@ -153,12 +153,17 @@ def _write_run(request: TrainRequest, identity: dict[str, Any], runs: list[dict[
     return metrics
 
 
-def run_training(request: TrainRequest) -> dict[str, Any]:
-    """Train, evaluate on val and test, write the run folder; return metrics.json's content."""
+def run_training(request: TrainRequest, setup=None, trained: dict[Trial, tuple[TrialResult, Any]] | None = None
+                 ) -> dict[str, Any]:
+    """Train, evaluate on val and test, write the run folder; return metrics.json's content.
+
+    Unfrozen only: `setup` (an `UnfrozenSetup` for this request) and `trained` (trials already trained by the
+    caller, with their models) spare the data loading and the training a search has already done.
+    """
     request.check()
     if request.mode == "frozen":
         return _run_frozen(request)
-    return _run_unfrozen(request)
+    return _run_unfrozen(request, setup, trained or {})
 
 
 def _reused(request: TrainRequest, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -192,19 +197,19 @@ def _run_frozen(request: TrainRequest) -> dict[str, Any]:
         "reused": False}
 
 
-def _run_unfrozen(request: TrainRequest) -> dict[str, Any]:
+def _run_unfrozen(request: TrainRequest, setup, trained: dict[Trial, tuple[TrialResult, Any]]) -> dict[str, Any]:
     from probing.unfrozen import UnfrozenSetup
 
-    setup = UnfrozenSetup(request.task, request.model, request.data, request.settings, init=request.init,
-                          revision=request.revision, model_seed=request.model_seed, features=request.features,
-                          workers=request.workers)
+    setup = setup or UnfrozenSetup(request.task, request.model, request.data, request.settings, init=request.init,
+                                   revision=request.revision, model_seed=request.model_seed,
+                                   features=request.features, workers=request.workers)
     identity = _identity(request, {"model": setup.model_identity, "datasets": setup.fingerprints})
     reused = _reused(request, identity)
     if reused is not None:
         return reused
     runs, predictions, probes = [], {"val": [], "test": []}, {}
     for trial in request.trials:
-        result, model = setup.fit(trial, request.layer)
+        result, model = trained[trial] if trial in trained else setup.fit(trial, request.layer)
         test_metrics = {}
         for split in ("val", "test"):
             outputs = setup.outputs(model, split)

@@ -116,6 +116,8 @@ class SearchRequest:
     revision: str | None = None
     workers: int = 0
     poll: float = 1.0  # seconds between looks at the study while other workers hold the remaining trials
+    final_seeds: tuple[int, ...] | None = None  # seeds the best trial is evaluated with (default: `seed`)
+    label: str | None = None  # how reports name the model
 
     def check(self) -> SearchRequest:
         if self.trials < 1 or self.batch < 1:
@@ -131,7 +133,7 @@ class SearchRequest:
     def train_request(self, trials: tuple[Trial, ...], out: Path) -> TrainRequest:
         return TrainRequest(task=self.task, mode=self.mode, layer=self.layer, out=out, trials=trials,
                             settings=self.settings, features=self.features, data=self.data, model=self.model,
-                            init=self.init, revision=self.revision, workers=self.workers)
+                            init=self.init, revision=self.revision, workers=self.workers, label=self.label)
 
 
 def open_storage(url: str | None):
@@ -302,7 +304,7 @@ def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]
             study.tell(trial, value)
 
 
-def _frozen_trainer(request: SearchRequest) -> tuple[Callable[[list[Trial]], list[float]], dict[str, Any]]:
+def _frozen_trainer(request: SearchRequest) -> _Trainer:
     from probing.probe_data import load_probe_splits
 
     splits, stores = load_probe_splits(request.features, request.task, request.layer, request.data)
@@ -311,20 +313,42 @@ def _frozen_trainer(request: SearchRequest) -> tuple[Callable[[list[Trial]], lis
     def train_batch(trials: list[Trial]) -> list[float]:
         return [r.val_metrics[metric] for r in train_frozen(splits["train"], splits["val"], trials, request.settings)]
 
-    return train_batch, {"features": {split: store.manifest["request"] for split, store in stores.items()}}
+    return _Trainer(train_batch, {"features": {split: store.manifest["request"] for split, store in stores.items()}})
 
 
-def _unfrozen_trainer(request: SearchRequest) -> tuple[Callable[[list[Trial]], list[float]], dict[str, Any]]:
+@dataclass
+class _Trainer:
+    """Trains a batch of trials and returns their val metrics; keeps what the final evaluation can reuse."""
+
+    train_batch: Callable[[list[Trial]], list[float]]
+    inputs: dict[str, Any]
+    setup: Any = None  # unfrozen: the UnfrozenSetup (data and ViT outputs loaded once)
+    kept: dict[Trial, tuple[Any, Any]] = field(default_factory=dict)  # unfrozen: best trial -> (result, model)
+
+
+def _unfrozen_trainer(request: SearchRequest) -> _Trainer:
     from probing.unfrozen import UnfrozenSetup
 
     setup = UnfrozenSetup(request.task, request.model, request.data, request.settings, init=request.init,
                           revision=request.revision, features=request.features, workers=request.workers)
     metric = main_metric(request.task)
+    trainer = _Trainer(train_batch=lambda trials: [], inputs={"model": setup.model_identity,
+                                                              "datasets": setup.fingerprints}, setup=setup)
+    best_value = [-math.inf]
 
     def train_batch(trials: list[Trial]) -> list[float]:
-        return [setup.fit(trial, request.layer)[0].val_metrics[metric] for trial in trials]
+        values = []
+        for trial in trials:
+            result, model = setup.fit(trial, request.layer)
+            value = result.val_metrics[metric]
+            if value > best_value[0]:  # an unfrozen trial is a whole fine-tune: keep the best for the test run
+                best_value[0] = value
+                trainer.kept = {trial: (result, model.cpu())}
+            values.append(value)
+        return values
 
-    return train_batch, {"model": setup.model_identity, "datasets": setup.fingerprints}
+    trainer.train_batch = train_batch
+    return trainer
 
 
 @dataclass
@@ -386,10 +410,12 @@ def _plots(study, folder: Path) -> list[str]:
 def run_search(request: SearchRequest) -> SearchOutcome:
     """Search, then train the best trial once more and evaluate it on test; write `request.out`."""
     request.check()
-    train_batch, inputs = (_frozen_trainer if request.mode == "frozen" else _unfrozen_trainer)(request)
+    trainer = (_frozen_trainer if request.mode == "frozen" else _unfrozen_trainer)(request)
+    inputs = trainer.inputs
     identity = {"kind": "search", "format_version": SEARCH_FORMAT_VERSION, "task": request.task,
                 "mode": request.mode, "layer": request.layer, "probe": request.settings.probe,
                 "hidden": request.settings.hidden, "trials": request.trials, "seed": request.seed,
+                "final_seeds": list(request.final_seeds or (request.seed,)),
                 "space": asdict(request.space), "study_name": request.study_name,
                 "settings": {k: v for k, v in asdict(request.settings).items()
                              if k not in ("device", "eval_batch_size", "task", "probe", "hidden")},
@@ -397,12 +423,13 @@ def run_search(request: SearchRequest) -> SearchOutcome:
     if existing_output_matches(request.out, identity, "search"):
         return SearchOutcome(summary=json.loads((request.out / "summary.json").read_text()), reused=True)
     study = create_study(request)
-    run_trials(study, request, train_batch)
+    run_trials(study, request, trainer.train_batch)
     best = study.best_trial
-    best_trial = request.space.trial(best.params, request.seed)
+    final_trials = tuple(request.space.trial(best.params, seed) for seed in (request.final_seeds or (request.seed,)))
     metric = main_metric(request.task)
     with staged_directory(request.out) as staging:
-        best_metrics = run_training(request.train_request((best_trial,), staging / "best"))
+        best_metrics = run_training(request.train_request(final_trials, staging / "best"), trainer.setup,
+                                    {t: kept for t, kept in trainer.kept.items() if t in final_trials})
         rows = trial_rows(study)
         columns = sorted({key for row in rows for key in row}, key=lambda k: (not k == "number", k))
         buffer = io.StringIO()
@@ -411,12 +438,13 @@ def run_search(request: SearchRequest) -> SearchOutcome:
         writer.writerows(rows)
         (staging / "trials.csv").write_text(buffer.getvalue())
         plots = _plots(study, staging / "plots")
-        run = best_metrics["runs"][0]
+        run = next((r for r in best_metrics["runs"] if r["seed"] == request.seed), best_metrics["runs"][0])
         summary = {
             "task": request.task, "mode": request.mode, "layer": request.layer, "probe": request.settings.probe,
             "metric": metric, "trials_complete": len(completed(study)), "trials_total": len(rows),
             "best": {"number": best.number, "params": best.params, "val_search": best.value,
-                     "val": run["val"], "test": run["test"], "best_epoch": run["best_epoch"]},
+                     "val": run["val"], "test": run["test"], "best_epoch": run["best_epoch"],
+                     "seeds": best_metrics["summary"]},
             "trials": rows, "plots": plots, "study_name": request.study_name,
         }
         write_json(staging / "summary.json", summary)

@@ -227,3 +227,12 @@ def load_resampler(model: str, *, init: str = "pretrained", revision: str | None
 def _expected_keys(cls, config, tokenizer, processor) -> set[str]:
     with torch.device("meta"):
         return set(cls(config, tokenizer, processor, {}).state_dict())
+
+
+def qformer_layers(model: str, revision: str | None = None, base: str | None = None) -> int:
+    """The number of Q-Former layers of a model, from its config alone (no weights read)."""
+    _, spec = resolve_model(model)
+    if spec.endswith((".pth", ".pt")) and Path(spec).is_file():
+        family = guess_family(read_lavis_checkpoint(Path(spec)))
+        spec = base or REGISTRY[family or "blip2"][1]
+    return int(_load_config(CheckpointSource(spec, revision)).qformer_config.num_hidden_layers)

@@ -1,0 +1,118 @@
+"""Experiment configs and `probing run`: validation that names the field, stages reused on a second run."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from probing.cli import main
+from probing.config import Config, from_dict, load_config, to_dict
+from probing.demo import demo_config
+from probing.errors import ProbingError
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER_CONFIGS = ["table1", "table2", "table3", "table5", "figure2a", "figure2b", "figure4", "figure5", "controls"]
+
+
+def cli(capsys, *args):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name", [*PAPER_CONFIGS, "demo"])
+def test_every_shipped_config_is_valid(name):
+    config = load_config(ROOT / "experiments" / f"{name}.yaml", check_paths=False)
+    assert config.name == name
+    assert from_dict(Config, to_dict(config)) == config  # round trip through the YAML form
+
+
+def test_paper_configs_share_one_workspace_and_the_main_experiment():
+    configs = {name: load_config(ROOT / "experiments" / f"{name}.yaml", check_paths=False) for name in PAPER_CONFIGS}
+    assert {c.workspace for c in configs.values()} == {Path("reports/paper")}
+    table1 = configs["table1"]
+    main_experiment = table1.experiments[0]
+    assert (main_experiment.tasks, main_experiment.modes, main_experiment.layers, main_experiment.probes) == (
+        ["refcocog", "vsr", "rcm"], ["frozen", "unfrozen"], "last", ["linear"])
+    assert main_experiment.search.trials >= 10 and table1.report.compare_paper
+    for name in ("table2", "table5", "figure2b", "figure5"):  # reuse Table 1's runs: same experiment settings
+        other = configs[name].experiments[0]
+        assert other.name == "main" and other.search == main_experiment.search and set(other.tasks) < set(
+            main_experiment.tasks)
+    assert configs["table3"].experiments[0].probes == ["linear", "swiglu2", "swiglu4"]
+    assert configs["figure4"].experiments[0].layers == "all" and configs["figure2a"].experiments[0].tasks == ["vsr"]
+
+
+def test_the_demo_config_is_the_packaged_one():
+    assert load_config(ROOT / "experiments" / "demo.yaml", check_paths=False) == demo_config()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"experimentz": []}, "config field 'experimentz': unknown field (allowed: name, workspace, models, "),
+    ({"name": 3}, "config field 'name': expected a string, got 3"),
+    ({"experiments": [{"name": "x", "tasks": ["refcocog", "coco"], "models": ["m"]}]},
+     "config field 'experiments[0].tasks[1]': expected 'refcocog' | 'vsr' | 'rcm', got 'coco'"),
+    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["other"]}]},
+     "config field 'experiments[0].models[0]': no model 'other' in 'models'"),
+    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "layers": "first"}]},
+     "config field 'experiments[0].layers': expected a list of an integer or 'last' | 'all', got 'first'"),
+    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"trials": "ten"}}]},
+     "config field 'experiments[0].search.trials': expected an integer, got 'ten'"),
+    ({"models": {"m": {"model": "blip2", "tiny": "blip2"}}}, "config field 'models.m': give exactly one of"),
+    ({"data": {"images": "nowhere", "vsr": "nowhere"}}, "config field 'data.images': nowhere: not found"),
+    ({"data": {"images": "."}}, "config field 'data.vsr': missing (needed by the experiments' tasks)"),
+])
+def test_config_errors_name_the_field(capsys, tmp_path, change, message):
+    config = {"name": "t", "workspace": str(tmp_path / "w"), "models": {"m": {"model": "blip2"}},
+              "experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"]}], "data": {"images": ".", "vsr": "."}}
+    config |= change
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, _, err = cli(capsys, "run", path)
+    assert code == 2 and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_yaml_syntax_error_names_the_line(capsys, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nmodels: {a: [1, 2}\n")
+    code, _, err = cli(capsys, "run", path)
+    assert code == 2 and err.startswith(f"error: {path}: line 2: not valid YAML")
+    with pytest.raises(ProbingError, match="file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_path, tiny_checkpoints):
+    config = {
+        "name": "small", "workspace": str(tmp_path / "w"),
+        "models": {"BLIP-2 (tiny)": {"model": str(tiny_checkpoints["blip2"])}},
+        "data": {"demo": {"refcocog_images": 160, "vsr_images": 60}},
+        "experiments": [
+            {"name": "frozen", "tasks": ["vsr", "rcm"], "models": ["BLIP-2 (tiny)"], "layers": [2, 4],
+             "search": {"trials": 3, "batch": 3, "final_seeds": [0, 1],
+                        "space": {"vsr": {"lr": [0.001, 0.01], "epochs": [3]}, "rcm": {"epochs": [3]}}}},
+            {"name": "unfrozen", "tasks": ["vsr"], "models": ["BLIP-2 (tiny)"], "modes": ["unfrozen"],
+             "search": {"trials": 1, "batch": 1, "space": {"vsr": {"epochs": [2]}}}},
+        ],
+        "train": {"unfrozen_batch_size": 32},
+        "report": {"out": str(tmp_path / "report")},
+        "device": "cpu",
+    }
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = cli(capsys, "run", path)
+    assert code == 0, err
+    assert "searches: 5 built, 0 reused" in out and "features: 6 built, 0 reused" in out
+    tables = {p.name: p.read_bytes() for p in (tmp_path / "report" / "tables").iterdir()}
+    assert {"table1.md", "table1.csv", "table2.md", "table5.md", "per_layer.md"} <= set(tables)
+    manifests = {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("manifest.json")}
+    code, out, err = cli(capsys, "run", path)
+    assert code == 0, err
+    assert "searches: 0 built, 5 reused" in out and "features: 0 built, 6 reused" in out
+    assert "built" in out and " 1 built" not in out and " 2 built" not in out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("manifest.json")} == manifests
+    assert {p.name: p.read_bytes() for p in (tmp_path / "report" / "tables").iterdir()} == tables
