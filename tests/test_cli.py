@@ -9,6 +9,7 @@ import pytest
 from conftest import small_refer_dataset
 
 from probing.cli import main
+from probing.data.synthetic import SUPERCATEGORIES
 
 
 def run_cli(capsys, *args):
@@ -48,7 +49,7 @@ def test_stats_json_on_the_demo_data(capsys, demo_options):
         assert values["images"] == manifest["refcocog"][split]["images"]
         assert values["missing_images"] == 0
         assert sum(values["categories"].values()) == values["examples"]
-        assert set(values["categories"]) <= {"round", "angular", "mark"}
+        assert set(values["categories"]) <= set(SUPERCATEGORIES)
 
 
 def test_stats_counts_missing_images_without_decoding(capsys, tmp_path):
@@ -159,25 +160,25 @@ def test_output_directory_that_is_not_ours_is_refused(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path):
-    from probing.features import FeatureStore
-
-    reduced = ["--refcocog-images", "150", "--vsr-images", "80"]
-    code, out, err = run_cli(capsys, "demo", "--out", str(tmp_path / "demo"), *reduced)
+def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path):
+    reduced = ["--out", str(tmp_path / "demo"), "--refcocog-images", "150", "--vsr-images", "80"]
+    code, out, err = run_cli(capsys, "demo", *reduced)
     assert code == 0, err
-    assert "task rcm" in out and "task vsr" in out and "task refcocog" in out
-    assert "features: 18 stores" in out
-    table = out[out.index("test results"):].splitlines()
-    assert table[1].split() == ["model", "task", "metric", "frozen", "unfrozen"] and len(table) >= 8
-    for family in ("blip2", "instructblip"):
-        for task in ("refcocog", "vsr", "rcm"):
-            for mode in ("frozen", "unfrozen"):
-                assert (tmp_path / "demo" / "runs" / family / task / mode / "metrics.json").is_file()
-    for family in ("blip2", "instructblip"):
-        store = FeatureStore(tmp_path / "demo" / "features" / family / "vsr" / "test")
-        lines = (tmp_path / "demo" / "data" / "vsr" / "test.jsonl").read_text().splitlines()
-        assert sorted(store.ids) == list(range(len(lines))) and store.layers == [1, 2, 3, 4]
+    assert "### Table 1: test accuracy, linear probe on the last layer (%)" in out
+    for row in ("| BLIP-2 (tiny random) | frozen |", "| BLIP-2 (tiny random) | unfrozen |",
+                "| InstructBLIP (tiny random) | frozen |", "| InstructBLIP (tiny random) | unfrozen |"):
+        assert row in out
+    assert "searches: 30 built, 0 reused" in out and "not the paper's numbers" in out
+    report = tmp_path / "demo" / "report-demo"
+    assert f"report: {report / 'README.md'}" in out
+    readme = (report / "README.md").read_text()
+    for section in ("### Table 1", "### Table 2", "### Table 5", "### Per layer", "## Figures"):
+        assert section in readme
+    assert len(list((report / "figures").glob("*.png"))) == 6
+    tables = {p.name: p.read_bytes() for p in (report / "tables").iterdir()}
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}
-    code, _, err = run_cli(capsys, "demo", "--out", str(tmp_path / "demo"), *reduced)
+    code, out, err = run_cli(capsys, "demo", *reduced)
     assert code == 0, err
+    assert "searches: 0 built, 30 reused" in out and "features: 0 built, 18 reused" in out
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}  # all reused
+    assert tables == {p.name: p.read_bytes() for p in (report / "tables").iterdir()}  # identical results

@@ -32,19 +32,21 @@ from probing.artifacts import code_version, existing_output_matches, staged_dire
 from probing.data import boxes
 from probing.errors import ProbingError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 REFS_NAME = "refs(umd).p"
 
-# (COCO-style category id, name, supercategory)
+# (COCO-style category id, name, supercategory): five supercategories, so that per-supercategory analyses
+# (Kendall tau across supercategories) have enough points to rank.
 CATEGORIES: tuple[tuple[int, str, str], ...] = (
     (1, "circle", "round"),
     (2, "ring", "round"),
-    (3, "square", "angular"),
-    (4, "triangle", "angular"),
-    (5, "diamond", "angular"),
-    (6, "cross", "mark"),
-    (7, "star", "mark"),
+    (3, "square", "quadrilateral"),
+    (4, "diamond", "quadrilateral"),
+    (5, "triangle", "triangular"),
+    (6, "star", "star-shaped"),
+    (7, "cross", "cross-shaped"),
 )
+SUPERCATEGORIES = ("round", "quadrilateral", "triangular", "star-shaped", "cross-shaped")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (40, 160, 60),
