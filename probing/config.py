@@ -20,7 +20,8 @@ from probing.errors import ProbingError
 Task = Literal["refcocog", "vsr", "rcm"]
 Mode = Literal["frozen", "unfrozen"]
 ProbeName = Literal["linear", "swiglu2", "swiglu4"]
-TableName = Literal["table1", "table2", "table3", "table5", "per_layer", "categories_refcocog", "categories_rcm"]
+TableName = Literal["table1", "table2", "table3", "table4", "table5", "per_layer", "categories_refcocog",
+                    "categories_rcm"]
 
 
 @dataclass(frozen=True)

@@ -278,10 +278,16 @@ def _ask_batch(study, request: SearchRequest, distributions, size: int) -> list[
 def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]], list[float]]) -> None:
     """Ask, train, tell until `request.trials` trials of the study are complete (shared with other workers)."""
     from optuna.trial import TrialState
+    from tqdm.auto import tqdm
 
     distributions = request.space.distributions()
     grace = 4 * request.heartbeat
+    # disable=None: a bar on a terminal only (logs and one-line errors stay clean)
+    bar = tqdm(total=request.trials, initial=min(len(completed(study)), request.trials), unit="trial",
+               desc=f"search {request.task} {request.mode} layer {request.layer}", disable=None, leave=False)
     while len(completed(study)) < request.trials:
+        bar.n = min(len(completed(study)), request.trials)
+        bar.refresh()
         retry_stale_trials(study, grace)
         taken = sum(1 for t in study.get_trials(deepcopy=False) if _counts_toward_budget(t))
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -302,6 +308,7 @@ def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]
                 raise
         for trial, value in zip(asked, values, strict=True):
             study.tell(trial, value)
+    bar.close()
 
 
 def _frozen_trainer(request: SearchRequest) -> _Trainer:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 from probing.data import Example
 from probing.errors import ProbingError
@@ -287,7 +288,9 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
     metric = main_metric(settings.task)
     epoch_order = EpochOrder(len(features), settings.order_seed)
     step = 0
-    for epoch in range(1, max(t.epochs for t in trials) + 1):
+    epochs = tqdm(range(1, max(t.epochs for t in trials) + 1), desc=f"train {size} probe(s)", unit="epoch",
+                  disable=None, leave=False)  # a bar on a terminal only
+    for epoch in epochs:
         running = stopper.running(epoch)
         if not any(running):
             break
@@ -382,7 +385,9 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
     metric = main_metric(settings.task)
     history: list[dict[str, float]] = []
     best_state: dict[str, torch.Tensor] | None = None
-    for epoch in range(1, trial.epochs + 1):
+    epochs = tqdm(range(1, trial.epochs + 1), desc="train", unit="epoch", leave=False,
+                  disable=None if accelerator.is_main_process else True)  # a bar on a terminal only
+    for epoch in epochs:
         if not stopper.running(epoch)[0]:
             break
         model.train()
@@ -403,6 +408,7 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
             unwrapped = accelerator.unwrap_model(model)
             best_state = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **values})
+        epochs.set_postfix(loss=f"{train_loss:.3f}", **{metric: f"{values[metric]:.3f}"})
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(best_state)
     at_best = next(h for h in history if h["epoch"] == stopper.best_epoch[0])
