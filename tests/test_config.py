@@ -108,7 +108,14 @@ def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_pa
     assert code == 0, err
     assert "searches: 5 built, 0 reused" in out and "features: 6 built, 0 reused" in out
     tables = {p.name: p.read_bytes() for p in (tmp_path / "report" / "tables").iterdir()}
-    assert {"table1.md", "table1.csv", "table2.md", "table5.md", "per_layer.md"} <= set(tables)
+    assert {"table1.md", "table1.csv", "table2.md", "table4.md", "table5.md", "per_layer.md"} <= set(tables)
+    table4 = (tmp_path / "report" / "tables" / "table4.md").read_text().splitlines()
+    assert table4[2] == ("| model | mode | task | layer | probe | lr | epochs | GIoU scale | L1 scale | trials | "
+                         "val (%) | test (%) |")
+    rows = [line for line in table4[4:] if line.startswith("| BLIP-2 (tiny)")]
+    assert len(rows) == 5  # one per search: vsr and rcm at layers 2 and 4 frozen, vsr unfrozen
+    assert all(row.split(" | ")[6] == "3" for row in rows if "| frozen |" in row)  # epochs from the space
+    assert all(row.split(" | ")[9] in ("3", "1") for row in rows)  # trials complete
     manifests = {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("manifest.json")}
     code, out, err = cli(capsys, "run", path)
     assert code == 0, err
