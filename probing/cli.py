@@ -43,6 +43,31 @@ VsrOption = Annotated[Path | None, typer.Option("--vsr", help="VSR: folder with 
 RcmOption = Annotated[Path | None, typer.Option("--rcm", help="RCM: folder written by `probing build-rcm`")]
 
 
+# ------------------------------------------------------------------ options shared by train and search
+ProbeOption = Annotated[str, typer.Option(help="linear | swiglu2 | swiglu4")]
+HiddenOption = Annotated[int, typer.Option(help="Width of the SwiGLU probes' hidden layers.")]
+PatienceOption = Annotated[int | None, typer.Option(help="Early-stopping patience in epochs; 0 = none (default: "
+                                                         "10 for RCM, none otherwise).")]
+BatchSizeOption = Annotated[int, typer.Option(help="Training batch size.")]
+ModelOption = Annotated[str | None, typer.Option(help="Unfrozen: the model (as for probing extract).")]
+InitOption = Annotated[str, typer.Option(help="Unfrozen: pretrained | random.")]
+RevisionOption = Annotated[str | None, typer.Option(help="Unfrozen: Hub branch, tag or commit.")]
+WorkersOption = Annotated[int, typer.Option(help="Unfrozen: image decoding processes.")]
+DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if available).")]
+
+
+def _optional_data_options(task: str, refs, instances, images, vsr, rcm):
+    """Data options when any is given (training can also find its data through the stores' manifests)."""
+    given = any(value is not None for value in (refs, instances, images, vsr, rcm))
+    return _data_options(task, refs, instances, images, vsr, rcm) if given else None
+
+
+def _patience(task: str, patience: int | None) -> int | None:
+    from probing.train import default_patience
+
+    return default_patience(task) if patience is None else (patience or None)
+
+
 def _data_options(task: str, refs, instances, images, vsr, rcm):
     from probing.data import DataOptions
 
@@ -202,30 +227,29 @@ def train_command(
     = "frozen",
     features: Annotated[Path | None, typer.Option(help="Folder with train/ val/ test/ feature stores (frozen); "
                                                       "for unfrozen, optional stores with --store-vision.")] = None,
-    probe: Annotated[str, typer.Option(help="linear | swiglu2 | swiglu4")] = "linear",
-    hidden: Annotated[int, typer.Option(help="Width of the SwiGLU probes' hidden layers.")] = 768,
+    probe: ProbeOption = "linear",
+    hidden: HiddenOption = 768,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (initialisation); mean and std are reported.")]
     = "0",
     giou_scale: Annotated[float, typer.Option(help="RefCOCOg: weight of the GIoU loss.")] = 1.0,
     l1_scale: Annotated[float, typer.Option(help="RefCOCOg: weight of the L1 loss.")] = 1.0,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs; 0 = none (default: 10 "
-                                                      "for RCM, none otherwise).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
+    patience: PatienceOption = None,
+    batch_size: BatchSizeOption = 128,
     order_seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
-    model: Annotated[str | None, typer.Option(help="Unfrozen: the model (as for probing extract).")] = None,
-    init: Annotated[str, typer.Option(help="Unfrozen: pretrained | random.")] = "pretrained",
-    revision: Annotated[str | None, typer.Option(help="Unfrozen: Hub branch, tag or commit.")] = None,
+    model: ModelOption = None,
+    init: InitOption = "pretrained",
+    revision: RevisionOption = None,
     refs: RefsOption = None,
     instances: InstancesOption = None,
     images: ImagesOption = None,
     vsr: VsrOption = None,
     rcm: RcmOption = None,
-    workers: Annotated[int, typer.Option(help="Unfrozen: image decoding processes.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if available).")] = None,
+    workers: WorkersOption = 0,
+    device: DeviceOption = None,
 ) -> None:
     """Train a probe on one layer (frozen on stored features, or unfrozen with the Q-Former); val + test."""
     from probing.runs import TrainRequest, run_training
-    from probing.train import TrainSettings, Trial, default_patience
+    from probing.train import TrainSettings, Trial
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -233,11 +257,9 @@ def train_command(
         raise ProbingError(f"--seeds: '{seeds}' is not a comma-separated list of integers") from None
     if not seed_list:
         raise ProbingError("--seeds: no seed given")
-    given = any(v is not None for v in (refs, instances, images, vsr, rcm))
-    data = _data_options(task, refs, instances, images, vsr, rcm) if given else None
+    data = _optional_data_options(task, refs, instances, images, vsr, rcm)
     settings = TrainSettings(task=task, probe=probe, hidden=hidden, batch_size=batch_size, order_seed=order_seed,
-                             patience=default_patience(task) if patience is None else (patience or None),
-                             device=device)
+                             patience=_patience(task, patience), device=device)
     trials = tuple(Trial(lr=lr, epochs=epochs, seed=s, giou_scale=giou_scale, l1_scale=l1_scale) for s in seed_list)
     metrics = run_training(TrainRequest(task=task, mode=mode, layer=layer, out=out, trials=trials, settings=settings,
                                         features=features, data=data, model=model, init=init, revision=revision,
@@ -258,8 +280,8 @@ def search_command(
     out: Annotated[Path, typer.Option("--out", help="Search folder to write (summary, trials, plots, best/).")],
     mode: Annotated[str, typer.Option(help="frozen | unfrozen")] = "frozen",
     features: Annotated[Path | None, typer.Option(help="Folder with train/ val/ test/ feature stores.")] = None,
-    probe: Annotated[str, typer.Option(help="linear | swiglu2 | swiglu4")] = "linear",
-    hidden: Annotated[int, typer.Option(help="Width of the SwiGLU probes' hidden layers.")] = 768,
+    probe: ProbeOption = "linear",
+    hidden: HiddenOption = 768,
     trials: Annotated[int, typer.Option(help="Trials to finish (shared by every worker of a study).")] = 10,
     batch: Annotated[int, typer.Option(help="Frozen: trials trained together in one pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the sampler and of every trial's probe.")] = 0,
@@ -272,24 +294,24 @@ def search_command(
     = None,
     epochs: Annotated[str | None, typer.Option(help="Comma-separated epoch choices (default: the paper's).")]
     = None,
-    patience: Annotated[int | None, typer.Option(help="Early stopping (default: 10 for RCM); 0 = none.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
-    model: Annotated[str | None, typer.Option(help="Unfrozen: the model.")] = None,
-    init: Annotated[str, typer.Option(help="Unfrozen: pretrained | random.")] = "pretrained",
-    revision: Annotated[str | None, typer.Option(help="Unfrozen: Hub branch, tag or commit.")] = None,
+    patience: PatienceOption = None,
+    batch_size: BatchSizeOption = 128,
+    model: ModelOption = None,
+    init: InitOption = "pretrained",
+    revision: RevisionOption = None,
     refs: RefsOption = None,
     instances: InstancesOption = None,
     images: ImagesOption = None,
     vsr: VsrOption = None,
     rcm: RcmOption = None,
-    workers: Annotated[int, typer.Option(help="Unfrozen: image decoding processes.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if available).")] = None,
+    workers: WorkersOption = 0,
+    device: DeviceOption = None,
 ) -> None:
     """Optuna (TPE) search of lr, epochs and loss scales; the best trial is evaluated on test."""
     from dataclasses import replace
 
     from probing.search import SearchRequest, default_space, run_search
-    from probing.train import TrainSettings, default_patience
+    from probing.train import TrainSettings
 
     space = default_space(task) if task in ("refcocog", "vsr", "rcm") else None
     if space is None:
@@ -298,14 +320,12 @@ def search_command(
         space = replace(space, lr=_numbers(lr_range, "--lr-range", float, 2))
     if epochs is not None:
         space = replace(space, epochs=_numbers(epochs, "--epochs", int))
-    given = any(v is not None for v in (refs, instances, images, vsr, rcm))
     settings = TrainSettings(task=task, probe=probe, hidden=hidden, batch_size=batch_size, order_seed=seed,
-                             patience=default_patience(task) if patience is None else (patience or None),
-                             device=device)
+                             patience=_patience(task, patience), device=device)
     outcome = run_search(SearchRequest(
         task=task, mode=mode, layer=layer, out=out, settings=settings, space=space, trials=trials, batch=batch,
         seed=seed, storage=storage, study_name=study_name, heartbeat=heartbeat, features=features,
-        data=_data_options(task, refs, instances, images, vsr, rcm) if given else None, model=model, init=init,
+        data=_optional_data_options(task, refs, instances, images, vsr, rcm), model=model, init=init,
         revision=revision, workers=workers))
     best = outcome.summary["best"]
     metric = outcome.summary["metric"]

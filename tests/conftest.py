@@ -106,3 +106,16 @@ def refcocog_val(demo_options):
     from probing.data import DataOptions
 
     return DataOptions(task="refcocog", **demo_options["refcocog"])
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the `probing` CLI in-process; (exit code, stdout, stderr)."""
+    from probing.cli import main
+
+    try:
+        main([str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

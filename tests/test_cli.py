@@ -6,21 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import small_refer_dataset
+from conftest import run_cli, small_refer_dataset
 
-from probing.cli import main
 from probing.data.synthetic import SUPERCATEGORIES
-
-
-def run_cli(capsys, *args):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("command", [[], ["make-demo-data"], ["build-rcm"], ["data"], ["data", "stats"], ["demo"]])

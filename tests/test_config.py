@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
-from probing.cli import main
 from probing.config import Config, from_dict, load_config, to_dict
 from probing.demo import demo_config
 from probing.errors import ProbingError
@@ -14,14 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAPER_CONFIGS = ["table1", "table2", "table3", "table5", "figure2a", "figure2b", "figure4", "figure5", "controls"]
 
 
-def cli(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("name", [*PAPER_CONFIGS, "demo"])
@@ -72,7 +64,7 @@ def test_config_errors_name_the_field(capsys, tmp_path, change, message):
     config |= change
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    code, _, err = cli(capsys, "run", path)
+    code, _, err = run_cli(capsys, "run", path)
     assert code == 2 and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
     assert not (tmp_path / "w").exists()
 
@@ -80,7 +72,7 @@ def test_config_errors_name_the_field(capsys, tmp_path, change, message):
 def test_yaml_syntax_error_names_the_line(capsys, tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\nmodels: {a: [1, 2}\n")
-    code, _, err = cli(capsys, "run", path)
+    code, _, err = run_cli(capsys, "run", path)
     assert code == 2 and err.startswith(f"error: {path}: line 2: not valid YAML")
     with pytest.raises(ProbingError, match="file not found"):
         load_config(tmp_path / "absent.yaml")
@@ -104,7 +96,7 @@ def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_pa
     }
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(config))
-    code, out, err = cli(capsys, "run", path)
+    code, out, err = run_cli(capsys, "run", path)
     assert code == 0, err
     assert "searches: 5 built, 0 reused" in out and "features: 6 built, 0 reused" in out
     tables = {p.name: p.read_bytes() for p in (tmp_path / "report" / "tables").iterdir()}
@@ -117,7 +109,7 @@ def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_pa
     assert all(row.split(" | ")[6] == "3" for row in rows if "| frozen |" in row)  # epochs from the space
     assert all(row.split(" | ")[9] in ("3", "1") for row in rows)  # trials complete
     manifests = {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("manifest.json")}
-    code, out, err = cli(capsys, "run", path)
+    code, out, err = run_cli(capsys, "run", path)
     assert code == 0, err
     assert "searches: 0 built, 5 reused" in out and "features: 0 built, 6 reused" in out
     assert "built" in out and " 1 built" not in out and " 2 built" not in out

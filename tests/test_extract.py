@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from probing.cli import main
 from probing.data import DataOptions, load_split
 from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
@@ -34,14 +34,6 @@ def cli_args(checkpoint, options, out, *extra):
             "--out", str(out), "--workers", "0", *extra]
 
 
-def run_cli(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:

@@ -5,25 +5,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from probing.cli import main
 from probing.data import SPLITS, DataOptions
 from probing.data.rcm import build_rcm
 from probing.extract import ExtractionRequest, extract
 from probing.features import FeatureStore
 from probing.losses import predicted_boxes
 from probing.probes import Probe
-
-
-def run_cli(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

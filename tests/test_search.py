@@ -10,25 +10,15 @@ import time
 
 import optuna
 import pytest
+from conftest import run_cli
 from optuna.trial import TrialState
 from test_train import synthetic
 
-from probing.cli import main
 from probing.data import SPLITS, DataOptions
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
 from probing.search import SearchRequest, SearchSpace, create_study, default_space, run_trials
 from probing.train import TrainSettings, train_frozen
-
-
-def run_cli(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
