@@ -21,7 +21,7 @@ from typing import Any
 from probing.errors import ProbingError
 
 MANIFEST_NAME = "manifest.json"
-_PARTIAL_MARK = ".partial-"
+PARTIAL_MARK = ".partial-"  # temporary names: .<name>.partial-<pid>
 
 
 def code_version() -> str:
@@ -60,7 +60,7 @@ def write_json(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file and an atomic rename: readers see the old file or the new one."""
     path = Path(path)
     text = json.dumps(payload, indent=2, sort_keys=True) + "\n"  # serialise first: a bad value writes nothing
-    temporary = path.with_name(f".{path.name}{_PARTIAL_MARK}{os.getpid()}")
+    temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
     with open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
@@ -133,7 +133,8 @@ def existing_output_matches(directory: Path, identity: Mapping[str, Any], what: 
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 checks without signalling)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -143,13 +144,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_partials(target: Path) -> None:
-    """Delete partial directories left by runs that were killed (their process is gone)."""
-    pattern = f".{target.name}{_PARTIAL_MARK}*"
-    for leftover in target.parent.glob(pattern):
-        suffix = leftover.name.rsplit(_PARTIAL_MARK, 1)[-1]
-        if suffix.isdigit() and not _pid_alive(int(suffix)):
+def sweep_stale_partials(folder: Path, pattern: str) -> None:
+    """Delete the temporary files or folders matching `pattern` in `folder` whose writer (the pid after
+    PARTIAL_MARK) is gone: left by killed runs. Those of live processes, this one included, are kept."""
+    for leftover in Path(folder).glob(pattern):
+        suffix = leftover.name.rsplit(PARTIAL_MARK, 1)[-1]
+        if PARTIAL_MARK not in leftover.name or not suffix.isdigit() or pid_alive(int(suffix)):
+            continue
+        if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -161,16 +166,23 @@ def staged_directory(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    staging = target.with_name(f".{target.name}{_PARTIAL_MARK}{os.getpid()}")
+    sweep_stale_partials(target.parent, f".{target.name}{PARTIAL_MARK}*")
+    staging = target.with_name(f".{target.name}{PARTIAL_MARK}{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
     try:
         yield staging
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        os.replace(staging, target)
+        try:
+            if target.is_dir() and not any(target.iterdir()):
+                target.rmdir()
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished the same output between our check and now: its result is whole, ours
+            # is dropped (we cannot tell here whether it answers the same request; a rerun checks that).
+            if target.is_dir() and any(target.iterdir()):
+                raise ProbingError(f"{target}: written by another process meanwhile; run again to reuse it") from None
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -29,7 +29,7 @@ from probing.artifacts import code_version
 from probing.data import DataOptions, Example, SplitData, load_split
 from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
-from probing.features import FeatureStore, FeatureStoreWriter, layer_key
+from probing.features import STORE_FORMAT_VERSION, FeatureStore, FeatureStoreWriter, layer_key
 from probing.models import Resampler, load_resampler
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,15 @@ class _Shard:
 
 
 def plan_shards(examples: list[Example], shard_size: int) -> list[_Shard]:
-    """Store order groups examples by image (stable), then cuts it into shards of `shard_size` examples."""
+    """Store order groups examples by image id (split order within an image), then cuts it into shards of
+    `shard_size` examples.
+
+    The image id and not the resolved path: the order, hence the store, must not depend on the folder
+    (train2014/ or train2017/) an image was found in.
+    """
     if shard_size < 1:
         raise ProbingError("--shard-size must be at least 1")
-    ordered = sorted(examples, key=lambda e: str(e.image_path))  # sorted() is stable: split order within an image
+    ordered = sorted(examples, key=lambda e: e.image_id)  # sorted() is stable: split order within an image
     seen: set[Path] = set()
     shards = []
     for index, start in enumerate(range(0, len(ordered), shard_size)):
@@ -191,7 +196,7 @@ def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionReq
     shards = plan_shards(data.examples, request.shard_size)
     identity = {
         "kind": "features",
-        "format_version": 1,
+        "format_version": STORE_FORMAT_VERSION,
         "model": resampler.weights_identity(),
         "task": data.task,
         "split": data.split,
@@ -204,7 +209,8 @@ def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionReq
         "text": {"max_tokens": resampler.max_text_tokens, "truncation_side": resampler.truncation_side,
                  "padding": "longest"},
         "shard_size": request.shard_size,
-        "order": "grouped by image path",
+        "batch_size": request.batch_size,  # the padding of a batch changes the last bits of its outputs
+        "order": "grouped by image id",
         "store_vision": request.store_vision,
         "skip_bad_images": request.skip_bad_images,
     }
@@ -338,9 +344,9 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
     per_layer = per_layer.cpu()
     tensors = {"ids": torch.tensor([shard.examples[i].example_id for i in rows], dtype=torch.int64)}
     tensors |= {layer_key(layer): per_layer[j] for j, layer in enumerate(layers)}
+    # No batch size here: it is in the store's request, which a resumed run must match, so all shards share it.
     metadata = {
         "examples": len(rows),
-        "batch_size": request.batch_size,
         "truncated_texts": truncated,
         "bad_images": [errors[slot] for slot in sorted(errors)],
     }

@@ -25,12 +25,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from probing.artifacts import MANIFEST_NAME, first_difference, json_normalised, read_manifest, write_json
+from probing.artifacts import (
+    MANIFEST_NAME,
+    PARTIAL_MARK,
+    first_difference,
+    json_normalised,
+    read_manifest,
+    sweep_stale_partials,
+    write_json,
+)
 from probing.errors import ProbingError
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 1  # the request's "format_version": bump when the layout or the values change
 VISION_FOLDER = "vision"
-_PARTIAL_MARK = ".partial-"
 _METADATA_KEY = "probing"
 
 
@@ -44,7 +51,7 @@ def shard_name(index: int) -> str:
 
 def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
     """Write one shard atomically: temporary name, fsync, rename."""
-    temporary = path.with_name(f".{path.name}{_PARTIAL_MARK}{os.getpid()}")
+    temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
     # One metadata key holding sorted JSON: safetensors keeps metadata in a hash map whose order changes from
     # process to process, which would make identical shards differ in bytes.
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary),
@@ -80,17 +87,23 @@ class _ShardedTensors:
     def load(self, key: str, dtype: torch.dtype | None = None,
              device: str | torch.device | None = None) -> torch.Tensor:
         """Concatenate `key` over shards into one preallocated tensor (one shard in memory at a time)."""
+        if not self.shard_files:
+            raise ProbingError(f"{self.folder}: store has no shards")
         result: torch.Tensor | None = None
         offset = 0
         for name in self.shard_files:
             with safe_open(self.folder / name, framework="pt") as handle:
                 part = handle.get_tensor(key)
+            if len(part) == 0:
+                # Adds no row, and its other dimensions may be placeholders (a vision shard whose images were
+                # all bad is written as [0, 0, 0]): the output is shaped by the first shard with rows.
+                continue
             if result is None:
                 result = torch.empty((len(self.ids), *part.shape[1:]), dtype=dtype or part.dtype, device=device)
             result[offset:offset + len(part)] = part.to(device=result.device, dtype=result.dtype)
             offset += len(part)
-        if result is None:
-            raise ProbingError(f"{self.folder}: store has no shards")
+        if result is None:  # every shard is empty: no row to return
+            return torch.empty((0, *part.shape[1:]), dtype=dtype or part.dtype, device=device)
         return result
 
 
@@ -195,15 +208,8 @@ class FeatureStoreWriter:
 
     def _sweep_partials(self) -> None:
         for folder in (self.path, self.path / VISION_FOLDER):
-            for leftover in folder.glob(f".*{_PARTIAL_MARK}*") if folder.is_dir() else []:
-                pid = leftover.name.rsplit(_PARTIAL_MARK, 1)[-1]
-                if pid.isdigit() and int(pid) != os.getpid():
-                    try:
-                        os.kill(int(pid), 0)
-                    except ProcessLookupError:
-                        leftover.unlink(missing_ok=True)
-                    except PermissionError:
-                        pass
+            if folder.is_dir():
+                sweep_stale_partials(folder, f".*{PARTIAL_MARK}*")
 
     def shard_done(self, index: int) -> bool:
         return (self.path / shard_name(index)).is_file()

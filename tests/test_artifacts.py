@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -7,6 +8,7 @@ from probing.artifacts import (
     first_difference,
     sha256_file,
     staged_directory,
+    sweep_stale_partials,
     write_json,
 )
 from probing.errors import ProbingError
@@ -40,6 +42,29 @@ def test_partials_of_dead_runs_are_swept(tmp_path):
     with staged_directory(tmp_path / "out"):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sweep_keeps_the_partials_of_live_processes_and_removes_files_too(tmp_path):
+    (tmp_path / f".shard-00001.safetensors.partial-{os.getpid()}").write_text("mine, still being written")
+    (tmp_path / ".shard-00002.safetensors.partial-999999999").write_text("killed")
+    (tmp_path / ".shard-00003.safetensors.partial-x").write_text("not a pid: not ours")
+    (tmp_path / "shard-00000.safetensors").write_text("finished")
+    sweep_stale_partials(tmp_path, ".*.partial-*")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".shard-00001.safetensors.partial-{os.getpid()}", ".shard-00003.safetensors.partial-x",
+        "shard-00000.safetensors"]
+
+
+def test_an_output_finished_meanwhile_by_another_process_is_kept(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(ProbingError) as raised:
+        with staged_directory(target) as staging:
+            (staging / "mine.txt").write_text("mine")
+            target.mkdir()  # another process renamed its finished output into place first
+            write_json(target / "manifest.json", {"seed": 1})
+    assert str(raised.value) == f"{target}: written by another process meanwhile; run again to reuse it"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # our staging folder is gone
+    assert [p.name for p in target.iterdir()] == ["manifest.json"]  # theirs is untouched
 
 
 def test_existing_output_matches(tmp_path):

@@ -34,8 +34,6 @@ def cli_args(checkpoint, options, out, *extra):
             "--out", str(out), "--workers", "0", *extra]
 
 
-
-
 def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -50,8 +48,13 @@ def test_store_interface(store, refcocog_val):
     examples = load_split(refcocog_val, "val").examples
     assert sorted(store.ids) == sorted(e.example_id for e in examples)  # every example, once
     by_id = {e.example_id: e for e in examples}
-    paths = [str(by_id[i].image_path) for i in store.ids]
-    assert paths == sorted(paths)  # store order groups an image's examples together
+    image_ids = [by_id[i].image_id for i in store.ids]
+    assert image_ids == sorted(image_ids)  # store order groups an image's examples together, by image id
+    split_order = {e.example_id: position for position, e in enumerate(examples)}
+    for image_id in set(image_ids):  # and keeps the split's order within an image
+        rows = [split_order[i] for i in store.ids if by_id[i].image_id == image_id]
+        assert rows == sorted(rows)
+    assert store.manifest["request"]["order"] == "grouped by image id"
     assert store.layers == [1, 4] and len(store) == len(examples)
     features = store.load(4)
     assert features.shape == (len(examples), 4, 24) and features.dtype == torch.float32
@@ -146,6 +149,7 @@ def test_a_different_request_is_refused_naming_the_field(capsys, tiny_checkpoint
         (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "3"), "layers"),
         (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--init", "random"), "model.init"),
         (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--dtype", "float32"), "dtype"),
+        (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--batch-size", "7"), "batch_size"),
     ]
     test_split = cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4")
     test_split[test_split.index("val")] = "test"
@@ -201,23 +205,60 @@ def test_layer_and_option_errors(capsys, tiny_checkpoints, refcocog_val, tmp_pat
 
 
 def test_memory_stays_bounded_by_one_shard(monkeypatch, tiny_checkpoints, refcocog_val, tmp_path):
-    """Shards are computed and written one at a time: no shard exceeds --shard-size and at most one waits."""
+    """With a slow disk, computation waits for the writer: at most one shard computed ahead of the one being
+    written (computed - written <= 2 when a shard's computation ends), and no shard exceeds --shard-size."""
+    import threading
+
+    import probing.extract
     from probing.features import FeatureStoreWriter
 
-    sizes, in_flight, peak = [], [0], [0]
-    original = FeatureStoreWriter.write_shard
+    changed = threading.Condition()
+    computed, written, ahead, sizes = [0], [0], [], []
+    original_query, original_write = probing.extract._query_shard, FeatureStoreWriter.write_shard
 
-    def watched(self, index, tensors, metadata, vision=None):
-        in_flight[0] += 1
-        peak[0] = max(peak[0], in_flight[0])
-        sizes.append(len(tensors["ids"]))
-        time.sleep(0.01)  # a slow disk: computation must not run ahead by more than one shard
-        original(self, index, tensors, metadata, vision)
-        in_flight[0] -= 1
+    def counted_query(*args, **kwargs):
+        result = original_query(*args, **kwargs)
+        with changed:
+            computed[0] += 1
+            ahead.append(computed[0] - written[0])
+            changed.notify_all()
+        return result
 
-    monkeypatch.setattr(FeatureStoreWriter, "write_shard", watched)
-    extract(request(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "f", shard_size=16, layers="4"))
-    assert max(sizes) <= 16 and len(sizes) == -(-sum(sizes) // 16) and peak[0] == 1
+    def slow_write(self, index, tensors, metadata, vision=None):
+        # A slow disk that stays busy until computation has run 3 shards ahead, or 0.5 s have passed (the
+        # back-pressure stops it at 2): the outcome does not depend on how fast this machine computes.
+        with changed:
+            changed.wait_for(lambda: computed[0] - written[0] >= 3, timeout=0.5)
+        original_write(self, index, tensors, metadata, vision)
+        with changed:
+            written[0] += 1
+            sizes.append(len(tensors["ids"]))
+
+    monkeypatch.setattr(probing.extract, "_query_shard", counted_query)
+    monkeypatch.setattr(FeatureStoreWriter, "write_shard", slow_write)
+    extract(request(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "f", shard_size=32, layers="4"))
+    assert len(ahead) == computed[0] == written[0] == -(-sum(sizes) // 32) >= 5  # enough shards to run ahead
+    assert max(ahead) <= 2 and max(sizes) == 32
+
+
+def test_a_shard_whose_images_are_all_bad_loads(tiny_checkpoints, demo_root, tmp_path):
+    """A shard with no good image stores an empty vision tensor; the vision store still loads, sized by the
+    other shards."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    options = DataOptions(task="refcocog", refs=data / "refcocog" / "refs(umd).p",
+                          instances=data / "refcocog" / "instances.json", images=data / "images")
+    examples = load_split(options, "val").examples
+    first_image = min(e.image_id for e in examples)  # the store's first shard starts with it
+    first = [e for e in examples if e.image_id == first_image]
+    first[0].image_path.write_bytes(first[0].image_path.read_bytes()[:200])  # a truncated JPEG
+    stored = extract(request(tiny_checkpoints["blip2"], options, tmp_path / "f", shard_size=len(first),
+                             skip_bad_images=True, store_vision=True, layers="4"))
+    assert stored.manifest["shards"][0]["examples"] == 0 and len(stored.manifest["bad_images"]) == 1
+    images = {e.image_id for e in examples} - {first_image}
+    vision = stored.vision.load()
+    assert vision.shape == (len(images), 17, 32) and sorted(stored.vision.ids) == sorted(images)
+    assert stored.load(4).shape == (len(examples) - len(first), 4, 24)
 
 
 def test_plan_groups_images_and_owns_each_once(refcocog_val):

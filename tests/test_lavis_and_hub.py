@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
-from probing.models import load_resampler
-from probing.models.lavis import guess_family
+from probing.models import load_resampler, qformer_layers
+from probing.models.lavis import guess_family, lavis_to_hf, read_lavis_checkpoint
 from probing.models.tiny import write_checkpoint
 
 MODEL_CLASSES = {"blip2": Blip2ForImageTextRetrieval, "instructblip": InstructBlipForConditionalGeneration}
@@ -99,6 +99,50 @@ def test_trimmed_lavis_checkpoint_takes_the_vit_from_the_base(tiny_checkpoints, 
                        model.vision_model.encoder.layers[0].mlp.fc1.weight)  # from the base
     assert torch.equal(resampler.qformer.encoder.layer[0].attention.attention.query.weight,
                        trained_model.qformer.encoder.layer[0].attention.attention.query.weight)  # from the .pth
+
+
+def test_unpaired_and_surplus_eva_biases(tiny_checkpoints, tmp_path):
+    from probing.errors import ProbingError
+
+    model = Blip2ForImageTextRetrieval.from_pretrained(tiny_checkpoints["blip2"]).eval()
+    write_lavis(model, "blip2", tmp_path / "lavis.pth")
+    state = read_lavis_checkpoint(tmp_path / "lavis.pth")
+    layers = model.config.vision_config.num_hidden_layers  # 2
+    surplus = {f"visual_encoder.blocks.{layers}.attn.q_bias": torch.zeros(32),
+               f"visual_encoder.blocks.{layers}.attn.v_bias": torch.zeros(32)}  # a block the model does not have
+    lone_v = dict(state) | surplus
+    lone_v.pop("visual_encoder.blocks.1.attn.q_bias")
+    mapped, ignored = lavis_to_hf(lone_v, "blip2", layers)
+    assert {"visual_encoder.blocks.1.attn.v_bias", *surplus} <= set(ignored)  # reported, not silently dropped
+    assert "vision_model.encoder.layers.0.self_attn.qkv.bias" in mapped
+    assert "vision_model.encoder.layers.1.self_attn.qkv.bias" not in mapped
+    lone_q = dict(state)
+    lone_q.pop("visual_encoder.blocks.1.attn.v_bias")
+    with pytest.raises(ProbingError) as raised:
+        lavis_to_hf(lone_q, "blip2", layers, where="x.pth")
+    assert str(raised.value) == ("x.pth: missing key 'visual_encoder.blocks.1.attn.v_bias' (needed with "
+                                 "'visual_encoder.blocks.1.attn.q_bias')")
+    torch.save({"model": lone_q}, tmp_path / "lone_q.pth")
+    with pytest.raises(ProbingError, match=r"lone_q.pth: missing key 'visual_encoder.blocks.1.attn.v_bias'"):
+        load_resampler(str(tmp_path / "lone_q.pth"), base=str(tiny_checkpoints["blip2"]))
+
+
+def test_layers_of_a_pth_read_only_its_keys(tiny_checkpoints, tmp_path, monkeypatch):
+    """`qformer_layers` guesses the family from a memory-mapped .pth: no tensor is read into memory."""
+    import probing.models.lavis as lavis
+
+    model = Blip2ForImageTextRetrieval.from_pretrained(tiny_checkpoints["blip2"]).eval()
+    write_lavis(model, "blip2", tmp_path / "lavis.pth")
+    calls = []
+    original = torch.load
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lavis.torch, "load", recording)
+    assert qformer_layers(str(tmp_path / "lavis.pth"), base=str(tiny_checkpoints["blip2"])) == 4
+    assert calls == [{"map_location": "cpu", "weights_only": True, "mmap": True}]
 
 
 def test_bad_pth_is_one_line(tmp_path):

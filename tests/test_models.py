@@ -186,9 +186,62 @@ def test_meta_device_load_fills_every_buffer(tiny_checkpoints):
         assert position_ids[0].tolist() == list(range(position_ids.shape[-1]))
 
 
-def test_model_errors_are_one_line(tmp_path, tiny_checkpoints):
+def test_random_init_does_not_depend_on_the_device(tiny_checkpoints):
+    """Weights are drawn on the CPU, then moved: the same seed gives the same weights on every device (the
+    store identity names the seed, not the device)."""
+    import probing.models.loading as loading
+
+    on_cpu = load_resampler(str(tiny_checkpoints["blip2"]), init="random", seed=3)
+    devices = []
+    original = loading._random_resampler
+
+    def recording(*args, **kwargs):
+        resampler = original(*args, **kwargs)
+        devices.extend({tensor.device.type for tensor in resampler.state_dict().values()})
+        return resampler
+
+    target = "cuda" if torch.cuda.is_available() else "meta"  # meta: a device whose init would lose the values
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loading, "_random_resampler", recording)
+        elsewhere = load_resampler(str(tiny_checkpoints["blip2"]), init="random", seed=3, device=target)
+    assert devices == ["cpu"] and elsewhere.device.type == target
+    if target == "cuda":
+        for name, tensor in on_cpu.state_dict().items():
+            assert torch.equal(tensor, elsewhere.state_dict()[name].cpu()), name
+
+
+def test_tokenizer_ids_outside_the_qformer_vocabulary(tiny_checkpoints, tmp_path):
+    """A tokenizer with an added token (the Hub's `<image>`) loads; only a text that produces it is refused."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "blip2"
+    shutil.copytree(tiny_checkpoints["blip2"], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab_size = len(tokenizer)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.save_pretrained(folder)
+    resampler = load_resampler(str(folder))
+    assert len(resampler.tokenizer) == vocab_size + 1 == resampler.config.qformer_config.vocab_size + 1
+    assert resampler.tokenize(["the red circle"])["input_ids"].max() < vocab_size
+    text = "<image> the red circle on the left of the picture, next to the blue one"
+    with pytest.raises(ProbingError) as raised:
+        resampler.tokenize(["the red circle", text])
+    assert str(raised.value) == (f"text {text[:40]!r}: token id {vocab_size} is outside the Q-Former vocabulary "
+                                 f"({vocab_size} ids); the tokenizer does not fit the model")
+
+
+def test_model_errors_are_one_line(tmp_path, tiny_checkpoints, monkeypatch):
     with pytest.raises(ProbingError, match="neither a local folder nor a Hub repository|not in the Hugging Face cache"):
         load_resampler("no-such-org/no-such-model-xyz")
+    for spec in ("sub/dir/ckpt", "my model"):  # a mistyped path, a name with spaces: no Hub id either
+        with pytest.raises(ProbingError) as raised:
+            load_resampler(spec)
+        assert str(raised.value) == f"--model: '{spec}' is neither a local folder nor a valid Hub id"
+    monkeypatch.chdir(tmp_path)
+    for spec in ("foo.pth", str(tmp_path / "sub" / "foo.pt")):  # a missing LAVIS file is not a Hub id
+        with pytest.raises(ProbingError) as raised:
+            load_resampler(spec)
+        assert str(raised.value) == f"{spec}: file not found"
     with pytest.raises(ProbingError, match="not a checkpoint folder"):
         load_resampler(str(tmp_path / "missing"))
     folder = tmp_path / "opt"

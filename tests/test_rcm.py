@@ -2,7 +2,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import sentence, write_refer
+from conftest import run_cli, sentence, write_refer
 
 from probing.artifacts import sha256_file
 from probing.data import DataOptions, load_split
@@ -121,6 +121,35 @@ def test_loader_reads_the_build(built, demo_options):
     assert [e.text for e in examples] == [r["caption"] for r in records["val"]]
     assert all(e.image_path.is_file() for e in examples)
     assert {e.category for e in examples} <= set(SUPERCATEGORIES)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"image_id": "11"}, "line 2: field 'image_id' is not an integer"),
+        ({"image_id": True}, "line 2: field 'image_id' is not an integer"),
+        ({"caption": None}, "line 2: field 'caption' is not a string"),
+        ({"phrase": ["the", "dog"]}, "line 2: field 'phrase' is not a string"),
+        ({"cell": 9}, "line 2: field 'cell' must be a cell 0..8"),
+    ],
+)
+def test_malformed_rcm_lines_name_file_line_and_field(built, tmp_path, change, message):
+    out, _, records = built
+    path = tmp_path / "val.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in (records["val"][0], records["val"][1] | change)) + "\n")
+    with pytest.raises(ProbingError) as raised:
+        read_rcm_file(path)
+    assert str(raised.value) == f"{path}: {message}"
+
+
+def test_a_negative_seed_is_refused(capsys, demo_options, tmp_path):
+    refs, instances = demo_options["refcocog"]["refs"], demo_options["refcocog"]["instances"]
+    with pytest.raises(ProbingError, match=r"^--seed must be >= 0 \(got -1\)$"):
+        build_rcm(refs, instances, tmp_path / "rcm", seed=-1)
+    code, _, err = run_cli(capsys, "build-rcm", "--refs", refs, "--instances", instances, "--out", tmp_path / "rcm",
+                           "--seed", "-2")
+    assert code == 2 and err == "error: --seed must be >= 0 (got -2)\n"
+    assert not (tmp_path / "rcm").exists()
 
 
 def test_a_sparse_cell_is_reported(tmp_path):

@@ -77,9 +77,32 @@ def test_split_absent_from_file_names_the_splits_present(tmp_path):
         (lambda refs, inst: refs[0]["sentences"][0].pop("raw"), r"ref_id 1: a sentence lacks field 'raw'"),
         (lambda refs, inst: refs[0].update(ann_id=999), r"instances.json: no annotation with id 999 \(ref_id 1"),
         (lambda refs, inst: inst["annotations"][0].update(image_id=12), r"annotation 501 is on image 12"),
-        (lambda refs, inst: inst["annotations"][0].update(bbox=[1, 2]), r"annotation 501: field 'bbox'"),
-        (lambda refs, inst: inst["images"][0].pop("width"), r"image 11: field 'width'"),
         (lambda refs, inst: refs[1]["sentences"][0].update(sent_id=7), r"sent_id 7 appears twice"),
+        # ref and sentence field types
+        (lambda refs, inst: refs[1].update(ann_id="502"), r"ref #1 \(ref_id 2\): field 'ann_id' is not an integer"),
+        (lambda refs, inst: refs[1].update(ref_id=True), r"ref #1 \(ref_id True\): field 'ref_id' is not an integer"),
+        (lambda refs, inst: refs[2].update(image_id=12.0), r"ref #2 \(ref_id 3\): field 'image_id' is not an integer"),
+        (lambda refs, inst: refs[3].update(split=None), r"ref #3 \(ref_id 4\): field 'split' is not a string"),
+        (lambda refs, inst: refs[0]["sentences"][1].update(sent_id="8"),
+         r"ref_id 1: sentences\[1\]: field 'sent_id' is not an integer"),
+        (lambda refs, inst: refs[0]["sentences"][0].update(raw=["a", "dog"]),
+         r"ref_id 1: sentences\[0\]: field 'raw' is not a string"),
+        # instances.json entries, checked before pycocotools indexes them
+        (lambda refs, inst: inst["annotations"][0].update(bbox=[1, 2]),
+         r"instances.json: annotations\[0\]: field 'bbox' is not \[x, y, w, h\] with w, h >= 0$"),
+        (lambda refs, inst: inst["annotations"][3].update(bbox=[0, 0, -1, 5]), r"annotations\[3\]: field 'bbox'"),
+        (lambda refs, inst: inst["annotations"][4].update(bbox=[0, 0, float("nan"), 5]),
+         r"annotations\[4\]: field 'bbox'"),
+        (lambda refs, inst: inst["annotations"][1].update(bbox=[0, "0", 1, 5]), r"annotations\[1\]: field 'bbox'"),
+        (lambda refs, inst: inst["annotations"][2].pop("category_id"),
+         r"annotations\[2\]: field 'category_id' is missing or not an integer"),
+        (lambda refs, inst: inst["annotations"][2].update(image_id=None),
+         r"annotations\[2\]: field 'image_id' is missing or not an integer"),
+        (lambda refs, inst: inst["annotations"].append([1, 2]), r"annotations\[5\]: expected an object, found list"),
+        (lambda refs, inst: inst["images"][0].pop("width"),
+         r"instances.json: images\[0\]: field 'width' is missing or not positive"),
+        (lambda refs, inst: inst["images"][1].update(height=0), r"images\[1\]: field 'height' is missing or not pos"),
+        (lambda refs, inst: inst["images"][1].pop("id"), r"images\[1\]: field 'id' is missing or not an integer"),
     ],
 )
 def test_malformed_inputs_name_the_field(tmp_path, mutate, message):
@@ -89,8 +112,20 @@ def test_malformed_inputs_name_the_field(tmp_path, mutate, message):
     instances = json.loads(paths["instances"].read_text())
     mutate(refs, instances)
     write_refer(tmp_path, refs, instances["images"], instances["annotations"], image_folder=None)
-    with pytest.raises(ProbingError, match=message):
+    with pytest.raises(ProbingError, match=message) as raised:
         load_split(options_for(paths), "train")
+    assert "\n" not in str(raised.value)
+
+
+def test_a_split_without_sentences_is_refused(tmp_path):
+    paths = small_refer_dataset(tmp_path)
+    refs = pickle.loads(pickle.dumps(read_refs(paths["refs"])))
+    refs[2]["sentences"] = []  # the only val ref
+    instances = json.loads(paths["instances"].read_text())
+    write_refer(tmp_path, refs, instances["images"], instances["annotations"], image_folder=None)
+    with pytest.raises(ProbingError, match=r"refs\(umd\).p: no sentences in split 'val'"):
+        load_split(options_for(paths), "val")
+    assert [e.example_id for e in load_split(options_for(paths), "train").examples] == [7, 8, 9]
 
 
 def test_options_are_checked(tmp_path):

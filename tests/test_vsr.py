@@ -128,6 +128,20 @@ def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
         read_vsr_file(path)
 
 
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = [json.dumps(row).encode() for row in CURRENT_LINES]
+    latin1 = json.dumps({**CURRENT_LINES[1], "caption": "The bowl is near the caf\u00e9."},
+                        ensure_ascii=False).encode("latin-1")
+    path.write_bytes(b"\n".join([good[0], b"", good[1], latin1, good[2]]) + b"\n")
+    with pytest.raises(ProbingError) as raised:
+        read_vsr_file(path)
+    assert str(raised.value) == f"{path}: line 4: not UTF-8"
+    path.write_bytes(b"\n".join([good[0], b"", good[1], latin1.decode("latin-1").encode(), good[2]]) + b"\n")
+    records = read_vsr_file(path)  # the same line in UTF-8 reads; the blank line keeps its number
+    assert [r.line_index for r in records] == [0, 2, 3, 4] and records[2].caption == "The bowl is near the café."
+
+
 def test_missing_split_file(tmp_path):
     (tmp_path / "vsr").mkdir()
     (tmp_path / "images").mkdir()

@@ -14,11 +14,15 @@ def read_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(0-based line index, object) for each non-blank line; blank lines keep their index (ids = lines)."""
     path = Path(path)
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")  # bytes, decoded line by line: a decoding error can then name its line
     except FileNotFoundError:
         raise ProbingError(f"{path}: file not found") from None
     with handle:
-        for line_index, line in enumerate(handle):
+        for line_index, raw in enumerate(handle):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProbingError(f"{path}: line {line_index + 1}: not UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -142,6 +142,8 @@ def build_rcm(refs_path: Path, instances_path: Path, out_dir: Path, seed: int = 
     build is refused. Files appear only when all three splits are complete.
     """
     refs_path, instances_path, out_dir = Path(refs_path), Path(instances_path), Path(out_dir)
+    if seed < 0:  # numpy's generators take no negative seed
+        raise ProbingError(f"--seed must be >= 0 (got {seed})")
     for path in (refs_path, instances_path):
         if not path.is_file():
             raise ProbingError(f"{path}: file not found")
@@ -188,6 +190,11 @@ def read_rcm_file(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 raise ProbingError(f"{path}: line {line_index + 1}: missing field '{key}'")
         if record["label"] not in (0, 1):
             raise ProbingError(f"{path}: line {line_index + 1}: field 'label' must be 0 or 1")
+        if not isinstance(record["image_id"], int) or isinstance(record["image_id"], bool):
+            raise ProbingError(f"{path}: line {line_index + 1}: field 'image_id' is not an integer")
+        for key in ("caption", "phrase"):
+            if not isinstance(record[key], str):
+                raise ProbingError(f"{path}: line {line_index + 1}: field '{key}' is not a string")
         for key in ("cell", "true_cell"):
             if not isinstance(record[key], int) or not 0 <= record[key] < len(boxes.CELL_NAMES):
                 raise ProbingError(f"{path}: line {line_index + 1}: field '{key}' must be a cell 0..8")
@@ -204,7 +211,7 @@ def load_rcm(rcm_dir: Path, images_dir: Path, split: str) -> list[Example]:
     resolved: dict[int, Path] = {}
     examples = []
     for line_index, record in rows:
-        image_id = int(record["image_id"])
+        image_id = record["image_id"]
         if image_id not in resolved:
             resolved[image_id] = resolve_image(coco2014_candidates(images_dir, image_id))
         metadata = {key: value for key, value in record.items() if key not in ("caption", "label")}

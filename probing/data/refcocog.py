@@ -23,6 +23,7 @@ from probing.errors import ProbingError
 
 _REF_FIELDS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 _SENTENCE_FIELDS = ("raw", "sent_id")
+_INTEGER_REF_FIELDS = ("ref_id", "ann_id", "image_id")
 
 
 @dataclass(frozen=True)
@@ -67,16 +68,31 @@ def _read_refs(key: tuple[str, int, int], path: Path) -> list[dict[str, Any]]:
     for position, ref in enumerate(refs):
         if not isinstance(ref, dict):
             raise ProbingError(f"{path}: ref #{position}: expected a dict, found {type(ref).__name__}")
+        where = f"{path}: ref #{position} (ref_id {ref.get('ref_id')!r})"
         for key in _REF_FIELDS:
             if key not in ref:
-                raise ProbingError(f"{path}: ref #{position} (ref_id {ref.get('ref_id')}): missing field '{key}'")
+                raise ProbingError(f"{where}: missing field '{key}'")
+        for key in _INTEGER_REF_FIELDS:
+            if not _is_int(ref[key]):
+                raise ProbingError(f"{where}: field '{key}' is not an integer")
+        if not isinstance(ref["split"], str):
+            raise ProbingError(f"{where}: field 'split' is not a string")
         if not isinstance(ref["sentences"], list):
             raise ProbingError(f"{path}: ref_id {ref['ref_id']}: field 'sentences' is not a list")
-        for sentence in ref["sentences"]:
+        for index, sentence in enumerate(ref["sentences"]):
             for key in _SENTENCE_FIELDS:
                 if not isinstance(sentence, dict) or key not in sentence:
                     raise ProbingError(f"{path}: ref_id {ref['ref_id']}: a sentence lacks field '{key}'")
+            if not _is_int(sentence["sent_id"]):
+                raise ProbingError(f"{path}: ref_id {ref['ref_id']}: sentences[{index}]: field 'sent_id' is not "
+                                   "an integer")
+            if not isinstance(sentence["raw"], str):
+                raise ProbingError(f"{path}: ref_id {ref['ref_id']}: sentences[{index}]: field 'raw' is not a string")
     return refs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not an id
 
 
 def _refs_in_split(refs: list[dict[str, Any]], split: str, refs_path: Path) -> list[dict[str, Any]]:
@@ -92,7 +108,10 @@ def sentences_for_split(refs_path: Path, instances_path: Path, split: str) -> li
     refs_path, instances_path = Path(refs_path), Path(instances_path)
     refs = read_refs(refs_path)
     coco = read_instances(instances_path)
-    return join_sentences(_refs_in_split(refs, split, refs_path), coco, refs_path, instances_path)
+    sentences = join_sentences(_refs_in_split(refs, split, refs_path), coco, refs_path, instances_path)
+    if not sentences:
+        raise ProbingError(f"{refs_path}: no sentences in split '{split}' (its refs have empty 'sentences')")
+    return sentences
 
 
 def join_sentences(refs: Iterable[dict[str, Any]], coco, refs_path: Path, instances_path: Path) -> list[Sentence]:
@@ -113,19 +132,19 @@ def join_sentences(refs: Iterable[dict[str, Any]], coco, refs_path: Path, instan
         if category_id not in supercategory_of:
             raise ProbingError(f"{instances_path}: annotation {ref['ann_id']}: unknown category_id {category_id}")
         for sentence in ref["sentences"]:
-            sent_id = int(sentence["sent_id"])
+            sent_id = sentence["sent_id"]
             if sent_id in seen_sentence_ids:
                 raise ProbingError(f"{refs_path}: sent_id {sent_id} appears twice ({context})")
             seen_sentence_ids.add(sent_id)
             sentences.append(
                 Sentence(
                     sent_id=sent_id,
-                    ref_id=int(ref["ref_id"]),
-                    ann_id=int(ref["ann_id"]),
-                    image_id=int(ref["image_id"]),
-                    split=str(ref["split"]),
-                    raw=str(sentence["raw"]),
-                    category_id=int(category_id),
+                    ref_id=ref["ref_id"],
+                    ann_id=ref["ann_id"],
+                    image_id=ref["image_id"],
+                    split=ref["split"],
+                    raw=sentence["raw"],
+                    category_id=category_id,
                     supercategory=supercategory_of[category_id],
                     box_xywh=tuple(float(v) for v in ann["bbox"]),
                     width=float(image["width"]),

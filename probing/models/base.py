@@ -91,9 +91,19 @@ class Resampler(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Q-Former text ids and mask: padded to the longest, truncated at the family's length and side."""
-        encoded = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_text_tokens,
+        texts = list(texts)
+        encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_tokens,
                                  return_tensors="pt", return_token_type_ids=False)
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        input_ids = encoded["input_ids"]
+        # The tokenizer may know more tokens than the Q-Former's embedding has rows (a Hub tokenizer with an
+        # added `<image>` token): harmless until a text produces one, an index error deep in the model then.
+        vocab_size = int(self.config.qformer_config.vocab_size)
+        if input_ids.numel() and int(input_ids.max()) >= vocab_size:
+            row = int((input_ids >= vocab_size).any(dim=1).nonzero()[0])
+            token = int(input_ids[row].max())
+            raise ProbingError(f"text {texts[row][:40]!r}: token id {token} is outside the Q-Former vocabulary "
+                               f"({vocab_size} ids); the tokenizer does not fit the model")
+        return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"]}
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(device=self.device, dtype=self.vision_dtype)

@@ -38,6 +38,16 @@ class CheckpointSource:
         self.local_dir: Path | None = path.resolve() if path.is_dir() else None
         if self.local_dir is None and (path.exists() or spec.startswith((".", "/", "~"))):
             raise ProbingError(f"--model: {spec}: not a checkpoint folder")
+        if self.local_dir is None:
+            from huggingface_hub.errors import HFValidationError
+            from huggingface_hub.utils import validate_repo_id
+
+            # A mistyped relative path (`sub/dir/ckpt`) or a name with spaces is no Hub id: huggingface_hub
+            # would refuse it with a traceback at the first download.
+            try:
+                validate_repo_id(spec)
+            except HFValidationError:
+                raise ProbingError(f"--model: '{spec}' is neither a local folder nor a valid Hub id") from None
         self.commit: str | None = None  # the Hub commit the files came from, once one was downloaded
 
     @property
@@ -115,7 +125,8 @@ class CheckpointSource:
         raise ProbingError(f"{self.name_or_path}: no model weights ({SAFE_INDEX}, {SAFE_SINGLE} or {BIN_SINGLE})")
 
     def read_tensors(self, prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Every tensor whose key starts with one of `prefixes` (`*.position_ids` buffers dropped)."""
+        """Every tensor whose key starts with one of `prefixes` (`*.position_ids` buffers dropped); whole keys
+        are prefixes too, to read just those tensors."""
         prefixes = tuple(prefixes)
         weight_map, kind = self.weight_map()
         wanted: dict[str, list[str]] = defaultdict(list)
@@ -123,7 +134,8 @@ class CheckpointSource:
             if key.startswith(prefixes) and not key.endswith(".position_ids"):
                 wanted[file_name].append(key)
         if not wanted:
-            raise ProbingError(f"{self.name_or_path}: no tensors under {', '.join(prefixes)}")
+            shown = ", ".join(prefixes[:3]) + (f" (and {len(prefixes) - 3} more)" if len(prefixes) > 3 else "")
+            raise ProbingError(f"{self.name_or_path}: no tensors under {shown}")
         tensors: dict[str, torch.Tensor] = {}
         for file_name in sorted(wanted):
             path = self.file(file_name)

@@ -8,6 +8,7 @@ transformers conversion scripts. Nothing of LAVIS is imported.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -38,10 +39,14 @@ _VISION_BLOCK = {
 
 
 def read_lavis_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a LAVIS `.pth` (LAVIS wraps it as {'model': ...})."""
+    """The state dict of a LAVIS `.pth` (LAVIS wraps it as {'model': ...}).
+
+    Memory-mapped: tensors are read from disk when used, so listing keys (to guess the family) costs little.
+    Files in the pre-1.6 (non-zip) format cannot be mapped and are read whole.
+    """
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise ProbingError(f"{path}: file not found") from None
     except Exception as error:  # weights_only refuses code; a corrupt zip raises RuntimeError
@@ -95,12 +100,14 @@ def _vision_key(rest: str, vision_layers: int) -> str | None:
     return None
 
 
-def lavis_to_hf(state: dict[str, torch.Tensor], family: str, vision_layers: int) -> tuple[dict[str, torch.Tensor],
-                                                                                          list[str]]:
+def lavis_to_hf(state: dict[str, torch.Tensor], family: str, vision_layers: int, where: str = "LAVIS checkpoint"
+                ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename a LAVIS state dict to transformers keys; returns (mapped tensors, ignored LAVIS keys).
 
     EVA's separate q/v biases become one qkv bias with a zero key bias (EVA has none):
-    `qkv.bias = cat(q_bias, zeros_like(v_bias), v_bias)`.
+    `qkv.bias = cat(q_bias, zeros_like(v_bias), v_bias)`. A q bias without its v bias cannot be converted
+    (ProbingError naming `where` and the missing key); a v bias without its q bias is ignored, as are the
+    biases of blocks the model does not have.
     """
     mapped: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
@@ -117,11 +124,16 @@ def lavis_to_hf(state: dict[str, torch.Tensor], family: str, vision_layers: int)
             rest = key[len("visual_encoder."):]
             bias = re.match(r"blocks\.(\d+)\.attn\.(q|v)_bias$", rest)
             if bias is not None:
-                if int(bias[1]) < vision_layers and bias[2] == "q":
-                    q_bias, v_bias = tensor, state[f"visual_encoder.blocks.{bias[1]}.attn.v_bias"]
+                q_key, v_key = (f"visual_encoder.blocks.{bias[1]}.attn.{name}_bias" for name in ("q", "v"))
+                if int(bias[1]) >= vision_layers or (bias[2] == "v" and q_key not in state):
+                    ignored.append(key)
+                elif bias[2] == "q":
+                    if v_key not in state:
+                        raise ProbingError(f"{where}: missing key '{v_key}' (needed with '{key}')")
+                    v_bias = state[v_key]
                     mapped[f"vision_model.encoder.layers.{bias[1]}.self_attn.qkv.bias"] = torch.cat(
-                        [q_bias, torch.zeros_like(v_bias), v_bias])
-                continue
+                        [tensor, torch.zeros_like(v_bias), v_bias])
+                continue  # a v bias with its q bias was converted with it
             target = _vision_key(rest, vision_layers)
         elif key.startswith("Qformer.bert."):
             target = _qformer_key(key[len("Qformer.bert."):], family)

@@ -108,9 +108,8 @@ def _check_tokenizer(tokenizer, config, where: str) -> None:
     if tokenizer.pad_token_id != config.qformer_config.pad_token_id:
         raise ProbingError(f"{where}: tokenizer pad id {tokenizer.pad_token_id} != Q-Former pad id "
                            f"{config.qformer_config.pad_token_id}")
-    if len(tokenizer) > config.qformer_config.vocab_size:
-        raise ProbingError(f"{where}: tokenizer has {len(tokenizer)} tokens, the Q-Former only "
-                           f"{config.qformer_config.vocab_size}")
+    # No check of len(tokenizer) against the vocabulary: a Hub tokenizer may carry added tokens (`<image>`)
+    # that plain text never produces; `Resampler.tokenize` checks the ids actually produced instead.
 
 
 def _restore_buffers(module: torch.nn.Module) -> None:
@@ -125,17 +124,20 @@ def _restore_buffers(module: torch.nn.Module) -> None:
         owner.register_buffer(attribute, torch.arange(buffer.shape[-1]).expand((1, -1)), persistent=False)
 
 
-def _build_from_tensors(cls: type[Resampler], config, tokenizer, processor, identity: dict[str, Any],
-                        tensors: dict[str, torch.Tensor], where: str) -> Resampler:
-    # Built on the meta device and filled by assignment: no time spent on random init that is overwritten.
+def _meta_resampler(cls: type[Resampler], config, tokenizer, processor, identity: dict[str, Any]) -> Resampler:
+    """The architecture without storage (meta device): its keys tell what to read; `_fill` assigns them, so
+    no time is spent on a random init that would be overwritten."""
     with torch.device("meta"):
-        resampler = cls(config, tokenizer, processor, identity)
-    expected = set(resampler.state_dict())
+        return cls(config, tokenizer, processor, identity)
+
+
+def _fill(resampler: Resampler, expected: set[str], tensors: dict[str, torch.Tensor], where: str) -> Resampler:
+    """Assign `tensors` to a meta resampler whose state-dict keys are `expected`; every key must be there."""
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         detail = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "") + (
             f"{', ' if missing else ''}{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "")
-        raise ProbingError(f"{where}: weights do not fit the {cls.family} architecture: {detail}")
+        raise ProbingError(f"{where}: weights do not fit the {resampler.family} architecture: {detail}")
     try:
         resampler.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as error:  # shape mismatches
@@ -145,10 +147,12 @@ def _build_from_tensors(cls: type[Resampler], config, tokenizer, processor, iden
 
 
 def _random_resampler(cls: type[Resampler], config, tokenizer, processor, identity: dict[str, Any],
-                      seed: int, device: torch.device) -> Resampler:
+                      seed: int) -> Resampler:
+    """Seeded random weights, drawn on the CPU whatever the target device: CUDA's generator draws other
+    numbers for the same seed, and the store identity (family, seed, config hash) names no device."""
     config.vision_config.initializer_range = RANDOM_VISION_INITIALIZER_RANGE
     torch.manual_seed(seed)
-    with torch.device(device):  # real-size random init is much faster where it will run (the GPU)
+    with torch.device("cpu"):
         resampler = cls(config, tokenizer, processor, identity)
         with torch.no_grad():
             resampler.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
@@ -174,8 +178,8 @@ def load_resampler(model: str, *, init: str = "pretrained", revision: str | None
     device = torch.device(device)
     registry_family, spec = resolve_model(model)
     lavis_state = None
-    if spec.endswith((".pth", ".pt")) and Path(spec).is_file():
-        lavis_state = read_lavis_checkpoint(Path(spec))
+    if _is_lavis_file(spec):
+        lavis_state = read_lavis_checkpoint(Path(spec))  # a missing file: "<spec>: file not found"
         family = family or guess_family(lavis_state)
         if family is None:
             raise ProbingError(f"--model {spec}: cannot tell the family from its keys; pass --family")
@@ -200,39 +204,43 @@ def load_resampler(model: str, *, init: str = "pretrained", revision: str | None
     }
     if init == "random":
         identity |= {"init_seed": seed, "vision_initializer_range": RANDOM_VISION_INITIALIZER_RANGE}
-        resampler = _random_resampler(cls, config, tokenizer, processor, identity, seed, device)
+        resampler = _random_resampler(cls, config, tokenizer, processor, identity, seed)
     else:
+        resampler = _meta_resampler(cls, config, tokenizer, processor, identity)
+        expected = set(resampler.state_dict())
         if lavis_state is not None:
-            tensors, ignored = lavis_to_hf(lavis_state, family, config.vision_config.num_hidden_layers)
-            tensors = {k: v for k, v in tensors.items() if k.startswith(cls.checkpoint_prefixes)}
+            tensors, ignored = lavis_to_hf(lavis_state, family, config.vision_config.num_hidden_layers, where=spec)
+            # Copied out of the memory-mapped file: the model must not depend on the file staying unchanged.
+            tensors = {k: v.clone() for k, v in tensors.items() if k.startswith(cls.checkpoint_prefixes)}
             log.info("%s: %d LAVIS keys not used by a resampler (e.g. %s)", spec, len(ignored),
                      ", ".join(ignored[:3]) or "none")
-            wanted = {k for k in _expected_keys(cls, config, tokenizer, processor)} - set(tensors)
+            # Only the keys the .pth lacks are read from the base (whole keys used as prefixes); keys the base
+            # lacks too are reported as missing by `_fill`.
+            missing = expected - set(tensors)
+            wanted = missing & set(source.weight_map()[0]) if missing else set()  # a complete .pth needs no index
             if wanted:
-                from_base = source.read_tensors(cls.checkpoint_prefixes)
-                filled = {k: from_base[k] for k in wanted if k in from_base}
-                log.info("%s: %d tensors missing from the .pth taken from %s", spec, len(filled), source.name_or_path)
-                tensors |= filled
+                tensors |= {k: v for k, v in source.read_tensors(sorted(wanted)).items() if k in wanted}
+                log.info("%s: %d tensors missing from the .pth taken from %s", spec, len(wanted),
+                         source.name_or_path)
         else:
             tensors = source.read_tensors(cls.checkpoint_prefixes)
-        identity["weights_sha256"] = tensors_sha256(tensors)
-        where = spec if lavis_state is not None else source.name_or_path
-        resampler = _build_from_tensors(cls, config, tokenizer, processor, identity, tensors, where)
+        resampler.identity["weights_sha256"] = tensors_sha256(tensors)
+        resampler = _fill(resampler, expected, tensors, spec if lavis_state is not None else source.name_or_path)
     if source.commit is not None:
         resampler.identity["revision"] = source.commit  # the immutable commit the files came from
     resampler.set_dtypes(vision_dtype, qformer_dtype)
     return resampler.to(device).eval()
 
 
-def _expected_keys(cls, config, tokenizer, processor) -> set[str]:
-    with torch.device("meta"):
-        return set(cls(config, tokenizer, processor, {}).state_dict())
+def _is_lavis_file(spec: str) -> bool:
+    """A `.pth`/`.pt` spec is a LAVIS file unless it names a folder; a missing one must not become a Hub id."""
+    return spec.endswith((".pth", ".pt")) and not Path(spec).is_dir()
 
 
 def qformer_layers(model: str, revision: str | None = None, base: str | None = None) -> int:
     """The number of Q-Former layers of a model, from its config alone (no weights read)."""
     _, spec = resolve_model(model)
-    if spec.endswith((".pth", ".pt")) and Path(spec).is_file():
-        family = guess_family(read_lavis_checkpoint(Path(spec)))
+    if _is_lavis_file(spec):
+        family = guess_family(read_lavis_checkpoint(Path(spec)))  # memory-mapped: only its keys are read
         spec = base or REGISTRY[family or "blip2"][1]
     return int(_load_config(CheckpointSource(spec, revision)).qformer_config.num_hidden_layers)
