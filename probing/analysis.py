@@ -70,8 +70,34 @@ class RunResults:
     search: dict[str, Any] | None = None  # the search summary when the run is a search's best trial
 
     @property
-    def model(self) -> str:
-        return self.label
+    def key(self) -> tuple[str, str, str, int, str]:
+        """What a report row stands for: model label, task, mode, layer, probe."""
+        return (self.label, self.task, self.mode, self.layer, self.probe)
+
+
+def deduplicate(runs: list[RunResults]) -> tuple[list[RunResults], list[RunResults]]:
+    """One run per (model, task, mode, layer, probe): the one with most seeds, then the first by path.
+
+    A shared workspace can hold the same configuration twice (e.g. layer 12 in a per-layer experiment and in
+    Table 1's); reports keep one deterministically and list the others. Returns (kept, dropped).
+    """
+    chosen: dict[tuple, RunResults] = {}
+    for run in sorted(runs, key=lambda r: (-len(r.seeds), str(r.path))):
+        chosen.setdefault(run.key, run)
+    kept = sorted(chosen.values(), key=lambda r: str(r.path))
+    return kept, [run for run in runs if chosen[run.key] is not run]
+
+
+def last_layer_runs(runs: list[RunResults], probe: str = "linear") -> dict[tuple[str, str, str], RunResults]:
+    """(model, mode, task) -> the run of the highest layer with this probe (runs already deduplicated)."""
+    chosen: dict[tuple[str, str, str], RunResults] = {}
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        if run.probe != probe:
+            continue
+        key = (run.label, run.mode, run.task)
+        if key not in chosen or run.layer > chosen[key].layer:
+            chosen[key] = run
+    return chosen
 
 
 def _model_of(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -172,9 +198,17 @@ def category_properties(run: RunResults) -> dict[str, dict[str, float]]:
             for category, records in sorted(grouped.items())}
 
 
+def category_accuracies(run: RunResults) -> dict[str, float]:
+    """Seed-averaged accuracy per category (no interval)."""
+    columns: dict[str, list[int]] = defaultdict(list)
+    for index, category in enumerate(run.categories):
+        columns[category].append(index)
+    return {category: float(run.correct[:, indices].mean()) for category, indices in sorted(columns.items())}
+
+
 def kendall(run: RunResults) -> dict[str, Correlation]:
     """Kendall tau of per-supercategory accuracy against each property (the paper's Table 5)."""
-    accuracies = {category: e.mean for category, e in per_category(run).items()}
+    accuracies = category_accuracies(run)
     properties = category_properties(run)
     categories = sorted(accuracies)
     result = {}

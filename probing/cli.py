@@ -378,15 +378,15 @@ def plot_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the figures (PNG + SVG).")],
 ) -> None:
     """Per-layer curves and per-category bars (frozen vs unfrozen) from run folders."""
-    from probing.analysis import load_run
+    from probing.analysis import deduplicate, load_run
     from probing.plots import category_figure, per_layer_figure
-    from probing.report import find_runs, last_layer_runs
+    from probing.report import find_runs
 
-    loaded = [load_run(path) for path in find_runs(runs)]
+    loaded, _ = deduplicate([load_run(path) for path in find_runs(runs)])
     written = []
     for task in ("vsr", "refcocog", "rcm"):
         written += per_layer_figure(loaded, task, out / f"per_layer_{task}")
-        written += category_figure(list(last_layer_runs(loaded).values()), task, out / f"categories_{task}")
+        written += category_figure(loaded, task, out / f"categories_{task}")
     typer.echo(f"{len(written)} figure files in {out}")
 
 

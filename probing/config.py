@@ -151,12 +151,11 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         options = get_args(kind)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in (o for o in options if o is not type(None)):
             try:
                 return _convert(value, option, where)
-            except ProbingError as error:
-                errors.append(error)
+            except ProbingError:
+                continue
         raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {value!r}")
     if origin is Literal:
         if value not in get_args(kind):
@@ -246,8 +245,28 @@ def check(config: Config, paths: bool = True) -> Config:
                 raise ProbingError(f"config field '{where}.models[{position}]': no model '{label}' in 'models'")
         if isinstance(experiment.layers, list) and any(layer < 1 for layer in experiment.layers):
             raise ProbingError(f"config field '{where}.layers': layers start at 1")
-        if experiment.search.trials < 1 or experiment.search.batch < 1 or not experiment.search.final_seeds:
-            raise ProbingError(f"config field '{where}.search': trials and batch >= 1 and at least one final seed")
+        for name in ("tasks", "models", "modes", "probes", "layers"):  # a repeat would run the same search twice
+            values = getattr(experiment, name)
+            if isinstance(values, list) and len(set(values)) != len(values):
+                raise ProbingError(f"config field '{where}.{name}': an entry is repeated")
+            if isinstance(values, list) and not values:
+                raise ProbingError(f"config field '{where}.{name}': empty")
+        search = experiment.search
+        _at_least(search.trials, 1, f"{where}.search.trials")
+        _at_least(search.batch, 1, f"{where}.search.batch")
+        _at_least(search.seed, 0, f"{where}.search.seed")
+        if not search.final_seeds or len(set(search.final_seeds)) != len(search.final_seeds):
+            raise ProbingError(f"config field '{where}.search.final_seeds': at least one seed, each once")
+        for seed in search.final_seeds:
+            _at_least(seed, 0, f"{where}.search.final_seeds")
+    for name in ("batch_size", "shard_size"):
+        _at_least(getattr(config.extract, name), 1, f"extract.{name}")
+    if config.extract.workers is not None:
+        _at_least(config.extract.workers, 0, "extract.workers")
+    for name in ("batch_size", "unfrozen_batch_size", "hidden"):
+        _at_least(getattr(config.train, name), 1, f"train.{name}")
+    for task, patience in config.train.patience.items():
+        _at_least(patience, 1, f"train.patience.{task}")
     tasks = {task for experiment in config.experiments for task in experiment.tasks}
     data = config.data
     if paths and data.demo is None:
@@ -265,6 +284,11 @@ def check(config: Config, paths: bool = True) -> Config:
         if data.rcm is not None and not data.rcm.exists():
             raise ProbingError(f"config field 'data.rcm': {data.rcm}: not found")
     return config
+
+
+def _at_least(value: int, low: int, where: str) -> None:
+    if value < low:
+        raise ProbingError(f"config field '{where}': must be >= {low}, got {value}")
 
 
 def load_config(path: Path | str, check_paths: bool = True) -> Config:

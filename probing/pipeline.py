@@ -160,20 +160,59 @@ def store_folder(config: Config, model: str, task: str, layers: list[int], visio
     return config.workspace / "features" / model / task / (name + ("-vision" if vision else ""))
 
 
-def search_space(config: Config, unit: Unit) -> SearchSpace:
-    space = default_space(unit.task)
-    override = unit.experiment.search.space.get(unit.task)
+def parse_store_name(name: str, depth: int) -> tuple[list[int], bool] | None:
+    """(layers, has ViT outputs) from a store folder name written by `store_folder`, or None."""
+    vision = name.endswith("-vision")
+    body = name.removesuffix("-vision").removeprefix("layers-")
+    if not name.startswith("layers-"):
+        return None
+    if body == "all":
+        return list(range(1, depth + 1)), vision
+    parts = body.split("-")
+    return ([int(part) for part in parts], vision) if all(part.isdigit() for part in parts) else None
+
+
+def covering_store(config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int
+                   ) -> tuple[list[int], bool]:
+    """The layout of an existing store that already holds what is needed (configs sharing a workspace extract
+    once: Table 1's last layer with ViT outputs also serves Table 3's frozen probes), else the one asked for."""
+    root = config.workspace / "features" / model / task
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        parsed = parse_store_name(folder.name, depth)
+        if parsed is None or not all((folder / split / "manifest.json").is_file() for split in SPLITS):
+            continue
+        stored_layers, stored_vision = parsed
+        if set(layers) <= set(stored_layers) and (stored_vision or not vision):
+            return stored_layers, stored_vision
+    return layers, vision
+
+
+def search_space(experiment: Experiment, index: int, task: str) -> SearchSpace:
+    """The paper's space for `task` with the experiment's overrides, checked (errors name the config field)."""
+    space = default_space(task)
+    override = experiment.search.space.get(task)
     if override is None:
         return space
+    where = f"experiments[{index}].search.space.{task}"
     changes = {name: tuple(value) for name, value in vars(override).items() if value is not None}
     if "lr" in changes and len(changes["lr"]) != 2:
-        raise ProbingError(f"config field 'experiments.{unit.experiment.name}.search.space.{unit.task}.lr': "
-                           "expected [low, high]")
-    return replace(space, **changes)
+        raise ProbingError(f"config field '{where}.lr': expected [low, high]")
+    try:
+        return replace(space, **changes).check()
+    except ProbingError as error:
+        raise ProbingError(f"config field '{where}': {error}") from None
+
+
+def validate(config: Config) -> None:
+    """What needs the search code to check: every experiment's search spaces (before any stage runs)."""
+    for index, experiment in enumerate(config.experiments):
+        for task in experiment.tasks:
+            search_space(experiment, index, task)
 
 
 def run_config(config: Config, say: Callable[[str], None] = print, progress: bool = True) -> RunSummary:
     """Run a config end to end; returns what was built and reused, the searches and the report."""
+    validate(config)
     summary = RunSummary()
     config.workspace.mkdir(parents=True, exist_ok=True)
     options = _data_options(config, summary, say)
@@ -181,8 +220,9 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
     depth = model_depths(config, specs)
     units = plan(config, depth)
     stores = {}
-    for (label, task), (layers, vision) in sorted(store_layouts(units, depth).items()):
+    for (label, task), needed in sorted(store_layouts(units, depth).items()):
         entry = config.models[label]
+        layers, vision = covering_store(config, label, task, *needed, depth[label])
         folder = store_folder(config, label, task, layers, vision, depth[label])
         say(f"features {label} {task} layers {layers}{' + ViT outputs' if vision else ''} -> {folder}")
         for split in SPLITS:
@@ -208,7 +248,8 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
         before = _stamp(out)
         run_search(SearchRequest(
             task=unit.task, mode=unit.mode, layer=unit.layer, out=out, settings=settings,
-            space=search_space(config, unit), trials=search.trials, batch=search.batch, seed=search.seed,
+            space=search_space(unit.experiment, config.experiments.index(unit.experiment), unit.task),
+            trials=search.trials, batch=search.batch, seed=search.seed,
             storage=search.storage, study_name=f"{config.name}/{out.relative_to(config.workspace)}"
             if search.storage else None, features=stores[(unit.model, unit.task)], data=options[unit.task],
             model=specs[unit.model], init=entry.init, revision=entry.revision,
@@ -231,6 +272,10 @@ def run_config_file(path: Path, say: Callable[[str], None] = print) -> tuple[Con
     from probing.config import load_config
 
     config = load_config(path)
+    try:
+        validate(config)
+    except ProbingError as error:  # name the file, as load_config's own errors do
+        raise ProbingError(f"{path}: {error}") from None
     return config, run_config(config, say)
 
 

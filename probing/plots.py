@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from probing.analysis import RunResults, overall, per_category  # noqa: E402
+from probing.analysis import RunResults, last_layer_runs, overall, per_category  # noqa: E402
 
 TASK_TITLES = {"refcocog": "RefCOCOg", "vsr": "VSR", "rcm": "RCM"}
 METRIC_LABELS = {"acc@0.5": "Acc@0.5 (%)", "accuracy": "accuracy (%)"}
@@ -60,9 +60,14 @@ def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: s
     return _save(figure, base)
 
 
+def category_runs(runs: Sequence[RunResults], task: str, probe: str = "linear") -> list[RunResults]:
+    """The runs a category figure draws: per model and mode, the highest layer with the linear probe."""
+    return [run for (_, _, run_task), run in sorted(last_layer_runs(list(runs), probe).items()) if run_task == task]
+
+
 def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[Path]:
-    """Per-category accuracy, frozen vs unfrozen side by side, one panel per model."""
-    chosen = [r for r in runs if r.task == task]
+    """Per-category accuracy, frozen vs unfrozen side by side, one panel per model (last layer, linear)."""
+    chosen = category_runs(runs, task)
     if not chosen:
         return []
     by_model: dict[str, dict[str, RunResults]] = defaultdict(dict)

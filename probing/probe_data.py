@@ -70,9 +70,20 @@ def align(store: FeatureStore, task: str, split: str, layer: int, data_options: 
                      ids=list(store.ids), examples=examples)
 
 
-def load_probe_splits(features_dir: Path, task: str, layer: int, data_options: DataOptions | None = None
-                      ) -> tuple[dict[str, ProbeData], dict[str, FeatureStore]]:
-    """ProbeData for train / val / test from `features_dir/<split>`, checked as the module says."""
+# The fields of a store's request that decide the stored values. Which layers a store holds, whether it also
+# keeps ViT outputs, its shard size and batch size do not change a layer's values, so runs on the same layer
+# of two such stores are the same run (configs sharing a workspace reuse each other's runs).
+VALUE_FIELDS = ("format_version", "model", "task", "split", "dataset_fingerprint", "dtype", "vision_dtype",
+                "qformer_dtype", "preprocessing", "text", "skip_bad_images")
+
+
+def feature_identity(store: FeatureStore) -> dict:
+    request = store.manifest["request"]
+    return {key: request[key] for key in VALUE_FIELDS if key in request}
+
+
+def open_stores(features_dir: Path, task: str, layer: int) -> dict[str, FeatureStore]:
+    """The train / val / test stores of `features_dir`, checked (manifests only: no features read yet)."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise ProbingError(f"--features: {features_dir}: not a directory")
@@ -80,4 +91,10 @@ def load_probe_splits(features_dir: Path, task: str, layer: int, data_options: D
     models = {split: store.manifest["request"]["model"] for split, store in stores.items()}
     if len({str(sorted(m.items())) for m in models.values()}) != 1:
         raise ProbingError(f"{features_dir}: the train, val and test stores come from different models")
-    return {split: align(stores[split], task, split, layer, data_options) for split in SPLITS}, stores
+    return stores
+
+
+def load_probe_splits(stores: dict[str, FeatureStore], task: str, layer: int,
+                      data_options: DataOptions | None = None) -> dict[str, ProbeData]:
+    """ProbeData for train / val / test: the layer's features aligned with their targets."""
+    return {split: align(stores[split], task, split, layer, data_options) for split in SPLITS}

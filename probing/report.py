@@ -19,12 +19,22 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probing.analysis import KENDALL_PROPERTIES, Estimate, RunResults, kendall, load_run, overall, per_category
+from probing.analysis import (
+    KENDALL_PROPERTIES,
+    Estimate,
+    RunResults,
+    deduplicate,
+    kendall,
+    last_layer_runs,
+    load_run,
+    overall,
+    per_category,
+)
 from probing.artifacts import write_json
 from probing.errors import ProbingError
 from probing.plots import TASK_TITLES, category_figure, per_layer_figure
@@ -89,18 +99,6 @@ class Table:
 
 def _record(estimate: Estimate, **labels) -> dict[str, Any]:
     return {**labels, **estimate.as_dict()}
-
-
-def last_layer_runs(runs: Iterable[RunResults], probe: str = "linear") -> dict[tuple[str, str, str], RunResults]:
-    """(model, mode, task) -> the run of the highest layer with this probe."""
-    chosen: dict[tuple[str, str, str], RunResults] = {}
-    for run in runs:
-        if run.probe != probe:
-            continue
-        key = (run.label, run.mode, run.task)
-        if key not in chosen or run.layer > chosen[key].layer:
-            chosen[key] = run
-    return chosen
 
 
 def table1(runs: Sequence[RunResults], compare_paper: bool) -> Table | None:
@@ -237,6 +235,10 @@ def per_layer_table(runs: Sequence[RunResults]) -> Table | None:
 def find_runs(paths: Sequence[Path]) -> list[Path]:
     """Run and search folders among `paths` (folders holding runs are searched, `best/` of a search once)."""
     found: list[Path] = []
+
+    def finished(folder: Path, root: Path) -> bool:  # a hidden component is a half-written output (*.partial-*)
+        return not any(part.startswith(".") for part in folder.relative_to(root).parts)
+
     for path in map(Path, paths):
         if not path.exists():
             raise ProbingError(f"{path}: not found")
@@ -245,9 +247,10 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
         elif (path / "metrics.json").is_file() and (path / "manifest.json").is_file():
             found.append(path)
         elif path.is_dir():
-            searches = {p.parent for p in path.rglob("summary.json") if (p.parent / "best").is_dir()}
+            searches = {p.parent for p in path.rglob("summary.json")
+                        if (p.parent / "best").is_dir() and finished(p.parent, path)}
             runs = {p.parent for p in path.rglob("metrics.json") if (p.parent / "manifest.json").is_file()
-                    and p.parent.parent not in searches and not p.parent.name.startswith(".")}
+                    and p.parent.parent not in searches and finished(p.parent, path)}
             found += sorted(searches | runs)
         else:
             raise ProbingError(f"{path}: not a run or search folder")
@@ -259,7 +262,7 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
 def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False,
                  only: Sequence[str] | None = None) -> dict[str, Any]:
     """Load the runs, write tables (all, or those named in `only`), figures and `README.md` into `out`."""
-    runs = [load_run(path) for path in find_runs(paths)]
+    runs, dropped = deduplicate([load_run(path) for path in find_runs(paths)])
     out = Path(out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -279,10 +282,12 @@ def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False,
     figures = []
     for task in ("vsr", "refcocog", "rcm"):
         figures += per_layer_figure(runs, task, out / "figures" / f"per_layer_{task}")
-        figures += category_figure(list(last_layer_runs(runs).values()), task,
-                                   out / "figures" / f"categories_{task}")
+        figures += category_figure(runs, task, out / "figures" / f"categories_{task}")
     written["figures"] = [str(p.relative_to(out)) for p in figures]
     readme = ["# Report", "", f"{len(runs)} run(s): " + ", ".join(f"`{r.path}`" for r in runs), ""]
+    if dropped:
+        readme += [f"{len(dropped)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
+                   "left out: " + ", ".join(f"`{r.path}`" for r in dropped), ""]
     readme += [table.markdown() for table in tables]
     if figures:
         readme += ["## Figures", ""]
@@ -296,7 +301,7 @@ def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False,
     (out / "README.md").write_text("\n".join(readme), encoding="utf-8")
     write_json(out / "report.json", {"runs": [str(r.path) for r in runs], **written,
                                      "compare_paper": compare_paper})
-    return written | {"runs": len(runs), "readme": str(out / "README.md")}
+    return written | {"runs": len(runs), "dropped": len(dropped), "readme": str(out / "README.md")}
 
 
 def analysis_json(path: Path) -> str:

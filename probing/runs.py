@@ -28,8 +28,8 @@ from probing.artifacts import code_version, existing_output_matches, staged_dire
 from probing.data import DataOptions, Example
 from probing.errors import ProbingError
 from probing.losses import predicted_boxes, task_loss
-from probing.metrics import IOU_THRESHOLD, box_ious, main_metric, task_metrics
-from probing.probe_data import load_probe_splits
+from probing.metrics import IOU_THRESHOLD, binary_correct, box_ious, main_metric, task_metrics
+from probing.probe_data import feature_identity, load_probe_splits, open_stores
 from probing.train import ProbeData, TrainSettings, Trial, TrialResult, probe_outputs, train_frozen
 
 RUN_FORMAT_VERSION = 1
@@ -96,12 +96,13 @@ def prediction_records(task: str, split: str, seed: int, examples: list[Example]
                             "target_xyxy": target, "predicted_xyxy": box, "iou": iou,
                             "correct": iou >= IOU_THRESHOLD, **dict(example.metadata)})
     else:
-        probabilities = outputs.float().squeeze(-1).sigmoid()
-        for example, probability, label in zip(examples, probabilities.tolist(), targets.tolist(), strict=True):
-            predicted = int(probability > 0.5)
+        probabilities = outputs.float().squeeze(-1).sigmoid().tolist()
+        correct = binary_correct(outputs, targets).tolist()  # the metric's own rule (logit > 0), not a re-derivation
+        for example, probability, label, right in zip(examples, probabilities, targets.tolist(), correct, strict=True):
+            predicted = int(label) if right else 1 - int(label)
             records.append({"id": example.example_id, "split": split, "seed": seed, "category": example.category,
                             "label": int(label), "probability": probability, "predicted": predicted,
-                            "correct": predicted == int(label), **dict(example.metadata)})
+                            "correct": bool(right), **dict(example.metadata)})
     return records
 
 
@@ -153,16 +154,17 @@ def _write_run(request: TrainRequest, identity: dict[str, Any], runs: list[dict[
     return metrics
 
 
-def run_training(request: TrainRequest, setup=None, trained: dict[Trial, tuple[TrialResult, Any]] | None = None
-                 ) -> dict[str, Any]:
+def run_training(request: TrainRequest, setup=None, trained: dict[Trial, tuple[TrialResult, Any]] | None = None,
+                 splits: dict[str, ProbeData] | None = None) -> dict[str, Any]:
     """Train, evaluate on val and test, write the run folder; return metrics.json's content.
 
-    Unfrozen only: `setup` (an `UnfrozenSetup` for this request) and `trained` (trials already trained by the
-    caller, with their models) spare the data loading and the training a search has already done.
+    What a caller (a search) has already loaded or trained can be passed in: frozen `splits` (the layer's
+    features with targets); unfrozen `setup` (an `UnfrozenSetup` for this request) and `trained` (trials
+    already trained, with their models).
     """
     request.check()
     if request.mode == "frozen":
-        return _run_frozen(request)
+        return _run_frozen(request, splits)
     return _run_unfrozen(request, setup, trained or {})
 
 
@@ -172,13 +174,13 @@ def _reused(request: TrainRequest, identity: dict[str, Any]) -> dict[str, Any] |
     return None
 
 
-def _run_frozen(request: TrainRequest) -> dict[str, Any]:
-    splits, stores = load_probe_splits(request.features, request.task, request.layer, request.data)
-    inputs = {"features": {split: store.manifest["request"] for split, store in stores.items()}}
-    identity = _identity(request, inputs)
+def _run_frozen(request: TrainRequest, splits: dict[str, ProbeData] | None) -> dict[str, Any]:
+    stores = open_stores(request.features, request.task, request.layer)
+    identity = _identity(request, {"features": {split: feature_identity(store) for split, store in stores.items()}})
     reused = _reused(request, identity)
     if reused is not None:
         return reused
+    splits = splits or load_probe_splits(stores, request.task, request.layer, request.data)
     results = train_frozen(splits["train"], splits["val"], request.trials, request.settings)
     runs, predictions, probes = [], {"val": [], "test": []}, {}
     for result in results:

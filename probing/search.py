@@ -122,6 +122,11 @@ class SearchRequest:
     def check(self) -> SearchRequest:
         if self.trials < 1 or self.batch < 1:
             raise ProbingError("--trials and --batch must be at least 1")
+        if self.seed < 0:
+            raise ProbingError(f"--seed must be >= 0, got {self.seed}")
+        final = self.final_seeds or (self.seed,)
+        if len(set(final)) != len(final) or min(final) < 0:
+            raise ProbingError(f"final seeds must be distinct and >= 0, got {list(final)}")
         if self.heartbeat <= 0:
             raise ProbingError("--heartbeat must be positive")
         self.space.check()
@@ -196,13 +201,18 @@ class Heartbeat:
     def _beat(self) -> None:
         now = time.time()
         for trial in self.trials:
-            trial.set_user_attr("heartbeat", now)
+            try:
+                trial.set_user_attr("heartbeat", now)
+            except Exception as error:  # a storage hiccup must not end the beats silently
+                log.warning("trial %d: heartbeat not recorded (%s)", trial.number, error)
 
     def _run(self) -> None:
         while not self.stop_event.wait(self.interval):
             self._beat()
 
     def __enter__(self) -> Heartbeat:
+        for trial in self.trials:  # other workers judge staleness by this trial's own interval, not theirs
+            trial.set_user_attr("heartbeat_interval", self.interval)
         self._beat()
         self.thread.start()
         return self
@@ -216,15 +226,23 @@ def _started(trial) -> float:
     return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
 
 
-def retry_stale_trials(study, grace: float) -> list[int]:
-    """Fail running trials whose worker stopped beating; enqueue their parameters again. Returns their numbers."""
+GRACE_HEARTBEATS = 4  # a running trial silent for this many of its heartbeat intervals is taken as dead
+
+
+def retry_stale_trials(study, default_interval: float) -> list[int]:
+    """Fail running trials whose worker stopped beating; enqueue their parameters again. Returns their numbers.
+
+    Staleness is judged by each trial's own heartbeat interval (recorded by its worker), so a worker started
+    with a short interval never fails the trials of a worker that beats slowly.
+    """
     from optuna.trial import TrialState
 
     retried = []
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         last = trial.user_attrs.get("heartbeat", _started(trial))
-        if now - last <= grace:
+        interval = trial.user_attrs.get("heartbeat_interval", default_interval)
+        if now - last <= GRACE_HEARTBEATS * interval:
             continue
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         origin = trial.user_attrs.get("retry_of", trial.number)
@@ -257,7 +275,7 @@ def surplus_reason(study, number: int, budget: int) -> str | None:
 def completed(study) -> list[Any]:
     from optuna.trial import TrialState
 
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
 def _ask_batch(study, request: SearchRequest, distributions, size: int) -> list[Any]:
@@ -281,14 +299,13 @@ def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]
     from tqdm.auto import tqdm
 
     distributions = request.space.distributions()
-    grace = 4 * request.heartbeat
     # disable=None: a bar on a terminal only (logs and one-line errors stay clean)
     bar = tqdm(total=request.trials, initial=min(len(completed(study)), request.trials), unit="trial",
                desc=f"search {request.task} {request.mode} layer {request.layer}", disable=None, leave=False)
     while len(completed(study)) < request.trials:
         bar.n = min(len(completed(study)), request.trials)
         bar.refresh()
-        retry_stale_trials(study, grace)
+        retry_stale_trials(study, request.heartbeat)
         taken = sum(1 for t in study.get_trials(deepcopy=False) if _counts_toward_budget(t))
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         free = request.trials - taken
@@ -307,20 +324,11 @@ def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]
                     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
         for trial, value in zip(asked, values, strict=True):
-            study.tell(trial, value)
+            told = study.tell(trial, value, skip_if_finished=True)
+            if told.state != TrialState.COMPLETE:  # another worker took it for dead meanwhile and retried it
+                log.warning("trial %d was failed by another worker while running; its retry counts instead",
+                            trial.number)
     bar.close()
-
-
-def _frozen_trainer(request: SearchRequest) -> _Trainer:
-    from probing.probe_data import load_probe_splits
-
-    splits, stores = load_probe_splits(request.features, request.task, request.layer, request.data)
-    metric = main_metric(request.task)
-
-    def train_batch(trials: list[Trial]) -> list[float]:
-        return [r.val_metrics[metric] for r in train_frozen(splits["train"], splits["val"], trials, request.settings)]
-
-    return _Trainer(train_batch, {"features": {split: store.manifest["request"] for split, store in stores.items()}})
 
 
 @dataclass
@@ -331,6 +339,25 @@ class _Trainer:
     inputs: dict[str, Any]
     setup: Any = None  # unfrozen: the UnfrozenSetup (data and ViT outputs loaded once)
     kept: dict[Trial, tuple[Any, Any]] = field(default_factory=dict)  # unfrozen: best trial -> (result, model)
+    splits: dict[str, Any] | None = None  # frozen: the layer's features with targets, once read
+
+
+def _frozen_trainer(request: SearchRequest) -> _Trainer:
+    from probing.probe_data import feature_identity, load_probe_splits, open_stores
+
+    stores = open_stores(request.features, request.task, request.layer)
+    metric = main_metric(request.task)
+    trainer = _Trainer(train_batch=lambda trials: [],
+                       inputs={"features": {split: feature_identity(store) for split, store in stores.items()}})
+
+    def train_batch(trials: list[Trial]) -> list[float]:
+        if trainer.splits is None:  # features read on first use: a reused search never reads them
+            trainer.splits = load_probe_splits(stores, request.task, request.layer, request.data)
+        splits = trainer.splits
+        return [r.val_metrics[metric] for r in train_frozen(splits["train"], splits["val"], trials, request.settings)]
+
+    trainer.train_batch = train_batch
+    return trainer
 
 
 def _unfrozen_trainer(request: SearchRequest) -> _Trainer:
@@ -421,7 +448,8 @@ def run_search(request: SearchRequest) -> SearchOutcome:
     inputs = trainer.inputs
     identity = {"kind": "search", "format_version": SEARCH_FORMAT_VERSION, "task": request.task,
                 "mode": request.mode, "layer": request.layer, "probe": request.settings.probe,
-                "hidden": request.settings.hidden, "trials": request.trials, "seed": request.seed,
+                "hidden": request.settings.hidden, "trials": request.trials, "batch": request.batch,
+                "seed": request.seed,
                 "final_seeds": list(request.final_seeds or (request.seed,)),
                 "space": asdict(request.space), "study_name": request.study_name,
                 "settings": {k: v for k, v in asdict(request.settings).items()
@@ -436,7 +464,8 @@ def run_search(request: SearchRequest) -> SearchOutcome:
     metric = main_metric(request.task)
     with staged_directory(request.out) as staging:
         best_metrics = run_training(request.train_request(final_trials, staging / "best"), trainer.setup,
-                                    {t: kept for t, kept in trainer.kept.items() if t in final_trials})
+                                    {t: kept for t, kept in trainer.kept.items() if t in final_trials},
+                                    splits=trainer.splits)
         rows = trial_rows(study)
         columns = sorted({key for row in rows for key in row}, key=lambda k: (not k == "number", k))
         buffer = io.StringIO()

@@ -404,13 +404,16 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
         val_loss, values = evaluate_module(run, model, val_loader, settings.task, trial, accelerator)
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(batches, 1)
         improved = stopper.update(epoch, [values[metric]], [True])[0]
-        if improved:
+        if improved:  # only what trains changes: no copy of a frozen ViT (a billion parameters) per improvement
             unwrapped = accelerator.unwrap_model(model)
-            best_state = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+            best_state = {name: p.detach().cpu().clone() for name, p in unwrapped.named_parameters()
+                          if p.requires_grad}
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **values})
         epochs.set_postfix(loss=f"{train_loss:.3f}", **{metric: f"{values[metric]:.3f}"})
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(best_state)
+    missing = set(best_state) - {name for name, _ in unwrapped.named_parameters()}
+    assert not missing, missing  # the snapshot names trainable parameters of this very model
+    unwrapped.load_state_dict(best_state, strict=False)
     at_best = next(h for h in history if h["epoch"] == stopper.best_epoch[0])
     return TrialResult(
         trial=trial, best_epoch=stopper.best_epoch[0], epochs_run=stopper.epochs_run[0],

@@ -174,13 +174,18 @@ class UnfrozenSetup:
         self.fingerprints = {split: loaded[split].fingerprint for split in SPLITS}
         self.model_identity = self._first.weights_identity()
         self.model_source = self._first.identity
-        self.vision: dict[str, VisionTable] | None = None
-        if features is not None:
-            self.vision = {}
+        self.features = features
+        if features is not None:  # checked now, read on first use: a reused search never needs them
             for split in SPLITS:
-                store = FeatureStore(Path(features) / split).vision
-                check_vision_store(store, self._first)
-                self.vision[split] = VisionTable(store)
+                check_vision_store(FeatureStore(Path(features) / split).vision, self._first)
+        self._vision: dict[str, VisionTable] | None = None
+
+    @property
+    def vision(self) -> dict[str, VisionTable] | None:
+        """ViT outputs per split, read into memory on first use (tens of GB for real RefCOCOg)."""
+        if self.features is not None and self._vision is None:
+            self._vision = {split: VisionTable(FeatureStore(Path(self.features) / split).vision) for split in SPLITS}
+        return self._vision
 
     def fresh_resampler(self) -> Resampler:
         vision_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32

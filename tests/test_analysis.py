@@ -1,19 +1,22 @@
 """Analysis numbers against references, and the report's shapes."""
 
+import csv
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import kendalltau
 
-from probing.analysis import RunResults, estimate, kendall, load_run, per_category
+from probing.analysis import RunResults, deduplicate, estimate, kendall, load_run, overall, per_category
 from probing.cli import main
-from probing.data import SPLITS, DataOptions
+from probing.data import SPLITS, DataOptions, Example
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
-from probing.plots import category_figure, per_layer_figure
-from probing.report import PAPER_TABLE1, find_runs
+from probing.plots import category_figure, category_runs, per_layer_figure
+from probing.report import PAPER_TABLE1, find_runs, write_report
 
 
 def hand_made_run(accuracies: dict[str, float], train: dict[str, int], areas: dict[str, float],
@@ -143,8 +146,14 @@ def test_report_has_the_papers_shapes(runs_folder, tmp_path, capsys):
                          "mean centre distance: tau (p) |")
     per_layer = (report / "tables" / "per_layer.md").read_text()
     assert "| BLIP-2 | 2 |" in per_layer and "| BLIP-2 | 4 |" in per_layer
-    records = (report / "tables" / "table1.csv").read_text().splitlines()
-    assert records[0].startswith("model,mode,") and "ci_low" in records[0]
+    records = list(csv.DictReader(io.StringIO((report / "tables" / "table1.csv").read_text())))
+    assert list(records[0])[:3] == ["model", "mode", "layer"] and "ci_low" in records[0]
+    families = {"BLIP-2": "blip2", "InstructBLIP": "instructblip"}
+    ours = [r for r in records if "(paper)" not in r["model"]]
+    assert len(ours) == 8  # 2 models x 2 modes x 2 tasks
+    for record in ours:  # every cell shows the run it should: the last layer (4) of that model, mode and task
+        run = load_run(runs_folder / f"{families[record['model']]}-{record['task']}-{record['mode']}-4")
+        assert float(record["mean"]) == pytest.approx(overall(run).mean) and record["layer"] == "4"
     readme = (report / "README.md").read_text()
     assert "![per_layer_vsr](figures/per_layer_vsr.png)" in readme and "### Table 1" in readme
     for name in ("per_layer_vsr", "categories_refcocog", "categories_vsr"):
@@ -162,6 +171,40 @@ def test_analyze_command(runs_folder, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "BLIP-2 unfrozen vsr layer 4" in out and "Projective" in out
     assert cli(["analyze", runs_folder]) == 2
+
+
+def test_figures_and_reports_pick_runs_deterministically(runs_folder, tmp_path):
+    runs = [load_run(path) for path in find_runs([runs_folder])]
+    chosen = category_runs(runs, "refcocog")  # given layers 2 and 4, a category figure draws layer 4
+    assert sorted((r.label, r.mode, r.layer) for r in chosen) == [
+        ("BLIP-2", "frozen", 4), ("BLIP-2", "unfrozen", 4), ("InstructBLIP", "frozen", 4),
+        ("InstructBLIP", "unfrozen", 4)]
+    import shutil
+
+    copy = tmp_path / "runs"
+    shutil.copytree(runs_folder, copy)
+    shutil.copytree(copy / "blip2-vsr-frozen-4", copy / "again" / "blip2-vsr-frozen-4")  # the same run twice
+    shutil.copytree(copy / "blip2-vsr-frozen-4", copy / ".half.partial-1" / "best")  # a half-written search
+    found = find_runs([copy])
+    assert len(found) == 13 and not any(".partial" in str(p) for p in found)
+    kept, dropped = deduplicate([load_run(p) for p in found])
+    assert len(kept) == 12 and [d.path for d in dropped] == [copy / "blip2-vsr-frozen-4"]  # by path order
+    written = write_report([copy], tmp_path / "report")
+    assert written["dropped"] == 1 and "repeat a kept configuration" in (tmp_path / "report" / "README.md").read_text()
+
+
+def test_binary_predictions_agree_with_the_metric():
+    from probing.metrics import task_metrics
+    from probing.runs import prediction_records
+
+    outputs = torch.tensor([[1e-8], [-1e-8], [3.0], [-2.0]])  # sigmoid rounds the first two to exactly 0.5
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    examples = [Example(example_id=i, image_id=i, image_path=Path("x.jpg"), text="t", category="c", label=int(y))
+                for i, y in enumerate(labels.tolist())]
+    records = prediction_records("vsr", "test", 0, examples, outputs, labels)
+    assert [r["correct"] for r in records] == [True, True, False, True]
+    assert sum(r["correct"] for r in records) / 4 == task_metrics("vsr", outputs, labels)["accuracy"].item()
+    assert [r["predicted"] for r in records] == [1, 0, 1, 0]
 
 
 def test_plot_functions_write_files(runs_folder, tmp_path):

@@ -57,6 +57,20 @@ def test_the_demo_config_is_the_packaged_one():
     ({"models": {"m": {"model": "blip2", "tiny": "blip2"}}}, "config field 'models.m': give exactly one of"),
     ({"data": {"images": "nowhere", "vsr": "nowhere"}}, "config field 'data.images': nowhere: not found"),
     ({"data": {"images": "."}}, "config field 'data.vsr': missing (needed by the experiments' tasks)"),
+    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"seed": -1}}]},
+     "config field 'experiments[0].search.seed': must be >= 0, got -1"),
+    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"final_seeds": [0, 0]}}]},
+     "config field 'experiments[0].search.final_seeds': at least one seed, each once"),
+    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "layers": [2, 2]}]},
+     "config field 'experiments[0].layers': an entry is repeated"),
+    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "modes": []}]},
+     "config field 'experiments[0].modes': empty"),
+    ({"extract": {"workers": -1}}, "config field 'extract.workers': must be >= 0, got -1"),
+    ({"extract": {"shard_size": 0}}, "config field 'extract.shard_size': must be >= 1, got 0"),
+    ({"train": {"patience": {"rcm": 0}}}, "config field 'train.patience.rcm': must be >= 1, got 0"),
+    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"],
+                       "search": {"space": {"vsr": {"lr": [0.1, 0.01]}}}}]},
+     "config field 'experiments[0].search.space.vsr': search space: lr bounds must satisfy 0 < low <= high"),
 ])
 def test_config_errors_name_the_field(capsys, tmp_path, change, message):
     config = {"name": "t", "workspace": str(tmp_path / "w"), "models": {"m": {"model": "blip2"}},
@@ -115,3 +129,27 @@ def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_pa
     assert "built" in out and " 1 built" not in out and " 2 built" not in out
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("manifest.json")} == manifests
     assert {p.name: p.read_bytes() for p in (tmp_path / "report" / "tables").iterdir()} == tables
+
+
+def test_configs_sharing_a_workspace_reuse_features_and_runs(tmp_path, tiny_checkpoints, capsys):
+    """Table 1 (frozen + unfrozen) then Table 3 (frozen only) on one workspace: the second extracts nothing
+    and reuses the frozen search, although its own store layout would hold no ViT outputs."""
+    base = {"workspace": str(tmp_path / "w"), "device": "cpu",
+            "models": {"BLIP-2 (tiny)": {"model": str(tiny_checkpoints["blip2"])}},
+            "data": {"demo": {"refcocog_images": 160, "vsr_images": 60}}, "train": {"unfrozen_batch_size": 32}}
+    search = {"trials": 2, "batch": 2, "space": {"vsr": {"lr": [0.001, 0.01], "epochs": [2]}}}
+    first = base | {"name": "first", "experiments": [
+        {"name": "main", "tasks": ["vsr"], "models": ["BLIP-2 (tiny)"], "modes": ["frozen", "unfrozen"],
+         "search": search}]}
+    second = base | {"name": "second", "experiments": [
+        {"name": "main", "tasks": ["vsr"], "models": ["BLIP-2 (tiny)"], "modes": ["frozen"], "search": search}]}
+    for name, config in (("first", first), ("second", second)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(capsys, "run", tmp_path / "first.yaml")
+    assert code == 0, err
+    assert "searches: 2 built" in out
+    code, out, err = run_cli(capsys, "run", tmp_path / "second.yaml")
+    assert code == 0, err
+    assert "features: 0 built, 3 reused" in out and "searches: 0 built, 1 reused" in out
+    assert [p.name for p in (tmp_path / "w" / "features" / "BLIP-2 (tiny)" / "vsr").iterdir()] == [
+        "layers-4-vision"]

@@ -181,3 +181,48 @@ def test_bad_search_options(capsys, vsr_features, tmp_path):
     assert code == 2 and err == "error: --trials and --batch must be at least 1\n"
     with pytest.raises(ProbingError, match="epochs must be positive"):
         SearchSpace(epochs=(0,)).check()
+
+
+def test_staleness_is_judged_by_each_trials_own_heartbeat():
+    from probing.search import retry_stale_trials
+
+    study = optuna.create_study(direction="maximize")
+    slow = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)})
+    quick = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)})
+    five_seconds_ago = time.time() - 5
+    slow.set_user_attr("heartbeat_interval", 30.0)  # a worker that beats every 30 s, last beat 5 s ago: alive
+    slow.set_user_attr("heartbeat", five_seconds_ago)
+    quick.set_user_attr("heartbeat_interval", 0.25)  # beats every 0.25 s, silent for 5 s: dead
+    quick.set_user_attr("heartbeat", five_seconds_ago)
+    assert retry_stale_trials(study, default_interval=0.25) == [quick.number]
+    states = {t.number: t.state for t in study.trials}
+    assert states[slow.number] == TrialState.RUNNING and states[quick.number] == TrialState.FAIL
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == quick.number
+
+
+def test_a_trial_failed_by_another_worker_while_running_is_not_fatal(tmp_path):
+    """The owner finishes a trial that another worker has meanwhile failed and retried: its value is dropped,
+    the retry is trained, and the budget still ends at exactly `trials` complete trials."""
+    from probing.search import retry_stale_trials
+
+    request = SearchRequest(task="vsr", mode="frozen", layer=1, out=tmp_path / "s",
+                            settings=TrainSettings(task="vsr", device="cpu"), space=default_space("vsr"), trials=3,
+                            batch=1, features=tmp_path, heartbeat=0.05)
+    study = create_study(request)
+    calls = []
+
+    def train_batch(trials):
+        calls.append(trials)
+        if len(calls) == 1:  # another worker judges this one dead while it runs, and enqueues it again
+            time.sleep(0.3)  # longer than 4 heartbeats of 0.05 s would allow, were the heartbeat stopped
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study.tell(trial.number, state=TrialState.FAIL)
+                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        return [0.5 for _ in trials]
+
+    run_trials(study, request, train_batch)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3 and study.trials[0].state == TrialState.FAIL
+    assert any(t.user_attrs.get("retry_of") == 0 for t in complete)
+    assert retry_stale_trials(study, 0.05) == []
