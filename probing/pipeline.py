@@ -21,7 +21,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from probing.config import Config, Experiment
 from probing.data import SPLITS, DataOptions
@@ -278,7 +277,3 @@ def run_config_file(path: Path, say: Callable[[str], None] = print) -> tuple[Con
         raise ProbingError(f"{path}: {error}") from None
     return config, run_config(config, say)
 
-
-def as_dict(summary: RunSummary) -> dict[str, Any]:
-    return {"built": dict(summary.built), "reused": dict(summary.reused),
-            "searches": [str(p) for p in summary.searches], "report": str(summary.report)}

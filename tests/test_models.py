@@ -31,31 +31,31 @@ def blip2_store(tiny_checkpoints, refcocog_val, tmp_path_factory):
                                      progress=False))
 
 
-def test_blip2_stored_last_layer_gives_the_models_itm_logits(blip2_store, tiny_checkpoints, refcocog_val):
-    model = Blip2ForImageTextRetrieval.from_pretrained(tiny_checkpoints["blip2"]).eval()
-    resampler = load_resampler(str(tiny_checkpoints["blip2"]))
-    examples = {e.example_id: e for e in load_split(refcocog_val, "val").examples}
-    ids = blip2_store.ids[:24]
-    pixels, tokens = model_inputs(resampler, [examples[i] for i in ids])
-    with torch.no_grad():
-        logits = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                       use_image_text_matching_head=True).logits_per_image
-        stored_last = blip2_store.load(4)[:24]
-        from_store = resampler.itm_logits(stored_last)
-    assert torch.allclose(from_store, logits, atol=1e-6, rtol=0)
-    assert logits.std() > 0  # a non-degenerate check: logits differ across examples
-
-
-def test_blip2_every_stored_layer_equals_the_qformer_hidden_states(blip2_store, tiny_checkpoints, refcocog_val):
+@pytest.fixture(scope="module")
+def blip2_forward(blip2_store, tiny_checkpoints, refcocog_val):
+    """transformers' own BLIP-2 ITM forward on the store's first 24 examples (hidden states captured too)."""
     model = Blip2ForImageTextRetrieval.from_pretrained(tiny_checkpoints["blip2"]).eval()
     model.qformer.config.output_hidden_states = True  # read by transformers' output capturing
     resampler = load_resampler(str(tiny_checkpoints["blip2"]))
     examples = {e.example_id: e for e in load_split(refcocog_val, "val").examples}
-    ids = blip2_store.ids[:24]
-    pixels, tokens = model_inputs(resampler, [examples[i] for i in ids])
+    pixels, tokens = model_inputs(resampler, [examples[i] for i in blip2_store.ids[:24]])
     with torch.no_grad():
-        hidden = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                       use_image_text_matching_head=True).text_model_output.hidden_states
+        output = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                       use_image_text_matching_head=True)
+    return resampler, output
+
+
+def test_blip2_stored_last_layer_gives_the_models_itm_logits(blip2_store, blip2_forward):
+    resampler, output = blip2_forward
+    logits = output.logits_per_image
+    with torch.no_grad():
+        from_store = resampler.itm_logits(blip2_store.load(4)[:24])
+    assert torch.allclose(from_store, logits, atol=1e-6, rtol=0)
+    assert logits.std() > 0  # a non-degenerate check: logits differ across examples
+
+
+def test_blip2_every_stored_layer_equals_the_qformer_hidden_states(blip2_store, blip2_forward):
+    hidden = blip2_forward[1].text_model_output.hidden_states
     assert len(hidden) == 5 and blip2_store.layers == [0, 1, 2, 3, 4]
     for layer in blip2_store.layers:
         stored = blip2_store.load(layer)[:24]

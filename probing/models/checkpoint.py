@@ -51,10 +51,6 @@ class CheckpointSource:
         self.commit: str | None = None  # the Hub commit the files came from, once one was downloaded
 
     @property
-    def is_local(self) -> bool:
-        return self.local_dir is not None
-
-    @property
     def name_or_path(self) -> str:
         return str(self.local_dir) if self.local_dir is not None else self.spec
 
