@@ -324,6 +324,17 @@ def _encode_shard_images(shard: _Shard, offset: int, batch_iterator, resampler: 
     return embeds, bad_slots, errors
 
 
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Device -> CPU through page-locked memory: a shard of every layer is ~600 MB, and a plain `.cpu()` copies
+    it through pageable memory at a fraction of the bus speed (measured 20x slower on an H100)."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)  # reused by torch's host cache
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()  # the writer thread reads it next
+    return host
+
+
 def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int], resampler: Resampler,
                  layers: list[int], storage_dtype: torch.dtype, request: ExtractionRequest,
                  errors: dict[int, str]):
@@ -341,7 +352,7 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
         slots = torch.tensor([shard.slot_of_example[i] for i in chunk], device=embeds.device)
         states = resampler.query_states(embeds[slots], tokens, layers)  # [b, L, Q, H]
         per_layer[:, start:start + len(chunk)] = states.transpose(0, 1).to(storage_dtype)
-    per_layer = per_layer.cpu()
+    per_layer = _to_host(per_layer)
     tensors = {"ids": torch.tensor([shard.examples[i].example_id for i in rows], dtype=torch.int64)}
     tensors |= {layer_key(layer): per_layer[j] for j, layer in enumerate(layers)}
     # No batch size here: it is in the store's request, which a resumed run must match, so all shards share it.
@@ -356,6 +367,7 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
         index = torch.tensor(owned, dtype=torch.long)
         vision = {
             "ids": torch.tensor([shard.image_ids[s] for s in owned], dtype=torch.int64),
-            "image_embeds": embeds[index.to(embeds.device)].cpu() if embeds is not None else torch.empty((0, 0, 0)),
+            "image_embeds": _to_host(embeds[index.to(embeds.device)]) if embeds is not None
+            else torch.empty((0, 0, 0)),
         }
     return tensors, vision, metadata

@@ -170,6 +170,21 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def resident(features: torch.Tensor, device: torch.device, dtype: torch.dtype,
+             chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """Features onto the device in `dtype`. To a GPU they go in chunks through page-locked memory, converted
+    there: a plain `.to()` of pageable memory crawls (a RefCOCOg layer is 4 GB; measured ~1 GB/s on an H100)."""
+    if device.type != "cuda" or features.device.type != "cpu":
+        return features.to(device=device, dtype=dtype)
+    placed = torch.empty(features.shape, dtype=dtype, device=device)
+    flat, out = features.reshape(len(features), -1), placed.view(len(features), -1)
+    rows = max(1, chunk_bytes // max(1, flat[:1].nbytes))
+    for start in range(0, len(flat), rows):
+        staging = flat[start:start + rows].pin_memory()  # from torch's cache of page-locked blocks
+        out[start:start + rows].copy_(staging.to(device, non_blocking=True))  # converted on the GPU
+    return placed
+
+
 def decays(name: str, parameter: torch.Tensor) -> bool:
     """Weight decay on weight matrices (and query tokens), never on biases or norms (LAVIS's rule)."""
     lowered = name.lower()
@@ -267,8 +282,7 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
         raise ProbingError("no trial to train")
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)
-    features = train.features.to(device=device, dtype=dtype)
-    val_features = val.features.to(device=device, dtype=dtype)
+    features, val_features = resident(train.features, device, dtype), resident(val.features, device, dtype)
     targets, val_targets = train.targets.to(device), val.targets.to(device)
     inputs, outputs = features.shape[1], TASK_OUTPUTS[settings.task]
     bank = ProbeBank([new_probe(settings.probe, inputs, outputs, settings.hidden, t.seed) for t in trials]).to(device)
@@ -300,7 +314,8 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
         for start in range(0, len(features), settings.batch_size):
             rows = order[start:start + settings.batch_size]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                predictions = bank(features[rows])
+                # index_select, not features[rows]: the same rows, 7x faster on the CPU (a memcpy per row)
+                predictions = bank(features.index_select(0, rows))
             losses = task_loss(settings.task, predictions, targets[rows], giou, l1)
             losses.sum().backward()  # probes share no parameter: each gradient is its own probe's
             optimizer.step(lr_table[step], active)
@@ -372,8 +387,10 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
 
     settings.check()
     trial.check()
-    accelerator = accelerator or Accelerator(cpu=resolve_device(settings.device).type == "cpu",
-                                             mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    device = resolve_device(settings.device)
+    # The same precision rule as train_frozen; `--device cpu` on a GPU machine stays fp32.
+    mixed_precision = "bf16" if compute_dtype(device) == torch.bfloat16 else "no"
+    accelerator = accelerator or Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
     optimizer = torch.optim.AdamW(run.groups, lr=trial.lr, betas=BETAS, eps=EPS)
     model, optimizer, train_loader, val_loader = accelerator.prepare(run.model, optimizer, run.train_loader,
                                                                      run.val_loader)

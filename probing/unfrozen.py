@@ -58,20 +58,39 @@ class UnfrozenProbe(nn.Module):
 
 
 class VisionTable:
-    """ViT outputs by image id, read once from a vision store into memory."""
+    """ViT outputs by image id, read once from a vision store. On the GPU when the table fits with room to
+    spare (then a batch is one gather on the device and nothing crosses the bus: ~0.7 MB per example), else in
+    CPU memory and batches go over in page-locked memory."""
 
-    def __init__(self, store: VisionStore):
-        self.embeds = store.load()
+    def __init__(self, store: VisionStore, device: torch.device | None = None):
+        embeds = store.load()
+        self.embeds = embeds.to(device) if _fits_on(device, embeds) else embeds
         self.row = {image_id: row for row, image_id in enumerate(store.ids)}
         self.path = store.path
 
-    def __getitem__(self, image_id: int) -> torch.Tensor:
+    @property
+    def on_gpu(self) -> bool:
+        return self.embeds.device.type == "cuda"
+
+    def row_of(self, image_id: int) -> int:
         if image_id not in self.row:
             raise ProbingError(f"{self.path}: no ViT output for image {image_id}")
-        return self.embeds[self.row[image_id]]
+        return self.row[image_id]
+
+    def gather(self, rows: Sequence[int]) -> torch.Tensor:
+        return self.embeds[torch.tensor(rows, device=self.embeds.device)]
+
+
+def _fits_on(device: torch.device | None, table: torch.Tensor) -> bool:
+    if device is None or device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return table.nbytes < 0.4 * free  # the rest stays for the Q-Former's activations, gradients and AdamW state
 
 
 class _Examples(Dataset):
+    """(pixel values, or the example's row in the vision table; text; target) per example."""
+
     def __init__(self, examples: Sequence[Example], targets: torch.Tensor, resampler: Resampler,
                  vision: VisionTable | None):
         self.examples, self.targets, self.vision = list(examples), targets, vision
@@ -83,19 +102,28 @@ class _Examples(Dataset):
     def __getitem__(self, index: int):
         example = self.examples[index]
         if self.vision is not None:
-            vision = self.vision[example.image_id]
+            vision = self.vision.row_of(example.image_id)
         else:
             image = load_rgb_image(example.image_path)
             vision = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
         return vision, example.text, self.targets[index]
 
 
-def _collate(resampler: Resampler):
+def _collate(resampler: Resampler, table: VisionTable | None):
     def collate(items):
         tokens = resampler.tokenize([text for _, text, _ in items])
-        return {"vision": torch.stack([v for v, _, _ in items]), "input_ids": tokens["input_ids"],
-                "attention_mask": tokens["attention_mask"], "targets": torch.stack([t for _, _, t in items])}
+        vision = table.gather([v for v, _, _ in items]) if table is not None else torch.stack([v for v, _, _ in items])
+        return {"vision": vision, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                "targets": torch.stack([t for _, _, t in items])}
     return collate
+
+
+def _loader(dataset: _Examples, resampler: Resampler, batch_size: int, workers: int, sampler=None) -> DataLoader:
+    table = dataset.vision
+    # Page-locked batches cross the bus at full speed; a table already on the GPU has nothing to send.
+    pin = resampler.device.type == "cuda" and not (table is not None and table.on_gpu)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_collate(resampler, table),
+                      num_workers=0 if table is not None else workers, pin_memory=pin)
 
 
 def check_vision_store(store: VisionStore, resampler: Resampler) -> None:
@@ -131,17 +159,17 @@ def unfrozen_run(resampler: Resampler, layer: int, train: tuple[Sequence[Example
     trainable = {name for name, _ in resampler.trainable_parameters()}
     for name, parameter in resampler.named_parameters():
         parameter.requires_grad_(name in trainable)
+    # Drawn on the CPU (the same weights for a seed on every device), then put beside the resampler.
     probe = new_probe(settings.probe, resampler.num_query_tokens * resampler.hidden_size, TASK_OUTPUTS[settings.task],
-                      settings.hidden, trial.seed)
+                      settings.hidden, trial.seed).to(resampler.device)
     model = UnfrozenProbe(resampler, probe, layer, from_pixels=vision is None)
-    collate = _collate(resampler)
     train_set = _Examples(train[0], train[1], resampler, vision["train"] if vision else None)
     val_set = _Examples(val[0], val[1], resampler, vision["val"] if vision else None)
-    loader_workers = 0 if vision else workers  # stored ViT outputs are indexed in memory: no decoding to hide
-    train_loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=EpochOrder(len(train_set),
-                              settings.order_seed), collate_fn=collate, num_workers=loader_workers)
-    val_loader = DataLoader(val_set, batch_size=settings.batch_size, collate_fn=collate, num_workers=loader_workers)
-    first = collate([train_set[i] for i in range(min(len(train_set), settings.batch_size))])
+    # Stored ViT outputs are indexed in memory (no decoding to hide): no loader workers for them.
+    train_loader = _loader(train_set, resampler, settings.batch_size, workers,
+                           sampler=EpochOrder(len(train_set), settings.order_seed))
+    val_loader = _loader(val_set, resampler, settings.batch_size, workers)
+    first = train_loader.collate_fn([train_set[i] for i in range(min(len(train_set), settings.batch_size))])
     none, zero = without_gradient(model, {k: v.to(resampler.device) for k, v in first.items()}, settings.task)
     for name, parameter in model.named_parameters():
         if name in none:
@@ -184,7 +212,12 @@ class UnfrozenSetup:
     def vision(self) -> dict[str, VisionTable] | None:
         """ViT outputs per split, read into memory on first use (tens of GB for real RefCOCOg)."""
         if self.features is not None and self._vision is None:
-            self._vision = {split: VisionTable(FeatureStore(Path(self.features) / split).vision) for split in SPLITS}
+            from accelerate import PartialState
+
+            # under `accelerate launch` each process keeps its table on its own GPU
+            device = PartialState().device if self.device.type == "cuda" else None
+            self._vision = {split: VisionTable(FeatureStore(Path(self.features) / split).vision, device)
+                            for split in SPLITS}
         return self._vision
 
     def fresh_resampler(self) -> Resampler:
@@ -204,7 +237,7 @@ class UnfrozenSetup:
         """Raw outputs `[N, out]` of a trained model on a split, in example order (one process)."""
         dataset = _Examples(self.examples[split], self.targets[split], model.resampler,
                             self.vision[split] if self.vision else None)
-        loader = DataLoader(dataset, batch_size=self.settings.batch_size, collate_fn=_collate(model.resampler))
+        loader = _loader(dataset, model.resampler, self.settings.batch_size, self.workers)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         model = model.to(self.device).eval()
         outputs = []

@@ -79,6 +79,16 @@ def small_refer_dataset(root: Path, image_folder: str | None = "train2014") -> d
     return write_refer(root, refs, images, annotations, image_folder)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one state per process and refuses a second device or precision: tests that train on
+    different devices (the GPU tests beside the CPU ones) each start from a clean state."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """A small demo dataset shared by the tests that only read it."""
