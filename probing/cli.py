@@ -264,6 +264,8 @@ def train_command(
     metrics = run_training(TrainRequest(task=task, mode=mode, layer=layer, out=out, trials=trials, settings=settings,
                                         features=features, data=data, model=model, init=init, revision=revision,
                                         workers=workers))
+    if not metrics.get("main_process", True):
+        return  # another process of the launch wrote the run and reports it
     verb = "already there" if metrics["reused"] else "written"
     name = metrics["metric"]
     typer.echo(f"run {verb}: {out}")

@@ -30,7 +30,15 @@ from probing.errors import ProbingError
 from probing.losses import predicted_boxes, task_loss
 from probing.metrics import IOU_THRESHOLD, binary_correct, box_ious, main_metric, task_metrics
 from probing.probe_data import feature_identity, load_probe_splits, open_stores
-from probing.train import ProbeData, TrainSettings, Trial, TrialResult, probe_outputs, train_frozen
+from probing.train import (
+    ProbeData,
+    TrainSettings,
+    Trial,
+    TrialResult,
+    is_main_process,
+    probe_outputs,
+    train_frozen,
+)
 
 RUN_FORMAT_VERSION = 1
 
@@ -164,6 +172,8 @@ def run_training(request: TrainRequest, setup=None, trained: dict[Trial, tuple[T
     """
     request.check()
     if request.mode == "frozen":
+        if not is_main_process():  # frozen training is one process's work; the others of a launch stand by
+            return {"reused": False, "main_process": False}
         return _run_frozen(request, splits)
     return _run_unfrozen(request, setup, trained or {})
 
@@ -210,8 +220,11 @@ def _run_unfrozen(request: TrainRequest, setup, trained: dict[Trial, tuple[Trial
     if reused is not None:
         return reused
     runs, predictions, probes = [], {"val": [], "test": []}, {}
+    main = is_main_process()  # under `accelerate launch` every process trains (DDP); the first one writes
     for trial in request.trials:
         result, model = trained[trial] if trial in trained else setup.fit(trial, request.layer)
+        if not main:
+            continue
         test_metrics = {}
         for split in ("val", "test"):
             outputs = setup.outputs(model, split)
@@ -221,6 +234,8 @@ def _run_unfrozen(request: TrainRequest, setup, trained: dict[Trial, tuple[Trial
                 test_metrics = _test_metrics(request.task, outputs, setup.targets[split], trial)
         runs.append(_run_record(result, test_metrics))
         probes[trial.seed] = result.probe
+    if not main:
+        return {"reused": False, "main_process": False}
     extra = {"model_source": setup.model_source, "vision_store": request.features is not None,
              "data_options": {k: str(v) for k, v in vars(request.data).items() if v is not None}}
     return _write_run(request, identity, runs, predictions, probes, extra, setup.examples["train"]) | {

@@ -444,6 +444,11 @@ def _plots(study, folder: Path) -> list[str]:
 def run_search(request: SearchRequest) -> SearchOutcome:
     """Search, then train the best trial once more and evaluate it on test; write `request.out`."""
     request.check()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DDP would pair processes that Optuna gives different trials: they would train each other's models
+        raise ProbingError("probing search runs one process per worker: start several `probing search` processes "
+                           "on one --storage instead of `accelerate launch` (which is for `probing train` and "
+                           "`probing extract`)")
     trainer = (_frozen_trainer if request.mode == "frozen" else _unfrozen_trainer)(request)
     inputs = trainer.inputs
     identity = {"kind": "search", "format_version": SEARCH_FORMAT_VERSION, "task": request.task,

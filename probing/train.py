@@ -19,6 +19,7 @@ improvement (`EarlyStopping`), and seeds for initialisation and batch order.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,6 +158,11 @@ class EarlyStopping:
 def val_metrics_at(epoch_record: dict[str, float]) -> dict[str, float]:
     """The val part of a history record, named as test metrics are: {'loss', 'acc@0.5', ...}."""
     return {("loss" if k == "val_loss" else k): v for k, v in epoch_record.items() if k not in ("epoch", "train_loss")}
+
+
+def is_main_process() -> bool:
+    """False only in the second and later processes of `accelerate launch` / torchrun (they set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def resolve_device(device: str | None) -> torch.device:

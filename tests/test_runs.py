@@ -2,13 +2,16 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from probing.data import SPLITS, DataOptions
+from probing.data import SPLITS, DataOptions, load_split
 from probing.data.rcm import build_rcm
 from probing.extract import ExtractionRequest, extract
 from probing.features import FeatureStore
@@ -162,3 +165,25 @@ def test_unfrozen_refuses_a_vision_store_of_another_model(capsys, stores, tiny_c
     code, _, err = run_cli(capsys, "train", "--task", "vsr", "--mode", "unfrozen", "--layer", 2, "--lr", 1e-3,
                            "--epochs", 1, "--out", tmp_path / "y")
     assert code == 2 and err == "error: --mode unfrozen needs --model and the task's data options\n"
+
+
+def test_unfrozen_training_under_accelerate_launch(stores, tiny_checkpoints, tmp_path):
+    """`accelerate launch` with 2 processes (DDP over gloo): both train, the first alone evaluates and writes the
+    run, and the validation figures gathered from both processes each epoch equal the written predictions'."""
+    _, options = stores
+    refcocog = options["refcocog"]
+    args = ["train", "--task", "refcocog", "--mode", "unfrozen", "--model", tiny_checkpoints["blip2"],
+            "--refs", refcocog.refs, "--instances", refcocog.instances, "--images", refcocog.images, "--layer", 2,
+            "--lr", 3e-3, "--epochs", 2, "--batch-size", 16, "--device", "cpu", "--out", tmp_path / "run"]
+    result = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", "-m", "probing", *map(str, args)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("run written") == 1  # one process reports, none collides with the other
+    run = json.loads((tmp_path / "run" / "metrics.json").read_text())["runs"][0]
+    assert [h["epoch"] for h in run["history"]] == [1, 2]
+    records = [json.loads(line) for line in (tmp_path / "run" / "predictions" / "val.jsonl").read_text().splitlines()]
+    assert len(records) == len(load_split(refcocog, "val").examples)
+    # the best epoch's gathered validation (both halves) = the restored model's predictions on all of val
+    assert run["val"]["mean_iou"] == pytest.approx(sum(r["iou"] for r in records) / len(records), abs=1e-5)

@@ -226,3 +226,11 @@ def test_a_trial_failed_by_another_worker_while_running_is_not_fatal(tmp_path):
     assert len(complete) == 3 and study.trials[0].state == TrialState.FAIL
     assert any(t.user_attrs.get("retry_of") == 0 for t in complete)
     assert retry_stale_trials(study, 0.05) == []
+
+
+def test_search_refuses_a_distributed_launch(capsys, vsr_features, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what `accelerate launch` / torchrun set for each process
+    code, _, err = run_cli(capsys, "search", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--trials", 2,
+                           "--device", "cpu", "--out", tmp_path / "s")
+    assert code == 2 and err.startswith("error: probing search runs one process per worker") and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
