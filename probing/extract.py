@@ -31,6 +31,7 @@ from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
 from probing.features import STORE_FORMAT_VERSION, FeatureStore, FeatureStoreWriter, layer_key
 from probing.models import Resampler, load_resampler
+from probing.models.base import to_device
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,11 @@ def _run_shards(shards: list[_Shard], resampler: Resampler, layers: list[int], s
                                                      request, errors)
             if pending is not None:
                 pending.result()  # at most one shard waits to be written: memory stays flat
-            pending = write_pool.submit(writer.write_shard, shard.index, tensors, metadata, vision)
+            ready = None
+            if device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(device))  # after the shard's copies to the host
+            pending = write_pool.submit(_write_when_ready, writer, shard.index, tensors, metadata, vision, ready)
             done += len(shard.examples)
             progress.update(len(shard.examples))
         if pending is not None:
@@ -320,19 +325,27 @@ def _encode_shard_images(shard: _Shard, offset: int, batch_iterator, resampler: 
         output = resampler.encode_images(pixels)
         if embeds is None:
             embeds = torch.empty((len(shard.images), *output.shape[1:]), dtype=output.dtype, device=output.device)
-        embeds[torch.tensor(good, device=output.device) - offset] = output
+        embeds[to_device(torch.tensor(good) - offset, output.device)] = output
     return embeds, bad_slots, errors
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """Device -> CPU through page-locked memory: a shard of every layer is ~600 MB, and a plain `.cpu()` copies
-    it through pageable memory at a fraction of the bus speed (measured 20x slower on an H100)."""
+    """Device -> CPU through page-locked memory, queued on the stream: a shard of every layer is ~600 MB, and a
+    plain `.cpu()` copies it through pageable memory at a fraction of the bus speed (measured 20x slower on an
+    H100) while the GPU waits. The copy is complete once the shard's `ready` event has passed."""
     if tensor.device.type != "cuda":
         return tensor.cpu()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)  # reused by torch's host cache
     host.copy_(tensor, non_blocking=True)
-    torch.cuda.current_stream(tensor.device).synchronize()  # the writer thread reads it next
     return host
+
+
+def _write_when_ready(writer: FeatureStoreWriter, index: int, tensors, metadata, vision, ready) -> None:
+    """In the writer thread: wait for the shard's copies to the host (not the main thread, which goes on to
+    queue the next shard's work), then write it."""
+    if ready is not None:
+        ready.synchronize()
+    writer.write_shard(index, tensors, metadata, vision)
 
 
 def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int], resampler: Resampler,
@@ -342,6 +355,9 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
     queries, hidden = resampler.num_query_tokens, resampler.hidden_size
     per_layer = torch.empty((len(layers), len(rows), queries, hidden), dtype=storage_dtype, device=resampler.device)
     truncated = 0
+    # every example's image slot sent once per shard: no host-device synchronisation per batch
+    row_slots = to_device(torch.tensor([shard.slot_of_example[i] for i in rows], dtype=torch.long), embeds.device
+                          ) if embeds is not None else None
     for start in range(0, len(rows), request.batch_size):
         chunk = rows[start:start + request.batch_size]
         texts = [shard.examples[i].text for i in chunk]
@@ -349,7 +365,7 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
         if tokens["input_ids"].shape[1] == resampler.max_text_tokens:  # only then can a text have been cut
             lengths = [len(ids) for ids in resampler.tokenizer(texts, return_token_type_ids=False)["input_ids"]]
             truncated += sum(length > resampler.max_text_tokens for length in lengths)
-        slots = torch.tensor([shard.slot_of_example[i] for i in chunk], device=embeds.device)
+        slots = row_slots[start:start + len(chunk)]
         states = resampler.query_states(embeds[slots], tokens, layers)  # [b, L, Q, H]
         per_layer[:, start:start + len(chunk)] = states.transpose(0, 1).to(storage_dtype)
     per_layer = _to_host(per_layer)
@@ -367,7 +383,7 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
         index = torch.tensor(owned, dtype=torch.long)
         vision = {
             "ids": torch.tensor([shard.image_ids[s] for s in owned], dtype=torch.int64),
-            "image_embeds": _to_host(embeds[index.to(embeds.device)]) if embeds is not None
+            "image_embeds": _to_host(embeds[to_device(index, embeds.device)]) if embeds is not None
             else torch.empty((0, 0, 0)),
         }
     return tensors, vision, metadata

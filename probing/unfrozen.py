@@ -23,6 +23,7 @@ from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
 from probing.features import FeatureStore, VisionStore
 from probing.models import Resampler, load_resampler
+from probing.models.base import to_device
 from probing.probe_data import targets_for
 from probing.probes import Probe, new_probe
 from probing.train import (
@@ -243,6 +244,6 @@ class UnfrozenSetup:
         outputs = []
         with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
             for batch in loader:
-                outputs.append(model(batch["vision"].to(self.device), batch["input_ids"].to(self.device),
-                                     batch["attention_mask"].to(self.device)).float().cpu())
-        return torch.cat(outputs)
+                inputs = [to_device(batch[key], self.device) for key in ("vision", "input_ids", "attention_mask")]
+                outputs.append(model(*inputs).float())
+        return torch.cat(outputs).cpu()  # one copy back, at the end

@@ -24,6 +24,15 @@ from torch import nn
 from probing.errors import ProbingError
 
 
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor onto `device` (then `dtype`) without making the host wait. To a GPU a CPU tensor goes through
+    page-locked memory: a pageable copy first drains the work queued on the stream, leaving the GPU idle
+    while the host prepares the next batch; a page-locked one queues behind that work."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+    return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+
 class Resampler(nn.Module):
     family: ClassVar[str]
     max_text_tokens: ClassVar[int]
@@ -106,7 +115,7 @@ class Resampler(nn.Module):
         return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"]}
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pixel_values = pixel_values.to(device=self.device, dtype=self.vision_dtype)
+        pixel_values = to_device(pixel_values, self.device, self.vision_dtype)
         return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
     def query_states(self, image_embeds: torch.Tensor, texts: Sequence[str] | Mapping[str, torch.Tensor],
@@ -116,10 +125,10 @@ class Resampler(nn.Module):
             if not 0 <= layer <= self.num_layers:
                 raise ProbingError(f"--layers: layer {layer} does not exist (the Q-Former has 1..{self.num_layers})")
         tokens = texts if isinstance(texts, Mapping) else self.tokenize(texts)
-        input_ids = tokens["input_ids"].to(self.device)
-        attention_mask = tokens["attention_mask"].to(self.device)
+        input_ids = to_device(tokens["input_ids"], self.device)
+        attention_mask = to_device(tokens["attention_mask"], self.device)
         # The BLIP-2 Q-Former casts the image embeds to its dtype itself, InstructBLIP's does not: do it here.
-        image_embeds = image_embeds.to(device=self.device, dtype=self.qformer_dtype)
+        image_embeds = to_device(image_embeds, self.device, self.qformer_dtype)
         hidden = self.qformer_hidden_states(image_embeds, input_ids, attention_mask)
         queries = self.num_query_tokens
         return torch.stack([hidden[layer][:, :queries] for layer in layers], dim=1)
