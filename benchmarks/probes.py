@@ -38,12 +38,12 @@ from probing.train import (
     Trial,
     compute_dtype,
     parameter_groups,
-    resident,
     resolve_device,
     schedule_factor,
     train_frozen,
     train_single,
 )
+from probing.transfer import to_device_chunked
 
 
 def synthetic(rows: int, width: int, seed: int) -> ProbeData:
@@ -80,8 +80,8 @@ def frozen(args, device: torch.device) -> tuple[float, float]:
     standard = (time.perf_counter() - started) / len(plain_trials)
     def load():  # once for all trials, the same way as train_frozen (timed on both sides)
         dtype = compute_dtype(device)
-        return (resident(train.features, device, dtype), train.targets.to(device),
-                resident(val.features, device, dtype), val.targets.to(device))
+        return (to_device_chunked(train.features, device, dtype), train.targets.to(device),
+                to_device_chunked(val.features, device, dtype), val.targets.to(device))
 
     resident_loop(*load(), Trial(lr=1e-5, epochs=1), settings)  # warm-up
     _sync(device)

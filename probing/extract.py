@@ -31,7 +31,7 @@ from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
 from probing.features import STORE_FORMAT_VERSION, FeatureStore, FeatureStoreWriter, layer_key
 from probing.models import Resampler, load_resampler
-from probing.models.base import to_device
+from probing.transfer import to_device, to_host
 
 log = logging.getLogger(__name__)
 
@@ -329,17 +329,6 @@ def _encode_shard_images(shard: _Shard, offset: int, batch_iterator, resampler: 
     return embeds, bad_slots, errors
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """Device -> CPU through page-locked memory, queued on the stream: a shard of every layer is ~600 MB, and a
-    plain `.cpu()` copies it through pageable memory at a fraction of the bus speed (measured 20x slower on an
-    H100) while the GPU waits. The copy is complete once the shard's `ready` event has passed."""
-    if tensor.device.type != "cuda":
-        return tensor.cpu()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)  # reused by torch's host cache
-    host.copy_(tensor, non_blocking=True)
-    return host
-
-
 def _write_when_ready(writer: FeatureStoreWriter, index: int, tensors, metadata, vision, ready) -> None:
     """In the writer thread: wait for the shard's copies to the host (not the main thread, which goes on to
     queue the next shard's work), then write it."""
@@ -368,7 +357,7 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
         slots = row_slots[start:start + len(chunk)]
         states = resampler.query_states(embeds[slots], tokens, layers)  # [b, L, Q, H]
         per_layer[:, start:start + len(chunk)] = states.transpose(0, 1).to(storage_dtype)
-    per_layer = _to_host(per_layer)
+    per_layer = to_host(per_layer)
     tensors = {"ids": torch.tensor([shard.examples[i].example_id for i in rows], dtype=torch.int64)}
     tensors |= {layer_key(layer): per_layer[j] for j, layer in enumerate(layers)}
     # No batch size here: it is in the store's request, which a resumed run must match, so all shards share it.
@@ -383,7 +372,7 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
         index = torch.tensor(owned, dtype=torch.long)
         vision = {
             "ids": torch.tensor([shard.image_ids[s] for s in owned], dtype=torch.int64),
-            "image_embeds": _to_host(embeds[to_device(index, embeds.device)]) if embeds is not None
+            "image_embeds": to_host(embeds[to_device(index, embeds.device)]) if embeds is not None
             else torch.empty((0, 0, 0)),
         }
     return tensors, vision, metadata

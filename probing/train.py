@@ -34,6 +34,7 @@ from probing.errors import ProbingError
 from probing.losses import task_loss
 from probing.metrics import main_metric, task_metrics
 from probing.probes import Probe, ProbeBank, layer_count, new_probe
+from probing.transfer import to_device_chunked
 
 TASK_OUTPUTS = {"refcocog": 4, "vsr": 1, "rcm": 1}
 BETAS = (0.9, 0.999)
@@ -176,21 +177,6 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def resident(features: torch.Tensor, device: torch.device, dtype: torch.dtype,
-             chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
-    """Features onto the device in `dtype`. To a GPU they go in chunks through page-locked memory, converted
-    there: a plain `.to()` of pageable memory crawls (a RefCOCOg layer is 4 GB; measured ~1 GB/s on an H100)."""
-    if device.type != "cuda" or features.device.type != "cpu":
-        return features.to(device=device, dtype=dtype)
-    placed = torch.empty(features.shape, dtype=dtype, device=device)
-    flat, out = features.reshape(len(features), -1), placed.view(len(features), -1)
-    rows = max(1, chunk_bytes // max(1, flat[:1].nbytes))
-    for start in range(0, len(flat), rows):
-        staging = flat[start:start + rows].pin_memory()  # from torch's cache of page-locked blocks
-        out[start:start + rows].copy_(staging.to(device, non_blocking=True))  # converted on the GPU
-    return placed
-
-
 def decays(name: str, parameter: torch.Tensor) -> bool:
     """Weight decay on weight matrices (and query tokens), never on biases or norms (LAVIS's rule)."""
     lowered = name.lower()
@@ -288,7 +274,8 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
         raise ProbingError("no trial to train")
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)
-    features, val_features = resident(train.features, device, dtype), resident(val.features, device, dtype)
+    features = to_device_chunked(train.features, device, dtype)
+    val_features = to_device_chunked(val.features, device, dtype)
     targets, val_targets = train.targets.to(device), val.targets.to(device)
     inputs, outputs = features.shape[1], TASK_OUTPUTS[settings.task]
     bank = ProbeBank([new_probe(settings.probe, inputs, outputs, settings.hidden, t.seed) for t in trials]).to(device)

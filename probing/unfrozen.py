@@ -23,7 +23,6 @@ from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
 from probing.features import FeatureStore, VisionStore
 from probing.models import Resampler, load_resampler
-from probing.models.base import to_device
 from probing.probe_data import targets_for
 from probing.probes import Probe, new_probe
 from probing.train import (
@@ -33,10 +32,12 @@ from probing.train import (
     TrainSettings,
     Trial,
     TrialResult,
+    compute_dtype,
     parameter_groups,
     resolve_device,
     train_module,
 )
+from probing.transfer import to_device, to_device_chunked
 
 
 class UnfrozenProbe(nn.Module):
@@ -65,7 +66,7 @@ class VisionTable:
 
     def __init__(self, store: VisionStore, device: torch.device | None = None):
         embeds = store.load()
-        self.embeds = embeds.to(device) if _fits_on(device, embeds) else embeds
+        self.embeds = to_device_chunked(embeds, device, embeds.dtype) if _fits_on(device, embeds) else embeds
         self.row = {image_id: row for row, image_id in enumerate(store.ids)}
         self.path = store.path
 
@@ -79,7 +80,7 @@ class VisionTable:
         return self.row[image_id]
 
     def gather(self, rows: Sequence[int]) -> torch.Tensor:
-        return self.embeds[torch.tensor(rows, device=self.embeds.device)]
+        return self.embeds[to_device(torch.tensor(rows), self.embeds.device)]
 
 
 def _fits_on(device: torch.device | None, table: torch.Tensor) -> bool:
@@ -239,7 +240,7 @@ class UnfrozenSetup:
         dataset = _Examples(self.examples[split], self.targets[split], model.resampler,
                             self.vision[split] if self.vision else None)
         loader = _loader(dataset, model.resampler, self.settings.batch_size, self.workers)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dtype = compute_dtype(self.device)
         model = model.to(self.device).eval()
         outputs = []
         with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 from conftest import run_cli
+from test_models import model_inputs
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
 from probing.data import SPLITS, DataOptions, load_split
-from probing.data.images import load_rgb_image
 from probing.extract import ExtractionRequest, extract
 from probing.models import load_resampler
 from probing.train import TrainSettings, Trial, train_frozen, train_single
@@ -40,9 +40,8 @@ def store_on(device, checkpoint, options, out, **overrides):
 
 def inputs_for(resampler, options, ids):
     examples = {e.example_id: e for e in load_split(options, "val").examples}
-    chosen = [examples[i] for i in ids]
-    pixels = resampler.preprocess([load_rgb_image(e.image_path) for e in chosen])
-    return pixels.to(CUDA), {k: v.to(CUDA) for k, v in resampler.tokenize([e.text for e in chosen]).items()}
+    pixels, tokens = model_inputs(resampler, [examples[i] for i in ids])
+    return pixels.to(CUDA), {k: v.to(CUDA) for k, v in tokens.items()}
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +165,9 @@ def test_unfrozen_training_on_the_gpu_runs_and_its_loss_falls(capsys, tiny_check
 
 
 def test_features_reach_the_gpu_chunk_by_chunk_unchanged():
-    from probing.train import resident
+    from probing.transfer import to_device_chunked
 
     features = torch.randn(1000, 3, 7, generator=torch.Generator().manual_seed(0)).to(torch.float16)
-    placed = resident(features, torch.device(CUDA), torch.bfloat16, chunk_bytes=3 * 7 * 2 * 64)  # 16 chunks
+    placed = to_device_chunked(features, torch.device(CUDA), torch.bfloat16, chunk_bytes=3 * 7 * 2 * 64)  # 16 chunks
     assert placed.device.type == "cuda" and placed.dtype == torch.bfloat16 and placed.shape == features.shape
     assert torch.equal(placed.cpu(), features.to(torch.bfloat16))

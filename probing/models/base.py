@@ -22,15 +22,7 @@ import torch
 from torch import nn
 
 from probing.errors import ProbingError
-
-
-def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A tensor onto `device` (then `dtype`) without making the host wait. To a GPU a CPU tensor goes through
-    page-locked memory: a pageable copy first drains the work queued on the stream, leaving the GPU idle
-    while the host prepares the next batch; a page-locked one queues behind that work."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
-    return tensor.to(device=device, dtype=dtype or tensor.dtype)
+from probing.transfer import to_device
 
 
 class Resampler(nn.Module):
