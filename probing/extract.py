@@ -2,7 +2,8 @@
 
 Speed where it matters:
 - Examples are grouped by image and the ViT runs once per unique image of a shard (RefCOCOg has ~3.7
-  sentences per image); each example's text then goes through the Q-Former with its image's embeds.
+  sentences per image); each example's text then goes through the Q-Former with its image's embeds, whose
+  cross-attention keys and values are also computed once per image of a batch.
 - Images are decoded and preprocessed in DataLoader workers while the device computes.
 - On GPU the ViT runs in bf16 (configurable), the Q-Former in fp32 unless asked.
 - A shard is written by a background thread while the next one is computed; at most one shard waits,
@@ -344,9 +345,7 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
     queries, hidden = resampler.num_query_tokens, resampler.hidden_size
     per_layer = torch.empty((len(layers), len(rows), queries, hidden), dtype=storage_dtype, device=resampler.device)
     truncated = 0
-    # every example's image slot sent once per shard: no host-device synchronisation per batch
-    row_slots = to_device(torch.tensor([shard.slot_of_example[i] for i in rows], dtype=torch.long), embeds.device
-                          ) if embeds is not None else None
+    row_slots = torch.tensor([shard.slot_of_example[i] for i in rows], dtype=torch.long)
     for start in range(0, len(rows), request.batch_size):
         chunk = rows[start:start + request.batch_size]
         texts = [shard.examples[i].text for i in chunk]
@@ -354,8 +353,8 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
         if tokens["input_ids"].shape[1] == resampler.max_text_tokens:  # only then can a text have been cut
             lengths = [len(ids) for ids in resampler.tokenizer(texts, return_token_type_ids=False)["input_ids"]]
             truncated += sum(length > resampler.max_text_tokens for length in lengths)
-        slots = row_slots[start:start + len(chunk)]
-        states = resampler.query_states(embeds[slots], tokens, layers)  # [b, L, Q, H]
+        # the shard's image table and each text's row in it: keys and values are projected once per image
+        states = resampler.query_states(embeds, tokens, layers, image_slots=row_slots[start:start + len(chunk)])
         per_layer[:, start:start + len(chunk)] = states.transpose(0, 1).to(storage_dtype)
     per_layer = to_host(per_layer)
     tensors = {"ids": torch.tensor([shard.examples[i].example_id for i in rows], dtype=torch.int64)}

@@ -147,6 +147,34 @@ def test_padded_batch_equals_trimmed(tiny_checkpoints, refcocog_val):
     assert not torch.allclose(both[0], both[1], atol=1e-3)  # the text changes the queries
 
 
+@pytest.mark.parametrize("family", ["blip2", "instructblip"])
+def test_keys_and_values_once_per_image_equal_once_per_text(tiny_checkpoints, refcocog_val, family):
+    """With `image_slots` each cross-attention key/value projection reads every distinct image once, and the
+    query states equal those of one image row per text; the hooks are gone afterwards."""
+    resampler = load_resampler(str(tiny_checkpoints[family]))
+    examples = first_examples(refcocog_val, 12)[::2]
+    images = sorted({e.image_path for e in examples})
+    assert 1 < len(images) < len(examples)  # some images read by several texts
+    pixels = resampler.preprocess([load_rgb_image(path) for path in images])
+    slots = [images.index(e.image_path) for e in examples][::-1]  # not in table order
+    texts = [e.text for e in examples][::-1]
+    projections = resampler.cross_attention_projections()
+    assert len(projections) == 2 * (resampler.num_layers // 2)  # key and value, every other layer
+    rows_seen = []
+    handle = projections[0].register_forward_hook(lambda module, args, output: rows_seen.append(len(args[0])))
+    with torch.no_grad():
+        table = resampler.encode_images(pixels)
+        once = resampler.query_states(table, texts, [1, 2, 3, 4], image_slots=slots)
+        per_text = resampler.query_states(table[torch.tensor(slots)], texts, [1, 2, 3, 4])
+    handle.remove()
+    assert rows_seen == [len(set(slots)), len(texts)]
+    assert once.shape == per_text.shape == (len(texts), 4, resampler.num_query_tokens, resampler.hidden_size)
+    assert torch.allclose(once, per_text, atol=1e-6, rtol=0)
+    assert all(not p._forward_hooks and not p._forward_pre_hooks for p in projections)
+    with pytest.raises(ValueError, match="image_slots"):
+        resampler.query_states(table, texts, [4], image_slots=slots[:-1])
+
+
 def test_trainable_parameters_exclude_the_vit(tiny_checkpoints):
     for family, extra in (("blip2", {"embeddings.word_embeddings.weight"}), ("instructblip", set())):
         resampler = load_resampler(str(tiny_checkpoints[family]))
