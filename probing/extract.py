@@ -4,7 +4,8 @@ Speed where it matters:
 - Examples are grouped by image and the ViT runs once per unique image of a shard (RefCOCOg has ~3.7
   sentences per image); each example's text then goes through the Q-Former with its image's embeds, whose
   cross-attention keys and values are also computed once per image of a batch.
-- Images are decoded and preprocessed in DataLoader workers while the device computes.
+- Images are decoded and resized in DataLoader workers while the device computes; they travel as uint8 and
+  are normalised on the device (bit for bit the image processor's pixels, `models/pixels.py`).
 - On GPU the ViT runs in bf16 (configurable), the Q-Former in fp32 unless asked.
 - A shard is written by a background thread while the next one is computed; at most one shard waits,
   so memory stays flat however large the split.
@@ -126,11 +127,12 @@ def plan_shards(examples: list[Example], shard_size: int) -> list[_Shard]:
 
 
 class _Images(Dataset):
-    """Decodes and preprocesses one image per item in a worker; a bad image becomes an error string."""
+    """Decodes and resizes one image per item in a worker (uint8 where normalising on the device is exact,
+    see `PixelPipeline`); a bad image becomes an error string."""
 
     def __init__(self, paths: list[Path], resampler: Resampler):
         self.paths = paths
-        self.image_processor = resampler.image_processor
+        self.pixels = resampler.pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -140,7 +142,7 @@ class _Images(Dataset):
             image = load_rgb_image(self.paths[index])
         except ProbingError as error:  # reported by the main process: a worker's traceback is not one line
             return index, None, str(error)
-        return index, self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0], None
+        return index, self.pixels.host_pixels(image), None
 
 
 def _collate(items):

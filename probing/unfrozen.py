@@ -96,7 +96,7 @@ class _Examples(Dataset):
     def __init__(self, examples: Sequence[Example], targets: torch.Tensor, resampler: Resampler,
                  vision: VisionTable | None):
         self.examples, self.targets, self.vision = list(examples), targets, vision
-        self.image_processor = resampler.image_processor
+        self.pixels = resampler.pixels
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -107,7 +107,7 @@ class _Examples(Dataset):
             vision = self.vision.row_of(example.image_id)
         else:
             image = load_rgb_image(example.image_path)
-            vision = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            vision = self.pixels.host_pixels(image)  # uint8 where exact: normalised on the device
         return vision, example.text, self.targets[index]
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from probing.errors import ProbingError
+from probing.models.pixels import PixelPipeline
 from probing.transfer import to_device
 
 
@@ -41,6 +42,7 @@ class Resampler(nn.Module):
         self.tokenizer = tokenizer
         self.tokenizer.truncation_side = self.truncation_side
         self.image_processor = image_processor
+        self.pixels = PixelPipeline(image_processor)  # uint8 to the device where that is exact
         self.identity = dict(identity)
         self.build_modules(config)
 
@@ -110,7 +112,9 @@ class Resampler(nn.Module):
         return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"]}
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pixel_values = to_device(pixel_values, self.device, self.vision_dtype)
+        """ViT outputs of `preprocess` output, or of stacked `pixels.host_pixels` output (uint8 normalised on
+        the device)."""
+        pixel_values = self.pixels.device_pixels(pixel_values, self.device).to(self.vision_dtype)
         return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
     def query_states(self, image_embeds: torch.Tensor, texts: Sequence[str] | Mapping[str, torch.Tensor],
