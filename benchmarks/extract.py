@@ -8,7 +8,9 @@ shards written to disk by a background thread). Both use the same batch size, th
 already-loaded model, so the figures are throughput of the work itself.
 
 Data: the demo's synthetic RefCOCOg with sentences dropped until there are about 3.7 per image, the ratio
-of RefCOCOg umd train (80,512 sentences / 21,899 images).
+of RefCOCOg umd train (80,512 sentences / 21,899 images). At `--size real` its images are re-encoded at
+COCO's usual 640 x 480 (`--image-size`): decoding a JPEG costs in proportion to its pixels, and the demo's
+~250 px images would hide the host's share of the work.
 
     python benchmarks/extract.py                       # CPU, tiny model
     python benchmarks/extract.py --device cuda --size real --images 1500   # GPU, real-size ViT-g + Q-Former
@@ -33,7 +35,7 @@ import torch
 from probing.data import DataOptions, load_split
 from probing.data.images import load_rgb_image
 from probing.data.synthetic import demo_data_options, make_demo_data
-from probing.extract import ExtractionRequest, extract_loaded
+from probing.extract import ExtractionRequest, default_workers, extract_loaded
 from probing.models import load_resampler
 from probing.models.tiny import build_config, write_checkpoint
 
@@ -57,6 +59,16 @@ def refcocog_like(root: Path, images: int, seed: int = 0) -> DataOptions:
         ref["sent_ids"] = [s["sent_id"] for s in ref["sentences"]]
     options["refs"].write_bytes(pickle.dumps(refs, protocol=2))
     return DataOptions(task="refcocog", **options)
+
+
+def resize_jpegs(images_dir: Path, size: tuple[int, int]) -> None:
+    """Re-encode every JPEG under `images_dir` at `size` (width, height), quality 90 like COCO's files."""
+    from PIL import Image
+
+    for path in sorted(images_dir.rglob("*.jpg")):
+        with Image.open(path) as image:
+            resized = image.convert("RGB").resize(size, Image.BICUBIC)
+        resized.save(path, quality=90)
 
 
 def plain_way(checkpoint: Path, size: str, examples, batch_size: int, device: torch.device) -> float:
@@ -127,7 +139,9 @@ def main() -> None:
     parser.add_argument("--size", choices=("tiny", "real"), default=None, help="default: real on GPU, tiny on CPU")
     parser.add_argument("--images", type=int, default=None, help="unique images (default 300 tiny, 1500 real)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="image decoding processes (default: extract's)")
+    parser.add_argument("--image-size", default=None,
+                        help="re-encode the images at WIDTHxHEIGHT (default: 640x480 real, the demo's sizes tiny)")
     parser.add_argument("--qformer-dtype", default="float32", help="ours only (the plain way is the fp32 forward)")
     parser.add_argument("--plain-examples", type=int, default=None,
                         help="time the plain way on the first N examples only (its cost is per example)")
@@ -135,16 +149,21 @@ def main() -> None:
     device = torch.device(args.device)
     size = args.size or ("real" if device.type == "cuda" else "tiny")
     images = args.images or (300 if size == "tiny" else 1500)
-    workers = args.workers if args.workers is not None else (1 if device.type == "cpu" else 8)
+    workers = args.workers if args.workers is not None else default_workers()
+    image_size = args.image_size or ("640x480" if size == "real" else None)
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         data = refcocog_like(scratch / "data", images)
+        if image_size:
+            width, height = (int(part) for part in image_size.lower().split("x"))
+            resize_jpegs(data.images, (width, height))
         checkpoint = write_checkpoint(scratch / "model", "blip2", size=size, weights=size == "tiny")
         examples = load_split(data, "train").examples
         unique = len({e.image_path for e in examples})
         print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
               f"size={size} examples={len(examples)} images={unique} ratio={len(examples) / unique:.2f} "
-              f"batch={args.batch_size} workers={workers} torch={torch.__version__}", flush=True)
+              f"image_size={image_size or 'demo'} batch={args.batch_size} workers={workers} torch={torch.__version__}",
+              flush=True)
         ours = our_way(checkpoint, size, data, args.batch_size, workers, device, scratch, args.qformer_dtype)
         ours_rate = len(examples) / ours
         print(f"ours:  {ours_rate:9.1f} examples/s ({ours:.2f} s; ViT {'bf16' if device.type == 'cuda' else 'fp32'} "

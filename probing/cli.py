@@ -195,7 +195,7 @@ def extract_command(
     base: Annotated[str | None, typer.Option(help="For a LAVIS .pth: where the config, tokenizer and image "
                                                   "processor come from (default: the family's Hub id).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --init random.")] = 0,
-    workers: Annotated[int | None, typer.Option(help="Image decoding processes (default: cores - 1, <= 8).")]
+    workers: Annotated[int | None, typer.Option(help="Image decoding processes (default: cores - 2, 1..16).")]
     = None,
     skip_bad_images: Annotated[bool, typer.Option(help="Record missing or corrupt images in the manifest and "
                                                        "leave their examples out, instead of stopping.")] = False,
