@@ -107,16 +107,17 @@ def plain_way(checkpoint: Path, size: str, examples, batch_size: int, device: to
 
 
 def our_way(checkpoint: Path, size: str, data, batch_size: int, workers: int, device: torch.device,
-            scratch: Path, qformer_dtype: str) -> float:
+            scratch: Path, qformer_dtype: str, compile_vision: bool) -> float:
     init = "pretrained" if size == "tiny" else "random"
     vision_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     resampler = load_resampler(str(checkpoint), init=init, device=device, vision_dtype=vision_dtype,
                                qformer_dtype=getattr(torch, qformer_dtype))
     request = dict(model=str(checkpoint), data=data, split="train", layers="all", batch_size=batch_size,
                    workers=workers, init=init, progress=False, shard_size=1024, device=str(device),
-                   qformer_dtype=qformer_dtype)
+                   qformer_dtype=qformer_dtype, compile_vision=compile_vision)
     # Warm-up on one shard: texts of every length meet their kernels once (each padded length is a new shape
-    # for the Q-Former), the allocators and the page-locked cache fill. A real extraction runs for minutes.
+    # for the Q-Former), the allocators and the page-locked cache fill, a compiled ViT is compiled (for the full
+    # batch and the shard's last). A real extraction runs for minutes.
     warm = load_split(data, "train")
     warm = type(warm)(warm.task, warm.split, warm.examples[:1024], warm.fingerprint + "-warm", warm.sources)
     extract_loaded(resampler, warm, ExtractionRequest(out=scratch / "warm", **request))
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--image-size", default=None,
                         help="re-encode the images at WIDTHxHEIGHT (default: 640x480 real, the demo's sizes tiny)")
     parser.add_argument("--qformer-dtype", default="float32", help="ours only (the plain way is the fp32 forward)")
+    parser.add_argument("--compile-vision", action="store_true", help="ours only: torch.compile the ViT")
     parser.add_argument("--plain-examples", type=int, default=None,
                         help="time the plain way on the first N examples only (its cost is per example)")
     args = parser.parse_args()
@@ -164,10 +166,12 @@ def main() -> None:
               f"size={size} examples={len(examples)} images={unique} ratio={len(examples) / unique:.2f} "
               f"image_size={image_size or 'demo'} batch={args.batch_size} workers={workers} torch={torch.__version__}",
               flush=True)
-        ours = our_way(checkpoint, size, data, args.batch_size, workers, device, scratch, args.qformer_dtype)
+        ours = our_way(checkpoint, size, data, args.batch_size, workers, device, scratch, args.qformer_dtype,
+                       args.compile_vision)
         ours_rate = len(examples) / ours
         print(f"ours:  {ours_rate:9.1f} examples/s ({ours:.2f} s; ViT {'bf16' if device.type == 'cuda' else 'fp32'} "
-              f"once per image, Q-Former {args.qformer_dtype}, all layers stored fp16)", flush=True)
+              f"once per image{', compiled' if args.compile_vision else ''}, Q-Former {args.qformer_dtype}, all layers "
+              "stored fp16)", flush=True)
         timed = examples[:args.plain_examples] if args.plain_examples else examples
         plain = plain_way(checkpoint, size, timed, args.batch_size, device)
         plain_rate = len(timed) / plain

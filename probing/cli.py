@@ -190,6 +190,8 @@ def extract_command(
     vision_dtype: Annotated[str | None, typer.Option(help="ViT compute dtype (default bfloat16 on GPU, float32 "
                                                           "on CPU).")] = None,
     qformer_dtype: Annotated[str, typer.Option(help="Q-Former compute dtype.")] = "float32",
+    compile_vision: Annotated[bool, typer.Option(help="Compile the ViT with torch.compile (fused kernels; the "
+                                                      "first batches wait for the compiler).")] = False,
     revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")] = None,
     family: Annotated[str | None, typer.Option(help="blip2 | instructblip (for a LAVIS .pth).")] = None,
     base: Annotated[str | None, typer.Option(help="For a LAVIS .pth: where the config, tokenizer and image "
@@ -208,8 +210,9 @@ def extract_command(
     store = extract(ExtractionRequest(
         model=model, data=_data_options(task, refs, instances, images, vsr, rcm), split=split, out=out,
         layers=layers, shard_size=shard_size, batch_size=batch_size, init=init, store_vision=store_vision,
-        dtype=dtype, vision_dtype=vision_dtype, qformer_dtype=qformer_dtype, revision=revision, family=family,
-        base=base, seed=seed, workers=workers, skip_bad_images=skip_bad_images, device=device,
+        dtype=dtype, vision_dtype=vision_dtype, qformer_dtype=qformer_dtype, compile_vision=compile_vision,
+        revision=revision, family=family, base=base, seed=seed, workers=workers, skip_bad_images=skip_bad_images,
+        device=device,
     ))
     bad = len(store.manifest["bad_images"])
     typer.echo(f"features: {out} ({len(store)} examples, layers {store.layers}"

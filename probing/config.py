@@ -60,6 +60,8 @@ class ExtractConfig:
     shard_size: int = 1024
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     vision_dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    qformer_dtype: Literal["float16", "bfloat16", "float32"] = "float32"
+    compile_vision: bool = False
     workers: int | None = None
 
 

@@ -6,7 +6,8 @@ Speed where it matters:
   cross-attention keys and values are also computed once per image of a batch.
 - Images are decoded and resized in DataLoader workers while the device computes; they travel as uint8 and
   are normalised on the device (bit for bit the image processor's pixels, `models/pixels.py`).
-- On GPU the ViT runs in bf16 (configurable), the Q-Former in fp32 unless asked.
+- On GPU the ViT runs in bf16 (configurable), the Q-Former in fp32 unless asked; `--compile-vision` compiles
+  the ViT (torch.compile: its norms and activations fused with the matrix products).
 - A shard is written by a background thread while the next one is computed; at most one shard waits,
   so memory stays flat however large the split.
 - Several GPUs: `accelerate launch -m probing extract ...`; process r computes shards r, r+P, r+2P ... and
@@ -79,6 +80,7 @@ class ExtractionRequest:
     dtype: str = "float16"  # storage dtype of the query states
     vision_dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
     qformer_dtype: str = "float32"
+    compile_vision: bool = False  # torch.compile the ViT (fused kernels change the last bits: part of the identity)
     revision: str | None = None
     family: str | None = None
     base: str | None = None
@@ -198,6 +200,8 @@ def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionReq
     storage_dtype = resolve_dtypes(request, device)[0]
     layers = parse_layers(request.layers, resampler.num_layers)
     shards = plan_shards(data.examples, request.shard_size)
+    if request.compile_vision:
+        resampler.vision_model.compile()  # in place: compiled on its first batch, state-dict keys unchanged
     identity = {
         "kind": "features",
         "format_version": STORE_FORMAT_VERSION,
@@ -218,6 +222,8 @@ def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionReq
         "store_vision": request.store_vision,
         "skip_bad_images": request.skip_bad_images,
     }
+    if request.compile_vision:  # only when set: stores made before the option existed keep their identity
+        identity["vision_compiled"] = True
     writer = FeatureStoreWriter(request.out, identity)  # every process checks; none writes yet
     if writer.complete:
         log.info("%s: already complete for this request; nothing to do", request.out)

@@ -230,6 +230,7 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
                 model=specs[label], data=options[task], split=split, out=folder / split, layers=layers,
                 shard_size=config.extract.shard_size, batch_size=config.extract.batch_size, init=entry.init,
                 store_vision=vision, dtype=config.extract.dtype, vision_dtype=config.extract.vision_dtype,
+                qformer_dtype=config.extract.qformer_dtype, compile_vision=config.extract.compile_vision,
                 revision=entry.revision, base=entry.base, workers=config.extract.workers, device=config.device,
                 progress=progress))
             summary.count("features", folder / split / "manifest.json", before)

@@ -74,7 +74,7 @@ def align(store: FeatureStore, task: str, split: str, layer: int, data_options: 
 # keeps ViT outputs, its shard size and batch size do not change a layer's values, so runs on the same layer
 # of two such stores are the same run (configs sharing a workspace reuse each other's runs).
 VALUE_FIELDS = ("format_version", "model", "task", "split", "dataset_fingerprint", "dtype", "vision_dtype",
-                "qformer_dtype", "preprocessing", "text", "skip_bad_images")
+                "qformer_dtype", "preprocessing", "text", "skip_bad_images", "vision_compiled")
 
 
 def feature_identity(store: FeatureStore) -> dict:

@@ -1,5 +1,6 @@
 """Experiment configs and `probing run`: validation that names the field, stages reused on a second run."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,8 @@ def test_the_demo_config_is_the_packaged_one():
      "config field 'experiments[0].modes': empty"),
     ({"extract": {"workers": -1}}, "config field 'extract.workers': must be >= 0, got -1"),
     ({"extract": {"shard_size": 0}}, "config field 'extract.shard_size': must be >= 1, got 0"),
+    ({"extract": {"qformer_dtype": "fp8"}},
+     "config field 'extract.qformer_dtype': expected 'float16' | 'bfloat16' | 'float32', got 'fp8'"),
     ({"train": {"patience": {"rcm": 0}}}, "config field 'train.patience.rcm': must be >= 1, got 0"),
     ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"],
                        "search": {"space": {"vsr": {"lr": [0.1, 0.01]}}}}]},
@@ -105,6 +108,7 @@ def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_pa
              "search": {"trials": 1, "batch": 1, "space": {"vsr": {"epochs": [2]}}}},
         ],
         "train": {"unfrozen_batch_size": 32},
+        "extract": {"qformer_dtype": "bfloat16"},
         "report": {"out": str(tmp_path / "report")},
         "device": "cpu",
     }
@@ -113,6 +117,9 @@ def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_pa
     code, out, err = run_cli(capsys, "run", path)
     assert code == 0, err
     assert "searches: 5 built, 0 reused" in out and "features: 6 built, 0 reused" in out
+    stores = list((tmp_path / "w" / "features").rglob("manifest.json"))
+    assert len(stores) == 6 and all(json.loads(p.read_text())["request"]["qformer_dtype"] == "bfloat16"
+                                    for p in stores)
     tables = {p.name: p.read_bytes() for p in (tmp_path / "report" / "tables").iterdir()}
     assert {"table1.md", "table1.csv", "table2.md", "table4.md", "table5.md", "per_layer.md"} <= set(tables)
     table4 = (tmp_path / "report" / "tables" / "table4.md").read_text().splitlines()

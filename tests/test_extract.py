@@ -109,6 +109,18 @@ def test_storage_dtype_and_layer_zero(tiny_checkpoints, refcocog_val, tmp_path, 
     assert torch.allclose(half.load(4).float(), store.load(4), atol=2e-3, rtol=1e-3)
 
 
+def test_a_compiled_vit_gives_the_same_features(tiny_checkpoints, refcocog_val, tmp_path, store):
+    """`--compile-vision` (torch.compile, here through the CPU compiler): the same features to rounding, and a
+    store identity that says so (fused kernels change the last bits, so such a store is never mixed)."""
+    compiled = extract(request(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "compiled", store_vision=True,
+                               layers="1,4", compile_vision=True))
+    assert compiled.manifest["request"]["vision_compiled"] is True
+    assert "vision_compiled" not in store.manifest["request"]
+    assert compiled.ids == store.ids
+    for layer in (1, 4):
+        assert torch.allclose(compiled.load(layer), store.load(layer), atol=1e-5, rtol=0)
+
+
 def test_a_kill_mid_run_resumes_to_identical_bytes(tiny_checkpoints, refcocog_val, tmp_path):
     """SIGKILL a real extraction after some shards, rerun it: the store equals an uninterrupted run's."""
     options = DataOptions(task="refcocog", refs=refcocog_val.refs, instances=refcocog_val.instances,
@@ -150,6 +162,8 @@ def test_a_different_request_is_refused_naming_the_field(capsys, tiny_checkpoint
         (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--init", "random"), "model.init"),
         (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--dtype", "float32"), "dtype"),
         (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--batch-size", "7"), "batch_size"),
+        (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--compile-vision"),
+         "vision_compiled"),
     ]
     test_split = cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4")
     test_split[test_split.index("val")] = "test"
