@@ -105,6 +105,31 @@ def test_bf16_vit_stays_close_to_fp32(blip2_gpu_store, tiny_checkpoints, refcoco
         assert 0 < relative < 0.02, (layer, float(relative))  # bf16 keeps 8 bits: ~0.4 % per rounding
 
 
+def test_the_fast_options_stay_close_to_the_default(tiny_checkpoints, refcocog_val, tmp_path):
+    """The options that trade the last bits for speed: a compiled ViT (fused kernels) and a bf16 Q-Former."""
+    default = store_on(CUDA, tiny_checkpoints["blip2"], refcocog_val, tmp_path / "default", layers="all")
+    compiled = store_on(CUDA, tiny_checkpoints["blip2"], refcocog_val, tmp_path / "compiled", layers="all",
+                        compile_vision=True)
+    bf16 = store_on(CUDA, tiny_checkpoints["blip2"], refcocog_val, tmp_path / "bf16", layers="all",
+                    compile_vision=True, qformer_dtype="bfloat16")
+    for layer in default.layers:
+        reference = default.load(layer)
+        for store, bound in ((compiled, 0.02), (bf16, 0.05)):
+            relative = float((store.load(layer) - reference).norm() / reference.norm())
+            assert relative < bound, (store.path.name, layer, relative)
+
+
+def test_uint8_pixels_normalised_on_the_gpu_equal_the_processors(tiny_checkpoints, refcocog_val):
+    from probing.data.images import load_rgb_image
+
+    resampler = load_resampler(str(tiny_checkpoints["blip2"]), device=CUDA)
+    images = [load_rgb_image(e.image_path) for e in load_split(refcocog_val, "val").examples[:8]]
+    host = torch.stack([resampler.pixels.host_pixels(image) for image in images])
+    assert host.dtype == torch.uint8
+    on_gpu = resampler.pixels.device_pixels(host, torch.device(CUDA))
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), resampler.preprocess(images))
+
+
 @pytest.mark.parametrize("task,probe", [("vsr", "linear"), ("refcocog", "linear"), ("refcocog", "swiglu2"),
                                         ("rcm", "swiglu4")])
 def test_batched_trials_equal_separate_runs_in_fp32_on_the_gpu(task, probe, monkeypatch):
