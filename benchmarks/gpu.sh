@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go: the GPU tests, then both benchmarks at the sizes the README reports.
 # Usage, from the project root on a CUDA machine:  bash benchmarks/gpu.sh [LOG_DIR] [STEP ...]
-# Steps: tests extract extract-bf16 extract-fast probes (none named: all).
+# Steps: tests qformer extract extract-bf16 extract-fast probes (none named: all).
 # Each step has its own time limit and a failing step does not stop the next; the exit code is the worst one.
 set -uo pipefail
 logs=${1:-gpu-logs}
 shift $(($# > 0 ? 1 : 0))
-steps=" ${*:-tests extract extract-bf16 extract-fast probes} "
+steps=" ${*:-tests qformer extract extract-bf16 extract-fast probes} "
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
@@ -27,6 +27,8 @@ nvidia-smi -L
 "$python" -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
 step tests 240 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step qformer 120 bash -c "'$python' benchmarks/qformer.py --device cuda && '$python' benchmarks/qformer.py \
+--device cuda --dtype bfloat16"
 step extract 300 "$python" benchmarks/extract.py --device cuda --size real --plain-examples 2000
 step extract-bf16 240 "$python" benchmarks/extract.py --device cuda --size real --plain-examples 500 \
   --qformer-dtype bfloat16

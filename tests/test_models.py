@@ -166,8 +166,11 @@ def test_keys_and_values_once_per_image_equal_once_per_text(tiny_checkpoints, re
         table = resampler.encode_images(pixels)
         once = resampler.query_states(table, texts, [1, 2, 3, 4], image_slots=slots)
         per_text = resampler.query_states(table[torch.tensor(slots)], texts, [1, 2, 3, 4])
+        distinct = sorted(set(slots))  # no image read twice: the projections see every row, as without slots
+        alone = resampler.query_states(table, texts[:len(distinct)], [4], image_slots=distinct)
+        assert torch.equal(alone, resampler.query_states(table[distinct], texts[:len(distinct)], [4]))
     handle.remove()
-    assert rows_seen == [len(set(slots)), len(texts)]
+    assert rows_seen == [len(set(slots)), len(texts), len(distinct), len(distinct)]
     assert once.shape == per_text.shape == (len(texts), 4, resampler.num_query_tokens, resampler.hidden_size)
     assert torch.allclose(once, per_text, atol=1e-6, rtol=0)
     assert all(not p._forward_hooks and not p._forward_pre_hooks for p in projections)

@@ -160,6 +160,9 @@ class Resampler(nn.Module):
         projections' inputs and outputs are re-indexed (the state-dict keys stay those of the checkpoint).
         """
         distinct, image_of_row = torch.unique(slots, return_inverse=True)
+        if len(distinct) == len(slots):  # no image read twice: nothing to share
+            yield
+            return
         # the first row that reads each distinct image
         first_rows = torch.full((len(distinct),), len(slots), dtype=torch.long).scatter_reduce(
             0, image_of_row, torch.arange(len(slots)), reduce="amin")
