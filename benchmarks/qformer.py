@@ -49,8 +49,8 @@ def main() -> None:
     images = max(1, round(args.batch_size / TEXTS_PER_IMAGE))
     generator = torch.Generator().manual_seed(0)
     slots = torch.sort(torch.randint(0, images, (args.batch_size,), generator=generator)).values
-    tokens_per_image = resampler.config.vision_config.image_size // resampler.config.vision_config.patch_size
-    table = torch.randn(images, tokens_per_image ** 2 + 1, resampler.config.vision_config.hidden_size,
+    patches_per_side = resampler.config.vision_config.image_size // resampler.config.vision_config.patch_size
+    table = torch.randn(images, patches_per_side ** 2 + 1, resampler.config.vision_config.hidden_size,
                         generator=generator).to(device)
     tokens = resampler.tokenize([SENTENCES[i % len(SENTENCES)] for i in range(args.batch_size)])
     layers = list(range(1, resampler.num_layers + 1))

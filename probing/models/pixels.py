@@ -34,25 +34,30 @@ class PixelPipeline:
     def host_pixels(self, image) -> torch.Tensor:
         """One decoded RGB image -> `[C, H, W]`: uint8 when the split is exact, else the processor's float32."""
         if self.lookup is None:
-            return self._processed(image)
-        return self._resized(image)
+            return _processed(self.image_processor, image)
+        return _resized(self.image_processor, image)
 
     def device_pixels(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`host_pixels` output (stacked) -> the processor's float32 pixel values, on `device`."""
         pixels = to_device(pixels, device)
         if pixels.dtype != torch.uint8:
             return pixels
-        lookup = to_device(self.lookup, device)
-        channels = pixels.shape[1]
-        offsets = torch.arange(channels, device=device).view(1, channels, 1, 1) * 256
-        return lookup.view(-1)[pixels.long() + offsets]
+        return _looked_up(to_device(self.lookup, device), pixels)
 
-    def _processed(self, image) -> torch.Tensor:
-        return torch.as_tensor(self.image_processor(images=[image], return_tensors="np")["pixel_values"][0])
 
-    def _resized(self, image) -> torch.Tensor:
-        return torch.as_tensor(self.image_processor(images=[image], return_tensors="np", **_RESIZE_ONLY)
-                               ["pixel_values"][0])
+def _processed(image_processor: Any, image) -> torch.Tensor:
+    return torch.as_tensor(image_processor(images=[image], return_tensors="np")["pixel_values"][0])
+
+
+def _resized(image_processor: Any, image) -> torch.Tensor:
+    return torch.as_tensor(image_processor(images=[image], return_tensors="np", **_RESIZE_ONLY)["pixel_values"][0])
+
+
+def _looked_up(lookup: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 `[B, C, H, W]` -> `lookup[channel, value]` for every pixel (float32, on the pixels' device)."""
+    channels = pixels.shape[1]
+    offsets = torch.arange(channels, device=pixels.device).view(1, channels, 1, 1) * 256
+    return lookup.view(-1)[pixels.long() + offsets]
 
 
 def _lookup_table(image_processor: Any) -> torch.Tensor | None:
@@ -74,13 +79,10 @@ def _checked_lookup_table(image_processor: Any) -> torch.Tensor | None:
         table = image_processor(images=[ramp], do_resize=False, do_center_crop=False, return_tensors="np"
                                 )["pixel_values"][0]
         table = torch.as_tensor(table, dtype=torch.float32).reshape(3, 256)
-        pipeline = PixelPipeline.__new__(PixelPipeline)
-        pipeline.image_processor, pipeline.lookup = image_processor, table
         test = Image.fromarray(np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8))
-        resized = pipeline._resized(test)
+        resized = _resized(image_processor, test)
         exact = (resized.dtype == torch.uint8
-                 and torch.equal(pipeline.device_pixels(resized[None], torch.device("cpu"))[0],
-                                 pipeline._processed(test)))
+                 and torch.equal(_looked_up(table, resized[None])[0], _processed(image_processor, test)))
     except (TypeError, ValueError, KeyError, RuntimeError) as error:  # a processor that does not take these options
         log.info("%s: pixels are normalised on the host (%s)", name, error)
         return None
