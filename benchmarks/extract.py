@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probing.data import DataOptions, load_split
+from probing.data import DataOptions
+from probing.tasks import load_split
 from probing.data.images import load_rgb_image
 from probing.data.synthetic import demo_data_options, make_demo_data
 from probing.extract import ExtractionRequest, default_workers, extract_loaded

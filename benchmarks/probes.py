@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from probing.losses import task_loss
-from probing.metrics import main_metric, task_metrics
 from probing.probes import new_probe
+from probing.device_copies import to_device_chunked
 from probing.train import (
-    TASK_OUTPUTS,
+    EVAL_CHUNK,
     ProbeData,
     TrainSettings,
     Trial,
@@ -43,7 +42,6 @@ from probing.train import (
     train_frozen,
     train_single,
 )
-from probing.transfer import to_device_chunked
 
 
 def synthetic(rows: int, width: int, seed: int) -> ProbeData:
@@ -106,8 +104,8 @@ def resident_loop(features, targets, val_features, val_targets, trial: Trial, se
     """One probe, the plain way at its fastest: resident features sliced by index, torch.optim.AdamW, LambdaLR,
     validation each epoch (its metric read on the host, as early stopping needs)."""
     device, dtype = features.device, features.dtype
-    probe = new_probe(settings.probe, features.shape[1], TASK_OUTPUTS[settings.task], settings.hidden,
-                      trial.seed).to(device)
+    head = settings.head
+    probe = new_probe(settings.probe, features.shape[1], head.outputs, settings.hidden, trial.seed).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(probe.named_parameters(), settings.weight_decay), lr=trial.lr)
     steps = math.ceil(len(features) / settings.batch_size) * trial.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -120,28 +118,28 @@ def resident_loop(features, targets, val_features, val_targets, trial: Trial, se
             rows = order[start:start + settings.batch_size]
             with torch.autocast(**autocast):
                 outputs = probe(features.index_select(0, rows))  # the fast gather, as ours
-            task_loss(settings.task, outputs.float(), targets[rows]).backward()
+            head.loss(outputs.float(), targets[rows]).backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         with torch.no_grad(), torch.autocast(**autocast):
-            outputs = torch.cat([probe(val_features[s:s + settings.eval_batch_size]).float()
-                                 for s in range(0, len(val_features), settings.eval_batch_size)])
-        metric = float(task_metrics(settings.task, outputs, val_targets)[main_metric(settings.task)])
+            outputs = torch.cat([probe(val_features[s:s + EVAL_CHUNK]).float()
+                                 for s in range(0, len(val_features), EVAL_CHUNK)])
+        metric = float(head.metrics(outputs, val_targets)[head.main_metric])
     return metric
 
 
 def unfrozen(args, device: torch.device) -> None:
     """Steady-state epoch time: (time of a 4-epoch run - time of a 1-epoch run) / 3 after a warm-up run, so that
     what a run pays once (accelerate's setup, kernel warm-up, the final weights) is left out."""
-    from probing.data import SPLITS, DataOptions, load_split
+    from probing.data import DataOptions
     from probing.data.synthetic import demo_data_options, make_demo_data
     from probing.extract import ExtractionRequest, extract_loaded
     from probing.features import FeatureStore
     from probing.models import load_resampler
     from probing.models.tiny import write_checkpoint
-    from probing.probe_data import targets_for
     from probing.train import train_module
+    from probing.tasks import get_task, load_split
     from probing.unfrozen import VisionTable, unfrozen_run
 
     size = "real" if device.type == "cuda" else "tiny"
@@ -154,12 +152,12 @@ def unfrozen(args, device: torch.device) -> None:
         # One resampler for everything: timing does not care that training changes its weights.
         resampler = load_resampler(str(checkpoint), init=init, device=device,
                                    vision_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        for split in SPLITS:
+        for split in ("train", "val", "test"):
             extract_loaded(resampler, load_split(options, split), ExtractionRequest(
                 model=str(checkpoint), data=options, split=split, out=scratch / "f" / split, layers="1", init=init,
                 store_vision=True, progress=False, device=str(device), workers=args.workers))
         examples = {s: load_split(options, s).examples for s in ("train", "val")}
-        targets = {s: targets_for("vsr", examples[s], s) for s in examples}
+        targets = {s: get_task("vsr").head.targets(examples[s], s) for s in examples}
         settings = TrainSettings(task="vsr", batch_size=args.unfrozen_batch, device=str(device))
         timings = {}
         for name in ("vision store", "recompute ViT"):

@@ -1,14 +1,18 @@
 """Analysis of run folders: accuracies with bootstrap confidence intervals, per-category breakdowns, and the
 paper's Table 5 (Kendall correlations between per-category accuracy and properties of the data).
 
-- Every accuracy is the mean over seeds of the per-example correctness on test (Acc@IoU>=0.5 for RefCOCOg,
-  accuracy for VSR and RCM), with a 95 % percentile bootstrap interval over test examples (the examples are
-  resampled; all seeds are evaluated on each resample), seeded so that a report is reproducible, and, when
-  several seeds were run, the standard deviation across seeds. The paper reports single runs.
-- Categories: COCO supercategory (RefCOCOg, RCM), VSR meta-category.
-- Kendall tau (scipy) across supercategories between accuracy and (1) the number of train examples of the
-  supercategory, (2) the mean box area (fraction of the image) of its test examples, (3) the mean distance
-  of its test boxes' centres from the image centre; p > 0.05 is marked as not significant.
+- Every accuracy is the mean over seeds of the per-example correctness on an evaluated split (test for the
+  paper's tasks; by the task head's rule: Acc@IoU>=0.5 for boxes, accuracy for binary matching), with a 95 %
+  percentile bootstrap interval over its examples (the examples are resampled; all seeds are evaluated on
+  each resample), seeded so that a report is reproducible, and, when several seeds were run, the standard
+  deviation across seeds. The paper reports single runs.
+- Categories: what the task calls one (COCO supercategory for RefCOCOg and RCM, VSR meta-category ...).
+- Kendall tau (scipy) across categories between accuracy and (1) the number of train examples of the
+  category, (2) the mean box area (fraction of the image) of its test examples, (3) the mean distance of its
+  test boxes' centres from the image centre; p > 0.05 is marked as not significant. For tasks whose
+  examples carry boxes (the task says so).
+- ROC-AUC (scikit-learn) of binary tasks, from the predicted probabilities, beside the accuracy.
+- `probing analyze` runs every registered analysis that applies to the run's task (`register_analysis`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +29,12 @@ import numpy as np
 from scipy.stats import kendalltau
 
 from probing.errors import ProbingError
+from probing.records import MetricsRecord, SearchSummary, read_json_file
+from probing.tasks import TaskSpec, get_task
 
 BOOTSTRAP_RESAMPLES = 1000
 CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05
-FAMILY_NAMES = {"blip2": "BLIP-2", "instructblip": "InstructBLIP"}
 KENDALL_PROPERTIES = ("train_examples", "mean_area", "mean_centre_distance")
 
 
@@ -68,11 +74,23 @@ class RunResults:
     metadata: list[dict[str, Any]]  # per test example
     train_categories: dict[str, int] = field(default_factory=dict)
     search: dict[str, Any] | None = None  # the search summary when the run is a search's best trial
+    split: str = "test"  # the evaluated split these results are of
+    task_file: str | None = None  # where a task defined by a file is defined
 
     @property
-    def key(self) -> tuple[str, str, str, int, str]:
-        """What a report row stands for: model label, task, mode, layer, probe."""
-        return (self.label, self.task, self.mode, self.layer, self.probe)
+    def spec(self) -> TaskSpec:
+        return get_task(self.task) if self.task_file is None else get_task(self.task_file)
+
+    @property
+    def column(self) -> str:
+        """The task and split as a table column: the task's title, and the split when it has several."""
+        spec = self.spec
+        return spec.title if len(spec.eval_splits) == 1 else f"{spec.title} {self.split}"
+
+    @property
+    def key(self) -> tuple[str, str, str, str, int, str]:
+        """What a report row stands for: model label, task, split, mode, layer, probe."""
+        return (self.label, self.task, self.split, self.mode, self.layer, self.probe)
 
 
 def deduplicate(runs: list[RunResults]) -> tuple[list[RunResults], list[RunResults]]:
@@ -89,58 +107,97 @@ def deduplicate(runs: list[RunResults]) -> tuple[list[RunResults], list[RunResul
 
 
 def last_layer_runs(runs: list[RunResults], probe: str = "linear") -> dict[tuple[str, str, str], RunResults]:
-    """(model, mode, task) -> the run of the highest layer with this probe (runs already deduplicated)."""
+    """(model, mode, column) -> the run of the highest layer with this probe (runs already deduplicated)."""
     chosen: dict[tuple[str, str, str], RunResults] = {}
     for run in sorted(runs, key=lambda r: str(r.path)):
         if run.probe != probe:
             continue
-        key = (run.label, run.mode, run.task)
+        key = (run.label, run.mode, run.column)
         if key not in chosen or run.layer > chosen[key].layer:
             chosen[key] = run
     return chosen
 
 
-def _model_of(manifest: dict[str, Any]) -> dict[str, Any]:
+def _model_of(manifest: dict[str, Any], where: Path) -> dict[str, Any]:
     inputs = manifest.get("inputs", {})
     if "model" in inputs:
         return inputs["model"]
     features = inputs.get("features", {})
     if features:
         return next(iter(features.values()))["model"]
-    raise ProbingError(f"manifest of kind {manifest.get('kind')}: no model identity")
+    raise ProbingError(f"{where}: manifest of kind {manifest.get('kind')}: no model identity")
 
 
-def load_run(path: Path | str) -> RunResults:
-    """Read a run folder, or a search folder (its `best/` run, labelled with the search)."""
+def model_label(model: dict[str, Any]) -> str:
+    """The default report label of a model: its family's title, marked when its weights are random."""
+    from probing.models.registry import families
+
+    titles = {family.name: family.title for family in families()}
+    family = model.get("family", "?")
+    return titles.get(family, family) + (" (random)" if model.get("init") == "random" else "")
+
+
+def _run_folder(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """A run folder, or a search folder's `best/` run with its summary."""
     path = Path(path)
-    search = None
     if (path / "summary.json").is_file() and (path / "best").is_dir():
-        search = json.loads((path / "summary.json").read_text())
-        path = path / "best"
-    for name in ("manifest.json", "metrics.json", "predictions/test.jsonl"):
-        if not (path / name).is_file():
-            raise ProbingError(f"{path}: not a run folder ({name} missing)")
-    manifest = json.loads((path / "manifest.json").read_text())
-    metrics = json.loads((path / "metrics.json").read_text())
-    model = _model_of(manifest)
+        return path / "best", SearchSummary.read(path).to_json()
+    return path, None
+
+
+def load_run(path: Path | str, split: str | None = None) -> RunResults:
+    """Read a run folder, or a search folder (its `best/` run, labelled with the search), for one evaluated
+    split (default: the task's first, `test` for the paper's tasks)."""
+    run_path, search = _run_folder(Path(path))
+    for name in ("manifest.json", "metrics.json"):
+        if not (run_path / name).is_file():
+            raise ProbingError(f"{run_path}: not a run folder ({name} missing)")
+    manifest = read_json_file(run_path / "manifest.json")
+    metrics = MetricsRecord.read(run_path)
+    task_file = manifest.get("task_file")
+    spec = get_task(task_file or metrics.task)
+    split = split or spec.eval_splits[0]
+    predictions = run_path / "predictions" / f"{split}.jsonl"
+    if not predictions.is_file():
+        raise ProbingError(f"{run_path}: not a run folder (predictions/{split}.jsonl missing)")
+    model = _model_of(manifest, run_path)
     family, init = model["family"], model.get("init", "pretrained")
-    label = metrics.get("label") or FAMILY_NAMES.get(family, family) + (" (random)" if init == "random" else "")
+    label = metrics.label or model_label(model)
     records_by_seed: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    with open(path / "predictions" / "test.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            records_by_seed[record["seed"]].append(record)
+    for number, record in enumerate(_records(predictions), start=1):
+        if not isinstance(record, dict) or not isinstance(record.get("seed"), int):
+            raise ProbingError(f"{predictions}: line {number}: a prediction record without a seed")
+        records_by_seed[record["seed"]].append(record)
+    if not records_by_seed:
+        raise ProbingError(f"{predictions}: no predictions")
     seeds = sorted(records_by_seed)
     first = records_by_seed[seeds[0]]
     ids = [r["id"] for r in first]
     for seed in seeds:
         if [r["id"] for r in records_by_seed[seed]] != ids:
-            raise ProbingError(f"{path}: seeds were evaluated on different test examples")
+            raise ProbingError(f"{run_path}: seeds were evaluated on different {split} examples")
     correct = np.array([[float(r["correct"]) for r in records_by_seed[seed]] for seed in seeds])
-    return RunResults(path=path, task=manifest["task"], mode=manifest["mode"], layer=manifest["layer"],
-                      probe=manifest["probe"], family=family, init=init, label=label, metric=metrics["metric"],
+    return RunResults(path=run_path, task=spec.name, mode=manifest["mode"], layer=manifest["layer"],
+                      probe=manifest["probe"], family=family, init=init, label=label, metric=metrics.metric,
                       seeds=seeds, ids=ids, categories=[r["category"] for r in first], correct=correct,
-                      metadata=first, train_categories=metrics.get("train_categories", {}), search=search)
+                      metadata=first, train_categories=metrics.train_categories, search=search, split=split,
+                      task_file=task_file)
+
+
+def load_run_splits(path: Path | str) -> list[RunResults]:
+    """One RunResults per evaluated split of a run (RefCOCO's testA and testB; `test` alone for most)."""
+    first = load_run(path)
+    return [first] + [load_run(path, split) for split in first.spec.eval_splits[1:]]
+
+
+def _records(path: Path):
+    """The JSON objects of a predictions file, one per line; damage named by file and line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ProbingError(f"{path}: line {number}: not a JSON record") from None
 
 
 def estimate(correct: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -186,9 +243,9 @@ class Correlation:
 
 
 def category_properties(run: RunResults) -> dict[str, dict[str, float]]:
-    """Per supercategory: train examples, mean box area and mean centre distance of its test examples."""
-    if run.task not in ("refcocog", "rcm"):
-        raise ProbingError(f"{run.path}: Kendall correlations need boxes (RefCOCOg or RCM), not {run.task}")
+    """Per category: train examples, mean box area and mean centre distance of its test examples."""
+    if not run.spec.kendall:
+        raise ProbingError(f"{run.path}: Kendall correlations need examples with boxes, which {run.task} has not")
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for category, record in zip(run.categories, run.metadata, strict=True):
         grouped[category].append(record)
@@ -220,17 +277,63 @@ def kendall(run: RunResults) -> dict[str, Correlation]:
     return result
 
 
+def roc_auc(run: RunResults) -> dict[str, float | None] | None:
+    """ROC-AUC (scikit-learn) of a binary run's probabilities, mean and std over seeds; None for other heads
+    or runs whose records carry no probability."""
+    from sklearn.metrics import roc_auc_score
+
+    if run.spec.head.kind != "binary" or not run.metadata or "probability" not in run.metadata[0]:
+        return None
+    labels = [record["label"] for record in run.metadata]
+    if len(set(labels)) < 2:
+        return None
+    values = []
+    for seed in run.seeds:
+        records = [r for r in _records(run.path / "predictions" / f"{run.split}.jsonl") if r["seed"] == seed]
+        values.append(float(roc_auc_score([r["label"] for r in records], [r["probability"] for r in records])))
+    return {"mean": float(np.mean(values)), "seed_std": float(statistics.stdev(values)) if len(values) > 1 else None,
+            "seeds": len(values)}
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One per-run analysis of `probing analyze`: its name, when it applies, what it computes (JSON-ready)."""
+
+    name: str
+    applies: Callable[[RunResults], bool]
+    compute: Callable[[RunResults], Any]
+
+
+ANALYSES: dict[str, Analysis] = {}
+
+
+def register_analysis(analysis: Analysis) -> Analysis:
+    ANALYSES[analysis.name] = analysis
+    return analysis
+
+
+def _kendall_json(run: RunResults) -> dict[str, Any]:
+    return {name: {"tau": _finite(c.tau), "p_value": _finite(c.p_value), "significant": c.significant}
+            for name, c in kendall(run).items()}
+
+
+register_analysis(Analysis("test", lambda run: True, lambda run: overall(run).as_dict()))
+register_analysis(Analysis("per_category", lambda run: True,
+                           lambda run: {c: e.as_dict() for c, e in per_category(run).items()}))
+register_analysis(Analysis("roc_auc", lambda run: run.spec.head.kind == "binary", roc_auc))
+register_analysis(Analysis("kendall", lambda run: run.spec.kendall, _kendall_json))
+register_analysis(Analysis("category_properties", lambda run: run.spec.kendall, category_properties))
+
+
 def analyse(run: RunResults) -> dict[str, Any]:
-    """Everything the analysis says about one run, JSON-ready (`probing analyze`)."""
+    """Everything the registered analyses say about one run, JSON-ready (`probing analyze`)."""
     result: dict[str, Any] = {
-        "path": str(run.path), "task": run.task, "mode": run.mode, "layer": run.layer, "probe": run.probe,
-        "model": run.label, "metric": run.metric, "test": overall(run).as_dict(),
-        "per_category": {c: e.as_dict() for c, e in per_category(run).items()},
+        "path": str(run.path), "task": run.task, "split": run.split, "mode": run.mode, "layer": run.layer,
+        "probe": run.probe, "model": run.label, "metric": run.metric,
     }
-    if run.task in ("refcocog", "rcm"):
-        result["kendall"] = {name: {"tau": _finite(c.tau), "p_value": _finite(c.p_value),
-                                    "significant": c.significant} for name, c in kendall(run).items()}
-        result["category_properties"] = category_properties(run)
+    for analysis in ANALYSES.values():
+        if analysis.applies(run):
+            result[analysis.name] = analysis.compute(run)
     return result
 
 

@@ -15,25 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from probing.data.types import DataOptions
 from probing.errors import ProbingError
+from probing.extract import ExtractionSettings
+from probing.models import ModelSource
+from probing.probe_run import Mode
+from probing.search import SearchSettings
+from probing.settings import check as check_settings
+from probing.settings import config_fields, config_section, setting
+from probing.train import ProbeName, TrainSettings
 
-Task = Literal["refcocog", "vsr", "rcm"]
-Mode = Literal["frozen", "unfrozen"]
-ProbeName = Literal["linear", "swiglu2", "swiglu4"]
-TableName = Literal["table1", "table2", "table3", "table4", "table5", "per_layer", "categories_refcocog",
-                    "categories_rcm"]
 
+@dataclass(frozen=True, kw_only=True)
+class ModelEntry(ModelSource):
+    """A model under a report label: a `ModelSource` (alias, Hub id, local folder or LAVIS .pth in `model`), or
+    a tiny random checkpoint of a family written into the workspace (`tiny`)."""
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """A model under a report label: a registry name, Hub id, local folder or LAVIS .pth (`model`), or a tiny
-    random checkpoint of a family written into the workspace (`tiny`)."""
-
-    model: str | None = None
     tiny: Literal["blip2", "instructblip"] | None = None
-    revision: str | None = None
-    init: Literal["pretrained", "random"] = "pretrained"
-    base: str | None = None  # LAVIS .pth only: where config and tokenizer come from
 
 
 @dataclass(frozen=True)
@@ -43,60 +41,35 @@ class DemoData:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    images: Path | None = None  # COCO root: train2014/ (RefCOCOg, RCM); trainval2017/ or train2017/ + val2017/
-    refs: Path | None = None  # RefCOCOg refs(umd).p
-    instances: Path | None = None  # RefCOCOg instances.json
-    vsr: Path | None = None  # folder with train/dev/test.jsonl
-    rcm: Path | None = None  # a build-rcm output; built into the workspace when absent
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(DataOptions):
+    """The data options of every task (each reader takes the ones it needs); RCM is built into the workspace
+    from `refs` and `instances` when `rcm` is not given; `demo` generates the demo dataset instead."""
+
     rcm_seed: int = 0
-    demo: DemoData | None = None  # generate the demo dataset into the workspace instead
+    demo: DemoData | None = None
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
-    batch_size: int = 64
-    shard_size: int = 1024
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    vision_dtype: Literal["float16", "bfloat16", "float32"] | None = None
-    qformer_dtype: Literal["float16", "bfloat16", "float32"] = "float32"
-    compile_vision: bool = False
-    workers: int | None = None
+# The `train` section: TrainSettings' config fields, and what a config decides per mode or per task.
+TrainConfig = config_section("TrainConfig", TrainSettings, extra=[
+    ("unfrozen_batch_size", int, setting(128, low=1, help="Training batch size of unfrozen searches.")),
+    ("patience", dict[str, int], setting(default_factory=dict, help="Early-stopping patience per task (default: "
+                                                                    "the task's).")),
+])
 
 
-@dataclass(frozen=True)
-class SpaceConfig:
-    """Overrides of the paper's search space for one task (absent fields keep the paper's values)."""
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig(SearchSettings):
+    """An experiment's `search` section; `space` overrides dimensions of a task's default space
+    (`{task: {lr: [low, high], epochs: [...], giou_scale: [...], l1_scale: [...], logreg_c: [low, high]}}`)."""
 
-    lr: list[float] | None = None  # [low, high], log-uniform
-    epochs: list[int] | None = None
-    giou_scale: list[float] | None = None
-    l1_scale: list[float] | None = None
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    trials: int = 10
-    batch: int = 8
-    seed: int = 0
-    final_seeds: list[int] = field(default_factory=lambda: [0])  # the best trial is evaluated with these
-    storage: str | None = None
-    space: dict[Task, SpaceConfig] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 128
-    unfrozen_batch_size: int = 128
-    hidden: int = 768
-    patience: dict[Task, int] = field(default_factory=lambda: {"rcm": 10})
+    space: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    tasks: list[Task]
+    tasks: list[str]  # registered task names or task YAML files
     models: list[str]
     modes: list[Mode] = field(default_factory=lambda: ["frozen"])
     layers: list[int] | Literal["last", "all"] = "last"
@@ -106,7 +79,7 @@ class Experiment:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    tables: list[TableName] | None = None  # None: every table the runs allow
+    tables: list[str] | None = None  # None: every table the runs allow; names from the table registry
     compare_paper: bool = False
     out: Path | None = None  # default: <workspace>/report-<name>
 
@@ -118,7 +91,7 @@ class Config:
     models: dict[str, ModelEntry]
     experiments: list[Experiment]
     data: DataConfig = field(default_factory=DataConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    extract: ExtractionSettings = field(default_factory=ExtractionSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     device: str | None = None
@@ -136,7 +109,7 @@ def _type_name(kind: Any) -> str:
         return " | ".join(repr(v) for v in get_args(kind))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(k) for k in get_args(kind) if k is not type(None))
-    if origin is list:
+    if origin in (list, tuple):
         return f"a list of {_type_name(get_args(kind)[0])}"
     if origin is dict:
         return f"a mapping to {_type_name(get_args(kind)[1])}"
@@ -163,10 +136,11 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         if value not in get_args(kind):
             raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {value!r}")
         return value
-    if origin is list:
+    if origin in (list, tuple):
         if not isinstance(value, list):
             raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {value!r}")
-        return [_convert(item, get_args(kind)[0], f"{where}[{i}]") for i, item in enumerate(value)]
+        items = [_convert(item, get_args(kind)[0], f"{where}[{i}]") for i, item in enumerate(value)]
+        return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {value!r}")
@@ -199,11 +173,12 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping; unknown, missing and mistyped fields are named."""
+    """Build dataclass `cls` from a mapping; unknown, missing, mistyped and out-of-range fields are named.
+    Settings a config may not set (declared `config=False`) are unknown here."""
     if not isinstance(data, dict):
         raise ProbingError(f"config field '{where or 'top level'}': expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in config_fields(cls)}
     prefix = f"{where}." if where else ""
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -214,14 +189,16 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
             values[name] = _convert(data[name], hints[name], f"{prefix}{name}")
         elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
             raise ProbingError(f"config field '{prefix}{name}': missing")
-    return cls(**values)
+    built = cls(**values)
+    return check_settings(built, where=lambda f: f"config field '{prefix}{f.name}'")
 
 
 def to_dict(value: Any) -> Any:
-    """The YAML-ready form of a config (paths as strings)."""
+    """The YAML-ready form of a config (paths as strings, tuples as lists; settings a config may not set
+    left out)."""
     if dataclasses.is_dataclass(value):
-        return {f.name: to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, list):
+        return {f.name: to_dict(getattr(value, f.name)) for f in config_fields(type(value))}
+    if isinstance(value, (list, tuple)):
         return [to_dict(v) for v in value]
     if isinstance(value, dict):
         return {k: to_dict(v) for k, v in value.items()}
@@ -231,17 +208,27 @@ def to_dict(value: Any) -> Any:
 
 
 def check(config: Config, paths: bool = True) -> Config:
-    """Cross-field checks: models named by experiments exist, each model has one source, and (with `paths`)
-    the data the experiments need is given and exists."""
+    """Cross-field checks: models named by experiments exist, each model has one source, tasks are known, search
+    spaces are valid, report tables exist, and (with `paths`) the data the experiments need is given and exists."""
+    from probing.report import table_names
+    from probing.tasks import get_task
+
     for label, entry in config.models.items():
         if (entry.model is None) == (entry.tiny is None):
             raise ProbingError(f"config field 'models.{label}': give exactly one of 'model' and 'tiny'")
     names = set()
+    specs = {}
     for index, experiment in enumerate(config.experiments):
         where = f"experiments[{index}]"
         if experiment.name in names:
             raise ProbingError(f"config field '{where}.name': '{experiment.name}' is used twice")
         names.add(experiment.name)
+        for position, task in enumerate(experiment.tasks):
+            try:
+                specs[task] = get_task(task)
+            except ProbingError as error:
+                raise ProbingError(f"config field '{where}.tasks[{position}]': "
+                                   f"{str(error).removeprefix('--task: ')}") from None
         for position, label in enumerate(experiment.models):
             if label not in config.models:
                 raise ProbingError(f"config field '{where}.models[{position}]': no model '{label}' in 'models'")
@@ -254,43 +241,51 @@ def check(config: Config, paths: bool = True) -> Config:
             if isinstance(values, list) and not values:
                 raise ProbingError(f"config field '{where}.{name}': empty")
         search = experiment.search
-        _at_least(search.trials, 1, f"{where}.search.trials")
-        _at_least(search.batch, 1, f"{where}.search.batch")
-        _at_least(search.seed, 0, f"{where}.search.seed")
-        if not search.final_seeds or len(set(search.final_seeds)) != len(search.final_seeds):
+        if search.final_seeds is not None and (not search.final_seeds
+                                               or len(set(search.final_seeds)) != len(search.final_seeds)):
             raise ProbingError(f"config field '{where}.search.final_seeds': at least one seed, each once")
-        for seed in search.final_seeds:
-            _at_least(seed, 0, f"{where}.search.final_seeds")
-    for name in ("batch_size", "shard_size"):
-        _at_least(getattr(config.extract, name), 1, f"extract.{name}")
-    if config.extract.workers is not None:
-        _at_least(config.extract.workers, 0, "extract.workers")
-    for name in ("batch_size", "unfrozen_batch_size", "hidden"):
-        _at_least(getattr(config.train, name), 1, f"train.{name}")
+        for task in experiment.tasks:
+            search_space(experiment, index, task)
+        for key in search.space:
+            if key not in experiment.tasks and key not in {specs[t].name for t in experiment.tasks}:
+                raise ProbingError(f"config field '{where}.search.space.{key}': not one of the experiment's tasks")
     for task, patience in config.train.patience.items():
-        _at_least(patience, 1, f"train.patience.{task}")
-    tasks = {task for experiment in config.experiments for task in experiment.tasks}
+        if patience < 1:
+            raise ProbingError(f"config field 'train.patience.{task}': must be >= 1, got {patience}")
+    if config.report.tables is not None:
+        known = table_names(specs.values())
+        for position, table in enumerate(config.report.tables):
+            if table not in known:
+                raise ProbingError(f"config field 'report.tables[{position}]': unknown table '{table}' "
+                                   f"(known: {', '.join(known)})")
     data = config.data
     if paths and data.demo is None:
-        needed = {"images": bool(tasks)}
-        if tasks & {"refcocog"} or ("rcm" in tasks and data.rcm is None):
-            needed |= {"refs": True, "instances": True}
-        if "vsr" in tasks:
-            needed["vsr"] = True
-        for name, required in needed.items():
+        needed: set[str] = set()
+        for spec in specs.values():
+            options = set(spec.reader.options)
+            if "rcm" in options and data.rcm is None:  # RCM is built from RefCOCOg's files
+                options = (options - {"rcm"}) | {"refs", "instances"}
+            needed |= options
+        for name in ("images", "refs", "instances", "vsr", "rcm"):
             value = getattr(data, name)
-            if required and value is None:
+            if name in needed and value is None:
                 raise ProbingError(f"config field 'data.{name}': missing (needed by the experiments' tasks)")
             if value is not None and not value.exists():
                 raise ProbingError(f"config field 'data.{name}': {value}: not found")
-        if data.rcm is not None and not data.rcm.exists():
-            raise ProbingError(f"config field 'data.rcm': {data.rcm}: not found")
     return config
 
 
-def _at_least(value: int, low: int, where: str) -> None:
-    if value < low:
-        raise ProbingError(f"config field '{where}': must be >= {low}, got {value}")
+def search_space(experiment: Experiment, index: int, task: str):
+    """A task's default space with the experiment's overrides (by task name or reference), checked; errors
+    name the config field."""
+    from probing.tasks import get_task
+
+    spec = get_task(task)
+    override = experiment.search.space.get(task, experiment.search.space.get(spec.name))
+    if override is None:
+        return spec.search_space
+    key = task if task in experiment.search.space else spec.name
+    return spec.search_space.overridden(override, f"config field 'experiments[{index}].search.space.{key}'")
 
 
 def load_config(path: Path | str, check_paths: bool = True) -> Config:

@@ -17,34 +17,33 @@ Speed where it matters:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from probing.artifacts import code_version
-from probing.data import DataOptions, Example, SplitData, load_split
 from probing.data.images import load_rgb_image
+from probing.data.types import DataOptions, Example, SplitData
+from probing.device_copies import to_device, to_host
 from probing.errors import ProbingError
-from probing.features import STORE_FORMAT_VERSION, FeatureStore, FeatureStoreWriter, layer_key
-from probing.models import Resampler, load_resampler
-from probing.transfer import to_device, to_host
+from probing.features import PER_IMAGE, STORE_FORMAT_VERSION, FeatureStore, FeatureStoreWriter, layer_key
+from probing.models import ModelSource, Resampler, load_resampler
+from probing.records import StageResult
+from probing.settings import check, identity, setting
+from probing.tasks import load_split, task_reference
 
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str, option: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ProbingError(f"{option}: unknown dtype '{name}' (choose {', '.join(DTYPES)})")
-    return DTYPES[name]
+DtypeName = Literal["float16", "bfloat16", "float32"]
 
 
 def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
@@ -66,29 +65,42 @@ def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-@dataclass(frozen=True)
-class ExtractionRequest:
-    model: str
+@dataclass(frozen=True, kw_only=True)
+class ExtractionSettings:
+    """How a split is extracted: the `extract` section of a config and the options of `probing extract`.
+    Which layers and whether ViT outputs are kept, a config derives from its experiments."""
+
+    layers: str | tuple[int, ...] = setting("all", config=False, help="all | comma-separated Q-Former layers, e.g. "
+                                                                      "1,6,12 (0 = the constant embedding output)")
+    shard_size: int = setting(1024, identity=True, low=1, help="Examples per shard (the unit of resumption).")
+    batch_size: int = setting(64, identity=True, low=1, help="Images and texts per forward pass.")
+    store_vision: bool = setting(False, identity=True, config=False,
+                                 help="Also store per-image ViT outputs for unfrozen training.")
+    dtype: DtypeName = setting("float16", identity=True, help="Storage dtype of the query states.")
+    vision_dtype: DtypeName | None = setting(None, identity=True,
+                                             help="ViT compute dtype (default bfloat16 on GPU, float32 on CPU).")
+    qformer_dtype: DtypeName = setting("float32", identity=True, help="Q-Former compute dtype.")
+    compile_vision: bool = setting(False, identity="vision_compiled", omit_default=True,
+                                   help="Compile the ViT with torch.compile (fused kernels; the first batches wait "
+                                        "for the compiler).")
+    skip_bad_images: bool = setting(False, identity=True, help="Record missing or corrupt images in the manifest "
+                                                               "and leave their examples out, instead of stopping.")
+    workers: int | None = setting(None, low=0, help="Image decoding processes (default: cores - 2, 1..16).")
+    device: str | None = setting(None, config=False, help="cpu, cuda, cuda:1 ... (default: accelerate's choice).")
+    progress: bool = setting(True, cli=False, config=False, help="A progress bar on a terminal.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractionRequest(ModelSource, ExtractionSettings):
+    """One split of one task through one model into one store: a model source, extraction settings and where."""
+
     data: DataOptions
     split: str
     out: Path
-    layers: str | Sequence[int] = "all"
-    shard_size: int = 1024
-    batch_size: int = 64
-    init: str = "pretrained"
-    store_vision: bool = False
-    dtype: str = "float16"  # storage dtype of the query states
-    vision_dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
-    qformer_dtype: str = "float32"
-    compile_vision: bool = False  # torch.compile the ViT (fused kernels change the last bits: part of the identity)
-    revision: str | None = None
-    family: str | None = None
-    base: str | None = None
-    seed: int = 0
-    workers: int | None = None  # None: default_workers()
-    skip_bad_images: bool = False
-    device: str | None = None  # None: what accelerate picks (the process's GPU if any)
-    progress: bool = True
+
+    @property
+    def source(self) -> ModelSource:
+        return ModelSource(**{f.name: getattr(self, f.name) for f in fields(ModelSource)})
 
 
 @dataclass
@@ -171,63 +183,57 @@ def _distributed_state(device: str | None):
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
-def resolve_dtypes(request: ExtractionRequest, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
-    """(storage, vision, Q-Former) dtypes of a request; the ViT defaults to bf16 on GPU, fp32 on CPU."""
-    return (parse_dtype(request.dtype, "--dtype"),
-            parse_dtype(request.vision_dtype or ("bfloat16" if device.type == "cuda" else "float32"),
-                        "--vision-dtype"),
-            parse_dtype(request.qformer_dtype, "--qformer-dtype"))
+def resolved(request: ExtractionRequest, device: torch.device) -> ExtractionRequest:
+    """The request with its defaults decided: the ViT in bf16 on GPU, fp32 on CPU."""
+    return replace(check(request), vision_dtype=request.vision_dtype or ("bfloat16" if device.type == "cuda"
+                                                                          else "float32"))
 
 
-def extract(request: ExtractionRequest) -> FeatureStore:
+def extract(request: ExtractionRequest) -> StageResult[FeatureStore]:
     """Extract per-layer query states for one split into `request.out`; resume or refuse as the manifest says."""
     state = _distributed_state(request.device)
     device = torch.device(request.device) if request.device not in (None, "cpu") else state.device
-    if request.batch_size < 1:
-        raise ProbingError("--batch-size must be at least 1")
-    _, vision_dtype, qformer_dtype = resolve_dtypes(request, device)
+    request = resolved(request, device)
     data = load_split(request.data, request.split)
-    resampler = load_resampler(request.model, init=request.init, revision=request.revision, family=request.family,
-                               base=request.base, seed=request.seed, device=device, vision_dtype=vision_dtype,
-                               qformer_dtype=qformer_dtype)
+    resampler = load_resampler(request.source, device=device, vision_dtype=DTYPES[request.vision_dtype],
+                               qformer_dtype=DTYPES[request.qformer_dtype])
     return extract_loaded(resampler, data, request, state)
 
 
-def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionRequest, state=None) -> FeatureStore:
+def store_identity(resampler: Resampler, data: SplitData, request: ExtractionRequest, layers: list[int]
+                   ) -> dict[str, Any]:
+    """What defines a store: the weights, the data, the layers, the settings that change its values or layout."""
+    settings = identity(request, only=[f.name for f in fields(ExtractionSettings)])
+    text = ({"max_tokens": resampler.max_text_tokens, "truncation_side": resampler.truncation_side,
+             "padding": "longest"} if resampler.reads_text else None)
+    result = {"kind": "features", "format_version": STORE_FORMAT_VERSION, "model": resampler.weights_identity(),
+              "task": data.task, "split": data.split, "dataset_fingerprint": data.fingerprint, "layers": layers,
+              "dtype": settings.pop("dtype"),
+              # the dtypes the resampler really runs in (a caller may hand over a loaded one)
+              "vision_dtype": str(resampler.vision_dtype).removeprefix("torch."),
+              "qformer_dtype": str(resampler.qformer_dtype).removeprefix("torch."),
+              "preprocessing": _preprocessing(resampler), "text": text, "order": "grouped by image id"}
+    settings.pop("vision_dtype"), settings.pop("qformer_dtype")
+    if not resampler.reads_text:
+        result["rows"] = PER_IMAGE  # only then: stores of text families keep the identity they always had
+    return result | settings
+
+
+def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionRequest, state=None
+                   ) -> StageResult[FeatureStore]:
     """The extraction proper, for a loaded resampler and split (what `benchmarks/extract.py` times)."""
     state = state or _distributed_state(request.device)
     device = resampler.device
-    storage_dtype = resolve_dtypes(request, device)[0]
+    request = resolved(request, device)
+    storage_dtype = DTYPES[request.dtype]
     layers = parse_layers(request.layers, resampler.num_layers)
     shards = plan_shards(data.examples, request.shard_size)
     if request.compile_vision:
-        resampler.vision_model.compile()  # in place: compiled on its first batch, state-dict keys unchanged
-    identity = {
-        "kind": "features",
-        "format_version": STORE_FORMAT_VERSION,
-        "model": resampler.weights_identity(),
-        "task": data.task,
-        "split": data.split,
-        "dataset_fingerprint": data.fingerprint,
-        "layers": layers,
-        "dtype": request.dtype,
-        "vision_dtype": str(resampler.vision_dtype).removeprefix("torch."),
-        "qformer_dtype": str(resampler.qformer_dtype).removeprefix("torch."),
-        "preprocessing": _preprocessing(resampler),
-        "text": {"max_tokens": resampler.max_text_tokens, "truncation_side": resampler.truncation_side,
-                 "padding": "longest"},
-        "shard_size": request.shard_size,
-        "batch_size": request.batch_size,  # the padding of a batch changes the last bits of its outputs
-        "order": "grouped by image id",
-        "store_vision": request.store_vision,
-        "skip_bad_images": request.skip_bad_images,
-    }
-    if request.compile_vision:  # only when set: stores made before the option existed keep their identity
-        identity["vision_compiled"] = True
-    writer = FeatureStoreWriter(request.out, identity)  # every process checks; none writes yet
+        resampler.compile_vision()
+    writer = FeatureStoreWriter(request.out, store_identity(resampler, data, request, layers))  # every process checks
     if writer.complete:
         log.info("%s: already complete for this request; nothing to do", request.out)
-        return FeatureStore(request.out)
+        return StageResult(FeatureStore(request.out), request.out, "reused")
     _check_images_exist(data.examples, request.skip_bad_images)
     state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
     if state.is_main_process:
@@ -244,17 +250,17 @@ def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionReq
                  done_examples / max(elapsed, 1e-9))
     state.wait_for_everyone()
     if state.is_main_process:
+        recorded = {key: str(Path(value).resolve()) for key, value in request.data.given().items()}
         writer.finish(len(shards), {
             "model_source": resampler.identity,
             "data_sources": data.sources,
             # where the data was read from, so that `probing train` can find the targets by itself
-            "data_options": {key: str(Path(value).resolve()) if key != "task" else value
-                             for key, value in vars(request.data).items() if value is not None},
+            "data_options": {"task": task_reference(request.data.task), **recorded},
             "images": len({e.image_path for e in data.examples}),
             "code_version": code_version(),
         })
     state.wait_for_everyone()
-    return FeatureStore(request.out)
+    return StageResult(FeatureStore(request.out), request.out, "built")
 
 
 def _check_images_exist(examples: list[Example], skip_bad_images: bool) -> None:
@@ -355,21 +361,34 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
                  errors: dict[int, str]):
     rows = [i for i, slot in enumerate(shard.slot_of_example) if slot not in bad_slots]
     queries, hidden = resampler.num_query_tokens, resampler.hidden_size
-    per_layer = torch.empty((len(layers), len(rows), queries, hidden), dtype=storage_dtype, device=resampler.device)
-    truncated = 0
-    row_slots = torch.tensor([shard.slot_of_example[i] for i in rows], dtype=torch.long)
-    for start in range(0, len(rows), request.batch_size):
-        chunk = rows[start:start + request.batch_size]
-        texts = [shard.examples[i].text for i in chunk]
-        tokens = resampler.tokenize(texts)
-        if tokens["input_ids"].shape[1] == resampler.max_text_tokens:  # only then can a text have been cut
-            lengths = [len(ids) for ids in resampler.tokenizer(texts, return_token_type_ids=False)["input_ids"]]
-            truncated += sum(length > resampler.max_text_tokens for length in lengths)
-        # the shard's image table and each text's row in it: keys and values are projected once per image
-        states = resampler.query_states(embeds, tokens, layers, image_slots=row_slots[start:start + len(chunk)])
-        per_layer[:, start:start + len(chunk)] = states.transpose(0, 1).to(storage_dtype)
-    per_layer = to_host(per_layer)
     tensors = {"ids": torch.tensor([shard.examples[i].example_id for i in rows], dtype=torch.int64)}
+    truncated = 0
+    if resampler.reads_text:
+        # one row per example: the shard's image table and each text's row in it (keys and values of the
+        # cross-attention are projected once per image)
+        row_slots = torch.tensor([shard.slot_of_example[i] for i in rows], dtype=torch.long)
+        inputs = [[shard.examples[i].text for i in rows[start:start + request.batch_size]]
+                  for start in range(0, len(rows), request.batch_size)]
+    else:
+        # one row per image: queries that read no text are the same for every example of the image
+        good = [slot for slot in range(len(shard.images)) if slot not in bad_slots]
+        row_of_slot = {slot: row for row, slot in enumerate(good)}
+        row_slots = torch.tensor(good, dtype=torch.long)
+        tensors["image_ids"] = torch.tensor([shard.image_ids[slot] for slot in good], dtype=torch.int64)
+        tensors["example_rows"] = torch.tensor([row_of_slot[shard.slot_of_example[i]] for i in rows],
+                                               dtype=torch.int64)
+        inputs = [None] * math.ceil(len(good) / request.batch_size)
+    per_layer = torch.empty((len(layers), len(row_slots), queries, hidden), dtype=storage_dtype,
+                            device=resampler.device)
+    for batch, texts in enumerate(inputs):
+        start = batch * request.batch_size
+        slots = row_slots[start:start + request.batch_size]
+        tokens = resampler.tokenize(texts) if texts is not None else None
+        if tokens and tokens["input_ids"].shape[1] == resampler.max_text_tokens:  # only then can a text be cut
+            truncated += resampler.count_truncated(texts)
+        states = resampler.query_states(embeds, tokens, layers, image_slots=slots)
+        per_layer[:, start:start + len(slots)] = states.transpose(0, 1).to(storage_dtype)
+    per_layer = to_host(per_layer)
     tensors |= {layer_key(layer): per_layer[j] for j, layer in enumerate(layers)}
     # No batch size here: it is in the store's request, which a resumed run must match, so all shards share it.
     metadata = {

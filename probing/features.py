@@ -7,6 +7,10 @@ Layout of a store folder:
     shard-00000.safetensors ...       tensors `ids` [n] (int64) and `layer_01` ... [n, Q, H], metadata per shard
     vision/shard-00000.safetensors    with --store-vision: `ids` (image ids) and `image_embeds` [m, V, D]
 
+A backend whose queries read no text has the same states for every example of an image: its store keeps
+one row per image (`"rows": "per image"` in the request): a shard then holds `layer_XX` [m, Q, H] for its m
+images, `image_ids` [m] and `example_rows` [n], the row each of its n examples reads.
+
 A shard is written under a temporary name and renamed when complete, so a killed run leaves only whole
 shards; a rerun with the same request keeps them and computes the rest. A store whose manifest differs from
 the request is refused with the differing field named, never mixed.
@@ -37,6 +41,7 @@ from probing.artifacts import (
 from probing.errors import ProbingError
 
 STORE_FORMAT_VERSION = 1  # the request's "format_version": bump when the layout or the values change
+PER_IMAGE = "per image"  # the request's "rows" for backends that read no text (absent: one row per example)
 VISION_FOLDER = "vision"
 _METADATA_KEY = "probing"
 
@@ -84,11 +89,24 @@ class _ShardedTensors:
                 ids.extend(handle.get_tensor("ids").tolist())
         return ids
 
+    def example_rows(self) -> torch.Tensor:
+        """Per-image stores: the row of `load`'s result that each example reads, `[N]` (shard offsets added)."""
+        rows, offset = [], 0
+        for name in self.shard_files:
+            with safe_open(self.folder / name, framework="pt") as handle:
+                rows.append(handle.get_tensor("example_rows") + offset)
+                offset += handle.get_slice("image_ids").get_shape()[0]
+        return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
+
     def load(self, key: str, dtype: torch.dtype | None = None,
              device: str | torch.device | None = None) -> torch.Tensor:
         """Concatenate `key` over shards into one preallocated tensor (one shard in memory at a time)."""
         if not self.shard_files:
             raise ProbingError(f"{self.folder}: store has no shards")
+        total = 0
+        for name in self.shard_files:  # shapes from the headers: nothing is read yet
+            with safe_open(self.folder / name, framework="pt") as handle:
+                total += handle.get_slice(key).get_shape()[0]
         result: torch.Tensor | None = None
         offset = 0
         for name in self.shard_files:
@@ -99,7 +117,7 @@ class _ShardedTensors:
                 # all bad is written as [0, 0, 0]): the output is shaped by the first shard with rows.
                 continue
             if result is None:
-                result = torch.empty((len(self.ids), *part.shape[1:]), dtype=dtype or part.dtype, device=device)
+                result = torch.empty((total, *part.shape[1:]), dtype=dtype or part.dtype, device=device)
             result[offset:offset + len(part)] = part.to(device=result.device, dtype=result.dtype)
             offset += len(part)
         if result is None:  # every shard is empty: no row to return
@@ -137,14 +155,28 @@ class FeatureStore:
     def layers(self) -> list[int]:
         return list(self.manifest["request"]["layers"])
 
+    @property
+    def per_image(self) -> bool:
+        """One row per image (a backend that reads no text) rather than one per example."""
+        return self.manifest["request"].get("rows") == PER_IMAGE
+
     def __len__(self) -> int:
         return int(self.manifest["examples"])
 
     def load(self, layer: int, dtype: torch.dtype | None = None, device: str | torch.device | None = None
              ) -> torch.Tensor:
+        """`[N, Q, H]`, one row per example in `ids` order (a per-image store's rows are repeated)."""
+        states, rows = self.load_rows(layer, dtype, device)
+        return states if rows is None else states.index_select(0, rows.to(states.device))
+
+    def load_rows(self, layer: int, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stored rows and, for a per-image store, the row each example reads (else None): a per-image
+        store stays one row per image in memory."""
         if layer not in self.layers:
             raise ProbingError(f"{self.path}: layer {layer} is not in the store (it has {self.layers})")
-        return self._tensors.load(layer_key(layer), dtype=dtype, device=device)
+        states = self._tensors.load(layer_key(layer), dtype=dtype, device=device)
+        return states, (self._tensors.example_rows() if self.per_image else None)
 
     @property
     def vision(self) -> VisionStore:

@@ -1,4 +1,4 @@
-"""Losses: box regression (GIoU + L1) for RefCOCOg, BCE-with-logits for VSR / RCM.
+"""Losses of the task heads: box regression (GIoU + L1), BCE-with-logits for binary matching.
 
 Boxes are predicted DETR-style: 4 raw outputs -> sigmoid -> normalized `[cx, cy, w, h]`, which is a valid
 box by construction (w, h >= 0), converted to `xyxy` for GIoU with `torchvision.ops`. The L1 term is
@@ -44,11 +44,6 @@ def binary_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = outputs.float().squeeze(-1)
     return F.binary_cross_entropy_with_logits(logits, labels.float().expand_as(logits), reduction="none").mean(-1)
 
-
-def task_loss(task: str, outputs: torch.Tensor, targets: torch.Tensor, giou_scale=1.0, l1_scale=1.0) -> torch.Tensor:
-    if task == "refcocog":
-        return box_loss(outputs, targets, giou_scale, l1_scale)
-    return binary_loss(outputs, targets)
 
 
 def _as_scale(scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:

@@ -1,5 +1,6 @@
-"""Metrics: Acc@IoU>=0.5 and mean IoU for boxes (plain IoU, the usual RefCOCOg accuracy), accuracy for
-binary matching. Functions take a leading probe axis where given (`[K, N, ...]` -> `[K]`)."""
+"""Metric arithmetic used by the task heads (`probing.heads`): IoU of predicted boxes (plain IoU >= 0.5 is the
+usual referring-expression accuracy) and the sign rule of binary logits. Functions take a leading probe axis
+where given (`[K, N, ...]` -> `[K, N]`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,9 @@ import torch
 from probing.data.boxes import paired_iou
 from probing.losses import predicted_boxes
 
+__all__ = ["IOU_THRESHOLD", "binary_correct", "box_ious", "predicted_boxes"]
+
 IOU_THRESHOLD = 0.5
-
-
-def main_metric(task: str) -> str:
-    """The validation metric that picks the best epoch and trial: Acc@0.5 for RefCOCOg, accuracy otherwise."""
-    return "acc@0.5" if task == "refcocog" else "accuracy"
 
 
 def box_ious(outputs: torch.Tensor, targets_xyxy: torch.Tensor) -> torch.Tensor:
@@ -27,10 +25,3 @@ def binary_correct(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     predicted = (outputs.float().squeeze(-1) > 0).float()
     return (predicted == labels.float().to(predicted.device)).float()
 
-
-def task_metrics(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{'acc@0.5', 'mean_iou'} for RefCOCOg, {'accuracy'} for VSR / RCM; each `[K]` or a scalar."""
-    if task == "refcocog":
-        ious = box_ious(outputs, targets)
-        return {"acc@0.5": (ious >= IOU_THRESHOLD).float().mean(-1), "mean_iou": ious.mean(-1)}
-    return {"accuracy": binary_correct(outputs, targets).mean(-1)}

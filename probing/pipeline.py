@@ -11,27 +11,29 @@ Layout under the workspace:
     runs/<experiment>/<model>/<task>/<mode>/layer<L>-<probe>/     (a search folder; best/ inside)
     report-<config name>/                            (README.md, tables/, figures/)
 
-A second run with the same config recomputes nothing: every output's manifest matches and is kept (the
-summary counts what was built and what was reused, by the outputs' manifest timestamps).
+A second run with the same config recomputes nothing: every stage reports that it reused its output, and
+the summary counts what was built and what was reused.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from probing.config import Config, Experiment
-from probing.data import SPLITS, DataOptions
+from probing.config import Config, Experiment, search_space
 from probing.data.rcm import build_rcm
 from probing.data.synthetic import demo_data_options, make_demo_data
+from probing.data.types import DataOptions
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
-from probing.models import qformer_layers
+from probing.models import ModelSource, qformer_layers
 from probing.models.tiny import ensure_checkpoint
+from probing.records import StageResult
 from probing.report import write_report
-from probing.search import SearchRequest, SearchSpace, default_space, run_search
+from probing.search import SearchRequest, SearchSettings, run_search
+from probing.tasks import TaskSpec, get_task
 from probing.train import TrainSettings
 
 
@@ -40,11 +42,15 @@ class Unit:
     """One search: an experiment's task x model x mode x layer x probe."""
 
     experiment: Experiment
-    task: str
+    task: str  # the task's reference as the config gives it (a name or a YAML file)
     model: str  # the label in config.models
     mode: str
     layer: int
     probe: str
+
+    @property
+    def spec(self) -> TaskSpec:
+        return get_task(self.task)
 
 
 @dataclass
@@ -54,70 +60,54 @@ class RunSummary:
     searches: list[Path] = field(default_factory=list)
     report: Path | None = None
 
-    def count(self, stage: str, manifest: Path, stamp_before: int | None) -> None:
-        stamp_after = manifest.stat().st_mtime_ns if manifest.is_file() else None
-        (self.reused if stamp_before is not None and stamp_after == stamp_before else self.built)[stage] += 1
+    def count(self, stage: str, result: StageResult) -> StageResult:
+        (self.reused if result.reused else self.built)[stage] += 1
+        return result
 
 
-def _stamp(folder: Path) -> int | None:
-    manifest = folder / "manifest.json"
-    return manifest.stat().st_mtime_ns if manifest.is_file() else None
+def _tasks(config: Config) -> dict[str, TaskSpec]:
+    return {task: get_task(task) for experiment in config.experiments for task in experiment.tasks}
 
 
 def _data_options(config: Config, summary: RunSummary, say: Callable[[str], None]) -> dict[str, DataOptions]:
+    """Task reference -> the data options its reader needs (the demo dataset and RCM written when asked)."""
     data = config.data
-    tasks = {task for experiment in config.experiments for task in experiment.tasks}
+    paths = {name: getattr(data, name) for name in ("images", "refs", "instances", "vsr", "rcm")}
+    tasks = _tasks(config)
     if data.demo is not None:
         folder = config.workspace / "data"
-        before = _stamp(folder)
         say(f"demo dataset -> {folder}")
-        make_demo_data(folder, seed=data.demo.seed, refcocog_images=data.demo.refcocog_images,
-                       vsr_images=data.demo.vsr_images)
-        summary.count("data", folder / "manifest.json", before)
+        summary.count("data", make_demo_data(folder, seed=data.demo.seed, refcocog_images=data.demo.refcocog_images,
+                                             vsr_images=data.demo.vsr_images))
         demo = demo_data_options(folder)
-        refs, instances, images, vsr = (demo["refcocog"]["refs"], demo["refcocog"]["instances"],
-                                        demo["refcocog"]["images"], demo["vsr"]["vsr"])
-    else:
-        refs, instances, images, vsr = data.refs, data.instances, data.images, data.vsr
-    options = {}
-    if "refcocog" in tasks:
-        options["refcocog"] = DataOptions(task="refcocog", refs=refs, instances=instances, images=images)
-    if "vsr" in tasks:
-        options["vsr"] = DataOptions(task="vsr", vsr=vsr, images=images)
-    if "rcm" in tasks:
-        rcm = data.rcm if data.rcm is not None and data.demo is None else None
-        if rcm is None:
-            rcm = config.workspace / "rcm"
-            before = _stamp(rcm)
-            say(f"Region Cell Matching -> {rcm}")
-            build_rcm(refs, instances, rcm, seed=data.rcm_seed)
-            summary.count("rcm", rcm / "manifest.json", before)
-        options["rcm"] = DataOptions(task="rcm", rcm=rcm, images=images)
-    return options
+        paths = {**demo["refcocog"], "vsr": demo["vsr"]["vsr"], "rcm": None}
+    if paths["rcm"] is None and any("rcm" in spec.reader.options for spec in tasks.values()):
+        paths["rcm"] = config.workspace / "rcm"
+        say(f"Region Cell Matching -> {paths['rcm']}")
+        summary.count("rcm", build_rcm(paths["refs"], paths["instances"], paths["rcm"], seed=data.rcm_seed))
+    return {task: DataOptions(task=task, **{name: paths[name] for name in spec.reader.options})
+            for task, spec in tasks.items()}
 
 
-def _models(config: Config, summary: RunSummary, say: Callable[[str], None]) -> dict[str, str]:
-    """Label -> model spec for `load_resampler` (tiny checkpoints written into the workspace)."""
-    specs = {}
+def _models(config: Config, summary: RunSummary, say: Callable[[str], None]) -> dict[str, ModelSource]:
+    """Label -> the model source to load (tiny checkpoints written into the workspace)."""
+    sources = {}
     used = {label for experiment in config.experiments for label in experiment.models}
     for label in sorted(used):
         entry = config.models[label]
+        source = ModelSource(**{f.name: getattr(entry, f.name) for f in fields(ModelSource)})
         if entry.tiny is not None:
             folder = config.workspace / "models" / f"tiny-{entry.tiny}"
-            before = _stamp(folder)
             say(f"tiny random {entry.tiny} checkpoint -> {folder}")
-            ensure_checkpoint(folder, entry.tiny)
-            summary.count("models", folder / "manifest.json", before)
-            specs[label] = str(folder)
-        else:
-            specs[label] = entry.model
-    return specs
+            summary.count("models", ensure_checkpoint(folder, entry.tiny))
+            source = replace(source, model=str(folder))
+        sources[label] = source
+    return sources
 
 
-def model_depths(config: Config, specs: dict[str, str]) -> dict[str, int]:
-    """Label -> number of Q-Former layers, read from each model's config."""
-    return {label: qformer_layers(spec, config.models[label].revision, config.models[label].base)
-            for label, spec in specs.items()}
+def model_depths(sources: dict[str, ModelSource]) -> dict[str, int]:
+    """Label -> number of probe-able layers, read from each model's config."""
+    return {label: qformer_layers(source) for label, source in sources.items()}
 
 
 def plan(config: Config, depth: dict[str, int]) -> list[Unit]:
@@ -144,7 +134,7 @@ def plan(config: Config, depth: dict[str, int]) -> list[Unit]:
 
 
 def store_layouts(units: list[Unit], depth: dict[str, int]) -> dict[tuple[str, str], tuple[list[int], bool]]:
-    """(model, task) -> (layers to store, whether to store ViT outputs): what the searches need."""
+    """(model, task reference) -> (layers to store, whether to store ViT outputs): what the searches need."""
     needs: dict[tuple[str, str], tuple[set[int], bool]] = defaultdict(lambda: (set(), False))
     for unit in units:
         layers, vision = needs[(unit.model, unit.task)]
@@ -156,7 +146,7 @@ def store_layouts(units: list[Unit], depth: dict[str, int]) -> dict[tuple[str, s
 
 def store_folder(config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int) -> Path:
     name = "layers-all" if layers == list(range(1, depth + 1)) else "layers-" + "-".join(map(str, layers))
-    return config.workspace / "features" / model / task / (name + ("-vision" if vision else ""))
+    return config.workspace / "features" / model / get_task(task).name / (name + ("-vision" if vision else ""))
 
 
 def parse_store_name(name: str, depth: int) -> tuple[list[int], bool] | None:
@@ -175,10 +165,11 @@ def covering_store(config: Config, model: str, task: str, layers: list[int], vis
                    ) -> tuple[list[int], bool]:
     """The layout of an existing store that already holds what is needed (configs sharing a workspace extract
     once: Table 1's last layer with ViT outputs also serves Table 3's frozen probes), else the one asked for."""
-    root = config.workspace / "features" / model / task
+    spec = get_task(task)
+    root = config.workspace / "features" / model / spec.name
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         parsed = parse_store_name(folder.name, depth)
-        if parsed is None or not all((folder / split / "manifest.json").is_file() for split in SPLITS):
+        if parsed is None or not all((folder / split / "manifest.json").is_file() for split in spec.splits):
             continue
         stored_layers, stored_vision = parsed
         if set(layers) <= set(stored_layers) and (stored_vision or not vision):
@@ -186,75 +177,47 @@ def covering_store(config: Config, model: str, task: str, layers: list[int], vis
     return layers, vision
 
 
-def search_space(experiment: Experiment, index: int, task: str) -> SearchSpace:
-    """The paper's space for `task` with the experiment's overrides, checked (errors name the config field)."""
-    space = default_space(task)
-    override = experiment.search.space.get(task)
-    if override is None:
-        return space
-    where = f"experiments[{index}].search.space.{task}"
-    changes = {name: tuple(value) for name, value in vars(override).items() if value is not None}
-    if "lr" in changes and len(changes["lr"]) != 2:
-        raise ProbingError(f"config field '{where}.lr': expected [low, high]")
-    try:
-        return replace(space, **changes).check()
-    except ProbingError as error:
-        raise ProbingError(f"config field '{where}': {error}") from None
-
-
-def validate(config: Config) -> None:
-    """What needs the search code to check: every experiment's search spaces (before any stage runs)."""
-    for index, experiment in enumerate(config.experiments):
-        for task in experiment.tasks:
-            search_space(experiment, index, task)
-
-
 def run_config(config: Config, say: Callable[[str], None] = print, progress: bool = True) -> RunSummary:
     """Run a config end to end; returns what was built and reused, the searches and the report."""
-    validate(config)
     summary = RunSummary()
     config.workspace.mkdir(parents=True, exist_ok=True)
     options = _data_options(config, summary, say)
-    specs = _models(config, summary, say)
-    depth = model_depths(config, specs)
+    sources = _models(config, summary, say)
+    depth = model_depths(sources)
     units = plan(config, depth)
     stores = {}
     for (label, task), needed in sorted(store_layouts(units, depth).items()):
-        entry = config.models[label]
         layers, vision = covering_store(config, label, task, *needed, depth[label])
         folder = store_folder(config, label, task, layers, vision, depth[label])
-        say(f"features {label} {task} layers {layers}{' + ViT outputs' if vision else ''} -> {folder}")
-        for split in SPLITS:
-            before = _stamp(folder / split)
-            extract(ExtractionRequest(
-                model=specs[label], data=options[task], split=split, out=folder / split, layers=layers,
-                shard_size=config.extract.shard_size, batch_size=config.extract.batch_size, init=entry.init,
-                store_vision=vision, dtype=config.extract.dtype, vision_dtype=config.extract.vision_dtype,
-                qformer_dtype=config.extract.qformer_dtype, compile_vision=config.extract.compile_vision,
-                revision=entry.revision, base=entry.base, workers=config.extract.workers, device=config.device,
-                progress=progress))
-            summary.count("features", folder / split / "manifest.json", before)
+        say(f"features {label} {get_task(task).name} layers {layers}{' + ViT outputs' if vision else ''} -> {folder}")
+        settings = replace(config.extract, layers=tuple(layers), store_vision=vision, device=config.device,
+                           progress=progress)
+        for split in get_task(task).splits:
+            summary.count("features", extract(ExtractionRequest(
+                **vars(sources[label]), **vars(settings), data=options[task], split=split, out=folder / split)))
         stores[(label, task)] = folder
     for unit in units:
-        entry = config.models[unit.model]
-        out = (config.workspace / "runs" / unit.experiment.name / unit.model / unit.task / unit.mode
+        spec = unit.spec
+        out = (config.workspace / "runs" / unit.experiment.name / unit.model / spec.name / unit.mode
                / f"layer{unit.layer}-{unit.probe}")
         search = unit.experiment.search
         train = config.train
-        settings = TrainSettings(task=unit.task, probe=unit.probe, hidden=train.hidden,
-                                 batch_size=train.batch_size if unit.mode == "frozen" else train.unfrozen_batch_size,
-                                 patience=train.patience.get(unit.task), order_seed=search.seed, device=config.device)
-        say(f"search {unit.experiment.name}: {unit.model} {unit.task} {unit.mode} layer {unit.layer} {unit.probe}")
-        before = _stamp(out)
-        run_search(SearchRequest(
+        settings = TrainSettings(
+            task=unit.task, probe=unit.probe, hidden=train.hidden, warmup_fraction=train.warmup_fraction,
+            weight_decay=train.weight_decay, order_seed=search.seed, device=config.device,
+            batch_size=train.batch_size if unit.mode == "frozen" else train.unfrozen_batch_size,
+            patience=train.patience.get(unit.task, train.patience.get(spec.name)))
+        say(f"search {unit.experiment.name}: {unit.model} {spec.name} {unit.mode} layer {unit.layer} {unit.probe}")
+        index = config.experiments.index(unit.experiment)
+        search_settings = {f.name: getattr(search, f.name) for f in fields(SearchSettings)}
+        study_name = f"{config.name}/{out.relative_to(config.workspace)}" if search.storage else None
+        result = run_search(SearchRequest(
+            **search_settings | {"study_name": study_name}, **vars(sources[unit.model]),
             task=unit.task, mode=unit.mode, layer=unit.layer, out=out, settings=settings,
-            space=search_space(unit.experiment, config.experiments.index(unit.experiment), unit.task),
-            trials=search.trials, batch=search.batch, seed=search.seed,
-            storage=search.storage, study_name=f"{config.name}/{out.relative_to(config.workspace)}"
-            if search.storage else None, features=stores[(unit.model, unit.task)], data=options[unit.task],
-            model=specs[unit.model], init=entry.init, revision=entry.revision,
-            workers=config.extract.workers or 0, final_seeds=tuple(search.final_seeds), label=unit.model))
-        summary.count("searches", out / "manifest.json", before)
+            space=search_space(unit.experiment, index, unit.task).for_probe(unit.probe),
+            features=stores[(unit.model, unit.task)], data=options[unit.task],
+            workers=config.extract.workers or 0, label=unit.model))
+        summary.count("searches", result)
         summary.searches.append(out)
     say(f"report -> {config.report_dir}")
     write_report(summary.searches, config.report_dir, compare_paper=config.report.compare_paper,
@@ -272,9 +235,4 @@ def run_config_file(path: Path, say: Callable[[str], None] = print) -> tuple[Con
     from probing.config import load_config
 
     config = load_config(path)
-    try:
-        validate(config)
-    except ProbingError as error:  # name the file, as load_config's own errors do
-        raise ProbingError(f"{path}: {error}") from None
     return config, run_config(config, say)
-

@@ -1,9 +1,10 @@
 """Figures in the paper's shapes (matplotlib, each saved as PNG and SVG).
 
-- `per_layer_figure`: test accuracy per Q-Former layer, one line per model, frozen probes, with the 95 %
-  bootstrap interval as a band (the paper's Fig. 2a for VSR, Fig. 4 for RefCOCOg).
+- `per_layer_figure`: accuracy per Q-Former layer on an evaluated split, one line per model, frozen probes,
+  with the 95 % bootstrap interval as a band (the paper's Fig. 2a for VSR, Fig. 4 for RefCOCOg).
 - `category_figure`: accuracy per category, frozen and unfrozen side by side, one panel per model, with
   interval whiskers (Fig. 2b, Fig. 5).
+Titles, chance levels and what a category is come from the runs' task (`probing.tasks`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from probing.analysis import RunResults, last_layer_runs, overall, per_category  # noqa: E402
 
-TASK_TITLES = {"refcocog": "RefCOCOg", "vsr": "VSR", "rcm": "RCM"}
 METRIC_LABELS = {"acc@0.5": "Acc@0.5 (%)", "accuracy": "accuracy (%)"}
 MODE_COLOURS = {"frozen": "#4C72B0", "unfrozen": "#DD8452"}
-CHANCE = {"vsr": 50.0, "rcm": 50.0}
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, f"{metric} (%)")
 
 
 def _save(figure, base: Path) -> list[Path]:
@@ -35,7 +38,7 @@ def _save(figure, base: Path) -> list[Path]:
 
 
 def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: str = "linear") -> list[Path]:
-    """Frozen test accuracy per layer and model for one task, with interval bands."""
+    """Frozen accuracy per layer and model for one task (and the runs' split), with interval bands."""
     chosen = [r for r in runs if r.task == task and r.mode == "frozen" and r.probe == probe]
     if not chosen:
         return []
@@ -48,13 +51,14 @@ def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: s
         estimates = [overall(layers[x]) for x in xs]
         axes.plot(xs, [100 * e.mean for e in estimates], marker="o", label=label)
         axes.fill_between(xs, [100 * e.low for e in estimates], [100 * e.high for e in estimates], alpha=0.2)
-    if task in CHANCE:
-        axes.axhline(CHANCE[task], color="grey", linestyle=":", linewidth=1, label="chance")
+    spec = chosen[0].spec
+    if spec.chance is not None:
+        axes.axhline(100 * spec.chance, color="grey", linestyle=":", linewidth=1, label="chance")
     all_layers = sorted({run.layer for run in chosen})
     axes.set_xticks(all_layers)
     axes.set_xlabel("Q-Former layer")
-    axes.set_ylabel(f"test {METRIC_LABELS[chosen[0].metric]}")
-    axes.set_title(f"{TASK_TITLES[task]}: frozen {probe} probes per layer (95% bootstrap CI)")
+    axes.set_ylabel(f"{chosen[0].split} {metric_label(chosen[0].metric)}")
+    axes.set_title(f"{chosen[0].column}: frozen {probe} probes per layer (95% bootstrap CI)")
     axes.grid(alpha=0.3)
     axes.legend(frameon=False)
     return _save(figure, base)
@@ -62,7 +66,7 @@ def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: s
 
 def category_runs(runs: Sequence[RunResults], task: str, probe: str = "linear") -> list[RunResults]:
     """The runs a category figure draws: per model and mode, the highest layer with the linear probe."""
-    return [run for (_, _, run_task), run in sorted(last_layer_runs(list(runs), probe).items()) if run_task == task]
+    return [run for _, run in sorted(last_layer_runs(list(runs), probe).items()) if run.task == task]
 
 
 def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[Path]:
@@ -91,11 +95,10 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
         panel.set_xticklabels(categories, rotation=35, ha="right")
         panel.set_title(model)
         panel.grid(axis="y", alpha=0.3)
-        if task in CHANCE:
-            panel.axhline(CHANCE[task], color="grey", linestyle=":", linewidth=1)
-    panels[0][0].set_ylabel(f"test {METRIC_LABELS[chosen[0].metric]}")
+        if chosen[0].spec.chance is not None:
+            panel.axhline(100 * chosen[0].spec.chance, color="grey", linestyle=":", linewidth=1)
+    panels[0][0].set_ylabel(f"{chosen[0].split} {metric_label(chosen[0].metric)}")
     panels[0][-1].legend(frameon=False)
-    kind = "meta-category" if task == "vsr" else "COCO supercategory"
-    figure.suptitle(f"{TASK_TITLES[task]} per {kind}: frozen vs unfrozen (95% bootstrap CI)")
+    figure.suptitle(f"{chosen[0].column} per {chosen[0].spec.category}: frozen vs unfrozen (95% bootstrap CI)")
     figure.tight_layout()
     return _save(figure, base)

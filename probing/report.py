@@ -1,25 +1,26 @@
 """`probing report RUN... --out DIR`: tables (Markdown + CSV) and figures in the paper's shapes.
 
-Tables, each built from whichever runs are given (a table whose runs are absent is left out):
-- Table 1: test accuracy per model x mode (frozen / unfrozen) x task, linear probe on the last layer given.
-- Table 2: VSR accuracy per meta-category, same runs.
-- Table 3: probe sizes (linear, SwiGLU 2 / 4 layers), frozen, last layer.
+Tables register themselves (`register_table`) and the report builds every registered table that the given
+runs allow (a table whose runs are absent is left out); a config's `report.tables` names some of them:
+- Table 1: accuracy per model x mode (frozen / unfrozen) x task (and split, for tasks evaluated on several),
+  linear probe on the last layer given.
+- Table 2 and the per-category tables: accuracy per category of each task (Table 2 is VSR's, per
+  meta-category; `categories_<task>` the others', e.g. per COCO supercategory), same runs.
+- Table 3: probe sizes (linear, SwiGLU 2 / 4 layers, logistic regression), frozen, last layer.
 - Table 4: the best hyper-parameters each search found, with its val and test metrics.
-- Table 5: Kendall tau between per-supercategory accuracy and the number of train examples, the mean box
-  area and the mean centre distance (RefCOCOg and RCM); p > 0.05 marked with a dagger.
+- Table 5: Kendall tau between per-category accuracy and the number of train examples, the mean box area
+  and the mean centre distance (tasks with boxes); p > 0.05 marked with a dagger.
 - Per layer: frozen linear probes, every layer given.
-- Per category: RefCOCOg and RCM per COCO supercategory.
 Cells read `mean [95% CI]` in percent, with `+- std` over seeds where several seeds were run. With
 `--compare-paper` the paper's Table 1 numbers appear in their own rows, labelled "(paper)"; the paper
-reports single runs without intervals.
+reports single runs without intervals. CSV files are written by pandas from the numbers behind the cells.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,19 +33,19 @@ from probing.analysis import (
     kendall,
     last_layer_runs,
     load_run,
+    load_run_splits,
     overall,
     per_category,
 )
 from probing.artifacts import write_json
 from probing.errors import ProbingError
-from probing.plots import TASK_TITLES, category_figure, per_layer_figure
+from probing.plots import category_figure, per_layer_figure
+from probing.tasks import TaskSpec, registered_tasks
 
-TASKS = ("refcocog", "vsr", "rcm")
 MODES = ("frozen", "unfrozen")
-PROBES = ("linear", "swiglu2", "swiglu4")
-PROBE_NAMES = {"linear": "linear", "swiglu2": "SwiGLU 2 layers", "swiglu4": "SwiGLU 4 layers"}
-VSR_META_CATEGORIES = ("Adjacency", "Directional", "Orientation", "Projective", "Proximity", "Topological",
-                       "Unallocated")
+PROBES = ("linear", "swiglu2", "swiglu4", "logreg")
+PROBE_NAMES = {"linear": "linear", "swiglu2": "SwiGLU 2 layers", "swiglu4": "SwiGLU 4 layers",
+               "logreg": "logistic regression (L-BFGS)"}
 PROPERTY_NAMES = {"train_examples": "train examples", "mean_area": "mean box area",
                   "mean_centre_distance": "mean centre distance"}
 # The paper's Table 1 (test, %), for --compare-paper: (model, mode) -> task -> value.
@@ -55,6 +56,7 @@ PAPER_TABLE1 = {
     ("InstructBLIP", "unfrozen"): {"refcocog": 69.34, "vsr": 76.99, "rcm": 80.86},
 }
 NOT_SIGNIFICANT = "†"
+CSV_LABELS = ["model", "mode", "probe", "layer", "task", "split", "category", "property"]
 
 
 def cell(estimate: Estimate | None) -> str:
@@ -83,89 +85,178 @@ class Table:
             lines += [""] + [f"_{note}_" for note in self.notes]
         return "\n".join(lines) + "\n"
 
+    def frame(self):
+        """The numbers behind the cells as a DataFrame (labels first; objects kept as they are, so an integer
+        column with gaps stays integers)."""
+        import pandas as pd
+
+        keys = {key for record in self.records for key in record}
+        columns = [k for k in CSV_LABELS if k in keys] + sorted(keys - set(CSV_LABELS))
+        return pd.DataFrame(self.records, columns=columns, dtype=object)
+
     def write(self, folder: Path) -> list[Path]:
         markdown = folder / f"{self.name}.md"
         markdown.write_text(self.markdown(), encoding="utf-8")
         table_csv = folder / f"{self.name}.csv"
-        labels = ["model", "mode", "probe", "layer", "task", "category", "property"]
-        keys = {key for record in self.records for key in record}
-        columns = [k for k in labels if k in keys] + sorted(keys - set(labels))
-        with open(table_csv, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.records)
+        self.frame().to_csv(table_csv, index=False)
         return [markdown, table_csv]
 
 
-def _record(estimate: Estimate, **labels) -> dict[str, Any]:
-    return {**labels, **estimate.as_dict()}
+def _record(estimate: Estimate, run: RunResults | None = None, **labels) -> dict[str, Any]:
+    where = {"task": run.task, "split": run.split} if run is not None else {}
+    return {**labels, **where, **estimate.as_dict()}
 
 
-def table1(runs: Sequence[RunResults], compare_paper: bool) -> Table | None:
+@dataclass(frozen=True)
+class ReportOptions:
+    compare_paper: bool = False
+
+
+@dataclass(frozen=True)
+class TableBuilder:
+    """A registered table: `build(runs, options)` returns its tables (none when the runs do not allow it);
+    `names(specs)` the names it can produce for runs of these tasks."""
+
+    name: str
+    build: Callable[[list[RunResults], ReportOptions], list[Table]]
+    names: Callable[[Iterable[TaskSpec]], list[str]]
+
+
+TABLES: dict[str, TableBuilder] = {}
+
+
+def register_table(name: str, names: Callable[[Iterable[TaskSpec]], list[str]] | None = None):
+    """Decorator: register a table builder under `name` (it produces a table of that name unless `names` says
+    which tables it makes)."""
+
+    def register(build: Callable[[list[RunResults], ReportOptions], Table | list[Table] | None]):
+        def tables(runs: list[RunResults], options: ReportOptions) -> list[Table]:
+            made = build(runs, options)
+            return [] if made is None else ([made] if isinstance(made, Table) else made)
+
+        TABLES[name] = TableBuilder(name, tables, names or (lambda specs: [name]))
+        return build
+
+    return register
+
+
+def table_names(specs: Iterable[TaskSpec] | None = None) -> list[str]:
+    """Every table name the registered builders can produce for these tasks (default: every registered task)."""
+    specs = list(registered_tasks() if specs is None else specs)
+    names: list[str] = []
+    for builder in TABLES.values():
+        names += [name for name in builder.names(specs) if name not in names]
+    return names
+
+
+def _columns(runs: Iterable[RunResults]) -> list[tuple[str, str]]:
+    """(task, split) pairs in registry order, then each task's split order."""
+    order = {spec.name: index for index, spec in enumerate(registered_tasks())}
+    present = {(run.task, run.split): run for run in runs}
+    return sorted(present, key=lambda key: (order.get(key[0], len(order)), key[0],
+                                            present[key].spec.eval_splits.index(key[1])))
+
+
+def _column_title(run: RunResults) -> str:
+    return f"{run.column} ({run.spec.head.metric_label})"
+
+
+@register_table("table1")
+def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     chosen = last_layer_runs(runs)
     if not chosen:
         return None
-    tasks = [t for t in TASKS if any(key[2] == t for key in chosen)]
+    columns = {run.column: run for run in chosen.values()}
+    titles = {(run.task, run.split): run.column for run in chosen.values()}
+    order = [titles[key] for key in _columns(chosen.values())]
     table = Table("table1", "Table 1: test accuracy, linear probe on the last layer (%)",
-                  ["model", "mode", *[f"{TASK_TITLES[t]} ({'Acc@0.5' if t == 'refcocog' else 'acc'})" for t in tasks]])
+                  ["model", "mode", *[_column_title(columns[c]) for c in order]])
     models = sorted({key[0] for key in chosen})
     for model in models:
         for mode in MODES:
-            if not any((model, mode, t) in chosen for t in tasks):
+            if not any((model, mode, c) in chosen for c in order):
                 continue
-            estimates = {t: overall(chosen[(model, mode, t)]) if (model, mode, t) in chosen else None for t in tasks}
-            table.rows.append([model, mode, *[cell(estimates[t]) for t in tasks]])
-            table.records += [_record(e, model=model, mode=mode, task=t, layer=chosen[(model, mode, t)].layer)
-                              for t, e in estimates.items() if e is not None]
+            estimates = {c: overall(chosen[(model, mode, c)]) if (model, mode, c) in chosen else None for c in order}
+            table.rows.append([model, mode, *[cell(estimates[c]) for c in order]])
+            table.records += [_record(e, chosen[(model, mode, c)], model=model, mode=mode,
+                                      layer=chosen[(model, mode, c)].layer)
+                              for c, e in estimates.items() if e is not None]
             paper = PAPER_TABLE1.get((model, mode))
-            if compare_paper and paper:
-                table.rows.append([f"{model} (paper)", mode, *[f"{paper[t]:.2f}" for t in tasks]])
-                table.records += [{"model": f"{model} (paper)", "mode": mode, "task": t, "mean": paper[t] / 100}
-                                  for t in tasks]
+            if options.compare_paper and paper:
+                tasks = {c: columns[c].task for c in order}
+                table.rows.append([f"{model} (paper)", mode,
+                                   *[f"{paper[tasks[c]]:.2f}" if tasks[c] in paper else "–" for c in order]])
+                table.records += [{"model": f"{model} (paper)", "mode": mode, "task": tasks[c],
+                                   "mean": paper[tasks[c]] / 100} for c in order if tasks[c] in paper]
     layers = sorted({run.layer for run in chosen.values()})
     table.notes.append(f"mean [95% bootstrap CI over test examples] ±std over seeds; layers used: {layers}")
-    if compare_paper:
+    if options.compare_paper:
         table.notes.append("rows marked (paper): numbers reported by Pantazopoulos et al. (2024), single runs")
     return table
 
 
-def category_table(runs: Sequence[RunResults], task: str, name: str, title: str,
-                   categories: Sequence[str] | None = None) -> Table | None:
-    chosen = {key: run for key, run in last_layer_runs(runs).items() if key[2] == task}
-    if not chosen:
-        return None
-    present = sorted({c for run in chosen.values() for c in run.categories})
-    columns = [c for c in categories if c in present] if categories else present
-    table = Table(name, title, ["model", "mode", *columns])
-    for (model, mode, _), run in sorted(chosen.items()):
-        estimates = per_category(run)
-        table.rows.append([model, mode, *[cell(estimates.get(c)) for c in columns]])
-        table.records += [_record(e, model=model, mode=mode, category=c) for c, e in estimates.items()]
-    table.notes.append("mean [95% bootstrap CI] ±std over seeds, %; categories with no test example omitted")
-    return table
+def _category_table_name(run: RunResults) -> str:
+    name = run.spec.per_category_table
+    return name if len(run.spec.eval_splits) == 1 else f"{name}_{run.split}"
 
 
-def table3(runs: Sequence[RunResults]) -> Table | None:
+def _category_names(specs: Iterable[TaskSpec]) -> list[str]:
+    names = []
+    for spec in specs:
+        names += [spec.per_category_table] if len(spec.eval_splits) == 1 else [
+            f"{spec.per_category_table}_{split}" for split in spec.eval_splits]
+    return names
+
+
+@register_table("categories", names=_category_names)
+def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[Table]:
+    """Accuracy per category of each task and split (Table 2 is VSR's), last layer, linear probe."""
+    tables = []
+    chosen_all = last_layer_runs(runs)
+    for task, split in _columns(chosen_all.values()):
+        chosen = {key: run for key, run in chosen_all.items() if (run.task, run.split) == (task, split)}
+        first = next(iter(chosen.values()))
+        spec = first.spec
+        present = sorted({c for run in chosen.values() for c in run.categories})
+        columns = [c for c in spec.category_order if c in present] if spec.category_order else present
+        name = _category_table_name(first)
+        title = (f"Table 2: {first.column} accuracy per {spec.category} (%)" if name == "table2"
+                 else f"{first.column} {spec.head.metric_title} per {spec.category} (%)")
+        table = Table(name, title, ["model", "mode", *columns])
+        for (model, mode, _), run in sorted(chosen.items()):
+            estimates = per_category(run)
+            table.rows.append([model, mode, *[cell(estimates.get(c)) for c in columns]])
+            table.records += [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items()]
+        table.notes.append("mean [95% bootstrap CI] ±std over seeds, %; categories with no test example omitted")
+        tables.append(table)
+    return tables
+
+
+@register_table("table3")
+def table3(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     frozen = [r for r in runs if r.mode == "frozen"]
     by_probe = {probe: last_layer_runs(frozen, probe) for probe in PROBES}
     if sum(bool(v) for v in by_probe.values()) < 2:
         return None  # one probe size says nothing about probe size
-    tasks = [t for t in TASKS if any(key[2] == t for runs_ in by_probe.values() for key in runs_)]
+    found_runs = [run for chosen in by_probe.values() for run in chosen.values()]
+    order = _columns(found_runs)
+    titles = {(run.task, run.split): run.column for run in found_runs}
     table = Table("table3", "Table 3: probe size, frozen, last layer (%)",
-                  ["model", "probe", *[TASK_TITLES[t] for t in tasks]])
+                  ["model", "probe", *[titles[c] for c in order]])
     models = sorted({key[0] for runs_ in by_probe.values() for key in runs_})
     for model in models:
         for probe in PROBES:
-            found = {t: by_probe[probe].get((model, "frozen", t)) for t in tasks}
+            found = {c: by_probe[probe].get((model, "frozen", titles[c])) for c in order}
             if not any(found.values()):
                 continue
-            estimates = {t: overall(run) if run else None for t, run in found.items()}
-            table.rows.append([model, PROBE_NAMES[probe], *[cell(estimates[t]) for t in tasks]])
-            table.records += [_record(e, model=model, probe=probe, task=t) for t, e in estimates.items() if e]
+            estimates = {c: overall(run) if run else None for c, run in found.items()}
+            table.rows.append([model, PROBE_NAMES[probe], *[cell(estimates[c]) for c in order]])
+            table.records += [_record(e, found[c], model=model, probe=probe) for c, e in estimates.items() if e]
     return table
 
 
-def table4(runs: Sequence[RunResults]) -> Table | None:
+@register_table("table4")
+def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """The best hyper-parameters each search found, with its val and test metrics (the paper's Table 4)."""
     searched = [run for run in runs if run.search is not None]
     if not searched:
@@ -173,17 +264,19 @@ def table4(runs: Sequence[RunResults]) -> Table | None:
     table = Table("table4", "Table 4: best trial of each search (hyper-parameters, val and test)",
                   ["model", "mode", "task", "layer", "probe", "lr", "epochs", "GIoU scale", "L1 scale", "trials",
                    "val (%)", "test (%)"])
-    for run in sorted(searched, key=lambda r: (r.label, MODES.index(r.mode), TASKS.index(r.task), r.layer, r.probe)):
+    order = {column: index for index, column in enumerate(_columns(searched))}
+    for run in sorted(searched, key=lambda r: (r.label, MODES.index(r.mode), order[(r.task, r.split)], r.layer,
+                                               r.probe)):
         best = run.search["best"]
         params = best["params"]
         metric = run.search["metric"]
         scales = [f"{params[name]:g}" if name in params else "–" for name in ("giou_scale", "l1_scale")]
-        table.rows.append([run.label, run.mode, TASK_TITLES[run.task], str(run.layer), run.probe,
-                           f"{params['lr']:.2e}", str(params["epochs"]), *scales,
-                           str(run.search["trials_complete"]), f"{100 * best['val_search']:.1f}",
-                           cell(overall(run))])
-        table.records.append({"model": run.label, "mode": run.mode, "task": run.task, "layer": run.layer,
-                              "probe": run.probe, **{f"param_{k}": v for k, v in params.items()},
+        lr = f"{params['lr']:.2e}" if "lr" in params else f"C={params['logreg_c']:.2e}"
+        table.rows.append([run.label, run.mode, run.column, str(run.layer), run.probe, lr,
+                           str(params.get("epochs", "–")), *scales, str(run.search["trials_complete"]),
+                           f"{100 * best['val_search']:.1f}", cell(overall(run))])
+        table.records.append({"model": run.label, "mode": run.mode, "task": run.task, "split": run.split,
+                              "layer": run.layer, "probe": run.probe, **{f"param_{k}": v for k, v in params.items()},
                               "trials": run.search["trials_complete"], "val": best["val_search"],
                               **{f"test_{k}": v for k, v in overall(run).as_dict().items()}})
     table.notes.append(f"val: the best trial's val {metric} in the search; test: the best trial retrained with "
@@ -191,44 +284,48 @@ def table4(runs: Sequence[RunResults]) -> Table | None:
     return table
 
 
-def table5(runs: Sequence[RunResults]) -> Table | None:
-    chosen = {key: run for key, run in last_layer_runs(runs).items() if key[2] in ("refcocog", "rcm")}
+@register_table("table5")
+def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    chosen = {key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall}
     if not chosen:
         return None
     table = Table("table5", "Table 5: Kendall tau between per-supercategory accuracy and data properties",
                   ["model", "mode", "task", *[f"{PROPERTY_NAMES[p]}: tau (p)" for p in KENDALL_PROPERTIES]])
-    for (model, mode, task), run in sorted(chosen.items()):
+    for (model, mode, column), run in sorted(chosen.items()):
         correlations = kendall(run)
         cells = []
         for name in KENDALL_PROPERTIES:
             c = correlations[name]
             mark = "" if c.significant else NOT_SIGNIFICANT
             cells.append(f"{c.tau:+.2f} ({c.p_value:.3f}){mark}" if c.tau == c.tau else "undefined")
-            table.records.append({"model": model, "mode": mode, "task": task, "property": name,
-                                  "tau": c.tau if c.tau == c.tau else None,
+            table.records.append({"model": model, "mode": mode, "task": run.task, "split": run.split,
+                                  "property": name, "tau": c.tau if c.tau == c.tau else None,
                                   "p_value": c.p_value if c.p_value == c.p_value else None,
                                   "significant": c.significant, "categories": c.categories})
-        table.rows.append([model, mode, TASK_TITLES[task], *cells])
+        table.rows.append([model, mode, column, *cells])
     table.notes.append(f"{NOT_SIGNIFICANT} p > 0.05 (not significant); 'undefined': a constant column (no ranking)")
     return table
 
 
-def per_layer_table(runs: Sequence[RunResults]) -> Table | None:
+@register_table("per_layer")
+def per_layer_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     frozen = [r for r in runs if r.mode == "frozen" and r.probe == "linear"]
     layers_seen = defaultdict(set)
     for run in frozen:
-        layers_seen[(run.label, run.task)].add(run.layer)
+        layers_seen[(run.label, run.task, run.split)].add(run.layer)
     if not any(len(layers) > 1 for layers in layers_seen.values()):
         return None
-    tasks = [t for t in TASKS if any(r.task == t for r in frozen)]
+    order = _columns(frozen)
+    titles = {(run.task, run.split): run.column for run in frozen}
     table = Table("per_layer", "Per layer: frozen linear probes, test (%)",
-                  ["model", "layer", *[TASK_TITLES[t] for t in tasks]])
-    index = {(r.label, r.layer, r.task): r for r in frozen}
+                  ["model", "layer", *[titles[c] for c in order]])
+    index = {(r.label, r.layer, r.task, r.split): r for r in frozen}
     for model in sorted({r.label for r in frozen}):
         for layer in sorted({r.layer for r in frozen if r.label == model}):
-            estimates = {t: overall(index[(model, layer, t)]) if (model, layer, t) in index else None for t in tasks}
-            table.rows.append([model, str(layer), *[cell(estimates[t]) for t in tasks]])
-            table.records += [_record(e, model=model, layer=layer, task=t) for t, e in estimates.items() if e]
+            found = {c: index.get((model, layer, *c)) for c in order}
+            estimates = {c: overall(run) if run else None for c, run in found.items()}
+            table.rows.append([model, str(layer), *[cell(estimates[c]) for c in order]])
+            table.records += [_record(e, found[c], model=model, layer=layer) for c, e in estimates.items() if e]
     return table
 
 
@@ -259,35 +356,45 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
+def load_runs(paths: Sequence[Path]) -> tuple[list[RunResults], list[RunResults]]:
+    """Every evaluated split of the runs under `paths`, one configuration kept where several repeat it:
+    (kept, dropped)."""
+    return deduplicate([results for path in find_runs(paths) for results in load_run_splits(path)])
+
+
+def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
+    """Per-layer curves and per-category bars of every task and split the runs hold."""
+    figures = []
+    for task, split in _columns(runs):
+        these = [run for run in runs if (run.task, run.split) == (task, split)]
+        suffix = task if len(these[0].spec.eval_splits) == 1 else f"{task}_{split}"
+        figures += per_layer_figure(these, task, folder / f"per_layer_{suffix}")
+        figures += category_figure(these, task, folder / f"categories_{suffix}")
+    return figures
+
+
 def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False,
                  only: Sequence[str] | None = None) -> dict[str, Any]:
     """Load the runs, write tables (all, or those named in `only`), figures and `README.md` into `out`."""
-    runs, dropped = deduplicate([load_run(path) for path in find_runs(paths)])
+    runs, dropped = load_runs(paths)
     out = Path(out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    tables = [t for t in (
-        table1(runs, compare_paper),
-        category_table(runs, "vsr", "table2", "Table 2: VSR accuracy per meta-category (%)", VSR_META_CATEGORIES),
-        table3(runs),
-        table4(runs),
-        table5(runs),
-        per_layer_table(runs),
-        category_table(runs, "refcocog", "categories_refcocog", "RefCOCOg Acc@0.5 per COCO supercategory (%)"),
-        category_table(runs, "rcm", "categories_rcm", "RCM accuracy per COCO supercategory (%)"),
-    ) if t is not None and (only is None or t.name in only)]
+    options = ReportOptions(compare_paper=compare_paper)
+    tables = [table for builder in TABLES.values() for table in builder.build(runs, options)
+              if only is None or table.name in only]
+    tables.sort(key=lambda t: _TABLE_ORDER.get(t.name.split("_")[0], len(_TABLE_ORDER)))
     written = {"tables": [], "figures": []}
     for table in tables:
         written["tables"] += [str(p.relative_to(out)) for p in table.write(out / "tables")]
-    figures = []
-    for task in ("vsr", "refcocog", "rcm"):
-        figures += per_layer_figure(runs, task, out / "figures" / f"per_layer_{task}")
-        figures += category_figure(runs, task, out / "figures" / f"categories_{task}")
+    figures = write_figures(runs, out / "figures")
     written["figures"] = [str(p.relative_to(out)) for p in figures]
-    readme = ["# Report", "", f"{len(runs)} run(s): " + ", ".join(f"`{r.path}`" for r in runs), ""]
+    shown = sorted({str(r.path) for r in runs})
+    readme = ["# Report", "", f"{len(shown)} run(s): " + ", ".join(f"`{path}`" for path in shown), ""]
     if dropped:
-        readme += [f"{len(dropped)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
-                   "left out: " + ", ".join(f"`{r.path}`" for r in dropped), ""]
+        repeated = sorted({str(r.path) for r in dropped})
+        readme += [f"{len(repeated)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
+                   "left out: " + ", ".join(f"`{path}`" for path in repeated), ""]
     readme += [table.markdown() for table in tables]
     if figures:
         readme += ["## Figures", ""]
@@ -299,9 +406,13 @@ def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False,
                "the standard deviation across seeds where several seeds were run. Kendall tau is scipy's, across "
                "COCO supercategories.", ""]
     (out / "README.md").write_text("\n".join(readme), encoding="utf-8")
-    write_json(out / "report.json", {"runs": [str(r.path) for r in runs], **written,
-                                     "compare_paper": compare_paper})
-    return written | {"runs": len(runs), "dropped": len(dropped), "readme": str(out / "README.md")}
+    write_json(out / "report.json", {"runs": shown, **written, "compare_paper": compare_paper})
+    return written | {"runs": len(shown), "dropped": len({str(r.path) for r in dropped}),
+                      "readme": str(out / "README.md")}
+
+
+# The order tables appear in (the report's sections): the paper's, then per layer, then the per-category ones.
+_TABLE_ORDER = {"table1": 0, "table2": 1, "table3": 2, "table4": 3, "table5": 4, "per": 5, "categories": 6}
 
 
 def analysis_json(path: Path) -> str:

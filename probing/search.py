@@ -25,110 +25,88 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
-from probing.data import DataOptions
+from probing.data.types import DataOptions
 from probing.errors import ProbingError
-from probing.metrics import main_metric
-from probing.runs import TrainRequest, run_training
-from probing.train import TrainSettings, Trial, train_frozen
+from probing.models import ModelSource
+from probing.probe_run import ProbeInputs, TrainRequest, make_trainer, write_run
+from probing.records import SearchSummary, StageResult
+from probing.search_space import SearchSpace
+from probing.settings import check, comma_separated, identity, setting
+from probing.tasks import get_task
+from probing.train import TrainSettings, Trial
+from probing.trainers import FittedTrial, Trainer
 
 log = logging.getLogger(__name__)
 
-EPOCH_CHOICES: dict[str, tuple[int, ...]] = {"refcocog": (20, 30, 40), "vsr": (3, 5, 10, 15, 20),
-                                             "rcm": (50, 100, 150)}
-LOSS_SCALES: tuple[int, ...] = (1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20)
-LR_RANGE = (1e-5, 5e-4)
 SEARCH_FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    lr: tuple[float, float] = LR_RANGE  # log-uniform bounds
-    epochs: tuple[int, ...] = (20, 30, 40)
-    giou_scale: tuple[float, ...] | None = None  # RefCOCOg only
-    l1_scale: tuple[float, ...] | None = None
-
-    def check(self) -> SearchSpace:
-        low, high = self.lr
-        if not (0 < low <= high and math.isfinite(high)):
-            raise ProbingError(f"search space: lr bounds must satisfy 0 < low <= high, got {list(self.lr)}")
-        if not self.epochs or any(e < 1 for e in self.epochs):
-            raise ProbingError(f"search space: epochs must be positive integers, got {list(self.epochs)}")
-        for name in ("giou_scale", "l1_scale"):
-            values = getattr(self, name)
-            if values is not None and (not values or any(v < 0 for v in values)):
-                raise ProbingError(f"search space: {name} must be non-negative numbers, got {list(values)}")
-        return self
-
-    def distributions(self) -> dict[str, Any]:
-        from optuna.distributions import CategoricalDistribution, FloatDistribution
-
-        result: dict[str, Any] = {"lr": FloatDistribution(self.lr[0], self.lr[1], log=True),
-                                  "epochs": CategoricalDistribution(list(self.epochs))}
-        for name in ("giou_scale", "l1_scale"):
-            values = getattr(self, name)
-            if values is not None:
-                result[name] = CategoricalDistribution(list(values))
-        return result
-
-    def trial(self, params: dict[str, Any], seed: int) -> Trial:
-        return Trial(lr=float(params["lr"]), epochs=int(params["epochs"]), seed=seed,
-                     giou_scale=float(params.get("giou_scale", 1.0)), l1_scale=float(params.get("l1_scale", 1.0)))
+def default_space(task: str, probe: str = "linear") -> SearchSpace:
+    """The task's default space (the paper's Table 4 for its tasks), as the probe kind searches it."""
+    return get_task(task).search_space.for_probe(probe)
 
 
-def default_space(task: str) -> SearchSpace:
-    boxes = task == "refcocog"
-    return SearchSpace(epochs=EPOCH_CHOICES[task], giou_scale=LOSS_SCALES if boxes else None,
-                       l1_scale=LOSS_SCALES if boxes else None)
+def trial_from(params: dict[str, Any], seed: int) -> Trial:
+    """The Trial a study's parameters stand for (a logistic-regression trial has only C)."""
+    if "logreg_c" in params:
+        return Trial(seed=seed, logreg_c=float(params["logreg_c"]))
+    return Trial(lr=float(params["lr"]), epochs=int(params["epochs"]), seed=seed,
+                 giou_scale=float(params.get("giou_scale", 1.0)), l1_scale=float(params.get("l1_scale", 1.0)))
 
 
-@dataclass(frozen=True)
-class SearchRequest:
+def _final_seeds(text: str, option: str) -> tuple[int, ...]:
+    return comma_separated(int, what="integers")(text, option)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSettings:
+    """How a search runs: the `search` section of a config's experiment and the options of `probing search`."""
+
+    trials: int = setting(10, identity=True, low=1, help="Trials to finish (shared by every worker of a study).")
+    batch: int = setting(8, identity=True, low=1, help="Frozen: trials trained together in one pass.")
+    seed: int = setting(0, identity=True, low=0, help="Seed of the sampler and of every trial's probe.")
+    final_seeds: tuple[int, ...] | None = setting(None, identity=True, low=0, parse=_final_seeds,
+                                                  help="Seeds the best trial is evaluated with (default: --seed).")
+    storage: str | None = setting(None, help="sqlite:///file.db | postgresql://... | journal:PATH "
+                                             "(default: in memory).")
+    study_name: str | None = setting(None, identity=True, config=False,
+                                     help="Study to create or resume in --storage.")
+    heartbeat: float = setting(30.0, above=0, help="Seconds between a running trial's heartbeats; a trial silent "
+                                                   "for 4x as long is retried.")
+    poll: float = setting(1.0, above=0, cli=False, config=False,
+                          help="Seconds between looks at the study while other workers hold the remaining trials.")
+
+    @property
+    def seeds_of_best(self) -> tuple[int, ...]:
+        return self.final_seeds or (self.seed,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchRequest(ModelSource, SearchSettings, ProbeInputs):
+    """One search: a task, layer and probe; its space; what it trains on; how it runs."""
+
     task: str
-    mode: str
     layer: int
     out: Path
     settings: TrainSettings
     space: SearchSpace
-    trials: int = 10
-    batch: int = 8  # frozen: trials asked and trained together
-    seed: int = 0  # sampler seed, and the probes' initialisation and batch order
-    storage: str | None = None
-    study_name: str | None = None
-    heartbeat: float = 30.0  # seconds between heartbeats; a trial silent for 4x this is retried
-    features: Path | None = None
     data: DataOptions | None = None
-    model: str | None = None
-    init: str = "pretrained"
-    revision: str | None = None
-    workers: int = 0
-    poll: float = 1.0  # seconds between looks at the study while other workers hold the remaining trials
-    final_seeds: tuple[int, ...] | None = None  # seeds the best trial is evaluated with (default: `seed`)
-    label: str | None = None  # how reports name the model
 
     def check(self) -> SearchRequest:
-        if self.trials < 1 or self.batch < 1:
-            raise ProbingError("--trials and --batch must be at least 1")
-        if self.seed < 0:
-            raise ProbingError(f"--seed must be >= 0, got {self.seed}")
-        final = self.final_seeds or (self.seed,)
-        if len(set(final)) != len(final) or min(final) < 0:
-            raise ProbingError(f"final seeds must be distinct and >= 0, got {list(final)}")
-        if self.heartbeat <= 0:
-            raise ProbingError("--heartbeat must be positive")
+        check(self)
+        final = self.seeds_of_best
+        if len(set(final)) != len(final):
+            raise ProbingError(f"final seeds must be distinct, got {list(final)}")
         self.space.check()
         self.train_request((), self.out).check()
         if self.storage is not None and self.study_name is None:
@@ -136,9 +114,9 @@ class SearchRequest:
         return self
 
     def train_request(self, trials: tuple[Trial, ...], out: Path) -> TrainRequest:
-        return TrainRequest(task=self.task, mode=self.mode, layer=self.layer, out=out, trials=trials,
-                            settings=self.settings, features=self.features, data=self.data, model=self.model,
-                            init=self.init, revision=self.revision, workers=self.workers, label=self.label)
+        shared = {f.name: getattr(self, f.name) for f in (*fields(ModelSource), *fields(ProbeInputs))}
+        return TrainRequest(task=self.task, layer=self.layer, out=out, trials=trials, settings=self.settings,
+                            data=self.data, **shared)
 
 
 def open_storage(url: str | None):
@@ -185,7 +163,7 @@ def create_study(request: SearchRequest):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=sampler_seed(request), multivariate=True, constant_liar=True)
-    direction = "maximize"  # Acc@0.5 and accuracy
+    direction = get_task(request.task).head.direction
     return optuna.create_study(storage=open_storage(request.storage), sampler=sampler, direction=direction,
                                study_name=request.study_name, load_if_exists=True)
 
@@ -318,7 +296,7 @@ def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]
             continue
         with Heartbeat(asked, request.heartbeat):
             try:
-                values = train_batch([request.space.trial(t.params, request.seed) for t in asked])
+                values = train_batch([trial_from(t.params, request.seed) for t in asked])
             except BaseException:
                 for trial in asked:
                     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -331,65 +309,33 @@ def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]
     bar.close()
 
 
-@dataclass
-class _Trainer:
-    """Trains a batch of trials and returns their val metrics; keeps what the final evaluation can reuse."""
+class TrialFitter:
+    """The search's side of the trainer contract: fits a batch of trials and returns their val values; keeps the
+    best fit when the trainer says fits are worth keeping (an unfrozen trial is a whole fine-tune), so the
+    final evaluation need not train it again."""
 
-    train_batch: Callable[[list[Trial]], list[float]]
-    inputs: dict[str, Any]
-    setup: Any = None  # unfrozen: the UnfrozenSetup (data and ViT outputs loaded once)
-    kept: dict[Trial, tuple[Any, Any]] = field(default_factory=dict)  # unfrozen: best trial -> (result, model)
-    splits: dict[str, Any] | None = None  # frozen: the layer's features with targets, once read
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.head = trainer.spec.head
+        self.kept: FittedTrial | None = None
 
-
-def _frozen_trainer(request: SearchRequest) -> _Trainer:
-    from probing.probe_data import feature_identity, load_probe_splits, open_stores
-
-    stores = open_stores(request.features, request.task, request.layer)
-    metric = main_metric(request.task)
-    trainer = _Trainer(train_batch=lambda trials: [],
-                       inputs={"features": {split: feature_identity(store) for split, store in stores.items()}})
-
-    def train_batch(trials: list[Trial]) -> list[float]:
-        if trainer.splits is None:  # features read on first use: a reused search never reads them
-            trainer.splits = load_probe_splits(stores, request.task, request.layer, request.data)
-        splits = trainer.splits
-        return [r.val_metrics[metric] for r in train_frozen(splits["train"], splits["val"], trials, request.settings)]
-
-    trainer.train_batch = train_batch
-    return trainer
-
-
-def _unfrozen_trainer(request: SearchRequest) -> _Trainer:
-    from probing.unfrozen import UnfrozenSetup
-
-    setup = UnfrozenSetup(request.task, request.model, request.data, request.settings, init=request.init,
-                          revision=request.revision, features=request.features, workers=request.workers)
-    metric = main_metric(request.task)
-    trainer = _Trainer(train_batch=lambda trials: [], inputs={"model": setup.model_identity,
-                                                              "datasets": setup.fingerprints}, setup=setup)
-    best_value = [-math.inf]
-
-    def train_batch(trials: list[Trial]) -> list[float]:
+    def __call__(self, trials: list[Trial]) -> list[float]:
         values = []
-        for trial in trials:
-            result, model = setup.fit(trial, request.layer)
-            value = result.val_metrics[metric]
-            if value > best_value[0]:  # an unfrozen trial is a whole fine-tune: keep the best for the test run
-                best_value[0] = value
-                trainer.kept = {trial: (result, model.cpu())}
+        for fitted in self.trainer.fit(trials):
+            value = fitted.result.val_metrics[self.head.main_metric]
+            if self.trainer.keeps_models and (self.kept is None or self.head.better(
+                    value, self.kept.result.val_metrics[self.head.main_metric])):
+                fitted.model = fitted.model.cpu()
+                self.kept = fitted
             values.append(value)
         return values
 
-    trainer.train_batch = train_batch
-    return trainer
-
-
-@dataclass
-class SearchOutcome:
-    summary: dict[str, Any]
-    reused: bool = False
-    best_run: dict[str, Any] = field(default_factory=dict)
+    def final(self, trials: tuple[Trial, ...]) -> list[FittedTrial]:
+        """The best trial with its final seeds: kept fits reused, the others trained."""
+        reused = {self.kept.trial: self.kept} if self.kept is not None else {}
+        todo = [trial for trial in trials if trial not in reused]
+        fresh = iter(self.trainer.fit(todo) if todo else [])
+        return [reused[trial] if trial in reused else next(fresh) for trial in trials]
 
 
 def trial_rows(study) -> list[dict[str, Any]]:
@@ -441,7 +387,26 @@ def _plots(study, folder: Path) -> list[str]:
     return written
 
 
-def run_search(request: SearchRequest) -> SearchOutcome:
+def search_identity(request: SearchRequest, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields that define a search."""
+    settings = request.settings.identity()
+    top = {name: settings.pop(name) for name in ("probe", "hidden")}
+    search = identity(request, only=[f.name for f in fields(SearchSettings)])
+    search["final_seeds"] = list(request.seeds_of_best)
+    return {"kind": "search", "format_version": SEARCH_FORMAT_VERSION, "task": get_task(request.task).name,
+            "mode": request.mode, "layer": request.layer, **top, **search, "space": request.space.identity(),
+            "settings": settings, "inputs": inputs}
+
+
+def write_trials_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Every trial as a CSV row (pandas, object columns: integers stay integers beside missing values)."""
+    import pandas as pd
+
+    columns = sorted({key for row in rows for key in row}, key=lambda k: (not k == "number", k))
+    pd.DataFrame(rows, columns=columns, dtype=object).to_csv(path, index=False)
+
+
+def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
     """Search, then train the best trial once more and evaluate it on test; write `request.out`."""
     request.check()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -449,46 +414,30 @@ def run_search(request: SearchRequest) -> SearchOutcome:
         raise ProbingError("probing search runs one process per worker: start several `probing search` processes "
                            "on one --storage instead of `accelerate launch` (which is for `probing train` and "
                            "`probing extract`)")
-    trainer = (_frozen_trainer if request.mode == "frozen" else _unfrozen_trainer)(request)
-    inputs = trainer.inputs
-    identity = {"kind": "search", "format_version": SEARCH_FORMAT_VERSION, "task": request.task,
-                "mode": request.mode, "layer": request.layer, "probe": request.settings.probe,
-                "hidden": request.settings.hidden, "trials": request.trials, "batch": request.batch,
-                "seed": request.seed,
-                "final_seeds": list(request.final_seeds or (request.seed,)),
-                "space": asdict(request.space), "study_name": request.study_name,
-                "settings": {k: v for k, v in asdict(request.settings).items()
-                             if k not in ("device", "eval_batch_size", "task", "probe", "hidden")},
-                "inputs": inputs}
+    train_request = request.train_request((), request.out / "best")  # its trials: the best one's, once known
+    trainer = make_trainer(train_request)
+    identity = search_identity(request, trainer.inputs)
     if existing_output_matches(request.out, identity, "search"):
-        return SearchOutcome(summary=json.loads((request.out / "summary.json").read_text()), reused=True)
+        return StageResult(SearchSummary.read(request.out), request.out, "reused")
     study = create_study(request)
-    run_trials(study, request, trainer.train_batch)
+    fitter = TrialFitter(trainer)
+    run_trials(study, request, fitter)
     best = study.best_trial
-    final_trials = tuple(request.space.trial(best.params, seed) for seed in (request.final_seeds or (request.seed,)))
-    metric = main_metric(request.task)
+    final_trials = tuple(trial_from(best.params, seed) for seed in request.seeds_of_best)
     with staged_directory(request.out) as staging:
-        best_metrics = run_training(request.train_request(final_trials, staging / "best"), trainer.setup,
-                                    {t: kept for t, kept in trainer.kept.items() if t in final_trials},
-                                    splits=trainer.splits)
+        best_run = write_run(replace(train_request, trials=final_trials), trainer, fitter.final(final_trials),
+                             out=staging / "best").value
         rows = trial_rows(study)
-        columns = sorted({key for row in rows for key in row}, key=lambda k: (not k == "number", k))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        (staging / "trials.csv").write_text(buffer.getvalue())
+        write_trials_csv(rows, staging / "trials.csv")
         plots = _plots(study, staging / "plots")
-        run = next((r for r in best_metrics["runs"] if r["seed"] == request.seed), best_metrics["runs"][0])
-        summary = {
-            "task": request.task, "mode": request.mode, "layer": request.layer, "probe": request.settings.probe,
-            "metric": metric, "trials_complete": len(completed(study)), "trials_total": len(rows),
-            "best": {"number": best.number, "params": best.params, "val_search": best.value,
-                     "val": run["val"], "test": run["test"], "best_epoch": run["best_epoch"],
-                     "seeds": best_metrics["summary"]},
-            "trials": rows, "plots": plots, "study_name": request.study_name,
-        }
-        write_json(staging / "summary.json", summary)
+        run = best_run.run_of(request.seed)
+        summary = SearchSummary(
+            task=trainer.spec.name, mode=request.mode, layer=request.layer, probe=request.settings.probe,
+            metric=trainer.spec.head.main_metric, trials_complete=len(completed(study)), trials_total=len(rows),
+            best={"number": best.number, "params": best.params, "val_search": best.value, **run.splits,
+                  "best_epoch": run.best_epoch, "seeds": best_run.summary},
+            trials=rows, plots=plots, study_name=request.study_name)
+        write_json(staging / "summary.json", summary.to_json())
         write_json(staging / "manifest.json", {**identity, "code_version": code_version(),
                                                "storage": redact(request.storage) if request.storage else None})
-    return SearchOutcome(summary=summary, best_run=best_metrics)
+    return StageResult(summary, request.out, "built")

@@ -3,14 +3,15 @@
 One schedule code path for every mode: AdamW (weight decay only on weight matrices, never on biases,
 norms or parameters without gradient), the learning rate warmed up linearly over the first 10 % of steps
 and then decayed linearly (`schedule_factor`), evaluation on val after every epoch, the best epoch kept by
-the val metric (the first epoch reaching the best value), early stopping after `patience` epochs without
-improvement (`EarlyStopping`), and seeds for initialisation and batch order.
+the task's main metric in its direction (the first epoch reaching the best value), early stopping after
+`patience` epochs without improvement (`EarlyStopping`), and seeds for initialisation and batch order.
+What a task predicts and how it is judged is its head's say (`probing.heads`).
 
 - `train_frozen`: the chosen layer's features sit on the device (GPU if present, bf16 there); batches are
   sliced by index, no DataLoader; K trials (lr, epochs, loss scales, seed) run in one pass over the data as
   a `ProbeBank`, each with its own schedule, early-stopping state and best epoch, updated by
   `BatchedAdamW`. Trials of one pass share the batch order (drawn from `order_seed`); a trial's seed sets
-  its initialisation.
+  its initialisation. The `logreg` probe is fitted by scikit-learn instead (`probing.logreg`).
 - `train_module`: the standard single-probe loop (DataLoader, `torch.optim.AdamW`, `LambdaLR`) through
   accelerate; it runs frozen single probes (the reference the batched trainer is tested against) and
   unfrozen training (`probing.unfrozen`), with bf16 autocast on GPU and DDP under `accelerate launch`.
@@ -22,77 +23,93 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from probing.data import Example
+from probing.data.types import Example
+from probing.device_copies import to_device_chunked
 from probing.errors import ProbingError
-from probing.losses import task_loss
-from probing.metrics import main_metric, task_metrics
-from probing.probes import Probe, ProbeBank, layer_count, new_probe
-from probing.transfer import to_device_chunked
+from probing.heads import Head
+from probing.probes import Probe, ProbeBank, new_probe
+from probing.settings import check, identity, setting
+from probing.tasks import get_task
 
-TASK_OUTPUTS = {"refcocog": 4, "vsr": 1, "rcm": 1}
 BETAS = (0.9, 0.999)
 EPS = 1e-8
+EVAL_CHUNK = 1024  # rows per evaluation forward: bounds the activations of a whole split
+ProbeName = Literal["linear", "swiglu2", "swiglu4", "logreg"]
 
 
 @dataclass(frozen=True)
 class Trial:
-    """The hyper-parameters of one probe run (the paper's search space: lr, epochs, loss scales)."""
+    """The hyper-parameters of one probe run (the paper's search space: lr, epochs, loss scales; C for logreg)."""
 
-    lr: float
-    epochs: int
-    seed: int = 0
-    giou_scale: float = 1.0
-    l1_scale: float = 1.0
+    lr: float | None = setting(None, identity=True, above=0, help="Peak learning rate (AdamW).")
+    epochs: int | None = setting(None, identity=True, low=1, help="Epochs (the best epoch by val is kept).")
+    seed: int = setting(0, identity=True, low=0, cli=False, help="Initialisation seed of the probe.")
+    giou_scale: float = setting(1.0, identity=True, low=0, help="Box tasks: weight of the GIoU loss.")
+    l1_scale: float = setting(1.0, identity=True, low=0, help="Box tasks: weight of the L1 loss.")
+    logreg_c: float | None = setting(None, identity=True, omit_default=True, above=0,
+                                     help="logreg probe: inverse L2 regularisation strength C (default 1).")
 
-    def check(self) -> Trial:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ProbingError(f"--lr must be a positive number, got {self.lr}")
-        if self.epochs < 1:
-            raise ProbingError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.giou_scale < 0 or self.l1_scale < 0:
-            raise ProbingError("--giou-scale and --l1-scale must not be negative")
+    def check(self, probe: str = "linear") -> Trial:
+        check(self)
+        if probe != "logreg":
+            for name in ("lr", "epochs"):
+                if getattr(self, name) is None:
+                    raise ProbingError(f"--{name} is required for --probe {probe}")
         return self
+
+    def identity(self) -> dict[str, Any]:
+        return identity(self)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    task: str
-    probe: str = "linear"
-    hidden: int = 768
-    batch_size: int = 128
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    patience: int | None = None  # None: no early stopping
-    order_seed: int = 0
-    device: str | None = None  # None: cuda if available
-    eval_batch_size: int = 1024
+    task: str = setting(cli=False, config=False, help="The task (a registered name or a task YAML file).")
+    probe: ProbeName = setting("linear", identity=True, config=False,
+                               help="linear | swiglu2 | swiglu4 (SGD) | logreg (L-BFGS, binary tasks, frozen)")
+    hidden: int = setting(768, identity=True, low=1, help="Width of the SwiGLU probes' hidden layers.")
+    batch_size: int = setting(128, identity=True, low=1, help="Training batch size.")
+    warmup_fraction: float = setting(0.1, identity=True, low=0, help="Fraction of the steps of linear warm-up.")
+    weight_decay: float = setting(0.01, identity=True, low=0, help="AdamW weight decay (weight matrices only).")
+    patience: int | None = setting(None, identity=True, low=0, config=False,
+                                   help="Early-stopping patience in epochs; 0 = none (default: the task's, 10 for "
+                                        "RCM, none otherwise).")
+    order_seed: int = setting(0, identity=True, low=0, help="Seed of the batch order.")
+    device: str | None = setting(None, config=False, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+
+    @property
+    def head(self) -> Head:
+        return get_task(self.task).head
+
+    @property
+    def effective_patience(self) -> int | None:
+        """None: the task's default; 0: no early stopping."""
+        if self.patience is None:
+            return get_task(self.task).patience
+        return self.patience or None
 
     def check(self) -> TrainSettings:
-        if self.task not in TASK_OUTPUTS:
-            raise ProbingError(f"--task: unknown task '{self.task}' (choose {', '.join(TASK_OUTPUTS)})")
-        layer_count(self.probe)
-        if self.batch_size < 1 or self.hidden < 1:
-            raise ProbingError("--batch-size and --hidden must be at least 1")
-        if self.patience is not None and self.patience < 1:
-            raise ProbingError(f"--patience must be at least 1, got {self.patience}")
-        return self
+        get_task(self.task)
+        return check(self)
 
-
-def default_patience(task: str) -> int | None:
-    """RCM stops after 10 epochs without improvement (the paper); RefCOCOg and VSR run their epochs."""
-    return 10 if task == "rcm" else None
+    def identity(self) -> dict[str, Any]:
+        """The settings as run and search manifests record them (patience resolved)."""
+        return identity(self) | {"patience": self.effective_patience}
 
 
 @dataclass
 class ProbeData:
-    """One split ready for probing: flattened features `[N, Q*H]`, targets, ids and examples (aligned)."""
+    """One split ready for probing: flattened features, targets, ids and examples (aligned).
+
+    `features` is `[N, Q*H]`, one row per example; or, with `rows`, one row per image (a backend that reads
+    no text) and example i reads row `rows[i]`.
+    """
 
     task: str
     split: str
@@ -100,9 +117,14 @@ class ProbeData:
     targets: torch.Tensor  # [N, 4] normalized xyxy boxes, or [N] labels 0/1
     ids: list[int]
     examples: list[Example]
+    rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def example_features(self) -> torch.Tensor:
+        """`[N, Q*H]`, one row per example (a copy for per-image features)."""
+        return self.features if self.rows is None else self.features.index_select(0, self.rows)
 
 
 @dataclass
@@ -129,11 +151,12 @@ def schedule_factor(step: int, total_steps: int, warmup_fraction: float) -> floa
 
 
 class EarlyStopping:
-    """Best epoch and patience for K trials (host side, consulted once per epoch)."""
+    """Best epoch and patience for K trials by the main metric in its direction (host side, consulted once per
+    epoch)."""
 
-    def __init__(self, trials: Sequence[Trial], patience: int | None):
-        self.trials, self.patience = list(trials), patience
-        self.best_value = [-math.inf] * len(trials)
+    def __init__(self, trials: Sequence[Trial], patience: int | None, direction: str = "maximize"):
+        self.trials, self.patience, self.maximize = list(trials), patience, direction == "maximize"
+        self.best_value = [-math.inf if self.maximize else math.inf] * len(trials)
         self.best_epoch = [0] * len(trials)
         self.stopped = [False] * len(trials)
         self.epochs_run = [0] * len(trials)
@@ -145,7 +168,7 @@ class EarlyStopping:
         """Record the epoch's val metric per trial; return which trials improved (strictly)."""
         improved = []
         for index, (value, active) in enumerate(zip(values, running, strict=True)):
-            better = active and value > self.best_value[index]
+            better = active and (value > self.best_value[index] if self.maximize else value < self.best_value[index])
             if active:
                 self.epochs_run[index] = epoch
             if better:
@@ -265,35 +288,44 @@ def _bank_outputs(bank: ProbeBank, features: torch.Tensor, chunk: int, dtype: to
     return torch.cat(outputs, dim=1)
 
 
+def _per_example(outputs: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`[K, M, out]` outputs of per-image rows -> `[K, N, out]` per example (unchanged without `rows`)."""
+    return outputs if rows is None else outputs.index_select(1, rows.to(outputs.device))
+
+
 def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], settings: TrainSettings
                  ) -> list[TrialResult]:
     """Train K probes in one pass over resident features; one TrialResult per trial, best weights kept."""
     settings.check()
-    trials = [trial.check() for trial in trials]
+    trials = [trial.check(settings.probe) for trial in trials]
     if not trials:
         raise ProbingError("no trial to train")
+    if settings.probe == "logreg":
+        from probing.logreg import fit_logreg
+
+        return fit_logreg(train, val, trials, settings)
+    head = settings.head
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)
     features = to_device_chunked(train.features, device, dtype)
     val_features = to_device_chunked(val.features, device, dtype)
     targets, val_targets = train.targets.to(device), val.targets.to(device)
-    inputs, outputs = features.shape[1], TASK_OUTPUTS[settings.task]
-    bank = ProbeBank([new_probe(settings.probe, inputs, outputs, settings.hidden, t.seed) for t in trials]).to(device)
+    row_of = train.rows.to(device) if train.rows is not None else None
+    bank = ProbeBank([new_probe(settings.probe, features.shape[1], head.outputs, settings.hidden, t.seed)
+                      for t in trials]).to(device)
     optimizer = BatchedAdamW(bank, settings.weight_decay)
     size = len(trials)
-    steps_per_epoch = math.ceil(len(features) / settings.batch_size)
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     longest = max(t.epochs for t in trials) * steps_per_epoch
     # The whole schedule as one table on the device: no per-step host work or synchronisation.
     lr_table = torch.tensor([[t.lr * schedule_factor(s, t.epochs * steps_per_epoch, settings.warmup_fraction)
                               if s <= t.epochs * steps_per_epoch else 0.0 for t in trials]
                              for s in range(1, longest + 1)], dtype=torch.float32, device=device)
-    giou = torch.tensor([t.giou_scale for t in trials], device=device)
-    l1 = torch.tensor([t.l1_scale for t in trials], device=device)
-    stopper = EarlyStopping(trials, settings.patience)
+    weights = head.weights(trials, device)
+    stopper = EarlyStopping(trials, settings.effective_patience, head.direction)
     best = {name: p.detach().clone() for name, p in bank.named_parameters()}
     histories: list[list[dict[str, float]]] = [[] for _ in trials]
-    metric = main_metric(settings.task)
-    epoch_order = EpochOrder(len(features), settings.order_seed)
+    epoch_order = EpochOrder(len(train), settings.order_seed)
     step = 0
     epochs = tqdm(range(1, max(t.epochs for t in trials) + 1), desc=f"train {size} probe(s)", unit="epoch",
                   disable=None, leave=False)  # a bar on a terminal only
@@ -304,23 +336,23 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
         active = torch.tensor(running, device=device)
         order = epoch_order.next_order().to(device)
         loss_sum = torch.zeros(size, device=device)
-        for start in range(0, len(features), settings.batch_size):
+        for start in range(0, len(train), settings.batch_size):
             rows = order[start:start + settings.batch_size]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 # index_select, not features[rows]: the same rows, 7x faster on the CPU (a memcpy per row)
-                predictions = bank(features.index_select(0, rows))
-            losses = task_loss(settings.task, predictions, targets[rows], giou, l1)
+                predictions = bank(features.index_select(0, rows if row_of is None else row_of[rows]))
+            losses = head.loss(predictions, targets[rows], weights)
             losses.sum().backward()  # probes share no parameter: each gradient is its own probe's
             optimizer.step(lr_table[step], active)
             bank.zero_grad(set_to_none=True)
             loss_sum += losses.detach()
             step += 1
-        val_outputs = _bank_outputs(bank, val_features, settings.eval_batch_size, dtype)
-        val_losses = task_loss(settings.task, val_outputs, val_targets, giou, l1)
-        val_values = task_metrics(settings.task, val_outputs, val_targets)
+        val_outputs = _per_example(_bank_outputs(bank, val_features, EVAL_CHUNK, dtype), val.rows)
+        val_losses = head.loss(val_outputs, val_targets, weights)
+        val_values = head.metrics(val_outputs, val_targets)
         train_losses = (loss_sum / steps_per_epoch).tolist()  # one host synchronisation per epoch
         values = {name: v.tolist() for name, v in val_values.items()}
-        improved = stopper.update(epoch, values[metric], running)
+        improved = stopper.update(epoch, values[head.main_metric], running)
         with torch.no_grad():
             mask = torch.tensor(improved, device=device)
             for name, parameter in bank.named_parameters():
@@ -379,7 +411,8 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
     from accelerate import Accelerator
 
     settings.check()
-    trial.check()
+    trial.check(settings.probe)
+    head = settings.head
     device = resolve_device(settings.device)
     # The same precision rule as train_frozen; `--device cpu` on a GPU machine stays fp32.
     mixed_precision = "bf16" if compute_dtype(device) == torch.bfloat16 else "no"
@@ -391,8 +424,9 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
     # Stepped by hand once per optimiser step (not prepared: accelerate would step it once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda done: schedule_factor(done + 1, total, settings.warmup_fraction))
-    stopper = EarlyStopping([trial], settings.patience)
-    metric = main_metric(settings.task)
+    stopper = EarlyStopping([trial], settings.effective_patience, head.direction)
+    metric = head.main_metric
+    weights = {name: getattr(trial, name) for name in head.loss_weights}
     history: list[dict[str, float]] = []
     best_state: dict[str, torch.Tensor] | None = None
     epochs = tqdm(range(1, trial.epochs + 1), desc="train", unit="epoch", leave=False,
@@ -404,14 +438,14 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
         loss_sum, batches = torch.zeros((), device=accelerator.device), 0
         for batch in train_loader:
             outputs = run.forward(model, batch)
-            loss = task_loss(settings.task, outputs, run.targets(batch), trial.giou_scale, trial.l1_scale)
+            loss = head.loss(outputs, run.targets(batch), weights)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             batches += 1
-        val_loss, values = evaluate_module(run, model, val_loader, settings.task, trial, accelerator)
+        val_loss, values = evaluate_module(run, model, val_loader, head, trial, accelerator)
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(batches, 1)
         improved = stopper.update(epoch, [values[metric]], [True])[0]
         if improved:  # only what trains changes: no copy of a frozen ViT (a billion parameters) per improvement
@@ -448,20 +482,20 @@ def module_outputs(run: ModuleRun, model: nn.Module, loader: DataLoader, acceler
     return torch.cat(outputs), torch.cat(targets)
 
 
-def evaluate_module(run: ModuleRun, model: nn.Module, loader: DataLoader, task: str, trial: Trial, accelerator
+def evaluate_module(run: ModuleRun, model: nn.Module, loader: DataLoader, head: Head, trial: Trial, accelerator
                     ) -> tuple[float, dict[str, float]]:
     outputs, targets = module_outputs(run, model, loader, accelerator)
-    loss = task_loss(task, outputs, targets, trial.giou_scale, trial.l1_scale)
-    return float(loss), {name: float(value) for name, value in task_metrics(task, outputs, targets).items()}
+    loss = head.loss(outputs, targets, {name: getattr(trial, name) for name in head.loss_weights})
+    return float(loss), {name: float(value) for name, value in head.metrics(outputs, targets).items()}
 
 
 def frozen_module_run(train: ProbeData, val: ProbeData, trial: Trial, settings: TrainSettings) -> ModuleRun:
     """A single probe on features through the standard loop (DataLoader over a TensorDataset)."""
-    probe = new_probe(settings.probe, train.features.shape[1], TASK_OUTPUTS[settings.task], settings.hidden,
-                      trial.seed)
-    train_loader = DataLoader(TensorDataset(train.features.float(), train.targets), batch_size=settings.batch_size,
+    probe = new_probe(settings.probe, train.features.shape[1], settings.head.outputs, settings.hidden, trial.seed)
+    train_loader = DataLoader(TensorDataset(train.example_features().float(), train.targets),
+                              batch_size=settings.batch_size,
                               sampler=EpochOrder(len(train), settings.order_seed))  # train_frozen's batch order
-    val_loader = DataLoader(TensorDataset(val.features.float(), val.targets), batch_size=settings.eval_batch_size)
+    val_loader = DataLoader(TensorDataset(val.example_features().float(), val.targets), batch_size=EVAL_CHUNK)
     return ModuleRun(model=probe, forward=lambda model, batch: model(batch[0]), targets=lambda batch: batch[1],
                      train_loader=train_loader, val_loader=val_loader,
                      groups=parameter_groups(probe.named_parameters(), settings.weight_decay),
@@ -474,13 +508,14 @@ def train_single(train: ProbeData, val: ProbeData, trial: Trial, settings: Train
 
 
 def probe_outputs(probe: Probe, data: ProbeData, settings: TrainSettings) -> torch.Tensor:
-    """A trained probe's raw outputs on a split, `[N, out]` in fp32 on the CPU."""
+    """A trained probe's raw outputs on a split, `[N, out]` in fp32 on the CPU, in example order."""
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)
     probe = probe.to(device).eval()
     chunks = []
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for start in range(0, len(data), settings.eval_batch_size):
-            rows = data.features[start:start + settings.eval_batch_size].to(device=device, dtype=dtype)
+        for start in range(0, len(data.features), EVAL_CHUNK):
+            rows = data.features[start:start + EVAL_CHUNK].to(device=device, dtype=dtype)
             chunks.append(probe(rows).float().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, TASK_OUTPUTS[settings.task])
+    outputs = torch.cat(chunks) if chunks else torch.empty(0, settings.head.outputs)
+    return outputs if data.rows is None else outputs.index_select(0, data.rows)

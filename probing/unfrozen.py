@@ -3,8 +3,9 @@
 The ViT stays frozen and in eval mode; the Q-Former's dropout is on while training. ViT outputs come from
 a vision store (`probing extract --store-vision`) when one is given, so the ViT is never recomputed;
 otherwise images are decoded in DataLoader workers and the ViT runs under `no_grad` for each batch.
-Layers above the probed one cannot influence the probe, so they are dropped for the run (no wasted
-compute, no parameters without gradient under DDP). Parameters that still receive no gradient signal (the
+The checkpoint is read once; each trial trains the resampler's truncated copy (`Resampler.truncated`):
+layers above the probed one cannot influence the probe, so they are dropped for the run (no wasted
+compute, no parameters without gradient under DDP), and every trial starts from the same weights. Parameters that still receive no gradient signal (the
 probed layer's text FFN, whose output no query reads) get no weight decay. Training itself is
 `train.train_module`: the same schedule, early stopping and evaluation as the frozen path.
 """
@@ -18,15 +19,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from probing.data import SPLITS, DataOptions, Example, load_split
 from probing.data.images import load_rgb_image
+from probing.data.types import DataOptions, Example
 from probing.errors import ProbingError
 from probing.features import FeatureStore, VisionStore
-from probing.models import Resampler, load_resampler
-from probing.probe_data import targets_for
+from probing.heads import Head
+from probing.models import ModelSource, Resampler, load_resampler
 from probing.probes import Probe, new_probe
+from probing.tasks import get_task, load_split
 from probing.train import (
-    TASK_OUTPUTS,
     EpochOrder,
     ModuleRun,
     TrainSettings,
@@ -37,7 +38,7 @@ from probing.train import (
     resolve_device,
     train_module,
 )
-from probing.transfer import to_device, to_device_chunked
+from probing.device_copies import to_device, to_device_chunked
 
 
 class UnfrozenProbe(nn.Module):
@@ -50,11 +51,12 @@ class UnfrozenProbe(nn.Module):
         super().__init__()
         self.resampler, self.probe, self.layer, self.from_pixels = resampler, probe, layer, from_pixels
 
-    def forward(self, vision: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, vision: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.from_pixels:
             with torch.no_grad():
                 vision = self.resampler.encode_images(vision)
-        tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask} if input_ids is not None else None
         states = self.resampler.query_states(vision, tokens, [self.layer])[:, 0]
         return self.probe(states.flatten(1))
 
@@ -115,8 +117,7 @@ def _collate(resampler: Resampler, table: VisionTable | None):
     def collate(items):
         tokens = resampler.tokenize([text for _, text, _ in items])
         vision = table.gather([v for v, _, _ in items]) if table is not None else torch.stack([v for v, _, _ in items])
-        return {"vision": vision, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-                "targets": torch.stack([t for _, _, t in items])}
+        return {"vision": vision, **tokens, "targets": torch.stack([t for _, _, t in items])}  # no tokens: no text
     return collate
 
 
@@ -136,33 +137,31 @@ def check_vision_store(store: VisionStore, resampler: Resampler) -> None:
                            "this model or leave out --features")
 
 
-def without_gradient(model: nn.Module, batch: dict, task: str) -> tuple[set[str], set[str]]:
-    """(parameters that get no gradient, parameters whose gradient is all zeros) on one batch."""
-    from probing.losses import task_loss
+def forward_batch(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(batch["vision"], batch.get("input_ids"), batch.get("attention_mask"))
 
+
+def without_gradient(model: nn.Module, batch: dict, head: Head) -> tuple[set[str], set[str]]:
+    """(parameters that get no gradient, parameters whose gradient is all zeros) on one batch."""
     model.zero_grad(set_to_none=True)
-    outputs = model(batch["vision"], batch["input_ids"], batch["attention_mask"])
-    task_loss(task, outputs, batch["targets"]).backward()
+    head.loss(forward_batch(model, batch), batch["targets"]).backward()
     none = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
     zero = {n for n, p in model.named_parameters() if p.grad is not None and not p.grad.any()}
     model.zero_grad(set_to_none=True)
     return none, zero
 
 
-def unfrozen_run(resampler: Resampler, layer: int, train: tuple[Sequence[Example], torch.Tensor],
+def unfrozen_run(base: Resampler, layer: int, train: tuple[Sequence[Example], torch.Tensor],
                  val: tuple[Sequence[Example], torch.Tensor], trial: Trial, settings: TrainSettings,
                  vision: dict[str, VisionTable] | None = None, workers: int = 0) -> ModuleRun:
-    """The ModuleRun of one unfrozen trial (the resampler is modified: layers above `layer` are dropped)."""
-    if not 1 <= layer <= resampler.num_layers:
-        raise ProbingError(f"--layer: layer {layer} does not exist (the Q-Former has 1..{resampler.num_layers})")
-    # Later layers cannot influence the probe: drop them (the encoder loops over config.num_hidden_layers).
-    resampler.qformer.encoder.layer = resampler.qformer.encoder.layer[:layer]
-    resampler.qformer.config.num_hidden_layers = layer
+    """The ModuleRun of one unfrozen trial, on a truncated copy of `base` (which stays as it is)."""
+    resampler = base.truncated(layer)
+    head = settings.head
     trainable = {name for name, _ in resampler.trainable_parameters()}
     for name, parameter in resampler.named_parameters():
         parameter.requires_grad_(name in trainable)
     # Drawn on the CPU (the same weights for a seed on every device), then put beside the resampler.
-    probe = new_probe(settings.probe, resampler.num_query_tokens * resampler.hidden_size, TASK_OUTPUTS[settings.task],
+    probe = new_probe(settings.probe, resampler.num_query_tokens * resampler.hidden_size, head.outputs,
                       settings.hidden, trial.seed).to(resampler.device)
     model = UnfrozenProbe(resampler, probe, layer, from_pixels=vision is None)
     train_set = _Examples(train[0], train[1], resampler, vision["train"] if vision else None)
@@ -172,14 +171,14 @@ def unfrozen_run(resampler: Resampler, layer: int, train: tuple[Sequence[Example
                            sampler=EpochOrder(len(train_set), settings.order_seed))
     val_loader = _loader(val_set, resampler, settings.batch_size, workers)
     first = train_loader.collate_fn([train_set[i] for i in range(min(len(train_set), settings.batch_size))])
-    none, zero = without_gradient(model, {k: v.to(resampler.device) for k, v in first.items()}, settings.task)
+    none, zero = without_gradient(model, {k: v.to(resampler.device) for k, v in first.items()}, head)
     for name, parameter in model.named_parameters():
         if name in none:
             parameter.requires_grad_(False)
     torch.manual_seed(trial.seed)  # dropout draws of the run depend on the trial's seed only
     return ModuleRun(
         model=model,
-        forward=lambda m, batch: m(batch["vision"], batch["input_ids"], batch["attention_mask"]),
+        forward=forward_batch,
         targets=lambda batch: batch["targets"],
         train_loader=train_loader, val_loader=val_loader,
         groups=parameter_groups(model.named_parameters(), settings.weight_decay, without_gradient=zero),
@@ -188,26 +187,29 @@ def unfrozen_run(resampler: Resampler, layer: int, train: tuple[Sequence[Example
 
 
 class UnfrozenSetup:
-    """What every unfrozen trial of one configuration shares, prepared once: examples and targets of the three
-    splits, ViT outputs from the vision stores (when given), and the model's identity. `fit` trains one
-    trial from the checkpoint; `outputs` evaluates a trained model on a split."""
+    """What every unfrozen trial of one configuration shares, prepared once: the resampler read from its
+    checkpoint, examples and targets of the task's splits, ViT outputs from the vision stores (when given),
+    and the model's identity. `fit` trains one trial on a truncated copy; `outputs` evaluates a trained model
+    on a split."""
 
-    def __init__(self, task: str, model: str, data: DataOptions, settings: TrainSettings, init: str = "pretrained",
-                 revision: str | None = None, model_seed: int = 0, features: Path | None = None, workers: int = 0):
-        self.task, self.model, self.init, self.revision, self.model_seed = task, model, init, revision, model_seed
-        self.settings, self.workers = settings, workers
+    def __init__(self, task: str, source: ModelSource, data: DataOptions, settings: TrainSettings,
+                 features: Path | None = None, workers: int = 0):
+        self.spec = get_task(task)
+        self.source, self.settings, self.workers = source, settings, workers
         self.device = resolve_device(settings.device)
-        self._first: Resampler | None = self.fresh_resampler()
-        loaded = {split: load_split(data, split) for split in SPLITS}
-        self.examples = {split: loaded[split].examples for split in SPLITS}
-        self.targets = {split: targets_for(task, self.examples[split], f"{split} data") for split in SPLITS}
-        self.fingerprints = {split: loaded[split].fingerprint for split in SPLITS}
-        self.model_identity = self._first.weights_identity()
-        self.model_source = self._first.identity
+        vision_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.base = load_resampler(source, device=self.device, vision_dtype=vision_dtype)
+        loaded = {split: load_split(data, split) for split in self.spec.splits}
+        self.examples = {split: loaded[split].examples for split in self.spec.splits}
+        self.targets = {split: self.spec.head.targets(self.examples[split], f"{split} data")
+                        for split in self.spec.splits}
+        self.fingerprints = {split: loaded[split].fingerprint for split in self.spec.splits}
+        self.model_identity = self.base.weights_identity()
+        self.model_source = self.base.identity
         self.features = features
         if features is not None:  # checked now, read on first use: a reused search never needs them
-            for split in SPLITS:
-                check_vision_store(FeatureStore(Path(features) / split).vision, self._first)
+            for split in self.spec.splits:
+                check_vision_store(FeatureStore(Path(features) / split).vision, self.base)
         self._vision: dict[str, VisionTable] | None = None
 
     @property
@@ -219,18 +221,12 @@ class UnfrozenSetup:
             # under `accelerate launch` each process keeps its table on its own GPU
             device = PartialState().device if self.device.type == "cuda" else None
             self._vision = {split: VisionTable(FeatureStore(Path(self.features) / split).vision, device)
-                            for split in SPLITS}
+                            for split in self.spec.splits}
         return self._vision
 
-    def fresh_resampler(self) -> Resampler:
-        vision_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return load_resampler(self.model, init=self.init, revision=self.revision, seed=self.model_seed,
-                              device=self.device, vision_dtype=vision_dtype)
-
     def fit(self, trial: Trial, layer: int) -> tuple[TrialResult, UnfrozenProbe]:
-        """Train one trial from the checkpoint (every trial starts from the same weights)."""
-        resampler, self._first = self._first or self.fresh_resampler(), None
-        run = unfrozen_run(resampler, layer, (self.examples["train"], self.targets["train"]),
+        """Train one trial from the checkpoint's weights."""
+        run = unfrozen_run(self.base, layer, (self.examples["train"], self.targets["train"]),
                            (self.examples["val"], self.targets["val"]), trial, self.settings, self.vision,
                            self.workers)
         return train_module(run, trial, self.settings), run.model
@@ -245,6 +241,6 @@ class UnfrozenSetup:
         outputs = []
         with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
             for batch in loader:
-                inputs = [to_device(batch[key], self.device) for key in ("vision", "input_ids", "attention_mask")]
-                outputs.append(model(*inputs).float())
+                inputs = {key: to_device(value, self.device) for key, value in batch.items() if key != "targets"}
+                outputs.append(forward_batch(model, inputs).float())
         return torch.cat(outputs).cpu()  # one copy back, at the end

@@ -12,7 +12,7 @@ from scipy.stats import kendalltau
 
 from probing.analysis import RunResults, deduplicate, estimate, kendall, load_run, overall, per_category
 from probing.cli import main
-from probing.data import SPLITS, DataOptions, Example
+from probing.data import DataOptions, Example
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
 from probing.plots import category_figure, category_runs, per_layer_figure
@@ -96,7 +96,7 @@ def runs_folder(tiny_checkpoints, demo_options, tmp_path_factory):
                "refcocog": DataOptions(task="refcocog", **demo_options["refcocog"])}
     for family in ("blip2", "instructblip"):
         for task, task_options in options.items():
-            for split in SPLITS:
+            for split in ("train", "val", "test"):
                 extract(ExtractionRequest(model=str(tiny_checkpoints[family]), data=task_options, split=split,
                                           out=root / "features" / family / task / split, workers=0, progress=False,
                                           store_vision=True))
@@ -194,16 +194,15 @@ def test_figures_and_reports_pick_runs_deterministically(runs_folder, tmp_path):
 
 
 def test_binary_predictions_agree_with_the_metric():
-    from probing.metrics import task_metrics
-    from probing.runs import prediction_records
+    from probing.heads import BinaryHead
 
     outputs = torch.tensor([[1e-8], [-1e-8], [3.0], [-2.0]])  # sigmoid rounds the first two to exactly 0.5
     labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
     examples = [Example(example_id=i, image_id=i, image_path=Path("x.jpg"), text="t", category="c", label=int(y))
                 for i, y in enumerate(labels.tolist())]
-    records = prediction_records("vsr", "test", 0, examples, outputs, labels)
+    records = BinaryHead().records("test", 0, examples, outputs, labels)
     assert [r["correct"] for r in records] == [True, True, False, True]
-    assert sum(r["correct"] for r in records) / 4 == task_metrics("vsr", outputs, labels)["accuracy"].item()
+    assert sum(r["correct"] for r in records) / 4 == BinaryHead().metrics(outputs, labels)["accuracy"].item()
     assert [r["predicted"] for r in records] == [1, 0, 1, 0]
 
 

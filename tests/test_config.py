@@ -48,7 +48,8 @@ def test_the_demo_config_is_the_packaged_one():
     ({"experimentz": []}, "config field 'experimentz': unknown field (allowed: name, workspace, models, "),
     ({"name": 3}, "config field 'name': expected a string, got 3"),
     ({"experiments": [{"name": "x", "tasks": ["refcocog", "coco"], "models": ["m"]}]},
-     "config field 'experiments[0].tasks[1]': expected 'refcocog' | 'vsr' | 'rcm', got 'coco'"),
+     "config field 'experiments[0].tasks[1]': unknown task 'coco' (known: refcocog, vsr, rcm, refcocog-google, "
+     "refcoco, refcoco+, vsr-zeroshot; or the path of a task .yaml file)"),
     ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["other"]}]},
      "config field 'experiments[0].models[0]': no model 'other' in 'models'"),
     ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "layers": "first"}]},

@@ -13,7 +13,8 @@ from conftest import run_cli
 from test_models import model_inputs
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
-from probing.data import SPLITS, DataOptions, load_split
+from probing.data import DataOptions
+from probing.tasks import load_split
 from probing.extract import ExtractionRequest, extract
 from probing.models import load_resampler
 from probing.train import TrainSettings, Trial, train_frozen, train_single
@@ -35,7 +36,7 @@ def strict_fp32():
 def store_on(device, checkpoint, options, out, **overrides):
     settings = dict(model=str(checkpoint), data=options, split="val", out=out, batch_size=16, shard_size=64,
                     dtype="float32", workers=2, progress=False, device=device)
-    return extract(ExtractionRequest(**(settings | overrides)))
+    return extract(ExtractionRequest(**(settings | overrides))).value
 
 
 def inputs_for(resampler, options, ids):
@@ -174,7 +175,7 @@ def test_batched_trials_follow_separate_runs_in_bf16_on_the_gpu(task, probe):
 
 def test_unfrozen_training_on_the_gpu_runs_and_its_loss_falls(capsys, tiny_checkpoints, demo_options, tmp_path):
     vsr = DataOptions(task="vsr", **demo_options["vsr"])
-    for split in SPLITS:
+    for split in ("train", "val", "test"):
         store_on(CUDA, tiny_checkpoints["blip2"], vsr, tmp_path / "vsr" / split, split=split, layers="3",
                  store_vision=True, dtype="float16")
     common = ["train", "--task", "vsr", "--mode", "unfrozen", "--model", tiny_checkpoints["blip2"], "--vsr", vsr.vsr,
@@ -190,7 +191,7 @@ def test_unfrozen_training_on_the_gpu_runs_and_its_loss_falls(capsys, tiny_check
 
 
 def test_features_reach_the_gpu_chunk_by_chunk_unchanged():
-    from probing.transfer import to_device_chunked
+    from probing.device_copies import to_device_chunked
 
     features = torch.randn(1000, 3, 7, generator=torch.Generator().manual_seed(0)).to(torch.float16)
     placed = to_device_chunked(features, torch.device(CUDA), torch.bfloat16, chunk_bytes=3 * 7 * 2 * 64)  # 16 chunks

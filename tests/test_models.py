@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
-from probing.data import load_split
+from probing.tasks import load_split
 from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
@@ -28,7 +28,7 @@ def blip2_store(tiny_checkpoints, refcocog_val, tmp_path_factory):
     out = tmp_path_factory.mktemp("blip2") / "features"
     return extract(ExtractionRequest(model=str(tiny_checkpoints["blip2"]), data=refcocog_val, split="val", out=out,
                                      layers="0,1,2,3,4", batch_size=16, shard_size=64, dtype="float32", workers=0,
-                                     progress=False))
+                                     progress=False)).value
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_instructblip_stored_states_equal_the_qformer_inside_the_full_model(tiny
                                                                             tmp_path):
     store = extract(ExtractionRequest(model=str(tiny_checkpoints["instructblip"]), data=refcocog_val, split="val",
                                       out=tmp_path / "f", batch_size=8, shard_size=32, dtype="float32", workers=0,
-                                      progress=False))
+                                      progress=False)).value
     model = InstructBlipForConditionalGeneration.from_pretrained(tiny_checkpoints["instructblip"]).eval()
     resampler = load_resampler(str(tiny_checkpoints["instructblip"]))
     examples = {e.example_id: e for e in load_split(refcocog_val, "val").examples}
@@ -194,9 +194,9 @@ def test_random_init_is_seeded_and_reads_no_weights(tiny_checkpoints, monkeypatc
 
     pretrained = load_resampler(str(tiny_checkpoints["blip2"]))
     monkeypatch.setattr(CheckpointSource, "read_tensors", forbidden)
-    first = load_resampler(str(tiny_checkpoints["blip2"]), init="random", seed=1)
-    again = load_resampler(str(tiny_checkpoints["blip2"]), init="random", seed=1)
-    other = load_resampler(str(tiny_checkpoints["blip2"]), init="random", seed=2)
+    first = load_resampler(str(tiny_checkpoints["blip2"]), init="random", init_seed=1)
+    again = load_resampler(str(tiny_checkpoints["blip2"]), init="random", init_seed=1)
+    other = load_resampler(str(tiny_checkpoints["blip2"]), init="random", init_seed=2)
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
     assert not torch.equal(first.query_tokens, other.query_tokens)
@@ -222,7 +222,7 @@ def test_random_init_does_not_depend_on_the_device(tiny_checkpoints):
     store identity names the seed, not the device)."""
     import probing.models.loading as loading
 
-    on_cpu = load_resampler(str(tiny_checkpoints["blip2"]), init="random", seed=3)
+    on_cpu = load_resampler(str(tiny_checkpoints["blip2"]), init="random", init_seed=3)
     devices = []
     original = loading._random_resampler
 
@@ -234,7 +234,7 @@ def test_random_init_does_not_depend_on_the_device(tiny_checkpoints):
     target = "cuda" if torch.cuda.is_available() else "meta"  # meta: a device whose init would lose the values
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loading, "_random_resampler", recording)
-        elsewhere = load_resampler(str(tiny_checkpoints["blip2"]), init="random", seed=3, device=target)
+        elsewhere = load_resampler(str(tiny_checkpoints["blip2"]), init="random", init_seed=3, device=target)
     assert devices == ["cpu"] and elsewhere.device.type == target
     if target == "cuda":
         for name, tensor in on_cpu.state_dict().items():

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from probing.data import load_split
+from probing.tasks import load_split
 from probing.data.images import load_rgb_image
 from probing.models import load_resampler
 from probing.models.pixels import PixelPipeline

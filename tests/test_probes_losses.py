@@ -7,7 +7,8 @@ import torch
 
 from probing.errors import ProbingError
 from probing.losses import binary_loss, box_loss, predicted_boxes
-from probing.metrics import main_metric, task_metrics
+from probing.heads import BinaryHead, BoxHead
+from probing.tasks import get_task
 from probing.probes import Probe, ProbeBank, layer_shapes, new_probe
 
 
@@ -121,9 +122,9 @@ def test_metrics_on_hand_made_cases():
     targets = torch.tensor([[0.2, 0.2, 0.6, 0.6], [0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.1, 0.1]])
     predicted_cxcywh = [[0.4, 0.4, 0.4, 0.4], [0.15, 0.5, 0.3, 1.0 - 1e-7], [0.1, 0.5, 0.2, 1.0 - 1e-7],
                         [0.9, 0.9, 0.1, 0.1]]
-    metrics = task_metrics("refcocog", raw_outputs_for(predicted_cxcywh), targets)
+    metrics = BoxHead().metrics(raw_outputs_for(predicted_cxcywh), targets)
     assert metrics["acc@0.5"].item() == pytest.approx(0.5)  # 2 of 4 at IoU >= 0.5
     assert metrics["mean_iou"].item() == pytest.approx((1.0 + 0.6 + 0.4 + 0.0) / 4, abs=1e-4)
-    accuracy = task_metrics("vsr", torch.tensor([[2.0], [-1.0], [0.5], [-3.0]]), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    accuracy = BinaryHead().metrics(torch.tensor([[2.0], [-1.0], [0.5], [-3.0]]), torch.tensor([1.0, 1.0, 0.0, 0.0]))
     assert accuracy["accuracy"].item() == pytest.approx(0.5)
-    assert main_metric("refcocog") == "acc@0.5" and main_metric("rcm") == "accuracy"
+    assert get_task("refcocog").metric == "acc@0.5" and get_task("rcm").metric == "accuracy"

@@ -5,10 +5,11 @@ import pytest
 from conftest import run_cli, sentence, write_refer
 
 from probing.artifacts import sha256_file
-from probing.data import DataOptions, load_split
+from probing.data import DataOptions
+from probing.tasks import load_split
 from probing.data.boxes import CELL_NAMES, assign_cell
 from probing.data.rcm import REQUIRED_FIELDS, build_rcm, read_rcm_file
-from probing.data.refcocog import read_refs
+from probing.data.refer import read_refs
 from probing.data.synthetic import SUPERCATEGORIES
 from probing.errors import ProbingError
 
@@ -16,7 +17,7 @@ from probing.errors import ProbingError
 @pytest.fixture(scope="module")
 def built(demo_options, tmp_path_factory):
     out = tmp_path_factory.mktemp("rcm") / "rcm"
-    manifest = build_rcm(demo_options["refcocog"]["refs"], demo_options["refcocog"]["instances"], out, seed=3)
+    manifest = build_rcm(demo_options["refcocog"]["refs"], demo_options["refcocog"]["instances"], out, seed=3).value
     records = {split: [r for _, r in read_rcm_file(out / f"{split}.jsonl")] for split in ("train", "val", "test")}
     return out, manifest, records
 
@@ -107,7 +108,7 @@ def test_rebuild_reuses_and_a_different_request_is_refused(built, demo_options):
     out, _, _ = built
     refs, instances = demo_options["refcocog"]["refs"], demo_options["refcocog"]["instances"]
     before = (out / "train.jsonl").stat().st_mtime_ns
-    assert build_rcm(refs, instances, out, seed=3)["reused"] is True
+    assert build_rcm(refs, instances, out, seed=3).reused is True
     assert (out / "train.jsonl").stat().st_mtime_ns == before
     with pytest.raises(ProbingError, match=r"holds a RCM build made with a different 'seed'"):
         build_rcm(refs, instances, out, seed=5)

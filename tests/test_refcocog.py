@@ -6,8 +6,9 @@ import pytest
 from conftest import sentence, small_refer_dataset, write_refer
 from PIL import Image
 
-from probing.data import DataOptions, load_split
-from probing.data.refcocog import load_refcocog, read_refs
+from probing.data import DataOptions
+from probing.tasks import load_split
+from probing.data.refer import load_refer, read_refs
 from probing.errors import ProbingError
 
 
@@ -39,14 +40,14 @@ def test_one_example_per_sentence_with_normalized_boxes(tmp_path):
 
 def test_images_fall_back_to_coco_2017_names(tmp_path):
     paths = small_refer_dataset(tmp_path, image_folder="train2017")
-    examples = load_refcocog(paths["refs"], paths["instances"], paths["images"], "train")
+    examples = load_refer(paths["refs"], paths["instances"], paths["images"], "train")
     assert examples[0].image_path == paths["images"] / "train2017" / "000000000011.jpg"
     assert examples[0].image_path.is_file()
 
 
 def test_missing_images_resolve_to_the_train2014_name(tmp_path):
     paths = small_refer_dataset(tmp_path, image_folder=None)
-    examples = load_refcocog(paths["refs"], paths["instances"], tmp_path / "nowhere", "val")
+    examples = load_refer(paths["refs"], paths["instances"], tmp_path / "nowhere", "val")
     assert examples[0].image_path == tmp_path / "nowhere" / "train2014" / "COCO_train2014_000000000012.jpg"
 
 
@@ -137,8 +138,8 @@ def test_options_are_checked(tmp_path):
                                images=paths["images"]), "train")
     with pytest.raises(ProbingError, match="--split: unknown split 'dev2'"):
         load_split(options_for(paths), "dev2")
-    with pytest.raises(ProbingError, match="--task: unknown task 'refcoco'"):
-        load_split(DataOptions(task="refcoco"), "train")
+    with pytest.raises(ProbingError, match="--task: unknown task 'refclef'"):
+        load_split(DataOptions(task="refclef"), "train")
 
 
 def test_demo_refcocog_counts_and_splits(demo_root, demo_options):
@@ -187,4 +188,4 @@ def test_non_ascii_sentences_survive(tmp_path):
     refs[0]["sentences"][0] = sentence(7, "the café dog")
     write_refer(tmp_path, refs, json.loads(paths["instances"].read_text())["images"],
                 json.loads(paths["instances"].read_text())["annotations"], image_folder=None)
-    assert load_refcocog(paths["refs"], paths["instances"], paths["images"], "train")[0].text == "the café dog"
+    assert load_refer(paths["refs"], paths["instances"], paths["images"], "train")[0].text == "the café dog"

@@ -11,7 +11,8 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from probing.data import SPLITS, DataOptions, load_split
+from probing.data import DataOptions
+from probing.tasks import load_split
 from probing.data.rcm import build_rcm
 from probing.extract import ExtractionRequest, extract
 from probing.features import FeatureStore
@@ -29,7 +30,7 @@ def stores(tiny_checkpoints, demo_options, tmp_path_factory):
                "vsr": DataOptions(task="vsr", **demo_options["vsr"]),
                "rcm": DataOptions(task="rcm", rcm=root / "rcm", images=refcocog["images"])}
     for task, task_options in options.items():
-        for split in SPLITS:
+        for split in ("train", "val", "test"):
             extract(ExtractionRequest(model=str(tiny_checkpoints["blip2"]), data=task_options, split=split,
                                       out=root / task / split, workers=0, progress=False, store_vision=True))
     return root, options
@@ -100,7 +101,7 @@ def test_mismatched_inputs_are_one_line(capsys, stores, tmp_path):
     code, _, err = run_cli(capsys, "train", "--task", "rcm", "--features", root / "vsr", *base, "--out", tmp_path / "a")
     assert code == 2 and err == f"error: {root / 'vsr' / 'train'}: features of task 'vsr', not 'rcm'\n"
     mixed = tmp_path / "mixed"
-    for split in SPLITS:
+    for split in ("train", "val", "test"):
         shutil.copytree(root / "vsr" / ("val" if split == "test" else split), mixed / split)
     code, _, err = run_cli(capsys, "train", "--task", "vsr", "--features", mixed, *base, "--out", tmp_path / "b")
     assert code == 2 and err == f"error: {mixed / 'test'}: features of split 'val', not 'test'\n"

@@ -14,7 +14,7 @@ from conftest import run_cli
 from optuna.trial import TrialState
 from test_train import synthetic
 
-from probing.data import SPLITS, DataOptions
+from probing.data import DataOptions
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
 from probing.search import SearchRequest, SearchSpace, create_study, default_space, run_trials
@@ -25,7 +25,7 @@ from probing.train import TrainSettings, train_frozen
 def vsr_features(tiny_checkpoints, demo_options, tmp_path_factory):
     root = tmp_path_factory.mktemp("search") / "vsr"
     options = DataOptions(task="vsr", **demo_options["vsr"])
-    for split in SPLITS:
+    for split in ("train", "val", "test"):
         extract(ExtractionRequest(model=str(tiny_checkpoints["blip2"]), data=options, split=split, out=root / split,
                                   layers="4", workers=0, progress=False))
     return root
@@ -178,7 +178,7 @@ def test_bad_search_options(capsys, vsr_features, tmp_path):
     code, _, err = run_cli(capsys, *base, "--lr-range", "1e-2,1e-3")
     assert code == 2 and err.startswith("error: search space: lr bounds must satisfy 0 < low <= high")
     code, _, err = run_cli(capsys, *base, "--trials", 0)
-    assert code == 2 and err == "error: --trials and --batch must be at least 1\n"
+    assert code == 2 and err == "error: --trials: must be >= 1, got 0\n"
     with pytest.raises(ProbingError, match="epochs must be positive"):
         SearchSpace(epochs=(0,)).check()
 

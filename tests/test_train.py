@@ -146,11 +146,14 @@ def test_reproducible_for_a_seed():
 
 
 def test_bad_settings_are_one_line():
-    with pytest.raises(ProbingError, match="--lr must be a positive number"):
+    # one message template for every declared setting: the option, the bound, the value
+    with pytest.raises(ProbingError, match="^--lr: must be > 0, got 0$"):
         Trial(lr=0.0, epochs=3).check()
-    with pytest.raises(ProbingError, match="--epochs must be at least 1"):
+    with pytest.raises(ProbingError, match="^--epochs: must be >= 1, got 0$"):
         Trial(lr=1e-3, epochs=0).check()
-    with pytest.raises(ProbingError, match="--patience must be at least 1"):
-        TrainSettings(task="vsr", patience=0).check()
-    with pytest.raises(ProbingError, match="unknown probe 'deep'"):
+    with pytest.raises(ProbingError, match="^--patience: must be >= 0, got -1$"):
+        TrainSettings(task="vsr", patience=-1).check()
+    with pytest.raises(ProbingError, match=r"^--probe: unknown value 'deep' \(choose linear, swiglu2, swiglu4, logreg\)$"):
         TrainSettings(task="vsr", probe="deep").check()
+    with pytest.raises(ProbingError, match="^--giou-scale: must be a finite number, got nan$"):
+        Trial(lr=1e-3, epochs=1, giou_scale=float("nan")).check()

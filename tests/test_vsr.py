@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from probing.data import DataOptions, load_split
+from probing.data import DataOptions
+from probing.tasks import load_split
 from probing.data.synthetic import COLOURS, RELATIONS, make_vsr
 from probing.data.vsr import META_CATEGORIES, meta_category_table, parse_caption, read_vsr_file
 from probing.errors import ProbingError

@@ -27,11 +27,12 @@ import numpy as np
 from probing.artifacts import code_version, existing_output_matches, sha256_file, staged_directory, write_json
 from probing.data import boxes
 from probing.data.coco import read_instances
-from probing.data.examples import SPLITS, Example
+from probing.data.types import Example
 from probing.data.images import coco2014_candidates, resolve_image
 from probing.data.jsonl import read_objects
-from probing.data.refcocog import Sentence, join_sentences, read_refs, sentence_metadata
+from probing.data.refer import Sentence, join_sentences, read_refs, sentence_metadata
 from probing.errors import ProbingError
+from probing.records import StageResult, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ BUILDER_VERSION = 1
 NEGATIVE_SOURCES = boxes.GRID_SIZE * boxes.GRID_SIZE - 1  # 8 other cells
 REQUIRED_FIELDS = ("image_id", "ann_id", "ref_id", "sent_id", "phrase", "cell", "true_cell", "cell_name",
                    "caption", "label")
-_SPLIT_STREAM = {split: index for index, split in enumerate(SPLITS)}
+RCM_SPLITS = ("train", "val", "test")  # RefCOCOg umd's splits, each built on its own
+_SPLIT_STREAM = {split: index for index, split in enumerate(RCM_SPLITS)}
 
 
 def rcm_caption(phrase: str, cell: int) -> str:
@@ -135,8 +137,8 @@ def _identity(refs_path: Path, instances_path: Path, seed: int) -> dict[str, Any
     }
 
 
-def build_rcm(refs_path: Path, instances_path: Path, out_dir: Path, seed: int = 0) -> dict[str, Any]:
-    """Build RCM train/val/test from RefCOCOg umd into `out_dir`; return the manifest.
+def build_rcm(refs_path: Path, instances_path: Path, out_dir: Path, seed: int = 0) -> StageResult[dict[str, Any]]:
+    """Build RCM train/val/test from RefCOCOg umd into `out_dir`; its manifest is the result's value.
 
     An `out_dir` already holding the same build (same inputs and seed) is kept as is; one holding another
     build is refused. Files appear only when all three splits are complete.
@@ -150,14 +152,12 @@ def build_rcm(refs_path: Path, instances_path: Path, out_dir: Path, seed: int = 
     identity = _identity(refs_path, instances_path, seed)
     if existing_output_matches(out_dir, identity, "RCM build"):
         log.info("%s: already holds this RCM build (same inputs and seed); nothing to do", out_dir)
-        manifest = json.loads((out_dir / "manifest.json").read_text())
-        manifest["reused"] = True
-        return manifest
+        return StageResult(read_json_file(out_dir / "manifest.json"), out_dir, "reused")
     refs = read_refs(refs_path)
     coco = read_instances(instances_path)
     splits: dict[str, Any] = {}
     outputs: dict[str, list[dict[str, Any]]] = {}
-    for split in SPLITS:
+    for split in RCM_SPLITS:
         split_refs = [ref for ref in refs if ref["split"] == split]
         if not split_refs:
             raise ProbingError(f"{refs_path}: no refs in split '{split}'")
@@ -176,8 +176,7 @@ def build_rcm(refs_path: Path, instances_path: Path, out_dir: Path, seed: int = 
                 for record in records:
                     handle.write(json.dumps(record, sort_keys=True) + "\n")
         write_json(staging / "manifest.json", manifest)
-    manifest["reused"] = False
-    return manifest
+    return StageResult(manifest, out_dir, "built")
 
 
 def read_rcm_file(path: Path) -> list[tuple[int, dict[str, Any]]]:

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
-from probing.data.boxes import CELL_NAMES
-from probing.data.examples import SPLITS, DataOptions, Example, check_split
-from probing.data.loading import load_split
+from probing.data.types import DataOptions, Example
+from probing.tasks import TaskSpec, get_task, load_split
 
 
-def category_counts(task: str, examples: list[Example]) -> dict[str, Any]:
-    """COCO supercategory (RefCOCOg), VSR meta-category, or RCM claimed cell x label."""
-    if task == "rcm":
-        counts: dict[str, dict[str, int]] = {name: {"positive": 0, "negative": 0} for name in CELL_NAMES}
-        for example in examples:
-            counts[CELL_NAMES[example.metadata["cell"]]]["positive" if example.label else "negative"] += 1
-        return counts
-    return dict(sorted(Counter(example.category for example in examples).items()))
-
-
-def split_stats(task: str, examples: list[Example]) -> dict[str, Any]:
+def split_stats(spec: TaskSpec, examples: list[Example]) -> dict[str, Any]:
     """Counts for one split; images are checked for existence only (decoding all of COCO takes hours)."""
     image_paths = {example.image_path for example in examples}
     missing = sorted(str(path) for path in image_paths if not path.is_file())
@@ -28,21 +16,22 @@ def split_stats(task: str, examples: list[Example]) -> dict[str, Any]:
         "examples": len(examples),
         "images": len(image_paths),
         "missing_images": len(missing),
-        "categories": category_counts(task, examples),
+        "categories": spec.category_counts(examples),
     }
     if missing:
         stats["first_missing_image"] = missing[0]
-    if task in ("vsr", "rcm"):
+    if spec.head.kind == "binary":
         stats["labels"] = {"1": sum(e.label == 1 for e in examples), "0": sum(e.label == 0 for e in examples)}
     return stats
 
 
 def data_stats(options: DataOptions, splits: list[str] | None = None) -> dict[str, Any]:
-    """Stats of the requested splits (default: all three) as one JSON-ready object."""
-    options = options.validated()
-    chosen = [check_split(split) for split in (splits or SPLITS)]
-    result: dict[str, Any] = {"task": options.task, "splits": {}}
+    """Stats of the requested splits (default: all of the task's) as one JSON-ready object."""
+    spec = get_task(options.task)
+    spec.check_options(options)
+    chosen = [spec.check_split(split) for split in (splits or spec.splits)]
+    result: dict[str, Any] = {"task": spec.name, "splits": {}}
     for split in chosen:
         data = load_split(options, split)
-        result["splits"][split] = {"fingerprint": data.fingerprint, **split_stats(options.task, data.examples)}
+        result["splits"][split] = {"fingerprint": data.fingerprint, **split_stats(spec, data.examples)}
     return result

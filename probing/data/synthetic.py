@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
 from probing.data import boxes
 from probing.errors import ProbingError
+from probing.records import StageResult, read_json_file
 
 GENERATOR_VERSION = 2
 REFS_NAME = "refs(umd).p"
@@ -446,8 +447,8 @@ def demo_data_options(root: Path) -> dict[str, dict[str, Path]]:
 
 
 def make_demo_data(out: Path, seed: int = 0, refcocog_images: int = 300, vsr_images: int = 240,
-                   vsr_version: str = "current") -> dict[str, Any]:
-    """Write the demo dataset into `out` (atomically) and return its manifest.
+                   vsr_version: str = "current") -> StageResult[dict[str, Any]]:
+    """Write the demo dataset into `out` (atomically); its manifest is the result's value.
 
     An `out` that already holds the same dataset (same seed, sizes, version) is kept as is.
     """
@@ -457,8 +458,7 @@ def make_demo_data(out: Path, seed: int = 0, refcocog_images: int = 300, vsr_ima
     identity = {"kind": "demo-data", "generator_version": GENERATOR_VERSION, "seed": seed,
                 "refcocog_images": refcocog_images, "vsr_images": vsr_images, "vsr_version": vsr_version}
     if existing_output_matches(out, identity, "demo dataset"):
-        manifest = json.loads((out / "manifest.json").read_text())
-        return manifest | {"reused": True}
+        return StageResult(read_json_file(out / "manifest.json"), out, "reused")
     refcocog_rng, vsr_rng = (np.random.default_rng([seed, stream]) for stream in (1, 2))
     with staged_directory(out) as staging:
         manifest = {
@@ -469,4 +469,4 @@ def make_demo_data(out: Path, seed: int = 0, refcocog_images: int = 300, vsr_ima
             "vsr": make_vsr(staging / "vsr", staging / "images", vsr_images, vsr_rng, vsr_version),
         }
         write_json(staging / "manifest.json", manifest)
-    return manifest | {"reused": False}
+    return StageResult(manifest, out, "built")

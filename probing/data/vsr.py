@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from probing.data.examples import Example
+from probing.data.types import Example
 from probing.data.images import resolve_image, vsr_candidates
 from probing.data.jsonl import read_objects
 from probing.errors import ProbingError

@@ -2,7 +2,8 @@
 
 Queries and text attend jointly, as in its image-text-matching path: `[queries ; text]` through one
 self-attention per layer, with `query_length` set so that only the query slice goes through cross-attention
-and the query FFN (model_notes.md 1.2-1.3). Text is truncated on the right at 32 tokens (LAVIS max_txt_len).
+and the query FFN (without it the text tokens would be treated as queries). Text is truncated on the right
+at 32 tokens (LAVIS's max_txt_len for this model).
 """
 
 from __future__ import annotations
@@ -11,25 +12,25 @@ import torch
 from torch import nn
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings, Blip2VisionModel
 
-from probing.errors import ProbingError
-from probing.models.base import Resampler
+from probing.models.lavis import LavisKeyMap
+from probing.models.qformer import QFormerResampler
+from probing.models.registry import BackendFamily, register_family
 
 
-class Blip2Resampler(Resampler):
+class Blip2Resampler(QFormerResampler):
     family = "blip2"
     max_text_tokens = 32
     truncation_side = "right"
     checkpoint_prefixes = ("vision_model.", "query_tokens", "qformer.", "embeddings.", "itm_head.")
-    frozen_prefixes = ("vision_model.", "itm_head.")  # the ITM head is kept for checks, never trained
+    frozen_modules = ("vision_model", "itm_head")  # the ITM head is kept for checks, never trained
 
     @classmethod
-    def check_config(cls, config, where: str) -> None:
+    def config_problem(cls, config) -> str | None:
         if not getattr(config.qformer_config, "use_qformer_text_input", False):
-            # Without the text FFN the ITM path cannot run (model_notes.md pitfall 6).
-            raise ProbingError(
-                f"{where}: the BLIP-2 checkpoint has no Q-Former text path (use_qformer_text_input is false): "
-                "use a first-stage image-text-matching checkpoint such as Salesforce/blip2-itm-vit-g"
-            )
+            # Stage-2 checkpoints (OPT, FlanT5) have no text FFN in the Q-Former: the ITM path cannot run.
+            return ("the BLIP-2 checkpoint has no Q-Former text path (use_qformer_text_input is false): use a "
+                    "first-stage image-text-matching checkpoint such as Salesforce/blip2-itm-vit-g")
+        return None
 
     def build_modules(self, config) -> None:
         self.vision_model = Blip2VisionModel(config.vision_config)
@@ -43,7 +44,7 @@ class Blip2Resampler(Resampler):
         embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
         output = self.qformer(
             query_embeds=embeds,
-            query_length=self.num_query_tokens,  # without it text tokens are treated as queries (pitfall 3)
+            query_length=self.num_query_tokens,
             attention_mask=self.query_mask(attention_mask),
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=self.image_attention_mask(image_embeds),
@@ -54,3 +55,14 @@ class Blip2Resampler(Resampler):
     def itm_logits(self, last_query_states: torch.Tensor) -> torch.Tensor:
         """The model's ITM logits from last-layer query states: `itm_head(...)` averaged over queries."""
         return self.itm_head(last_query_states.to(self.itm_head.weight.dtype)).mean(dim=1)
+
+
+BLIP2 = register_family(BackendFamily(
+    name="blip2", title="BLIP-2", resampler=Blip2Resampler, model_types=("blip-2",),
+    aliases={"blip2": "Salesforce/blip2-itm-vit-g", "blip2-coco": "Salesforce/blip2-itm-vit-g-coco"},
+    default_checkpoint="Salesforce/blip2-itm-vit-g", tokenizer_folder="",
+    # A stage-1 LAVIS checkpoint carries the ITM head; its text embeddings sit beside the Q-Former, and the
+    # BERT embedding LayerNorm becomes the Q-Former's top-level `layernorm`.
+    lavis=LavisKeyMap(marker_prefixes=("itm_head.",), text_embeddings="embeddings.",
+                      embedding_layernorm="qformer.layernorm."),
+))

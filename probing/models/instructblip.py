@@ -1,8 +1,9 @@
 """InstructBLIP (e.g. Salesforce/instructblip-vicuna-7b): vision model + Q-Former + query tokens only.
 
 The Q-Former owns its text embeddings and reads the instruction text beside the queries; it infers the
-query length from `query_embeds` (model_notes.md 2.2). The instruction is truncated on the left at 128
-tokens (LAVIS max_txt_len, `truncation_side="left"`). The Vicuna language model is never built or read.
+query length from `query_embeds`. The instruction is truncated on the left at 128 tokens (LAVIS's
+max_txt_len, `truncation_side="left"`). The Vicuna language model is never built or read; InstructBLIP
+repos keep the Q-Former's BERT tokenizer in `qformer_tokenizer/`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import torch
 from torch import nn
 from transformers.models.instructblip.modeling_instructblip import InstructBlipQFormerModel, InstructBlipVisionModel
 
-from probing.models.base import Resampler
+from probing.models.lavis import LavisKeyMap
+from probing.models.qformer import QFormerResampler
+from probing.models.registry import BackendFamily, register_family
 
 
-class InstructBlipResampler(Resampler):
+class InstructBlipResampler(QFormerResampler):
     family = "instructblip"
     max_text_tokens = 128
     truncation_side = "left"
@@ -36,3 +39,13 @@ class InstructBlipResampler(Resampler):
             output_hidden_states=True,
         )
         return output.hidden_states
+
+
+INSTRUCTBLIP = register_family(BackendFamily(
+    name="instructblip", title="InstructBLIP", resampler=InstructBlipResampler, model_types=("instructblip",),
+    aliases={"instructblip": "Salesforce/instructblip-vicuna-7b"},
+    default_checkpoint="Salesforce/instructblip-vicuna-7b", tokenizer_folder="qformer_tokenizer",
+    # A LAVIS InstructBLIP checkpoint carries the LLM projection; its Q-Former owns its text embeddings.
+    lavis=LavisKeyMap(marker_prefixes=("llm_proj.", "t5_proj."), text_embeddings="qformer.embeddings.",
+                      embedding_layernorm="qformer.embeddings.layernorm."),
+))

@@ -1,15 +1,21 @@
 """LAVIS `.pth` checkpoints (e.g. blip2_pretrained.pth) mapped onto the transformers key names.
 
 `salesforce-lavis` cannot be installed beside transformers 5 (its pins), so its checkpoints are read with
-`torch.load(weights_only=True)` and renamed by the table of model_notes.md section 5, which follows the two
-transformers conversion scripts. Nothing of LAVIS is imported.
+`torch.load(weights_only=True)` and renamed by rules that follow transformers' two conversion scripts
+(`convert_blip_2_original_to_pytorch.py`, `convert_instructblip_original_to_pytorch.py`) and LAVIS's module
+definitions (`blip2_qformer.py`, `Qformer.py`, `eva_vit.py`). The rules shared by every Q-Former family live
+here; what differs between families (where the Q-Former's text embeddings go, which keys mark a family's
+checkpoint) is each family's `LavisKeyMap`, registered with it. Nothing of LAVIS is imported.
 """
 
 from __future__ import annotations
 
 import re
 import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,24 +63,33 @@ def read_lavis_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def guess_family(state: dict[str, torch.Tensor]) -> str | None:
-    """blip2 for a stage-1 checkpoint (ITM head), instructblip for one with an LLM projection."""
-    if any(key.startswith("itm_head.") for key in state):
-        return "blip2"
-    if any(key.startswith(("llm_proj.", "t5_proj.")) for key in state):
-        return "instructblip"
-    return None
+@dataclass(frozen=True)
+class LavisKeyMap:
+    """What one family's LAVIS checkpoints look like beside the shared rules."""
+
+    marker_prefixes: tuple[str, ...]  # keys only this family's checkpoints carry
+    text_embeddings: str  # transformers prefix of `Qformer.bert.embeddings.{word,position}_embeddings.`
+    embedding_layernorm: str  # transformers prefix of `Qformer.bert.embeddings.LayerNorm.`
+
+    def recognises(self, state: Mapping[str, Any]) -> bool:
+        return any(key.startswith(self.marker_prefixes) for key in state)
 
 
-def _qformer_key(rest: str, family: str) -> str | None:
+def guess_family(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered family whose key map recognises the checkpoint (by its marker keys), or None."""
+    from probing.models.registry import family_of_lavis
+
+    family = family_of_lavis(state)
+    return family.name if family is not None else None
+
+
+def _qformer_key(rest: str, key_map: LavisKeyMap) -> str | None:
     """`Qformer.bert.<rest>` -> transformers name."""
-    embedding_prefix = "embeddings." if family == "blip2" else "qformer.embeddings."
     if rest.startswith("embeddings.LayerNorm."):
-        suffix = rest[len("embeddings.LayerNorm."):]
-        return f"qformer.layernorm.{suffix}" if family == "blip2" else f"qformer.embeddings.layernorm.{suffix}"
+        return key_map.embedding_layernorm + rest[len("embeddings.LayerNorm."):]
     for name in ("word_embeddings.", "position_embeddings."):
         if rest.startswith(f"embeddings.{name}"):
-            return embedding_prefix + rest[len("embeddings."):]
+            return key_map.text_embeddings + rest[len("embeddings."):]
     if rest.startswith("encoder.layer."):
         # attention.self.* and crossattention.self.* are *.attention.*; everything else keeps its name
         return "qformer." + re.sub(r"(attention|crossattention)\.self\.", r"\1.attention.", rest)
@@ -100,15 +115,20 @@ def _vision_key(rest: str, vision_layers: int) -> str | None:
     return None
 
 
-def lavis_to_hf(state: dict[str, torch.Tensor], family: str, vision_layers: int, where: str = "LAVIS checkpoint"
-                ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename a LAVIS state dict to transformers keys; returns (mapped tensors, ignored LAVIS keys).
+def lavis_to_hf(state: dict[str, torch.Tensor], family: str | LavisKeyMap, vision_layers: int,
+                where: str = "LAVIS checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename a LAVIS state dict to transformers keys for `family` (a registered name or its key map);
+    returns (mapped tensors, ignored LAVIS keys).
 
     EVA's separate q/v biases become one qkv bias with a zero key bias (EVA has none):
     `qkv.bias = cat(q_bias, zeros_like(v_bias), v_bias)`. A q bias without its v bias cannot be converted
     (ProbingError naming `where` and the missing key); a v bias without its q bias is ignored, as are the
     biases of blocks the model does not have.
     """
+    if isinstance(family, str):
+        from probing.models.registry import family_named
+
+        family = family_named(family).lavis
     mapped: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
     for key, tensor in state.items():

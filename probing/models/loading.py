@@ -1,43 +1,60 @@
-"""From a model name, Hub id, local folder or LAVIS `.pth` to a ready `Resampler`.
+"""From a model source (alias, Hub id, local folder or LAVIS `.pth`) to a ready `Resampler`.
 
-- A registry name (`blip2`, `blip2-coco`, `instructblip`) stands for its Hub id.
+- A registered alias (`blip2`, `blip2-coco`, `instructblip`) stands for its Hub id.
 - A Hub id or a local folder in the Hugging Face format: config, tokenizer and image processor come from
   it; weights are read shard-selectively (never the language model). `HF_HUB_OFFLINE=1` is honoured by
   huggingface_hub: an offline run uses the local cache or fails with one line.
-- A LAVIS `.pth` file: weights through the LAVIS key map; config, tokenizer and processor from `base` (a
-  Hub id or folder, by default the family's registry checkpoint); keys the `.pth` lacks (a trimmed file
+- A LAVIS `.pth` file: weights through its family's LAVIS key map; config, tokenizer and processor from
+  `base` (a Hub id or folder, by default the family's checkpoint); keys the `.pth` lacks (a trimmed file
   without the ViT) are taken from `base`'s weights.
 - `init="random"`: the same architecture with seeded random weights and no weight file read: the control
   baseline. The ViT's `initializer_range` (1e-10 in the configs, which would make a random ViT output
   constant) is set to 0.02 and recorded.
+
+Which family reads a checkpoint is the registry's answer (`probing.models.registry`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from probing.errors import ProbingError
 from probing.models.base import Resampler
-from probing.models.blip2 import Blip2Resampler
 from probing.models.checkpoint import CheckpointSource, tensors_sha256
-from probing.models.instructblip import InstructBlipResampler
-from probing.models.lavis import guess_family, lavis_to_hf, read_lavis_checkpoint
-from probing.models.tiny import QFORMER_TOKENIZER_FOLDER
+from probing.models.lavis import lavis_to_hf, read_lavis_checkpoint
+from probing.models.registry import BackendFamily, family_for_config, family_named, family_of_lavis, resolve_alias
+from probing.settings import check, setting
 
 log = logging.getLogger(__name__)
 
-FAMILY_CLASSES: dict[str, type[Resampler]] = {"blip2": Blip2Resampler, "instructblip": InstructBlipResampler}
-MODEL_TYPES = {"blip-2": "blip2", "instructblip": "instructblip"}
-REGISTRY: dict[str, tuple[str, str]] = {
-    "blip2": ("blip2", "Salesforce/blip2-itm-vit-g"),
-    "blip2-coco": ("blip2", "Salesforce/blip2-itm-vit-g-coco"),
-    "instructblip": ("instructblip", "Salesforce/instructblip-vicuna-7b"),
-}
 RANDOM_VISION_INITIALIZER_RANGE = 0.02
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which weights a resampler is built from: the settings shared by `extract`, unfrozen `train` and
+    `search`, and a config's `models` entries."""
+
+    model: str | None = setting(None, help="blip2 | blip2-coco | instructblip, a Hub id, a local checkpoint "
+                                           "folder, or a LAVIS .pth file")
+    revision: str | None = setting(None, help="Hub branch, tag or commit.")
+    init: Literal["pretrained", "random"] = setting(
+        "pretrained", help="pretrained | random (same architecture, seeded random weights: the control baseline)")
+    init_seed: int = setting(0, low=0, help="Seed of --init random.")
+    family: str | None = setting(None, help="The backend family, where a checkpoint could be read by several "
+                                            "(and for a LAVIS .pth whose keys do not tell).")
+    base: str | None = setting(None, help="For a LAVIS .pth: where the config, tokenizer and image processor "
+                                          "come from (default: the family's checkpoint).")
+
+    def required(self, option: str = "--model") -> ModelSource:
+        if self.model is None:
+            raise ProbingError(f"{option} is required")
+        return check(self)
 
 
 def _load_config(source: CheckpointSource):
@@ -50,23 +67,11 @@ def _load_config(source: CheckpointSource):
         raise ProbingError(f"{config_path}: not a transformers config ({error})") from None
 
 
-def _family_of(config, source: CheckpointSource, requested: str | None) -> str:
-    family = MODEL_TYPES.get(getattr(config, "model_type", None))
-    if family is None:
-        raise ProbingError(
-            f"{source.name_or_path}: model_type '{getattr(config, 'model_type', None)}' is not a BLIP-2 or "
-            "InstructBLIP checkpoint"
-        )
-    if requested is not None and requested != family:
-        raise ProbingError(f"--family {requested}: {source.name_or_path} is a {family} checkpoint")
-    return family
-
-
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json", "added_tokens.json")
 
 
-def _load_tokenizer(source: CheckpointSource, family: str):
-    """The Q-Former's BERT tokenizer (InstructBLIP repos keep it in `qformer_tokenizer/`).
+def _load_tokenizer(source: CheckpointSource, family: BackendFamily):
+    """The Q-Former's tokenizer from the family's tokenizer folder.
 
     Its files are fetched one by one through the checkpoint source and loaded from the resulting folder,
     so a Hub repo and a local folder take the same path (transformers' own Hub lookup with `subfolder`
@@ -74,7 +79,7 @@ def _load_tokenizer(source: CheckpointSource, family: str):
     """
     from transformers import AutoTokenizer
 
-    prefix = f"{QFORMER_TOKENIZER_FOLDER}/" if family == "instructblip" else ""
+    prefix = f"{family.tokenizer_folder}/" if family.tokenizer_folder else ""
     config_file = source.file(f"{prefix}tokenizer_config.json")
     for name in TOKENIZER_FILES:
         source.file(prefix + name, required=False)
@@ -109,7 +114,7 @@ def _check_tokenizer(tokenizer, config, where: str) -> None:
         raise ProbingError(f"{where}: tokenizer pad id {tokenizer.pad_token_id} != Q-Former pad id "
                            f"{config.qformer_config.pad_token_id}")
     # No check of len(tokenizer) against the vocabulary: a Hub tokenizer may carry added tokens (`<image>`)
-    # that plain text never produces; `Resampler.tokenize` checks the ids actually produced instead.
+    # that plain text never produces; `tokenize` checks the ids actually produced instead.
 
 
 def _restore_buffers(module: torch.nn.Module) -> None:
@@ -159,57 +164,67 @@ def _random_resampler(cls: type[Resampler], config, tokenizer, processor, identi
     return resampler
 
 
-def resolve_model(model: str) -> tuple[str | None, str]:
-    """(family or None, checkpoint spec) for a registry name, Hub id, folder or `.pth` file."""
-    if model in REGISTRY:
-        return REGISTRY[model]
-    return None, model
+def _is_lavis_file(spec: str) -> bool:
+    """A `.pth`/`.pt` spec is a LAVIS file unless it names a folder; a missing one must not become a Hub id."""
+    return spec.endswith((".pth", ".pt")) and not Path(spec).is_dir()
 
 
-def load_resampler(model: str, *, init: str = "pretrained", revision: str | None = None, family: str | None = None,
-                   base: str | None = None, seed: int = 0, device: str | torch.device = "cpu",
+def _lavis_family(state: dict[str, torch.Tensor], requested: str | None, spec: str) -> BackendFamily:
+    if requested is not None:
+        return family_named(requested)
+    family = family_of_lavis(state)
+    if family is None:
+        raise ProbingError(f"--model {spec}: cannot tell the family from its keys; pass --family")
+    return family
+
+
+def load_resampler(source: ModelSource | str, *, device: str | torch.device = "cpu",
                    vision_dtype: torch.dtype = torch.float32, qformer_dtype: torch.dtype = torch.float32,
-                   ) -> Resampler:
-    """Load a resampler; its `.identity` holds what manifests record (source, revision, weights hash, init)."""
-    if init not in ("pretrained", "random"):
-        raise ProbingError(f"--init: unknown value '{init}' (choose pretrained or random)")
-    if family is not None and family not in FAMILY_CLASSES:
-        raise ProbingError(f"--family: unknown family '{family}' (choose {', '.join(FAMILY_CLASSES)})")
+                   **fields: Any) -> Resampler:
+    """Load a resampler (`source` may be a model string with `ModelSource` fields as keywords); its
+    `.identity` holds what manifests record (source, revision, weights hash, init)."""
+    if isinstance(source, str):
+        source = ModelSource(model=source, **fields)
+    source = source.required()
     device = torch.device(device)
-    registry_family, spec = resolve_model(model)
+    aliased, spec = resolve_alias(source.model)
+    requested = source.family or (aliased.name if aliased is not None else None)
+    if requested is not None:
+        family_named(requested)  # an unknown --family is named before anything is read
     lavis_state = None
     if _is_lavis_file(spec):
         lavis_state = read_lavis_checkpoint(Path(spec))  # a missing file: "<spec>: file not found"
-        family = family or guess_family(lavis_state)
-        if family is None:
-            raise ProbingError(f"--model {spec}: cannot tell the family from its keys; pass --family")
-        source = CheckpointSource(base or REGISTRY[family][1], revision)
+        lavis_family = _lavis_family(lavis_state, requested, spec)
+        requested = lavis_family.name
+        checkpoint = CheckpointSource(source.base or lavis_family.default_checkpoint, source.revision)
     else:
-        if base is not None:
+        if source.base is not None:
             raise ProbingError("--base is only used with a LAVIS .pth checkpoint")
-        source = CheckpointSource(spec, revision)
-    config = _load_config(source)
-    family = _family_of(config, source, family or registry_family)
-    cls = FAMILY_CLASSES[family]
-    cls.check_config(config, source.name_or_path)
-    tokenizer = _load_tokenizer(source, family)
-    _check_tokenizer(tokenizer, config, source.name_or_path)
-    processor = _load_image_processor(source, config)
+        checkpoint = CheckpointSource(spec, source.revision)
+    config = _load_config(checkpoint)
+    family = family_for_config(config, checkpoint.name_or_path, requested)
+    cls = family.resampler
+    tokenizer = None
+    if family.reads_text:
+        tokenizer = _load_tokenizer(checkpoint, family)
+        _check_tokenizer(tokenizer, config, checkpoint.name_or_path)
+    processor = _load_image_processor(checkpoint, config)
     identity: dict[str, Any] = {
-        "family": family,
-        "source": f"lavis:{Path(spec).resolve()}" if lavis_state is not None else source.name_or_path,
-        "config_source": source.name_or_path,
-        "revision": revision,
-        "init": init,
+        "family": family.name,
+        "source": f"lavis:{Path(spec).resolve()}" if lavis_state is not None else checkpoint.name_or_path,
+        "config_source": checkpoint.name_or_path,
+        "revision": source.revision,
+        "init": source.init,
     }
-    if init == "random":
-        identity |= {"init_seed": seed, "vision_initializer_range": RANDOM_VISION_INITIALIZER_RANGE}
-        resampler = _random_resampler(cls, config, tokenizer, processor, identity, seed)
+    if source.init == "random":
+        identity |= {"init_seed": source.init_seed, "vision_initializer_range": RANDOM_VISION_INITIALIZER_RANGE}
+        resampler = _random_resampler(cls, config, tokenizer, processor, identity, source.init_seed)
     else:
         resampler = _meta_resampler(cls, config, tokenizer, processor, identity)
         expected = set(resampler.state_dict())
         if lavis_state is not None:
-            tensors, ignored = lavis_to_hf(lavis_state, family, config.vision_config.num_hidden_layers, where=spec)
+            tensors, ignored = lavis_to_hf(lavis_state, family.lavis, config.vision_config.num_hidden_layers,
+                                           where=spec)
             # Copied out of the memory-mapped file: the model must not depend on the file staying unchanged.
             tensors = {k: v.clone() for k, v in tensors.items() if k.startswith(cls.checkpoint_prefixes)}
             log.info("%s: %d LAVIS keys not used by a resampler (e.g. %s)", spec, len(ignored),
@@ -217,30 +232,30 @@ def load_resampler(model: str, *, init: str = "pretrained", revision: str | None
             # Only the keys the .pth lacks are read from the base (whole keys used as prefixes); keys the base
             # lacks too are reported as missing by `_fill`.
             missing = expected - set(tensors)
-            wanted = missing & set(source.weight_map()[0]) if missing else set()  # a complete .pth needs no index
+            wanted = missing & set(checkpoint.weight_map()[0]) if missing else set()  # a complete .pth needs no index
             if wanted:
-                tensors |= {k: v for k, v in source.read_tensors(sorted(wanted)).items() if k in wanted}
+                tensors |= {k: v for k, v in checkpoint.read_tensors(sorted(wanted)).items() if k in wanted}
                 log.info("%s: %d tensors missing from the .pth taken from %s", spec, len(wanted),
-                         source.name_or_path)
+                         checkpoint.name_or_path)
         else:
-            tensors = source.read_tensors(cls.checkpoint_prefixes)
+            tensors = checkpoint.read_tensors(cls.checkpoint_prefixes)
         resampler.identity["weights_sha256"] = tensors_sha256(tensors)
-        resampler = _fill(resampler, expected, tensors, spec if lavis_state is not None else source.name_or_path)
-    if source.commit is not None:
-        resampler.identity["revision"] = source.commit  # the immutable commit the files came from
+        resampler = _fill(resampler, expected, tensors, spec if lavis_state is not None else checkpoint.name_or_path)
+    if checkpoint.commit is not None:
+        resampler.identity["revision"] = checkpoint.commit  # the immutable commit the files came from
     resampler.set_dtypes(vision_dtype, qformer_dtype)
     return resampler.to(device).eval()
 
 
-def _is_lavis_file(spec: str) -> bool:
-    """A `.pth`/`.pt` spec is a LAVIS file unless it names a folder; a missing one must not become a Hub id."""
-    return spec.endswith((".pth", ".pt")) and not Path(spec).is_dir()
-
-
-def qformer_layers(model: str, revision: str | None = None, base: str | None = None) -> int:
+def qformer_layers(source: ModelSource | str, **fields: Any) -> int:
     """The number of Q-Former layers of a model, from its config alone (no weights read)."""
-    _, spec = resolve_model(model)
+    if isinstance(source, str):
+        source = ModelSource(model=source, **fields)
+    aliased, spec = resolve_alias(source.required().model)
+    requested = source.family or (aliased.name if aliased is not None else None)
     if _is_lavis_file(spec):
-        family = guess_family(read_lavis_checkpoint(Path(spec)))  # memory-mapped: only its keys are read
-        spec = base or REGISTRY[family or "blip2"][1]
-    return int(_load_config(CheckpointSource(spec, revision)).qformer_config.num_hidden_layers)
+        family = _lavis_family(read_lavis_checkpoint(Path(spec)), requested, spec)  # keys only: memory-mapped
+        spec, requested = source.base or family.default_checkpoint, family.name
+    checkpoint = CheckpointSource(spec, source.revision)
+    config = _load_config(checkpoint)
+    return family_for_config(config, checkpoint.name_or_path, requested).resampler.layers_in(config)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from probing.errors import ProbingError
+from probing.records import StageResult
 
 FAMILIES = ("blip2", "instructblip")
 QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"  # where InstructBLIP repos keep the Q-Former's BERT tokenizer
@@ -152,13 +153,15 @@ def write_checkpoint(out: Path, family: str, size: str = "tiny", weights: bool =
     return out
 
 
-def ensure_checkpoint(out: Path, family: str, seed: int = 0) -> Path:
+def ensure_checkpoint(out: Path, family: str, seed: int = 0) -> StageResult[Path]:
     """A tiny checkpoint at `out`, written once (atomically) and reused while its manifest matches."""
     from probing.artifacts import existing_output_matches, staged_directory, write_json
 
+    out = Path(out)
     identity = {"kind": "tiny-checkpoint", "family": family, "seed": seed, "size": "tiny"}
-    if not existing_output_matches(Path(out), identity, "checkpoint"):
-        with staged_directory(Path(out)) as staging:
-            write_checkpoint(staging, family, seed=seed)
-            write_json(staging / "manifest.json", identity)
-    return Path(out)
+    if existing_output_matches(out, identity, "checkpoint"):
+        return StageResult(out, out, "reused")
+    with staged_directory(out) as staging:
+        write_checkpoint(staging, family, seed=seed)
+        write_json(staging / "manifest.json", identity)
+    return StageResult(out, out, "built")

@@ -1,8 +1,10 @@
-"""RefCOCOg (umd) in the REFER format: `refs(umd).p` + COCO `instances.json` + COCO images.
+"""The REFER format: `refs(<split-by>).p` + COCO `instances.json` + COCO train2014 images.
 
-One example per sentence (prior work evaluates per sentence; data_formats.md 1.6). The target box is the
-COCO annotation's `[x, y, w, h]` found through the ref's `ann_id` (the pickle holds no boxes), normalized by
-the image's width and height into `xyxy`. Counts are computed, never assumed.
+One reader serves RefCOCOg (umd splits train/val/test in `refs(umd).p`, google splits train/val in
+`refs(google).p`), RefCOCO and RefCOCO+ (unc splits train/val/testA/testB in `refs(unc).p`): a split is
+whatever name the refs carry. One example per sentence, as prior work evaluates. The target box is the COCO
+annotation's `[x, y, w, h]` found through the ref's `ann_id` (the pickle holds no boxes), normalized by the
+image's width and height into `xyxy`. Counts are computed, never assumed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from probing.artifacts import file_key
 from probing.data import boxes
 from probing.data.coco import annotation, image_info, read_instances, supercategories
-from probing.data.examples import Example
+from probing.data.types import Example
 from probing.data.images import coco2014_candidates, resolve_image
 from probing.data.safe_pickle import load_plain_pickle
 from probing.errors import ProbingError
@@ -49,7 +51,7 @@ class Sentence:
 
 
 def read_refs(path: Path) -> list[dict[str, Any]]:
-    """Read `refs(umd).p` with the plain-data unpickler and check each ref's fields.
+    """Read a REFER `refs(...).p` with the plain-data unpickler and check each ref's fields.
 
     Cached per (path, mtime, size): loading three splits, or stats then extraction, reads the file once.
     Callers must not mutate the returned refs.
@@ -104,7 +106,7 @@ def _refs_in_split(refs: list[dict[str, Any]], split: str, refs_path: Path) -> l
 
 
 def sentences_for_split(refs_path: Path, instances_path: Path, split: str) -> list[Sentence]:
-    """All sentences of one umd split, joined with boxes, image sizes and supercategories."""
+    """All sentences of one REFER split, joined with boxes, image sizes and supercategories."""
     refs_path, instances_path = Path(refs_path), Path(instances_path)
     refs = read_refs(refs_path)
     coco = read_instances(instances_path)
@@ -155,7 +157,7 @@ def join_sentences(refs: Iterable[dict[str, Any]], coco, refs_path: Path, instan
 
 
 def sentence_metadata(sentence: Sentence) -> dict[str, Any]:
-    """Analysis metadata kept with every RefCOCOg-derived example (RefCOCOg and RCM)."""
+    """Analysis metadata kept with every REFER-derived example (the referring tasks and RCM)."""
     return {
         "ref_id": sentence.ref_id,
         "ann_id": sentence.ann_id,
@@ -168,8 +170,8 @@ def sentence_metadata(sentence: Sentence) -> dict[str, Any]:
     }
 
 
-def load_refcocog(refs_path: Path, instances_path: Path, images_dir: Path, split: str) -> list[Example]:
-    """RefCOCOg examples of one split: one per sentence, box normalized `xyxy`, image resolved by id."""
+def load_refer(refs_path: Path, instances_path: Path, images_dir: Path, split: str) -> list[Example]:
+    """The examples of one REFER split: one per sentence, box normalized `xyxy`, image resolved by id."""
     sentences = sentences_for_split(refs_path, instances_path, split)
     # One vectorised normalization for the whole split rather than a tensor op per sentence.
     normalized = boxes.normalize_xyxy(

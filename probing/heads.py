@@ -1,0 +1,145 @@
+"""Task heads: what a probe predicts and how it is judged. Two kinds, each owning its outputs, targets, loss,
+metrics, main metric with its direction, per-example correctness and prediction records:
+
+- `BoxHead` (RefCOCOg and other referring-expression tasks): 4 outputs -> sigmoid `cxcywh` (a valid box by
+  construction), loss `giou_scale * (1 - GIoU) + l1_scale * L1` (`probing.losses`), Acc@IoU>=0.5 and mean IoU;
+- `BinaryHead` (VSR, RCM, matching tasks from YAML): 1 logit, BCE with logits, accuracy (logit > 0 is "true").
+
+Every function takes a leading probe axis where given (`[K, N, ...]` -> `[K]`), so K probes trained together
+are judged separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from probing.data.types import Example
+from probing.errors import ProbingError
+from probing.losses import binary_loss, box_loss
+from probing.metrics import IOU_THRESHOLD, binary_correct, box_ious, predicted_boxes
+
+Direction = Literal["maximize", "minimize"]
+
+
+@dataclass(frozen=True)
+class Head:
+    kind: ClassVar[str]
+    outputs: ClassVar[int]
+    metric_names: ClassVar[tuple[str, ...]]
+    main_metric: ClassVar[str]  # picks the best epoch and the best trial
+    direction: ClassVar[Direction] = "maximize"
+    metric_label: ClassVar[str]  # how table headers name the main metric, briefly
+    metric_title: ClassVar[str]  # ... and how titles name it
+    loss_weights: ClassVar[tuple[str, ...]] = ()  # trial fields that weigh the loss terms
+
+    def better(self, value: float, than: float) -> bool:
+        """Strictly better by the main metric's direction."""
+        return value > than if self.direction == "maximize" else value < than
+
+    @property
+    def worst(self) -> float:
+        return -float("inf") if self.direction == "maximize" else float("inf")
+
+    def targets(self, examples: Sequence[Example], where: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weights(self, trials: Sequence[Any], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The loss weights of K trials as `[K]` tensors (empty for heads whose loss has no weights)."""
+        return {name: torch.tensor([float(getattr(t, name)) for t in trials], device=device)
+                for name in self.loss_weights}
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, weights: dict[str, Any] | None = None
+             ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example correctness `[..., N]` (1.0 / 0.0) by the main metric's rule."""
+        raise NotImplementedError
+
+    def records(self, split: str, seed: int, examples: Sequence[Example], outputs: torch.Tensor,
+                targets: torch.Tensor) -> list[dict[str, Any]]:
+        """One JSON-ready prediction record per example: id, category, target, prediction, correctness, metadata."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BoxHead(Head):
+    kind = "box"
+    outputs = 4
+    metric_names = ("acc@0.5", "mean_iou")
+    main_metric = "acc@0.5"
+    metric_label = "Acc@0.5"
+    metric_title = "Acc@0.5"
+    loss_weights = ("giou_scale", "l1_scale")
+
+    def targets(self, examples: Sequence[Example], where: str) -> torch.Tensor:
+        missing = next((e for e in examples if e.box is None), None)
+        if missing is not None:
+            raise ProbingError(f"{where}: example {missing.example_id} has no target box")
+        return torch.tensor([e.box for e in examples], dtype=torch.float32).reshape(-1, 4)
+
+    def loss(self, outputs, targets, weights=None):
+        weights = weights or {}
+        return box_loss(outputs, targets, weights.get("giou_scale", 1.0), weights.get("l1_scale", 1.0))
+
+    def metrics(self, outputs, targets):
+        ious = box_ious(outputs, targets)
+        return {"acc@0.5": (ious >= IOU_THRESHOLD).float().mean(-1), "mean_iou": ious.mean(-1)}
+
+    def correct(self, outputs, targets):
+        return (box_ious(outputs, targets) >= IOU_THRESHOLD).float()
+
+    def records(self, split, seed, examples, outputs, targets):
+        boxes = predicted_boxes(outputs.float())
+        ious = box_ious(outputs, targets)
+        return [{"id": example.example_id, "split": split, "seed": seed, "category": example.category,
+                 "target_xyxy": target, "predicted_xyxy": box, "iou": iou, "correct": iou >= IOU_THRESHOLD,
+                 **dict(example.metadata)}
+                for example, box, target, iou in zip(examples, boxes.tolist(), targets.tolist(), ious.tolist(),
+                                                     strict=True)]
+
+
+@dataclass(frozen=True)
+class BinaryHead(Head):
+    kind = "binary"
+    outputs = 1
+    metric_names = ("accuracy",)
+    main_metric = "accuracy"
+    metric_label = "acc"
+    metric_title = "accuracy"
+
+    def targets(self, examples: Sequence[Example], where: str) -> torch.Tensor:
+        missing = next((e for e in examples if e.label is None), None)
+        if missing is not None:
+            raise ProbingError(f"{where}: example {missing.example_id} has no label")
+        return torch.tensor([e.label for e in examples], dtype=torch.float32)
+
+    def loss(self, outputs, targets, weights=None):
+        return binary_loss(outputs, targets)
+
+    def metrics(self, outputs, targets):
+        return {"accuracy": binary_correct(outputs, targets).mean(-1)}
+
+    def correct(self, outputs, targets):
+        return binary_correct(outputs, targets)
+
+    def records(self, split, seed, examples, outputs, targets):
+        probabilities = outputs.float().squeeze(-1).sigmoid().tolist()
+        correct = binary_correct(outputs, targets).tolist()  # the metric's own rule (logit > 0), not a re-derivation
+        records = []
+        for example, probability, label, right in zip(examples, probabilities, targets.tolist(), correct, strict=True):
+            predicted = int(label) if right else 1 - int(label)
+            records.append({"id": example.example_id, "split": split, "seed": seed, "category": example.category,
+                            "label": int(label), "probability": probability, "predicted": predicted,
+                            "correct": bool(right), **dict(example.metadata)})
+        return records
+
+
+HEADS: dict[str, Head] = {head.kind: head for head in (BoxHead(), BinaryHead())}

@@ -1,0 +1,171 @@
+"""`probing train`: one probe configuration (one or several seeds), frozen or unfrozen, written as a run folder.
+
+    RUN/manifest.json              what was trained on what (features / model identity, data fingerprints,
+                                   layer, probe, hyper-parameters, settings, code version)
+    RUN/metrics.json               per seed: best epoch, val and test metrics, the epoch history;
+                                   across seeds: mean and standard deviation (`probing.records.MetricsRecord`)
+    RUN/predictions/val.jsonl      one line per example and seed: id, category, target, prediction,
+    RUN/predictions/test.jsonl     correctness and the example's metadata (for per-category analysis); a task
+                                   evaluated on other splits (RefCOCO's testA, testB) has one file for each
+    RUN/probes/seed-<s>.safetensors  the best epoch's probe weights
+
+The folder appears whole (written aside, renamed when complete); a run folder made for the same request is
+reused, one made for another request is refused naming the differing field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from safetensors.torch import save_file
+
+from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
+from probing.data.types import DataOptions, Example
+from probing.errors import ProbingError
+from probing.models import ModelSource
+from probing.records import MetricsRecord, SeedRun, StageResult
+from probing.settings import setting
+from probing.tasks import get_task, is_task_file
+from probing.train import TrainSettings, Trial, is_main_process
+from probing.trainers import FittedTrial, FrozenTrainer, Trainer, UnfrozenTrainer
+
+RUN_FORMAT_VERSION = 1
+Mode = Literal["frozen", "unfrozen"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeInputs:
+    """What a probe trains on, shared by `probing train` and `probing search`: stored features (frozen), or the
+    model itself trained with the probe (unfrozen, the `ModelSource` beside these fields)."""
+
+    mode: Mode = setting("frozen", help="frozen (probe on stored features) | unfrozen (resampler + probe).")
+    features: Path | None = setting(None, help="Folder with one feature store per split (frozen); for unfrozen, "
+                                               "optional stores made with --store-vision.")
+    workers: int = setting(0, low=0, help="Unfrozen: image decoding processes.")
+    label: str | None = setting(None, help="How reports name the model (default: its family and init).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRequest(ModelSource, ProbeInputs):
+    """One probe configuration on one layer: what `probing train` runs (and a search's best trial)."""
+
+    task: str
+    layer: int
+    out: Path
+    trials: tuple[Trial, ...]
+    settings: TrainSettings
+    data: DataOptions | None = None  # frozen: optional (else the stores' recorded paths); unfrozen: required
+
+    @property
+    def source(self) -> ModelSource:
+        return ModelSource(**{f.name: getattr(self, f.name) for f in fields(ModelSource)})
+
+    def check(self) -> TrainRequest:
+        if self.mode not in ("frozen", "unfrozen"):
+            raise ProbingError(f"--mode: unknown mode '{self.mode}' (choose frozen or unfrozen)")
+        if self.mode == "frozen" and self.features is None:
+            raise ProbingError("--features is required for --mode frozen")
+        if self.mode == "unfrozen" and (self.model is None or self.data is None):
+            raise ProbingError("--mode unfrozen needs --model and the task's data options")
+        if self.mode == "unfrozen" and self.settings.probe == "logreg":
+            raise ProbingError("--probe logreg: frozen only (an L-BFGS fit has no gradient steps to share with the "
+                               "resampler)")
+        spec = get_task(self.task)
+        if self.data is not None and get_task(self.data.task).name != spec.name:
+            raise ProbingError(f"--task {self.task}: the data options are for '{self.data.task}'")
+        seeds = [t.seed for t in self.trials]
+        if len(set(seeds)) != len(seeds):
+            raise ProbingError("--seeds: each seed once")
+        self.settings.check()
+        for trial in self.trials:
+            trial.check(self.settings.probe)
+        return self
+
+
+def make_trainer(request: TrainRequest) -> Trainer:
+    """The trainer of a request's mode, prepared (stores checked, or model and data loaded)."""
+    if request.mode == "frozen":
+        return FrozenTrainer(request.task, request.features, request.layer, request.settings, request.data)
+    return UnfrozenTrainer(request.task, request.source, request.data, request.layer, request.settings,
+                           features=request.features, workers=request.workers)
+
+
+def run_identity(request: TrainRequest, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields that define a run."""
+    settings = request.settings.identity()
+    top = {name: settings.pop(name) for name in ("probe", "hidden")}
+    return {"kind": "probe-run", "format_version": RUN_FORMAT_VERSION, "mode": request.mode,
+            "task": get_task(request.task).name, "layer": request.layer, **top, "settings": settings,
+            "trials": [trial.identity() for trial in request.trials], "inputs": inputs}
+
+
+def category_counts(examples: list[Example]) -> dict[str, int]:
+    return dict(sorted(Counter(example.category for example in examples).items()))
+
+
+def run_training(request: TrainRequest) -> StageResult[MetricsRecord]:
+    """Train, evaluate on val and the task's evaluated splits, write the run folder."""
+    request.check()
+    if request.mode == "frozen" and not is_main_process():
+        # frozen training is one process's work; the others of a launch stand by
+        return StageResult(None, request.out, "elsewhere")
+    trainer = make_trainer(request)
+    identity = run_identity(request, trainer.inputs)
+    if existing_output_matches(request.out, identity, "probe run"):
+        return StageResult(MetricsRecord.read(request.out), request.out, "reused")
+    return write_run(request, trainer, trainer.fit(list(request.trials)), identity)
+
+
+def write_run(request: TrainRequest, trainer: Trainer, fitted: list[FittedTrial],
+              identity: dict[str, Any] | None = None, out: Path | None = None) -> StageResult[MetricsRecord]:
+    """Evaluate fitted trials on every evaluated split and write the run folder (`out`, default the request's).
+
+    Under `accelerate launch` every process trained (DDP); the first alone evaluates and writes.
+    """
+    out = Path(out or request.out)
+    if not is_main_process():
+        return StageResult(None, out, "elsewhere")
+    spec = trainer.spec
+    identity = identity or run_identity(request, trainer.inputs)
+    head = spec.head
+    runs: list[SeedRun] = []
+    predictions: dict[str, list[dict[str, Any]]] = {split: [] for split in spec.evaluated_splits}
+    for fit in fitted:
+        splits = {"val": fit.result.val_metrics}
+        weights = {name: getattr(fit.trial, name) for name in head.loss_weights}
+        for split in spec.evaluated_splits:
+            outputs, targets = trainer.outputs(fit, split), trainer.targets(split)
+            predictions[split] += head.records(split, fit.trial.seed, trainer.examples(split), outputs, targets)
+            if split != "val":
+                splits[split] = {"loss": float(head.loss(outputs, targets, weights)),
+                                 **{name: float(v) for name, v in head.metrics(outputs, targets).items()}}
+        runs.append(SeedRun(seed=fit.trial.seed, trial=fit.trial.identity(), best_epoch=fit.result.best_epoch,
+                            epochs_run=fit.result.epochs_run, stopped_early=fit.result.stopped_early, splits=splits,
+                            history=fit.result.history))
+    # Per-category training counts travel with the run: the analysis (Kendall against the number of training
+    # examples of each category) then needs nothing but run folders.
+    record = MetricsRecord(task=spec.name, metric=head.main_metric, runs=runs,
+                           train_categories=category_counts(trainer.examples("train")), label=request.label)
+    extra = trainer.sources()
+    if is_task_file(request.task):  # a task defined by a file: the report finds its definition here
+        extra["task_file"] = str(Path(spec.source).resolve())
+    with staged_directory(out) as staging:
+        (staging / "predictions").mkdir()
+        for split, records in predictions.items():
+            with open(staging / "predictions" / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+                for line in records:
+                    handle.write(json.dumps(line) + "\n")
+        (staging / "probes").mkdir()
+        for fit in fitted:
+            probe = fit.result.probe
+            save_file({k: v.contiguous() for k, v in probe.state_dict().items()},
+                      str(staging / "probes" / f"seed-{fit.trial.seed}.safetensors"),
+                      metadata={"architecture": probe.architecture, "inputs": str(probe.inputs),
+                                "outputs": str(probe.outputs), "hidden": str(probe.hidden)})
+        write_json(staging / "metrics.json", record.to_json())
+        write_json(staging / "manifest.json", {**identity, "code_version": code_version(), **extra})
+    return StageResult(record, out, "built")

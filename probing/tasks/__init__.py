@@ -1,0 +1,96 @@
+"""The task registry: every task by name, built-in or read from a YAML file, and reading a task's splits.
+
+`get_task(reference)` takes a registered name or the path of a task YAML file (`probing.tasks.yaml_task`);
+an unknown name is refused in one line listing the known ones. `register_task` adds a task defined in Python
+(a new dataset reader, or a new head: see docs/extending.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from probing.artifacts import sha256_file
+from probing.data.types import DataOptions, SplitData
+from probing.errors import ProbingError
+from probing.tasks.spec import TaskRegistry, TaskSpec
+
+__all__ = ["TaskSpec", "dataset_fingerprint", "get_task", "load_split", "register_task", "registered_tasks",
+           "task_reference"]
+
+# Bump when a loader's output for the same files changes (fields, ids, normalization): it enters every
+# dataset fingerprint, so artifacts made by an older loader are refused instead of silently mixed.
+LOADER_FORMAT_VERSION = 1
+
+_REGISTRY = TaskRegistry()
+_BUILTINS_LOADED = False
+
+
+def _registry() -> TaskRegistry:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        from probing.tasks.builtin import BUILTIN_TASKS
+
+        for spec in BUILTIN_TASKS:
+            _REGISTRY.add(spec)
+    return _REGISTRY
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task to the registry (a second registration under the same name must be the same task)."""
+    return _registry().add(spec)
+
+
+def registered_tasks() -> list[TaskSpec]:
+    """Every registered task, built-ins first, in registration order."""
+    return list(_registry().tasks.values())
+
+
+def is_task_file(reference: str) -> bool:
+    return str(reference).endswith((".yaml", ".yml"))
+
+
+def get_task(reference: str | TaskSpec | None, option: str = "--task") -> TaskSpec:
+    """The task a name or a YAML path stands for; `option` names where it came from in messages."""
+    if isinstance(reference, TaskSpec):
+        return reference
+    if reference is None:
+        raise ProbingError(f"{option}: no task given")
+    registry = _registry()
+    if reference in registry.tasks:
+        return registry.tasks[reference]
+    if is_task_file(reference):
+        from probing.tasks.yaml_task import load_task_file
+
+        return registry.add(load_task_file(Path(reference)))
+    known = ", ".join(registry.tasks)
+    raise ProbingError(f"{option}: unknown task '{reference}' (known: {known}; or the path of a task .yaml file)")
+
+
+def task_reference(reference: str | None) -> str | None:
+    """How a task reference is recorded so that another process can find it again: a YAML path made absolute."""
+    if reference is not None and is_task_file(reference):
+        return str(Path(reference).resolve())
+    return reference
+
+
+def dataset_fingerprint(task: str, split: str, sources: dict[str, str]) -> str:
+    """A hash of what defines a split's examples: task, split, loader version, input files' hashes."""
+    payload = json.dumps(
+        {"task": task, "split": split, "loader_format_version": LOADER_FORMAT_VERSION, "sources": sources},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_split(options: DataOptions, split: str) -> SplitData:
+    """Read one split of `options.task` through its reader, with the fingerprint of its input files."""
+    spec = get_task(options.task)
+    spec.check_options(options)
+    split = spec.check_split(split)
+    examples = spec.reader.read(options, split)
+    sources = {name: sha256_file(path) for name, path in spec.reader.sources(options, split).items()}
+    return SplitData(task=spec.name, split=split, examples=examples,
+                     fingerprint=dataset_fingerprint(spec.name, split, sources), sources=sources)

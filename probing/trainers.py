@@ -1,0 +1,132 @@
+"""The trainer contract shared by `probing train` and `probing search`, with its two implementations.
+
+A `Trainer` is prepared once for one task, layer, probe and input (stored features, or a model and its
+data) and then:
+- `inputs`: the identity of what it trains on (recorded in run and search manifests);
+- `fit(trials) -> [FittedTrial]`: trains trials (frozen: all in one batched pass; unfrozen: one by one);
+- `outputs(fitted, split)`: a fitted model's raw outputs on a split, in example order;
+- `examples(split)`, `targets(split)`: what the outputs are judged against.
+
+`probing train` fits its trials and writes the run; `probing search` fits batches of trials, then the best
+one again with its final seeds (or keeps an unfrozen fit, `keeps_models`) and writes that run the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from probing.data.types import DataOptions, Example
+from probing.models import ModelSource
+from probing.probe_data import feature_identity, load_probe_splits, open_stores
+from probing.tasks import TaskSpec, get_task
+from probing.train import ProbeData, TrainSettings, Trial, TrialResult, probe_outputs, train_frozen
+
+
+@dataclass
+class FittedTrial:
+    """A trained trial: its result, and the model `Trainer.outputs` evaluates (the best epoch's weights)."""
+
+    result: TrialResult
+    model: Any
+
+    @property
+    def trial(self) -> Trial:
+        return self.result.trial
+
+
+class Trainer(Protocol):
+    spec: TaskSpec
+    settings: TrainSettings
+    layer: int
+    keeps_models: bool  # a fit is worth keeping for the final evaluation (else it is cheaper to fit again)
+
+    @property
+    def inputs(self) -> dict[str, Any]: ...
+
+    def sources(self) -> dict[str, Any]:
+        """What the run manifest records besides its identity (paths, the model's source)."""
+
+    def fit(self, trials: list[Trial]) -> list[FittedTrial]: ...
+
+    def outputs(self, fitted: FittedTrial, split: str) -> torch.Tensor: ...
+
+    def examples(self, split: str) -> list[Example]: ...
+
+    def targets(self, split: str) -> torch.Tensor: ...
+
+
+class FrozenTrainer:
+    """Probes on stored features: the stores are checked when it is made, read on the first fit (a reused
+    search never reads them)."""
+
+    keeps_models = False
+
+    def __init__(self, task: str, features: Path, layer: int, settings: TrainSettings,
+                 data: DataOptions | None = None):
+        self.spec, self.settings, self.layer, self.data = get_task(task), settings, layer, data
+        self.stores = open_stores(features, self.spec, layer)
+        self._splits: dict[str, ProbeData] | None = None
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return {"features": {split: feature_identity(store) for split, store in self.stores.items()}}
+
+    def sources(self) -> dict[str, Any]:
+        return {"feature_paths": {split: str(store.path.resolve()) for split, store in self.stores.items()}}
+
+    @property
+    def splits(self) -> dict[str, ProbeData]:
+        if self._splits is None:
+            self._splits = load_probe_splits(self.stores, self.spec, self.layer, self.data)
+        return self._splits
+
+    def fit(self, trials: list[Trial]) -> list[FittedTrial]:
+        results = train_frozen(self.splits["train"], self.splits["val"], trials, self.settings)
+        return [FittedTrial(result, result.probe) for result in results]
+
+    def outputs(self, fitted: FittedTrial, split: str) -> torch.Tensor:
+        return probe_outputs(fitted.model, self.splits[split], self.settings)
+
+    def examples(self, split: str) -> list[Example]:
+        return self.splits[split].examples
+
+    def targets(self, split: str) -> torch.Tensor:
+        return self.splits[split].targets
+
+
+class UnfrozenTrainer:
+    """The resampler trained with the probe: the checkpoint and data are read when it is made."""
+
+    keeps_models = True
+
+    def __init__(self, task: str, source: ModelSource, data: DataOptions, layer: int, settings: TrainSettings,
+                 features: Path | None = None, workers: int = 0):
+        from probing.unfrozen import UnfrozenSetup
+
+        self.settings, self.layer, self.data, self.features = settings, layer, data, features
+        self.setup = UnfrozenSetup(task, source, data, settings, features=features, workers=workers)
+        self.spec = self.setup.spec
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return {"model": self.setup.model_identity, "datasets": self.setup.fingerprints}
+
+    def sources(self) -> dict[str, Any]:
+        return {"model_source": self.setup.model_source, "vision_store": self.features is not None,
+                "data_options": {k: str(v) for k, v in vars(self.data).items() if v is not None}}
+
+    def fit(self, trials: list[Trial]) -> list[FittedTrial]:
+        return [FittedTrial(*self.setup.fit(trial, self.layer)) for trial in trials]
+
+    def outputs(self, fitted: FittedTrial, split: str) -> torch.Tensor:
+        return self.setup.outputs(fitted.model, split)
+
+    def examples(self, split: str) -> list[Example]:
+        return self.setup.examples[split]
+
+    def targets(self, split: str) -> torch.Tensor:
+        return self.setup.targets[split]
