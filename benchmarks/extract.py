@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 from probing.data import DataOptions
-from probing.tasks import load_split
 from probing.data.images import load_rgb_image
 from probing.data.synthetic import demo_data_options, make_demo_data
 from probing.extract import ExtractionRequest, default_workers, extract_loaded
 from probing.models import load_resampler
 from probing.models.tiny import build_config, write_checkpoint
+from probing.tasks import load_split
 
 REFCOCOG_SENTENCES_PER_IMAGE = 80512 / 21899
 
@@ -91,31 +91,60 @@ def plain_way(checkpoint: Path, size: str, examples, batch_size: int, device: to
     def run(batch):
         pixels = reference.preprocess([load_rgb_image(e.image_path) for e in batch]).to(device)
         tokens = reference.tokenize([e.text for e in batch])
-        output = model(pixel_values=pixels, input_ids=tokens["input_ids"].to(device),
-                       attention_mask=tokens["attention_mask"].to(device), use_image_text_matching_head=True)
+        output = model(
+            pixel_values=pixels,
+            input_ids=tokens["input_ids"].to(device),
+            attention_mask=tokens["attention_mask"].to(device),
+            use_image_text_matching_head=True,
+        )
         states = torch.stack([output.text_model_output.hidden_states[k][:, :queries] for k in range(1, layers + 1)], 1)
         return states.to(torch.float16).cpu()
 
     with torch.inference_mode():
         for start in range(0, min(4 * batch_size, len(examples)), batch_size):  # warm-up (kernels, allocator)
-            run(examples[start:start + batch_size])
+            run(examples[start : start + batch_size])
         _sync(device)
         started = time.perf_counter()
         for start in range(0, len(examples), batch_size):
-            run(examples[start:start + batch_size])
+            run(examples[start : start + batch_size])
         _sync(device)
         return time.perf_counter() - started
 
 
-def our_way(checkpoint: Path, size: str, data, batch_size: int, workers: int, device: torch.device,
-            scratch: Path, qformer_dtype: str, compile_vision: bool) -> float:
+def our_way(
+    checkpoint: Path,
+    size: str,
+    data,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    scratch: Path,
+    qformer_dtype: str,
+    compile_vision: bool,
+) -> float:
     init = "pretrained" if size == "tiny" else "random"
     vision_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    resampler = load_resampler(str(checkpoint), init=init, device=device, vision_dtype=vision_dtype,
-                               qformer_dtype=getattr(torch, qformer_dtype))
-    request = dict(model=str(checkpoint), data=data, split="train", layers="all", batch_size=batch_size,
-                   workers=workers, init=init, progress=False, shard_size=1024, device=str(device),
-                   qformer_dtype=qformer_dtype, compile_vision=compile_vision)
+    resampler = load_resampler(
+        str(checkpoint),
+        init=init,
+        device=device,
+        vision_dtype=vision_dtype,
+        qformer_dtype=getattr(torch, qformer_dtype),
+    )
+    request = dict(
+        model=str(checkpoint),
+        data=data,
+        split="train",
+        layers="all",
+        batch_size=batch_size,
+        workers=workers,
+        init=init,
+        progress=False,
+        shard_size=1024,
+        device=str(device),
+        qformer_dtype=qformer_dtype,
+        compile_vision=compile_vision,
+    )
     # Warm-up on one shard: texts of every length meet their kernels once (each padded length is a new shape
     # for the Q-Former), the allocators and the page-locked cache fill, a compiled ViT is compiled (for the full
     # batch and the shard's last). A real extraction runs for minutes.
@@ -142,12 +171,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="unique images (default 300 tiny, 1500 real)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="image decoding processes (default: extract's)")
-    parser.add_argument("--image-size", default=None,
-                        help="re-encode the images at WIDTHxHEIGHT (default: 640x480 real, the demo's sizes tiny)")
+    parser.add_argument(
+        "--image-size",
+        default=None,
+        help="re-encode the images at WIDTHxHEIGHT (default: 640x480 real, the demo's sizes tiny)",
+    )
     parser.add_argument("--qformer-dtype", default="float32", help="ours only (the plain way is the fp32 forward)")
     parser.add_argument("--compile-vision", action="store_true", help="ours only: torch.compile the ViT")
-    parser.add_argument("--plain-examples", type=int, default=None,
-                        help="time the plain way on the first N examples only (its cost is per example)")
+    parser.add_argument(
+        "--plain-examples",
+        type=int,
+        default=None,
+        help="time the plain way on the first N examples only (its cost is per example)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     size = args.size or ("real" if device.type == "cuda" else "tiny")
@@ -163,21 +199,29 @@ def main() -> None:
         checkpoint = write_checkpoint(scratch / "model", "blip2", size=size, weights=size == "tiny")
         examples = load_split(data, "train").examples
         unique = len({e.image_path for e in examples})
-        print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
-              f"size={size} examples={len(examples)} images={unique} ratio={len(examples) / unique:.2f} "
-              f"image_size={image_size or 'demo'} batch={args.batch_size} workers={workers} torch={torch.__version__}",
-              flush=True)
-        ours = our_way(checkpoint, size, data, args.batch_size, workers, device, scratch, args.qformer_dtype,
-                       args.compile_vision)
+        print(
+            f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
+            f"size={size} examples={len(examples)} images={unique} ratio={len(examples) / unique:.2f} "
+            f"image_size={image_size or 'demo'} batch={args.batch_size} workers={workers} torch={torch.__version__}",
+            flush=True,
+        )
+        ours = our_way(
+            checkpoint, size, data, args.batch_size, workers, device, scratch, args.qformer_dtype, args.compile_vision
+        )
         ours_rate = len(examples) / ours
-        print(f"ours:  {ours_rate:9.1f} examples/s ({ours:.2f} s; ViT {'bf16' if device.type == 'cuda' else 'fp32'} "
-              f"once per image{', compiled' if args.compile_vision else ''}, Q-Former {args.qformer_dtype}, all layers "
-              "stored fp16)", flush=True)
-        timed = examples[:args.plain_examples] if args.plain_examples else examples
+        print(
+            f"ours:  {ours_rate:9.1f} examples/s ({ours:.2f} s; ViT {'bf16' if device.type == 'cuda' else 'fp32'} "
+            f"once per image{', compiled' if args.compile_vision else ''}, Q-Former {args.qformer_dtype}, all layers "
+            "stored fp16)",
+            flush=True,
+        )
+        timed = examples[: args.plain_examples] if args.plain_examples else examples
         plain = plain_way(checkpoint, size, timed, args.batch_size, device)
         plain_rate = len(timed) / plain
-        print(f"plain: {plain_rate:9.1f} examples/s ({plain:.2f} s for {len(timed)} examples; fp32 forward once per "
-              "example)")
+        print(
+            f"plain: {plain_rate:9.1f} examples/s ({plain:.2f} s for {len(timed)} examples; fp32 forward once per "
+            "example)"
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     print(f"peak_rss_mb={peak:.0f} peak_gpu_gib={gpu_peak:.1f}")

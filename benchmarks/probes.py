@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from probing.probes import new_probe
 from probing.device_copies import to_device_chunked
+from probing.probes import new_probe
 from probing.train import (
     EVAL_CHUNK,
     ProbeData,
@@ -61,14 +61,14 @@ def frozen(args, device: torch.device) -> tuple[float, float]:
     width = 32 * 768
     train, val = synthetic(args.examples, width, 0), synthetic(max(args.examples // 8, 256), width, 1)
     settings = TrainSettings(task="vsr", probe=args.probe, batch_size=128, device=str(device))
-    trials = [Trial(lr=1e-5 * (1.25 ** k), epochs=args.epochs, seed=k) for k in range(args.trials)]
+    trials = [Trial(lr=1e-5 * (1.25**k), epochs=args.epochs, seed=k) for k in range(args.trials)]
     train_frozen(train, val, trials[:2], TrainSettings(**{**vars(settings)}))  # warm-up (allocator, kernels)
     _sync(device)
     started = time.perf_counter()
     train_frozen(train, val, trials, settings)
     _sync(device)
     batched = (time.perf_counter() - started) / len(trials)
-    plain_trials = trials[:args.plain_trials]
+    plain_trials = trials[: args.plain_trials]
     train_single(train, val, Trial(lr=1e-5, epochs=1), settings)  # warm-up
     _sync(device)
     started = time.perf_counter()
@@ -76,10 +76,15 @@ def frozen(args, device: torch.device) -> tuple[float, float]:
         train_single(train, val, trial, settings)
     _sync(device)
     standard = (time.perf_counter() - started) / len(plain_trials)
+
     def load():  # once for all trials, the same way as train_frozen (timed on both sides)
         dtype = compute_dtype(device)
-        return (to_device_chunked(train.features, device, dtype), train.targets.to(device),
-                to_device_chunked(val.features, device, dtype), val.targets.to(device))
+        return (
+            to_device_chunked(train.features, device, dtype),
+            train.targets.to(device),
+            to_device_chunked(val.features, device, dtype),
+            val.targets.to(device),
+        )
 
     resident_loop(*load(), Trial(lr=1e-5, epochs=1), settings)  # warm-up
     _sync(device)
@@ -93,8 +98,10 @@ def frozen(args, device: torch.device) -> tuple[float, float]:
     # one load spread over all the trials, as for the batched pass
     resident_seconds = (time.perf_counter() - started - loading) / len(plain_trials) + loading / len(trials)
     print(f"  features onto the device: {loading:.2f} s (in both the batched and the resident times)")
-    print(f"frozen {args.probe}: {args.examples} x {width} features, batch 128, {args.epochs} epochs, "
-          f"K = {len(trials)} (plain ways measured on {len(plain_trials)} trials)")
+    print(
+        f"frozen {args.probe}: {args.examples} x {width} features, batch 128, {args.epochs} epochs, "
+        f"K = {len(trials)} (plain ways measured on {len(plain_trials)} trials)"
+    )
     for name, seconds in (("batched", batched), ("plain, DataLoader", standard), ("plain, resident", resident_seconds)):
         print(f"  {name:18s} {seconds:8.3f} s per trial ({seconds / args.epochs:.4f} s per trial-epoch)")
     return resident_seconds, batched
@@ -109,13 +116,14 @@ def resident_loop(features, targets, val_features, val_targets, trial: Trial, se
     optimizer = torch.optim.AdamW(parameter_groups(probe.named_parameters(), settings.weight_decay), lr=trial.lr)
     steps = math.ceil(len(features) / settings.batch_size) * trial.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: schedule_factor(done + 1, steps, settings.warmup_fraction))
+        optimizer, lambda done: schedule_factor(done + 1, steps, settings.warmup_fraction)
+    )
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     metric = 0.0
     for _ in range(trial.epochs):
         order = torch.randperm(len(features), device=device)
         for start in range(0, len(features), settings.batch_size):
-            rows = order[start:start + settings.batch_size]
+            rows = order[start : start + settings.batch_size]
             with torch.autocast(**autocast):
                 outputs = probe(features.index_select(0, rows))  # the fast gather, as ours
             head.loss(outputs.float(), targets[rows]).backward()
@@ -123,8 +131,9 @@ def resident_loop(features, targets, val_features, val_targets, trial: Trial, se
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         with torch.no_grad(), torch.autocast(**autocast):
-            outputs = torch.cat([probe(val_features[s:s + EVAL_CHUNK]).float()
-                                 for s in range(0, len(val_features), EVAL_CHUNK)])
+            outputs = torch.cat(
+                [probe(val_features[s : s + EVAL_CHUNK]).float() for s in range(0, len(val_features), EVAL_CHUNK)]
+            )
         metric = float(head.metrics(outputs, val_targets)[head.main_metric])
     return metric
 
@@ -138,8 +147,8 @@ def unfrozen(args, device: torch.device) -> None:
     from probing.features import FeatureStore
     from probing.models import load_resampler
     from probing.models.tiny import write_checkpoint
-    from probing.train import train_module
     from probing.tasks import get_task, load_split
+    from probing.train import train_module
     from probing.unfrozen import VisionTable, unfrozen_run
 
     size = "real" if device.type == "cuda" else "tiny"
@@ -150,12 +159,29 @@ def unfrozen(args, device: torch.device) -> None:
         options = DataOptions(task="vsr", **demo_data_options(scratch / "data")["vsr"])
         checkpoint = write_checkpoint(scratch / "model", "blip2", size=size, weights=size == "tiny")
         # One resampler for everything: timing does not care that training changes its weights.
-        resampler = load_resampler(str(checkpoint), init=init, device=device,
-                                   vision_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        resampler = load_resampler(
+            str(checkpoint),
+            init=init,
+            device=device,
+            vision_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        )
         for split in ("train", "val", "test"):
-            extract_loaded(resampler, load_split(options, split), ExtractionRequest(
-                model=str(checkpoint), data=options, split=split, out=scratch / "f" / split, layers="1", init=init,
-                store_vision=True, progress=False, device=str(device), workers=args.workers))
+            extract_loaded(
+                resampler,
+                load_split(options, split),
+                ExtractionRequest(
+                    model=str(checkpoint),
+                    data=options,
+                    split=split,
+                    out=scratch / "f" / split,
+                    layers="1",
+                    init=init,
+                    store_vision=True,
+                    progress=False,
+                    device=str(device),
+                    workers=args.workers,
+                ),
+            )
         examples = {s: load_split(options, s).examples for s in ("train", "val")}
         targets = {s: get_task("vsr").head.targets(examples[s], s) for s in examples}
         settings = TrainSettings(task="vsr", batch_size=args.unfrozen_batch, device=str(device))
@@ -167,8 +193,16 @@ def unfrozen(args, device: torch.device) -> None:
             seconds = {}
             for epochs in (1, 1, 4):  # the first run of a mode only warms up (kernels, allocator, workers)
                 trial = Trial(lr=1e-5, epochs=epochs)
-                run = unfrozen_run(resampler, resampler.num_layers, (examples["train"], targets["train"]),
-                                   (examples["val"], targets["val"]), trial, settings, vision, workers=args.workers)
+                run = unfrozen_run(
+                    resampler,
+                    resampler.num_layers,
+                    (examples["train"], targets["train"]),
+                    (examples["val"], targets["val"]),
+                    trial,
+                    settings,
+                    vision,
+                    workers=args.workers,
+                )
                 _sync(device)
                 started = time.perf_counter()
                 train_module(run, trial, settings)
@@ -177,8 +211,10 @@ def unfrozen(args, device: torch.device) -> None:
             timings[name] = (seconds[4] - seconds[1]) / 3
             where = ("GPU" if vision["train"].on_gpu else "CPU") if vision else f"{args.workers} decoding workers"
             print(f"  {name:14s} one run of 1 epoch {seconds[1]:.2f} s, of 4 epochs {seconds[4]:.2f} s ({where})")
-        print(f"unfrozen ({size} BLIP-2, {len(examples['train'])} train + {len(examples['val'])} val examples, "
-              f"batch {args.unfrozen_batch}), steady-state epoch (training and validation):")
+        print(
+            f"unfrozen ({size} BLIP-2, {len(examples['train'])} train + {len(examples['val'])} val examples, "
+            f"batch {args.unfrozen_batch}), steady-state epoch (training and validation):"
+        )
         for name, seconds in timings.items():
             print(f"  {name:14s} {seconds:8.3f} s per epoch ({len(examples['train']) / seconds:.0f} train examples/s)")
         print(f"  vision store speedup {timings['recompute ViT'] / timings['vision store']:.2f}x")
@@ -198,8 +234,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
-          f"torch={torch.__version__}", flush=True)
+    print(
+        f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
+        f"torch={torch.__version__}",
+        flush=True,
+    )
     if args.unfrozen:
         unfrozen(args, device)
     plain, batched = frozen(args, device)

@@ -27,8 +27,12 @@ from probing.models import load_resampler
 from probing.models.tiny import write_checkpoint
 
 TEXTS_PER_IMAGE = 80512 / 21899  # RefCOCOg umd train
-SENTENCES = ["the man in the red shirt on the left", "a brown dog lying next to the white couch",
-             "second chair from the right", "woman holding an umbrella near the bus stop sign"]
+SENTENCES = [
+    "the man in the red shirt on the left",
+    "a brown dog lying next to the white couch",
+    "second chair from the right",
+    "woman holding an umbrella near the bus stop sign",
+]
 
 
 def main() -> None:
@@ -43,15 +47,17 @@ def main() -> None:
     repeats = args.repeats or (30 if device.type == "cuda" else 3)
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = write_checkpoint(Path(scratch) / "model", "blip2", size=args.size, weights=False)
-        resampler = load_resampler(str(checkpoint), init="random", device=device,
-                                   qformer_dtype=getattr(torch, args.dtype))
+        resampler = load_resampler(
+            str(checkpoint), init="random", device=device, qformer_dtype=getattr(torch, args.dtype)
+        )
     resampler.eval()
     images = max(1, round(args.batch_size / TEXTS_PER_IMAGE))
     generator = torch.Generator().manual_seed(0)
     slots = torch.sort(torch.randint(0, images, (args.batch_size,), generator=generator)).values
     patches_per_side = resampler.config.vision_config.image_size // resampler.config.vision_config.patch_size
-    table = torch.randn(images, patches_per_side ** 2 + 1, resampler.config.vision_config.hidden_size,
-                        generator=generator).to(device)
+    table = torch.randn(
+        images, patches_per_side**2 + 1, resampler.config.vision_config.hidden_size, generator=generator
+    ).to(device)
     tokens = resampler.tokenize([SENTENCES[i % len(SENTENCES)] for i in range(args.batch_size)])
     layers = list(range(1, resampler.num_layers + 1))
     per_text = table[slots.to(device)]
@@ -71,9 +77,12 @@ def main() -> None:
             torch.cuda.synchronize(device)
         return time.perf_counter() - started
 
-    print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
-          f"size={args.size} dtype={args.dtype} batch={args.batch_size} images={images} "
-          f"texts/image={args.batch_size / images:.2f} torch={torch.__version__}", flush=True)
+    print(
+        f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
+        f"size={args.size} dtype={args.dtype} batch={args.batch_size} images={images} "
+        f"texts/image={args.batch_size / images:.2f} torch={torch.__version__}",
+        flush=True,
+    )
     times: dict[str, list[float]] = {"ours": [], "plain": []}
     with torch.inference_mode():
         for way in (ours, plain):  # warm-up: kernels, allocator
@@ -82,10 +91,11 @@ def main() -> None:
             times["ours"].append(seconds(ours))
             times["plain"].append(seconds(plain))
     ours_s, plain_s = statistics.median(times["ours"]), statistics.median(times["plain"])
-    print(f"ours:  {args.batch_size / ours_s:9.1f} texts/s (median {ours_s * 1e3:.1f} ms per batch; keys and "
-          "values once per image)")
-    print(f"plain: {args.batch_size / plain_s:9.1f} texts/s (median {plain_s * 1e3:.1f} ms per batch; once per "
-          "text)")
+    print(
+        f"ours:  {args.batch_size / ours_s:9.1f} texts/s (median {ours_s * 1e3:.1f} ms per batch; keys and "
+        "values once per image)"
+    )
+    print(f"plain: {args.batch_size / plain_s:9.1f} texts/s (median {plain_s * 1e3:.1f} ms per batch; once per text)")
     print(f"speedup={plain_s / ours_s:.2f}")
 
 

@@ -36,6 +36,7 @@ BOOTSTRAP_RESAMPLES = 1000
 CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05
 KENDALL_PROPERTIES = ("train_examples", "mean_area", "mean_centre_distance")
+MIN_KENDALL_CATEGORIES = 3
 
 
 @dataclass
@@ -50,8 +51,14 @@ class Estimate:
     examples: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "seed_std": self.seed_std,
-                "seeds": self.seeds, "examples": self.examples}
+        return {
+            "mean": self.mean,
+            "ci_low": self.low,
+            "ci_high": self.high,
+            "seed_std": self.seed_std,
+            "seeds": self.seeds,
+            "examples": self.examples,
+        }
 
 
 @dataclass
@@ -177,11 +184,26 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         if [r["id"] for r in records_by_seed[seed]] != ids:
             raise ProbingError(f"{run_path}: seeds were evaluated on different {split} examples")
     correct = np.array([[float(r["correct"]) for r in records_by_seed[seed]] for seed in seeds])
-    return RunResults(path=run_path, task=spec.name, mode=manifest["mode"], layer=manifest["layer"],
-                      probe=manifest["probe"], family=family, init=init, label=label, metric=metrics.metric,
-                      seeds=seeds, ids=ids, categories=[r["category"] for r in first], correct=correct,
-                      metadata=first, train_categories=metrics.train_categories, search=search, split=split,
-                      task_file=task_file)
+    return RunResults(
+        path=run_path,
+        task=spec.name,
+        mode=manifest["mode"],
+        layer=manifest["layer"],
+        probe=manifest["probe"],
+        family=family,
+        init=init,
+        label=label,
+        metric=metrics.metric,
+        seeds=seeds,
+        ids=ids,
+        categories=[r["category"] for r in first],
+        correct=correct,
+        metadata=first,
+        train_categories=metrics.train_categories,
+        search=search,
+        split=split,
+        task_file=task_file,
+    )
 
 
 def load_run_splits(path: Path | str) -> list[RunResults]:
@@ -200,8 +222,9 @@ def _records(path: Path):
                 raise ProbingError(f"{path}: line {number}: not a JSON record") from None
 
 
-def estimate(correct: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES,
-             confidence: float = CONFIDENCE) -> Estimate:
+def estimate(
+    correct: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE
+) -> Estimate:
     """Seed-averaged accuracy of `correct` ([seeds, examples] of 0/1) with a percentile bootstrap interval."""
     correct = np.atleast_2d(np.asarray(correct, dtype=float))
     seeds, examples = correct.shape
@@ -213,10 +236,14 @@ def estimate(correct: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESA
     means = per_example[draws].mean(axis=1)
     tail = (1 - confidence) / 2
     per_seed = correct.mean(axis=1)
-    return Estimate(mean=float(per_example.mean()), low=float(np.quantile(means, tail)),
-                    high=float(np.quantile(means, 1 - tail)),
-                    seed_std=float(statistics.stdev(per_seed)) if seeds > 1 else None, seeds=seeds,
-                    examples=examples)
+    return Estimate(
+        mean=float(per_example.mean()),
+        low=float(np.quantile(means, tail)),
+        high=float(np.quantile(means, 1 - tail)),
+        seed_std=float(statistics.stdev(per_seed)) if seeds > 1 else None,
+        seeds=seeds,
+        examples=examples,
+    )
 
 
 def overall(run: RunResults, seed: int = 0) -> Estimate:
@@ -249,10 +276,14 @@ def category_properties(run: RunResults) -> dict[str, dict[str, float]]:
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for category, record in zip(run.categories, run.metadata, strict=True):
         grouped[category].append(record)
-    return {category: {"train_examples": float(run.train_categories.get(category, 0)),
-                       "mean_area": float(np.mean([r["area_fraction"] for r in records])),
-                       "mean_centre_distance": float(np.mean([r["centre_distance"] for r in records]))}
-            for category, records in sorted(grouped.items())}
+    return {
+        category: {
+            "train_examples": float(run.train_categories.get(category, 0)),
+            "mean_area": float(np.mean([r["area_fraction"] for r in records])),
+            "mean_centre_distance": float(np.mean([r["centre_distance"] for r in records])),
+        }
+        for category, records in sorted(grouped.items())
+    }
 
 
 def category_accuracies(run: RunResults) -> dict[str, float]:
@@ -270,8 +301,10 @@ def kendall(run: RunResults) -> dict[str, Correlation]:
     categories = sorted(accuracies)
     result = {}
     for name in KENDALL_PROPERTIES:
-        if len(categories) < 3:
-            raise ProbingError(f"{run.path}: Kendall needs at least 3 categories, found {len(categories)}")
+        if len(categories) < MIN_KENDALL_CATEGORIES:
+            raise ProbingError(
+                f"{run.path}: Kendall needs at least {MIN_KENDALL_CATEGORIES} categories, found {len(categories)}"
+            )
         tau, p_value = kendalltau([accuracies[c] for c in categories], [properties[c][name] for c in categories])
         result[name] = Correlation(tau=float(tau), p_value=float(p_value), categories=len(categories))
     return result
@@ -291,8 +324,11 @@ def roc_auc(run: RunResults) -> dict[str, float | None] | None:
     for seed in run.seeds:
         records = [r for r in _records(run.path / "predictions" / f"{run.split}.jsonl") if r["seed"] == seed]
         values.append(float(roc_auc_score([r["label"] for r in records], [r["probability"] for r in records])))
-    return {"mean": float(np.mean(values)), "seed_std": float(statistics.stdev(values)) if len(values) > 1 else None,
-            "seeds": len(values)}
+    return {
+        "mean": float(np.mean(values)),
+        "seed_std": float(statistics.stdev(values)) if len(values) > 1 else None,
+        "seeds": len(values),
+    }
 
 
 @dataclass(frozen=True)
@@ -313,23 +349,38 @@ def register_analysis(analysis: Analysis) -> Analysis:
 
 
 def _kendall_json(run: RunResults) -> dict[str, Any]:
-    return {name: {"tau": _finite(c.tau), "p_value": _finite(c.p_value), "significant": c.significant}
-            for name, c in kendall(run).items()}
+    return {
+        name: {"tau": _finite(c.tau), "p_value": _finite(c.p_value), "significant": c.significant}
+        for name, c in kendall(run).items()
+    }
 
 
 register_analysis(Analysis("test", lambda run: True, lambda run: overall(run).as_dict()))
-register_analysis(Analysis("per_category", lambda run: True,
-                           lambda run: {c: e.as_dict() for c, e in per_category(run).items()}))
+register_analysis(
+    Analysis("per_category", lambda run: True, lambda run: {c: e.as_dict() for c, e in per_category(run).items()})
+)
 register_analysis(Analysis("roc_auc", lambda run: run.spec.head.kind == "binary", roc_auc))
-register_analysis(Analysis("kendall", lambda run: run.spec.kendall, _kendall_json))
+
+
+def _has_kendall(run: RunResults) -> bool:
+    return run.spec.kendall and len(set(run.categories)) >= MIN_KENDALL_CATEGORIES
+
+
+register_analysis(Analysis("kendall", _has_kendall, _kendall_json))
 register_analysis(Analysis("category_properties", lambda run: run.spec.kendall, category_properties))
 
 
 def analyse(run: RunResults) -> dict[str, Any]:
     """Everything the registered analyses say about one run, JSON-ready (`probing analyze`)."""
     result: dict[str, Any] = {
-        "path": str(run.path), "task": run.task, "split": run.split, "mode": run.mode, "layer": run.layer,
-        "probe": run.probe, "model": run.label, "metric": run.metric,
+        "path": str(run.path),
+        "task": run.task,
+        "split": run.split,
+        "mode": run.mode,
+        "layer": run.layer,
+        "probe": run.probe,
+        "model": run.label,
+        "metric": run.metric,
     }
     for analysis in ANALYSES.values():
         if analysis.applies(run):

@@ -41,9 +41,12 @@ def _parameter(name: str, kind: Any, default: Any = ..., **option: Any):
 
     flag = option.pop("flag", "--" + name.replace("_", "-"))
     info = typer.Argument(**option) if option.pop("argument", False) else typer.Option(flag, **option)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                             default=inspect.Parameter.empty if default is ... else default,
-                             annotation=Annotated[kind, info])
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=inspect.Parameter.empty if default is ... else default,
+        annotation=Annotated[kind, info],
+    )
 
 
 def _data_options(values: dict[str, Any]):
@@ -68,6 +71,7 @@ def _root(
 
 # ------------------------------------------------------------------ commands
 
+
 @app.command("make-demo-data")
 def make_demo_data_command(
     out: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.")],
@@ -81,19 +85,24 @@ def make_demo_data_command(
 
     if vsr_version not in ("current", "original"):
         raise ProbingError(f"--vsr-version: unknown version '{vsr_version}' (choose current or original)")
-    result = make_demo_data(out, seed=seed, refcocog_images=refcocog_images, vsr_images=vsr_images,
-                            vsr_version=vsr_version)
+    result = make_demo_data(
+        out, seed=seed, refcocog_images=refcocog_images, vsr_images=vsr_images, vsr_version=vsr_version
+    )
     manifest = result.value
     typer.echo(f"demo dataset {'already there' if result.reused else 'written'}: {out}")
     for split, counts in manifest["refcocog"].items():
-        typer.echo(f"  refcocog {split:5s} images {counts['images']:5d}  refs {counts['refs']:5d}  "
-                   f"sentences {counts['sentences']:5d}")
+        typer.echo(
+            f"  refcocog {split:5s} images {counts['images']:5d}  refs {counts['refs']:5d}  "
+            f"sentences {counts['sentences']:5d}"
+        )
     for split, counts in manifest["vsr"].items():
         typer.echo(f"  vsr      {split:5s} examples {counts['examples']:5d}  true {counts['true']:5d}")
     options = demo_data_options(out)
     typer.echo("data options:")
-    typer.echo(f"  refcocog: --refs '{options['refcocog']['refs']}' --instances {options['refcocog']['instances']} "
-               f"--images {options['refcocog']['images']}")
+    typer.echo(
+        f"  refcocog: --refs '{options['refcocog']['refs']}' --instances {options['refcocog']['instances']} "
+        f"--images {options['refcocog']['images']}"
+    )
     typer.echo(f"  vsr:      --vsr {options['vsr']['vsr']} --images {options['vsr']['images']}")
 
 
@@ -110,9 +119,11 @@ def build_rcm_command(
     result = build_rcm(refs, instances, out, seed=seed)
     typer.echo(f"RCM {'already there' if result.reused else 'written'}: {out}")
     for split, counts in result.value["splits"].items():
-        typer.echo(f"  {split:5s} examples {counts['examples']:7d}  positives {counts['positives']:6d}  "
-                   f"negatives {counts['negatives']:6d}  ({counts['positives_per_cell']} per cell, "
-                   f"from {counts['sentences']} sentences)")
+        typer.echo(
+            f"  {split:5s} examples {counts['examples']:7d}  positives {counts['positives']:6d}  "
+            f"negatives {counts['negatives']:6d}  ({counts['positives_per_cell']} per cell, "
+            f"from {counts['sentences']} sentences)"
+        )
 
 
 @app.command("tasks")
@@ -131,8 +142,10 @@ def tasks_command(
         return
     for item in described:
         options = " ".join(f"--{name}" for name in item["data_options"]) or f"(from {item['source']})"
-        typer.echo(f"{item['name']:16s} {item['head']:6s} {item['metric']:9s} splits {','.join(item['splits']):22s} "
-                   f"data {options}")
+        typer.echo(
+            f"{item['name']:16s} {item['head']:6s} {item['metric']:9s} splits {','.join(item['splits']):22s} "
+            f"data {options}"
+        )
 
 
 def _data_stats(**values: Any) -> None:
@@ -144,8 +157,10 @@ def _data_stats(**values: Any) -> None:
         return
     typer.echo(f"task {stats['task']}")
     for split, numbers in stats["splits"].items():
-        typer.echo(f"  {split:5s} examples {numbers['examples']:7d}  images {numbers['images']:6d}  "
-                   f"missing images {numbers['missing_images']:6d}")
+        typer.echo(
+            f"  {split:5s} examples {numbers['examples']:7d}  images {numbers['images']:6d}  "
+            f"missing images {numbers['missing_images']:6d}"
+        )
         if numbers.get("first_missing_image"):
             typer.echo(f"        first missing: {numbers['first_missing_image']}")
         for category, count in numbers["categories"].items():
@@ -157,12 +172,14 @@ def _extract(**values: Any) -> None:
     from probing.extract import ExtractionRequest, extract
     from probing.settings import from_cli
 
-    request = from_cli(ExtractionRequest, values, data=_data_options(values), split=values["split"],
-                       out=values["out"])
+    request = from_cli(ExtractionRequest, values, data=_data_options(values), split=values["split"], out=values["out"])
     store = extract(request).value
     bad = len(store.manifest["bad_images"])
-    typer.echo(f"features: {values['out']} ({len(store)} examples, layers {store.layers}"
-               + (f", {bad} bad images skipped" if bad else "") + ")")
+    typer.echo(
+        f"features: {values['out']} ({len(store)} examples, layers {store.layers}"
+        + (f", {bad} bad images skipped" if bad else "")
+        + ")"
+    )
 
 
 def _train(**values: Any) -> None:
@@ -173,9 +190,16 @@ def _train(**values: Any) -> None:
     seeds = comma_separated(int, what="integers")(values["seeds"], "--seeds")
     settings = from_cli(TrainSettings, values, task=values["task"])
     trial = from_cli(Trial, values)
-    request = from_cli(TrainRequest, values, task=values["task"], layer=values["layer"], out=values["out"],
-                       settings=settings, data=_data_given(values),
-                       trials=tuple(Trial(**{**vars(trial), "seed": seed}) for seed in seeds))
+    request = from_cli(
+        TrainRequest,
+        values,
+        task=values["task"],
+        layer=values["layer"],
+        out=values["out"],
+        settings=settings,
+        data=_data_given(values),
+        trials=tuple(Trial(**{**vars(trial), "seed": seed}) for seed in seeds),
+    )
     result = run_training(request)
     if result.status == "elsewhere":
         return  # another process of the launch wrote the run and reports it
@@ -199,16 +223,28 @@ def _search(**values: Any) -> None:
     parsed = from_cli(SearchSpace, {name: values[name] for name in given})  # the options' text, checked
     space = default_space(task, values["probe"]).overridden({name: getattr(parsed, name) for name in given}, None)
     settings = from_cli(TrainSettings, values, task=task, order_seed=values["seed"])
-    request = from_cli(SearchRequest, values, task=task, layer=values["layer"], out=values["out"], space=space,
-                       settings=settings, data=_data_given(values))
+    request = from_cli(
+        SearchRequest,
+        values,
+        task=task,
+        layer=values["layer"],
+        out=values["out"],
+        space=space,
+        settings=settings,
+        data=_data_given(values),
+    )
     result = run_search(request)
     summary = result.value
     best, metric = summary.best, summary.metric
-    typer.echo(f"search {'already there' if result.reused else 'written'}: {values['out']} "
-               f"({summary.trials_complete} trials)")
+    typer.echo(
+        f"search {'already there' if result.reused else 'written'}: {values['out']} ({summary.trials_complete} trials)"
+    )
     typer.echo(f"  best trial {best['number']}: {json.dumps(best['params'], sort_keys=True)}")
-    evaluated = "   ".join(f"{split} {metric} {best[split][metric]:.4f}" for split in best
-                           if isinstance(best[split], dict) and metric in best[split])
+    evaluated = "   ".join(
+        f"{split} {metric} {best[split][metric]:.4f}"
+        for split in best
+        if isinstance(best[split], dict) and metric in best[split]
+    )
     typer.echo(f"  {evaluated}")
 
 
@@ -225,34 +261,66 @@ def _register_derived_commands() -> None:
 
     task = _parameter("task", str, help="A registered task (`probing tasks`) or a task YAML file.")
     data = cli_parameters(DataOptions)
-    command(data_app, "stats", [
-        task, *data,
-        _parameter("split", list[str] | None, None, help="train | val | test ... (repeatable; default all)"),
-        _parameter("as_json", bool, False, flag="--json", help="Print one JSON object."),
-    ], _data_stats, "Per split: examples, images (existence checked, not decoded), missing images, per-category "
-                    "counts.")
-    command(app, "extract", [
-        task, *data, *cli_parameters(ModelSource), *cli_parameters(ExtractionSettings),
-        _parameter("split", str, help="A split of the task: train | val | test ..."),
-        _parameter("out", Path, help="Feature store folder (resumed if it holds this request)"),
-    ], _extract, "Store per-layer query outputs of one split (sharded safetensors, resumable).")
+    command(
+        data_app,
+        "stats",
+        [
+            task,
+            *data,
+            _parameter("split", list[str] | None, None, help="train | val | test ... (repeatable; default all)"),
+            _parameter("as_json", bool, False, flag="--json", help="Print one JSON object."),
+        ],
+        _data_stats,
+        "Per split: examples, images (existence checked, not decoded), missing images, per-category counts.",
+    )
+    command(
+        app,
+        "extract",
+        [
+            task,
+            *data,
+            *cli_parameters(ModelSource),
+            *cli_parameters(ExtractionSettings),
+            _parameter("split", str, help="A split of the task: train | val | test ..."),
+            _parameter("out", Path, help="Feature store folder (resumed if it holds this request)"),
+        ],
+        _extract,
+        "Store per-layer query outputs of one split (sharded safetensors, resumable).",
+    )
     run_options = [
-        task, *data,
+        task,
+        *data,
         _parameter("layer", int, help="Q-Former layer to probe (1..12 for the real models)."),
         *cli_parameters(ProbeInputs),
         *cli_parameters(ModelSource, optional=["model"]),
     ]
-    command(app, "train", [
-        *run_options, *cli_parameters(TrainSettings), *cli_parameters(Trial),
-        _parameter("seeds", str, "0", help="Comma-separated seeds (initialisation); mean and std are reported."),
-        _parameter("out", Path, help="Run folder to write."),
-    ], _train, "Train a probe on one layer (frozen on stored features, or unfrozen with the resampler); val and "
-               "the task's evaluated splits.")
-    command(app, "search", [
-        *run_options, *cli_parameters(TrainSettings, exclude=["order_seed"]),
-        *cli_parameters(SearchSettings), *cli_parameters(SearchSpace, optional=["lr", "epochs"]),
-        _parameter("out", Path, help="Search folder to write (summary, trials, plots, best/)."),
-    ], _search, "Optuna (TPE) search of the probe's hyper-parameters; the best trial is evaluated on test.")
+    command(
+        app,
+        "train",
+        [
+            *run_options,
+            *cli_parameters(TrainSettings),
+            *cli_parameters(Trial),
+            _parameter("seeds", str, "0", help="Comma-separated seeds (initialisation); mean and std are reported."),
+            _parameter("out", Path, help="Run folder to write."),
+        ],
+        _train,
+        "Train a probe on one layer (frozen on stored features, or unfrozen with the resampler); val and "
+        "the task's evaluated splits.",
+    )
+    command(
+        app,
+        "search",
+        [
+            *run_options,
+            *cli_parameters(TrainSettings, exclude=["order_seed"]),
+            *cli_parameters(SearchSettings),
+            *cli_parameters(SearchSpace, optional=["lr", "epochs"]),
+            _parameter("out", Path, help="Search folder to write (summary, trials, plots, best/)."),
+        ],
+        _search,
+        "Optuna (TPE) search of the probe's hyper-parameters; the best trial is evaluated on test.",
+    )
 
 
 _register_derived_commands()
@@ -273,9 +341,11 @@ def analyze_command(
     loaded = load_run(run)
     result = analyse(loaded)
     test = result["test"]
-    typer.echo(f"{result['model']} {result['mode']} {result['task']} layer {result['layer']} {result['probe']}: "
-               f"{result['split']} {result['metric']} {100 * test['mean']:.1f}% [{100 * test['ci_low']:.1f}, "
-               f"{100 * test['ci_high']:.1f}] ({test['seeds']} seed(s), {test['examples']} examples)")
+    typer.echo(
+        f"{result['model']} {result['mode']} {result['task']} layer {result['layer']} {result['probe']}: "
+        f"{result['split']} {result['metric']} {100 * test['mean']:.1f}% [{100 * test['ci_low']:.1f}, "
+        f"{100 * test['ci_high']:.1f}] ({test['seeds']} seed(s), {test['examples']} examples)"
+    )
     if result.get("roc_auc"):
         typer.echo(f"  ROC-AUC {result['roc_auc']['mean']:.3f}")
     for category, estimate in per_category(loaded).items():
@@ -308,8 +378,10 @@ def report_command(
     from probing.report import write_report
 
     written = write_report(runs, out, compare_paper=compare_paper)
-    typer.echo(f"report of {written['runs']} run(s): {written['readme']} "
-               f"({len(written['tables']) // 2} tables, {len(written['figures']) // 2} figures)")
+    typer.echo(
+        f"report of {written['runs']} run(s): {written['readme']} "
+        f"({len(written['tables']) // 2} tables, {len(written['figures']) // 2} figures)"
+    )
 
 
 @app.command("run")
@@ -328,8 +400,7 @@ def run_command(
 @app.command("demo")
 def demo_command(
     out: Annotated[Path | None, typer.Option(help="Workspace for the demo (default reports/demo).")] = None,
-    refcocog_images: Annotated[int | None, typer.Option(help="Demo RefCOCOg images (fewer: a quicker check).")]
-    = None,
+    refcocog_images: Annotated[int | None, typer.Option(help="Demo RefCOCOg images (fewer: a quicker check).")] = None,
     vsr_images: Annotated[int | None, typer.Option(help="Demo VSR images.")] = None,
 ) -> None:
     """The embedded default: the whole pipeline on synthetic shapes with tiny random models (CPU, no network)."""
@@ -345,12 +416,15 @@ def demo_command(
     typer.echo("")
     for line in describe(summary):
         typer.echo(f"  {line}")
-    typer.echo(f"Tiny random models on synthetic shapes: a check of the machinery and of the frozen-vs-unfrozen "
-               f"contrast, not the paper's numbers. Done in {time.perf_counter() - started:.0f} s.")
+    typer.echo(
+        f"Tiny random models on synthetic shapes: a check of the machinery and of the frozen-vs-unfrozen "
+        f"contrast, not the paper's numbers. Done in {time.perf_counter() - started:.0f} s."
+    )
     typer.echo(f"report: {summary.report / 'README.md'} (tables/, figures/)")
 
 
 # ------------------------------------------------------------------ entry point
+
 
 def _configure_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)

@@ -51,11 +51,18 @@ class DataConfig(DataOptions):
 
 
 # The `train` section: TrainSettings' config fields, and what a config decides per mode or per task.
-TrainConfig = config_section("TrainConfig", TrainSettings, extra=[
-    ("unfrozen_batch_size", int, setting(128, low=1, help="Training batch size of unfrozen searches.")),
-    ("patience", dict[str, int], setting(default_factory=dict, help="Early-stopping patience per task (default: "
-                                                                    "the task's).")),
-])
+TrainConfig = config_section(
+    "TrainConfig",
+    TrainSettings,
+    extra=[
+        ("unfrozen_batch_size", int, setting(128, low=1, help="Training batch size of unfrozen searches.")),
+        (
+            "patience",
+            dict[str, int],
+            setting(default_factory=dict, help="Early-stopping patience per task (default: the task's)."),
+        ),
+    ],
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +110,7 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
+
 def _type_name(kind: Any) -> str:
     origin = get_origin(kind)
     if origin is Literal:
@@ -116,7 +124,8 @@ def _type_name(kind: Any) -> str:
     if dataclasses.is_dataclass(kind):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}.get(
-        kind, str(kind))
+        kind, str(kind)
+    )
 
 
 def _convert(value: Any, kind: Any, where: str) -> Any:
@@ -145,8 +154,9 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {value!r}")
         key_kind, value_kind = get_args(kind)
-        return {_convert(k, key_kind, f"{where}.{k}"): _convert(v, value_kind, f"{where}.{k}")
-                for k, v in value.items()}
+        return {
+            _convert(k, key_kind, f"{where}.{k}"): _convert(v, value_kind, f"{where}.{k}") for k, v in value.items()
+        }
     if dataclasses.is_dataclass(kind):
         return from_dict(kind, value, where)
     if kind is bool:
@@ -227,8 +237,9 @@ def check(config: Config, paths: bool = True) -> Config:
             try:
                 specs[task] = get_task(task)
             except ProbingError as error:
-                raise ProbingError(f"config field '{where}.tasks[{position}]': "
-                                   f"{str(error).removeprefix('--task: ')}") from None
+                raise ProbingError(
+                    f"config field '{where}.tasks[{position}]': {str(error).removeprefix('--task: ')}"
+                ) from None
         for position, label in enumerate(experiment.models):
             if label not in config.models:
                 raise ProbingError(f"config field '{where}.models[{position}]': no model '{label}' in 'models'")
@@ -241,8 +252,9 @@ def check(config: Config, paths: bool = True) -> Config:
             if isinstance(values, list) and not values:
                 raise ProbingError(f"config field '{where}.{name}': empty")
         search = experiment.search
-        if search.final_seeds is not None and (not search.final_seeds
-                                               or len(set(search.final_seeds)) != len(search.final_seeds)):
+        if search.final_seeds is not None and (
+            not search.final_seeds or len(set(search.final_seeds)) != len(search.final_seeds)
+        ):
             raise ProbingError(f"config field '{where}.search.final_seeds': at least one seed, each once")
         for task in experiment.tasks:
             search_space(experiment, index, task)
@@ -256,8 +268,9 @@ def check(config: Config, paths: bool = True) -> Config:
         known = table_names(specs.values())
         for position, table in enumerate(config.report.tables):
             if table not in known:
-                raise ProbingError(f"config field 'report.tables[{position}]': unknown table '{table}' "
-                                   f"(known: {', '.join(known)})")
+                raise ProbingError(
+                    f"config field 'report.tables[{position}]': unknown table '{table}' (known: {', '.join(known)})"
+                )
     data = config.data
     if paths and data.demo is None:
         needed: set[str] = set()

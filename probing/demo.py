@@ -18,21 +18,28 @@ from probing.config import Config, DemoData, check, from_dict
 from probing.pipeline import RunSummary, run_config
 
 
-def demo_config(workspace: Path | None = None, refcocog_images: int | None = None,
-                vsr_images: int | None = None) -> Config:
+def demo_config(
+    workspace: Path | None = None, refcocog_images: int | None = None, vsr_images: int | None = None
+) -> Config:
     """The packaged demo config, with the workspace and dataset size optionally changed (quick checks)."""
     import yaml
 
     text = resources.files("probing").joinpath("demo.yaml").read_text("utf-8")
     config = from_dict(Config, yaml.safe_load(text))
     demo = config.data.demo or DemoData()
-    demo = replace(demo, refcocog_images=refcocog_images or demo.refcocog_images,
-                   vsr_images=vsr_images or demo.vsr_images)
+    demo = replace(
+        demo, refcocog_images=refcocog_images or demo.refcocog_images, vsr_images=vsr_images or demo.vsr_images
+    )
     config = replace(config, workspace=workspace or config.workspace, data=replace(config.data, demo=demo))
     return check(config)
 
 
-def run_demo(out: Path | None = None, say: Callable[[str], None] = print, refcocog_images: int | None = None,
-             vsr_images: int | None = None, progress: bool = True) -> tuple[Config, RunSummary]:
+def run_demo(
+    out: Path | None = None,
+    say: Callable[[str], None] = print,
+    refcocog_images: int | None = None,
+    vsr_images: int | None = None,
+    progress: bool = True,
+) -> tuple[Config, RunSummary]:
     config = demo_config(out, refcocog_images, vsr_images)
     return config, run_config(config, say, progress=progress)

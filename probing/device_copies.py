@@ -17,8 +17,9 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | N
     return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
 
-def to_device_chunked(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype,
-                      chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
+def to_device_chunked(
+    tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, chunk_bytes: int = 256 * 2**20
+) -> torch.Tensor:
     """A large CPU tensor (a layer of RefCOCOg features is 4 GB) onto a GPU in `dtype`, a chunk at a time so
     that only one chunk is page-locked at once; converted on the GPU."""
     if device.type != "cuda" or tensor.device.type != "cpu":
@@ -27,7 +28,7 @@ def to_device_chunked(tensor: torch.Tensor, device: torch.device, dtype: torch.d
     flat, out = tensor.reshape(len(tensor), -1), placed.view(len(tensor), -1)
     rows = max(1, chunk_bytes // max(1, flat[:1].nbytes))
     for start in range(0, len(flat), rows):
-        out[start:start + rows].copy_(to_device(flat[start:start + rows], device))
+        out[start : start + rows].copy_(to_device(flat[start : start + rows], device))
     return placed
 
 

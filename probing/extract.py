@@ -70,21 +70,32 @@ class ExtractionSettings:
     """How a split is extracted: the `extract` section of a config and the options of `probing extract`.
     Which layers and whether ViT outputs are kept, a config derives from its experiments."""
 
-    layers: str | tuple[int, ...] = setting("all", config=False, help="all | comma-separated Q-Former layers, e.g. "
-                                                                      "1,6,12 (0 = the constant embedding output)")
+    layers: str | tuple[int, ...] = setting(
+        "all",
+        config=False,
+        help="all | comma-separated Q-Former layers, e.g. 1,6,12 (0 = the constant embedding output)",
+    )
     shard_size: int = setting(1024, identity=True, low=1, help="Examples per shard (the unit of resumption).")
     batch_size: int = setting(64, identity=True, low=1, help="Images and texts per forward pass.")
-    store_vision: bool = setting(False, identity=True, config=False,
-                                 help="Also store per-image ViT outputs for unfrozen training.")
+    store_vision: bool = setting(
+        False, identity=True, config=False, help="Also store per-image ViT outputs for unfrozen training."
+    )
     dtype: DtypeName = setting("float16", identity=True, help="Storage dtype of the query states.")
-    vision_dtype: DtypeName | None = setting(None, identity=True,
-                                             help="ViT compute dtype (default bfloat16 on GPU, float32 on CPU).")
+    vision_dtype: DtypeName | None = setting(
+        None, identity=True, help="ViT compute dtype (default bfloat16 on GPU, float32 on CPU)."
+    )
     qformer_dtype: DtypeName = setting("float32", identity=True, help="Q-Former compute dtype.")
-    compile_vision: bool = setting(False, identity="vision_compiled", omit_default=True,
-                                   help="Compile the ViT with torch.compile (fused kernels; the first batches wait "
-                                        "for the compiler).")
-    skip_bad_images: bool = setting(False, identity=True, help="Record missing or corrupt images in the manifest "
-                                                               "and leave their examples out, instead of stopping.")
+    compile_vision: bool = setting(
+        False,
+        identity="vision_compiled",
+        omit_default=True,
+        help="Compile the ViT with torch.compile (fused kernels; the first batches wait for the compiler).",
+    )
+    skip_bad_images: bool = setting(
+        False,
+        identity=True,
+        help="Record missing or corrupt images in the manifest and leave their examples out, instead of stopping.",
+    )
     workers: int | None = setting(None, low=0, help="Image decoding processes (default: cores - 2, 1..16).")
     device: str | None = setting(None, config=False, help="cpu, cuda, cuda:1 ... (default: accelerate's choice).")
     progress: bool = setting(True, cli=False, config=False, help="A progress bar on a terminal.")
@@ -126,7 +137,7 @@ def plan_shards(examples: list[Example], shard_size: int) -> list[_Shard]:
     seen: set[Path] = set()
     shards = []
     for index, start in enumerate(range(0, len(ordered), shard_size)):
-        shard = _Shard(index=index, examples=ordered[start:start + shard_size])
+        shard = _Shard(index=index, examples=ordered[start : start + shard_size])
         slots: dict[Path, int] = {}
         for example in shard.examples:
             if example.image_path not in slots:
@@ -170,10 +181,23 @@ def _collate(items):
 def _preprocessing(resampler: Resampler) -> dict[str, Any]:
     """The image processor's settings that change pixels (its own JSON form: `to_dict()`)."""
     settings = resampler.image_processor.to_dict()
-    keys = ("size", "resample", "image_mean", "image_std", "do_resize", "do_rescale", "rescale_factor",
-            "do_normalize", "do_convert_rgb", "do_center_crop", "crop_size")
-    return {"image_processor": type(resampler.image_processor).__name__,
-            **{key: settings[key] for key in keys if settings.get(key) is not None}}
+    keys = (
+        "size",
+        "resample",
+        "image_mean",
+        "image_std",
+        "do_resize",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "do_convert_rgb",
+        "do_center_crop",
+        "crop_size",
+    )
+    return {
+        "image_processor": type(resampler.image_processor).__name__,
+        **{key: settings[key] for key in keys if settings.get(key) is not None},
+    }
 
 
 def _distributed_state(device: str | None):
@@ -185,8 +209,9 @@ def _distributed_state(device: str | None):
 
 def resolved(request: ExtractionRequest, device: torch.device) -> ExtractionRequest:
     """The request with its defaults decided: the ViT in bf16 on GPU, fp32 on CPU."""
-    return replace(check(request), vision_dtype=request.vision_dtype or ("bfloat16" if device.type == "cuda"
-                                                                          else "float32"))
+    return replace(
+        check(request), vision_dtype=request.vision_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    )
 
 
 def extract(request: ExtractionRequest) -> StageResult[FeatureStore]:
@@ -195,32 +220,50 @@ def extract(request: ExtractionRequest) -> StageResult[FeatureStore]:
     device = torch.device(request.device) if request.device not in (None, "cpu") else state.device
     request = resolved(request, device)
     data = load_split(request.data, request.split)
-    resampler = load_resampler(request.source, device=device, vision_dtype=DTYPES[request.vision_dtype],
-                               qformer_dtype=DTYPES[request.qformer_dtype])
+    resampler = load_resampler(
+        request.source,
+        device=device,
+        vision_dtype=DTYPES[request.vision_dtype],
+        qformer_dtype=DTYPES[request.qformer_dtype],
+    )
     return extract_loaded(resampler, data, request, state)
 
 
-def store_identity(resampler: Resampler, data: SplitData, request: ExtractionRequest, layers: list[int]
-                   ) -> dict[str, Any]:
+def store_identity(
+    resampler: Resampler, data: SplitData, request: ExtractionRequest, layers: list[int]
+) -> dict[str, Any]:
     """What defines a store: the weights, the data, the layers, the settings that change its values or layout."""
     settings = identity(request, only=[f.name for f in fields(ExtractionSettings)])
-    text = ({"max_tokens": resampler.max_text_tokens, "truncation_side": resampler.truncation_side,
-             "padding": "longest"} if resampler.reads_text else None)
-    result = {"kind": "features", "format_version": STORE_FORMAT_VERSION, "model": resampler.weights_identity(),
-              "task": data.task, "split": data.split, "dataset_fingerprint": data.fingerprint, "layers": layers,
-              "dtype": settings.pop("dtype"),
-              # the dtypes the resampler really runs in (a caller may hand over a loaded one)
-              "vision_dtype": str(resampler.vision_dtype).removeprefix("torch."),
-              "qformer_dtype": str(resampler.qformer_dtype).removeprefix("torch."),
-              "preprocessing": _preprocessing(resampler), "text": text, "order": "grouped by image id"}
+    text = (
+        {"max_tokens": resampler.max_text_tokens, "truncation_side": resampler.truncation_side, "padding": "longest"}
+        if resampler.reads_text
+        else None
+    )
+    result = {
+        "kind": "features",
+        "format_version": STORE_FORMAT_VERSION,
+        "model": resampler.weights_identity(),
+        "task": data.task,
+        "split": data.split,
+        "dataset_fingerprint": data.fingerprint,
+        "layers": layers,
+        "dtype": settings.pop("dtype"),
+        # the dtypes the resampler really runs in (a caller may hand over a loaded one)
+        "vision_dtype": str(resampler.vision_dtype).removeprefix("torch."),
+        "qformer_dtype": str(resampler.qformer_dtype).removeprefix("torch."),
+        "preprocessing": _preprocessing(resampler),
+        "text": text,
+        "order": "grouped by image id",
+    }
     settings.pop("vision_dtype"), settings.pop("qformer_dtype")
     if not resampler.reads_text:
         result["rows"] = PER_IMAGE  # only then: stores of text families keep the identity they always had
     return result | settings
 
 
-def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionRequest, state=None
-                   ) -> StageResult[FeatureStore]:
+def extract_loaded(
+    resampler: Resampler, data: SplitData, request: ExtractionRequest, state=None
+) -> StageResult[FeatureStore]:
     """The extraction proper, for a loaded resampler and split (what `benchmarks/extract.py` times)."""
     state = state or _distributed_state(request.device)
     device = resampler.device
@@ -239,26 +282,42 @@ def extract_loaded(resampler: Resampler, data: SplitData, request: ExtractionReq
     if state.is_main_process:
         writer.prepare()
     state.wait_for_everyone()
-    mine = [s for s in shards
-            if s.index % state.num_processes == state.process_index and not writer.shard_done(s.index)]
+    mine = [
+        s for s in shards if s.index % state.num_processes == state.process_index and not writer.shard_done(s.index)
+    ]
     started = time.perf_counter()
-    done_examples = _run_shards(mine, resampler, layers, storage_dtype, writer, request, device,
-                                show_progress=request.progress and state.is_main_process)
+    done_examples = _run_shards(
+        mine,
+        resampler,
+        layers,
+        storage_dtype,
+        writer,
+        request,
+        device,
+        show_progress=request.progress and state.is_main_process,
+    )
     elapsed = time.perf_counter() - started
     if done_examples:
-        log.info("extracted %d examples in %.1f s (%.1f examples/s on this process)", done_examples, elapsed,
-                 done_examples / max(elapsed, 1e-9))
+        log.info(
+            "extracted %d examples in %.1f s (%.1f examples/s on this process)",
+            done_examples,
+            elapsed,
+            done_examples / max(elapsed, 1e-9),
+        )
     state.wait_for_everyone()
     if state.is_main_process:
         recorded = {key: str(Path(value).resolve()) for key, value in request.data.given().items()}
-        writer.finish(len(shards), {
-            "model_source": resampler.identity,
-            "data_sources": data.sources,
-            # where the data was read from, so that `probing train` can find the targets by itself
-            "data_options": {"task": task_reference(request.data.task), **recorded},
-            "images": len({e.image_path for e in data.examples}),
-            "code_version": code_version(),
-        })
+        writer.finish(
+            len(shards),
+            {
+                "model_source": resampler.identity,
+                "data_sources": data.sources,
+                # where the data was read from, so that `probing train` can find the targets by itself
+                "data_options": {"task": task_reference(request.data.task), **recorded},
+                "images": len({e.image_path for e in data.examples}),
+                "code_version": code_version(),
+            },
+        )
     state.wait_for_everyone()
     return StageResult(FeatureStore(request.out), request.out, "built")
 
@@ -268,8 +327,10 @@ def _check_images_exist(examples: list[Example], skip_bad_images: bool) -> None:
     paths = sorted({e.image_path for e in examples})
     missing = [p for p in paths if not p.is_file()]
     if missing and not skip_bad_images:
-        raise ProbingError(f"{missing[0]}: image not found ({len(missing)} of {len(paths)} images missing; "
-                           "--skip-bad-images records them in the manifest and leaves their examples out)")
+        raise ProbingError(
+            f"{missing[0]}: image not found ({len(missing)} of {len(paths)} images missing; "
+            "--skip-bad-images records them in the manifest and leaves their examples out)"
+        )
 
 
 def default_workers() -> int:
@@ -280,9 +341,16 @@ def default_workers() -> int:
     return 0 if cores < 2 else min(16, max(1, cores - 2))
 
 
-def _run_shards(shards: list[_Shard], resampler: Resampler, layers: list[int], storage_dtype: torch.dtype,
-                writer: FeatureStoreWriter, request: ExtractionRequest, device: torch.device,
-                show_progress: bool) -> int:
+def _run_shards(
+    shards: list[_Shard],
+    resampler: Resampler,
+    layers: list[int],
+    storage_dtype: torch.dtype,
+    writer: FeatureStoreWriter,
+    request: ExtractionRequest,
+    device: torch.device,
+    show_progress: bool,
+) -> int:
     from tqdm.auto import tqdm
 
     if not shards:
@@ -290,25 +358,36 @@ def _run_shards(shards: list[_Shard], resampler: Resampler, layers: list[int], s
     paths = [path for shard in shards for path in shard.images]
     batches, offset = [], 0
     for shard in shards:  # image batches never straddle shards
-        batches.extend([list(range(offset + s, offset + min(s + request.batch_size, len(shard.images))))
-                        for s in range(0, len(shard.images), request.batch_size)])
+        batches.extend(
+            [
+                list(range(offset + s, offset + min(s + request.batch_size, len(shard.images))))
+                for s in range(0, len(shard.images), request.batch_size)
+            ]
+        )
         offset += len(shard.images)
     workers = default_workers() if request.workers is None else request.workers
-    loader = DataLoader(_Images(paths, resampler), batch_sampler=batches, num_workers=workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        _Images(paths, resampler),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
     batch_iterator = iter(loader)
     pending: Future | None = None
     # disable=None: a bar only on a terminal, so logs and one-line errors stay clean
-    progress = tqdm(total=sum(len(s.examples) for s in shards), unit="ex", desc="extract",
-                    disable=None if show_progress else True)
+    progress = tqdm(
+        total=sum(len(s.examples) for s in shards), unit="ex", desc="extract", disable=None if show_progress else True
+    )
     done = 0
     with ThreadPoolExecutor(max_workers=1) as write_pool, torch.inference_mode():
         offset = 0
         for shard in shards:
             embeds, bad_slots, errors = _encode_shard_images(shard, offset, batch_iterator, resampler, request)
             offset += len(shard.images)
-            tensors, vision, metadata = _query_shard(shard, embeds, bad_slots, resampler, layers, storage_dtype,
-                                                     request, errors)
+            tensors, vision, metadata = _query_shard(
+                shard, embeds, bad_slots, resampler, layers, storage_dtype, request, errors
+            )
             if pending is not None:
                 pending.result()  # at most one shard waits to be written: memory stays flat
             ready = None
@@ -324,8 +403,9 @@ def _run_shards(shards: list[_Shard], resampler: Resampler, layers: list[int], s
     return done
 
 
-def _encode_shard_images(shard: _Shard, offset: int, batch_iterator, resampler: Resampler,
-                         request: ExtractionRequest) -> tuple[torch.Tensor | None, set[int], dict[int, str]]:
+def _encode_shard_images(
+    shard: _Shard, offset: int, batch_iterator, resampler: Resampler, request: ExtractionRequest
+) -> tuple[torch.Tensor | None, set[int], dict[int, str]]:
     """ViT outputs for the shard's unique images: `[U, V, D]` on the device, plus bad image slots."""
     embeds: torch.Tensor | None = None
     bad_slots: set[int] = set()
@@ -356,9 +436,16 @@ def _write_when_ready(writer: FeatureStoreWriter, index: int, tensors, metadata,
     writer.write_shard(index, tensors, metadata, vision)
 
 
-def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int], resampler: Resampler,
-                 layers: list[int], storage_dtype: torch.dtype, request: ExtractionRequest,
-                 errors: dict[int, str]):
+def _query_shard(
+    shard: _Shard,
+    embeds: torch.Tensor | None,
+    bad_slots: set[int],
+    resampler: Resampler,
+    layers: list[int],
+    storage_dtype: torch.dtype,
+    request: ExtractionRequest,
+    errors: dict[int, str],
+):
     rows = [i for i, slot in enumerate(shard.slot_of_example) if slot not in bad_slots]
     queries, hidden = resampler.num_query_tokens, resampler.hidden_size
     tensors = {"ids": torch.tensor([shard.examples[i].example_id for i in rows], dtype=torch.int64)}
@@ -367,27 +454,29 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
         # one row per example: the shard's image table and each text's row in it (keys and values of the
         # cross-attention are projected once per image)
         row_slots = torch.tensor([shard.slot_of_example[i] for i in rows], dtype=torch.long)
-        inputs = [[shard.examples[i].text for i in rows[start:start + request.batch_size]]
-                  for start in range(0, len(rows), request.batch_size)]
+        inputs = [
+            [shard.examples[i].text for i in rows[start : start + request.batch_size]]
+            for start in range(0, len(rows), request.batch_size)
+        ]
     else:
         # one row per image: queries that read no text are the same for every example of the image
         good = [slot for slot in range(len(shard.images)) if slot not in bad_slots]
         row_of_slot = {slot: row for row, slot in enumerate(good)}
         row_slots = torch.tensor(good, dtype=torch.long)
         tensors["image_ids"] = torch.tensor([shard.image_ids[slot] for slot in good], dtype=torch.int64)
-        tensors["example_rows"] = torch.tensor([row_of_slot[shard.slot_of_example[i]] for i in rows],
-                                               dtype=torch.int64)
+        tensors["example_rows"] = torch.tensor([row_of_slot[shard.slot_of_example[i]] for i in rows], dtype=torch.int64)
         inputs = [None] * math.ceil(len(good) / request.batch_size)
-    per_layer = torch.empty((len(layers), len(row_slots), queries, hidden), dtype=storage_dtype,
-                            device=resampler.device)
+    per_layer = torch.empty(
+        (len(layers), len(row_slots), queries, hidden), dtype=storage_dtype, device=resampler.device
+    )
     for batch, texts in enumerate(inputs):
         start = batch * request.batch_size
-        slots = row_slots[start:start + request.batch_size]
+        slots = row_slots[start : start + request.batch_size]
         tokens = resampler.tokenize(texts) if texts is not None else None
         if tokens and tokens["input_ids"].shape[1] == resampler.max_text_tokens:  # only then can a text be cut
             truncated += resampler.count_truncated(texts)
         states = resampler.query_states(embeds, tokens, layers, image_slots=slots)
-        per_layer[:, start:start + len(slots)] = states.transpose(0, 1).to(storage_dtype)
+        per_layer[:, start : start + len(slots)] = states.transpose(0, 1).to(storage_dtype)
     per_layer = to_host(per_layer)
     tensors |= {layer_key(layer): per_layer[j] for j, layer in enumerate(layers)}
     # No batch size here: it is in the store's request, which a resumed run must match, so all shards share it.
@@ -402,7 +491,8 @@ def _query_shard(shard: _Shard, embeds: torch.Tensor | None, bad_slots: set[int]
         index = torch.tensor(owned, dtype=torch.long)
         vision = {
             "ids": torch.tensor([shard.image_ids[s] for s in owned], dtype=torch.int64),
-            "image_embeds": to_host(embeds[to_device(index, embeds.device)]) if embeds is not None
+            "image_embeds": to_host(embeds[to_device(index, embeds.device)])
+            if embeds is not None
             else torch.empty((0, 0, 0)),
         }
     return tensors, vision, metadata

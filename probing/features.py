@@ -59,8 +59,11 @@ def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappin
     temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
     # One metadata key holding sorted JSON: safetensors keeps metadata in a hash map whose order changes from
     # process to process, which would make identical shards differ in bytes.
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary),
-              metadata={_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(temporary),
+        metadata={_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)},
+    )
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, path)
@@ -98,8 +101,9 @@ class _ShardedTensors:
                 offset += handle.get_slice("image_ids").get_shape()[0]
         return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
 
-    def load(self, key: str, dtype: torch.dtype | None = None,
-             device: str | torch.device | None = None) -> torch.Tensor:
+    def load(
+        self, key: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> torch.Tensor:
         """Concatenate `key` over shards into one preallocated tensor (one shard in memory at a time)."""
         if not self.shard_files:
             raise ProbingError(f"{self.folder}: store has no shards")
@@ -118,7 +122,7 @@ class _ShardedTensors:
                 continue
             if result is None:
                 result = torch.empty((total, *part.shape[1:]), dtype=dtype or part.dtype, device=device)
-            result[offset:offset + len(part)] = part.to(device=result.device, dtype=result.dtype)
+            result[offset : offset + len(part)] = part.to(device=result.device, dtype=result.dtype)
             offset += len(part)
         if result is None:  # every shard is empty: no row to return
             return torch.empty((0, *part.shape[1:]), dtype=dtype or part.dtype, device=device)
@@ -163,14 +167,16 @@ class FeatureStore:
     def __len__(self) -> int:
         return int(self.manifest["examples"])
 
-    def load(self, layer: int, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-             ) -> torch.Tensor:
+    def load(
+        self, layer: int, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> torch.Tensor:
         """`[N, Q, H]`, one row per example in `ids` order (a per-image store's rows are repeated)."""
         states, rows = self.load_rows(layer, dtype, device)
         return states if rows is None else states.index_select(0, rows.to(states.device))
 
-    def load_rows(self, layer: int, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def load_rows(
+        self, layer: int, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stored rows and, for a per-image store, the row each example reads (else None): a per-image
         store stays one row per image in memory."""
         if layer not in self.layers:
@@ -246,8 +252,13 @@ class FeatureStoreWriter:
     def shard_done(self, index: int) -> bool:
         return (self.path / shard_name(index)).is_file()
 
-    def write_shard(self, index: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
-                    vision: Mapping[str, torch.Tensor] | None = None) -> None:
+    def write_shard(
+        self,
+        index: int,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, Any],
+        vision: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         # The vision shard goes first: a query shard on disk means its whole unit of work is done.
         if vision is not None:
             save_shard(self.path / VISION_FOLDER / shard_name(index), vision, {"images": len(vision["ids"])})
@@ -264,11 +275,19 @@ class FeatureStoreWriter:
             shards.append({"file": shard_name(index), "examples": metadata["examples"]})
             examples += metadata["examples"]
             bad_images += metadata.get("bad_images", [])
-        manifest: dict[str, Any] = {"request": self.identity, "complete": True, "examples": examples,
-                                    "shards": shards, "bad_images": sorted(set(bad_images)), **summary}
+        manifest: dict[str, Any] = {
+            "request": self.identity,
+            "complete": True,
+            "examples": examples,
+            "shards": shards,
+            "bad_images": sorted(set(bad_images)),
+            **summary,
+        }
         if self.identity.get("store_vision"):
-            vision_shards = [{"file": shard_name(i), "images": _shard_metadata(
-                self.path / VISION_FOLDER / shard_name(i))["images"]} for i in range(shard_count)]
+            vision_shards = [
+                {"file": shard_name(i), "images": _shard_metadata(self.path / VISION_FOLDER / shard_name(i))["images"]}
+                for i in range(shard_count)
+            ]
             manifest["vision"] = {"shards": vision_shards, "images": sum(s["images"] for s in vision_shards)}
         write_json(self.path / MANIFEST_NAME, manifest)
         return manifest

@@ -49,11 +49,11 @@ class Head:
 
     def weights(self, trials: Sequence[Any], device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """The loss weights of K trials as `[K]` tensors (empty for heads whose loss has no weights)."""
-        return {name: torch.tensor([float(getattr(t, name)) for t in trials], device=device)
-                for name in self.loss_weights}
+        return {
+            name: torch.tensor([float(getattr(t, name)) for t in trials], device=device) for name in self.loss_weights
+        }
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, weights: dict[str, Any] | None = None
-             ) -> torch.Tensor:
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, weights: dict[str, Any] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -63,8 +63,9 @@ class Head:
         """Per-example correctness `[..., N]` (1.0 / 0.0) by the main metric's rule."""
         raise NotImplementedError
 
-    def records(self, split: str, seed: int, examples: Sequence[Example], outputs: torch.Tensor,
-                targets: torch.Tensor) -> list[dict[str, Any]]:
+    def records(
+        self, split: str, seed: int, examples: Sequence[Example], outputs: torch.Tensor, targets: torch.Tensor
+    ) -> list[dict[str, Any]]:
         """One JSON-ready prediction record per example: id, category, target, prediction, correctness, metadata."""
         raise NotImplementedError
 
@@ -99,11 +100,20 @@ class BoxHead(Head):
     def records(self, split, seed, examples, outputs, targets):
         boxes = predicted_boxes(outputs.float())
         ious = box_ious(outputs, targets)
-        return [{"id": example.example_id, "split": split, "seed": seed, "category": example.category,
-                 "target_xyxy": target, "predicted_xyxy": box, "iou": iou, "correct": iou >= IOU_THRESHOLD,
-                 **dict(example.metadata)}
-                for example, box, target, iou in zip(examples, boxes.tolist(), targets.tolist(), ious.tolist(),
-                                                     strict=True)]
+        return [
+            {
+                "id": example.example_id,
+                "split": split,
+                "seed": seed,
+                "category": example.category,
+                "target_xyxy": target,
+                "predicted_xyxy": box,
+                "iou": iou,
+                "correct": iou >= IOU_THRESHOLD,
+                **dict(example.metadata),
+            }
+            for example, box, target, iou in zip(examples, boxes.tolist(), targets.tolist(), ious.tolist(), strict=True)
+        ]
 
 
 @dataclass(frozen=True)
@@ -136,9 +146,19 @@ class BinaryHead(Head):
         records = []
         for example, probability, label, right in zip(examples, probabilities, targets.tolist(), correct, strict=True):
             predicted = int(label) if right else 1 - int(label)
-            records.append({"id": example.example_id, "split": split, "seed": seed, "category": example.category,
-                            "label": int(label), "probability": probability, "predicted": predicted,
-                            "correct": bool(right), **dict(example.metadata)})
+            records.append(
+                {
+                    "id": example.example_id,
+                    "split": split,
+                    "seed": seed,
+                    "category": example.category,
+                    "label": int(label),
+                    "probability": probability,
+                    "predicted": predicted,
+                    "correct": bool(right),
+                    **dict(example.metadata),
+                }
+            )
         return records
 
 

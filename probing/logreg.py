@@ -28,8 +28,7 @@ MAX_ITERATIONS = 1000
 DEFAULT_C = 1.0
 
 
-def fit_logreg(train: ProbeData, val: ProbeData, trials: Sequence[Trial], settings: TrainSettings
-               ) -> list[TrialResult]:
+def fit_logreg(train: ProbeData, val: ProbeData, trials: Sequence[Trial], settings: TrainSettings) -> list[TrialResult]:
     """One L-BFGS fit per trial (C = `trial.logreg_c`, default 1); results shaped as the SGD trainers'."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -59,11 +58,27 @@ def fit_logreg(train: ProbeData, val: ProbeData, trials: Sequence[Trial], settin
             probe.layers[0].bias.copy_(torch.as_tensor(model.intercept_, dtype=torch.float32))
         train_outputs = probe_outputs(probe, train, settings)
         val_outputs = probe_outputs(probe, val, settings)
-        val_metrics = {"loss": float(head.loss(val_outputs, val.targets)),
-                       **{name: float(v) for name, v in head.metrics(val_outputs, val.targets).items()}}
-        record = {"epoch": 1, "train_loss": float(head.loss(train_outputs, train.targets)),
-                  "val_loss": val_metrics["loss"], **{k: v for k, v in val_metrics.items() if k != "loss"},
-                  "iterations": int(model.n_iter_[0]), "converged": converged}
-        results.append(TrialResult(trial=trial, best_epoch=1, epochs_run=1, stopped_early=False,
-                                   val_metrics=val_metrics, history=[record], probe=probe))
+        val_metrics = {
+            "loss": float(head.loss(val_outputs, val.targets)),
+            **{name: float(v) for name, v in head.metrics(val_outputs, val.targets).items()},
+        }
+        record = {
+            "epoch": 1,
+            "train_loss": float(head.loss(train_outputs, train.targets)),
+            "val_loss": val_metrics["loss"],
+            **{k: v for k, v in val_metrics.items() if k != "loss"},
+            "iterations": int(model.n_iter_[0]),
+            "converged": converged,
+        }
+        results.append(
+            TrialResult(
+                trial=trial,
+                best_epoch=1,
+                epochs_run=1,
+                stopped_early=False,
+                val_metrics=val_metrics,
+                history=[record],
+                probe=probe,
+            )
+        )
     return results

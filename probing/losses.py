@@ -22,8 +22,9 @@ def predicted_boxes(outputs: torch.Tensor) -> torch.Tensor:
     return box_convert(outputs.sigmoid(), in_fmt="cxcywh", out_fmt="xyxy")
 
 
-def box_loss(outputs: torch.Tensor, targets_xyxy: torch.Tensor, giou_scale: torch.Tensor | float,
-             l1_scale: torch.Tensor | float) -> torch.Tensor:
+def box_loss(
+    outputs: torch.Tensor, targets_xyxy: torch.Tensor, giou_scale: torch.Tensor | float, l1_scale: torch.Tensor | float
+) -> torch.Tensor:
     """`giou_scale * mean(1 - GIoU) + l1_scale * mean(sum |cxcywh - target cxcywh|)` per probe.
 
     outputs: `[K, B, 4]` (or `[B, 4]`) raw; targets: `[B, 4]` normalized xyxy; scales: floats or `[K]`.
@@ -32,8 +33,9 @@ def box_loss(outputs: torch.Tensor, targets_xyxy: torch.Tensor, giou_scale: torc
     predicted_cxcywh = outputs.sigmoid()
     predicted_xyxy = box_convert(predicted_cxcywh, in_fmt="cxcywh", out_fmt="xyxy")
     targets_xyxy = targets_xyxy.float().expand_as(predicted_xyxy)
-    giou = generalized_box_iou_loss(predicted_xyxy.reshape(-1, 4), targets_xyxy.reshape(-1, 4),
-                                    reduction="none").view(predicted_xyxy.shape[:-1])
+    giou = generalized_box_iou_loss(predicted_xyxy.reshape(-1, 4), targets_xyxy.reshape(-1, 4), reduction="none").view(
+        predicted_xyxy.shape[:-1]
+    )
     targets_cxcywh = box_convert(targets_xyxy, in_fmt="xyxy", out_fmt="cxcywh")
     l1 = (predicted_cxcywh - targets_cxcywh).abs().sum(-1)
     return _as_scale(giou_scale, giou) * giou.mean(-1) + _as_scale(l1_scale, l1) * l1.mean(-1)
@@ -43,7 +45,6 @@ def binary_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean BCE-with-logits per probe. outputs `[K, B, 1]` (or `[B, 1]`), labels `[B]` of 0/1."""
     logits = outputs.float().squeeze(-1)
     return F.binary_cross_entropy_with_logits(logits, labels.float().expand_as(logits), reduction="none").mean(-1)
-
 
 
 def _as_scale(scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:

@@ -24,4 +24,3 @@ def binary_correct(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """1.0 where the logit's sign matches the label (logit > 0 means 'true'), `[..., N]`."""
     predicted = (outputs.float().squeeze(-1) > 0).float()
     return (predicted == labels.float().to(predicted.device)).float()
-

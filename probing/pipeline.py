@@ -77,16 +77,22 @@ def _data_options(config: Config, summary: RunSummary, say: Callable[[str], None
     if data.demo is not None:
         folder = config.workspace / "data"
         say(f"demo dataset -> {folder}")
-        summary.count("data", make_demo_data(folder, seed=data.demo.seed, refcocog_images=data.demo.refcocog_images,
-                                             vsr_images=data.demo.vsr_images))
+        summary.count(
+            "data",
+            make_demo_data(
+                folder, seed=data.demo.seed, refcocog_images=data.demo.refcocog_images, vsr_images=data.demo.vsr_images
+            ),
+        )
         demo = demo_data_options(folder)
         paths = {**demo["refcocog"], "vsr": demo["vsr"]["vsr"], "rcm": None}
     if paths["rcm"] is None and any("rcm" in spec.reader.options for spec in tasks.values()):
         paths["rcm"] = config.workspace / "rcm"
         say(f"Region Cell Matching -> {paths['rcm']}")
         summary.count("rcm", build_rcm(paths["refs"], paths["instances"], paths["rcm"], seed=data.rcm_seed))
-    return {task: DataOptions(task=task, **{name: paths[name] for name in spec.reader.options})
-            for task, spec in tasks.items()}
+    return {
+        task: DataOptions(task=task, **{name: paths[name] for name in spec.reader.options})
+        for task, spec in tasks.items()
+    }
 
 
 def _models(config: Config, summary: RunSummary, say: Callable[[str], None]) -> dict[str, ModelSource]:
@@ -123,8 +129,10 @@ def plan(config: Config, depth: dict[str, int]) -> list[Unit]:
                 layers = experiment.layers
                 too_deep = [layer for layer in layers if layer > depth[label]]
                 if too_deep:
-                    raise ProbingError(f"config field 'experiments[{index}].layers': {label} has layers "
-                                       f"1..{depth[label]}, not {too_deep[0]}")
+                    raise ProbingError(
+                        f"config field 'experiments[{index}].layers': {label} has layers "
+                        f"1..{depth[label]}, not {too_deep[0]}"
+                    )
             for task in experiment.tasks:
                 for mode in experiment.modes:
                     for layer in layers:
@@ -161,8 +169,9 @@ def parse_store_name(name: str, depth: int) -> tuple[list[int], bool] | None:
     return ([int(part) for part in parts], vision) if all(part.isdigit() for part in parts) else None
 
 
-def covering_store(config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int
-                   ) -> tuple[list[int], bool]:
+def covering_store(
+    config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int
+) -> tuple[list[int], bool]:
     """The layout of an existing store that already holds what is needed (configs sharing a workspace extract
     once: Table 1's last layer with ViT outputs also serves Table 3's frozen probes), else the one asked for."""
     spec = get_task(task)
@@ -177,6 +186,77 @@ def covering_store(config: Config, model: str, task: str, layers: list[int], vis
     return layers, vision
 
 
+def store_requests(
+    config: Config,
+    units: list[Unit],
+    options: dict[str, DataOptions],
+    sources: dict[str, ModelSource],
+    depth: dict[str, int],
+    progress: bool = True,
+) -> dict[tuple[str, str], list[ExtractionRequest]]:
+    """(model, task) -> the extraction of each split into the store the searches need (an existing store that
+    covers them is taken instead)."""
+    requests = {}
+    for (label, task), needed in sorted(store_layouts(units, depth).items()):
+        layers, vision = covering_store(config, label, task, *needed, depth[label])
+        folder = store_folder(config, label, task, layers, vision, depth[label])
+        settings = replace(
+            config.extract, layers=tuple(layers), store_vision=vision, device=config.device, progress=progress
+        )
+        requests[(label, task)] = [
+            ExtractionRequest(
+                **vars(sources[label]), **vars(settings), data=options[task], split=split, out=folder / split
+            )
+            for split in get_task(task).splits
+        ]
+    return requests
+
+
+def search_request(
+    config: Config, unit: Unit, sources: dict[str, ModelSource], options: dict[str, DataOptions], features: Path
+) -> SearchRequest:
+    """The search of one unit: the experiment's search settings, the config's train settings for its mode."""
+    spec = unit.spec
+    out = (
+        config.workspace
+        / "runs"
+        / unit.experiment.name
+        / unit.model
+        / spec.name
+        / unit.mode
+        / f"layer{unit.layer}-{unit.probe}"
+    )
+    search, train = unit.experiment.search, config.train
+    settings = TrainSettings(
+        task=unit.task,
+        probe=unit.probe,
+        hidden=train.hidden,
+        warmup_fraction=train.warmup_fraction,
+        weight_decay=train.weight_decay,
+        order_seed=search.seed,
+        device=config.device,
+        batch_size=train.batch_size if unit.mode == "frozen" else train.unfrozen_batch_size,
+        patience=train.patience.get(unit.task, train.patience.get(spec.name)),
+    )
+    index = config.experiments.index(unit.experiment)
+    search_settings = {f.name: getattr(search, f.name) for f in fields(SearchSettings)}
+    search_settings["study_name"] = f"{config.name}/{out.relative_to(config.workspace)}" if search.storage else None
+    return SearchRequest(
+        **search_settings,
+        **vars(sources[unit.model]),
+        task=unit.task,
+        mode=unit.mode,
+        layer=unit.layer,
+        out=out,
+        settings=settings,
+        space=search_space(unit.experiment, index, unit.task).for_probe(unit.probe),
+        features=features,
+        data=options[unit.task],
+        workers=config.extract.workers or 0,
+        label=unit.model,
+    )
+
+
 def run_config(config: Config, say: Callable[[str], None] = print, progress: bool = True) -> RunSummary:
     """Run a config end to end; returns what was built and reused, the searches and the report."""
     summary = RunSummary()
@@ -186,42 +266,22 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
     depth = model_depths(sources)
     units = plan(config, depth)
     stores = {}
-    for (label, task), needed in sorted(store_layouts(units, depth).items()):
-        layers, vision = covering_store(config, label, task, *needed, depth[label])
-        folder = store_folder(config, label, task, layers, vision, depth[label])
-        say(f"features {label} {get_task(task).name} layers {layers}{' + ViT outputs' if vision else ''} -> {folder}")
-        settings = replace(config.extract, layers=tuple(layers), store_vision=vision, device=config.device,
-                           progress=progress)
-        for split in get_task(task).splits:
-            summary.count("features", extract(ExtractionRequest(
-                **vars(sources[label]), **vars(settings), data=options[task], split=split, out=folder / split)))
+    for (label, task), requests in store_requests(config, units, options, sources, depth, progress).items():
+        folder = requests[0].out.parent
+        vision = " + ViT outputs" if requests[0].store_vision else ""
+        say(f"features {label} {get_task(task).name} layers {list(requests[0].layers)}{vision} -> {folder}")
+        for request in requests:
+            summary.count("features", extract(request))
         stores[(label, task)] = folder
     for unit in units:
-        spec = unit.spec
-        out = (config.workspace / "runs" / unit.experiment.name / unit.model / spec.name / unit.mode
-               / f"layer{unit.layer}-{unit.probe}")
-        search = unit.experiment.search
-        train = config.train
-        settings = TrainSettings(
-            task=unit.task, probe=unit.probe, hidden=train.hidden, warmup_fraction=train.warmup_fraction,
-            weight_decay=train.weight_decay, order_seed=search.seed, device=config.device,
-            batch_size=train.batch_size if unit.mode == "frozen" else train.unfrozen_batch_size,
-            patience=train.patience.get(unit.task, train.patience.get(spec.name)))
-        say(f"search {unit.experiment.name}: {unit.model} {spec.name} {unit.mode} layer {unit.layer} {unit.probe}")
-        index = config.experiments.index(unit.experiment)
-        search_settings = {f.name: getattr(search, f.name) for f in fields(SearchSettings)}
-        study_name = f"{config.name}/{out.relative_to(config.workspace)}" if search.storage else None
-        result = run_search(SearchRequest(
-            **search_settings | {"study_name": study_name}, **vars(sources[unit.model]),
-            task=unit.task, mode=unit.mode, layer=unit.layer, out=out, settings=settings,
-            space=search_space(unit.experiment, index, unit.task).for_probe(unit.probe),
-            features=stores[(unit.model, unit.task)], data=options[unit.task],
-            workers=config.extract.workers or 0, label=unit.model))
-        summary.count("searches", result)
-        summary.searches.append(out)
+        request = search_request(config, unit, sources, options, stores[(unit.model, unit.task)])
+        say(f"search {unit.experiment.name}: {unit.model} {unit.spec.name} {unit.mode} layer {unit.layer} {unit.probe}")
+        summary.count("searches", run_search(request))
+        summary.searches.append(request.out)
     say(f"report -> {config.report_dir}")
-    write_report(summary.searches, config.report_dir, compare_paper=config.report.compare_paper,
-                 only=config.report.tables)
+    write_report(
+        summary.searches, config.report_dir, compare_paper=config.report.compare_paper, only=config.report.tables
+    )
     summary.report = config.report_dir
     return summary
 

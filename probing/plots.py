@@ -88,8 +88,10 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
             estimates = per_category(by_model[model][mode])
             xs = [i + (offset - (len(modes) - 1) / 2) * bar for i in range(len(categories))]
             means = [100 * estimates[c].mean if c in estimates else 0.0 for c in categories]
-            errors = [[100 * (estimates[c].mean - estimates[c].low) if c in estimates else 0 for c in categories],
-                      [100 * (estimates[c].high - estimates[c].mean) if c in estimates else 0 for c in categories]]
+            errors = [
+                [100 * (estimates[c].mean - estimates[c].low) if c in estimates else 0 for c in categories],
+                [100 * (estimates[c].high - estimates[c].mean) if c in estimates else 0 for c in categories],
+            ]
             panel.bar(xs, means, width=bar, yerr=errors, capsize=2, label=mode, color=MODE_COLOURS[mode])
         panel.set_xticks(range(len(categories)))
         panel.set_xticklabels(categories, rotation=35, ha="right")

@@ -41,30 +41,50 @@ def open_store(path: Path, spec: TaskSpec, split: str, layer: int) -> FeatureSto
     return store
 
 
-def align(store: FeatureStore, spec: TaskSpec, split: str, layer: int, data_options: DataOptions | None
-          ) -> ProbeData:
+def align(store: FeatureStore, spec: TaskSpec, split: str, layer: int, data_options: DataOptions | None) -> ProbeData:
     """Features of `layer` with their targets, in store order."""
     options = data_options or data_options_from(store)
     data = load_split(DataOptions(**{**vars(options), "task": options.task or spec.name}), split)
     if data.fingerprint != store.manifest["request"]["dataset_fingerprint"]:
-        raise ProbingError(f"{store.path}: features were made from other data than the {split} split given "
-                           "(dataset fingerprint differs)")
+        raise ProbingError(
+            f"{store.path}: features were made from other data than the {split} split given "
+            "(dataset fingerprint differs)"
+        )
     by_id = {example.example_id: example for example in data.examples}
     missing = next((i for i in store.ids if i not in by_id), None)
     if missing is not None:
         raise ProbingError(f"{store.path}: example id {missing} has no entry in the {split} data (labels missing)")
     examples = [by_id[i] for i in store.ids]
     states, rows = store.load_rows(layer)
-    return ProbeData(task=spec.name, split=split, features=states.flatten(1),
-                     targets=spec.head.targets(examples, str(store.path)), ids=list(store.ids), examples=examples,
-                     rows=rows)
+    return ProbeData(
+        task=spec.name,
+        split=split,
+        features=states.flatten(1),
+        targets=spec.head.targets(examples, str(store.path)),
+        ids=list(store.ids),
+        examples=examples,
+        rows=rows,
+    )
 
 
 # The fields of a store's request that decide the stored values. Which layers a store holds, whether it also
 # keeps ViT outputs, its shard size and batch size do not change a layer's values, so runs on the same layer
 # of two such stores are the same run (configs sharing a workspace reuse each other's runs).
-VALUE_FIELDS = ("format_version", "model", "task", "split", "dataset_fingerprint", "dtype", "vision_dtype",
-                "qformer_dtype", "preprocessing", "text", "skip_bad_images", "vision_compiled", "rows")
+VALUE_FIELDS = (
+    "format_version",
+    "model",
+    "task",
+    "split",
+    "dataset_fingerprint",
+    "dtype",
+    "vision_dtype",
+    "qformer_dtype",
+    "preprocessing",
+    "text",
+    "skip_bad_images",
+    "vision_compiled",
+    "rows",
+)
 
 
 def feature_identity(store: FeatureStore) -> dict[str, Any]:
@@ -84,7 +104,8 @@ def open_stores(features_dir: Path, spec: TaskSpec, layer: int) -> dict[str, Fea
     return stores
 
 
-def load_probe_splits(stores: dict[str, FeatureStore], spec: TaskSpec, layer: int,
-                      data_options: DataOptions | None = None) -> dict[str, ProbeData]:
+def load_probe_splits(
+    stores: dict[str, FeatureStore], spec: TaskSpec, layer: int, data_options: DataOptions | None = None
+) -> dict[str, ProbeData]:
     """ProbeData for every split: the layer's features aligned with their targets."""
     return {split: align(stores[split], spec, split, layer, data_options) for split in spec.splits}

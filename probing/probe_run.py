@@ -43,8 +43,11 @@ class ProbeInputs:
     model itself trained with the probe (unfrozen, the `ModelSource` beside these fields)."""
 
     mode: Mode = setting("frozen", help="frozen (probe on stored features) | unfrozen (resampler + probe).")
-    features: Path | None = setting(None, help="Folder with one feature store per split (frozen); for unfrozen, "
-                                               "optional stores made with --store-vision.")
+    features: Path | None = setting(
+        None,
+        help="Folder with one feature store per split (frozen); for unfrozen, "
+        "optional stores made with --store-vision.",
+    )
     workers: int = setting(0, low=0, help="Unfrozen: image decoding processes.")
     label: str | None = setting(None, help="How reports name the model (default: its family and init).")
 
@@ -72,8 +75,9 @@ class TrainRequest(ModelSource, ProbeInputs):
         if self.mode == "unfrozen" and (self.model is None or self.data is None):
             raise ProbingError("--mode unfrozen needs --model and the task's data options")
         if self.mode == "unfrozen" and self.settings.probe == "logreg":
-            raise ProbingError("--probe logreg: frozen only (an L-BFGS fit has no gradient steps to share with the "
-                               "resampler)")
+            raise ProbingError(
+                "--probe logreg: frozen only (an L-BFGS fit has no gradient steps to share with the resampler)"
+            )
         spec = get_task(self.task)
         if self.data is not None and get_task(self.data.task).name != spec.name:
             raise ProbingError(f"--task {self.task}: the data options are for '{self.data.task}'")
@@ -90,17 +94,32 @@ def make_trainer(request: TrainRequest) -> Trainer:
     """The trainer of a request's mode, prepared (stores checked, or model and data loaded)."""
     if request.mode == "frozen":
         return FrozenTrainer(request.task, request.features, request.layer, request.settings, request.data)
-    return UnfrozenTrainer(request.task, request.source, request.data, request.layer, request.settings,
-                           features=request.features, workers=request.workers)
+    return UnfrozenTrainer(
+        request.task,
+        request.source,
+        request.data,
+        request.layer,
+        request.settings,
+        features=request.features,
+        workers=request.workers,
+    )
 
 
 def run_identity(request: TrainRequest, inputs: dict[str, Any]) -> dict[str, Any]:
     """The manifest fields that define a run."""
     settings = request.settings.identity()
     top = {name: settings.pop(name) for name in ("probe", "hidden")}
-    return {"kind": "probe-run", "format_version": RUN_FORMAT_VERSION, "mode": request.mode,
-            "task": get_task(request.task).name, "layer": request.layer, **top, "settings": settings,
-            "trials": [trial.identity() for trial in request.trials], "inputs": inputs}
+    return {
+        "kind": "probe-run",
+        "format_version": RUN_FORMAT_VERSION,
+        "mode": request.mode,
+        "task": get_task(request.task).name,
+        "layer": request.layer,
+        **top,
+        "settings": settings,
+        "trials": [trial.identity() for trial in request.trials],
+        "inputs": inputs,
+    }
 
 
 def category_counts(examples: list[Example]) -> dict[str, int]:
@@ -120,8 +139,13 @@ def run_training(request: TrainRequest) -> StageResult[MetricsRecord]:
     return write_run(request, trainer, trainer.fit(list(request.trials)), identity)
 
 
-def write_run(request: TrainRequest, trainer: Trainer, fitted: list[FittedTrial],
-              identity: dict[str, Any] | None = None, out: Path | None = None) -> StageResult[MetricsRecord]:
+def write_run(
+    request: TrainRequest,
+    trainer: Trainer,
+    fitted: list[FittedTrial],
+    identity: dict[str, Any] | None = None,
+    out: Path | None = None,
+) -> StageResult[MetricsRecord]:
     """Evaluate fitted trials on every evaluated split and write the run folder (`out`, default the request's).
 
     Under `accelerate launch` every process trained (DDP); the first alone evaluates and writes.
@@ -141,15 +165,30 @@ def write_run(request: TrainRequest, trainer: Trainer, fitted: list[FittedTrial]
             outputs, targets = trainer.outputs(fit, split), trainer.targets(split)
             predictions[split] += head.records(split, fit.trial.seed, trainer.examples(split), outputs, targets)
             if split != "val":
-                splits[split] = {"loss": float(head.loss(outputs, targets, weights)),
-                                 **{name: float(v) for name, v in head.metrics(outputs, targets).items()}}
-        runs.append(SeedRun(seed=fit.trial.seed, trial=fit.trial.identity(), best_epoch=fit.result.best_epoch,
-                            epochs_run=fit.result.epochs_run, stopped_early=fit.result.stopped_early, splits=splits,
-                            history=fit.result.history))
+                splits[split] = {
+                    "loss": float(head.loss(outputs, targets, weights)),
+                    **{name: float(v) for name, v in head.metrics(outputs, targets).items()},
+                }
+        runs.append(
+            SeedRun(
+                seed=fit.trial.seed,
+                trial=fit.trial.identity(),
+                best_epoch=fit.result.best_epoch,
+                epochs_run=fit.result.epochs_run,
+                stopped_early=fit.result.stopped_early,
+                splits=splits,
+                history=fit.result.history,
+            )
+        )
     # Per-category training counts travel with the run: the analysis (Kendall against the number of training
     # examples of each category) then needs nothing but run folders.
-    record = MetricsRecord(task=spec.name, metric=head.main_metric, runs=runs,
-                           train_categories=category_counts(trainer.examples("train")), label=request.label)
+    record = MetricsRecord(
+        task=spec.name,
+        metric=head.main_metric,
+        runs=runs,
+        train_categories=category_counts(trainer.examples("train")),
+        label=request.label,
+    )
     extra = trainer.sources()
     if is_task_file(request.task):  # a task defined by a file: the report finds its definition here
         extra["task_file"] = str(Path(spec.source).resolve())
@@ -162,10 +201,16 @@ def write_run(request: TrainRequest, trainer: Trainer, fitted: list[FittedTrial]
         (staging / "probes").mkdir()
         for fit in fitted:
             probe = fit.result.probe
-            save_file({k: v.contiguous() for k, v in probe.state_dict().items()},
-                      str(staging / "probes" / f"seed-{fit.trial.seed}.safetensors"),
-                      metadata={"architecture": probe.architecture, "inputs": str(probe.inputs),
-                                "outputs": str(probe.outputs), "hidden": str(probe.hidden)})
+            save_file(
+                {k: v.contiguous() for k, v in probe.state_dict().items()},
+                str(staging / "probes" / f"seed-{fit.trial.seed}.safetensors"),
+                metadata={
+                    "architecture": probe.architecture,
+                    "inputs": str(probe.inputs),
+                    "outputs": str(probe.outputs),
+                    "hidden": str(probe.hidden),
+                },
+            )
         write_json(staging / "metrics.json", record.to_json())
         write_json(staging / "manifest.json", {**identity, "code_version": code_version(), **extra})
     return StageResult(record, out, "built")

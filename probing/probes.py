@@ -116,8 +116,9 @@ class ProbeBank(nn.Module):
         hidden = hidden.view(inputs.shape[0], self.size, -1).transpose(0, 1) + self.bias_0[:, None, :]
         for index, (_, _, is_swiglu) in enumerate(self.shapes):
             if index > 0:
-                hidden = torch.baddbmm(getattr(self, f"bias_{index}")[:, None, :], hidden,
-                                       getattr(self, f"weight_{index}"))
+                hidden = torch.baddbmm(
+                    getattr(self, f"bias_{index}")[:, None, :], hidden, getattr(self, f"weight_{index}")
+                )
             if is_swiglu:
                 hidden = swiglu(hidden)
         return hidden  # [K, B, out]

@@ -57,8 +57,9 @@ def _field(data: Any, name: str, kind: type | tuple[type, ...], where: str) -> A
     if not isinstance(data, dict) or name not in data:
         raise ProbingError(f"{where}: field '{name}' is missing")
     value = data[name]
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
-                                                                               else (kind,))):
+    if not isinstance(value, kind) or (
+        isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    ):
         raise ProbingError(f"{where}: field '{name}' has the wrong type")
     return value
 
@@ -83,19 +84,32 @@ class SeedRun:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"seed": self.seed, "trial": self.trial, "best_epoch": self.best_epoch,
-                "epochs_run": self.epochs_run, "stopped_early": self.stopped_early, **self.splits,
-                "history": self.history}
+        return {
+            "seed": self.seed,
+            "trial": self.trial,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "stopped_early": self.stopped_early,
+            **self.splits,
+            "history": self.history,
+        }
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> SeedRun:
-        splits = {key: value for key, value in data.items() if key not in _SEED_FIELDS} if isinstance(data, dict) else {}
+        splits = (
+            {key: value for key, value in data.items() if key not in _SEED_FIELDS} if isinstance(data, dict) else {}
+        )
         if "val" not in splits or not all(isinstance(v, dict) for v in splits.values()):
             raise ProbingError(f"{where}: no metrics per split")
-        return cls(seed=_field(data, "seed", int, where), trial=_field(data, "trial", dict, where),
-                   best_epoch=_field(data, "best_epoch", int, where), epochs_run=_field(data, "epochs_run", int, where),
-                   stopped_early=_field(data, "stopped_early", bool, where), splits=splits,
-                   history=_field(data, "history", list, where))
+        return cls(
+            seed=_field(data, "seed", int, where),
+            trial=_field(data, "trial", dict, where),
+            best_epoch=_field(data, "best_epoch", int, where),
+            epochs_run=_field(data, "epochs_run", int, where),
+            stopped_early=_field(data, "stopped_early", bool, where),
+            splits=splits,
+            history=_field(data, "history", list, where),
+        )
 
 
 def summarise(runs: list[SeedRun]) -> dict[str, Any]:
@@ -103,9 +117,14 @@ def summarise(runs: list[SeedRun]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for split in runs[0].splits:
         names = runs[0].splits[split].keys()
-        summary[split] = {name: {"mean": statistics.fmean(r.splits[split][name] for r in runs),
-                                 "std": _std([r.splits[split][name] for r in runs]), "seeds": len(runs)}
-                          for name in names}
+        summary[split] = {
+            name: {
+                "mean": statistics.fmean(r.splits[split][name] for r in runs),
+                "std": _std([r.splits[split][name] for r in runs]),
+                "seeds": len(runs),
+            }
+            for name in names
+        }
     return summary
 
 
@@ -132,17 +151,27 @@ class MetricsRecord:
         return next((run for run in self.runs if run.seed == seed), self.runs[0])
 
     def to_json(self) -> dict[str, Any]:
-        return {"task": self.task, "metric": self.metric, "runs": [run.to_json() for run in self.runs],
-                "summary": self.summary, "train_categories": self.train_categories, "label": self.label}
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "runs": [run.to_json() for run in self.runs],
+            "summary": self.summary,
+            "train_categories": self.train_categories,
+            "label": self.label,
+        }
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> MetricsRecord:
         runs = _field(data, "runs", list, where)
         if not runs:
             raise ProbingError(f"{where}: field 'runs' is empty")
-        return cls(task=_field(data, "task", str, where), metric=_field(data, "metric", str, where),
-                   runs=[SeedRun.from_json(run, f"{where}: runs[{i}]") for i, run in enumerate(runs)],
-                   train_categories=data.get("train_categories") or {}, label=data.get("label"))
+        return cls(
+            task=_field(data, "task", str, where),
+            metric=_field(data, "metric", str, where),
+            runs=[SeedRun.from_json(run, f"{where}: runs[{i}]") for i, run in enumerate(runs)],
+            train_categories=data.get("train_categories") or {},
+            label=data.get("label"),
+        )
 
     @classmethod
     def read(cls, folder: Path) -> MetricsRecord:
@@ -167,22 +196,38 @@ class SearchSummary:
     study_name: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"task": self.task, "mode": self.mode, "layer": self.layer, "probe": self.probe, "metric": self.metric,
-                "trials_complete": self.trials_complete, "trials_total": self.trials_total, "best": self.best,
-                "trials": self.trials, "plots": self.plots, "study_name": self.study_name}
+        return {
+            "task": self.task,
+            "mode": self.mode,
+            "layer": self.layer,
+            "probe": self.probe,
+            "metric": self.metric,
+            "trials_complete": self.trials_complete,
+            "trials_total": self.trials_total,
+            "best": self.best,
+            "trials": self.trials,
+            "plots": self.plots,
+            "study_name": self.study_name,
+        }
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> SearchSummary:
         best = _field(data, "best", dict, where)
         for name in ("params", "val_search", "val"):
             _field(best, name, (dict, int, float), f"{where}: best")
-        return cls(task=_field(data, "task", str, where), mode=_field(data, "mode", str, where),
-                   layer=_field(data, "layer", int, where), probe=_field(data, "probe", str, where),
-                   metric=_field(data, "metric", str, where),
-                   trials_complete=_field(data, "trials_complete", int, where),
-                   trials_total=_field(data, "trials_total", int, where), best=best,
-                   trials=_field(data, "trials", list, where), plots=_field(data, "plots", list, where),
-                   study_name=data.get("study_name"))
+        return cls(
+            task=_field(data, "task", str, where),
+            mode=_field(data, "mode", str, where),
+            layer=_field(data, "layer", int, where),
+            probe=_field(data, "probe", str, where),
+            metric=_field(data, "metric", str, where),
+            trials_complete=_field(data, "trials_complete", int, where),
+            trials_total=_field(data, "trials_total", int, where),
+            best=best,
+            trials=_field(data, "trials", list, where),
+            plots=_field(data, "plots", list, where),
+            study_name=data.get("study_name"),
+        )
 
     @classmethod
     def read(cls, folder: Path) -> SearchSummary:

@@ -27,6 +27,7 @@ from typing import Any
 
 from probing.analysis import (
     KENDALL_PROPERTIES,
+    MIN_KENDALL_CATEGORIES,
     Estimate,
     RunResults,
     deduplicate,
@@ -36,6 +37,7 @@ from probing.analysis import (
     load_run_splits,
     overall,
     per_category,
+    roc_auc,
 )
 from probing.artifacts import write_json
 from probing.errors import ProbingError
@@ -44,10 +46,17 @@ from probing.tasks import TaskSpec, registered_tasks
 
 MODES = ("frozen", "unfrozen")
 PROBES = ("linear", "swiglu2", "swiglu4", "logreg")
-PROBE_NAMES = {"linear": "linear", "swiglu2": "SwiGLU 2 layers", "swiglu4": "SwiGLU 4 layers",
-               "logreg": "logistic regression (L-BFGS)"}
-PROPERTY_NAMES = {"train_examples": "train examples", "mean_area": "mean box area",
-                  "mean_centre_distance": "mean centre distance"}
+PROBE_NAMES = {
+    "linear": "linear",
+    "swiglu2": "SwiGLU 2 layers",
+    "swiglu4": "SwiGLU 4 layers",
+    "logreg": "logistic regression (L-BFGS)",
+}
+PROPERTY_NAMES = {
+    "train_examples": "train examples",
+    "mean_area": "mean box area",
+    "mean_centre_distance": "mean centre distance",
+}
 # The paper's Table 1 (test, %), for --compare-paper: (model, mode) -> task -> value.
 PAPER_TABLE1 = {
     ("BLIP-2", "frozen"): {"refcocog": 30.26, "vsr": 64.97, "rcm": 69.49},
@@ -78,8 +87,12 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.headers) + " |",
-                 "|" + "|".join(" --- " for _ in self.headers) + "|"]
+        lines = [
+            f"### {self.title}",
+            "",
+            "| " + " | ".join(self.headers) + " |",
+            "|" + "|".join(" --- " for _ in self.headers) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         if self.notes:
             lines += [""] + [f"_{note}_" for note in self.notes]
@@ -153,8 +166,9 @@ def _columns(runs: Iterable[RunResults]) -> list[tuple[str, str]]:
     """(task, split) pairs in registry order, then each task's split order."""
     order = {spec.name: index for index, spec in enumerate(registered_tasks())}
     present = {(run.task, run.split): run for run in runs}
-    return sorted(present, key=lambda key: (order.get(key[0], len(order)), key[0],
-                                            present[key].spec.eval_splits.index(key[1])))
+    return sorted(
+        present, key=lambda key: (order.get(key[0], len(order)), key[0], present[key].spec.eval_splits.index(key[1]))
+    )
 
 
 def _column_title(run: RunResults) -> str:
@@ -169,8 +183,11 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     columns = {run.column: run for run in chosen.values()}
     titles = {(run.task, run.split): run.column for run in chosen.values()}
     order = [titles[key] for key in _columns(chosen.values())]
-    table = Table("table1", "Table 1: test accuracy, linear probe on the last layer (%)",
-                  ["model", "mode", *[_column_title(columns[c]) for c in order]])
+    table = Table(
+        "table1",
+        "Table 1: test accuracy, linear probe on the last layer (%)",
+        ["model", "mode", *[_column_title(columns[c]) for c in order]],
+    )
     models = sorted({key[0] for key in chosen})
     for model in models:
         for mode in MODES:
@@ -178,16 +195,22 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                 continue
             estimates = {c: overall(chosen[(model, mode, c)]) if (model, mode, c) in chosen else None for c in order}
             table.rows.append([model, mode, *[cell(estimates[c]) for c in order]])
-            table.records += [_record(e, chosen[(model, mode, c)], model=model, mode=mode,
-                                      layer=chosen[(model, mode, c)].layer)
-                              for c, e in estimates.items() if e is not None]
+            table.records += [
+                _record(e, chosen[(model, mode, c)], model=model, mode=mode, layer=chosen[(model, mode, c)].layer)
+                for c, e in estimates.items()
+                if e is not None
+            ]
             paper = PAPER_TABLE1.get((model, mode))
             if options.compare_paper and paper:
                 tasks = {c: columns[c].task for c in order}
-                table.rows.append([f"{model} (paper)", mode,
-                                   *[f"{paper[tasks[c]]:.2f}" if tasks[c] in paper else "–" for c in order]])
-                table.records += [{"model": f"{model} (paper)", "mode": mode, "task": tasks[c],
-                                   "mean": paper[tasks[c]] / 100} for c in order if tasks[c] in paper]
+                table.rows.append(
+                    [f"{model} (paper)", mode, *[f"{paper[tasks[c]]:.2f}" if tasks[c] in paper else "–" for c in order]]
+                )
+                table.records += [
+                    {"model": f"{model} (paper)", "mode": mode, "task": tasks[c], "mean": paper[tasks[c]] / 100}
+                    for c in order
+                    if tasks[c] in paper
+                ]
     layers = sorted({run.layer for run in chosen.values()})
     table.notes.append(f"mean [95% bootstrap CI over test examples] ±std over seeds; layers used: {layers}")
     if options.compare_paper:
@@ -203,8 +226,11 @@ def _category_table_name(run: RunResults) -> str:
 def _category_names(specs: Iterable[TaskSpec]) -> list[str]:
     names = []
     for spec in specs:
-        names += [spec.per_category_table] if len(spec.eval_splits) == 1 else [
-            f"{spec.per_category_table}_{split}" for split in spec.eval_splits]
+        names += (
+            [spec.per_category_table]
+            if len(spec.eval_splits) == 1
+            else [f"{spec.per_category_table}_{split}" for split in spec.eval_splits]
+        )
     return names
 
 
@@ -220,8 +246,11 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
         present = sorted({c for run in chosen.values() for c in run.categories})
         columns = [c for c in spec.category_order if c in present] if spec.category_order else present
         name = _category_table_name(first)
-        title = (f"Table 2: {first.column} accuracy per {spec.category} (%)" if name == "table2"
-                 else f"{first.column} {spec.head.metric_title} per {spec.category} (%)")
+        title = (
+            f"Table 2: {first.column} accuracy per {spec.category} (%)"
+            if name == "table2"
+            else f"{first.column} {spec.head.metric_title} per {spec.category} (%)"
+        )
         table = Table(name, title, ["model", "mode", *columns])
         for (model, mode, _), run in sorted(chosen.items()):
             estimates = per_category(run)
@@ -241,8 +270,9 @@ def table3(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     found_runs = [run for chosen in by_probe.values() for run in chosen.values()]
     order = _columns(found_runs)
     titles = {(run.task, run.split): run.column for run in found_runs}
-    table = Table("table3", "Table 3: probe size, frozen, last layer (%)",
-                  ["model", "probe", *[titles[c] for c in order]])
+    table = Table(
+        "table3", "Table 3: probe size, frozen, last layer (%)", ["model", "probe", *[titles[c] for c in order]]
+    )
     models = sorted({key[0] for runs_ in by_probe.values() for key in runs_})
     for model in models:
         for probe in PROBES:
@@ -261,36 +291,80 @@ def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     searched = [run for run in runs if run.search is not None]
     if not searched:
         return None
-    table = Table("table4", "Table 4: best trial of each search (hyper-parameters, val and test)",
-                  ["model", "mode", "task", "layer", "probe", "lr", "epochs", "GIoU scale", "L1 scale", "trials",
-                   "val (%)", "test (%)"])
+    table = Table(
+        "table4",
+        "Table 4: best trial of each search (hyper-parameters, val and test)",
+        [
+            "model",
+            "mode",
+            "task",
+            "layer",
+            "probe",
+            "lr",
+            "epochs",
+            "GIoU scale",
+            "L1 scale",
+            "trials",
+            "val (%)",
+            "test (%)",
+        ],
+    )
     order = {column: index for index, column in enumerate(_columns(searched))}
-    for run in sorted(searched, key=lambda r: (r.label, MODES.index(r.mode), order[(r.task, r.split)], r.layer,
-                                               r.probe)):
+    for run in sorted(
+        searched, key=lambda r: (r.label, MODES.index(r.mode), order[(r.task, r.split)], r.layer, r.probe)
+    ):
         best = run.search["best"]
         params = best["params"]
         metric = run.search["metric"]
         scales = [f"{params[name]:g}" if name in params else "–" for name in ("giou_scale", "l1_scale")]
         lr = f"{params['lr']:.2e}" if "lr" in params else f"C={params['logreg_c']:.2e}"
-        table.rows.append([run.label, run.mode, run.column, str(run.layer), run.probe, lr,
-                           str(params.get("epochs", "–")), *scales, str(run.search["trials_complete"]),
-                           f"{100 * best['val_search']:.1f}", cell(overall(run))])
-        table.records.append({"model": run.label, "mode": run.mode, "task": run.task, "split": run.split,
-                              "layer": run.layer, "probe": run.probe, **{f"param_{k}": v for k, v in params.items()},
-                              "trials": run.search["trials_complete"], "val": best["val_search"],
-                              **{f"test_{k}": v for k, v in overall(run).as_dict().items()}})
-    table.notes.append(f"val: the best trial's val {metric} in the search; test: the best trial retrained with "
-                       "its final seeds, mean [95% CI] ±std")
+        table.rows.append(
+            [
+                run.label,
+                run.mode,
+                run.column,
+                str(run.layer),
+                run.probe,
+                lr,
+                str(params.get("epochs", "–")),
+                *scales,
+                str(run.search["trials_complete"]),
+                f"{100 * best['val_search']:.1f}",
+                cell(overall(run)),
+            ]
+        )
+        table.records.append(
+            {
+                "model": run.label,
+                "mode": run.mode,
+                "task": run.task,
+                "split": run.split,
+                "layer": run.layer,
+                "probe": run.probe,
+                **{f"param_{k}": v for k, v in params.items()},
+                "trials": run.search["trials_complete"],
+                "val": best["val_search"],
+                **{f"test_{k}": v for k, v in overall(run).as_dict().items()},
+            }
+        )
+    table.notes.append(
+        f"val: the best trial's val {metric} in the search; test: the best trial retrained with "
+        "its final seeds, mean [95% CI] ±std"
+    )
     return table
 
 
 @register_table("table5")
 def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
-    chosen = {key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall}
+    kendall_runs = {key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall}
+    chosen = {key: run for key, run in kendall_runs.items() if len(set(run.categories)) >= MIN_KENDALL_CATEGORIES}
     if not chosen:
         return None
-    table = Table("table5", "Table 5: Kendall tau between per-supercategory accuracy and data properties",
-                  ["model", "mode", "task", *[f"{PROPERTY_NAMES[p]}: tau (p)" for p in KENDALL_PROPERTIES]])
+    table = Table(
+        "table5",
+        "Table 5: Kendall tau between per-supercategory accuracy and data properties",
+        ["model", "mode", "task", *[f"{PROPERTY_NAMES[p]}: tau (p)" for p in KENDALL_PROPERTIES]],
+    )
     for (model, mode, column), run in sorted(chosen.items()):
         correlations = kendall(run)
         cells = []
@@ -298,13 +372,67 @@ def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
             c = correlations[name]
             mark = "" if c.significant else NOT_SIGNIFICANT
             cells.append(f"{c.tau:+.2f} ({c.p_value:.3f}){mark}" if c.tau == c.tau else "undefined")
-            table.records.append({"model": model, "mode": mode, "task": run.task, "split": run.split,
-                                  "property": name, "tau": c.tau if c.tau == c.tau else None,
-                                  "p_value": c.p_value if c.p_value == c.p_value else None,
-                                  "significant": c.significant, "categories": c.categories})
+            table.records.append(
+                {
+                    "model": model,
+                    "mode": mode,
+                    "task": run.task,
+                    "split": run.split,
+                    "property": name,
+                    "tau": c.tau if c.tau == c.tau else None,
+                    "p_value": c.p_value if c.p_value == c.p_value else None,
+                    "significant": c.significant,
+                    "categories": c.categories,
+                }
+            )
         table.rows.append([model, mode, column, *cells])
     table.notes.append(f"{NOT_SIGNIFICANT} p > 0.05 (not significant); 'undefined': a constant column (no ranking)")
+    if len(chosen) < len(kendall_runs):
+        table.notes.append(
+            f"runs with fewer than {MIN_KENDALL_CATEGORIES} categories have no ranking to correlate and are left out"
+        )
     return table
+
+
+@register_table("roc_auc")
+def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """ROC-AUC of the binary tasks beside Table 1's accuracies (same runs): how well the probe ranks true above
+    false captions, whatever its threshold."""
+    chosen = {key: run for key, run in last_layer_runs(runs).items() if run.spec.head.kind == "binary"}
+    if not chosen:
+        return None
+    titles = {(run.task, run.split): run.column for run in chosen.values()}
+    order = [titles[key] for key in _columns(chosen.values())]
+    table = Table("roc_auc", "ROC-AUC of the binary tasks, linear probe on the last layer", ["model", "mode", *order])
+    for model in sorted({key[0] for key in chosen}):
+        for mode in MODES:
+            found = {c: chosen.get((model, mode, c)) for c in order}
+            if not any(found.values()):
+                continue
+            values = {c: roc_auc(run) if run else None for c, run in found.items()}
+            table.rows.append([model, mode, *[_auc_cell(values[c]) for c in order]])
+            table.records += [
+                {
+                    "model": model,
+                    "mode": mode,
+                    "task": found[c].task,
+                    "split": found[c].split,
+                    "layer": found[c].layer,
+                    "roc_auc": v["mean"],
+                    "seed_std": v["seed_std"],
+                    "seeds": v["seeds"],
+                }
+                for c, v in values.items()
+                if v
+            ]
+    table.notes.append("scikit-learn's ROC-AUC of the predicted probabilities, mean ±std over seeds")
+    return table
+
+
+def _auc_cell(value: dict[str, Any] | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value['mean']:.3f}" + (f" ±{value['seed_std']:.3f}" if value["seed_std"] is not None else "")
 
 
 @register_table("per_layer")
@@ -317,8 +445,9 @@ def per_layer_table(runs: Sequence[RunResults], options: ReportOptions) -> Table
         return None
     order = _columns(frozen)
     titles = {(run.task, run.split): run.column for run in frozen}
-    table = Table("per_layer", "Per layer: frozen linear probes, test (%)",
-                  ["model", "layer", *[titles[c] for c in order]])
+    table = Table(
+        "per_layer", "Per layer: frozen linear probes, test (%)", ["model", "layer", *[titles[c] for c in order]]
+    )
     index = {(r.label, r.layer, r.task, r.split): r for r in frozen}
     for model in sorted({r.label for r in frozen}):
         for layer in sorted({r.layer for r in frozen if r.label == model}):
@@ -344,10 +473,18 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
         elif (path / "metrics.json").is_file() and (path / "manifest.json").is_file():
             found.append(path)
         elif path.is_dir():
-            searches = {p.parent for p in path.rglob("summary.json")
-                        if (p.parent / "best").is_dir() and finished(p.parent, path)}
-            runs = {p.parent for p in path.rglob("metrics.json") if (p.parent / "manifest.json").is_file()
-                    and p.parent.parent not in searches and finished(p.parent, path)}
+            searches = {
+                p.parent
+                for p in path.rglob("summary.json")
+                if (p.parent / "best").is_dir() and finished(p.parent, path)
+            }
+            runs = {
+                p.parent
+                for p in path.rglob("metrics.json")
+                if (p.parent / "manifest.json").is_file()
+                and p.parent.parent not in searches
+                and finished(p.parent, path)
+            }
             found += sorted(searches | runs)
         else:
             raise ProbingError(f"{path}: not a run or search folder")
@@ -373,16 +510,21 @@ def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
     return figures
 
 
-def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False,
-                 only: Sequence[str] | None = None) -> dict[str, Any]:
+def write_report(
+    paths: Sequence[Path], out: Path, compare_paper: bool = False, only: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Load the runs, write tables (all, or those named in `only`), figures and `README.md` into `out`."""
     runs, dropped = load_runs(paths)
     out = Path(out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     options = ReportOptions(compare_paper=compare_paper)
-    tables = [table for builder in TABLES.values() for table in builder.build(runs, options)
-              if only is None or table.name in only]
+    tables = [
+        table
+        for builder in TABLES.values()
+        for table in builder.build(runs, options)
+        if only is None or table.name in only
+    ]
     tables.sort(key=lambda t: _TABLE_ORDER.get(t.name.split("_")[0], len(_TABLE_ORDER)))
     written = {"tables": [], "figures": []}
     for table in tables:
@@ -393,26 +535,36 @@ def write_report(paths: Sequence[Path], out: Path, compare_paper: bool = False,
     readme = ["# Report", "", f"{len(shown)} run(s): " + ", ".join(f"`{path}`" for path in shown), ""]
     if dropped:
         repeated = sorted({str(r.path) for r in dropped})
-        readme += [f"{len(repeated)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
-                   "left out: " + ", ".join(f"`{path}`" for path in repeated), ""]
+        readme += [
+            f"{len(repeated)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
+            "left out: " + ", ".join(f"`{path}`" for path in repeated),
+            "",
+        ]
     readme += [table.markdown() for table in tables]
     if figures:
         readme += ["## Figures", ""]
         readme += [f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png"]
         readme += ["", "SVG versions sit beside the PNGs in `figures/`.", ""]
-    readme += ["## Method", "",
-               "Accuracies are means over seeds of per-example correctness on the test split (Acc@IoU>=0.5 for "
-               "RefCOCOg), with 95% percentile bootstrap intervals over test examples (1,000 resamples, seeded) and "
-               "the standard deviation across seeds where several seeds were run. Kendall tau is scipy's, across "
-               "COCO supercategories.", ""]
+    readme += [
+        "## Method",
+        "",
+        "Accuracies are means over seeds of per-example correctness on the test split (Acc@IoU>=0.5 for "
+        "RefCOCOg), with 95% percentile bootstrap intervals over test examples (1,000 resamples, seeded) and "
+        "the standard deviation across seeds where several seeds were run. Kendall tau is scipy's, across "
+        "COCO supercategories.",
+        "",
+    ]
     (out / "README.md").write_text("\n".join(readme), encoding="utf-8")
     write_json(out / "report.json", {"runs": shown, **written, "compare_paper": compare_paper})
-    return written | {"runs": len(shown), "dropped": len({str(r.path) for r in dropped}),
-                      "readme": str(out / "README.md")}
+    return written | {
+        "runs": len(shown),
+        "dropped": len({str(r.path) for r in dropped}),
+        "readme": str(out / "README.md"),
+    }
 
 
 # The order tables appear in (the report's sections): the paper's, then per layer, then the per-category ones.
-_TABLE_ORDER = {"table1": 0, "table2": 1, "table3": 2, "table4": 3, "table5": 4, "per": 5, "categories": 6}
+_TABLE_ORDER = {"table1": 0, "roc": 1, "table2": 2, "table3": 3, "table4": 4, "table5": 5, "per": 6, "categories": 7}
 
 
 def analysis_json(path: Path) -> str:

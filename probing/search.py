@@ -60,8 +60,13 @@ def trial_from(params: dict[str, Any], seed: int) -> Trial:
     """The Trial a study's parameters stand for (a logistic-regression trial has only C)."""
     if "logreg_c" in params:
         return Trial(seed=seed, logreg_c=float(params["logreg_c"]))
-    return Trial(lr=float(params["lr"]), epochs=int(params["epochs"]), seed=seed,
-                 giou_scale=float(params.get("giou_scale", 1.0)), l1_scale=float(params.get("l1_scale", 1.0)))
+    return Trial(
+        lr=float(params["lr"]),
+        epochs=int(params["epochs"]),
+        seed=seed,
+        giou_scale=float(params.get("giou_scale", 1.0)),
+        l1_scale=float(params.get("l1_scale", 1.0)),
+    )
 
 
 def _final_seeds(text: str, option: str) -> tuple[int, ...]:
@@ -75,16 +80,23 @@ class SearchSettings:
     trials: int = setting(10, identity=True, low=1, help="Trials to finish (shared by every worker of a study).")
     batch: int = setting(8, identity=True, low=1, help="Frozen: trials trained together in one pass.")
     seed: int = setting(0, identity=True, low=0, help="Seed of the sampler and of every trial's probe.")
-    final_seeds: tuple[int, ...] | None = setting(None, identity=True, low=0, parse=_final_seeds,
-                                                  help="Seeds the best trial is evaluated with (default: --seed).")
-    storage: str | None = setting(None, help="sqlite:///file.db | postgresql://... | journal:PATH "
-                                             "(default: in memory).")
-    study_name: str | None = setting(None, identity=True, config=False,
-                                     help="Study to create or resume in --storage.")
-    heartbeat: float = setting(30.0, above=0, help="Seconds between a running trial's heartbeats; a trial silent "
-                                                   "for 4x as long is retried.")
-    poll: float = setting(1.0, above=0, cli=False, config=False,
-                          help="Seconds between looks at the study while other workers hold the remaining trials.")
+    final_seeds: tuple[int, ...] | None = setting(
+        None, identity=True, low=0, parse=_final_seeds, help="Seeds the best trial is evaluated with (default: --seed)."
+    )
+    storage: str | None = setting(
+        None, help="sqlite:///file.db | postgresql://... | journal:PATH (default: in memory)."
+    )
+    study_name: str | None = setting(None, identity=True, config=False, help="Study to create or resume in --storage.")
+    heartbeat: float = setting(
+        30.0, above=0, help="Seconds between a running trial's heartbeats; a trial silent for 4x as long is retried."
+    )
+    poll: float = setting(
+        1.0,
+        above=0,
+        cli=False,
+        config=False,
+        help="Seconds between looks at the study while other workers hold the remaining trials.",
+    )
 
     @property
     def seeds_of_best(self) -> tuple[int, ...]:
@@ -115,8 +127,9 @@ class SearchRequest(ModelSource, SearchSettings, ProbeInputs):
 
     def train_request(self, trials: tuple[Trial, ...], out: Path) -> TrainRequest:
         shared = {f.name: getattr(self, f.name) for f in (*fields(ModelSource), *fields(ProbeInputs))}
-        return TrainRequest(task=self.task, layer=self.layer, out=out, trials=trials, settings=self.settings,
-                            data=self.data, **shared)
+        return TrainRequest(
+            task=self.task, layer=self.layer, out=out, trials=trials, settings=self.settings, data=self.data, **shared
+        )
 
 
 def open_storage(url: str | None):
@@ -164,8 +177,13 @@ def create_study(request: SearchRequest):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=sampler_seed(request), multivariate=True, constant_liar=True)
     direction = get_task(request.task).head.direction
-    return optuna.create_study(storage=open_storage(request.storage), sampler=sampler, direction=direction,
-                               study_name=request.study_name, load_if_exists=True)
+    return optuna.create_study(
+        storage=open_storage(request.storage),
+        sampler=sampler,
+        direction=direction,
+        study_name=request.study_name,
+        load_if_exists=True,
+    )
 
 
 class Heartbeat:
@@ -278,8 +296,14 @@ def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]
 
     distributions = request.space.distributions()
     # disable=None: a bar on a terminal only (logs and one-line errors stay clean)
-    bar = tqdm(total=request.trials, initial=min(len(completed(study)), request.trials), unit="trial",
-               desc=f"search {request.task} {request.mode} layer {request.layer}", disable=None, leave=False)
+    bar = tqdm(
+        total=request.trials,
+        initial=min(len(completed(study)), request.trials),
+        unit="trial",
+        desc=f"search {request.task} {request.mode} layer {request.layer}",
+        disable=None,
+        leave=False,
+    )
     while len(completed(study)) < request.trials:
         bar.n = min(len(completed(study)), request.trials)
         bar.refresh()
@@ -304,8 +328,9 @@ def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]
         for trial, value in zip(asked, values, strict=True):
             told = study.tell(trial, value, skip_if_finished=True)
             if told.state != TrialState.COMPLETE:  # another worker took it for dead meanwhile and retried it
-                log.warning("trial %d was failed by another worker while running; its retry counts instead",
-                            trial.number)
+                log.warning(
+                    "trial %d was failed by another worker while running; its retry counts instead", trial.number
+                )
     bar.close()
 
 
@@ -323,8 +348,9 @@ class TrialFitter:
         values = []
         for fitted in self.trainer.fit(trials):
             value = fitted.result.val_metrics[self.head.main_metric]
-            if self.trainer.keeps_models and (self.kept is None or self.head.better(
-                    value, self.kept.result.val_metrics[self.head.main_metric])):
+            if self.trainer.keeps_models and (
+                self.kept is None or self.head.better(value, self.kept.result.val_metrics[self.head.main_metric])
+            ):
                 fitted.model = fitted.model.cpu()
                 self.kept = fitted
             values.append(value)
@@ -341,11 +367,19 @@ class TrialFitter:
 def trial_rows(study) -> list[dict[str, Any]]:
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        rows.append({"number": trial.number, "state": trial.state.name, "value": trial.value,
-                     **{f"param_{k}": v for k, v in sorted(trial.params.items())},
-                     "retry_of": trial.user_attrs.get("retry_of"), "surplus": trial.user_attrs.get("surplus"),
-                     "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
-                     if trial.datetime_complete and trial.datetime_start else None})
+        rows.append(
+            {
+                "number": trial.number,
+                "state": trial.state.name,
+                "value": trial.value,
+                **{f"param_{k}": v for k, v in sorted(trial.params.items())},
+                "retry_of": trial.user_attrs.get("retry_of"),
+                "surplus": trial.user_attrs.get("surplus"),
+                "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
+                if trial.datetime_complete and trial.datetime_start
+                else None,
+            }
+        )
     return rows
 
 
@@ -363,8 +397,10 @@ def _plots(study, folder: Path) -> list[str]:
 
     written = []
     folder.mkdir(parents=True, exist_ok=True)
-    makers = {"optimization_history": optuna_plots.plot_optimization_history,
-              "param_importances": optuna_plots.plot_param_importances}
+    makers = {
+        "optimization_history": optuna_plots.plot_optimization_history,
+        "param_importances": optuna_plots.plot_param_importances,
+    }
     for name, make in makers.items():
         if name == "param_importances" and (len(completed(study)) < 2 or len(study.best_trial.params) < 2):
             continue
@@ -393,9 +429,18 @@ def search_identity(request: SearchRequest, inputs: dict[str, Any]) -> dict[str,
     top = {name: settings.pop(name) for name in ("probe", "hidden")}
     search = identity(request, only=[f.name for f in fields(SearchSettings)])
     search["final_seeds"] = list(request.seeds_of_best)
-    return {"kind": "search", "format_version": SEARCH_FORMAT_VERSION, "task": get_task(request.task).name,
-            "mode": request.mode, "layer": request.layer, **top, **search, "space": request.space.identity(),
-            "settings": settings, "inputs": inputs}
+    return {
+        "kind": "search",
+        "format_version": SEARCH_FORMAT_VERSION,
+        "task": get_task(request.task).name,
+        "mode": request.mode,
+        "layer": request.layer,
+        **top,
+        **search,
+        "space": request.space.identity(),
+        "settings": settings,
+        "inputs": inputs,
+    }
 
 
 def write_trials_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -411,9 +456,11 @@ def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
     request.check()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DDP would pair processes that Optuna gives different trials: they would train each other's models
-        raise ProbingError("probing search runs one process per worker: start several `probing search` processes "
-                           "on one --storage instead of `accelerate launch` (which is for `probing train` and "
-                           "`probing extract`)")
+        raise ProbingError(
+            "probing search runs one process per worker: start several `probing search` processes "
+            "on one --storage instead of `accelerate launch` (which is for `probing train` and "
+            "`probing extract`)"
+        )
     train_request = request.train_request((), request.out / "best")  # its trials: the best one's, once known
     trainer = make_trainer(train_request)
     identity = search_identity(request, trainer.inputs)
@@ -425,19 +472,40 @@ def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
     best = study.best_trial
     final_trials = tuple(trial_from(best.params, seed) for seed in request.seeds_of_best)
     with staged_directory(request.out) as staging:
-        best_run = write_run(replace(train_request, trials=final_trials), trainer, fitter.final(final_trials),
-                             out=staging / "best").value
+        best_run = write_run(
+            replace(train_request, trials=final_trials), trainer, fitter.final(final_trials), out=staging / "best"
+        ).value
         rows = trial_rows(study)
         write_trials_csv(rows, staging / "trials.csv")
         plots = _plots(study, staging / "plots")
         run = best_run.run_of(request.seed)
         summary = SearchSummary(
-            task=trainer.spec.name, mode=request.mode, layer=request.layer, probe=request.settings.probe,
-            metric=trainer.spec.head.main_metric, trials_complete=len(completed(study)), trials_total=len(rows),
-            best={"number": best.number, "params": best.params, "val_search": best.value, **run.splits,
-                  "best_epoch": run.best_epoch, "seeds": best_run.summary},
-            trials=rows, plots=plots, study_name=request.study_name)
+            task=trainer.spec.name,
+            mode=request.mode,
+            layer=request.layer,
+            probe=request.settings.probe,
+            metric=trainer.spec.head.main_metric,
+            trials_complete=len(completed(study)),
+            trials_total=len(rows),
+            best={
+                "number": best.number,
+                "params": best.params,
+                "val_search": best.value,
+                **run.splits,
+                "best_epoch": run.best_epoch,
+                "seeds": best_run.summary,
+            },
+            trials=rows,
+            plots=plots,
+            study_name=request.study_name,
+        )
         write_json(staging / "summary.json", summary.to_json())
-        write_json(staging / "manifest.json", {**identity, "code_version": code_version(),
-                                               "storage": redact(request.storage) if request.storage else None})
+        write_json(
+            staging / "manifest.json",
+            {
+                **identity,
+                "code_version": code_version(),
+                "storage": redact(request.storage) if request.storage else None,
+            },
+        )
     return StageResult(summary, request.out, "built")

@@ -24,24 +24,41 @@ LOGREG_C_RANGE = (1e-4, 1e2)
 class SearchSpace:
     """The dimensions searched; on the command line each is an override of the task's default space."""
 
-    lr: tuple[float, float] = setting(LR_RANGE, cli="--lr-range", parse=comma_separated(float, 2),
-                                      help="low,high of the log-uniform learning rate (default: the task's).")
-    epochs: tuple[int, ...] = setting((20, 30, 40), parse=comma_separated(int),
-                                      help="Comma-separated epoch choices (default: the task's).")
-    giou_scale: tuple[float, ...] | None = setting(None, cli="--giou-scales", parse=comma_separated(float),
-                                                   help="Box tasks: GIoU loss scale choices (default: the task's).")
-    l1_scale: tuple[float, ...] | None = setting(None, cli="--l1-scales", parse=comma_separated(float),
-                                                 help="Box tasks: L1 loss scale choices (default: the task's).")
-    logreg_c: tuple[float, float] | None = setting(None, cli="--logreg-c-range", parse=comma_separated(float, 2),
-                                                   help="logreg probe: low,high of the log-uniform C (default "
-                                                        "1e-4,1e2).")
+    lr: tuple[float, float] = setting(
+        LR_RANGE,
+        cli="--lr-range",
+        parse=comma_separated(float, 2),
+        help="low,high of the log-uniform learning rate (default: the task's).",
+    )
+    epochs: tuple[int, ...] = setting(
+        (20, 30, 40), parse=comma_separated(int), help="Comma-separated epoch choices (default: the task's)."
+    )
+    giou_scale: tuple[float, ...] | None = setting(
+        None,
+        cli="--giou-scales",
+        parse=comma_separated(float),
+        help="Box tasks: GIoU loss scale choices (default: the task's).",
+    )
+    l1_scale: tuple[float, ...] | None = setting(
+        None,
+        cli="--l1-scales",
+        parse=comma_separated(float),
+        help="Box tasks: L1 loss scale choices (default: the task's).",
+    )
+    logreg_c: tuple[float, float] | None = setting(
+        None,
+        cli="--logreg-c-range",
+        parse=comma_separated(float, 2),
+        help="logreg probe: low,high of the log-uniform C (default 1e-4,1e2).",
+    )
 
     def check(self) -> SearchSpace:
         if self.logreg_c is not None:
             low, high = self.logreg_c
             if not (0 < low <= high and math.isfinite(high)):
-                raise ProbingError(f"search space: logreg_c bounds must satisfy 0 < low <= high, got "
-                                   f"{list(self.logreg_c)}")
+                raise ProbingError(
+                    f"search space: logreg_c bounds must satisfy 0 < low <= high, got {list(self.logreg_c)}"
+                )
             return self
         low, high = self.lr
         if not (0 < low <= high and math.isfinite(high)):
@@ -59,12 +76,16 @@ class SearchSpace:
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise ProbingError(f"{where or 'search space'}: unknown search dimension '{unknown[0]}' (allowed: "
-                               f"{', '.join(sorted(known))})")
+            raise ProbingError(
+                f"{where or 'search space'}: unknown search dimension '{unknown[0]}' (allowed: "
+                f"{', '.join(sorted(known))})"
+            )
         values = {name: tuple(value) for name, value in changes.items() if value is not None}
         if "epochs" in values:  # choices of a whole number of epochs, also when a file wrote them as 3.0
             if not all(float(e).is_integer() for e in values["epochs"]):
-                raise ProbingError(f"{where or 'search space'}: epochs must be whole numbers, got {list(values['epochs'])}")
+                raise ProbingError(
+                    f"{where or 'search space'}: epochs must be whole numbers, got {list(values['epochs'])}"
+                )
             values["epochs"] = tuple(int(e) for e in values["epochs"])
         for name in ("lr", "logreg_c"):
             if name in values and len(values[name]) != 2:
@@ -93,8 +114,10 @@ class SearchSpace:
 
         if self.logreg_c is not None:
             return {"logreg_c": FloatDistribution(self.logreg_c[0], self.logreg_c[1], log=True)}
-        result: dict[str, Any] = {"lr": FloatDistribution(self.lr[0], self.lr[1], log=True),
-                                  "epochs": CategoricalDistribution(list(self.epochs))}
+        result: dict[str, Any] = {
+            "lr": FloatDistribution(self.lr[0], self.lr[1], log=True),
+            "epochs": CategoricalDistribution(list(self.epochs)),
+        }
         for name in ("giou_scale", "l1_scale"):
             values = getattr(self, name)
             if values is not None:

@@ -48,14 +48,34 @@ class SettingInfo:
     show_default: bool
 
 
-def setting(default: Any = MISSING, *, help: str, identity: bool | str = False, omit_default: bool = False,
-            cli: str | bool = True, config: bool = True, low: float | None = None, above: float | None = None,
-            finite: bool = True, parse: Callable[[str], Any] | None = None, default_factory: Any = MISSING,
-            show_default: bool = True) -> Any:
+def setting(
+    default: Any = MISSING,
+    *,
+    help: str,
+    identity: bool | str = False,
+    omit_default: bool = False,
+    cli: str | bool = True,
+    config: bool = True,
+    low: float | None = None,
+    above: float | None = None,
+    finite: bool = True,
+    parse: Callable[[str], Any] | None = None,
+    default_factory: Any = MISSING,
+    show_default: bool = True,
+) -> Any:
     """A dataclass field with its declaration (see the module docstring)."""
-    info = SettingInfo(help=help, identity=identity, omit_default=omit_default, cli=cli if isinstance(cli, str)
-                       else ("" if cli else None), config=config, low=low, above=above, finite=finite, parse=parse,
-                       show_default=show_default)
+    info = SettingInfo(
+        help=help,
+        identity=identity,
+        omit_default=omit_default,
+        cli=cli if isinstance(cli, str) else ("" if cli else None),
+        config=config,
+        low=low,
+        above=above,
+        finite=finite,
+        parse=parse,
+        show_default=show_default,
+    )
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_KEY: info})
 
 
@@ -170,8 +190,9 @@ def _cli_type(kind: Any) -> Any:
     return kind
 
 
-def cli_parameters(cls: type, *, exclude: Sequence[str] = (), optional: Sequence[str] = (),
-                   defaults: dict[str, Any] | None = None) -> list[inspect.Parameter]:
+def cli_parameters(
+    cls: type, *, exclude: Sequence[str] = (), optional: Sequence[str] = (), defaults: dict[str, Any] | None = None
+) -> list[inspect.Parameter]:
     """The typer parameters of `cls`'s command-line fields (`optional`: required fields given a None default)."""
     import typer
 
@@ -194,10 +215,14 @@ def cli_parameters(cls: type, *, exclude: Sequence[str] = (), optional: Sequence
         if choices and "|" not in help_text:
             help_text = f"{' | '.join(map(str, choices))}. {help_text}"
         option = typer.Option(flag, help=help_text, show_default=info.show_default)
-        parameters.append(inspect.Parameter(
-            field.name, inspect.Parameter.KEYWORD_ONLY,
-            default=inspect.Parameter.empty if default is MISSING else default,
-            annotation=typing.Annotated[kind, option]))
+        parameters.append(
+            inspect.Parameter(
+                field.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=inspect.Parameter.empty if default is MISSING else default,
+                annotation=typing.Annotated[kind, option],
+            )
+        )
     return parameters
 
 
@@ -212,8 +237,11 @@ def from_cli(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
         if field.name not in values:
             continue
         value = values[field.name]
-        if isinstance(value, str) and _cli_type(hints[field.name]) in (str, str | None) and (
-                info.parse is not None or get_origin(_strip_none(hints[field.name])) in (tuple, list)):
+        if (
+            isinstance(value, str)
+            and _cli_type(hints[field.name]) in (str, str | None)
+            and (info.parse is not None or get_origin(_strip_none(hints[field.name])) in (tuple, list))
+        ):
             value = (info.parse or _integers)(value, option_name(field))
         arguments[field.name] = value
     arguments |= {name: value for name, value in fixed.items() if name not in arguments}  # undeclared fields
@@ -245,8 +273,9 @@ def comma_separated(kind: type, count: int | None = None, what: str = "numbers")
 _integers = comma_separated(int, what="integers")
 
 
-def command(app: Any, name: str, parameters: Sequence[inspect.Parameter], body: Callable[..., Any],
-            help_text: str) -> None:
+def command(
+    app: Any, name: str, parameters: Sequence[inspect.Parameter], body: Callable[..., Any], help_text: str
+) -> None:
     """Register `body(**values)` as command `name` with the given (derived) parameters."""
 
     def handler(**values: Any) -> Any:
@@ -269,9 +298,15 @@ def config_section(name: str, cls: type, extra: Sequence[tuple[str, Any, Any]] =
     """A frozen dataclass holding the config-settable fields of `cls` (same declarations) plus `extra`
     (name, type, field): a config section derived from a request's settings, never written twice."""
     hints = typing.get_type_hints(cls)
-    copied = [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
-                                                        metadata=f.metadata))
-              for f, info in declared(cls) if info.config]
+    copied = [
+        (
+            f.name,
+            hints[f.name],
+            dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata),
+        )
+        for f, info in declared(cls)
+        if info.config
+    ]
     return dataclasses.make_dataclass(name, [*copied, *extra], frozen=True, kw_only=True)
 
 

@@ -53,8 +53,13 @@ class Trial:
     seed: int = setting(0, identity=True, low=0, cli=False, help="Initialisation seed of the probe.")
     giou_scale: float = setting(1.0, identity=True, low=0, help="Box tasks: weight of the GIoU loss.")
     l1_scale: float = setting(1.0, identity=True, low=0, help="Box tasks: weight of the L1 loss.")
-    logreg_c: float | None = setting(None, identity=True, omit_default=True, above=0,
-                                     help="logreg probe: inverse L2 regularisation strength C (default 1).")
+    logreg_c: float | None = setting(
+        None,
+        identity=True,
+        omit_default=True,
+        above=0,
+        help="logreg probe: inverse L2 regularisation strength C (default 1).",
+    )
 
     def check(self, probe: str = "linear") -> Trial:
         check(self)
@@ -71,15 +76,23 @@ class Trial:
 @dataclass(frozen=True)
 class TrainSettings:
     task: str = setting(cli=False, config=False, help="The task (a registered name or a task YAML file).")
-    probe: ProbeName = setting("linear", identity=True, config=False,
-                               help="linear | swiglu2 | swiglu4 (SGD) | logreg (L-BFGS, binary tasks, frozen)")
+    probe: ProbeName = setting(
+        "linear",
+        identity=True,
+        config=False,
+        help="linear | swiglu2 | swiglu4 (SGD) | logreg (L-BFGS, binary tasks, frozen)",
+    )
     hidden: int = setting(768, identity=True, low=1, help="Width of the SwiGLU probes' hidden layers.")
     batch_size: int = setting(128, identity=True, low=1, help="Training batch size.")
     warmup_fraction: float = setting(0.1, identity=True, low=0, help="Fraction of the steps of linear warm-up.")
     weight_decay: float = setting(0.01, identity=True, low=0, help="AdamW weight decay (weight matrices only).")
-    patience: int | None = setting(None, identity=True, low=0, config=False,
-                                   help="Early-stopping patience in epochs; 0 = none (default: the task's, 10 for "
-                                        "RCM, none otherwise).")
+    patience: int | None = setting(
+        None,
+        identity=True,
+        low=0,
+        config=False,
+        help="Early-stopping patience in epochs; 0 = none (default: the task's, 10 for RCM, none otherwise).",
+    )
     order_seed: int = setting(0, identity=True, low=0, help="Seed of the batch order.")
     device: str | None = setting(None, config=False, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 
@@ -249,8 +262,10 @@ class BatchedAdamW:
     def __init__(self, bank: ProbeBank, weight_decay: float, betas=BETAS, eps: float = EPS):
         self.bank, self.weight_decay, self.betas, self.eps = bank, weight_decay, betas, eps
         # Stacked tensors carry a probe axis, so decide on the name: weight_i decays, bias_i does not.
-        self.entries = [(name, parameter, bank.probe_axis(name), name.startswith("weight_"))
-                        for name, parameter in bank.named_parameters()]
+        self.entries = [
+            (name, parameter, bank.probe_axis(name), name.startswith("weight_"))
+            for name, parameter in bank.named_parameters()
+        ]
         self.exp_avg = {name: torch.zeros_like(p) for name, p, _, _ in self.entries}
         self.exp_avg_sq = {name: torch.zeros_like(p) for name, p, _, _ in self.entries}
         self.steps = torch.zeros(bank.size, dtype=torch.float64, device=bank.weight_0.device)
@@ -261,9 +276,9 @@ class BatchedAdamW:
         beta1, beta2 = self.betas
         self.steps += active.to(self.steps.dtype)
         steps = self.steps.clamp(min=1)
-        correction1 = 1 - beta1 ** steps
-        correction2_sqrt = (1 - beta2 ** steps).sqrt()
-        step_sizes = (lrs.to(steps.dtype) / correction1)
+        correction1 = 1 - beta1**steps
+        correction2_sqrt = (1 - beta2**steps).sqrt()
+        step_sizes = lrs.to(steps.dtype) / correction1
         for name, parameter, axis, decay in self.entries:
             gradient = parameter.grad
             on = along_probe_axis(active, parameter, axis)
@@ -273,8 +288,9 @@ class BatchedAdamW:
             exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
             exp_avg.copy_(torch.where(on, exp_avg.lerp(gradient, 1 - beta1), exp_avg))
             exp_avg_sq.copy_(torch.where(on, exp_avg_sq * beta2 + (1 - beta2) * gradient * gradient, exp_avg_sq))
-            denominator = (exp_avg_sq.sqrt() / along_probe_axis(correction2_sqrt.to(parameter.dtype), parameter, axis)
-                           ).add_(self.eps)
+            denominator = (
+                exp_avg_sq.sqrt() / along_probe_axis(correction2_sqrt.to(parameter.dtype), parameter, axis)
+            ).add_(self.eps)
             update = exp_avg / denominator * along_probe_axis(step_sizes.to(parameter.dtype), parameter, axis)
             parameter.sub_(torch.where(on, update, 0.0))
 
@@ -284,7 +300,7 @@ def _bank_outputs(bank: ProbeBank, features: torch.Tensor, chunk: int, dtype: to
     outputs = []
     with torch.no_grad(), torch.autocast(features.device.type, dtype=dtype, enabled=dtype != torch.float32):
         for start in range(0, len(features), chunk):
-            outputs.append(bank(features[start:start + chunk]).float())
+            outputs.append(bank(features[start : start + chunk]).float())
     return torch.cat(outputs, dim=1)
 
 
@@ -293,8 +309,9 @@ def _per_example(outputs: torch.Tensor, rows: torch.Tensor | None) -> torch.Tens
     return outputs if rows is None else outputs.index_select(1, rows.to(outputs.device))
 
 
-def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], settings: TrainSettings
-                 ) -> list[TrialResult]:
+def train_frozen(
+    train: ProbeData, val: ProbeData, trials: Sequence[Trial], settings: TrainSettings
+) -> list[TrialResult]:
     """Train K probes in one pass over resident features; one TrialResult per trial, best weights kept."""
     settings.check()
     trials = [trial.check(settings.probe) for trial in trials]
@@ -311,24 +328,40 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
     val_features = to_device_chunked(val.features, device, dtype)
     targets, val_targets = train.targets.to(device), val.targets.to(device)
     row_of = train.rows.to(device) if train.rows is not None else None
-    bank = ProbeBank([new_probe(settings.probe, features.shape[1], head.outputs, settings.hidden, t.seed)
-                      for t in trials]).to(device)
+    bank = ProbeBank(
+        [new_probe(settings.probe, features.shape[1], head.outputs, settings.hidden, t.seed) for t in trials]
+    ).to(device)
     optimizer = BatchedAdamW(bank, settings.weight_decay)
     size = len(trials)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     longest = max(t.epochs for t in trials) * steps_per_epoch
     # The whole schedule as one table on the device: no per-step host work or synchronisation.
-    lr_table = torch.tensor([[t.lr * schedule_factor(s, t.epochs * steps_per_epoch, settings.warmup_fraction)
-                              if s <= t.epochs * steps_per_epoch else 0.0 for t in trials]
-                             for s in range(1, longest + 1)], dtype=torch.float32, device=device)
+    lr_table = torch.tensor(
+        [
+            [
+                t.lr * schedule_factor(s, t.epochs * steps_per_epoch, settings.warmup_fraction)
+                if s <= t.epochs * steps_per_epoch
+                else 0.0
+                for t in trials
+            ]
+            for s in range(1, longest + 1)
+        ],
+        dtype=torch.float32,
+        device=device,
+    )
     weights = head.weights(trials, device)
     stopper = EarlyStopping(trials, settings.effective_patience, head.direction)
     best = {name: p.detach().clone() for name, p in bank.named_parameters()}
     histories: list[list[dict[str, float]]] = [[] for _ in trials]
     epoch_order = EpochOrder(len(train), settings.order_seed)
     step = 0
-    epochs = tqdm(range(1, max(t.epochs for t in trials) + 1), desc=f"train {size} probe(s)", unit="epoch",
-                  disable=None, leave=False)  # a bar on a terminal only
+    epochs = tqdm(
+        range(1, max(t.epochs for t in trials) + 1),
+        desc=f"train {size} probe(s)",
+        unit="epoch",
+        disable=None,
+        leave=False,
+    )  # a bar on a terminal only
     for epoch in epochs:
         running = stopper.running(epoch)
         if not any(running):
@@ -337,7 +370,7 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
         order = epoch_order.next_order().to(device)
         loss_sum = torch.zeros(size, device=device)
         for start in range(0, len(train), settings.batch_size):
-            rows = order[start:start + settings.batch_size]
+            rows = order[start : start + settings.batch_size]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 # index_select, not features[rows]: the same rows, 7x faster on the CPU (a memcpy per row)
                 predictions = bank(features.index_select(0, rows if row_of is None else row_of[rows]))
@@ -361,9 +394,14 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
         val_loss_values = val_losses.tolist()
         for index, is_running in enumerate(running):
             if is_running:
-                histories[index].append({"epoch": epoch, "train_loss": train_losses[index],
-                                         "val_loss": val_loss_values[index],
-                                         **{name: v[index] for name, v in values.items()}})
+                histories[index].append(
+                    {
+                        "epoch": epoch,
+                        "train_loss": train_losses[index],
+                        "val_loss": val_loss_values[index],
+                        **{name: v[index] for name, v in values.items()},
+                    }
+                )
     with torch.no_grad():
         for name, parameter in bank.named_parameters():
             parameter.copy_(best[name])
@@ -371,20 +409,26 @@ def train_frozen(train: ProbeData, val: ProbeData, trials: Sequence[Trial], sett
     for index, trial in enumerate(trials):
         best_epoch = stopper.best_epoch[index]
         at_best = next(h for h in histories[index] if h["epoch"] == best_epoch)
-        results.append(TrialResult(
-            trial=trial, best_epoch=best_epoch, epochs_run=stopper.epochs_run[index],
-            stopped_early=stopper.stopped[index] and stopper.epochs_run[index] < trial.epochs,
-            val_metrics=val_metrics_at(at_best),
-            history=histories[index], probe=bank.probe(index).cpu(),
-        ))
+        results.append(
+            TrialResult(
+                trial=trial,
+                best_epoch=best_epoch,
+                epochs_run=stopper.epochs_run[index],
+                stopped_early=stopper.stopped[index] and stopper.epochs_run[index] < trial.epochs,
+                val_metrics=val_metrics_at(at_best),
+                history=histories[index],
+                probe=bank.probe(index).cpu(),
+            )
+        )
     return results
 
 
 # ---------------------------------------------------------------------------------------------- module loop
 
 
-def parameter_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
-                     without_gradient: set[str] = frozenset()) -> list[dict[str, Any]]:
+def parameter_groups(
+    named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, without_gradient: set[str] = frozenset()
+) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices that receive gradient, none on biases, norms or the rest."""
     decay, plain = [], []
     for name, parameter in named:
@@ -418,19 +462,26 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
     mixed_precision = "bf16" if compute_dtype(device) == torch.bfloat16 else "no"
     accelerator = accelerator or Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
     optimizer = torch.optim.AdamW(run.groups, lr=trial.lr, betas=BETAS, eps=EPS)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(run.model, optimizer, run.train_loader,
-                                                                     run.val_loader)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(
+        run.model, optimizer, run.train_loader, run.val_loader
+    )
     total = trial.epochs * len(train_loader)
     # Stepped by hand once per optimiser step (not prepared: accelerate would step it once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: schedule_factor(done + 1, total, settings.warmup_fraction))
+        optimizer, lambda done: schedule_factor(done + 1, total, settings.warmup_fraction)
+    )
     stopper = EarlyStopping([trial], settings.effective_patience, head.direction)
     metric = head.main_metric
     weights = {name: getattr(trial, name) for name in head.loss_weights}
     history: list[dict[str, float]] = []
     best_state: dict[str, torch.Tensor] | None = None
-    epochs = tqdm(range(1, trial.epochs + 1), desc="train", unit="epoch", leave=False,
-                  disable=None if accelerator.is_main_process else True)  # a bar on a terminal only
+    epochs = tqdm(
+        range(1, trial.epochs + 1),
+        desc="train",
+        unit="epoch",
+        leave=False,
+        disable=None if accelerator.is_main_process else True,
+    )  # a bar on a terminal only
     for epoch in epochs:
         if not stopper.running(epoch)[0]:
             break
@@ -450,8 +501,7 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
         improved = stopper.update(epoch, [values[metric]], [True])[0]
         if improved:  # only what trains changes: no copy of a frozen ViT (a billion parameters) per improvement
             unwrapped = accelerator.unwrap_model(model)
-            best_state = {name: p.detach().cpu().clone() for name, p in unwrapped.named_parameters()
-                          if p.requires_grad}
+            best_state = {name: p.detach().cpu().clone() for name, p in unwrapped.named_parameters() if p.requires_grad}
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **values})
         epochs.set_postfix(loss=f"{train_loss:.3f}", **{metric: f"{values[metric]:.3f}"})
     unwrapped = accelerator.unwrap_model(model)
@@ -460,15 +510,19 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
     unwrapped.load_state_dict(best_state, strict=False)
     at_best = next(h for h in history if h["epoch"] == stopper.best_epoch[0])
     return TrialResult(
-        trial=trial, best_epoch=stopper.best_epoch[0], epochs_run=stopper.epochs_run[0],
+        trial=trial,
+        best_epoch=stopper.best_epoch[0],
+        epochs_run=stopper.epochs_run[0],
         stopped_early=stopper.stopped[0] and stopper.epochs_run[0] < trial.epochs,
         val_metrics=val_metrics_at(at_best),
-        history=history, probe=run.probe(unwrapped).cpu(),
+        history=history,
+        probe=run.probe(unwrapped).cpu(),
     )
 
 
-def module_outputs(run: ModuleRun, model: nn.Module, loader: DataLoader, accelerator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def module_outputs(
+    run: ModuleRun, model: nn.Module, loader: DataLoader, accelerator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs [N, out], targets) over a loader, gathered across processes, in loader order."""
     model.eval()
     outputs, targets = [], []
@@ -482,8 +536,9 @@ def module_outputs(run: ModuleRun, model: nn.Module, loader: DataLoader, acceler
     return torch.cat(outputs), torch.cat(targets)
 
 
-def evaluate_module(run: ModuleRun, model: nn.Module, loader: DataLoader, head: Head, trial: Trial, accelerator
-                    ) -> tuple[float, dict[str, float]]:
+def evaluate_module(
+    run: ModuleRun, model: nn.Module, loader: DataLoader, head: Head, trial: Trial, accelerator
+) -> tuple[float, dict[str, float]]:
     outputs, targets = module_outputs(run, model, loader, accelerator)
     loss = head.loss(outputs, targets, {name: getattr(trial, name) for name in head.loss_weights})
     return float(loss), {name: float(value) for name, value in head.metrics(outputs, targets).items()}
@@ -492,14 +547,21 @@ def evaluate_module(run: ModuleRun, model: nn.Module, loader: DataLoader, head: 
 def frozen_module_run(train: ProbeData, val: ProbeData, trial: Trial, settings: TrainSettings) -> ModuleRun:
     """A single probe on features through the standard loop (DataLoader over a TensorDataset)."""
     probe = new_probe(settings.probe, train.features.shape[1], settings.head.outputs, settings.hidden, trial.seed)
-    train_loader = DataLoader(TensorDataset(train.example_features().float(), train.targets),
-                              batch_size=settings.batch_size,
-                              sampler=EpochOrder(len(train), settings.order_seed))  # train_frozen's batch order
+    train_loader = DataLoader(
+        TensorDataset(train.example_features().float(), train.targets),
+        batch_size=settings.batch_size,
+        sampler=EpochOrder(len(train), settings.order_seed),
+    )  # train_frozen's batch order
     val_loader = DataLoader(TensorDataset(val.example_features().float(), val.targets), batch_size=EVAL_CHUNK)
-    return ModuleRun(model=probe, forward=lambda model, batch: model(batch[0]), targets=lambda batch: batch[1],
-                     train_loader=train_loader, val_loader=val_loader,
-                     groups=parameter_groups(probe.named_parameters(), settings.weight_decay),
-                     probe=lambda model: model)
+    return ModuleRun(
+        model=probe,
+        forward=lambda model, batch: model(batch[0]),
+        targets=lambda batch: batch[1],
+        train_loader=train_loader,
+        val_loader=val_loader,
+        groups=parameter_groups(probe.named_parameters(), settings.weight_decay),
+        probe=lambda model: model,
+    )
 
 
 def train_single(train: ProbeData, val: ProbeData, trial: Trial, settings: TrainSettings) -> TrialResult:
@@ -515,7 +577,7 @@ def probe_outputs(probe: Probe, data: ProbeData, settings: TrainSettings) -> tor
     chunks = []
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         for start in range(0, len(data.features), EVAL_CHUNK):
-            rows = data.features[start:start + EVAL_CHUNK].to(device=device, dtype=dtype)
+            rows = data.features[start : start + EVAL_CHUNK].to(device=device, dtype=dtype)
             chunks.append(probe(rows).float().cpu())
     outputs = torch.cat(chunks) if chunks else torch.empty(0, settings.head.outputs)
     return outputs if data.rows is None else outputs.index_select(0, data.rows)

@@ -65,8 +65,7 @@ class FrozenTrainer:
 
     keeps_models = False
 
-    def __init__(self, task: str, features: Path, layer: int, settings: TrainSettings,
-                 data: DataOptions | None = None):
+    def __init__(self, task: str, features: Path, layer: int, settings: TrainSettings, data: DataOptions | None = None):
         self.spec, self.settings, self.layer, self.data = get_task(task), settings, layer, data
         self.stores = open_stores(features, self.spec, layer)
         self._splits: dict[str, ProbeData] | None = None
@@ -103,8 +102,16 @@ class UnfrozenTrainer:
 
     keeps_models = True
 
-    def __init__(self, task: str, source: ModelSource, data: DataOptions, layer: int, settings: TrainSettings,
-                 features: Path | None = None, workers: int = 0):
+    def __init__(
+        self,
+        task: str,
+        source: ModelSource,
+        data: DataOptions,
+        layer: int,
+        settings: TrainSettings,
+        features: Path | None = None,
+        workers: int = 0,
+    ):
         from probing.unfrozen import UnfrozenSetup
 
         self.settings, self.layer, self.data, self.features = settings, layer, data, features
@@ -116,8 +123,11 @@ class UnfrozenTrainer:
         return {"model": self.setup.model_identity, "datasets": self.setup.fingerprints}
 
     def sources(self) -> dict[str, Any]:
-        return {"model_source": self.setup.model_source, "vision_store": self.features is not None,
-                "data_options": {k: str(v) for k, v in vars(self.data).items() if v is not None}}
+        return {
+            "model_source": self.setup.model_source,
+            "vision_store": self.features is not None,
+            "data_options": {k: str(v) for k, v in vars(self.data).items() if v is not None},
+        }
 
     def fit(self, trials: list[Trial]) -> list[FittedTrial]:
         return [FittedTrial(*self.setup.fit(trial, self.layer)) for trial in trials]

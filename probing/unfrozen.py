@@ -5,9 +5,10 @@ a vision store (`probing extract --store-vision`) when one is given, so the ViT 
 otherwise images are decoded in DataLoader workers and the ViT runs under `no_grad` for each batch.
 The checkpoint is read once; each trial trains the resampler's truncated copy (`Resampler.truncated`):
 layers above the probed one cannot influence the probe, so they are dropped for the run (no wasted
-compute, no parameters without gradient under DDP), and every trial starts from the same weights. Parameters that still receive no gradient signal (the
-probed layer's text FFN, whose output no query reads) get no weight decay. Training itself is
-`train.train_module`: the same schedule, early stopping and evaluation as the frozen path.
+compute, no parameters without gradient under DDP), and every trial starts from the same weights.
+Parameters that still receive no gradient signal (the probed layer's text FFN, whose output no query reads)
+get no weight decay. Training itself is `train.train_module`: the same schedule, early stopping and
+evaluation as the frozen path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from probing.data.images import load_rgb_image
 from probing.data.types import DataOptions, Example
+from probing.device_copies import to_device, to_device_chunked
 from probing.errors import ProbingError
 from probing.features import FeatureStore, VisionStore
 from probing.heads import Head
@@ -38,7 +40,6 @@ from probing.train import (
     resolve_device,
     train_module,
 )
-from probing.device_copies import to_device, to_device_chunked
 
 
 class UnfrozenProbe(nn.Module):
@@ -51,8 +52,9 @@ class UnfrozenProbe(nn.Module):
         super().__init__()
         self.resampler, self.probe, self.layer, self.from_pixels = resampler, probe, layer, from_pixels
 
-    def forward(self, vision: torch.Tensor, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, vision: torch.Tensor, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.from_pixels:
             with torch.no_grad():
                 vision = self.resampler.encode_images(vision)
@@ -95,8 +97,9 @@ def _fits_on(device: torch.device | None, table: torch.Tensor) -> bool:
 class _Examples(Dataset):
     """(pixel values, or the example's row in the vision table; text; target) per example."""
 
-    def __init__(self, examples: Sequence[Example], targets: torch.Tensor, resampler: Resampler,
-                 vision: VisionTable | None):
+    def __init__(
+        self, examples: Sequence[Example], targets: torch.Tensor, resampler: Resampler, vision: VisionTable | None
+    ):
         self.examples, self.targets, self.vision = list(examples), targets, vision
         self.pixels = resampler.pixels
 
@@ -118,6 +121,7 @@ def _collate(resampler: Resampler, table: VisionTable | None):
         tokens = resampler.tokenize([text for _, text, _ in items])
         vision = table.gather([v for v, _, _ in items]) if table is not None else torch.stack([v for v, _, _ in items])
         return {"vision": vision, **tokens, "targets": torch.stack([t for _, _, t in items])}  # no tokens: no text
+
     return collate
 
 
@@ -125,16 +129,24 @@ def _loader(dataset: _Examples, resampler: Resampler, batch_size: int, workers: 
     table = dataset.vision
     # Page-locked batches cross the bus at full speed; a table already on the GPU has nothing to send.
     pin = resampler.device.type == "cuda" and not (table is not None and table.on_gpu)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_collate(resampler, table),
-                      num_workers=0 if table is not None else workers, pin_memory=pin)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=_collate(resampler, table),
+        num_workers=0 if table is not None else workers,
+        pin_memory=pin,
+    )
 
 
 def check_vision_store(store: VisionStore, resampler: Resampler) -> None:
     """A vision store is only usable with the ViT that made it."""
     made_by = store.manifest["request"]["model"]
     if made_by != resampler.weights_identity():
-        raise ProbingError(f"{store.path}: ViT outputs made by another model ({made_by}); extract them with "
-                           "this model or leave out --features")
+        raise ProbingError(
+            f"{store.path}: ViT outputs made by another model ({made_by}); extract them with "
+            "this model or leave out --features"
+        )
 
 
 def forward_batch(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -151,9 +163,16 @@ def without_gradient(model: nn.Module, batch: dict, head: Head) -> tuple[set[str
     return none, zero
 
 
-def unfrozen_run(base: Resampler, layer: int, train: tuple[Sequence[Example], torch.Tensor],
-                 val: tuple[Sequence[Example], torch.Tensor], trial: Trial, settings: TrainSettings,
-                 vision: dict[str, VisionTable] | None = None, workers: int = 0) -> ModuleRun:
+def unfrozen_run(
+    base: Resampler,
+    layer: int,
+    train: tuple[Sequence[Example], torch.Tensor],
+    val: tuple[Sequence[Example], torch.Tensor],
+    trial: Trial,
+    settings: TrainSettings,
+    vision: dict[str, VisionTable] | None = None,
+    workers: int = 0,
+) -> ModuleRun:
     """The ModuleRun of one unfrozen trial, on a truncated copy of `base` (which stays as it is)."""
     resampler = base.truncated(layer)
     head = settings.head
@@ -161,14 +180,16 @@ def unfrozen_run(base: Resampler, layer: int, train: tuple[Sequence[Example], to
     for name, parameter in resampler.named_parameters():
         parameter.requires_grad_(name in trainable)
     # Drawn on the CPU (the same weights for a seed on every device), then put beside the resampler.
-    probe = new_probe(settings.probe, resampler.num_query_tokens * resampler.hidden_size, head.outputs,
-                      settings.hidden, trial.seed).to(resampler.device)
+    probe = new_probe(
+        settings.probe, resampler.num_query_tokens * resampler.hidden_size, head.outputs, settings.hidden, trial.seed
+    ).to(resampler.device)
     model = UnfrozenProbe(resampler, probe, layer, from_pixels=vision is None)
     train_set = _Examples(train[0], train[1], resampler, vision["train"] if vision else None)
     val_set = _Examples(val[0], val[1], resampler, vision["val"] if vision else None)
     # Stored ViT outputs are indexed in memory (no decoding to hide): no loader workers for them.
-    train_loader = _loader(train_set, resampler, settings.batch_size, workers,
-                           sampler=EpochOrder(len(train_set), settings.order_seed))
+    train_loader = _loader(
+        train_set, resampler, settings.batch_size, workers, sampler=EpochOrder(len(train_set), settings.order_seed)
+    )
     val_loader = _loader(val_set, resampler, settings.batch_size, workers)
     first = train_loader.collate_fn([train_set[i] for i in range(min(len(train_set), settings.batch_size))])
     none, zero = without_gradient(model, {k: v.to(resampler.device) for k, v in first.items()}, head)
@@ -180,7 +201,8 @@ def unfrozen_run(base: Resampler, layer: int, train: tuple[Sequence[Example], to
         model=model,
         forward=forward_batch,
         targets=lambda batch: batch["targets"],
-        train_loader=train_loader, val_loader=val_loader,
+        train_loader=train_loader,
+        val_loader=val_loader,
         groups=parameter_groups(model.named_parameters(), settings.weight_decay, without_gradient=zero),
         probe=lambda unwrapped: unwrapped.probe,
     )
@@ -192,8 +214,15 @@ class UnfrozenSetup:
     and the model's identity. `fit` trains one trial on a truncated copy; `outputs` evaluates a trained model
     on a split."""
 
-    def __init__(self, task: str, source: ModelSource, data: DataOptions, settings: TrainSettings,
-                 features: Path | None = None, workers: int = 0):
+    def __init__(
+        self,
+        task: str,
+        source: ModelSource,
+        data: DataOptions,
+        settings: TrainSettings,
+        features: Path | None = None,
+        workers: int = 0,
+    ):
         self.spec = get_task(task)
         self.source, self.settings, self.workers = source, settings, workers
         self.device = resolve_device(settings.device)
@@ -201,8 +230,9 @@ class UnfrozenSetup:
         self.base = load_resampler(source, device=self.device, vision_dtype=vision_dtype)
         loaded = {split: load_split(data, split) for split in self.spec.splits}
         self.examples = {split: loaded[split].examples for split in self.spec.splits}
-        self.targets = {split: self.spec.head.targets(self.examples[split], f"{split} data")
-                        for split in self.spec.splits}
+        self.targets = {
+            split: self.spec.head.targets(self.examples[split], f"{split} data") for split in self.spec.splits
+        }
         self.fingerprints = {split: loaded[split].fingerprint for split in self.spec.splits}
         self.model_identity = self.base.weights_identity()
         self.model_source = self.base.identity
@@ -220,21 +250,31 @@ class UnfrozenSetup:
 
             # under `accelerate launch` each process keeps its table on its own GPU
             device = PartialState().device if self.device.type == "cuda" else None
-            self._vision = {split: VisionTable(FeatureStore(Path(self.features) / split).vision, device)
-                            for split in self.spec.splits}
+            self._vision = {
+                split: VisionTable(FeatureStore(Path(self.features) / split).vision, device)
+                for split in self.spec.splits
+            }
         return self._vision
 
     def fit(self, trial: Trial, layer: int) -> tuple[TrialResult, UnfrozenProbe]:
         """Train one trial from the checkpoint's weights."""
-        run = unfrozen_run(self.base, layer, (self.examples["train"], self.targets["train"]),
-                           (self.examples["val"], self.targets["val"]), trial, self.settings, self.vision,
-                           self.workers)
+        run = unfrozen_run(
+            self.base,
+            layer,
+            (self.examples["train"], self.targets["train"]),
+            (self.examples["val"], self.targets["val"]),
+            trial,
+            self.settings,
+            self.vision,
+            self.workers,
+        )
         return train_module(run, trial, self.settings), run.model
 
     def outputs(self, model: UnfrozenProbe, split: str) -> torch.Tensor:
         """Raw outputs `[N, out]` of a trained model on a split, in example order (one process)."""
-        dataset = _Examples(self.examples[split], self.targets[split], model.resampler,
-                            self.vision[split] if self.vision else None)
+        dataset = _Examples(
+            self.examples[split], self.targets[split], model.resampler, self.vision[split] if self.vision else None
+        )
         loader = _loader(dataset, model.resampler, self.settings.batch_size, self.workers)
         dtype = compute_dtype(self.device)
         model = model.to(self.device).eval()

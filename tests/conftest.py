@@ -23,24 +23,28 @@ CATEGORIES = [
 ]
 
 
-def write_refer(root: Path, refs: list[dict], images: list[dict], annotations: list[dict],
-                image_folder: str | None = "train2014") -> dict[str, Path]:
+def write_refer(
+    root: Path, refs: list[dict], images: list[dict], annotations: list[dict], image_folder: str | None = "train2014"
+) -> dict[str, Path]:
     """Write refs(umd).p (protocol 2, like REFER's cPickle files), instances.json and tiny JPEGs."""
     (root / "refcocog").mkdir(parents=True, exist_ok=True)
     with open(root / "refcocog" / "refs(umd).p", "wb") as handle:
         pickle.dump(refs, handle, protocol=2)
-    instances = {"info": {}, "licenses": [], "images": images, "annotations": annotations,
-                 "categories": CATEGORIES}
+    instances = {"info": {}, "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES}
     (root / "refcocog" / "instances.json").write_text(json.dumps(instances))
     if image_folder is not None:
         folder = root / "images" / image_folder
         folder.mkdir(parents=True, exist_ok=True)
         for image in images:
-            name = (f"COCO_train2014_{image['id']:012d}.jpg" if image_folder == "train2014"
-                    else f"{image['id']:012d}.jpg")
+            name = (
+                f"COCO_train2014_{image['id']:012d}.jpg" if image_folder == "train2014" else f"{image['id']:012d}.jpg"
+            )
             Image.new("RGB", (8, 8), (120, 30, 30)).save(folder / name)
-    return {"refs": root / "refcocog" / "refs(umd).p", "instances": root / "refcocog" / "instances.json",
-            "images": root / "images"}
+    return {
+        "refs": root / "refcocog" / "refs(umd).p",
+        "instances": root / "refcocog" / "instances.json",
+        "images": root / "images",
+    }
 
 
 def sentence(sent_id: int, raw: str) -> dict:
@@ -63,18 +67,46 @@ def small_refer_dataset(root: Path, image_folder: str | None = "train2014") -> d
     ]
     refs = [
         # file_name carries REFER's misleading _<ann_id> suffix: the loader must not use it.
-        {"ref_id": 1, "ann_id": 501, "image_id": 11, "category_id": 18, "split": "train",
-         "file_name": "COCO_train2014_000000000011_501.jpg", "sent_ids": [7, 8],
-         "sentences": [sentence(7, "A brown dog on the left."), sentence(8, "the dog")]},
-        {"ref_id": 2, "ann_id": 502, "image_id": 11, "category_id": 1, "split": "train",
-         "file_name": "COCO_train2014_000000000011_502.jpg", "sent_ids": [9],
-         "sentences": [sentence(9, "Person at the right edge")]},
-        {"ref_id": 3, "ann_id": 503, "image_id": 12, "category_id": 62, "split": "val",
-         "file_name": "COCO_train2014_000000000012_503.jpg", "sent_ids": [20],
-         "sentences": [sentence(20, "the chair in the middle")]},
-        {"ref_id": 4, "ann_id": 504, "image_id": 12, "category_id": 1, "split": "test",
-         "file_name": "COCO_train2014_000000000012_504.jpg", "sent_ids": [30, 31],
-         "sentences": [sentence(30, "tiny person top left"), sentence(31, "the person in the corner")]},
+        {
+            "ref_id": 1,
+            "ann_id": 501,
+            "image_id": 11,
+            "category_id": 18,
+            "split": "train",
+            "file_name": "COCO_train2014_000000000011_501.jpg",
+            "sent_ids": [7, 8],
+            "sentences": [sentence(7, "A brown dog on the left."), sentence(8, "the dog")],
+        },
+        {
+            "ref_id": 2,
+            "ann_id": 502,
+            "image_id": 11,
+            "category_id": 1,
+            "split": "train",
+            "file_name": "COCO_train2014_000000000011_502.jpg",
+            "sent_ids": [9],
+            "sentences": [sentence(9, "Person at the right edge")],
+        },
+        {
+            "ref_id": 3,
+            "ann_id": 503,
+            "image_id": 12,
+            "category_id": 62,
+            "split": "val",
+            "file_name": "COCO_train2014_000000000012_503.jpg",
+            "sent_ids": [20],
+            "sentences": [sentence(20, "the chair in the middle")],
+        },
+        {
+            "ref_id": 4,
+            "ann_id": 504,
+            "image_id": 12,
+            "category_id": 1,
+            "split": "test",
+            "file_name": "COCO_train2014_000000000012_504.jpg",
+            "sent_ids": [30, 31],
+            "sentences": [sentence(30, "tiny person top left"), sentence(31, "the person in the corner")],
+        },
     ]
     return write_refer(root, refs, images, annotations, image_folder)
 

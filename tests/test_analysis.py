@@ -19,8 +19,14 @@ from probing.plots import category_figure, category_runs, per_layer_figure
 from probing.report import PAPER_TABLE1, find_runs, write_report
 
 
-def hand_made_run(accuracies: dict[str, float], train: dict[str, int], areas: dict[str, float],
-                  distances: dict[str, float], per_category_examples: int = 20, seeds: int = 1) -> RunResults:
+def hand_made_run(
+    accuracies: dict[str, float],
+    train: dict[str, int],
+    areas: dict[str, float],
+    distances: dict[str, float],
+    per_category_examples: int = 20,
+    seeds: int = 1,
+) -> RunResults:
     """A RefCOCOg run whose categories have exactly the given accuracies and properties."""
     categories, metadata, columns = [], [], []
     for category, accuracy in accuracies.items():
@@ -30,10 +36,23 @@ def hand_made_run(accuracies: dict[str, float], train: dict[str, int], areas: di
             metadata.append({"area_fraction": areas[category], "centre_distance": distances[category]})
             columns.append(1.0 if index < right else 0.0)
     correct = np.tile(np.array(columns), (seeds, 1))
-    return RunResults(path=Path("hand-made"), task="refcocog", mode="frozen", layer=12, probe="linear",
-                      family="blip2", init="pretrained", label="BLIP-2", metric="acc@0.5", seeds=list(range(seeds)),
-                      ids=list(range(len(categories))), categories=categories, correct=correct, metadata=metadata,
-                      train_categories=train)
+    return RunResults(
+        path=Path("hand-made"),
+        task="refcocog",
+        mode="frozen",
+        layer=12,
+        probe="linear",
+        family="blip2",
+        init="pretrained",
+        label="BLIP-2",
+        metric="acc@0.5",
+        seeds=list(range(seeds)),
+        ids=list(range(len(categories))),
+        categories=categories,
+        correct=correct,
+        metadata=metadata,
+        train_categories=train,
+    )
 
 
 def test_kendall_equals_scipy_on_hand_made_tables():
@@ -92,28 +111,82 @@ def test_per_category_splits_examples():
 def runs_folder(tiny_checkpoints, demo_options, tmp_path_factory):
     """Real run folders: both tiny models, frozen at two layers and unfrozen, VSR and RefCOCOg, 2 seeds."""
     root = tmp_path_factory.mktemp("report")
-    options = {"vsr": DataOptions(task="vsr", **demo_options["vsr"]),
-               "refcocog": DataOptions(task="refcocog", **demo_options["refcocog"])}
+    options = {
+        "vsr": DataOptions(task="vsr", **demo_options["vsr"]),
+        "refcocog": DataOptions(task="refcocog", **demo_options["refcocog"]),
+    }
     for family in ("blip2", "instructblip"):
         for task, task_options in options.items():
             for split in ("train", "val", "test"):
-                extract(ExtractionRequest(model=str(tiny_checkpoints[family]), data=task_options, split=split,
-                                          out=root / "features" / family / task / split, workers=0, progress=False,
-                                          store_vision=True))
-            common = ["--task", task, "--features", root / "features" / family / task, "--lr", 3e-3, "--epochs", 2,
-                      "--device", "cpu"]
+                extract(
+                    ExtractionRequest(
+                        model=str(tiny_checkpoints[family]),
+                        data=task_options,
+                        split=split,
+                        out=root / "features" / family / task / split,
+                        workers=0,
+                        progress=False,
+                        store_vision=True,
+                    )
+                )
+            common = [
+                "--task",
+                task,
+                "--features",
+                root / "features" / family / task,
+                "--lr",
+                3e-3,
+                "--epochs",
+                2,
+                "--device",
+                "cpu",
+            ]
             for layer in (2, 4):
-                assert cli(["train", *common, "--layer", layer, "--seeds", "0,1",
-                            "--out", root / "runs" / f"{family}-{task}-frozen-{layer}"]) == 0
-            assert cli(["train", *common, "--layer", 4, "--mode", "unfrozen", "--model", tiny_checkpoints[family],
-                        "--batch-size", 32, *data_args(task_options),
-                        "--out", root / "runs" / f"{family}-{task}-unfrozen-4"]) == 0
+                assert (
+                    cli(
+                        [
+                            "train",
+                            *common,
+                            "--layer",
+                            layer,
+                            "--seeds",
+                            "0,1",
+                            "--out",
+                            root / "runs" / f"{family}-{task}-frozen-{layer}",
+                        ]
+                    )
+                    == 0
+                )
+            assert (
+                cli(
+                    [
+                        "train",
+                        *common,
+                        "--layer",
+                        4,
+                        "--mode",
+                        "unfrozen",
+                        "--model",
+                        tiny_checkpoints[family],
+                        "--batch-size",
+                        32,
+                        *data_args(task_options),
+                        "--out",
+                        root / "runs" / f"{family}-{task}-unfrozen-4",
+                    ]
+                )
+                == 0
+            )
     return root / "runs"
 
 
 def data_args(options: DataOptions) -> list:
-    return [item for key in ("refs", "instances", "images", "vsr") if getattr(options, key)
-            for item in (f"--{key}", getattr(options, key))]
+    return [
+        item
+        for key in ("refs", "instances", "images", "vsr")
+        if getattr(options, key)
+        for item in (f"--{key}", getattr(options, key))
+    ]
 
 
 def cli(args) -> int:
@@ -133,17 +206,25 @@ def test_report_has_the_papers_shapes(runs_folder, tmp_path, capsys):
     assert table1[2] == "| model | mode | RefCOCOg (Acc@0.5) | VSR (acc) |"
     cells = [line.strip("| ").split(" | ") for line in table1[4:] if line.startswith("|")]
     rows = [f"{row[0]}/{row[1]}" for row in cells]
-    assert rows == ["BLIP-2/frozen", "BLIP-2 (paper)/frozen", "BLIP-2/unfrozen", "BLIP-2 (paper)/unfrozen",
-                    "InstructBLIP/frozen", "InstructBLIP (paper)/frozen", "InstructBLIP/unfrozen",
-                    "InstructBLIP (paper)/unfrozen"]
+    assert rows == [
+        "BLIP-2/frozen",
+        "BLIP-2 (paper)/frozen",
+        "BLIP-2/unfrozen",
+        "BLIP-2 (paper)/unfrozen",
+        "InstructBLIP/frozen",
+        "InstructBLIP (paper)/frozen",
+        "InstructBLIP/unfrozen",
+        "InstructBLIP (paper)/unfrozen",
+    ]
     paper_row = next(line for line in table1 if line.startswith("| BLIP-2 (paper) | frozen"))
     assert f"{PAPER_TABLE1[('BLIP-2', 'frozen')]['refcocog']:.2f}" in paper_row
     assert "±" in table1[4] and "[" in table1[4]  # CI and seed spread on frozen rows (2 seeds)
     table2 = (report / "tables" / "table2.md").read_text().splitlines()
     assert table2[2].startswith("| model | mode | ") and "Projective" in table2[2]
     table5 = (report / "tables" / "table5.md").read_text().splitlines()
-    assert table5[2] == ("| model | mode | task | train examples: tau (p) | mean box area: tau (p) | "
-                         "mean centre distance: tau (p) |")
+    assert table5[2] == (
+        "| model | mode | task | train examples: tau (p) | mean box area: tau (p) | mean centre distance: tau (p) |"
+    )
     per_layer = (report / "tables" / "per_layer.md").read_text()
     assert "| BLIP-2 | 2 |" in per_layer and "| BLIP-2 | 4 |" in per_layer
     records = list(csv.DictReader(io.StringIO((report / "tables" / "table1.csv").read_text())))
@@ -177,8 +258,11 @@ def test_figures_and_reports_pick_runs_deterministically(runs_folder, tmp_path):
     runs = [load_run(path) for path in find_runs([runs_folder])]
     chosen = category_runs(runs, "refcocog")  # given layers 2 and 4, a category figure draws layer 4
     assert sorted((r.label, r.mode, r.layer) for r in chosen) == [
-        ("BLIP-2", "frozen", 4), ("BLIP-2", "unfrozen", 4), ("InstructBLIP", "frozen", 4),
-        ("InstructBLIP", "unfrozen", 4)]
+        ("BLIP-2", "frozen", 4),
+        ("BLIP-2", "unfrozen", 4),
+        ("InstructBLIP", "frozen", 4),
+        ("InstructBLIP", "unfrozen", 4),
+    ]
     import shutil
 
     copy = tmp_path / "runs"
@@ -198,8 +282,10 @@ def test_binary_predictions_agree_with_the_metric():
 
     outputs = torch.tensor([[1e-8], [-1e-8], [3.0], [-2.0]])  # sigmoid rounds the first two to exactly 0.5
     labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    examples = [Example(example_id=i, image_id=i, image_path=Path("x.jpg"), text="t", category="c", label=int(y))
-                for i, y in enumerate(labels.tolist())]
+    examples = [
+        Example(example_id=i, image_id=i, image_path=Path("x.jpg"), text="t", category="c", label=int(y))
+        for i, y in enumerate(labels.tolist())
+    ]
     records = BinaryHead().records("test", 0, examples, outputs, labels)
     assert [r["correct"] for r in records] == [True, True, False, True]
     assert sum(r["correct"] for r in records) / 4 == BinaryHead().metrics(outputs, labels)["accuracy"].item()

@@ -17,8 +17,10 @@ from probing.errors import ProbingError
 def test_first_difference_names_nested_fields():
     expected = {"seed": 1, "inputs": {"refs_sha256": "a", "instances_sha256": "b"}}
     assert first_difference(expected, expected) is None
-    assert first_difference(expected, {"seed": 1, "inputs": {"refs_sha256": "x", "instances_sha256": "b"}}) \
+    assert (
+        first_difference(expected, {"seed": 1, "inputs": {"refs_sha256": "x", "instances_sha256": "b"}})
         == "inputs.refs_sha256"
+    )
     assert first_difference(expected, {"seed": 2, "inputs": expected["inputs"]}) == "seed"
     assert first_difference(expected, {"inputs": expected["inputs"]}) == "seed"
 
@@ -51,8 +53,10 @@ def test_sweep_keeps_the_partials_of_live_processes_and_removes_files_too(tmp_pa
     (tmp_path / "shard-00000.safetensors").write_text("finished")
     sweep_stale_partials(tmp_path, ".*.partial-*")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f".shard-00001.safetensors.partial-{os.getpid()}", ".shard-00003.safetensors.partial-x",
-        "shard-00000.safetensors"]
+        f".shard-00001.safetensors.partial-{os.getpid()}",
+        ".shard-00003.safetensors.partial-x",
+        "shard-00000.safetensors",
+    ]
 
 
 def test_an_output_finished_meanwhile_by_another_process_is_kept(tmp_path):

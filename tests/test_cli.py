@@ -26,8 +26,20 @@ def test_console_script_and_module_entry_points_exist():
 
 def test_stats_json_on_the_demo_data(capsys, demo_options):
     options = demo_options["refcocog"]
-    code, out, err = run_cli(capsys, "data", "stats", "--task", "refcocog", "--refs", str(options["refs"]),
-                             "--instances", str(options["instances"]), "--images", str(options["images"]), "--json")
+    code, out, err = run_cli(
+        capsys,
+        "data",
+        "stats",
+        "--task",
+        "refcocog",
+        "--refs",
+        str(options["refs"]),
+        "--instances",
+        str(options["instances"]),
+        "--images",
+        str(options["images"]),
+        "--json",
+    )
     assert code == 0, err
     stats = json.loads(out)
     assert set(stats["splits"]) == {"train", "val", "test"}
@@ -44,37 +56,96 @@ def test_stats_counts_missing_images_without_decoding(capsys, tmp_path):
     paths = small_refer_dataset(tmp_path)
     (paths["images"] / "train2014" / "COCO_train2014_000000000012.jpg").unlink()
     (paths["images"] / "train2014" / "COCO_train2014_000000000011.jpg").write_bytes(b"not a jpeg")  # exists: ok
-    code, out, _ = run_cli(capsys, "data", "stats", "--task", "refcocog", "--refs", str(paths["refs"]),
-                           "--instances", str(paths["instances"]), "--images", str(paths["images"]),
-                           "--split", "train", "--split", "test", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "data",
+        "stats",
+        "--task",
+        "refcocog",
+        "--refs",
+        str(paths["refs"]),
+        "--instances",
+        str(paths["instances"]),
+        "--images",
+        str(paths["images"]),
+        "--split",
+        "train",
+        "--split",
+        "test",
+        "--json",
+    )
     assert code == 0
     stats = json.loads(out)["splits"]
     assert set(stats) == {"train", "test"}
-    assert stats["train"] == {**stats["train"], "examples": 3, "images": 1, "missing_images": 0,
-                              "categories": {"animal": 2, "person": 1}}
+    assert stats["train"] == {
+        **stats["train"],
+        "examples": 3,
+        "images": 1,
+        "missing_images": 0,
+        "categories": {"animal": 2, "person": 1},
+    }
     assert stats["test"]["missing_images"] == 1
     assert stats["test"]["first_missing_image"].endswith("train2014/COCO_train2014_000000000012.jpg")
 
 
 def test_stats_for_vsr_and_rcm(capsys, demo_options, tmp_path):
     vsr = demo_options["vsr"]
-    code, out, _ = run_cli(capsys, "data", "stats", "--task", "vsr", "--vsr", str(vsr["vsr"]),
-                           "--images", str(vsr["images"]), "--split", "val", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "data",
+        "stats",
+        "--task",
+        "vsr",
+        "--vsr",
+        str(vsr["vsr"]),
+        "--images",
+        str(vsr["images"]),
+        "--split",
+        "val",
+        "--json",
+    )
     assert code == 0
     val = json.loads(out)["splits"]["val"]
     dev_lines = (vsr["vsr"] / "dev.jsonl").read_text().splitlines()
     assert val["examples"] == len(dev_lines)
     assert val["labels"]["1"] == sum(json.loads(line)["label"] for line in dev_lines)
     ref = demo_options["refcocog"]
-    code, out, _ = run_cli(capsys, "build-rcm", "--refs", str(ref["refs"]), "--instances", str(ref["instances"]),
-                           "--out", str(tmp_path / "rcm"))
+    code, out, _ = run_cli(
+        capsys,
+        "build-rcm",
+        "--refs",
+        str(ref["refs"]),
+        "--instances",
+        str(ref["instances"]),
+        "--out",
+        str(tmp_path / "rcm"),
+    )
     assert code == 0 and "train examples" in out and "positives" in out
-    code, out, _ = run_cli(capsys, "data", "stats", "--task", "rcm", "--rcm", str(tmp_path / "rcm"),
-                           "--images", str(ref["images"]), "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "data",
+        "stats",
+        "--task",
+        "rcm",
+        "--rcm",
+        str(tmp_path / "rcm"),
+        "--images",
+        str(ref["images"]),
+        "--json",
+    )
     assert code == 0
     cells = json.loads(out)["splits"]["test"]["categories"]
-    assert list(cells) == ["top left", "top middle", "top right", "middle left", "middle", "middle right",
-                           "bottom left", "bottom middle", "bottom right"]
+    assert list(cells) == [
+        "top left",
+        "top middle",
+        "top right",
+        "middle left",
+        "middle",
+        "middle right",
+        "bottom left",
+        "bottom middle",
+        "bottom right",
+    ]
     assert len({(c["positive"], c["negative"]) for c in cells.values()}) == 1  # balanced
 
 
@@ -83,10 +154,14 @@ def test_stats_for_vsr_and_rcm(capsys, demo_options, tmp_path):
     [
         (["data", "stats", "--task", "vsr"], "error: --vsr is required for --task vsr"),
         (["data", "stats", "--task", "coco"], "error: --task: unknown task 'coco'"),
-        (["data", "stats", "--task", "vsr", "--vsr", "{missing}", "--images", "{tmp}"],
-         "error: --vsr: {missing}: not found"),
-        (["build-rcm", "--refs", "{missing}", "--instances", "{missing}", "--out", "{tmp}/rcm"],
-         "error: {missing}: file not found"),
+        (
+            ["data", "stats", "--task", "vsr", "--vsr", "{missing}", "--images", "{tmp}"],
+            "error: --vsr: {missing}: not found",
+        ),
+        (
+            ["build-rcm", "--refs", "{missing}", "--instances", "{missing}", "--out", "{tmp}/rcm"],
+            "error: {missing}: file not found",
+        ),
         (["make-demo-data", "{tmp}/d", "--vsr-version", "v3"], "error: --vsr-version: unknown version 'v3'"),
     ],
 )
@@ -102,8 +177,19 @@ def test_user_errors_are_one_line_with_exit_2(capsys, tmp_path, args, message):
 def test_bad_jsonl_line_and_truncated_pickle_through_the_cli(capsys, tmp_path):
     paths = small_refer_dataset(tmp_path)
     paths["refs"].write_bytes(paths["refs"].read_bytes()[:40])
-    code, _, err = run_cli(capsys, "data", "stats", "--task", "refcocog", "--refs", str(paths["refs"]),
-                           "--instances", str(paths["instances"]), "--images", str(paths["images"]))
+    code, _, err = run_cli(
+        capsys,
+        "data",
+        "stats",
+        "--task",
+        "refcocog",
+        "--refs",
+        str(paths["refs"]),
+        "--instances",
+        str(paths["instances"]),
+        "--images",
+        str(paths["images"]),
+    )
     assert code == 2 and "refs(umd).p: not a readable pickle" in err and err.count("\n") == 1
     vsr = tmp_path / "vsr"
     vsr.mkdir()
@@ -118,8 +204,18 @@ def test_bad_jsonl_line_and_truncated_pickle_through_the_cli(capsys, tmp_path):
 
 def test_unknown_split_and_verbose_traceback(capsys, demo_options):
     vsr = demo_options["vsr"]
-    args = ["data", "stats", "--task", "vsr", "--vsr", str(vsr["vsr"]), "--images", str(vsr["images"]),
-            "--split", "holdout"]
+    args = [
+        "data",
+        "stats",
+        "--task",
+        "vsr",
+        "--vsr",
+        str(vsr["vsr"]),
+        "--images",
+        str(vsr["images"]),
+        "--split",
+        "holdout",
+    ]
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and err == "error: --split: unknown split 'holdout' (choose train, val, test)\n"
     code, _, err = run_cli(capsys, *args, "--verbose")
@@ -133,8 +229,9 @@ def test_make_demo_data_reuses_and_refuses_another_seed(capsys, tmp_path):
     stamp = (out / "manifest.json").stat().st_mtime_ns
     code, text, _ = run_cli(capsys, "make-demo-data", str(out), "--refcocog-images", "30", "--vsr-images", "12")
     assert code == 0 and "already there" in text and (out / "manifest.json").stat().st_mtime_ns == stamp
-    code, _, err = run_cli(capsys, "make-demo-data", str(out), "--refcocog-images", "30", "--vsr-images", "12",
-                           "--seed", "1")
+    code, _, err = run_cli(
+        capsys, "make-demo-data", str(out), "--refcocog-images", "30", "--vsr-images", "12", "--seed", "1"
+    )
     assert code == 2 and "made with a different 'seed'" in err
 
 
@@ -153,20 +250,32 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
     code, out, err = run_cli(capsys, "demo", *reduced)
     assert code == 0, err
     assert "### Table 1: test accuracy, linear probe on the last layer (%)" in out
-    for row in ("| BLIP-2 (tiny random) | frozen |", "| BLIP-2 (tiny random) | unfrozen |",
-                "| InstructBLIP (tiny random) | frozen |", "| InstructBLIP (tiny random) | unfrozen |"):
+    for row in (
+        "| BLIP-2 (tiny random) | frozen |",
+        "| BLIP-2 (tiny random) | unfrozen |",
+        "| InstructBLIP (tiny random) | frozen |",
+        "| InstructBLIP (tiny random) | unfrozen |",
+    ):
         assert row in out
-    assert "searches: 30 built, 0 reused" in out and "not the paper's numbers" in out
+    assert "searches: 34 built, 0 reused" in out and "not the paper's numbers" in out
     report = tmp_path / "demo" / "report-demo"
     assert f"report: {report / 'README.md'}" in out
     readme = (report / "README.md").read_text()
-    for section in ("### Table 1", "### Table 2", "### Table 5", "### Per layer", "## Figures"):
+    for section in (
+        "### Table 1",
+        "### Table 2",
+        "### Table 3",
+        "### Table 5",
+        "### Per layer",
+        "### ROC-AUC",
+        "## Figures",
+    ):
         assert section in readme
     assert len(list((report / "figures").glob("*.png"))) == 6
     tables = {p.name: p.read_bytes() for p in (report / "tables").iterdir()}
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}
     code, out, err = run_cli(capsys, "demo", *reduced)
     assert code == 0, err
-    assert "searches: 0 built, 30 reused" in out and "features: 0 built, 18 reused" in out
+    assert "searches: 0 built, 34 reused" in out and "features: 0 built, 18 reused" in out
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}  # all reused
     assert tables == {p.name: p.read_bytes() for p in (report / "tables").iterdir()}  # identical results

@@ -15,8 +15,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAPER_CONFIGS = ["table1", "table2", "table3", "table5", "figure2a", "figure2b", "figure4", "figure5", "controls"]
 
 
-
-
 @pytest.mark.parametrize("name", [*PAPER_CONFIGS, "demo"])
 def test_every_shipped_config_is_valid(name):
     config = load_config(ROOT / "experiments" / f"{name}.yaml", check_paths=False)
@@ -30,12 +28,19 @@ def test_paper_configs_share_one_workspace_and_the_main_experiment():
     table1 = configs["table1"]
     main_experiment = table1.experiments[0]
     assert (main_experiment.tasks, main_experiment.modes, main_experiment.layers, main_experiment.probes) == (
-        ["refcocog", "vsr", "rcm"], ["frozen", "unfrozen"], "last", ["linear"])
+        ["refcocog", "vsr", "rcm"],
+        ["frozen", "unfrozen"],
+        "last",
+        ["linear"],
+    )
     assert main_experiment.search.trials >= 10 and table1.report.compare_paper
     for name in ("table2", "table5", "figure2b", "figure5"):  # reuse Table 1's runs: same experiment settings
         other = configs[name].experiments[0]
-        assert other.name == "main" and other.search == main_experiment.search and set(other.tasks) < set(
-            main_experiment.tasks)
+        assert (
+            other.name == "main"
+            and other.search == main_experiment.search
+            and set(other.tasks) < set(main_experiment.tasks)
+        )
     assert configs["table3"].experiments[0].probes == ["linear", "swiglu2", "swiglu4"]
     assert configs["figure4"].experiments[0].layers == "all" and configs["figure2a"].experiments[0].tasks == ["vsr"]
 
@@ -44,41 +49,72 @@ def test_the_demo_config_is_the_packaged_one():
     assert load_config(ROOT / "experiments" / "demo.yaml", check_paths=False) == demo_config()
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"experimentz": []}, "config field 'experimentz': unknown field (allowed: name, workspace, models, "),
-    ({"name": 3}, "config field 'name': expected a string, got 3"),
-    ({"experiments": [{"name": "x", "tasks": ["refcocog", "coco"], "models": ["m"]}]},
-     "config field 'experiments[0].tasks[1]': unknown task 'coco' (known: refcocog, vsr, rcm, refcocog-google, "
-     "refcoco, refcoco+, vsr-zeroshot; or the path of a task .yaml file)"),
-    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["other"]}]},
-     "config field 'experiments[0].models[0]': no model 'other' in 'models'"),
-    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "layers": "first"}]},
-     "config field 'experiments[0].layers': expected a list of an integer or 'last' | 'all', got 'first'"),
-    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"trials": "ten"}}]},
-     "config field 'experiments[0].search.trials': expected an integer, got 'ten'"),
-    ({"models": {"m": {"model": "blip2", "tiny": "blip2"}}}, "config field 'models.m': give exactly one of"),
-    ({"data": {"images": "nowhere", "vsr": "nowhere"}}, "config field 'data.images': nowhere: not found"),
-    ({"data": {"images": "."}}, "config field 'data.vsr': missing (needed by the experiments' tasks)"),
-    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"seed": -1}}]},
-     "config field 'experiments[0].search.seed': must be >= 0, got -1"),
-    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"final_seeds": [0, 0]}}]},
-     "config field 'experiments[0].search.final_seeds': at least one seed, each once"),
-    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "layers": [2, 2]}]},
-     "config field 'experiments[0].layers': an entry is repeated"),
-    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "modes": []}]},
-     "config field 'experiments[0].modes': empty"),
-    ({"extract": {"workers": -1}}, "config field 'extract.workers': must be >= 0, got -1"),
-    ({"extract": {"shard_size": 0}}, "config field 'extract.shard_size': must be >= 1, got 0"),
-    ({"extract": {"qformer_dtype": "fp8"}},
-     "config field 'extract.qformer_dtype': expected 'float16' | 'bfloat16' | 'float32', got 'fp8'"),
-    ({"train": {"patience": {"rcm": 0}}}, "config field 'train.patience.rcm': must be >= 1, got 0"),
-    ({"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"],
-                       "search": {"space": {"vsr": {"lr": [0.1, 0.01]}}}}]},
-     "config field 'experiments[0].search.space.vsr': search space: lr bounds must satisfy 0 < low <= high"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"experimentz": []}, "config field 'experimentz': unknown field (allowed: name, workspace, models, "),
+        ({"name": 3}, "config field 'name': expected a string, got 3"),
+        (
+            {"experiments": [{"name": "x", "tasks": ["refcocog", "coco"], "models": ["m"]}]},
+            "config field 'experiments[0].tasks[1]': unknown task 'coco' (known: refcocog, vsr, rcm, refcocog-google, "
+            "refcoco, refcoco+, vsr-zeroshot; or the path of a task .yaml file)",
+        ),
+        (
+            {"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["other"]}]},
+            "config field 'experiments[0].models[0]': no model 'other' in 'models'",
+        ),
+        (
+            {"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "layers": "first"}]},
+            "config field 'experiments[0].layers': expected a list of an integer or 'last' | 'all', got 'first'",
+        ),
+        (
+            {"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"trials": "ten"}}]},
+            "config field 'experiments[0].search.trials': expected an integer, got 'ten'",
+        ),
+        ({"models": {"m": {"model": "blip2", "tiny": "blip2"}}}, "config field 'models.m': give exactly one of"),
+        ({"data": {"images": "nowhere", "vsr": "nowhere"}}, "config field 'data.images': nowhere: not found"),
+        ({"data": {"images": "."}}, "config field 'data.vsr': missing (needed by the experiments' tasks)"),
+        (
+            {"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"seed": -1}}]},
+            "config field 'experiments[0].search.seed': must be >= 0, got -1",
+        ),
+        (
+            {"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"final_seeds": [0, 0]}}]},
+            "config field 'experiments[0].search.final_seeds': at least one seed, each once",
+        ),
+        (
+            {"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "layers": [2, 2]}]},
+            "config field 'experiments[0].layers': an entry is repeated",
+        ),
+        (
+            {"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "modes": []}]},
+            "config field 'experiments[0].modes': empty",
+        ),
+        ({"extract": {"workers": -1}}, "config field 'extract.workers': must be >= 0, got -1"),
+        ({"extract": {"shard_size": 0}}, "config field 'extract.shard_size': must be >= 1, got 0"),
+        (
+            {"extract": {"qformer_dtype": "fp8"}},
+            "config field 'extract.qformer_dtype': expected 'float16' | 'bfloat16' | 'float32', got 'fp8'",
+        ),
+        ({"train": {"patience": {"rcm": 0}}}, "config field 'train.patience.rcm': must be >= 1, got 0"),
+        (
+            {
+                "experiments": [
+                    {"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"space": {"vsr": {"lr": [0.1, 0.01]}}}}
+                ]
+            },
+            "config field 'experiments[0].search.space.vsr': search space: lr bounds must satisfy 0 < low <= high",
+        ),
+    ],
+)
 def test_config_errors_name_the_field(capsys, tmp_path, change, message):
-    config = {"name": "t", "workspace": str(tmp_path / "w"), "models": {"m": {"model": "blip2"}},
-              "experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"]}], "data": {"images": ".", "vsr": "."}}
+    config = {
+        "name": "t",
+        "workspace": str(tmp_path / "w"),
+        "models": {"m": {"model": "blip2"}},
+        "experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"]}],
+        "data": {"images": ".", "vsr": "."},
+    }
     config |= change
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -98,15 +134,30 @@ def test_yaml_syntax_error_names_the_line(capsys, tmp_path):
 
 def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_path, tiny_checkpoints):
     config = {
-        "name": "small", "workspace": str(tmp_path / "w"),
+        "name": "small",
+        "workspace": str(tmp_path / "w"),
         "models": {"BLIP-2 (tiny)": {"model": str(tiny_checkpoints["blip2"])}},
         "data": {"demo": {"refcocog_images": 160, "vsr_images": 60}},
         "experiments": [
-            {"name": "frozen", "tasks": ["vsr", "rcm"], "models": ["BLIP-2 (tiny)"], "layers": [2, 4],
-             "search": {"trials": 3, "batch": 3, "final_seeds": [0, 1],
-                        "space": {"vsr": {"lr": [0.001, 0.01], "epochs": [3]}, "rcm": {"epochs": [3]}}}},
-            {"name": "unfrozen", "tasks": ["vsr"], "models": ["BLIP-2 (tiny)"], "modes": ["unfrozen"],
-             "search": {"trials": 1, "batch": 1, "space": {"vsr": {"epochs": [2]}}}},
+            {
+                "name": "frozen",
+                "tasks": ["vsr", "rcm"],
+                "models": ["BLIP-2 (tiny)"],
+                "layers": [2, 4],
+                "search": {
+                    "trials": 3,
+                    "batch": 3,
+                    "final_seeds": [0, 1],
+                    "space": {"vsr": {"lr": [0.001, 0.01], "epochs": [3]}, "rcm": {"epochs": [3]}},
+                },
+            },
+            {
+                "name": "unfrozen",
+                "tasks": ["vsr"],
+                "models": ["BLIP-2 (tiny)"],
+                "modes": ["unfrozen"],
+                "search": {"trials": 1, "batch": 1, "space": {"vsr": {"epochs": [2]}}},
+            },
         ],
         "train": {"unfrozen_batch_size": 32},
         "extract": {"qformer_dtype": "bfloat16"},
@@ -119,13 +170,13 @@ def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_pa
     assert code == 0, err
     assert "searches: 5 built, 0 reused" in out and "features: 6 built, 0 reused" in out
     stores = list((tmp_path / "w" / "features").rglob("manifest.json"))
-    assert len(stores) == 6 and all(json.loads(p.read_text())["request"]["qformer_dtype"] == "bfloat16"
-                                    for p in stores)
+    assert len(stores) == 6 and all(json.loads(p.read_text())["request"]["qformer_dtype"] == "bfloat16" for p in stores)
     tables = {p.name: p.read_bytes() for p in (tmp_path / "report" / "tables").iterdir()}
     assert {"table1.md", "table1.csv", "table2.md", "table4.md", "table5.md", "per_layer.md"} <= set(tables)
     table4 = (tmp_path / "report" / "tables" / "table4.md").read_text().splitlines()
-    assert table4[2] == ("| model | mode | task | layer | probe | lr | epochs | GIoU scale | L1 scale | trials | "
-                         "val (%) | test (%) |")
+    assert table4[2] == (
+        "| model | mode | task | layer | probe | lr | epochs | GIoU scale | L1 scale | trials | val (%) | test (%) |"
+    )
     rows = [line for line in table4[4:] if line.startswith("| BLIP-2 (tiny)")]
     assert len(rows) == 5  # one per search: vsr and rcm at layers 2 and 4 frozen, vsr unfrozen
     assert all(row.split(" | ")[6] == "3" for row in rows if "| frozen |" in row)  # epochs from the space
@@ -142,15 +193,32 @@ def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_pa
 def test_configs_sharing_a_workspace_reuse_features_and_runs(tmp_path, tiny_checkpoints, capsys):
     """Table 1 (frozen + unfrozen) then Table 3 (frozen only) on one workspace: the second extracts nothing
     and reuses the frozen search, although its own store layout would hold no ViT outputs."""
-    base = {"workspace": str(tmp_path / "w"), "device": "cpu",
-            "models": {"BLIP-2 (tiny)": {"model": str(tiny_checkpoints["blip2"])}},
-            "data": {"demo": {"refcocog_images": 160, "vsr_images": 60}}, "train": {"unfrozen_batch_size": 32}}
+    base = {
+        "workspace": str(tmp_path / "w"),
+        "device": "cpu",
+        "models": {"BLIP-2 (tiny)": {"model": str(tiny_checkpoints["blip2"])}},
+        "data": {"demo": {"refcocog_images": 160, "vsr_images": 60}},
+        "train": {"unfrozen_batch_size": 32},
+    }
     search = {"trials": 2, "batch": 2, "space": {"vsr": {"lr": [0.001, 0.01], "epochs": [2]}}}
-    first = base | {"name": "first", "experiments": [
-        {"name": "main", "tasks": ["vsr"], "models": ["BLIP-2 (tiny)"], "modes": ["frozen", "unfrozen"],
-         "search": search}]}
-    second = base | {"name": "second", "experiments": [
-        {"name": "main", "tasks": ["vsr"], "models": ["BLIP-2 (tiny)"], "modes": ["frozen"], "search": search}]}
+    first = base | {
+        "name": "first",
+        "experiments": [
+            {
+                "name": "main",
+                "tasks": ["vsr"],
+                "models": ["BLIP-2 (tiny)"],
+                "modes": ["frozen", "unfrozen"],
+                "search": search,
+            }
+        ],
+    }
+    second = base | {
+        "name": "second",
+        "experiments": [
+            {"name": "main", "tasks": ["vsr"], "models": ["BLIP-2 (tiny)"], "modes": ["frozen"], "search": search}
+        ],
+    }
     for name, config in (("first", first), ("second", second)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
     code, out, err = run_cli(capsys, "run", tmp_path / "first.yaml")
@@ -159,5 +227,4 @@ def test_configs_sharing_a_workspace_reuse_features_and_runs(tmp_path, tiny_chec
     code, out, err = run_cli(capsys, "run", tmp_path / "second.yaml")
     assert code == 0, err
     assert "features: 0 built, 3 reused" in out and "searches: 0 built, 1 reused" in out
-    assert [p.name for p in (tmp_path / "w" / "features" / "BLIP-2 (tiny)" / "vsr").iterdir()] == [
-        "layers-4-vision"]
+    assert [p.name for p in (tmp_path / "w" / "features" / "BLIP-2 (tiny)" / "vsr").iterdir()] == ["layers-4-vision"]

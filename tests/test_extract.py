@@ -15,24 +15,50 @@ import torch
 from conftest import run_cli
 
 from probing.data import DataOptions
-from probing.tasks import load_split
 from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract, parse_layers, plan_shards
 from probing.features import FeatureStore, VisionStore
 from probing.models import load_resampler
+from probing.tasks import load_split
 
 
 def request(checkpoint, options, out, **overrides):
-    settings = dict(model=str(checkpoint), data=options, split="val", out=out, shard_size=40, batch_size=16,
-                    workers=0, progress=False, dtype="float32")
+    settings = dict(
+        model=str(checkpoint),
+        data=options,
+        split="val",
+        out=out,
+        shard_size=40,
+        batch_size=16,
+        workers=0,
+        progress=False,
+        dtype="float32",
+    )
     return ExtractionRequest(**(settings | overrides))
 
 
 def cli_args(checkpoint, options, out, *extra):
-    return ["extract", "--model", str(checkpoint), "--task", "refcocog", "--refs", str(options.refs),
-            "--instances", str(options.instances), "--images", str(options.images), "--split", "val",
-            "--out", str(out), "--workers", "0", *extra]
+    return [
+        "extract",
+        "--model",
+        str(checkpoint),
+        "--task",
+        "refcocog",
+        "--refs",
+        str(options.refs),
+        "--instances",
+        str(options.instances),
+        "--images",
+        str(options.images),
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -104,8 +130,9 @@ def test_vision_store_holds_each_image_once(store, tiny_checkpoints, refcocog_va
 
 
 def test_storage_dtype_and_layer_zero(tiny_checkpoints, refcocog_val, tmp_path, store):
-    half = extract(request(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "half", dtype="float16",
-                           layers="0,4")).value
+    half = extract(
+        request(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "half", dtype="float16", layers="0,4")
+    ).value
     assert half.load(4).dtype == torch.float16 and half.layers == [0, 4]
     assert torch.allclose(half.load(4).float(), store.load(4), atol=2e-3, rtol=1e-3)
 
@@ -113,8 +140,16 @@ def test_storage_dtype_and_layer_zero(tiny_checkpoints, refcocog_val, tmp_path, 
 def test_a_compiled_vit_gives_the_same_features(tiny_checkpoints, refcocog_val, tmp_path, store):
     """`--compile-vision` (torch.compile, here through the CPU compiler): the same features to rounding, and a
     store identity that says so (fused kernels change the last bits, so such a store is never mixed)."""
-    compiled = extract(request(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "compiled", store_vision=True,
-                               layers="1,4", compile_vision=True)).value
+    compiled = extract(
+        request(
+            tiny_checkpoints["blip2"],
+            refcocog_val,
+            tmp_path / "compiled",
+            store_vision=True,
+            layers="1,4",
+            compile_vision=True,
+        )
+    ).value
     assert compiled.manifest["request"]["vision_compiled"] is True
     assert "vision_compiled" not in store.manifest["request"]
     assert compiled.ids == store.ids
@@ -124,13 +159,23 @@ def test_a_compiled_vit_gives_the_same_features(tiny_checkpoints, refcocog_val, 
 
 def test_a_kill_mid_run_resumes_to_identical_bytes(tiny_checkpoints, refcocog_val, tmp_path):
     """SIGKILL a real extraction after some shards, rerun it: the store equals an uninterrupted run's."""
-    options = DataOptions(task="refcocog", refs=refcocog_val.refs, instances=refcocog_val.instances,
-                          images=refcocog_val.images)
-    args = cli_args(tiny_checkpoints["instructblip"], options, tmp_path / "killed", "--shard-size", "4",
-                    "--batch-size", "4", "--store-vision")
+    options = DataOptions(
+        task="refcocog", refs=refcocog_val.refs, instances=refcocog_val.instances, images=refcocog_val.images
+    )
+    args = cli_args(
+        tiny_checkpoints["instructblip"],
+        options,
+        tmp_path / "killed",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--store-vision",
+    )
     args[args.index("val")] = "train"  # ~1,100 examples: ~290 shards, long enough to be killed mid-way
-    process = subprocess.Popen([sys.executable, "-m", "probing", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "probing", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while len(list((tmp_path / "killed").glob("shard-*.safetensors"))) < 3 and time.time() < deadline:
         time.sleep(0.002)
@@ -163,8 +208,10 @@ def test_a_different_request_is_refused_naming_the_field(capsys, tiny_checkpoint
         (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--init", "random"), "model.init"),
         (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--dtype", "float32"), "dtype"),
         (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--batch-size", "7"), "batch_size"),
-        (cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--compile-vision"),
-         "vision_compiled"),
+        (
+            cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4", "--compile-vision"),
+            "vision_compiled",
+        ),
     ]
     test_split = cli_args(tiny_checkpoints["blip2"], refcocog_val, out, "--layers", "4")
     test_split[test_split.index("val")] = "test"
@@ -172,15 +219,21 @@ def test_a_different_request_is_refused_naming_the_field(capsys, tiny_checkpoint
     for args, field in cases:
         code, _, err = run_cli(capsys, *args)
         assert code == 2, err
-        assert err == (f"error: {out}: holds features made with a different '{field}'; choose another output "
-                       "directory or remove it\n")
+        assert err == (
+            f"error: {out}: holds features made with a different '{field}'; choose another output "
+            "directory or remove it\n"
+        )
 
 
 def test_bad_images_stop_the_run_or_are_recorded(capsys, tiny_checkpoints, demo_root, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_root, data)
-    options = DataOptions(task="refcocog", refs=data / "refcocog" / "refs(umd).p",
-                          instances=data / "refcocog" / "instances.json", images=data / "images")
+    options = DataOptions(
+        task="refcocog",
+        refs=data / "refcocog" / "refs(umd).p",
+        instances=data / "refcocog" / "instances.json",
+        images=data / "images",
+    )
     examples = load_split(options, "val").examples
     broken = examples[0].image_path
     gone = next(e.image_path for e in examples if e.image_path != broken)
@@ -190,11 +243,12 @@ def test_bad_images_stop_the_run_or_are_recorded(capsys, tiny_checkpoints, demo_
     assert not list((tmp_path / "a").glob("shard-*"))
     gone.unlink()
     code, _, err = run_cli(capsys, *cli_args(tiny_checkpoints["blip2"], options, tmp_path / "b"))
-    assert code == 2 and err == (f"error: {gone}: image not found (1 of {len({e.image_path for e in examples})} "
-                                 "images missing; --skip-bad-images records them in the manifest and leaves their "
-                                 "examples out)\n")
-    code, out, err = run_cli(capsys, *cli_args(tiny_checkpoints["blip2"], options, tmp_path / "c",
-                                                "--skip-bad-images"))
+    assert code == 2 and err == (
+        f"error: {gone}: image not found (1 of {len({e.image_path for e in examples})} "
+        "images missing; --skip-bad-images records them in the manifest and leaves their "
+        "examples out)\n"
+    )
+    code, out, err = run_cli(capsys, *cli_args(tiny_checkpoints["blip2"], options, tmp_path / "c", "--skip-bad-images"))
     assert code == 0, err
     stored = FeatureStore(tmp_path / "c")
     dropped = {e.example_id for e in examples if e.image_path in (broken, gone)}
@@ -207,14 +261,19 @@ def test_bad_images_stop_the_run_or_are_recorded(capsys, tiny_checkpoints, demo_
 def test_layer_and_option_errors(capsys, tiny_checkpoints, refcocog_val, tmp_path):
     assert parse_layers("all", 12) == list(range(1, 13))
     assert parse_layers("12,1,6,6", 12) == [1, 6, 12]
-    for spec, message in [("13", "layer 13 does not exist"), ("a,b", "is not 'all' or a comma-separated"),
-                          ("", "no layer given"), ("-1", "layer -1 does not exist")]:
+    for spec, message in [
+        ("13", "layer 13 does not exist"),
+        ("a,b", "is not 'all' or a comma-separated"),
+        ("", "no layer given"),
+        ("-1", "layer -1 does not exist"),
+    ]:
         with pytest.raises(ProbingError, match=message):
             parse_layers(spec, 12)
     code, _, err = run_cli(capsys, *cli_args(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "x", "--layers", "5"))
     assert code == 2 and err == "error: --layers: layer 5 does not exist (the Q-Former has layers 1..4)\n"
-    code, _, err = run_cli(capsys, *cli_args(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "x",
-                                              "--dtype", "int8"))
+    code, _, err = run_cli(
+        capsys, *cli_args(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "x", "--dtype", "int8")
+    )
     assert code == 2 and err == "error: --dtype: unknown value 'int8' (choose float16, bfloat16, float32)\n"
     assert not (tmp_path / "x").exists()  # nothing written for a refused request
 
@@ -261,14 +320,27 @@ def test_a_shard_whose_images_are_all_bad_loads(tiny_checkpoints, demo_root, tmp
     other shards."""
     data = tmp_path / "data"
     shutil.copytree(demo_root, data)
-    options = DataOptions(task="refcocog", refs=data / "refcocog" / "refs(umd).p",
-                          instances=data / "refcocog" / "instances.json", images=data / "images")
+    options = DataOptions(
+        task="refcocog",
+        refs=data / "refcocog" / "refs(umd).p",
+        instances=data / "refcocog" / "instances.json",
+        images=data / "images",
+    )
     examples = load_split(options, "val").examples
     first_image = min(e.image_id for e in examples)  # the store's first shard starts with it
     first = [e for e in examples if e.image_id == first_image]
     first[0].image_path.write_bytes(first[0].image_path.read_bytes()[:200])  # a truncated JPEG
-    stored = extract(request(tiny_checkpoints["blip2"], options, tmp_path / "f", shard_size=len(first),
-                             skip_bad_images=True, store_vision=True, layers="4")).value
+    stored = extract(
+        request(
+            tiny_checkpoints["blip2"],
+            options,
+            tmp_path / "f",
+            shard_size=len(first),
+            skip_bad_images=True,
+            store_vision=True,
+            layers="4",
+        )
+    ).value
     assert stored.manifest["shards"][0]["examples"] == 0 and len(stored.manifest["bad_images"]) == 1
     images = {e.image_id for e in examples} - {first_image}
     vision = stored.vision.load()
@@ -289,17 +361,44 @@ def test_plan_groups_images_and_owns_each_once(refcocog_val):
 def test_several_processes_through_accelerate(tiny_checkpoints, refcocog_val, tmp_path):
     """`accelerate launch` with 2 processes: each writes its own shards; the store matches one process's."""
     accelerate = Path(sys.executable).parent / "accelerate"
-    args = cli_args(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "multi", "--shard-size", "16",
-                    "--store-vision", "--dtype", "float32")
-    result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "probing", *args],
-                            capture_output=True, text=True, timeout=300)
+    args = cli_args(
+        tiny_checkpoints["blip2"],
+        refcocog_val,
+        tmp_path / "multi",
+        "--shard-size",
+        "16",
+        "--store-vision",
+        "--dtype",
+        "float32",
+    )
+    result = subprocess.run(
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "probing",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     counts = [int(n) for n in re.findall(r"extracted (\d+) examples", result.stderr)]
     multi = FeatureStore(tmp_path / "multi")
     assert len(counts) == 2 and sum(counts) == len(multi) and min(counts) > 0  # the work was split
-    single = extract(request(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "single", shard_size=16,
-                             store_vision=True)).value
+    single = extract(
+        request(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "single", shard_size=16, store_vision=True)
+    ).value
     assert multi.ids == single.ids and multi.vision.ids == single.vision.ids
     for layer in single.layers:  # torchrun gives each process one thread: last-bit differences only
         assert torch.allclose(multi.load(layer), single.load(layer), atol=1e-6, rtol=0)

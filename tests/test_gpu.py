@@ -14,9 +14,9 @@ from test_models import model_inputs
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
 from probing.data import DataOptions
-from probing.tasks import load_split
 from probing.extract import ExtractionRequest, extract
 from probing.models import load_resampler
+from probing.tasks import load_split
 from probing.train import TrainSettings, Trial, train_frozen, train_single
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -34,8 +34,18 @@ def strict_fp32():
 
 
 def store_on(device, checkpoint, options, out, **overrides):
-    settings = dict(model=str(checkpoint), data=options, split="val", out=out, batch_size=16, shard_size=64,
-                    dtype="float32", workers=2, progress=False, device=device)
+    settings = dict(
+        model=str(checkpoint),
+        data=options,
+        split="val",
+        out=out,
+        batch_size=16,
+        shard_size=64,
+        dtype="float32",
+        workers=2,
+        progress=False,
+        device=device,
+    )
     return extract(ExtractionRequest(**(settings | overrides))).value
 
 
@@ -47,8 +57,14 @@ def inputs_for(resampler, options, ids):
 
 @pytest.fixture(scope="module")
 def blip2_gpu_store(tiny_checkpoints, refcocog_val, tmp_path_factory):
-    return store_on(CUDA, tiny_checkpoints["blip2"], refcocog_val, tmp_path_factory.mktemp("gpu") / "blip2",
-                    vision_dtype="float32", layers="all")
+    return store_on(
+        CUDA,
+        tiny_checkpoints["blip2"],
+        refcocog_val,
+        tmp_path_factory.mktemp("gpu") / "blip2",
+        vision_dtype="float32",
+        layers="all",
+    )
 
 
 def test_blip2_gpu_store_equals_transformers_forward_on_the_gpu(blip2_gpu_store, tiny_checkpoints, refcocog_val):
@@ -58,8 +74,12 @@ def test_blip2_gpu_store_equals_transformers_forward_on_the_gpu(blip2_gpu_store,
     ids = blip2_gpu_store.ids[:24]
     pixels, tokens = inputs_for(resampler, refcocog_val, ids)
     with torch.no_grad():
-        output = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                       use_image_text_matching_head=True)
+        output = model(
+            pixel_values=pixels,
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            use_image_text_matching_head=True,
+        )
         hidden = output.text_model_output.hidden_states
         for layer in blip2_gpu_store.layers:
             stored = blip2_gpu_store.load(layer)[:24]
@@ -88,8 +108,12 @@ def test_instructblip_gpu_store_equals_the_qformer_inside_the_full_model(tiny_ch
     hook = model.qformer.register_forward_hook(lambda module, args, output: captured.setdefault("qformer", output))
     prompt = torch.cat([torch.full((16, 4), model.config.image_token_index), torch.randint(0, 90, (16, 6))], dim=1)
     with torch.no_grad():
-        model(pixel_values=pixels, qformer_input_ids=tokens["input_ids"],
-              qformer_attention_mask=tokens["attention_mask"], input_ids=prompt.to(CUDA))
+        model(
+            pixel_values=pixels,
+            qformer_input_ids=tokens["input_ids"],
+            qformer_attention_mask=tokens["attention_mask"],
+            input_ids=prompt.to(CUDA),
+        )
     hook.remove()
     for layer in store.layers:
         inside = captured["qformer"].hidden_states[layer][:, :4].cpu()
@@ -109,10 +133,18 @@ def test_bf16_vit_stays_close_to_fp32(blip2_gpu_store, tiny_checkpoints, refcoco
 def test_the_fast_options_stay_close_to_the_default(tiny_checkpoints, refcocog_val, tmp_path):
     """The options that trade the last bits for speed: a compiled ViT (fused kernels) and a bf16 Q-Former."""
     default = store_on(CUDA, tiny_checkpoints["blip2"], refcocog_val, tmp_path / "default", layers="all")
-    compiled = store_on(CUDA, tiny_checkpoints["blip2"], refcocog_val, tmp_path / "compiled", layers="all",
-                        compile_vision=True)
-    bf16 = store_on(CUDA, tiny_checkpoints["blip2"], refcocog_val, tmp_path / "bf16", layers="all",
-                    compile_vision=True, qformer_dtype="bfloat16")
+    compiled = store_on(
+        CUDA, tiny_checkpoints["blip2"], refcocog_val, tmp_path / "compiled", layers="all", compile_vision=True
+    )
+    bf16 = store_on(
+        CUDA,
+        tiny_checkpoints["blip2"],
+        refcocog_val,
+        tmp_path / "bf16",
+        layers="all",
+        compile_vision=True,
+        qformer_dtype="bfloat16",
+    )
     for layer in default.layers:
         reference = default.load(layer)
         for store, bound in ((compiled, 0.02), (bf16, 0.05)):
@@ -131,8 +163,9 @@ def test_uint8_pixels_normalised_on_the_gpu_equal_the_processors(tiny_checkpoint
     assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), resampler.preprocess(images))
 
 
-@pytest.mark.parametrize("task,probe", [("vsr", "linear"), ("refcocog", "linear"), ("refcocog", "swiglu2"),
-                                        ("rcm", "swiglu4")])
+@pytest.mark.parametrize(
+    "task,probe", [("vsr", "linear"), ("refcocog", "linear"), ("refcocog", "swiglu2"), ("rcm", "swiglu4")]
+)
 def test_batched_trials_equal_separate_runs_in_fp32_on_the_gpu(task, probe, monkeypatch):
     """With both trainers held to fp32 (the one precision switch, `compute_dtype`), batching on the GPU gives the
     separate runs' weights and metrics, as on the CPU."""
@@ -149,8 +182,9 @@ def test_batched_trials_equal_separate_runs_in_fp32_on_the_gpu(task, probe, monk
         assert together.best_epoch == alone.best_epoch and together.epochs_run == alone.epochs_run
         for name in together.val_metrics:
             assert together.val_metrics[name] == pytest.approx(alone.val_metrics[name], abs=1e-5), name
-        for (name, mine), (_, theirs) in zip(together.probe.state_dict().items(), alone.probe.state_dict().items(),
-                                             strict=True):
+        for (name, mine), (_, theirs) in zip(
+            together.probe.state_dict().items(), alone.probe.state_dict().items(), strict=True
+        ):
             assert torch.allclose(mine, theirs, atol=1e-5, rtol=0), name
 
 
@@ -168,19 +202,49 @@ def test_batched_trials_follow_separate_runs_in_bf16_on_the_gpu(task, probe):
         alone = train_single(train, val, trial, settings)
         assert together.epochs_run == alone.epochs_run == trial.epochs
         assert [h["train_loss"] for h in together.history] == pytest.approx(
-            [h["train_loss"] for h in alone.history], rel=2e-2)
+            [h["train_loss"] for h in alone.history], rel=2e-2
+        )
         assert [h["val_loss"] for h in together.history] == pytest.approx(
-            [h["val_loss"] for h in alone.history], rel=2e-2)
+            [h["val_loss"] for h in alone.history], rel=2e-2
+        )
 
 
 def test_unfrozen_training_on_the_gpu_runs_and_its_loss_falls(capsys, tiny_checkpoints, demo_options, tmp_path):
     vsr = DataOptions(task="vsr", **demo_options["vsr"])
     for split in ("train", "val", "test"):
-        store_on(CUDA, tiny_checkpoints["blip2"], vsr, tmp_path / "vsr" / split, split=split, layers="3",
-                 store_vision=True, dtype="float16")
-    common = ["train", "--task", "vsr", "--mode", "unfrozen", "--model", tiny_checkpoints["blip2"], "--vsr", vsr.vsr,
-              "--images", vsr.images, "--layer", 3, "--lr", 3e-3, "--epochs", 8, "--batch-size", 32,
-              "--device", CUDA]
+        store_on(
+            CUDA,
+            tiny_checkpoints["blip2"],
+            vsr,
+            tmp_path / "vsr" / split,
+            split=split,
+            layers="3",
+            store_vision=True,
+            dtype="float16",
+        )
+    common = [
+        "train",
+        "--task",
+        "vsr",
+        "--mode",
+        "unfrozen",
+        "--model",
+        tiny_checkpoints["blip2"],
+        "--vsr",
+        vsr.vsr,
+        "--images",
+        vsr.images,
+        "--layer",
+        3,
+        "--lr",
+        3e-3,
+        "--epochs",
+        8,
+        "--batch-size",
+        32,
+        "--device",
+        CUDA,
+    ]
     for name, extra in (("pixels", []), ("stored", ["--features", tmp_path / "vsr"])):
         code, _, err = run_cli(capsys, *common, *extra, "--out", tmp_path / name)
         assert code == 0, err

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
-from probing.tasks import load_split
 from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
 from probing.models import load_resampler
 from probing.models.checkpoint import CheckpointSource
+from probing.tasks import load_split
 
 
 def first_examples(options, count):
@@ -26,9 +26,20 @@ def model_inputs(resampler, examples):
 @pytest.fixture(scope="module")
 def blip2_store(tiny_checkpoints, refcocog_val, tmp_path_factory):
     out = tmp_path_factory.mktemp("blip2") / "features"
-    return extract(ExtractionRequest(model=str(tiny_checkpoints["blip2"]), data=refcocog_val, split="val", out=out,
-                                     layers="0,1,2,3,4", batch_size=16, shard_size=64, dtype="float32", workers=0,
-                                     progress=False)).value
+    return extract(
+        ExtractionRequest(
+            model=str(tiny_checkpoints["blip2"]),
+            data=refcocog_val,
+            split="val",
+            out=out,
+            layers="0,1,2,3,4",
+            batch_size=16,
+            shard_size=64,
+            dtype="float32",
+            workers=0,
+            progress=False,
+        )
+    ).value
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +51,12 @@ def blip2_forward(blip2_store, tiny_checkpoints, refcocog_val):
     examples = {e.example_id: e for e in load_split(refcocog_val, "val").examples}
     pixels, tokens = model_inputs(resampler, [examples[i] for i in blip2_store.ids[:24]])
     with torch.no_grad():
-        output = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                       use_image_text_matching_head=True)
+        output = model(
+            pixel_values=pixels,
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            use_image_text_matching_head=True,
+        )
     return resampler, output
 
 
@@ -66,11 +81,20 @@ def test_blip2_every_stored_layer_equals_the_qformer_hidden_states(blip2_store, 
     assert blip2_store.load(4).std(dim=0).mean() > 1e-3  # later layers depend on the input
 
 
-def test_instructblip_stored_states_equal_the_qformer_inside_the_full_model(tiny_checkpoints, refcocog_val,
-                                                                            tmp_path):
-    store = extract(ExtractionRequest(model=str(tiny_checkpoints["instructblip"]), data=refcocog_val, split="val",
-                                      out=tmp_path / "f", batch_size=8, shard_size=32, dtype="float32", workers=0,
-                                      progress=False)).value
+def test_instructblip_stored_states_equal_the_qformer_inside_the_full_model(tiny_checkpoints, refcocog_val, tmp_path):
+    store = extract(
+        ExtractionRequest(
+            model=str(tiny_checkpoints["instructblip"]),
+            data=refcocog_val,
+            split="val",
+            out=tmp_path / "f",
+            batch_size=8,
+            shard_size=32,
+            dtype="float32",
+            workers=0,
+            progress=False,
+        )
+    ).value
     model = InstructBlipForConditionalGeneration.from_pretrained(tiny_checkpoints["instructblip"]).eval()
     resampler = load_resampler(str(tiny_checkpoints["instructblip"]))
     examples = {e.example_id: e for e in load_split(refcocog_val, "val").examples}
@@ -81,8 +105,12 @@ def test_instructblip_stored_states_equal_the_qformer_inside_the_full_model(tiny
     hook = model.qformer.register_forward_hook(lambda module, args, output: captured.setdefault("qformer", output))
     prompt = torch.cat([torch.full((16, 4), model.config.image_token_index), torch.randint(0, 90, (16, 6))], dim=1)
     with torch.no_grad():
-        model(pixel_values=pixels, qformer_input_ids=tokens["input_ids"],
-              qformer_attention_mask=tokens["attention_mask"], input_ids=prompt)
+        model(
+            pixel_values=pixels,
+            qformer_input_ids=tokens["input_ids"],
+            qformer_attention_mask=tokens["attention_mask"],
+            input_ids=prompt,
+        )
     hook.remove()
     inside = captured["qformer"]
     assert len(inside.hidden_states) == 5
@@ -100,7 +128,8 @@ def test_instructblip_never_reads_the_language_model(tiny_checkpoints, tmp_path,
     files_needed = {f for k, f in weight_map.items() if k.startswith(("vision_model.", "qformer.", "query_tokens"))}
     llm_only = set(weight_map.values()) - files_needed
     assert llm_only and any(  # the fixture really has LLM-only shards and a shard that mixes Q-Former and LLM
-        any(weight_map[k] == f and k.startswith("language_model.") for k in weight_map) for f in files_needed)
+        any(weight_map[k] == f and k.startswith("language_model.") for k in weight_map) for f in files_needed
+    )
     for name in llm_only:
         (folder / name).unlink()
     read_keys = []
@@ -167,8 +196,8 @@ def test_keys_and_values_once_per_image_equal_once_per_text(tiny_checkpoints, re
         once = resampler.query_states(table, texts, [1, 2, 3, 4], image_slots=slots)
         per_text = resampler.query_states(table[torch.tensor(slots)], texts, [1, 2, 3, 4])
         distinct = sorted(set(slots))  # no image read twice: the projections see every row, as without slots
-        alone = resampler.query_states(table, texts[:len(distinct)], [4], image_slots=distinct)
-        assert torch.equal(alone, resampler.query_states(table[distinct], texts[:len(distinct)], [4]))
+        alone = resampler.query_states(table, texts[: len(distinct)], [4], image_slots=distinct)
+        assert torch.equal(alone, resampler.query_states(table[distinct], texts[: len(distinct)], [4]))
     handle.remove()
     assert rows_seen == [len(set(slots)), len(texts), len(distinct), len(distinct)]
     assert once.shape == per_text.shape == (len(texts), 4, resampler.num_query_tokens, resampler.hidden_size)
@@ -185,7 +214,7 @@ def test_trainable_parameters_exclude_the_vit(tiny_checkpoints):
         assert not any(name.startswith(("vision_model.", "itm_head.")) for name in names)
         assert {"query_tokens"} | extra <= names
         assert any(name.startswith("qformer.encoder.layer.3.") for name in names)
-        assert len(names) == 113  # the trainable set of model_notes.md 9, both families
+        assert len(names) == 113  # everything but the ViT (and BLIP-2's ITM head), the same count in both families
 
 
 def test_random_init_is_seeded_and_reads_no_weights(tiny_checkpoints, monkeypatch):
@@ -200,8 +229,10 @@ def test_random_init_is_seeded_and_reads_no_weights(tiny_checkpoints, monkeypatc
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
     assert not torch.equal(first.query_tokens, other.query_tokens)
-    assert not torch.equal(first.qformer.encoder.layer[0].attention.attention.query.weight,
-                           pretrained.qformer.encoder.layer[0].attention.attention.query.weight)
+    assert not torch.equal(
+        first.qformer.encoder.layer[0].attention.attention.query.weight,
+        pretrained.qformer.encoder.layer[0].attention.attention.query.weight,
+    )
     fc1 = first.vision_model.encoder.layers[0].mlp.fc1.weight
     assert 0.015 < fc1.std().item() < 0.025  # initializer_range 0.02, not the configs' 1e-10
     assert first.identity["init"] == "random" and first.identity["init_seed"] == 1
@@ -213,7 +244,8 @@ def test_meta_device_load_fills_every_buffer(tiny_checkpoints):
         for name, tensor in list(resampler.named_parameters()) + list(resampler.named_buffers()):
             assert tensor.device.type == "cpu", name
         position_ids = dict(resampler.named_buffers())[
-            "embeddings.position_ids" if family == "blip2" else "qformer.embeddings.position_ids"]
+            "embeddings.position_ids" if family == "blip2" else "qformer.embeddings.position_ids"
+        ]
         assert position_ids[0].tolist() == list(range(position_ids.shape[-1]))
 
 
@@ -257,8 +289,10 @@ def test_tokenizer_ids_outside_the_qformer_vocabulary(tiny_checkpoints, tmp_path
     text = "<image> the red circle on the left of the picture, next to the blue one"
     with pytest.raises(ProbingError) as raised:
         resampler.tokenize(["the red circle", text])
-    assert str(raised.value) == (f"text {text[:40]!r}: token id {vocab_size} is outside the Q-Former vocabulary "
-                                 f"({vocab_size} ids); the tokenizer does not fit the model")
+    assert str(raised.value) == (
+        f"text {text[:40]!r}: token id {vocab_size} is outside the Q-Former vocabulary "
+        f"({vocab_size} ids); the tokenizer does not fit the model"
+    )
 
 
 def test_model_errors_are_one_line(tmp_path, tiny_checkpoints, monkeypatch):
@@ -278,8 +312,11 @@ def test_model_errors_are_one_line(tmp_path, tiny_checkpoints, monkeypatch):
     folder = tmp_path / "opt"
     folder.mkdir()
     shutil.copy(tiny_checkpoints["blip2"] / "config.json", folder / "config.json")
-    text = (folder / "config.json").read_text().replace('"use_qformer_text_input": true',
-                                                        '"use_qformer_text_input": false')
+    text = (
+        (folder / "config.json")
+        .read_text()
+        .replace('"use_qformer_text_input": true', '"use_qformer_text_input": false')
+    )
     (folder / "config.json").write_text(text)
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         shutil.copy(tiny_checkpoints["blip2"] / name, folder / name)

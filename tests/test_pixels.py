@@ -7,16 +7,18 @@ import torch
 from PIL import Image
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from probing.tasks import load_split
 from probing.data.images import load_rgb_image
 from probing.models import load_resampler
 from probing.models.pixels import PixelPipeline
+from probing.tasks import load_split
 
 
 def odd_images():
     rng = np.random.default_rng(3)
-    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((97, 131, 3), (480, 640, 3),
-                                                                                       (300, 20, 3))]
+    return [
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        for shape in ((97, 131, 3), (480, 640, 3), (300, 20, 3))
+    ]
 
 
 def test_uint8_then_lookup_equals_the_processor(tiny_checkpoints, refcocog_val):
@@ -37,8 +39,9 @@ def test_uint8_then_lookup_equals_the_processor(tiny_checkpoints, refcocog_val):
 def test_a_processor_that_is_not_a_per_value_map_keeps_its_own_path(caplog):
     class PositionDependent(BlipImageProcessorPil):  # normalises with a term that depends on the pixel's place
         def normalize(self, image, mean, std, **kwargs):
-            return super().normalize(image, mean, std, **kwargs) + np.linspace(0, 1e-3, image.shape[-1],
-                                                                               dtype=np.float32)
+            return super().normalize(image, mean, std, **kwargs) + np.linspace(
+                0, 1e-3, image.shape[-1], dtype=np.float32
+            )
 
     size = {"height": 32, "width": 32}
     for processor in (PositionDependent(size=size), BlipImageProcessorPil(size=size, do_pad=True)):

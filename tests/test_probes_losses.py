@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from probing.errors import ProbingError
-from probing.losses import binary_loss, box_loss, predicted_boxes
 from probing.heads import BinaryHead, BoxHead
-from probing.tasks import get_task
+from probing.losses import binary_loss, box_loss, predicted_boxes
 from probing.probes import Probe, ProbeBank, layer_shapes, new_probe
+from probing.tasks import get_task
 
 
 def raw_outputs_for(cxcywh):
@@ -88,9 +88,14 @@ def test_disjoint_boxes_have_giou_loss_above_one():
 
 
 def test_gradients_are_finite_on_degenerate_predictions():
-    outputs = torch.tensor([[-60.0, -60.0, -60.0, -60.0],   # a zero-size box at the origin
-                            [60.0, 60.0, 60.0, 60.0],       # saturated sigmoid
-                            [0.0, 0.0, -80.0, -80.0]], requires_grad=True)  # zero width and height
+    outputs = torch.tensor(
+        [
+            [-60.0, -60.0, -60.0, -60.0],  # a zero-size box at the origin
+            [60.0, 60.0, 60.0, 60.0],  # saturated sigmoid
+            [0.0, 0.0, -80.0, -80.0],
+        ],
+        requires_grad=True,
+    )  # zero width and height
     targets = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0.4, 0.4], [0.5, 0.5, 0.5, 0.5]])
     loss = box_loss(outputs, targets, 2.0, 5.0)
     loss.backward()
@@ -120,8 +125,12 @@ def test_binary_loss_known_values():
 def test_metrics_on_hand_made_cases():
     # IoUs 1.0, 0.6 (pred inside target, 60 % of it), 0.4, 0.0
     targets = torch.tensor([[0.2, 0.2, 0.6, 0.6], [0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.1, 0.1]])
-    predicted_cxcywh = [[0.4, 0.4, 0.4, 0.4], [0.15, 0.5, 0.3, 1.0 - 1e-7], [0.1, 0.5, 0.2, 1.0 - 1e-7],
-                        [0.9, 0.9, 0.1, 0.1]]
+    predicted_cxcywh = [
+        [0.4, 0.4, 0.4, 0.4],
+        [0.15, 0.5, 0.3, 1.0 - 1e-7],
+        [0.1, 0.5, 0.2, 1.0 - 1e-7],
+        [0.9, 0.9, 0.1, 0.1],
+    ]
     metrics = BoxHead().metrics(raw_outputs_for(predicted_cxcywh), targets)
     assert metrics["acc@0.5"].item() == pytest.approx(0.5)  # 2 of 4 at IoU >= 0.5
     assert metrics["mean_iou"].item() == pytest.approx((1.0 + 0.6 + 0.4 + 0.0) / 4, abs=1e-4)

@@ -6,12 +6,12 @@ from conftest import run_cli, sentence, write_refer
 
 from probing.artifacts import sha256_file
 from probing.data import DataOptions
-from probing.tasks import load_split
 from probing.data.boxes import CELL_NAMES, assign_cell
 from probing.data.rcm import REQUIRED_FIELDS, build_rcm, read_rcm_file
 from probing.data.refer import read_refs
 from probing.data.synthetic import SUPERCATEGORIES
 from probing.errors import ProbingError
+from probing.tasks import load_split
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +147,30 @@ def test_a_negative_seed_is_refused(capsys, demo_options, tmp_path):
     refs, instances = demo_options["refcocog"]["refs"], demo_options["refcocog"]["instances"]
     with pytest.raises(ProbingError, match=r"^--seed must be >= 0 \(got -1\)$"):
         build_rcm(refs, instances, tmp_path / "rcm", seed=-1)
-    code, _, err = run_cli(capsys, "build-rcm", "--refs", refs, "--instances", instances, "--out", tmp_path / "rcm",
-                           "--seed", "-2")
+    code, _, err = run_cli(
+        capsys, "build-rcm", "--refs", refs, "--instances", instances, "--out", tmp_path / "rcm", "--seed", "-2"
+    )
     assert code == 2 and err == "error: --seed must be >= 0 (got -2)\n"
     assert not (tmp_path / "rcm").exists()
 
 
 def test_a_sparse_cell_is_reported(tmp_path):
     images = [{"id": 1, "file_name": "x.jpg", "width": 90, "height": 90}]
-    annotations = [{"id": 10 + c, "image_id": 1, "category_id": 1,
-                    "bbox": [30.0 * (c % 3), 30.0 * (c // 3), 30.0, 30.0]} for c in range(9)]
-    refs = [{"ref_id": c, "ann_id": 10 + c, "image_id": 1, "split": split, "sentences":
-             [sentence(100 * c + k + 1000 * i, f"thing {k}") for k in range(8 if c != 2 else 5)]}
-            for i, split in enumerate(("train", "val", "test")) for c in range(9)]
+    annotations = [
+        {"id": 10 + c, "image_id": 1, "category_id": 1, "bbox": [30.0 * (c % 3), 30.0 * (c // 3), 30.0, 30.0]}
+        for c in range(9)
+    ]
+    refs = [
+        {
+            "ref_id": c,
+            "ann_id": 10 + c,
+            "image_id": 1,
+            "split": split,
+            "sentences": [sentence(100 * c + k + 1000 * i, f"thing {k}") for k in range(8 if c != 2 else 5)],
+        }
+        for i, split in enumerate(("train", "val", "test"))
+        for c in range(9)
+    ]
     for position, ref in enumerate(refs):
         ref["ref_id"] = position
     paths = write_refer(tmp_path, refs, images, annotations, image_folder=None)

@@ -18,6 +18,8 @@ def test_two_commands_one_for_the_demo_one_for_the_tests():
     assert "pip install -e ." in commands["install and run the demo"]
     assert 'pip install -e ".[dev]"' in commands["install and run the tests"]
     assert "pytest" in commands["install and run the tests"]
+    assert "ruff check ." in commands["install and run the tests"]  # lint and format are part of CI
+    assert "ruff format --check ." in commands["install and run the tests"]
 
 
 def test_ci_runs_the_readme_test_command():

@@ -7,9 +7,9 @@ from conftest import sentence, small_refer_dataset, write_refer
 from PIL import Image
 
 from probing.data import DataOptions
-from probing.tasks import load_split
 from probing.data.refer import load_refer, read_refs
 from probing.errors import ProbingError
+from probing.tasks import load_split
 
 
 def options_for(paths):
@@ -84,24 +84,38 @@ def test_split_absent_from_file_names_the_splits_present(tmp_path):
         (lambda refs, inst: refs[1].update(ref_id=True), r"ref #1 \(ref_id True\): field 'ref_id' is not an integer"),
         (lambda refs, inst: refs[2].update(image_id=12.0), r"ref #2 \(ref_id 3\): field 'image_id' is not an integer"),
         (lambda refs, inst: refs[3].update(split=None), r"ref #3 \(ref_id 4\): field 'split' is not a string"),
-        (lambda refs, inst: refs[0]["sentences"][1].update(sent_id="8"),
-         r"ref_id 1: sentences\[1\]: field 'sent_id' is not an integer"),
-        (lambda refs, inst: refs[0]["sentences"][0].update(raw=["a", "dog"]),
-         r"ref_id 1: sentences\[0\]: field 'raw' is not a string"),
+        (
+            lambda refs, inst: refs[0]["sentences"][1].update(sent_id="8"),
+            r"ref_id 1: sentences\[1\]: field 'sent_id' is not an integer",
+        ),
+        (
+            lambda refs, inst: refs[0]["sentences"][0].update(raw=["a", "dog"]),
+            r"ref_id 1: sentences\[0\]: field 'raw' is not a string",
+        ),
         # instances.json entries, checked before pycocotools indexes them
-        (lambda refs, inst: inst["annotations"][0].update(bbox=[1, 2]),
-         r"instances.json: annotations\[0\]: field 'bbox' is not \[x, y, w, h\] with w, h >= 0$"),
+        (
+            lambda refs, inst: inst["annotations"][0].update(bbox=[1, 2]),
+            r"instances.json: annotations\[0\]: field 'bbox' is not \[x, y, w, h\] with w, h >= 0$",
+        ),
         (lambda refs, inst: inst["annotations"][3].update(bbox=[0, 0, -1, 5]), r"annotations\[3\]: field 'bbox'"),
-        (lambda refs, inst: inst["annotations"][4].update(bbox=[0, 0, float("nan"), 5]),
-         r"annotations\[4\]: field 'bbox'"),
+        (
+            lambda refs, inst: inst["annotations"][4].update(bbox=[0, 0, float("nan"), 5]),
+            r"annotations\[4\]: field 'bbox'",
+        ),
         (lambda refs, inst: inst["annotations"][1].update(bbox=[0, "0", 1, 5]), r"annotations\[1\]: field 'bbox'"),
-        (lambda refs, inst: inst["annotations"][2].pop("category_id"),
-         r"annotations\[2\]: field 'category_id' is missing or not an integer"),
-        (lambda refs, inst: inst["annotations"][2].update(image_id=None),
-         r"annotations\[2\]: field 'image_id' is missing or not an integer"),
+        (
+            lambda refs, inst: inst["annotations"][2].pop("category_id"),
+            r"annotations\[2\]: field 'category_id' is missing or not an integer",
+        ),
+        (
+            lambda refs, inst: inst["annotations"][2].update(image_id=None),
+            r"annotations\[2\]: field 'image_id' is missing or not an integer",
+        ),
         (lambda refs, inst: inst["annotations"].append([1, 2]), r"annotations\[5\]: expected an object, found list"),
-        (lambda refs, inst: inst["images"][0].pop("width"),
-         r"instances.json: images\[0\]: field 'width' is missing or not positive"),
+        (
+            lambda refs, inst: inst["images"][0].pop("width"),
+            r"instances.json: images\[0\]: field 'width' is missing or not positive",
+        ),
         (lambda refs, inst: inst["images"][1].update(height=0), r"images\[1\]: field 'height' is missing or not pos"),
         (lambda refs, inst: inst["images"][1].pop("id"), r"images\[1\]: field 'id' is missing or not an integer"),
     ],
@@ -134,8 +148,12 @@ def test_options_are_checked(tmp_path):
     with pytest.raises(ProbingError, match="--instances is required for --task refcocog"):
         load_split(DataOptions(task="refcocog", refs=paths["refs"], images=paths["images"]), "train")
     with pytest.raises(ProbingError, match=r"--refs: .*missing.p: not found"):
-        load_split(DataOptions(task="refcocog", refs=tmp_path / "missing.p", instances=paths["instances"],
-                               images=paths["images"]), "train")
+        load_split(
+            DataOptions(
+                task="refcocog", refs=tmp_path / "missing.p", instances=paths["instances"], images=paths["images"]
+            ),
+            "train",
+        )
     with pytest.raises(ProbingError, match="--split: unknown split 'dev2'"):
         load_split(options_for(paths), "dev2")
     with pytest.raises(ProbingError, match="--task: unknown task 'refclef'"):
@@ -171,10 +189,10 @@ def test_demo_boxes_match_the_pixels(demo_options):
         height, width = pixels.shape[:2]
         mask = np.linalg.norm(pixels - np.array(COLOURS[colour]), axis=-1) < 80
         x1, y1, x2, y2 = np.array(example.box) * [width, height, width, height]
-        inside = mask[int(y1) + 1:int(np.ceil(y2)) - 1, int(x1) + 1:int(np.ceil(x2)) - 1].sum()
+        inside = mask[int(y1) + 1 : int(np.ceil(y2)) - 1, int(x1) + 1 : int(np.ceil(x2)) - 1].sum()
         # Other objects of the same colour may exist, so check that this box holds the colour and that
         # its pixel extent (within the box) reaches the box edges.
-        ys, xs = np.nonzero(mask[int(y1):int(np.ceil(y2)) + 1, int(x1):int(np.ceil(x2)) + 1])
+        ys, xs = np.nonzero(mask[int(y1) : int(np.ceil(y2)) + 1, int(x1) : int(np.ceil(x2)) + 1])
         assert inside > 0
         assert xs.min() <= 4 and ys.min() <= 4
         assert abs((xs.max() + int(x1)) - x2) <= 4 and abs((ys.max() + int(y1)) - y2) <= 4
@@ -186,6 +204,11 @@ def test_non_ascii_sentences_survive(tmp_path):
     paths = small_refer_dataset(tmp_path)
     refs = pickle.loads(pickle.dumps(read_refs(paths["refs"])))
     refs[0]["sentences"][0] = sentence(7, "the café dog")
-    write_refer(tmp_path, refs, json.loads(paths["instances"].read_text())["images"],
-                json.loads(paths["instances"].read_text())["annotations"], image_folder=None)
+    write_refer(
+        tmp_path,
+        refs,
+        json.loads(paths["instances"].read_text())["images"],
+        json.loads(paths["instances"].read_text())["annotations"],
+        image_folder=None,
+    )
     assert load_refer(paths["refs"], paths["instances"], paths["images"], "train")[0].text == "the café dog"

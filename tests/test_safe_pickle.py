@@ -20,8 +20,15 @@ class RunsAShellCommand:
 
 def crafted_refs(path, marker):
     # A list of refs with the payload hidden inside one ref's sentences.
-    refs = [{"ref_id": 1, "ann_id": 1, "image_id": 1, "split": "train",
-             "sentences": [{"raw": "x", "sent_id": 1, "tokens": RunsAShellCommand(marker)}]}]
+    refs = [
+        {
+            "ref_id": 1,
+            "ann_id": 1,
+            "image_id": 1,
+            "split": "train",
+            "sentences": [{"raw": "x", "sent_id": 1, "tokens": RunsAShellCommand(marker)}],
+        }
+    ]
     path.write_bytes(pickle.dumps(refs, protocol=2))
 
 
@@ -42,9 +49,23 @@ def test_crafted_pickle_through_the_cli(tmp_path):
     marker = tmp_path / "pwned"
     crafted_refs(paths["refs"], marker)
     result = subprocess.run(
-        [sys.executable, "-m", "probing", "data", "stats", "--task", "refcocog", "--refs", str(paths["refs"]),
-         "--instances", str(paths["instances"]), "--images", str(paths["images"])],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "probing",
+            "data",
+            "stats",
+            "--task",
+            "refcocog",
+            "--refs",
+            str(paths["refs"]),
+            "--instances",
+            str(paths["instances"]),
+            "--images",
+            str(paths["images"]),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
@@ -54,8 +75,18 @@ def test_crafted_pickle_through_the_cli(tmp_path):
 
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
 def test_plain_containers_load_under_every_protocol(tmp_path, protocol):
-    payload = [{"ref_id": 1, "sentences": [{"raw": "a dog", "sent_id": 3, "tokens": ["a", "dog"]}],
-                "score": 0.5, "flag": True, "none": None, "pair": (1, 2), "ids": {4, 5}, "frozen": frozenset({6})}]
+    payload = [
+        {
+            "ref_id": 1,
+            "sentences": [{"raw": "a dog", "sent_id": 3, "tokens": ["a", "dog"]}],
+            "score": 0.5,
+            "flag": True,
+            "none": None,
+            "pair": (1, 2),
+            "ids": {4, 5},
+            "frozen": frozenset({6}),
+        }
+    ]
     path = tmp_path / "plain.p"
     path.write_bytes(pickle.dumps(payload, protocol=protocol))
     assert load_plain_pickle(path) == payload
@@ -63,7 +94,7 @@ def test_plain_containers_load_under_every_protocol(tmp_path, protocol):
 
 def test_python2_byte_strings_decode_as_utf8(tmp_path):
     # What cPickle in Python 2 writes for [{'raw': 'caf\xc3\xa9'}]: SHORT_BINSTRING opcodes (raw bytes).
-    stream = (b"\x80\x02]q\x00}q\x01(U\x03rawq\x02U\x05caf\xc3\xa9q\x03U\x07sent_idq\x04K\x07ua.")
+    stream = b"\x80\x02]q\x00}q\x01(U\x03rawq\x02U\x05caf\xc3\xa9q\x03U\x07sent_idq\x04K\x07ua."
     path = tmp_path / "py2.p"
     path.write_bytes(stream)
     assert load_plain_pickle(path) == [{"raw": "café", "sent_id": 7}]

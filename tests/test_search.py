@@ -26,8 +26,17 @@ def vsr_features(tiny_checkpoints, demo_options, tmp_path_factory):
     root = tmp_path_factory.mktemp("search") / "vsr"
     options = DataOptions(task="vsr", **demo_options["vsr"])
     for split in ("train", "val", "test"):
-        extract(ExtractionRequest(model=str(tiny_checkpoints["blip2"]), data=options, split=split, out=root / split,
-                                  layers="4", workers=0, progress=False))
+        extract(
+            ExtractionRequest(
+                model=str(tiny_checkpoints["blip2"]),
+                data=options,
+                split=split,
+                out=root / split,
+                layers="4",
+                workers=0,
+                progress=False,
+            )
+        )
     return root
 
 
@@ -43,11 +52,22 @@ def test_search_finds_the_right_decade_on_synthetic_features(tmp_path):
     train, val = synthetic("vsr", 1500, dims=48), synthetic("vsr", 500, dims=48, seed=1)
     settings = TrainSettings(task="vsr", batch_size=64, device="cpu")
     space = SearchSpace(lr=(1e-7, 1e-1), epochs=(2,))
-    request = SearchRequest(task="vsr", mode="frozen", layer=1, out=tmp_path / "s", settings=settings, space=space,
-                            trials=16, batch=4, seed=0, features=tmp_path)
+    request = SearchRequest(
+        task="vsr",
+        mode="frozen",
+        layer=1,
+        out=tmp_path / "s",
+        settings=settings,
+        space=space,
+        trials=16,
+        batch=4,
+        seed=0,
+        features=tmp_path,
+    )
     study = create_study(request)
-    run_trials(study, request, lambda trials: [r.val_metrics["accuracy"]
-                                               for r in train_frozen(train, val, trials, settings)])
+    run_trials(
+        study, request, lambda trials: [r.val_metrics["accuracy"] for r in train_frozen(train, val, trials, settings)]
+    )
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 16 and len(study.trials) == 16
     assert 1e-3 <= study.best_trial.params["lr"] <= 1e-1  # the right decades
@@ -55,8 +75,23 @@ def test_search_finds_the_right_decade_on_synthetic_features(tmp_path):
 
 
 def test_search_end_to_end_and_deterministic(capsys, vsr_features, tmp_path):
-    args = ["search", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--trials", 6, "--batch", 3,
-            "--lr-range", "1e-4,1e-2", "--device", "cpu"]
+    args = [
+        "search",
+        "--task",
+        "vsr",
+        "--features",
+        vsr_features,
+        "--layer",
+        4,
+        "--trials",
+        6,
+        "--batch",
+        3,
+        "--lr-range",
+        "1e-4,1e-2",
+        "--device",
+        "cpu",
+    ]
     code, out, err = run_cli(capsys, *args, "--out", tmp_path / "a")
     assert code == 0, err
     assert "best trial" in out and "test accuracy" in out
@@ -77,34 +112,87 @@ def test_search_end_to_end_and_deterministic(capsys, vsr_features, tmp_path):
 
 def test_a_study_resumes_counting_finished_trials(capsys, vsr_features, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    base = ["search", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--batch", 2, "--storage", storage,
-            "--study-name", "s", "--device", "cpu"]
+    base = [
+        "search",
+        "--task",
+        "vsr",
+        "--features",
+        vsr_features,
+        "--layer",
+        4,
+        "--batch",
+        2,
+        "--storage",
+        storage,
+        "--study-name",
+        "s",
+        "--device",
+        "cpu",
+    ]
     assert run_cli(capsys, *base, "--trials", 3, "--out", tmp_path / "first")[0] == 0
     assert run_cli(capsys, *base, "--trials", 5, "--out", tmp_path / "second")[0] == 0
     study = optuna.load_study(study_name="s", storage=storage)
     assert len(study.trials) == 5 and all(t.state == TrialState.COMPLETE for t in study.trials)
-    code, _, err = run_cli(capsys, "search", "--task", "vsr", "--features", vsr_features, "--layer", 4,
-                           "--storage", storage, "--out", tmp_path / "x")
+    code, _, err = run_cli(
+        capsys,
+        "search",
+        "--task",
+        "vsr",
+        "--features",
+        vsr_features,
+        "--layer",
+        4,
+        "--storage",
+        storage,
+        "--out",
+        tmp_path / "x",
+    )
     assert code == 2 and err == "error: --storage needs --study-name (the study that workers share)\n"
-    code, _, err = run_cli(capsys, *base[:-2], "--storage", "redis://host", "--study-name", "s", "--out",
-                           tmp_path / "y")
+    code, _, err = run_cli(
+        capsys, *base[:-2], "--storage", "redis://host", "--study-name", "s", "--out", tmp_path / "y"
+    )
     assert code == 2 and "is not sqlite:///..., postgresql://... or journal:PATH" in err
 
 
 def worker(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "probing", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "probing", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_two_workers_share_a_journal_study(vsr_features, tmp_path):
     journal = tmp_path / "study.log"
-    base = ["search", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--trials", 8, "--batch", 2,
-            "--storage", f"journal:{journal}", "--study-name", "shared", "--epochs", "10,15,20", "--device", "cpu"]
+    base = [
+        "search",
+        "--task",
+        "vsr",
+        "--features",
+        vsr_features,
+        "--layer",
+        4,
+        "--trials",
+        8,
+        "--batch",
+        2,
+        "--storage",
+        f"journal:{journal}",
+        "--study-name",
+        "shared",
+        "--epochs",
+        "10,15,20",
+        "--device",
+        "cpu",
+    ]
     processes = [worker([*base, "--out", tmp_path / f"out{i}"]) for i in range(2)]
     for process in processes:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-2000:]
     from optuna.storages.journal import JournalFileBackend, JournalStorage
+
     study = optuna.load_study(study_name="shared", storage=JournalStorage(JournalFileBackend(str(journal))))
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 8  # exactly the budget: none lost, none extra
@@ -129,8 +217,11 @@ run_trials(create_study(request), request, lambda trials: [time.sleep(600) or 0.
 
 def test_a_killed_workers_trial_is_retried(vsr_features, tmp_path):
     journal = tmp_path / "study.log"
-    slow = subprocess.Popen([sys.executable, "-c", SLOW_WORKER, str(journal), str(tmp_path / "never")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    slow = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WORKER, str(journal), str(tmp_path / "never")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     deadline = time.time() + 120
@@ -145,10 +236,36 @@ def test_a_killed_workers_trial_is_retried(vsr_features, tmp_path):
     os.kill(slow.pid, signal.SIGKILL)
     slow.wait()
     result = subprocess.run(
-        [sys.executable, "-m", "probing", "search", "--task", "vsr", "--features", str(vsr_features), "--layer", "4",
-         "--trials", "3", "--batch", "1", "--storage", f"journal:{journal}", "--study-name", "killed",
-         "--heartbeat", "0.25", "--device", "cpu", "--out", str(tmp_path / "resumed")],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "probing",
+            "search",
+            "--task",
+            "vsr",
+            "--features",
+            str(vsr_features),
+            "--layer",
+            "4",
+            "--trials",
+            "3",
+            "--batch",
+            "1",
+            "--storage",
+            f"journal:{journal}",
+            "--study-name",
+            "killed",
+            "--heartbeat",
+            "0.25",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "resumed"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     study = optuna.load_study(study_name="killed", storage=JournalStorage(JournalFileBackend(str(journal))))
     states = {t.number: t.state for t in study.trials}
@@ -161,10 +278,32 @@ def test_a_killed_workers_trial_is_retried(vsr_features, tmp_path):
 
 def test_unfrozen_search_runs(capsys, tiny_checkpoints, demo_options, tmp_path):
     vsr = demo_options["vsr"]
-    code, out, err = run_cli(capsys, "search", "--task", "vsr", "--mode", "unfrozen", "--model",
-                             tiny_checkpoints["blip2"], "--vsr", vsr["vsr"], "--images", vsr["images"], "--layer", 2,
-                             "--trials", 2, "--epochs", "1,2", "--batch-size", 32, "--device", "cpu",
-                             "--out", tmp_path / "u")
+    code, out, err = run_cli(
+        capsys,
+        "search",
+        "--task",
+        "vsr",
+        "--mode",
+        "unfrozen",
+        "--model",
+        tiny_checkpoints["blip2"],
+        "--vsr",
+        vsr["vsr"],
+        "--images",
+        vsr["images"],
+        "--layer",
+        2,
+        "--trials",
+        2,
+        "--epochs",
+        "1,2",
+        "--batch-size",
+        32,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "u",
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "u" / "summary.json").read_text())
     assert summary["mode"] == "unfrozen" and summary["trials_complete"] == 2
@@ -206,9 +345,18 @@ def test_a_trial_failed_by_another_worker_while_running_is_not_fatal(tmp_path):
     the retry is trained, and the budget still ends at exactly `trials` complete trials."""
     from probing.search import retry_stale_trials
 
-    request = SearchRequest(task="vsr", mode="frozen", layer=1, out=tmp_path / "s",
-                            settings=TrainSettings(task="vsr", device="cpu"), space=default_space("vsr"), trials=3,
-                            batch=1, features=tmp_path, heartbeat=0.05)
+    request = SearchRequest(
+        task="vsr",
+        mode="frozen",
+        layer=1,
+        out=tmp_path / "s",
+        settings=TrainSettings(task="vsr", device="cpu"),
+        space=default_space("vsr"),
+        trials=3,
+        batch=1,
+        features=tmp_path,
+        heartbeat=0.05,
+    )
     study = create_study(request)
     calls = []
 
@@ -230,7 +378,21 @@ def test_a_trial_failed_by_another_worker_while_running_is_not_fatal(tmp_path):
 
 def test_search_refuses_a_distributed_launch(capsys, vsr_features, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what `accelerate launch` / torchrun set for each process
-    code, _, err = run_cli(capsys, "search", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--trials", 2,
-                           "--device", "cpu", "--out", tmp_path / "s")
+    code, _, err = run_cli(
+        capsys,
+        "search",
+        "--task",
+        "vsr",
+        "--features",
+        vsr_features,
+        "--layer",
+        4,
+        "--trials",
+        2,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "s",
+    )
     assert code == 2 and err.startswith("error: probing search runs one process per worker") and err.count("\n") == 1
     assert not (tmp_path / "s").exists()

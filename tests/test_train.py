@@ -24,7 +24,7 @@ def synthetic(task: str, rows: int, dims: int = 64, seed: int = 0, shuffle_label
     direction = torch.randn(dims, 4, generator=torch.Generator().manual_seed(1234))  # shared by all splits
     features = torch.randn(rows, dims, generator=generator)
     if task == "refcocog":
-        unit = (features @ direction / dims ** 0.5).sigmoid()
+        unit = (features @ direction / dims**0.5).sigmoid()
         centre, size = 0.25 + 0.5 * unit[:, :2], 0.2 + 0.3 * unit[:, 2:]
         targets = torch.cat([centre - size / 2, centre + size / 2], dim=1)
     else:
@@ -34,15 +34,18 @@ def synthetic(task: str, rows: int, dims: int = 64, seed: int = 0, shuffle_label
     return ProbeData(task, "synthetic", features, targets, list(range(rows)), [])
 
 
-@pytest.mark.parametrize("task,probe", [("vsr", "linear"), ("refcocog", "linear"), ("refcocog", "swiglu2"),
-                                        ("rcm", "swiglu4")])
+@pytest.mark.parametrize(
+    "task,probe", [("vsr", "linear"), ("refcocog", "linear"), ("refcocog", "swiglu2"), ("rcm", "swiglu4")]
+)
 def test_batched_trials_equal_separate_runs(task, probe):
     """K trials in one pass (ProbeBank + BatchedAdamW) == K standard loops (torch.optim.AdamW), same seeds."""
     train, val = synthetic(task, 300), synthetic(task, 100, seed=1)
     settings = TrainSettings(task=task, probe=probe, hidden=8, batch_size=32, patience=2, device="cpu")
-    trials = [Trial(lr=3e-3, epochs=4, seed=1, giou_scale=2.0, l1_scale=5.0),
-              Trial(lr=1e-3, epochs=7, seed=2),
-              Trial(lr=2e-2, epochs=3, seed=3, giou_scale=1.0, l1_scale=10.0)]
+    trials = [
+        Trial(lr=3e-3, epochs=4, seed=1, giou_scale=2.0, l1_scale=5.0),
+        Trial(lr=1e-3, epochs=7, seed=2),
+        Trial(lr=2e-2, epochs=3, seed=3, giou_scale=1.0, l1_scale=10.0),
+    ]
     batched = train_frozen(train, val, trials, settings)
     for trial, together in zip(trials, batched, strict=True):
         alone = train_single(train, val, trial, settings)
@@ -50,8 +53,9 @@ def test_batched_trials_equal_separate_runs(task, probe):
         assert together.stopped_early == alone.stopped_early
         for name in together.val_metrics:
             assert together.val_metrics[name] == pytest.approx(alone.val_metrics[name], abs=1e-5), name
-        for (name, mine), (_, theirs) in zip(together.probe.state_dict().items(), alone.probe.state_dict().items(),
-                                             strict=True):
+        for (name, mine), (_, theirs) in zip(
+            together.probe.state_dict().items(), alone.probe.state_dict().items(), strict=True
+        ):
             # rounding differences (a different matmul order), amplified by Adam's normalisation: ~1e-6
             assert torch.allclose(mine, theirs, atol=1e-5, rtol=0), name
         assert [h["epoch"] for h in together.history] == [h["epoch"] for h in alone.history]
@@ -66,13 +70,17 @@ def test_batched_adamw_step_equals_torch_adamw():
     optimizer = BatchedAdamW(bank, weight_decay=0.01)
     references = [new_probe("swiglu2", 40, 4, 8, seed) for seed in range(3)]
     lrs, active = torch.tensor([1e-2, 3e-3, 5e-3]), torch.tensor([True, True, False])
-    torch_optimizers = [torch.optim.AdamW(parameter_groups(r.named_parameters(), 0.01), lr=float(lr))
-                        for r, lr in zip(references, lrs, strict=True)]
+    torch_optimizers = [
+        torch.optim.AdamW(parameter_groups(r.named_parameters(), 0.01), lr=float(lr))
+        for r, lr in zip(references, lrs, strict=True)
+    ]
     generator = torch.Generator().manual_seed(0)
     for _ in range(6):
-        gradients = {name: torch.randn(p.shape, generator=generator)
-                     * 10.0 ** torch.randint(-10, 0, p.shape, generator=generator).float()
-                     for name, p in bank.named_parameters()}
+        gradients = {
+            name: torch.randn(p.shape, generator=generator)
+            * 10.0 ** torch.randint(-10, 0, p.shape, generator=generator).float()
+            for name, p in bank.named_parameters()
+        }
         for name, parameter in bank.named_parameters():
             parameter.grad = gradients[name].clone()
         optimizer.step(lrs, active)
@@ -153,7 +161,9 @@ def test_bad_settings_are_one_line():
         Trial(lr=1e-3, epochs=0).check()
     with pytest.raises(ProbingError, match="^--patience: must be >= 0, got -1$"):
         TrainSettings(task="vsr", patience=-1).check()
-    with pytest.raises(ProbingError, match=r"^--probe: unknown value 'deep' \(choose linear, swiglu2, swiglu4, logreg\)$"):
+    with pytest.raises(
+        ProbingError, match=r"^--probe: unknown value 'deep' \(choose linear, swiglu2, swiglu4, logreg\)$"
+    ):
         TrainSettings(task="vsr", probe="deep").check()
     with pytest.raises(ProbingError, match="^--giou-scale: must be a finite number, got nan$"):
         Trial(lr=1e-3, epochs=1, giou_scale=float("nan")).check()

@@ -8,30 +8,67 @@ from PIL import Image
 from scipy import ndimage
 
 from probing.data import DataOptions
-from probing.tasks import load_split
 from probing.data.synthetic import COLOURS, RELATIONS, make_vsr
 from probing.data.vsr import META_CATEGORIES, meta_category_table, parse_caption, read_vsr_file
 from probing.errors import ProbingError
+from probing.tasks import load_split
 
 CURRENT_LINES = [
-    {"image": "000000000101.jpg", "image_link": "http://images.cocodataset.org/train2017/000000000101.jpg",
-     "caption": "The cup is on top of the dining table.", "label": 1, "relation": "on top of", "annotator_id": 7,
-     "vote_true_validator_id": "[3, 11]", "vote_false_validator_id": "[]", "reference_frame": None},
-    {"image": "000000000102.jpg", "image_link": "http://images.cocodataset.org/val2017/000000000102.jpg",
-     "caption": "The bowl contains the banana.", "label": 0, "relation": "contains", "annotator_id": 2,
-     "vote_true_validator_id": "[1]", "vote_false_validator_id": "[4, 5]", "reference_frame": 1.0},
-    {"image": "000000000101.jpg", "image_link": "http://images.cocodataset.org/train2017/000000000101.jpg",
-     "caption": "The cat is among the dog.", "label": 0, "relation": "among", "annotator_id": 1,
-     "vote_true_validator_id": "[]", "vote_false_validator_id": "[1, 2]", "reference_frame": None},
+    {
+        "image": "000000000101.jpg",
+        "image_link": "http://images.cocodataset.org/train2017/000000000101.jpg",
+        "caption": "The cup is on top of the dining table.",
+        "label": 1,
+        "relation": "on top of",
+        "annotator_id": 7,
+        "vote_true_validator_id": "[3, 11]",
+        "vote_false_validator_id": "[]",
+        "reference_frame": None,
+    },
+    {
+        "image": "000000000102.jpg",
+        "image_link": "http://images.cocodataset.org/val2017/000000000102.jpg",
+        "caption": "The bowl contains the banana.",
+        "label": 0,
+        "relation": "contains",
+        "annotator_id": 2,
+        "vote_true_validator_id": "[1]",
+        "vote_false_validator_id": "[4, 5]",
+        "reference_frame": 1.0,
+    },
+    {
+        "image": "000000000101.jpg",
+        "image_link": "http://images.cocodataset.org/train2017/000000000101.jpg",
+        "caption": "The cat is among the dog.",
+        "label": 0,
+        "relation": "among",
+        "annotator_id": 1,
+        "vote_true_validator_id": "[]",
+        "vote_false_validator_id": "[1, 2]",
+        "reference_frame": None,
+    },
 ]
 ORIGINAL_LINES = [
-    {"image": "000000000103.jpg", "image_link": "http://images.cocodataset.org/train2017/000000000103.jpg",
-     "caption": "The person is congruent the horse.", "label": 1, "relation": "congruent", "annotator_id": 3,
-     "vote_true_validator_id": [1, 2, 3], "vote_false_validator_id": [9]},
-    {"image": "000000000104.jpg", "image_link": "http://images.cocodataset.org/train2017/000000000104.jpg",
-     "caption": "The teddy bear is at the left side of the couch.", "label": 1,
-     "relation": "at the left side of", "annotator_id": 3, "vote_true_validator_id": [1, 2],
-     "vote_false_validator_id": []},
+    {
+        "image": "000000000103.jpg",
+        "image_link": "http://images.cocodataset.org/train2017/000000000103.jpg",
+        "caption": "The person is congruent the horse.",
+        "label": 1,
+        "relation": "congruent",
+        "annotator_id": 3,
+        "vote_true_validator_id": [1, 2, 3],
+        "vote_false_validator_id": [9],
+    },
+    {
+        "image": "000000000104.jpg",
+        "image_link": "http://images.cocodataset.org/train2017/000000000104.jpg",
+        "caption": "The teddy bear is at the left side of the couch.",
+        "label": 1,
+        "relation": "at the left side of",
+        "annotator_id": 3,
+        "vote_true_validator_id": [1, 2],
+        "vote_false_validator_id": [],
+    },
 ]
 
 
@@ -50,8 +87,12 @@ def vsr_dir(tmp_path):
     write_jsonl(folder / "dev.jsonl", ORIGINAL_LINES)
     write_jsonl(folder / "test.jsonl", CURRENT_LINES[:1])
     images = tmp_path / "images"
-    for folder_name, image in [("train2017", "000000000101.jpg"), ("val2017", "000000000102.jpg"),
-                               ("trainval2017", "000000000103.jpg"), ("train2017", "000000000103.jpg")]:
+    for folder_name, image in [
+        ("train2017", "000000000101.jpg"),
+        ("val2017", "000000000102.jpg"),
+        ("trainval2017", "000000000103.jpg"),
+        ("train2017", "000000000103.jpg"),
+    ]:
         (images / folder_name).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 4)).save(images / folder_name / image)
     return folder
@@ -63,8 +104,15 @@ def test_meta_category_table_matches_the_official_file():
     assert table["among"] == "Unallocated"  # listed under Topological and Unallocated: the last wins
     assert table["touching"] == "Topological" and table["facing"] == "Orientation" and table["near"] == "Proximity"
     sizes = {category: sum(1 for v in table.values() if v == category) for category in META_CATEGORIES}
-    assert sizes == {"Adjacency": 10, "Directional": 16, "Orientation": 4, "Projective": 12, "Proximity": 5,
-                     "Topological": 17, "Unallocated": 6}
+    assert sizes == {
+        "Adjacency": 10,
+        "Directional": 16,
+        "Orientation": 4,
+        "Projective": 12,
+        "Proximity": 5,
+        "Topological": 17,
+        "Unallocated": 6,
+    }
     assert "congruent" not in table
 
 
@@ -113,12 +161,16 @@ def test_caption_parsing():
     [
         ("{not json", r"train.jsonl: line 2: not valid JSON"),
         ("[1, 2]", r"train.jsonl: line 2: expected a JSON object"),
-        (json.dumps({k: v for k, v in CURRENT_LINES[0].items() if k != "caption"}),
-         r"train.jsonl: line 2: missing field 'caption'"),
+        (
+            json.dumps({k: v for k, v in CURRENT_LINES[0].items() if k != "caption"}),
+            r"train.jsonl: line 2: missing field 'caption'",
+        ),
         (json.dumps({**CURRENT_LINES[0], "label": 2}), r"line 2: field 'label' must be 0 or 1"),
         (json.dumps({**CURRENT_LINES[0], "label": "1"}), r"line 2: field 'label' has the wrong type"),
-        (json.dumps({**CURRENT_LINES[0], "vote_true_validator_id": "[1, "}),
-         r"line 2: field 'vote_true_validator_id' is not a list"),
+        (
+            json.dumps({**CURRENT_LINES[0], "vote_true_validator_id": "[1, "}),
+            r"line 2: field 'vote_true_validator_id' is not a list",
+        ),
         (json.dumps({**CURRENT_LINES[0], "image": "cat.png"}), r"line 2: field 'image' is not a COCO file name"),
     ],
 )
@@ -132,8 +184,9 @@ def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
 def test_a_line_that_is_not_utf8_is_named(tmp_path):
     path = tmp_path / "train.jsonl"
     good = [json.dumps(row).encode() for row in CURRENT_LINES]
-    latin1 = json.dumps({**CURRENT_LINES[1], "caption": "The bowl is near the caf\u00e9."},
-                        ensure_ascii=False).encode("latin-1")
+    latin1 = json.dumps({**CURRENT_LINES[1], "caption": "The bowl is near the caf\u00e9."}, ensure_ascii=False).encode(
+        "latin-1"
+    )
     path.write_bytes(b"\n".join([good[0], b"", good[1], latin1, good[2]]) + b"\n")
     with pytest.raises(ProbingError) as raised:
         read_vsr_file(path)
@@ -211,7 +264,8 @@ def test_demo_captions_are_true_or_false_by_the_geometry_in_the_pixels(demo_opti
                 continue
             size = Image.open(example.image_path).size
             truth = RELATIONS[example.metadata["relation"]](
-                colour_box(example.image_path, subject_colour), colour_box(example.image_path, object_colour), size)
+                colour_box(example.image_path, subject_colour), colour_box(example.image_path, object_colour), size
+            )
             if truth is None:  # pixel boxes are +-1 px; a relation at its threshold may become undecided
                 ambiguous += 1
                 continue

@@ -1,6 +1,6 @@
 """Box formats, IoU and the 3x3 grid cells used by Region Cell Matching.
 
-Conventions (see data_formats.md section 4):
+Conventions (those of COCO, REFER and DETR-style box regression):
 - COCO / REFER ground truth is `[x, y, w, h]` in absolute pixels, top-left origin.
 - Inside the toolkit a target box is normalized `xyxy`: `[x1/W, y1/H, x2/W, y2/H]`. Probes may predict
   normalized `cxcywh` (DETR style); conversions go through `torchvision.ops.box_convert`.
@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torchvision.ops import box_convert
 
 GRID_SIZE = 3
 
@@ -37,26 +36,6 @@ def _as_boxes(boxes: torch.Tensor | Sequence[float] | Sequence[Sequence[float]])
     return tensor
 
 
-def coco_to_xyxy(boxes: torch.Tensor | Sequence) -> torch.Tensor:
-    """COCO `[x, y, w, h]` to `[x1, y1, x2, y2]` (same units)."""
-    return box_convert(_as_boxes(boxes), in_fmt="xywh", out_fmt="xyxy")
-
-
-def xyxy_to_coco(boxes: torch.Tensor | Sequence) -> torch.Tensor:
-    """`[x1, y1, x2, y2]` to COCO `[x, y, w, h]` (same units)."""
-    return box_convert(_as_boxes(boxes), in_fmt="xyxy", out_fmt="xywh")
-
-
-def xyxy_to_cxcywh(boxes: torch.Tensor | Sequence) -> torch.Tensor:
-    """`[x1, y1, x2, y2]` to centre-size `[cx, cy, w, h]` (same units)."""
-    return box_convert(_as_boxes(boxes), in_fmt="xyxy", out_fmt="cxcywh")
-
-
-def cxcywh_to_xyxy(boxes: torch.Tensor | Sequence) -> torch.Tensor:
-    """Centre-size `[cx, cy, w, h]` to `[x1, y1, x2, y2]` (same units)."""
-    return box_convert(_as_boxes(boxes), in_fmt="cxcywh", out_fmt="xyxy")
-
-
 def _image_scale(width, height, like: torch.Tensor) -> torch.Tensor:
     width = torch.as_tensor(width, dtype=like.dtype)
     height = torch.as_tensor(height, dtype=like.dtype)
@@ -67,12 +46,6 @@ def normalize_xyxy(boxes_xyxy: torch.Tensor | Sequence, width, height) -> torch.
     """Pixel `xyxy` to `[x1/W, y1/H, x2/W, y2/H]`; width/height may be scalars or per-box tensors."""
     boxes = _as_boxes(boxes_xyxy)
     return boxes / _image_scale(width, height, boxes)
-
-
-def denormalize_xyxy(boxes_xyxy: torch.Tensor | Sequence, width, height) -> torch.Tensor:
-    """Normalized `xyxy` back to pixels."""
-    boxes = _as_boxes(boxes_xyxy)
-    return boxes * _image_scale(width, height, boxes)
 
 
 def paired_iou(boxes_a: torch.Tensor | Sequence, boxes_b: torch.Tensor | Sequence) -> torch.Tensor:

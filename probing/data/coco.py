@@ -100,8 +100,13 @@ def _check_annotations(annotations: list[Any], path: Path) -> None:
             if not _is_int(ann.get(key)):
                 raise ProbingError(f"{path}: annotations[{position}]: field '{key}' is missing or not an integer")
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
-                and bbox[2] >= 0 and bbox[3] >= 0):
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(_is_number(v) for v in bbox)
+            and bbox[2] >= 0
+            and bbox[3] >= 0
+        ):
             raise ProbingError(f"{path}: annotations[{position}]: field 'bbox' is not [x, y, w, h] with w, h >= 0")
 
 

@@ -1,7 +1,7 @@
 """Where a dataset's images live on disk, and decoding them with errors that name the file.
 
 Image paths are built from ids, never from REFER's `ref['file_name']` (it carries an `_<ann_id>` suffix
-that no real file has; data_formats.md 1.4). Each dataset has an ordered list of layouts; the first layout
+that no real file has). Each dataset has an ordered list of layouts; the first layout
 holding the file wins, and when none does the first candidate is returned so that the error names it.
 """
 

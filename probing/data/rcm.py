@@ -27,10 +27,10 @@ import numpy as np
 from probing.artifacts import code_version, existing_output_matches, sha256_file, staged_directory, write_json
 from probing.data import boxes
 from probing.data.coco import read_instances
-from probing.data.types import Example
 from probing.data.images import coco2014_candidates, resolve_image
 from probing.data.jsonl import read_objects
 from probing.data.refer import Sentence, join_sentences, read_refs, sentence_metadata
+from probing.data.types import Example
 from probing.errors import ProbingError
 from probing.records import StageResult, read_json_file
 
@@ -38,8 +38,18 @@ log = logging.getLogger(__name__)
 
 BUILDER_VERSION = 1
 NEGATIVE_SOURCES = boxes.GRID_SIZE * boxes.GRID_SIZE - 1  # 8 other cells
-REQUIRED_FIELDS = ("image_id", "ann_id", "ref_id", "sent_id", "phrase", "cell", "true_cell", "cell_name",
-                   "caption", "label")
+REQUIRED_FIELDS = (
+    "image_id",
+    "ann_id",
+    "ref_id",
+    "sent_id",
+    "phrase",
+    "cell",
+    "true_cell",
+    "cell_name",
+    "caption",
+    "label",
+)
 RCM_SPLITS = ("train", "val", "test")  # RefCOCOg umd's splits, each built on its own
 _SPLIT_STREAM = {split: index for index, split in enumerate(RCM_SPLITS)}
 
@@ -106,7 +116,7 @@ def build_split(sentences: list[Sentence], split: str, seed: int) -> tuple[list[
         order = rng.permutation(available[source_cell])[:per_cell]
         claimed_cells = [cell for cell in range(cells) if cell != source_cell]
         for position, claimed in enumerate(claimed_cells):
-            for index in order[position * chunk:(position + 1) * chunk]:
+            for index in order[position * chunk : (position + 1) * chunk]:
                 records.append(_record(by_cell[source_cell][index], claimed, source_cell))
     records = [records[i] for i in rng.permutation(len(records))]
     counts = {

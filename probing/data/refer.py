@@ -18,9 +18,9 @@ from typing import Any
 from probing.artifacts import file_key
 from probing.data import boxes
 from probing.data.coco import annotation, image_info, read_instances, supercategories
-from probing.data.types import Example
 from probing.data.images import coco2014_candidates, resolve_image
 from probing.data.safe_pickle import load_plain_pickle
+from probing.data.types import Example
 from probing.errors import ProbingError
 
 _REF_FIELDS = ("ref_id", "ann_id", "image_id", "split", "sentences")
@@ -86,8 +86,9 @@ def _read_refs(key: tuple[str, int, int], path: Path) -> list[dict[str, Any]]:
                 if not isinstance(sentence, dict) or key not in sentence:
                     raise ProbingError(f"{path}: ref_id {ref['ref_id']}: a sentence lacks field '{key}'")
             if not _is_int(sentence["sent_id"]):
-                raise ProbingError(f"{path}: ref_id {ref['ref_id']}: sentences[{index}]: field 'sent_id' is not "
-                                   "an integer")
+                raise ProbingError(
+                    f"{path}: ref_id {ref['ref_id']}: sentences[{index}]: field 'sent_id' is not an integer"
+                )
             if not isinstance(sentence["raw"], str):
                 raise ProbingError(f"{path}: ref_id {ref['ref_id']}: sentences[{index}]: field 'raw' is not a string")
     return refs

@@ -56,7 +56,15 @@ def load_plain_pickle(path: Path) -> Any:
         return _PlainDataUnpickler(io.BytesIO(payload), encoding="utf-8").load()
     except _Refused as error:
         raise ProbingError(f"{path}: refused: the pickle {error}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError,
-            UnicodeDecodeError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        IndexError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        UnicodeDecodeError,
+    ) as error:
         # Truncated or corrupt streams surface as any of these, depending on where the bytes stop.
         raise ProbingError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None

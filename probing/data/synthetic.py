@@ -99,12 +99,22 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
         draw.rectangle((x1, cy - bar / 2, x2, cy + bar / 2), fill=fill)
     elif shape.name == "star":
         # A five-pointed star stretched so its points touch all four box edges (COCO boxes are tight).
-        unit = [(math.cos(-math.pi / 2 + k * math.pi / 5) * (1 if k % 2 == 0 else 0.4),
-                 math.sin(-math.pi / 2 + k * math.pi / 5) * (1 if k % 2 == 0 else 0.4)) for k in range(10)]
+        unit = [
+            (
+                math.cos(-math.pi / 2 + k * math.pi / 5) * (1 if k % 2 == 0 else 0.4),
+                math.sin(-math.pi / 2 + k * math.pi / 5) * (1 if k % 2 == 0 else 0.4),
+            )
+            for k in range(10)
+        ]
         low_x, high_x = min(u for u, _ in unit), max(u for u, _ in unit)
         low_y, high_y = min(v for _, v in unit), max(v for _, v in unit)
-        draw.polygon([(x1 + (u - low_x) / (high_x - low_x) * (x2 - x1),
-                       y1 + (v - low_y) / (high_y - low_y) * (y2 - y1)) for u, v in unit], fill=fill)
+        draw.polygon(
+            [
+                (x1 + (u - low_x) / (high_x - low_x) * (x2 - x1), y1 + (v - low_y) / (high_y - low_y) * (y2 - y1))
+                for u, v in unit
+            ],
+            fill=fill,
+        )
     else:  # pragma: no cover - CATEGORIES and this function are kept in step
         raise ValueError(shape.name)
 
@@ -144,8 +154,9 @@ class _CellDeck:
         return int(self.cards.pop())
 
 
-def _place_in_cell(cell: int, width: int, height: int, placed: list[Box], rng: np.random.Generator,
-                   tries: int = 40) -> tuple[Box, float] | None:
+def _place_in_cell(
+    cell: int, width: int, height: int, placed: list[Box], rng: np.random.Generator, tries: int = 40
+) -> tuple[Box, float] | None:
     """A square box whose centre lies in `cell` and that overlaps no placed box, or None."""
     row, column = divmod(cell, boxes.GRID_SIZE)
     short = min(width, height)
@@ -175,6 +186,7 @@ def _pick_shapes(count: int, rng: np.random.Generator) -> list[tuple[int, str, s
 
 
 # ---------------------------------------------------------------------------------------------- RefCOCOg
+
 
 def _size_word(fraction: float) -> str | None:
     if fraction < 0.19:
@@ -242,8 +254,18 @@ def make_refcocog(out: Path, images_dir: Path, image_count: int, rng: np.random.
             placed.append((Shape(category_id, name, supercategory, colour, box, fraction), cell))
         file_name = f"COCO_train2014_{image_id:012d}.jpg"
         render(width, height, [s for s, _ in placed], rng).save(folder / file_name, quality=90)
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, "license": 1,
-                       "coco_url": "", "flickr_url": "", "date_captured": "2014-01-01 00:00:00"})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "width": width,
+                "height": height,
+                "license": 1,
+                "coco_url": "",
+                "flickr_url": "",
+                "date_captured": "2014-01-01 00:00:00",
+            }
+        )
         counts[split]["images"] += 1
         # Like RefCOCOg, annotations cover every object; some objects get no referring expression.
         unreferred = len(placed) - 1 if len(placed) > 2 and rng.random() < 0.3 else None
@@ -251,12 +273,17 @@ def make_refcocog(out: Path, images_dir: Path, image_count: int, rng: np.random.
             x1, y1, x2, y2 = shape.box
             ann_id = next_ann_id
             next_ann_id += 1
-            annotations.append({
-                "id": ann_id, "image_id": image_id, "category_id": shape.category_id, "iscrowd": 0,
-                "bbox": [x1, y1, round(x2 - x1, 1), round(y2 - y1, 1)],
-                "area": round((x2 - x1) * (y2 - y1), 2),
-                "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
-            })
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": shape.category_id,
+                    "iscrowd": 0,
+                    "bbox": [x1, y1, round(x2 - x1, 1), round(y2 - y1, 1)],
+                    "area": round((x2 - x1) * (y2 - y1), 2),
+                    "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
+                }
+            )
             if position == unreferred:
                 continue
             cell = boxes.assign_cell((x1, y1, x1 + round(x2 - x1, 1), y1 + round(y2 - y1, 1)), width, height)
@@ -265,11 +292,18 @@ def make_refcocog(out: Path, images_dir: Path, image_count: int, rng: np.random.
                 sent = _normalise_sentence(raw)
                 sentences.append({"raw": raw, "sent": sent, "tokens": sent.split(), "sent_id": next_sent_id})
                 next_sent_id += 1
-            refs.append({
-                "ref_id": next_ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": shape.category_id,
-                "split": split, "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
-                "sent_ids": [s["sent_id"] for s in sentences], "sentences": sentences,
-            })
+            refs.append(
+                {
+                    "ref_id": next_ref_id,
+                    "ann_id": ann_id,
+                    "image_id": image_id,
+                    "category_id": shape.category_id,
+                    "split": split,
+                    "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+                    "sent_ids": [s["sent_id"] for s in sentences],
+                    "sentences": sentences,
+                }
+            )
             next_ref_id += 1
             counts[split]["refs"] += 1
             counts[split]["sentences"] += len(sentences)
@@ -289,6 +323,7 @@ def make_refcocog(out: Path, images_dir: Path, image_count: int, rng: np.random.
 
 
 # ---------------------------------------------------------------------------------------------- VSR
+
 
 def _horizontal(a: Box, b: Box) -> bool | None:
     """a entirely left of b: True; entirely right: False; overlapping in x: ambiguous."""
@@ -344,8 +379,11 @@ RELATIONS: dict[str, Callable[[Box, Box, tuple[int, int]], bool | None]] = {
     "at the left side of": lambda a, b, size: _side(a, b, size, left=True),
     "at the right side of": lambda a, b, size: _side(a, b, size, left=False),
     "touching": _touching,
-    "next to": lambda a, b, size: True if _side(a, b, size, True) or _side(a, b, size, False) else (
-        False if _gap(a, b) / min(size) > 0.3 else None),
+    "next to": lambda a, b, size: (
+        True
+        if _side(a, b, size, True) or _side(a, b, size, False)
+        else (False if _gap(a, b) / min(size) > 0.3 else None)
+    ),
 }
 
 
@@ -386,8 +424,9 @@ def _vsr_captions(shapes: list[Shape], size: tuple[int, int], rng: np.random.Gen
     return [found[label] for label in sorted(found)]
 
 
-def make_vsr(out: Path, images_dir: Path, image_count: int, rng: np.random.Generator,
-             version: str = "current") -> dict[str, Any]:
+def make_vsr(
+    out: Path, images_dir: Path, image_count: int, rng: np.random.Generator, version: str = "current"
+) -> dict[str, Any]:
     """Write VSR-format `train/dev/test.jsonl` with COCO-2017-named images; return counts per split."""
     if version not in ("current", "original"):
         raise ValueError(f"VSR version must be 'current' or 'original', got {version!r}")
@@ -436,18 +475,23 @@ def make_vsr(out: Path, images_dir: Path, image_count: int, rng: np.random.Gener
 
 # ---------------------------------------------------------------------------------------------- entry point
 
+
 def demo_data_options(root: Path) -> dict[str, dict[str, Path]]:
     """The data options that point the loaders at a demo dataset, per task."""
     root = Path(root)
     return {
-        "refcocog": {"refs": root / "refcocog" / REFS_NAME, "instances": root / "refcocog" / "instances.json",
-                     "images": root / "images"},
+        "refcocog": {
+            "refs": root / "refcocog" / REFS_NAME,
+            "instances": root / "refcocog" / "instances.json",
+            "images": root / "images",
+        },
         "vsr": {"vsr": root / "vsr", "images": root / "images"},
     }
 
 
-def make_demo_data(out: Path, seed: int = 0, refcocog_images: int = 300, vsr_images: int = 240,
-                   vsr_version: str = "current") -> StageResult[dict[str, Any]]:
+def make_demo_data(
+    out: Path, seed: int = 0, refcocog_images: int = 300, vsr_images: int = 240, vsr_version: str = "current"
+) -> StageResult[dict[str, Any]]:
     """Write the demo dataset into `out` (atomically); its manifest is the result's value.
 
     An `out` that already holds the same dataset (same seed, sizes, version) is kept as is.
@@ -455,8 +499,14 @@ def make_demo_data(out: Path, seed: int = 0, refcocog_images: int = 300, vsr_ima
     if refcocog_images < 20 or vsr_images < 10:
         raise ProbingError("demo data needs at least 20 RefCOCOg images and 10 VSR images")
     out = Path(out)
-    identity = {"kind": "demo-data", "generator_version": GENERATOR_VERSION, "seed": seed,
-                "refcocog_images": refcocog_images, "vsr_images": vsr_images, "vsr_version": vsr_version}
+    identity = {
+        "kind": "demo-data",
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "refcocog_images": refcocog_images,
+        "vsr_images": vsr_images,
+        "vsr_version": vsr_version,
+    }
     if existing_output_matches(out, identity, "demo dataset"):
         return StageResult(read_json_file(out / "manifest.json"), out, "reused")
     refcocog_rng, vsr_rng = (np.random.default_rng([seed, stream]) for stream in (1, 2))

@@ -43,8 +43,11 @@ class DataOptions:
     (`probing tasks` lists them). `task` is a registered name or the path of a task YAML file."""
 
     task: str | None = setting(None, cli=False, config=False, help="A registered task or a task YAML file.")
-    images: Path | None = setting(None, help="Image root: train2014/ and/or train2017/ (REFER tasks, RCM); "
-                                             "trainval2017/ or train2017/ + val2017/ (VSR)")
+    images: Path | None = setting(
+        None,
+        help="Image root: train2014/ and/or train2017/ (REFER tasks, RCM); "
+        "trainval2017/ or train2017/ + val2017/ (VSR)",
+    )
     refs: Path | None = setting(None, help="REFER tasks: refs(umd).p, refs(google).p or refs(unc).p")
     instances: Path | None = setting(None, help="REFER tasks: COCO instances.json")
     vsr: Path | None = setting(None, help="VSR: folder with train.jsonl, dev.jsonl, test.jsonl")

@@ -19,9 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from probing.data.types import Example
 from probing.data.images import resolve_image, vsr_candidates
 from probing.data.jsonl import read_objects
+from probing.data.types import Example
 from probing.errors import ProbingError
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,10 @@ def read_vsr_file(path: Path) -> list[VsrRecord]:
         listed = ", ".join(f"{name} ({count})" for name, count in sorted(unknown_relations.items()))
         log.warning(
             "%s: %d caption(s) have a relation absent from the VSR meta-category table, counted as %s: %s",
-            path, sum(unknown_relations.values()), UNALLOCATED, listed,
+            path,
+            sum(unknown_relations.values()),
+            UNALLOCATED,
+            listed,
         )
     if unparsed_captions:
         log.warning("%s: %d caption(s) do not match 'The <subj> is <relation> the <obj>.'", path, unparsed_captions)

@@ -6,5 +6,13 @@ from probing.models.base import Resampler
 from probing.models.loading import ModelSource, load_resampler, qformer_layers
 from probing.models.registry import BackendFamily, families, family_named, register_family
 
-__all__ = ["BackendFamily", "ModelSource", "Resampler", "families", "family_named", "load_resampler",
-           "qformer_layers", "register_family"]
+__all__ = [
+    "BackendFamily",
+    "ModelSource",
+    "Resampler",
+    "families",
+    "family_named",
+    "load_resampler",
+    "qformer_layers",
+    "register_family",
+]

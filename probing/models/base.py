@@ -81,9 +81,13 @@ class Resampler(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def query_states(self, image_embeds: torch.Tensor, texts: Sequence[str] | Mapping[str, torch.Tensor] | None,
-                     layers: Sequence[int], image_slots: Sequence[int] | torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def query_states(
+        self,
+        image_embeds: torch.Tensor,
+        texts: Sequence[str] | Mapping[str, torch.Tensor] | None,
+        layers: Sequence[int],
+        image_slots: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """`[B, len(layers), Q, H]`; with `image_slots`, `image_embeds` holds each image once and row i reads
         image `image_slots[i]`."""
         raise NotImplementedError

@@ -28,8 +28,10 @@ class Blip2Resampler(QFormerResampler):
     def config_problem(cls, config) -> str | None:
         if not getattr(config.qformer_config, "use_qformer_text_input", False):
             # Stage-2 checkpoints (OPT, FlanT5) have no text FFN in the Q-Former: the ITM path cannot run.
-            return ("the BLIP-2 checkpoint has no Q-Former text path (use_qformer_text_input is false): use a "
-                    "first-stage image-text-matching checkpoint such as Salesforce/blip2-itm-vit-g")
+            return (
+                "the BLIP-2 checkpoint has no Q-Former text path (use_qformer_text_input is false): use a "
+                "first-stage image-text-matching checkpoint such as Salesforce/blip2-itm-vit-g"
+            )
         return None
 
     def build_modules(self, config) -> None:
@@ -57,12 +59,19 @@ class Blip2Resampler(QFormerResampler):
         return self.itm_head(last_query_states.to(self.itm_head.weight.dtype)).mean(dim=1)
 
 
-BLIP2 = register_family(BackendFamily(
-    name="blip2", title="BLIP-2", resampler=Blip2Resampler, model_types=("blip-2",),
-    aliases={"blip2": "Salesforce/blip2-itm-vit-g", "blip2-coco": "Salesforce/blip2-itm-vit-g-coco"},
-    default_checkpoint="Salesforce/blip2-itm-vit-g", tokenizer_folder="",
-    # A stage-1 LAVIS checkpoint carries the ITM head; its text embeddings sit beside the Q-Former, and the
-    # BERT embedding LayerNorm becomes the Q-Former's top-level `layernorm`.
-    lavis=LavisKeyMap(marker_prefixes=("itm_head.",), text_embeddings="embeddings.",
-                      embedding_layernorm="qformer.layernorm."),
-))
+BLIP2 = register_family(
+    BackendFamily(
+        name="blip2",
+        title="BLIP-2",
+        resampler=Blip2Resampler,
+        model_types=("blip-2",),
+        aliases={"blip2": "Salesforce/blip2-itm-vit-g", "blip2-coco": "Salesforce/blip2-itm-vit-g-coco"},
+        default_checkpoint="Salesforce/blip2-itm-vit-g",
+        tokenizer_folder="",
+        # A stage-1 LAVIS checkpoint carries the ITM head; its text embeddings sit beside the Q-Former, and the
+        # BERT embedding LayerNorm becomes the Q-Former's top-level `layernorm`.
+        lavis=LavisKeyMap(
+            marker_prefixes=("itm_head.",), text_embeddings="embeddings.", embedding_layernorm="qformer.layernorm."
+        ),
+    )
+)

@@ -1,6 +1,6 @@
 """Reading only the tensors we need from a Hugging Face checkpoint: a Hub repo or a local folder.
 
-Shard-selective loading (model_notes.md 2.3, approach A): the shard index maps each key to its file; we
+Shard-selective loading: the shard index maps each key to its file; we
 keep the keys under the wanted prefixes, open only the shards that hold them (downloading only those from
 the Hub) and read tensors one by one with `safe_open`. A shard that holds only language-model weights is
 never opened, so it may be absent; shards that mix modules are read by key.

@@ -41,11 +41,20 @@ class InstructBlipResampler(QFormerResampler):
         return output.hidden_states
 
 
-INSTRUCTBLIP = register_family(BackendFamily(
-    name="instructblip", title="InstructBLIP", resampler=InstructBlipResampler, model_types=("instructblip",),
-    aliases={"instructblip": "Salesforce/instructblip-vicuna-7b"},
-    default_checkpoint="Salesforce/instructblip-vicuna-7b", tokenizer_folder="qformer_tokenizer",
-    # A LAVIS InstructBLIP checkpoint carries the LLM projection; its Q-Former owns its text embeddings.
-    lavis=LavisKeyMap(marker_prefixes=("llm_proj.", "t5_proj."), text_embeddings="qformer.embeddings.",
-                      embedding_layernorm="qformer.embeddings.layernorm."),
-))
+INSTRUCTBLIP = register_family(
+    BackendFamily(
+        name="instructblip",
+        title="InstructBLIP",
+        resampler=InstructBlipResampler,
+        model_types=("instructblip",),
+        aliases={"instructblip": "Salesforce/instructblip-vicuna-7b"},
+        default_checkpoint="Salesforce/instructblip-vicuna-7b",
+        tokenizer_folder="qformer_tokenizer",
+        # A LAVIS InstructBLIP checkpoint carries the LLM projection; its Q-Former owns its text embeddings.
+        lavis=LavisKeyMap(
+            marker_prefixes=("llm_proj.", "t5_proj."),
+            text_embeddings="qformer.embeddings.",
+            embedding_layernorm="qformer.embeddings.layernorm.",
+        ),
+    )
+)

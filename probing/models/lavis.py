@@ -86,10 +86,10 @@ def guess_family(state: Mapping[str, torch.Tensor]) -> str | None:
 def _qformer_key(rest: str, key_map: LavisKeyMap) -> str | None:
     """`Qformer.bert.<rest>` -> transformers name."""
     if rest.startswith("embeddings.LayerNorm."):
-        return key_map.embedding_layernorm + rest[len("embeddings.LayerNorm."):]
+        return key_map.embedding_layernorm + rest[len("embeddings.LayerNorm.") :]
     for name in ("word_embeddings.", "position_embeddings."):
         if rest.startswith(f"embeddings.{name}"):
-            return key_map.text_embeddings + rest[len("embeddings."):]
+            return key_map.text_embeddings + rest[len("embeddings.") :]
     if rest.startswith("encoder.layer."):
         # attention.self.* and crossattention.self.* are *.attention.*; everything else keeps its name
         return "qformer." + re.sub(r"(attention|crossattention)\.self\.", r"\1.attention.", rest)
@@ -111,12 +111,13 @@ def _vision_key(rest: str, vision_layers: int) -> str | None:
         return None
     for lavis, hf in _VISION_BLOCK.items():
         if match[2].startswith(lavis):
-            return f"vision_model.encoder.layers.{match[1]}.{hf}{match[2][len(lavis):]}"
+            return f"vision_model.encoder.layers.{match[1]}.{hf}{match[2][len(lavis) :]}"
     return None
 
 
-def lavis_to_hf(state: dict[str, torch.Tensor], family: str | LavisKeyMap, vision_layers: int,
-                where: str = "LAVIS checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
+def lavis_to_hf(
+    state: dict[str, torch.Tensor], family: str | LavisKeyMap, vision_layers: int, where: str = "LAVIS checkpoint"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename a LAVIS state dict to transformers keys for `family` (a registered name or its key map);
     returns (mapped tensors, ignored LAVIS keys).
 
@@ -139,9 +140,9 @@ def lavis_to_hf(state: dict[str, torch.Tensor], family: str | LavisKeyMap, visio
         if key == "query_tokens":
             target = "query_tokens"
         elif key.startswith("ln_vision."):
-            target = "vision_model.post_layernorm." + key[len("ln_vision."):]
+            target = "vision_model.post_layernorm." + key[len("ln_vision.") :]
         elif key.startswith("visual_encoder."):
-            rest = key[len("visual_encoder."):]
+            rest = key[len("visual_encoder.") :]
             bias = re.match(r"blocks\.(\d+)\.attn\.(q|v)_bias$", rest)
             if bias is not None:
                 q_key, v_key = (f"visual_encoder.blocks.{bias[1]}.attn.{name}_bias" for name in ("q", "v"))
@@ -152,13 +153,14 @@ def lavis_to_hf(state: dict[str, torch.Tensor], family: str | LavisKeyMap, visio
                         raise ProbingError(f"{where}: missing key '{v_key}' (needed with '{key}')")
                     v_bias = state[v_key]
                     mapped[f"vision_model.encoder.layers.{bias[1]}.self_attn.qkv.bias"] = torch.cat(
-                        [tensor, torch.zeros_like(v_bias), v_bias])
+                        [tensor, torch.zeros_like(v_bias), v_bias]
+                    )
                 continue  # a v bias with its q bias was converted with it
             target = _vision_key(rest, vision_layers)
         elif key.startswith("Qformer.bert."):
-            target = _qformer_key(key[len("Qformer.bert."):], family)
+            target = _qformer_key(key[len("Qformer.bert.") :], family)
         else:
-            target = next((hf + key[len(lavis):] for lavis, hf in _HEADS.items() if key.startswith(lavis)), None)
+            target = next((hf + key[len(lavis) :] for lavis, hf in _HEADS.items() if key.startswith(lavis)), None)
         if target is None:
             ignored.append(key)
         else:

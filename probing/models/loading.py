@@ -40,16 +40,24 @@ class ModelSource:
     """Which weights a resampler is built from: the settings shared by `extract`, unfrozen `train` and
     `search`, and a config's `models` entries."""
 
-    model: str | None = setting(None, help="blip2 | blip2-coco | instructblip, a Hub id, a local checkpoint "
-                                           "folder, or a LAVIS .pth file")
+    model: str | None = setting(
+        None, help="blip2 | blip2-coco | instructblip, a Hub id, a local checkpoint folder, or a LAVIS .pth file"
+    )
     revision: str | None = setting(None, help="Hub branch, tag or commit.")
     init: Literal["pretrained", "random"] = setting(
-        "pretrained", help="pretrained | random (same architecture, seeded random weights: the control baseline)")
+        "pretrained", help="pretrained | random (same architecture, seeded random weights: the control baseline)"
+    )
     init_seed: int = setting(0, low=0, help="Seed of --init random.")
-    family: str | None = setting(None, help="The backend family, where a checkpoint could be read by several "
-                                            "(and for a LAVIS .pth whose keys do not tell).")
-    base: str | None = setting(None, help="For a LAVIS .pth: where the config, tokenizer and image processor "
-                                          "come from (default: the family's checkpoint).")
+    family: str | None = setting(
+        None,
+        help="The backend family, where a checkpoint could be read by several "
+        "(and for a LAVIS .pth whose keys do not tell).",
+    )
+    base: str | None = setting(
+        None,
+        help="For a LAVIS .pth: where the config, tokenizer and image processor "
+        "come from (default: the family's checkpoint).",
+    )
 
     def required(self, option: str = "--model") -> ModelSource:
         if self.model is None:
@@ -86,8 +94,9 @@ def _load_tokenizer(source: CheckpointSource, family: BackendFamily):
     try:
         return AutoTokenizer.from_pretrained(config_file.parent)
     except (OSError, ValueError) as error:
-        raise ProbingError(f"{config_file.parent}: cannot load the Q-Former tokenizer "
-                           f"({str(error).splitlines()[0]})") from None
+        raise ProbingError(
+            f"{config_file.parent}: cannot load the Q-Former tokenizer ({str(error).splitlines()[0]})"
+        ) from None
 
 
 def _load_image_processor(source: CheckpointSource, config):
@@ -103,16 +112,22 @@ def _load_image_processor(source: CheckpointSource, config):
         except (OSError, ValueError) as error:
             raise ProbingError(f"{processor_file}: cannot load the image processor ({error})") from None
     size = config.vision_config.image_size
-    log.info("%s: no preprocessor_config.json; using BlipImageProcessorPil(%d px, CLIP mean/std, bicubic)",
-             source.name_or_path, size)
-    return BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=OPENAI_CLIP_MEAN,
-                                 image_std=OPENAI_CLIP_STD)
+    log.info(
+        "%s: no preprocessor_config.json; using BlipImageProcessorPil(%d px, CLIP mean/std, bicubic)",
+        source.name_or_path,
+        size,
+    )
+    return BlipImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
+    )
 
 
 def _check_tokenizer(tokenizer, config, where: str) -> None:
     if tokenizer.pad_token_id != config.qformer_config.pad_token_id:
-        raise ProbingError(f"{where}: tokenizer pad id {tokenizer.pad_token_id} != Q-Former pad id "
-                           f"{config.qformer_config.pad_token_id}")
+        raise ProbingError(
+            f"{where}: tokenizer pad id {tokenizer.pad_token_id} != Q-Former pad id "
+            f"{config.qformer_config.pad_token_id}"
+        )
     # No check of len(tokenizer) against the vocabulary: a Hub tokenizer may carry added tokens (`<image>`)
     # that plain text never produces; `tokenize` checks the ids actually produced instead.
 
@@ -141,7 +156,8 @@ def _fill(resampler: Resampler, expected: set[str], tensors: dict[str, torch.Ten
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         detail = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "") + (
-            f"{', ' if missing else ''}{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "")
+            f"{', ' if missing else ''}{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else ""
+        )
         raise ProbingError(f"{where}: weights do not fit the {resampler.family} architecture: {detail}")
     try:
         resampler.load_state_dict(tensors, strict=True, assign=True)
@@ -151,8 +167,9 @@ def _fill(resampler: Resampler, expected: set[str], tensors: dict[str, torch.Ten
     return resampler
 
 
-def _random_resampler(cls: type[Resampler], config, tokenizer, processor, identity: dict[str, Any],
-                      seed: int) -> Resampler:
+def _random_resampler(
+    cls: type[Resampler], config, tokenizer, processor, identity: dict[str, Any], seed: int
+) -> Resampler:
     """Seeded random weights, drawn on the CPU whatever the target device: CUDA's generator draws other
     numbers for the same seed, and the store identity (family, seed, config hash) names no device."""
     config.vision_config.initializer_range = RANDOM_VISION_INITIALIZER_RANGE
@@ -178,9 +195,14 @@ def _lavis_family(state: dict[str, torch.Tensor], requested: str | None, spec: s
     return family
 
 
-def load_resampler(source: ModelSource | str, *, device: str | torch.device = "cpu",
-                   vision_dtype: torch.dtype = torch.float32, qformer_dtype: torch.dtype = torch.float32,
-                   **fields: Any) -> Resampler:
+def load_resampler(
+    source: ModelSource | str,
+    *,
+    device: str | torch.device = "cpu",
+    vision_dtype: torch.dtype = torch.float32,
+    qformer_dtype: torch.dtype = torch.float32,
+    **fields: Any,
+) -> Resampler:
     """Load a resampler (`source` may be a model string with `ModelSource` fields as keywords); its
     `.identity` holds what manifests record (source, revision, weights hash, init)."""
     if isinstance(source, str):
@@ -223,20 +245,26 @@ def load_resampler(source: ModelSource | str, *, device: str | torch.device = "c
         resampler = _meta_resampler(cls, config, tokenizer, processor, identity)
         expected = set(resampler.state_dict())
         if lavis_state is not None:
-            tensors, ignored = lavis_to_hf(lavis_state, family.lavis, config.vision_config.num_hidden_layers,
-                                           where=spec)
+            tensors, ignored = lavis_to_hf(
+                lavis_state, family.lavis, config.vision_config.num_hidden_layers, where=spec
+            )
             # Copied out of the memory-mapped file: the model must not depend on the file staying unchanged.
             tensors = {k: v.clone() for k, v in tensors.items() if k.startswith(cls.checkpoint_prefixes)}
-            log.info("%s: %d LAVIS keys not used by a resampler (e.g. %s)", spec, len(ignored),
-                     ", ".join(ignored[:3]) or "none")
+            log.info(
+                "%s: %d LAVIS keys not used by a resampler (e.g. %s)",
+                spec,
+                len(ignored),
+                ", ".join(ignored[:3]) or "none",
+            )
             # Only the keys the .pth lacks are read from the base (whole keys used as prefixes); keys the base
             # lacks too are reported as missing by `_fill`.
             missing = expected - set(tensors)
             wanted = missing & set(checkpoint.weight_map()[0]) if missing else set()  # a complete .pth needs no index
             if wanted:
                 tensors |= {k: v for k, v in checkpoint.read_tensors(sorted(wanted)).items() if k in wanted}
-                log.info("%s: %d tensors missing from the .pth taken from %s", spec, len(wanted),
-                         checkpoint.name_or_path)
+                log.info(
+                    "%s: %d tensors missing from the .pth taken from %s", spec, len(wanted), checkpoint.name_or_path
+                )
         else:
             tensors = checkpoint.read_tensors(cls.checkpoint_prefixes)
         resampler.identity["weights_sha256"] = tensors_sha256(tensors)

@@ -76,13 +76,15 @@ def _checked_lookup_table(image_processor: Any) -> torch.Tensor | None:
     try:
         values = np.arange(256, dtype=np.uint8)
         ramp = Image.fromarray(np.repeat(values[None, :, None], 3, axis=2))  # 1 x 256, every value in each channel
-        table = image_processor(images=[ramp], do_resize=False, do_center_crop=False, return_tensors="np"
-                                )["pixel_values"][0]
+        table = image_processor(images=[ramp], do_resize=False, do_center_crop=False, return_tensors="np")[
+            "pixel_values"
+        ][0]
         table = torch.as_tensor(table, dtype=torch.float32).reshape(3, 256)
         test = Image.fromarray(np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8))
         resized = _resized(image_processor, test)
-        exact = (resized.dtype == torch.uint8
-                 and torch.equal(_looked_up(table, resized[None])[0], _processed(image_processor, test)))
+        exact = resized.dtype == torch.uint8 and torch.equal(
+            _looked_up(table, resized[None])[0], _processed(image_processor, test)
+        )
     except (TypeError, ValueError, KeyError, RuntimeError) as error:  # a processor that does not take these options
         log.info("%s: pixels are normalised on the host (%s)", name, error)
         return None

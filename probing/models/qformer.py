@@ -56,8 +56,9 @@ class QFormerResampler(Resampler):
     def build_modules(self, config) -> None:
         raise NotImplementedError
 
-    def qformer_hidden_states(self, image_embeds: torch.Tensor, input_ids: torch.Tensor | None,
-                              attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def qformer_hidden_states(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
         """All `num_layers + 1` Q-Former hidden states `[B, Q (+ T), H]` (queries first)."""
         raise NotImplementedError
 
@@ -105,8 +106,14 @@ class QFormerResampler(Resampler):
         if not self.reads_text:
             return {}
         texts = list(texts)
-        encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_tokens,
-                                 return_tensors="pt", return_token_type_ids=False)
+        encoded = self.tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
         input_ids = encoded["input_ids"]
         # The tokenizer may know more tokens than the Q-Former's embedding has rows (a Hub tokenizer with an
         # added `<image>` token): harmless until a text produces one, an index error deep in the model then.
@@ -114,8 +121,10 @@ class QFormerResampler(Resampler):
         if input_ids.numel() and int(input_ids.max()) >= vocab_size:
             row = int((input_ids >= vocab_size).any(dim=1).nonzero()[0])
             token = int(input_ids[row].max())
-            raise ProbingError(f"text {texts[row][:40]!r}: token id {token} is outside the Q-Former vocabulary "
-                               f"({vocab_size} ids); the tokenizer does not fit the model")
+            raise ProbingError(
+                f"text {texts[row][:40]!r}: token id {token} is outside the Q-Former vocabulary "
+                f"({vocab_size} ids); the tokenizer does not fit the model"
+            )
         return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"]}
 
     def count_truncated(self, texts: Sequence[str]) -> int:
@@ -134,8 +143,13 @@ class QFormerResampler(Resampler):
         """PIL images -> pixel values with the checkpoint's own image processor."""
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
-    def query_states(self, image_embeds: torch.Tensor, texts: Sequence[str] | Mapping[str, torch.Tensor] | None,
-                     layers: Sequence[int], image_slots: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    def query_states(
+        self,
+        image_embeds: torch.Tensor,
+        texts: Sequence[str] | Mapping[str, torch.Tensor] | None,
+        layers: Sequence[int],
+        image_slots: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         for layer in layers:
             if not 0 <= layer <= self.num_layers:
                 raise ProbingError(f"--layers: layer {layer} does not exist (the Q-Former has 1..{self.num_layers})")
@@ -163,8 +177,12 @@ class QFormerResampler(Resampler):
     def cross_attention_projections(self) -> list[nn.Linear]:
         """The key and value projections of the image embeds, in every Q-Former layer that attends to them
         (the same module names in BLIP-2's and InstructBLIP's Q-Former)."""
-        return [projection for name, module in self.qformer.named_modules() if name.endswith("crossattention.attention")
-                for projection in (module.key, module.value)]
+        return [
+            projection
+            for name, module in self.qformer.named_modules()
+            if name.endswith("crossattention.attention")
+            for projection in (module.key, module.value)
+        ]
 
     @contextmanager
     def _projections_once_per_image(self, slots: torch.Tensor):
@@ -180,7 +198,8 @@ class QFormerResampler(Resampler):
             return
         # the first row that reads each distinct image
         first_rows = torch.full((len(distinct),), len(slots), dtype=torch.long).scatter_reduce(
-            0, image_of_row, torch.arange(len(slots)), reduce="amin")
+            0, image_of_row, torch.arange(len(slots)), reduce="amin"
+        )
         first_rows, image_of_row = to_device(first_rows, self.device), to_device(image_of_row, self.device)
 
         def one_row_per_image(module, args):
@@ -201,8 +220,9 @@ class QFormerResampler(Resampler):
 
     def query_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The Q-Former mask over `[queries ; text]` (queries always attended)."""
-        ones = torch.ones(attention_mask.shape[0], self.num_query_tokens, dtype=attention_mask.dtype,
-                          device=attention_mask.device)
+        ones = torch.ones(
+            attention_mask.shape[0], self.num_query_tokens, dtype=attention_mask.dtype, device=attention_mask.device
+        )
         return torch.cat([ones, attention_mask], dim=1)
 
     def image_attention_mask(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -214,8 +234,10 @@ class QFormerResampler(Resampler):
         if not 1 <= layer <= self.num_layers:
             raise ProbingError(f"--layer: layer {layer} does not exist (the Q-Former has 1..{self.num_layers})")
         clone = copy.copy(self)  # a shallow copy shares the module dictionaries: give it its own
-        clone._modules = {name: child if name in self.frozen_modules else copy.deepcopy(child)
-                          for name, child in self._modules.items()}
+        clone._modules = {
+            name: child if name in self.frozen_modules else copy.deepcopy(child)
+            for name, child in self._modules.items()
+        }
         clone._parameters = {name: copy.deepcopy(parameter) for name, parameter in self._parameters.items()}
         clone._buffers = dict(self._buffers)
         clone.config = copy.deepcopy(self.config)
@@ -232,8 +254,10 @@ class QFormerResampler(Resampler):
         identity = {"family": self.family, "init": self.identity["init"]}
         if self.identity["init"] == "random":
             config_json = self.config.to_json_string(use_diff=False)
-            identity |= {"init_seed": self.identity["init_seed"],
-                         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()}
+            identity |= {
+                "init_seed": self.identity["init_seed"],
+                "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+            }
         else:
             identity["weights_sha256"] = self.identity["weights_sha256"]
         return identity

@@ -41,13 +41,22 @@ def register_family(family: BackendFamily) -> BackendFamily:
     existing = _FAMILIES.get(family.name)
     if existing is not None and existing != family:
         raise ProbingError(f"backend family '{family.name}' is already registered")
-    clash = next((alias for other in _FAMILIES.values() if other.name != family.name for alias in family.aliases
-                  if alias in other.aliases), None)
+    clash = next(
+        (
+            alias
+            for other in _FAMILIES.values()
+            if other.name != family.name
+            for alias in family.aliases
+            if alias in other.aliases
+        ),
+        None,
+    )
     if clash is not None:
         raise ProbingError(f"backend family '{family.name}': alias '{clash}' is already taken")
     if family.resampler.reads_text != family.reads_text:
-        raise ProbingError(f"backend family '{family.name}': tokenizer_folder and {family.resampler.__name__}."
-                           "reads_text disagree")
+        raise ProbingError(
+            f"backend family '{family.name}': tokenizer_folder and {family.resampler.__name__}.reads_text disagree"
+        )
     _FAMILIES[family.name] = family
     return family
 
@@ -83,7 +92,9 @@ def family_for_config(config: Any, where: str, requested: str | None = None) -> 
     candidates = [family for family in families() if model_type in family.model_types]
     if not candidates:
         known = sorted({t for family in families() for t in family.model_types})
-        raise ProbingError(f"{where}: model_type '{model_type}' is not a registered backend (known: {', '.join(known)})")
+        raise ProbingError(
+            f"{where}: model_type '{model_type}' is not a registered backend (known: {', '.join(known)})"
+        )
     if requested is not None:
         chosen = [family for family in candidates if family.name == requested]
         if not chosen:
@@ -95,8 +106,10 @@ def family_for_config(config: Any, where: str, requested: str | None = None) -> 
     if not able:
         raise ProbingError(f"{where}: {problems[candidates[0].name]}")
     if len(able) > 1:
-        raise ProbingError(f"{where}: several families read model_type '{model_type}' "
-                           f"({', '.join(f.name for f in able)}); choose one with --family")
+        raise ProbingError(
+            f"{where}: several families read model_type '{model_type}' "
+            f"({', '.join(f.name for f in able)}); choose one with --family"
+        )
     return able[0]
 
 

@@ -2,12 +2,13 @@
 
 No machine here reaches a model hub, so the loading code is proven on checkpoints that this module writes
 with `save_pretrained`: the same classes, keys, shard index and tokenizer files as the Hub repos, at a tiny
-size and with random weights (model_notes.md section 9). Two uses:
+size and with random weights. Two uses:
 
 - `size="tiny"` with weights: tests and `probing demo`. BLIP-2 is a `Blip2ForImageTextRetrieval`;
   InstructBLIP is a whole `InstructBlipForConditionalGeneration` with a small Llama, sharded so that some
   shards hold only LLM weights and one mixes Q-Former and LLM tensors, as on the Hub.
-- `size="real"` without weights: the real configs (model_notes.md section 6), a BERT-style tokenizer with
+- `size="real"` without weights: the real configs (ViT-g, 39 layers at 224 px; a 12-layer Q-Former of width
+  768 with cross-attention every other layer; 32 queries), a BERT-style tokenizer with
   the real vocabulary size and the real image processor; `--init random` builds the real-size model from it
   (benchmarks on a GPU, no download needed).
 
@@ -46,7 +47,7 @@ couch bed cup bowl plate pizza cake tv laptop phone book clock vase standing sit
 def _vocabulary(size: int | None) -> list[str]:
     """A WordPiece vocabulary: BERT's special-token ids, words, characters, `##` pieces, then fillers."""
     tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    if size is None:  # tiny: no unused block, specials first (ids 0..4) as in model_notes.md section 9
+    if size is None:  # tiny: no unused block, the special tokens first (ids 0..4), [PAD] at 0 as the Q-Former's pad id
         tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     characters = list(string.ascii_lowercase + string.digits + string.punctuation)
     for token in characters + [f"##{c}" for c in string.ascii_lowercase + string.digits] + sorted(set(_WORDS)):
@@ -65,7 +66,7 @@ def write_tokenizer(out: Path, real_size: bool):
     out.mkdir(parents=True, exist_ok=True)
     vocab_file = out / "vocab.txt"
     vocab_file.write_text("\n".join(_vocabulary(REAL_VOCAB_SIZE if real_size else None)) + "\n")
-    # `vocab=` and not `vocab_file=`: transformers 5 silently ignores the latter (model_notes.md pitfall 10).
+    # `vocab=` and not `vocab_file=`: transformers 5 silently ignores the latter (a 5-token vocabulary results).
     tokenizer = BertTokenizerFast(vocab=str(vocab_file), do_lower_case=True)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     assert tokenizer.pad_token_id == 0
@@ -77,12 +78,13 @@ def _image_processor(image_size: int):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    return BlipImageProcessorPil(size={"height": image_size, "width": image_size},
-                                 image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    return BlipImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
+    )
 
 
 def build_config(family: str, size: str, vocab_size: int):
-    """The BLIP-2 ITM or InstructBLIP config at tiny or real size (model_notes.md sections 6 and 9)."""
+    """The BLIP-2 ITM or InstructBLIP config at tiny or real size (the real size: the published checkpoints')."""
     from transformers import (
         Blip2Config,
         Blip2QFormerConfig,
@@ -96,12 +98,33 @@ def build_config(family: str, size: str, vocab_size: int):
     if family not in FAMILIES:
         raise ProbingError(f"unknown model family '{family}' (choose {', '.join(FAMILIES)})")
     if size == "tiny":
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=32, patch_size=8, initializer_range=0.02)
-        qformer = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                       cross_attention_frequency=2, vocab_size=vocab_size, max_position_embeddings=160)
-        llm = dict(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            initializer_range=0.02,
+        )
+        qformer = dict(
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            cross_attention_frequency=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=160,
+        )
+        llm = dict(
+            vocab_size=100,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+        )
         queries = 4
     elif size == "real":
         vision = dict(image_size=224)  # the rest are the configs' defaults: ViT-g, 39 layers, 1408 wide
@@ -111,17 +134,24 @@ def build_config(family: str, size: str, vocab_size: int):
     else:
         raise ProbingError(f"unknown checkpoint size '{size}' (choose tiny or real)")
     if family == "blip2":
-        return Blip2Config(vision_config=Blip2VisionConfig(**vision).to_dict(),
-                           qformer_config=Blip2QFormerConfig(use_qformer_text_input=True, **qformer).to_dict(),
-                           num_query_tokens=queries, image_text_hidden_size=16 if size == "tiny" else 256)
-    return InstructBlipConfig(vision_config=InstructBlipVisionConfig(**vision).to_dict(),
-                              qformer_config=InstructBlipQFormerConfig(**qformer).to_dict(),
-                              text_config=LlamaConfig(**llm).to_dict(), num_query_tokens=queries,
-                              image_token_index=llm["vocab_size"] - 1)
+        return Blip2Config(
+            vision_config=Blip2VisionConfig(**vision).to_dict(),
+            qformer_config=Blip2QFormerConfig(use_qformer_text_input=True, **qformer).to_dict(),
+            num_query_tokens=queries,
+            image_text_hidden_size=16 if size == "tiny" else 256,
+        )
+    return InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(**vision).to_dict(),
+        qformer_config=InstructBlipQFormerConfig(**qformer).to_dict(),
+        text_config=LlamaConfig(**llm).to_dict(),
+        num_query_tokens=queries,
+        image_token_index=llm["vocab_size"] - 1,
+    )
 
 
-def write_checkpoint(out: Path, family: str, size: str = "tiny", weights: bool = True, seed: int = 0,
-                     max_shard_size: str = "40KB") -> Path:
+def write_checkpoint(
+    out: Path, family: str, size: str = "tiny", weights: bool = True, seed: int = 0, max_shard_size: str = "40KB"
+) -> Path:
     """Write a Hugging Face checkpoint folder for `family`; see the module docstring. Returns `out`."""
     from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
     from transformers.utils import logging as hf_logging
@@ -140,7 +170,7 @@ def write_checkpoint(out: Path, family: str, size: str = "tiny", weights: bool =
     torch.manual_seed(seed)
     model_class = Blip2ForImageTextRetrieval if family == "blip2" else InstructBlipForConditionalGeneration
     model = model_class(config).eval()
-    with torch.no_grad():  # zero-initialised by _init_weights: make the queries differ (model_notes.md section 9)
+    with torch.no_grad():  # zero-initialised by _init_weights: make the queries differ, or every query is the same
         model.query_tokens.normal_(0.0, 0.5)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()

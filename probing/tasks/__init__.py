@@ -16,8 +16,15 @@ from probing.data.types import DataOptions, SplitData
 from probing.errors import ProbingError
 from probing.tasks.spec import TaskRegistry, TaskSpec
 
-__all__ = ["TaskSpec", "dataset_fingerprint", "get_task", "load_split", "register_task", "registered_tasks",
-           "task_reference"]
+__all__ = [
+    "TaskSpec",
+    "dataset_fingerprint",
+    "get_task",
+    "load_split",
+    "register_task",
+    "registered_tasks",
+    "task_reference",
+]
 
 # Bump when a loader's output for the same files changes (fields, ids, normalization): it enters every
 # dataset fingerprint, so artifacts made by an older loader are refused instead of silently mixed.
@@ -92,5 +99,10 @@ def load_split(options: DataOptions, split: str) -> SplitData:
     split = spec.check_split(split)
     examples = spec.reader.read(options, split)
     sources = {name: sha256_file(path) for name, path in spec.reader.sources(options, split).items()}
-    return SplitData(task=spec.name, split=split, examples=examples,
-                     fingerprint=dataset_fingerprint(spec.name, split, sources), sources=sources)
+    return SplitData(
+        task=spec.name,
+        split=split,
+        examples=examples,
+        fingerprint=dataset_fingerprint(spec.name, split, sources),
+        sources=sources,
+    )

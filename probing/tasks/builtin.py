@@ -75,31 +75,92 @@ VSR_SPACE = SearchSpace(epochs=(3, 5, 10, 15, 20))
 RCM_SPACE = SearchSpace(epochs=(50, 100, 150))
 
 
-def _referring(name: str, title: str, refs_name: str, splits: tuple[str, ...], eval_splits: tuple[str, ...],
-               description: str) -> TaskSpec:
-    return TaskSpec(name=name, title=title, reader=ReferReader(refs_name), head=BoxHead(), search_space=BOX_SPACE,
-                    splits=splits, eval_splits=eval_splits, category=COCO_SUPERCATEGORY, kendall=True,
-                    description=description)
+def _referring(
+    name: str, title: str, refs_name: str, splits: tuple[str, ...], eval_splits: tuple[str, ...], description: str
+) -> TaskSpec:
+    return TaskSpec(
+        name=name,
+        title=title,
+        reader=ReferReader(refs_name),
+        head=BoxHead(),
+        search_space=BOX_SPACE,
+        splits=splits,
+        eval_splits=eval_splits,
+        category=COCO_SUPERCATEGORY,
+        kendall=True,
+        description=description,
+    )
 
 
 BUILTIN_TASKS: tuple[TaskSpec, ...] = (
-    _referring("refcocog", "RefCOCOg", "refs(umd).p", ("train", "val", "test"), ("test",),
-               "RefCOCOg umd: regress the referred object's box (the paper's explicit probe)."),
-    TaskSpec(name="vsr", title="VSR", reader=VsrReader(), head=BinaryHead(), search_space=VSR_SPACE, chance=0.5,
-             category="meta-category", category_order=META_CATEGORIES, category_table="table2",
-             description="VSR random split: is this spatial caption true of the image?"),
-    TaskSpec(name="rcm", title="RCM", reader=RcmReader(), head=BinaryHead(), search_space=RCM_SPACE, patience=10,
-             chance=0.5, category=COCO_SUPERCATEGORY, kendall=True, stats_categories=rcm_cell_counts,
-             description="Region Cell Matching (built from RefCOCOg umd): does the phrase refer to this 3x3 cell?"),
-    _referring("refcocog-google", "RefCOCOg (google)", "refs(google).p", ("train", "val"), ("val",),
-               "RefCOCOg google split (train, val; its test split was never released): evaluated on val, which "
-               "also picks epochs and trials, so its numbers are optimistic."),
-    _referring("refcoco", "RefCOCO", "refs(unc).p", ("train", "val", "testA", "testB"), ("testA", "testB"),
-               "RefCOCO unc: testA holds people, testB other objects."),
-    _referring("refcoco+", "RefCOCO+", "refs(unc).p", ("train", "val", "testA", "testB"), ("testA", "testB"),
-               "RefCOCO+ unc (no absolute location words in its sentences): testA people, testB other objects."),
-    TaskSpec(name="vsr-zeroshot", title="VSR (zero-shot)", reader=VsrReader(), head=BinaryHead(),
-             search_space=VSR_SPACE, chance=0.5, category="meta-category", category_order=META_CATEGORIES,
-             description="VSR zero-shot split (no concept shared between train and test): --vsr names the folder "
-                         "of its train.jsonl, dev.jsonl, test.jsonl."),
+    _referring(
+        "refcocog",
+        "RefCOCOg",
+        "refs(umd).p",
+        ("train", "val", "test"),
+        ("test",),
+        "RefCOCOg umd: regress the referred object's box (the paper's explicit probe).",
+    ),
+    TaskSpec(
+        name="vsr",
+        title="VSR",
+        reader=VsrReader(),
+        head=BinaryHead(),
+        search_space=VSR_SPACE,
+        chance=0.5,
+        category="meta-category",
+        category_order=META_CATEGORIES,
+        category_table="table2",
+        description="VSR random split: is this spatial caption true of the image?",
+    ),
+    TaskSpec(
+        name="rcm",
+        title="RCM",
+        reader=RcmReader(),
+        head=BinaryHead(),
+        search_space=RCM_SPACE,
+        patience=10,
+        chance=0.5,
+        category=COCO_SUPERCATEGORY,
+        kendall=True,
+        stats_categories=rcm_cell_counts,
+        description="Region Cell Matching (built from RefCOCOg umd): does the phrase refer to this 3x3 cell?",
+    ),
+    _referring(
+        "refcocog-google",
+        "RefCOCOg (google)",
+        "refs(google).p",
+        ("train", "val"),
+        ("val",),
+        "RefCOCOg google split (train, val; its test split was never released): evaluated on val, which "
+        "also picks epochs and trials, so its numbers are optimistic.",
+    ),
+    _referring(
+        "refcoco",
+        "RefCOCO",
+        "refs(unc).p",
+        ("train", "val", "testA", "testB"),
+        ("testA", "testB"),
+        "RefCOCO unc: testA holds people, testB other objects.",
+    ),
+    _referring(
+        "refcoco+",
+        "RefCOCO+",
+        "refs(unc).p",
+        ("train", "val", "testA", "testB"),
+        ("testA", "testB"),
+        "RefCOCO+ unc (no absolute location words in its sentences): testA people, testB other objects.",
+    ),
+    TaskSpec(
+        name="vsr-zeroshot",
+        title="VSR (zero-shot)",
+        reader=VsrReader(),
+        head=BinaryHead(),
+        search_space=VSR_SPACE,
+        chance=0.5,
+        category="meta-category",
+        category_order=META_CATEGORIES,
+        description="VSR zero-shot split (no concept shared between train and test): --vsr names the folder "
+        "of its train.jsonl, dev.jsonl, test.jsonl.",
+    ),
 )

@@ -100,11 +100,22 @@ class TaskSpec:
 
     def describe(self) -> dict[str, Any]:
         """What `probing tasks` shows."""
-        return {"name": self.name, "title": self.title, "head": self.head.kind, "metric": self.metric,
-                "direction": self.head.direction, "splits": list(self.splits), "evaluated": list(self.eval_splits),
-                "data_options": list(self.reader.options), "category": self.category, "patience": self.patience,
-                "chance": self.chance, "search_space": self.search_space.identity(), "source": self.source,
-                "description": self.description}
+        return {
+            "name": self.name,
+            "title": self.title,
+            "head": self.head.kind,
+            "metric": self.metric,
+            "direction": self.head.direction,
+            "splits": list(self.splits),
+            "evaluated": list(self.eval_splits),
+            "data_options": list(self.reader.options),
+            "category": self.category,
+            "patience": self.patience,
+            "chance": self.chance,
+            "search_space": self.search_space.identity(),
+            "source": self.source,
+            "description": self.description,
+        }
 
 
 @dataclass

@@ -44,12 +44,27 @@ from probing.tasks.spec import TRAIN, VAL, TaskSpec
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
-TOP_FIELDS = ("name", "kind", "splits", "images", "fields", "box_format", "box_units", "search", "title",
-              "description", "patience", "chance", "category_order")
+TOP_FIELDS = (
+    "name",
+    "kind",
+    "splits",
+    "images",
+    "fields",
+    "box_format",
+    "box_units",
+    "search",
+    "title",
+    "description",
+    "patience",
+    "chance",
+    "category_order",
+)
 FIELD_ROLES = {"binary": ("image", "text", "label"), "box": ("image", "text", "box")}
 OPTIONAL_ROLES = ("category", "id", "image_id", "width", "height")
-DEFAULT_SPACES = {"binary": SearchSpace(epochs=(3, 5, 10, 15, 20)),
-                  "box": SearchSpace(epochs=(20, 30, 40), giou_scale=LOSS_SCALES, l1_scale=LOSS_SCALES)}
+DEFAULT_SPACES = {
+    "binary": SearchSpace(epochs=(3, 5, 10, 15, 20)),
+    "box": SearchSpace(epochs=(20, 30, 40), giou_scale=LOSS_SCALES, l1_scale=LOSS_SCALES),
+}
 
 
 class _Document:
@@ -87,8 +102,10 @@ class _Document:
             for key, value in node.value:
                 name = str(key.value)
                 if name in seen:  # PyYAML keeps the last silently: a typo'd copy would win unseen
-                    raise ProbingError(f"{self.path}: line {key.start_mark.line + 1}: field "
-                                       f"'{'.'.join((*where, name))}' is given twice")
+                    raise ProbingError(
+                        f"{self.path}: line {key.start_mark.line + 1}: field "
+                        f"'{'.'.join((*where, name))}' is given twice"
+                    )
                 seen.add(name)
                 self.lines[(*where, name)] = key.start_mark.line + 1
                 self._index(value, (*where, name))
@@ -131,8 +148,10 @@ def _load(key: tuple[str, int, int]) -> TaskSpec:
             raise ProbingError(f"{path}: field '{required}': missing")
     name = _string(document, ("name",), data["name"])
     if not NAME_PATTERN.fullmatch(name):
-        raise document.error(("name",), f"'{name}' is not a task name (letters, digits and . _ + -, at most 64, "
-                                        "starting with a letter or digit)")
+        raise document.error(
+            ("name",),
+            f"'{name}' is not a task name (letters, digits and . _ + -, at most 64, starting with a letter or digit)",
+        )
     kind = data["kind"]
     if kind not in HEADS:
         raise document.error(("kind",), f"expected {' or '.join(HEADS)}, got {kind!r}")
@@ -149,7 +168,9 @@ def _load(key: tuple[str, int, int]) -> TaskSpec:
     allowed_roles = FIELD_ROLES[kind] + OPTIONAL_ROLES
     for role in fields:
         if role not in allowed_roles:
-            raise document.error(("fields", role), f"unknown role for a {kind} task (allowed: {', '.join(allowed_roles)})")
+            raise document.error(
+                ("fields", role), f"unknown role for a {kind} task (allowed: {', '.join(allowed_roles)})"
+            )
         _string(document, ("fields", role), fields[role])
     for role in FIELD_ROLES[kind]:
         if role not in fields:
@@ -165,8 +186,9 @@ def _load(key: tuple[str, int, int]) -> TaskSpec:
     if "search" in data:
         search = _mapping(document, ("search",), data["search"])
         for dimension, values in search.items():
-            if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                        for v in values):
+            if not isinstance(values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+            ):
                 raise document.error(("search", dimension), "expected a list of numbers")
         try:
             space = space.overridden(search, f"{path}: line {document.lines.get(('search',), 1)}: field 'search'")
@@ -176,21 +198,59 @@ def _load(key: tuple[str, int, int]) -> TaskSpec:
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise document.error(("patience",), f"expected an integer >= 1, got {patience!r}")
     chance = data.get("chance", 0.5 if kind == "binary" else None)
-    if chance is not None and (isinstance(chance, bool) or not isinstance(chance, (int, float))
-                               or not 0 <= chance <= 1):
+    if chance is not None and (
+        isinstance(chance, bool) or not isinstance(chance, (int, float)) or not 0 <= chance <= 1
+    ):
         raise document.error(("chance",), f"expected a number in [0, 1], got {chance!r}")
     order = data.get("category_order")
     if order is not None and (not isinstance(order, list) or not all(isinstance(c, str) for c in order)):
         raise document.error(("category_order",), "expected a list of category names")
-    reader = JsonlReader(task_file=path, split_files=tuple(sorted(split_files.items())), images=images,
-                         fields=tuple(sorted(fields.items())), kind=kind, box_format=box_format, box_units=box_units)
+    reader = JsonlReader(
+        task_file=path,
+        split_files=tuple(sorted(split_files.items())),
+        images=images,
+        fields=tuple(sorted(fields.items())),
+        kind=kind,
+        box_format=box_format,
+        box_units=box_units,
+    )
     evaluated = tuple(split for split in splits if split not in (TRAIN, VAL)) or (VAL,)
-    return TaskSpec(name=name, title=str(data.get("title", name)), reader=reader, head=HEADS[kind],
-                    search_space=space, splits=tuple(splits), eval_splits=evaluated, patience=patience,
-                    chance=None if chance is None else float(chance),
-                    category=fields.get("category", "category"), category_order=tuple(order) if order else None,
-                    kendall=kind == "box" and "category" in fields, description=str(data.get("description", "")),
-                    source=str(path))
+    return TaskSpec(
+        name=name,
+        title=str(data.get("title", name)),
+        reader=reader,
+        head=HEADS[kind],
+        search_space=space,
+        splits=tuple(splits),
+        eval_splits=evaluated,
+        patience=patience,
+        chance=None if chance is None else float(chance),
+        category=fields.get("category", "category"),
+        category_order=tuple(order) if order else None,
+        kendall=kind == "box" and "category" in fields,
+        description=str(data.get("description", "")),
+        source=str(path),
+    )
+
+
+@dataclass(frozen=True)
+class _FieldReader:
+    """Reads a record's field by its role, with messages naming the file, line, field and role."""
+
+    record: dict[str, Any]
+    fields: dict[str, str]
+    path: Path
+    line: int
+
+    def __call__(self, role: str, kinds: type | tuple[type, ...], what: str) -> Any:
+        field = self.fields[role]
+        if field not in self.record:
+            raise ProbingError(f"{self.path}: line {self.line}: missing field '{field}' ({role})")
+        found = self.record[field]
+        allowed = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not isinstance(found, allowed) or (isinstance(found, bool) and bool not in allowed):
+            raise ProbingError(f"{self.path}: line {self.line}: field '{field}' ({role}) is not {what}")
+        return found
 
 
 def stable_image_id(relative_path: str) -> int:
@@ -223,18 +283,7 @@ class JsonlReader:
         clipped = 0
         for line_index, record in read_objects(path):
             line = line_index + 1
-
-            def value(role: str, kinds: type | tuple[type, ...], what: str) -> Any:
-                field = fields[role]
-                if field not in record:
-                    raise ProbingError(f"{path}: line {line}: missing field '{field}' ({role})")
-                found = record[field]
-                if isinstance(found, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-                    raise ProbingError(f"{path}: line {line}: field '{field}' ({role}) is not {what}")
-                if not isinstance(found, kinds):
-                    raise ProbingError(f"{path}: line {line}: field '{field}' ({role}) is not {what}")
-                return found
-
+            value = _FieldReader(record, fields, path, line)
             image_name = value("image", str, "a string")
             image_path = self.images / image_name
             example_id = value("id", int, "an integer") if "id" in fields else line_index
@@ -245,8 +294,11 @@ class JsonlReader:
             category = str(value("category", (str, int), "a string")) if "category" in fields else "all"
             text = value("text", str, "a string")
             used = {fields[role] for role in fields}
-            metadata = {key: item for key, item in record.items()
-                        if key not in used and isinstance(item, (str, int, float, bool, type(None)))}
+            metadata = {
+                key: item
+                for key, item in record.items()
+                if key not in used and isinstance(item, (str, int, float, bool, type(None)))
+            }
             label, box = None, None
             if self.kind == "binary":
                 label = value("label", (int, bool), "0/1 or true/false")
@@ -255,11 +307,13 @@ class JsonlReader:
                 label = int(label)
             else:
                 raw = value("box", list, "a list of 4 numbers")
-                if len(raw) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                            and math.isfinite(v) for v in raw):
+                if len(raw) != 4 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw
+                ):
                     raise ProbingError(f"{path}: line {line}: field '{fields['box']}' (box) is not 4 finite numbers")
-                xyxy = box_convert(torch.tensor([raw], dtype=torch.float64), in_fmt=self.box_format,
-                                   out_fmt="xyxy")[0].tolist()
+                xyxy = box_convert(torch.tensor([raw], dtype=torch.float64), in_fmt=self.box_format, out_fmt="xyxy")[
+                    0
+                ].tolist()
                 if self.box_units == "pixels":
                     width, height = self._size(record, fields, image_path, sizes, path, line)
                 else:
@@ -269,14 +323,28 @@ class JsonlReader:
                 if inside != normalized:
                     clipped += 1
                 if not (inside[2] > inside[0] and inside[3] > inside[1]):
-                    raise ProbingError(f"{path}: line {line}: field '{fields['box']}' (box) {raw} is empty "
-                                       f"inside the image ({self.box_format}, {self.box_units})")
+                    raise ProbingError(
+                        f"{path}: line {line}: field '{fields['box']}' (box) {raw} is empty "
+                        f"inside the image ({self.box_format}, {self.box_units})"
+                    )
                 box = tuple(inside)
                 xywh = (inside[0], inside[1], inside[2] - inside[0], inside[3] - inside[1])
-                metadata |= {"area_fraction": area_fraction(xywh, 1.0, 1.0),
-                             "centre_distance": centre_distance(xywh, 1.0, 1.0)}
-            examples.append(Example(example_id=example_id, image_id=image_id, image_path=image_path, text=text,
-                                    category=category, box=box, label=label, metadata=metadata))
+                metadata |= {
+                    "area_fraction": area_fraction(xywh, 1.0, 1.0),
+                    "centre_distance": centre_distance(xywh, 1.0, 1.0),
+                }
+            examples.append(
+                Example(
+                    example_id=example_id,
+                    image_id=image_id,
+                    image_path=image_path,
+                    text=text,
+                    category=category,
+                    box=box,
+                    label=label,
+                    metadata=metadata,
+                )
+            )
         if not examples:
             raise ProbingError(f"{path}: no examples")
         if clipped:
@@ -284,14 +352,21 @@ class JsonlReader:
         return examples
 
     @staticmethod
-    def _size(record: dict[str, Any], fields: dict[str, str], image_path: Path,
-              sizes: dict[Path, tuple[float, float]], path: Path, line: int) -> tuple[float, float]:
+    def _size(
+        record: dict[str, Any],
+        fields: dict[str, str],
+        image_path: Path,
+        sizes: dict[Path, tuple[float, float]],
+        path: Path,
+        line: int,
+    ) -> tuple[float, float]:
         """The image's width and height: from the record's fields, else the image file's header."""
         if "width" in fields and "height" in fields:
             width, height = record.get(fields["width"]), record.get(fields["height"])
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (width, height)):
-                raise ProbingError(f"{path}: line {line}: fields '{fields['width']}' and '{fields['height']}' "
-                                   "must be positive numbers")
+                raise ProbingError(
+                    f"{path}: line {line}: fields '{fields['width']}' and '{fields['height']}' must be positive numbers"
+                )
             return float(width), float(height)
         if image_path not in sizes:
             from PIL import Image, UnidentifiedImageError
@@ -300,6 +375,8 @@ class JsonlReader:
                 with Image.open(image_path) as image:  # the header only: no pixel is decoded
                     sizes[image_path] = (float(image.width), float(image.height))
             except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-                raise ProbingError(f"{path}: line {line}: {image_path}: cannot read the image size for a pixel box "
-                                   f"({type(error).__name__}); give fields.width and fields.height") from None
+                raise ProbingError(
+                    f"{path}: line {line}: {image_path}: cannot read the image size for a pixel box "
+                    f"({type(error).__name__}); give fields.width and fields.height"
+                ) from None
         return sizes[image_path]
