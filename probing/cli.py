@@ -49,19 +49,6 @@ def _parameter(name: str, kind: Any, default: Any = ..., **option: Any):
     )
 
 
-def _data_options(values: dict[str, Any]):
-    from probing.data.types import DataOptions
-    from probing.settings import from_cli
-
-    return from_cli(DataOptions, values, task=values["task"])
-
-
-def _data_given(values: dict[str, Any]):
-    """Data options when any is given (training can also find its data through the stores' manifests)."""
-    options = _data_options(values)
-    return options if options.given() else None
-
-
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logging.")] = False,
@@ -149,9 +136,11 @@ def tasks_command(
 
 
 def _data_stats(**values: Any) -> None:
-    from probing.data.stats import data_stats
+    from probing.data.types import DataOptions
+    from probing.settings import from_cli
+    from probing.tasks.stats import data_stats
 
-    stats = data_stats(_data_options(values), values["split"])
+    stats = data_stats(from_cli(DataOptions, values), values["split"])
     if values["as_json"]:
         typer.echo(json.dumps(stats, indent=2))  # keeps cells in row-major order
         return
@@ -172,7 +161,7 @@ def _extract(**values: Any) -> None:
     from probing.extract import ExtractionRequest, extract
     from probing.settings import from_cli
 
-    request = from_cli(ExtractionRequest, values, data=_data_options(values), split=values["split"], out=values["out"])
+    request = from_cli(ExtractionRequest, values)
     store = extract(request).value
     bad = len(store.manifest["bad_images"])
     typer.echo(
@@ -183,23 +172,15 @@ def _extract(**values: Any) -> None:
 
 
 def _train(**values: Any) -> None:
+    from dataclasses import replace
+
     from probing.probe_run import TrainRequest, run_training
     from probing.settings import comma_separated, from_cli
-    from probing.train import TrainSettings, Trial
+    from probing.train import Trial
 
     seeds = comma_separated(int, what="integers")(values["seeds"], "--seeds")
-    settings = from_cli(TrainSettings, values, task=values["task"])
-    trial = from_cli(Trial, values)
-    request = from_cli(
-        TrainRequest,
-        values,
-        task=values["task"],
-        layer=values["layer"],
-        out=values["out"],
-        settings=settings,
-        data=_data_given(values),
-        trials=tuple(Trial(**{**vars(trial), "seed": seed}) for seed in seeds),
-    )
+    trial = from_cli(Trial, values)  # the hyper-parameters, once per seed
+    request = from_cli(TrainRequest, values, trials=tuple(replace(trial, seed=seed) for seed in seeds))
     result = run_training(request)
     if result.status == "elsewhere":
         return  # another process of the launch wrote the run and reports it
@@ -216,23 +197,13 @@ def _search(**values: Any) -> None:
     from probing.search import SearchRequest, default_space, run_search
     from probing.search_space import SearchSpace
     from probing.settings import declared, from_cli
-    from probing.train import TrainSettings
 
     task = values["task"]
     given = [field.name for field, _ in declared(SearchSpace) if values.get(field.name) is not None]
     parsed = from_cli(SearchSpace, {name: values[name] for name in given})  # the options' text, checked
     space = default_space(task, values["probe"]).overridden({name: getattr(parsed, name) for name in given}, None)
-    settings = from_cli(TrainSettings, values, task=task, order_seed=values["seed"])
-    request = from_cli(
-        SearchRequest,
-        values,
-        task=task,
-        layer=values["layer"],
-        out=values["out"],
-        space=space,
-        settings=settings,
-        data=_data_given(values),
-    )
+    # a search's batch order is its seed
+    request = from_cli(SearchRequest, values | {"order_seed": values["seed"]}, space=space)
     result = run_search(request)
     summary = result.value
     best, metric = summary.best, summary.metric

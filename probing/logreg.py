@@ -12,15 +12,12 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from probing.errors import ProbingError
 from probing.probes import Probe
-
-if TYPE_CHECKING:
-    from probing.train import ProbeData, TrainSettings, Trial, TrialResult
+from probing.train import ProbeData, TrainSettings, Trial, TrialResult, probe_outputs
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +27,10 @@ DEFAULT_C = 1.0
 
 def fit_logreg(train: ProbeData, val: ProbeData, trials: Sequence[Trial], settings: TrainSettings) -> list[TrialResult]:
     """One L-BFGS fit per trial (C = `trial.logreg_c`, default 1); results shaped as the SGD trainers'."""
+    settings.check()
+    trials = [trial.check(settings.probe) for trial in trials]
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-
-    from probing.train import TrialResult, probe_outputs
 
     head = settings.head
     if head.kind != "binary":

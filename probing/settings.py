@@ -227,25 +227,33 @@ def cli_parameters(
 
 
 def from_cli(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
-    """Build `cls` from command-line values (its own fields only; text lists parsed), then check it."""
+    """Build `cls` from a command's values, then check it: each field from `fixed`, else from the value of its
+    name (option text such as "1,2,3" parsed), else, for a field that is itself a dataclass, built from the same
+    values (None for an optional one whose options were all left out)."""
     hints = typing.get_type_hints(cls)
     arguments = {}
-    for field, info in declared(cls):
+    for field in dataclasses.fields(cls):
+        kind = _strip_none(hints[field.name])
         if field.name in fixed:
             arguments[field.name] = fixed[field.name]
-            continue
-        if field.name not in values:
-            continue
-        value = values[field.name]
-        if (
-            isinstance(value, str)
-            and _cli_type(hints[field.name]) in (str, str | None)
-            and (info.parse is not None or get_origin(_strip_none(hints[field.name])) in (tuple, list))
-        ):
-            value = (info.parse or _integers)(value, option_name(field))
-        arguments[field.name] = value
-    arguments |= {name: value for name, value in fixed.items() if name not in arguments}  # undeclared fields
+        elif field.name in values:
+            arguments[field.name] = _parsed(values[field.name], field, hints[field.name])
+        elif dataclasses.is_dataclass(kind):
+            given = any(values.get(f.name) is not None for f, _ in declared(kind) if option_name(f) is not None)
+            arguments[field.name] = from_cli(kind, values) if given or kind is hints[field.name] else None
     return check(cls(**arguments))
+
+
+def _parsed(value: Any, field: dataclasses.Field, kind: Any) -> Any:
+    info = info_of(field)
+    if (
+        info is not None
+        and isinstance(value, str)
+        and _cli_type(kind) in (str, str | None)
+        and (info.parse is not None or get_origin(_strip_none(kind)) in (tuple, list))
+    ):
+        return (info.parse or _integers)(value, option_name(field))
+    return value
 
 
 def _strip_none(kind: Any) -> Any:

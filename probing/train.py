@@ -11,7 +11,8 @@ What a task predicts and how it is judged is its head's say (`probing.heads`).
   sliced by index, no DataLoader; K trials (lr, epochs, loss scales, seed) run in one pass over the data as
   a `ProbeBank`, each with its own schedule, early-stopping state and best epoch, updated by
   `BatchedAdamW`. Trials of one pass share the batch order (drawn from `order_seed`); a trial's seed sets
-  its initialisation. The `logreg` probe is fitted by scikit-learn instead (`probing.logreg`).
+  its initialisation. The `logreg` probe is fitted by scikit-learn instead (`probing.logreg`), which the
+  frozen trainer (`probing.trainers`) calls for it.
 - `train_module`: the standard single-probe loop (DataLoader, `torch.optim.AdamW`, `LambdaLR`) through
   accelerate; it runs frozen single probes (the reference the batched trainer is tested against) and
   unfrozen training (`probing.unfrozen`), with bf16 autocast on GPU and DDP under `accelerate launch`.
@@ -318,9 +319,7 @@ def train_frozen(
     if not trials:
         raise ProbingError("no trial to train")
     if settings.probe == "logreg":
-        from probing.logreg import fit_logreg
-
-        return fit_logreg(train, val, trials, settings)
+        raise ProbingError("--probe logreg: fitted by L-BFGS (probing.logreg.fit_logreg), not by this SGD trainer")
     head = settings.head
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)

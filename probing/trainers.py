@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from probing.data.types import DataOptions, Example
+from probing.logreg import fit_logreg
 from probing.models import ModelSource
 from probing.probe_data import feature_identity, load_probe_splits, open_stores
 from probing.tasks import TaskSpec, get_task
@@ -84,7 +85,8 @@ class FrozenTrainer:
         return self._splits
 
     def fit(self, trials: list[Trial]) -> list[FittedTrial]:
-        results = train_frozen(self.splits["train"], self.splits["val"], trials, self.settings)
+        fit = fit_logreg if self.settings.probe == "logreg" else train_frozen  # L-BFGS, or batched SGD
+        results = fit(self.splits["train"], self.splits["val"], trials, self.settings)
         return [FittedTrial(result, result.probe) for result in results]
 
     def outputs(self, fitted: FittedTrial, split: str) -> torch.Tensor:

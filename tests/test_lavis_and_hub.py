@@ -12,7 +12,8 @@ import torch
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
 from probing.models import load_resampler, qformer_layers
-from probing.models.lavis import guess_family, lavis_to_hf, read_lavis_checkpoint
+from probing.models.lavis import lavis_to_hf, read_lavis_checkpoint
+from probing.models.registry import family_named, family_of_lavis
 from probing.models.tiny import write_checkpoint
 
 MODEL_CLASSES = {"blip2": Blip2ForImageTextRetrieval, "instructblip": InstructBlipForConditionalGeneration}
@@ -86,7 +87,7 @@ def test_lavis_round_trip(family, tiny_checkpoints, tmp_path):
                 model.config.vision_config.hidden_size : 2 * model.config.vision_config.hidden_size
             ] = 0
     write_lavis(model, family, tmp_path / "lavis.pth")
-    assert guess_family(torch.load(tmp_path / "lavis.pth", weights_only=True)["model"]) == family
+    assert family_of_lavis(torch.load(tmp_path / "lavis.pth", weights_only=True)["model"]).name == family
     other_seed = write_checkpoint(tmp_path / "base", family, seed=99)  # config and tokenizer only matter
     resampler = load_resampler(str(tmp_path / "lavis.pth"), base=str(other_seed))
     reference = model.state_dict()
@@ -126,14 +127,14 @@ def test_unpaired_and_surplus_eva_biases(tiny_checkpoints, tmp_path):
     }  # a block the model does not have
     lone_v = dict(state) | surplus
     lone_v.pop("visual_encoder.blocks.1.attn.q_bias")
-    mapped, ignored = lavis_to_hf(lone_v, "blip2", layers)
+    mapped, ignored = lavis_to_hf(lone_v, family_named("blip2").lavis, layers)
     assert {"visual_encoder.blocks.1.attn.v_bias", *surplus} <= set(ignored)  # reported, not silently dropped
     assert "vision_model.encoder.layers.0.self_attn.qkv.bias" in mapped
     assert "vision_model.encoder.layers.1.self_attn.qkv.bias" not in mapped
     lone_q = dict(state)
     lone_q.pop("visual_encoder.blocks.1.attn.v_bias")
     with pytest.raises(ProbingError) as raised:
-        lavis_to_hf(lone_q, "blip2", layers, where="x.pth")
+        lavis_to_hf(lone_q, family_named("blip2").lavis, layers, where="x.pth")
     assert str(raised.value) == (
         "x.pth: missing key 'visual_encoder.blocks.1.attn.v_bias' (needed with 'visual_encoder.blocks.1.attn.q_bias')"
     )

@@ -13,6 +13,7 @@ from test_train import synthetic
 from probing.data import DataOptions
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
+from probing.logreg import fit_logreg
 from probing.train import TrainSettings, Trial, train_frozen
 
 
@@ -37,7 +38,7 @@ def vsr_store(tiny_checkpoints, demo_options, tmp_path_factory):
 
 def test_logreg_agrees_with_the_sgd_linear_probe_and_with_scikit_learn():
     train, val = synthetic("vsr", 1500, dims=48), synthetic("vsr", 500, dims=48, seed=1)
-    logreg = train_frozen(train, val, [Trial(logreg_c=1.0)], TrainSettings(task="vsr", probe="logreg", device="cpu"))[0]
+    logreg = fit_logreg(train, val, [Trial(logreg_c=1.0)], TrainSettings(task="vsr", probe="logreg", device="cpu"))[0]
     sgd = train_frozen(train, val, [Trial(lr=3e-2, epochs=20)], TrainSettings(task="vsr", batch_size=64, device="cpu"))[
         0
     ]
@@ -57,7 +58,7 @@ def test_logreg_agrees_with_the_sgd_linear_probe_and_with_scikit_learn():
 def test_logreg_is_for_binary_frozen_probes(capsys, vsr_store, tmp_path):
     train = synthetic("refcocog", 100)
     with pytest.raises(ProbingError, match="--probe logreg: for binary tasks only"):
-        train_frozen(train, train, [Trial()], TrainSettings(task="refcocog", probe="logreg", device="cpu"))
+        fit_logreg(train, train, [Trial()], TrainSettings(task="refcocog", probe="logreg", device="cpu"))
     code, _, err = run_cli(
         capsys,
         "train",

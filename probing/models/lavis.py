@@ -75,14 +75,6 @@ class LavisKeyMap:
         return any(key.startswith(self.marker_prefixes) for key in state)
 
 
-def guess_family(state: Mapping[str, torch.Tensor]) -> str | None:
-    """The registered family whose key map recognises the checkpoint (by its marker keys), or None."""
-    from probing.models.registry import family_of_lavis
-
-    family = family_of_lavis(state)
-    return family.name if family is not None else None
-
-
 def _qformer_key(rest: str, key_map: LavisKeyMap) -> str | None:
     """`Qformer.bert.<rest>` -> transformers name."""
     if rest.startswith("embeddings.LayerNorm."):
@@ -116,20 +108,16 @@ def _vision_key(rest: str, vision_layers: int) -> str | None:
 
 
 def lavis_to_hf(
-    state: dict[str, torch.Tensor], family: str | LavisKeyMap, vision_layers: int, where: str = "LAVIS checkpoint"
+    state: dict[str, torch.Tensor], family: LavisKeyMap, vision_layers: int, where: str = "LAVIS checkpoint"
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename a LAVIS state dict to transformers keys for `family` (a registered name or its key map);
-    returns (mapped tensors, ignored LAVIS keys).
+    """Rename a LAVIS state dict to transformers keys with a family's key map; returns (mapped tensors, ignored
+    LAVIS keys).
 
     EVA's separate q/v biases become one qkv bias with a zero key bias (EVA has none):
     `qkv.bias = cat(q_bias, zeros_like(v_bias), v_bias)`. A q bias without its v bias cannot be converted
     (ProbingError naming `where` and the missing key); a v bias without its q bias is ignored, as are the
     biases of blocks the model does not have.
     """
-    if isinstance(family, str):
-        from probing.models.registry import family_named
-
-        family = family_named(family).lavis
     mapped: dict[str, torch.Tensor] = {}
     ignored: list[str] = []
     for key, tensor in state.items():

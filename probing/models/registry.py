@@ -3,8 +3,10 @@ hub aliases, where its tokenizer lives and its LAVIS key map. Loading (`probing.
 stage find a family here; a family defined outside the package (a test file, a user's plug-in) registers
 itself the same way and needs no edit to the package (docs/extending.md).
 
-One model type may serve several families: each family says which configs it can run
-(`Resampler.config_problem`), and the one that can is chosen (`--family` picks among several).
+The built-in families (`blip2`, `instructblip`) are imported by the package's `__init__`, so they are
+registered whenever anything of `probing.models` is. One model type may serve several families: each family
+says which configs it can run (`Resampler.config_problem`), and the one that can is chosen (`--family` picks
+among several).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ class BackendFamily:
 
 
 _FAMILIES: dict[str, BackendFamily] = {}
-_BUILTINS_LOADED = False
 
 
 def register_family(family: BackendFamily) -> BackendFamily:
@@ -62,12 +63,7 @@ def register_family(family: BackendFamily) -> BackendFamily:
 
 
 def families() -> list[BackendFamily]:
-    """Every registered family (the built-in ones are registered on first use)."""
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        import probing.models.blip2  # noqa: F401  (registers itself)
-        import probing.models.instructblip  # noqa: F401
+    """Every registered family (the built-in ones register when `probing.models` is imported)."""
     return list(_FAMILIES.values())
 
 
