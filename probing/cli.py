@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for i, a in enumerate(args) if i >= cut or a not in ("--verbose", "-v")]
     _configure_logging(_VERBOSE)
     try:
+        from probing.plugins import load_plugins
+
+        load_plugins()  # tasks, backends, probes and tables registered outside the package
         app(args=args, prog_name="probing")
     except ProbingError as error:
         if _VERBOSE:

@@ -20,10 +20,11 @@ from probing.errors import ProbingError
 from probing.extract import ExtractionSettings
 from probing.models import ModelSource
 from probing.probe_run import Mode
+from probing.probes import probe_kind
 from probing.search import SearchSettings
 from probing.settings import check as check_settings
 from probing.settings import config_fields, config_section, setting
-from probing.train import ProbeName, TrainSettings
+from probing.train import TrainSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +81,7 @@ class Experiment:
     models: list[str]
     modes: list[Mode] = field(default_factory=lambda: ["frozen"])
     layers: list[int] | Literal["last", "all"] = "last"
-    probes: list[ProbeName] = field(default_factory=lambda: ["linear"])
+    probes: list[str] = field(default_factory=lambda: ["linear"])  # registered probes
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
@@ -240,6 +241,8 @@ def check(config: Config, paths: bool = True) -> Config:
                 raise ProbingError(
                     f"config field '{where}.tasks[{position}]': {str(error).removeprefix('--task: ')}"
                 ) from None
+        for position, probe in enumerate(experiment.probes):
+            probe_kind(probe, f"config field '{where}.probes[{position}]'")
         for position, label in enumerate(experiment.models):
             if label not in config.models:
                 raise ProbingError(f"config field '{where}.models[{position}]': no model '{label}' in 'models'")

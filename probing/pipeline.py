@@ -141,20 +141,23 @@ def plan(config: Config, depth: dict[str, int]) -> list[Unit]:
     return units
 
 
-def store_layouts(units: list[Unit], depth: dict[str, int]) -> dict[tuple[str, str], tuple[list[int], bool]]:
-    """(model, task reference) -> (layers to store, whether to store ViT outputs): what the searches need."""
-    needs: dict[tuple[str, str], tuple[set[int], bool]] = defaultdict(lambda: (set(), False))
+def store_layouts(units: list[Unit], depth: dict[str, int]) -> dict[tuple[str, str], tuple[str, list[int], bool]]:
+    """(model, examples) -> (a task reference, layers to store, whether to store ViT outputs): what the searches
+    need; tasks that share their examples (`TaskSpec.examples_from`) share their stores."""
+    needs: dict[tuple[str, str], tuple[str, set[int], bool]] = {}
     for unit in units:
-        layers, vision = needs[(unit.model, unit.task)]
+        key = (unit.model, unit.spec.examples_name)
+        task, layers, vision = needs.get(key, (unit.task, set(), False))
         if unit.mode == "frozen":
             layers = layers | {unit.layer}
-        needs[(unit.model, unit.task)] = (layers, vision or unit.mode == "unfrozen")
-    return {key: (sorted(layers) or [depth[key[0]]], vision) for key, (layers, vision) in needs.items()}
+        needs[key] = (task, layers, vision or unit.mode == "unfrozen")
+    return {key: (task, sorted(layers) or [depth[key[0]]], vision) for key, (task, layers, vision) in needs.items()}
 
 
 def store_folder(config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int) -> Path:
     name = "layers-all" if layers == list(range(1, depth + 1)) else "layers-" + "-".join(map(str, layers))
-    return config.workspace / "features" / model / get_task(task).name / (name + ("-vision" if vision else ""))
+    folder = name + ("-vision" if vision else "")
+    return config.workspace / "features" / model / get_task(task).examples_name / folder
 
 
 def parse_store_name(name: str, depth: int) -> tuple[list[int], bool] | None:
@@ -175,7 +178,7 @@ def covering_store(
     """The layout of an existing store that already holds what is needed (configs sharing a workspace extract
     once: Table 1's last layer with ViT outputs also serves Table 3's frozen probes), else the one asked for."""
     spec = get_task(task)
-    root = config.workspace / "features" / model / spec.name
+    root = config.workspace / "features" / model / spec.examples_name
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         parsed = parse_store_name(folder.name, depth)
         if parsed is None or not all((folder / split / "manifest.json").is_file() for split in spec.splits):
@@ -194,16 +197,16 @@ def store_requests(
     depth: dict[str, int],
     progress: bool = True,
 ) -> dict[tuple[str, str], list[ExtractionRequest]]:
-    """(model, task) -> the extraction of each split into the store the searches need (an existing store that
+    """(model, examples) -> the extraction of each split into the store the searches need (an existing store that
     covers them is taken instead)."""
     requests = {}
-    for (label, task), needed in sorted(store_layouts(units, depth).items()):
+    for (label, examples), (task, *needed) in sorted(store_layouts(units, depth).items()):
         layers, vision = covering_store(config, label, task, *needed, depth[label])
         folder = store_folder(config, label, task, layers, vision, depth[label])
         settings = replace(
             config.extract, layers=tuple(layers), store_vision=vision, device=config.device, progress=progress
         )
-        requests[(label, task)] = [
+        requests[(label, examples)] = [
             ExtractionRequest(
                 **vars(sources[label]), **vars(settings), data=options[task], split=split, out=folder / split
             )
@@ -266,15 +269,15 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
     depth = model_depths(sources)
     units = plan(config, depth)
     stores = {}
-    for (label, task), requests in store_requests(config, units, options, sources, depth, progress).items():
+    for (label, examples), requests in store_requests(config, units, options, sources, depth, progress).items():
         folder = requests[0].out.parent
         vision = " + ViT outputs" if requests[0].store_vision else ""
-        say(f"features {label} {get_task(task).name} layers {list(requests[0].layers)}{vision} -> {folder}")
+        say(f"features {label} {examples} layers {list(requests[0].layers)}{vision} -> {folder}")
         for request in requests:
             summary.count("features", extract(request))
-        stores[(label, task)] = folder
+        stores[(label, examples)] = folder
     for unit in units:
-        request = search_request(config, unit, sources, options, stores[(unit.model, unit.task)])
+        request = search_request(config, unit, sources, options, stores[(unit.model, unit.spec.examples_name)])
         say(f"search {unit.experiment.name}: {unit.model} {unit.spec.name} {unit.mode} layer {unit.layer} {unit.probe}")
         summary.count("searches", run_search(request))
         summary.searches.append(request.out)

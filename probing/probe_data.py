@@ -32,8 +32,8 @@ def open_store(path: Path, spec: TaskSpec, split: str, layer: int) -> FeatureSto
         raise ProbingError(f"{path}: no feature store for split '{split}' (expected --features DIR/{split})")
     store = FeatureStore(path)
     request = store.manifest["request"]
-    if request["task"] != spec.name:
-        raise ProbingError(f"{path}: features of task '{request['task']}', not '{spec.name}'")
+    if request["task"] != spec.examples_name:
+        raise ProbingError(f"{path}: features of task '{request['task']}', not '{spec.examples_name}'")
     if request["split"] != split:
         raise ProbingError(f"{path}: features of split '{request['split']}', not '{split}'")
     if layer not in store.layers:

@@ -27,6 +27,7 @@ from probing.artifacts import code_version, existing_output_matches, staged_dire
 from probing.data.types import DataOptions, Example
 from probing.errors import ProbingError
 from probing.models import ModelSource
+from probing.probes import probe_kind
 from probing.records import MetricsRecord, SeedRun, StageResult
 from probing.settings import setting
 from probing.tasks import get_task, is_task_file
@@ -74,7 +75,7 @@ class TrainRequest(ModelSource, ProbeInputs):
             raise ProbingError("--features is required for --mode frozen")
         if self.mode == "unfrozen" and (self.model is None or self.data is None):
             raise ProbingError("--mode unfrozen needs --model and the task's data options")
-        if self.mode == "unfrozen" and self.settings.probe == "logreg":
+        if self.mode == "unfrozen" and probe_kind(self.settings.probe).fit != "sgd":
             raise ProbingError(
                 "--probe logreg: frozen only (an L-BFGS fit has no gradient steps to share with the resampler)"
             )
@@ -205,10 +206,12 @@ def write_run(
                 {k: v.contiguous() for k, v in probe.state_dict().items()},
                 str(staging / "probes" / f"seed-{fit.trial.seed}.safetensors"),
                 metadata={
-                    "architecture": probe.architecture,
-                    "inputs": str(probe.inputs),
-                    "outputs": str(probe.outputs),
-                    "hidden": str(probe.hidden),
+                    "architecture": getattr(probe, "architecture", request.settings.probe),
+                    **{
+                        name: str(getattr(probe, name))
+                        for name in ("inputs", "outputs", "hidden")
+                        if hasattr(probe, name)
+                    },
                 },
             )
         write_json(staging / "metrics.json", record.to_json())

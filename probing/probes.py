@@ -7,6 +7,11 @@ Architectures (the paper's Table 3), on the flattened `Q x H` query outputs (32 
   SwiGLU layer count as one layer. `hidden` defaults to the Q-Former width H (768): a probe no wider than
   the representation it reads.
 
+Probes register themselves (`register_probe`): a `ProbeKind` says how the probe is built and how frozen trials
+of it are fitted. SwiGLU MLPs of any depth (`layers`) train K trials at once in a `ProbeBank`; any other module
+(`build`) trains one trial at a time in the standard loop; the logistic regression is fitted by L-BFGS
+(`probing.logreg`). A new probe is one file with one `register_probe` call (docs/extending.md).
+
 `Probe` is a plain module made of `nn.Linear` (separate runs, unfrozen training, saved weights).
 `ProbeBank` holds K independent probes of one architecture with stacked parameters: one matmul per layer
 serves all K on a shared batch. Its first layer is stored `[in, K, out]` so that `x @ W` over all K heads
@@ -16,7 +21,9 @@ is one GEMM on a free view; later layers are `[K, in, out]` for batched matmuls.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -24,13 +31,55 @@ from torch.nn import functional as F
 
 from probing.errors import ProbingError
 
-ARCHITECTURES = {"linear": 1, "swiglu2": 2, "swiglu4": 4}  # name -> number of layers
+
+@dataclass(frozen=True)
+class ProbeKind:
+    """A registered probe."""
+
+    name: str  # --probe, configs' `probes`, manifests
+    title: str  # how reports name it
+    layers: int | None = None  # a `Probe` of this many layers (1: linear; more: SwiGLU MLP): frozen trials batched
+    build: Callable[[int, int, int], nn.Module] | None = None  # (inputs, outputs, hidden) -> any other module
+    fit: Literal["sgd", "lbfgs"] = "sgd"  # lbfgs: scikit-learn's logistic regression (binary, frozen)
+
+    @property
+    def batched(self) -> bool:
+        return self.fit == "sgd" and self.layers is not None
+
+
+PROBES: dict[str, ProbeKind] = {}
+
+
+def register_probe(kind: ProbeKind) -> ProbeKind:
+    if (kind.layers is None) == (kind.build is None):
+        raise ProbingError(f"probe '{kind.name}': give exactly one of layers and build")
+    existing = PROBES.get(kind.name)
+    if existing is not None and existing != kind:
+        raise ProbingError(f"probe '{kind.name}' is already registered")
+    PROBES[kind.name] = kind
+    return kind
+
+
+def probe_kind(name: str, option: str = "--probe") -> ProbeKind:
+    if name not in PROBES:
+        raise ProbingError(f"{option}: unknown probe '{name}' (choose {', '.join(PROBES)})")
+    return PROBES[name]
+
+
+for _kind in (
+    ProbeKind("linear", "linear", layers=1),
+    ProbeKind("swiglu2", "SwiGLU 2 layers", layers=2),
+    ProbeKind("swiglu4", "SwiGLU 4 layers", layers=4),
+    ProbeKind("logreg", "logistic regression (L-BFGS)", layers=1, fit="lbfgs"),
+):
+    register_probe(_kind)
 
 
 def layer_count(architecture: str) -> int:
-    if architecture not in ARCHITECTURES:
-        raise ProbingError(f"--probe: unknown probe '{architecture}' (choose {', '.join(ARCHITECTURES)})")
-    return ARCHITECTURES[architecture]
+    layers = probe_kind(architecture).layers
+    if layers is None:
+        raise ProbingError(f"--probe: '{architecture}' is not a layered probe")
+    return layers
 
 
 def layer_shapes(architecture: str, inputs: int, outputs: int, hidden: int) -> list[tuple[int, int, bool]]:
@@ -75,9 +124,12 @@ def seeded(seed: int):
         yield
 
 
-def new_probe(architecture: str, inputs: int, outputs: int, hidden: int, seed: int) -> Probe:
-    """A probe initialised as `nn.Linear` does (uniform +-1/sqrt(fan_in)) from `seed` alone."""
+def new_probe(architecture: str, inputs: int, outputs: int, hidden: int, seed: int) -> nn.Module:
+    """A probe initialised from `seed` alone (a `Probe` as `nn.Linear` does: uniform +-1/sqrt(fan_in))."""
+    kind = probe_kind(architecture)
     with seeded(seed):
+        if kind.build is not None:
+            return kind.build(inputs, outputs, hidden)
         return Probe(architecture, inputs, outputs, hidden)
 
 

@@ -42,16 +42,10 @@ from probing.analysis import (
 from probing.artifacts import write_json
 from probing.errors import ProbingError
 from probing.plots import category_figure, per_layer_figure
+from probing.probes import PROBES
 from probing.tasks import TaskSpec, registered_tasks
 
 MODES = ("frozen", "unfrozen")
-PROBES = ("linear", "swiglu2", "swiglu4", "logreg")
-PROBE_NAMES = {
-    "linear": "linear",
-    "swiglu2": "SwiGLU 2 layers",
-    "swiglu4": "SwiGLU 4 layers",
-    "logreg": "logistic regression (L-BFGS)",
-}
 PROPERTY_NAMES = {
     "train_examples": "train examples",
     "mean_area": "mean box area",
@@ -264,7 +258,7 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
 @register_table("table3")
 def table3(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     frozen = [r for r in runs if r.mode == "frozen"]
-    by_probe = {probe: last_layer_runs(frozen, probe) for probe in PROBES}
+    by_probe = {probe: last_layer_runs(frozen, probe) for probe in PROBES}  # registration order
     if sum(bool(v) for v in by_probe.values()) < 2:
         return None  # one probe size says nothing about probe size
     found_runs = [run for chosen in by_probe.values() for run in chosen.values()]
@@ -280,7 +274,7 @@ def table3(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
             if not any(found.values()):
                 continue
             estimates = {c: overall(run) if run else None for c, run in found.items()}
-            table.rows.append([model, PROBE_NAMES[probe], *[cell(estimates[c]) for c in order]])
+            table.rows.append([model, PROBES[probe].title, *[cell(estimates[c]) for c in order]])
             table.records += [_record(e, found[c], model=model, probe=probe) for c, e in estimates.items() if e]
     return table
 

@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,14 +35,13 @@ from probing.data.types import Example
 from probing.device_copies import to_device_chunked
 from probing.errors import ProbingError
 from probing.heads import Head
-from probing.probes import Probe, ProbeBank, new_probe
+from probing.probes import Probe, ProbeBank, new_probe, probe_kind
 from probing.settings import check, identity, setting
 from probing.tasks import get_task
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 EVAL_CHUNK = 1024  # rows per evaluation forward: bounds the activations of a whole split
-ProbeName = Literal["linear", "swiglu2", "swiglu4", "logreg"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class Trial:
 
     def check(self, probe: str = "linear") -> Trial:
         check(self)
-        if probe != "logreg":
+        if probe_kind(probe).fit == "sgd":
             for name in ("lr", "epochs"):
                 if getattr(self, name) is None:
                     raise ProbingError(f"--{name} is required for --probe {probe}")
@@ -77,11 +76,11 @@ class Trial:
 @dataclass(frozen=True)
 class TrainSettings:
     task: str = setting(cli=False, config=False, help="The task (a registered name or a task YAML file).")
-    probe: ProbeName = setting(
+    probe: str = setting(
         "linear",
         identity=True,
         config=False,
-        help="linear | swiglu2 | swiglu4 (SGD) | logreg (L-BFGS, binary tasks, frozen)",
+        help="A registered probe: linear | swiglu2 | swiglu4 (SGD) | logreg (L-BFGS, binary tasks, frozen) ...",
     )
     hidden: int = setting(768, identity=True, low=1, help="Width of the SwiGLU probes' hidden layers.")
     batch_size: int = setting(128, identity=True, low=1, help="Training batch size.")
@@ -110,6 +109,7 @@ class TrainSettings:
 
     def check(self) -> TrainSettings:
         get_task(self.task)
+        probe_kind(self.probe)
         return check(self)
 
     def identity(self) -> dict[str, Any]:
@@ -318,8 +318,8 @@ def train_frozen(
     trials = [trial.check(settings.probe) for trial in trials]
     if not trials:
         raise ProbingError("no trial to train")
-    if settings.probe == "logreg":
-        raise ProbingError("--probe logreg: fitted by L-BFGS (probing.logreg.fit_logreg), not by this SGD trainer")
+    if not probe_kind(settings.probe).batched:
+        raise ProbingError(f"--probe {settings.probe}: not a batched probe (the frozen trainer fits it its own way)")
     head = settings.head
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)

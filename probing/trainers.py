@@ -23,8 +23,9 @@ from probing.data.types import DataOptions, Example
 from probing.logreg import fit_logreg
 from probing.models import ModelSource
 from probing.probe_data import feature_identity, load_probe_splits, open_stores
+from probing.probes import probe_kind
 from probing.tasks import TaskSpec, get_task
-from probing.train import ProbeData, TrainSettings, Trial, TrialResult, probe_outputs, train_frozen
+from probing.train import ProbeData, TrainSettings, Trial, TrialResult, probe_outputs, train_frozen, train_single
 
 
 @dataclass
@@ -85,8 +86,14 @@ class FrozenTrainer:
         return self._splits
 
     def fit(self, trials: list[Trial]) -> list[FittedTrial]:
-        fit = fit_logreg if self.settings.probe == "logreg" else train_frozen  # L-BFGS, or batched SGD
-        results = fit(self.splits["train"], self.splits["val"], trials, self.settings)
+        train, val = self.splits["train"], self.splits["val"]
+        kind = probe_kind(self.settings.probe)
+        if kind.fit == "lbfgs":
+            results = fit_logreg(train, val, trials, self.settings)
+        elif kind.batched:  # K trials in one pass
+            results = train_frozen(train, val, trials, self.settings)
+        else:  # a probe of its own design: one trial at a time, in the standard loop
+            results = [train_single(train, val, trial, self.settings) for trial in trials]
         return [FittedTrial(result, result.probe) for result in results]
 
     def outputs(self, fitted: FittedTrial, split: str) -> torch.Tensor:

@@ -161,3 +161,37 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def stage2_checkpoint(tmp_path_factory):
+    """A tiny random BLIP-2 stage-2 checkpoint (OPT language model) saved with save_pretrained."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+
+    from probing.models.tiny import _image_processor, build_config
+
+    first_stage = build_config("blip2", "tiny", vocab_size=64)
+    qformer = first_stage.qformer_config.to_dict() | {"use_qformer_text_input": False}
+    config = Blip2Config(
+        vision_config=first_stage.vision_config.to_dict(),
+        qformer_config=qformer,
+        text_config=OPTConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=2,
+            ffn_dim=32,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            word_embed_proj_dim=16,
+        ).to_dict(),
+        num_query_tokens=4,
+    )
+    torch.manual_seed(3)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, 0.5)
+    out = tmp_path_factory.mktemp("stage2") / "blip2-opt"
+    model.save_pretrained(out)
+    _image_processor(config.vision_config.image_size).save_pretrained(out)
+    return out

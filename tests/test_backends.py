@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli
 from torch import nn
-from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+from transformers import Blip2ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
 
 from probing.errors import ProbingError
@@ -17,7 +17,6 @@ from probing.extract import ExtractionRequest, extract
 from probing.models import BackendFamily, load_resampler, register_family
 from probing.models.qformer import QFormerResampler
 from probing.models.registry import families
-from probing.models.tiny import build_config
 from probing.tasks import load_split
 from probing.train import ProbeData, TrainSettings, Trial, train_frozen
 
@@ -67,37 +66,6 @@ def queries_family():
     register_family(QUERIES_FAMILY)
     yield QUERIES_FAMILY
     registry._FAMILIES.pop(QUERIES_FAMILY.name)
-
-
-@pytest.fixture(scope="module")
-def stage2_checkpoint(tmp_path_factory):
-    """A tiny random BLIP-2 stage-2 checkpoint (OPT language model) saved with save_pretrained."""
-    from probing.models.tiny import _image_processor
-
-    first_stage = build_config("blip2", "tiny", vocab_size=64)
-    qformer = first_stage.qformer_config.to_dict() | {"use_qformer_text_input": False}
-    config = Blip2Config(
-        vision_config=first_stage.vision_config.to_dict(),
-        qformer_config=qformer,
-        text_config=OPTConfig(
-            vocab_size=64,
-            hidden_size=16,
-            num_hidden_layers=2,
-            ffn_dim=32,
-            num_attention_heads=2,
-            max_position_embeddings=64,
-            word_embed_proj_dim=16,
-        ).to_dict(),
-        num_query_tokens=4,
-    )
-    torch.manual_seed(3)
-    model = Blip2ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.query_tokens.normal_(0.0, 0.5)
-    out = tmp_path_factory.mktemp("stage2") / "blip2-opt"
-    model.save_pretrained(out)
-    _image_processor(config.vision_config.image_size).save_pretrained(out)
-    return out
 
 
 def test_without_the_family_the_checkpoint_is_refused(stage2_checkpoint):

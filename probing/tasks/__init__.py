@@ -100,9 +100,9 @@ def load_split(options: DataOptions, split: str) -> SplitData:
     examples = spec.reader.read(options, split)
     sources = {name: sha256_file(path) for name, path in spec.reader.sources(options, split).items()}
     return SplitData(
-        task=spec.name,
+        task=spec.examples_name,
         split=split,
         examples=examples,
-        fingerprint=dataset_fingerprint(spec.name, split, sources),
+        fingerprint=dataset_fingerprint(spec.examples_name, split, sources),
         sources=sources,
     )

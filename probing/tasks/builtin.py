@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,19 @@ def _referring(
     )
 
 
+VSR = TaskSpec(
+    name="vsr",
+    title="VSR",
+    reader=VsrReader(),
+    head=BinaryHead(),
+    search_space=VSR_SPACE,
+    chance=0.5,
+    category="meta-category",
+    category_order=META_CATEGORIES,
+    category_table="table2",
+    description="VSR random split: is this spatial caption true of the image?",
+)
+
 BUILTIN_TASKS: tuple[TaskSpec, ...] = (
     _referring(
         "refcocog",
@@ -101,18 +114,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         ("test",),
         "RefCOCOg umd: regress the referred object's box (the paper's explicit probe).",
     ),
-    TaskSpec(
-        name="vsr",
-        title="VSR",
-        reader=VsrReader(),
-        head=BinaryHead(),
-        search_space=VSR_SPACE,
-        chance=0.5,
-        category="meta-category",
-        category_order=META_CATEGORIES,
-        category_table="table2",
-        description="VSR random split: is this spatial caption true of the image?",
-    ),
+    VSR,
     TaskSpec(
         name="rcm",
         title="RCM",
@@ -151,16 +153,12 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         ("testA", "testB"),
         "RefCOCO+ unc (no absolute location words in its sentences): testA people, testB other objects.",
     ),
-    TaskSpec(
+    replace(
+        VSR,
         name="vsr-zeroshot",
         title="VSR (zero-shot)",
-        reader=VsrReader(),
-        head=BinaryHead(),
-        search_space=VSR_SPACE,
-        chance=0.5,
-        category="meta-category",
-        category_order=META_CATEGORIES,
-        description="VSR zero-shot split (no concept shared between train and test): --vsr names the folder "
-        "of its train.jsonl, dev.jsonl, test.jsonl.",
+        category_table=None,
+        description="VSR zero-shot split (no concept shared between train and test): --vsr names the folder of "
+        "its train.jsonl, dev.jsonl, test.jsonl.",
     ),
 )

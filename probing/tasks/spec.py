@@ -55,7 +55,13 @@ class TaskSpec:
     category_table: str | None = None  # the report table of its per-category accuracies (default categories_<name>)
     description: str = ""
     source: str = "built-in"  # or the YAML file it was read from
+    examples_from: str | None = None  # another task whose examples (and so stores) it shares, with another head
     stats_categories: Callable[[Sequence[Example]], dict[str, Any]] | None = None  # `data stats` (default: counts)
+
+    @property
+    def examples_name(self) -> str:
+        """The name its examples go by in fingerprints and stores: its own, or the task it shares them with."""
+        return self.examples_from or self.name
 
     @property
     def metric(self) -> str:
