@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
 
 from probing.data import DataOptions
 from probing.extract import ExtractionRequest, extract
@@ -39,7 +38,7 @@ def probing(*args, plugins: list[Path], cwd: Path) -> subprocess.CompletedProces
     )
 
 
-def test_the_yaml_task_of_the_page(capsys, tmp_path):
+def test_the_yaml_task_of_the_page(tmp_path):
     from PIL import Image
 
     spec = yaml.safe_load(blocks("yaml")[0])
@@ -62,9 +61,10 @@ def test_the_yaml_task_of_the_page(capsys, tmp_path):
                     + "\n"
                 )
     (folder / "whats-up.yaml").write_text(yaml.safe_dump(spec))
-    code, out, err = run_cli(capsys, "data", "stats", "--task", folder / "whats-up.yaml", "--json")
-    assert code == 0, err
-    stats = json.loads(out)
+    # in a process of its own, as a user runs it (this session registers another task named whats-up)
+    result = probing("data", "stats", "--task", folder / "whats-up.yaml", "--json", plugins=[], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
     assert stats["task"] == "whats-up" and stats["splits"]["val"]["categories"] == {"above": 2, "below": 2}
 
 
