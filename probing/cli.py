@@ -355,6 +355,29 @@ def report_command(
     )
 
 
+@app.command("dashboard")
+def dashboard_command(
+    paths: Annotated[list[Path], typer.Argument(help="A workspace, search folders or study.log files.")],
+    storage: Annotated[
+        list[str] | None, typer.Option(help="Also the studies of a shared storage (repeatable).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """optuna-dashboard on every study of a workspace (a snapshot: per-epoch values, parameters, what trains)."""
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise ProbingError(
+            "probing dashboard: optuna-dashboard is not installed (pip install -e '.[dashboard]')"
+        ) from None
+    from probing.studies import gather_studies
+
+    gathered = gather_studies(paths, storage or [])
+    typer.echo(f"optuna-dashboard on {len(gathered.get_all_studies())} studies: http://{host}:{port}/")
+    run_server(gathered, host=host, port=port)
+
+
 @app.command("run")
 def run_command(
     config: Annotated[Path, typer.Argument(help="An experiment config (experiments/*.yaml).")],

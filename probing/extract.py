@@ -35,6 +35,7 @@ from probing.data.types import DataOptions, Example, SplitData
 from probing.device_copies import to_device, to_host
 from probing.errors import ProbingError
 from probing.features import PER_IMAGE, STORE_FORMAT_VERSION, FeatureStore, FeatureStoreWriter, layer_key
+from probing.locks import FolderLock
 from probing.models import ModelSource, Resampler, load_resampler
 from probing.records import StageResult
 from probing.settings import check, identity, setting
@@ -273,53 +274,65 @@ def extract_loaded(
     shards = plan_shards(data.examples, request.shard_size)
     if request.compile_vision:
         resampler.compile_vision()
-    writer = FeatureStoreWriter(request.out, store_identity(resampler, data, request, layers))  # every process checks
-    if writer.complete:
-        log.info("%s: already complete for this request; nothing to do", request.out)
-        return StageResult(FeatureStore(request.out), request.out, "reused")
-    _check_images_exist(data.examples, request.skip_bad_images)
-    state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
-    if state.is_main_process:
-        writer.prepare()
+    # One writer per store: another worker (another job on the shared disk) writing it is waited for, then reused.
+    lock = FolderLock(request.out) if state.is_main_process else None
+    if lock is not None and not lock.try_acquire():
+        log.info("%s: another worker is extracting it; waiting", request.out)
+        lock.acquire()
     state.wait_for_everyone()
-    mine = [
-        s for s in shards if s.index % state.num_processes == state.process_index and not writer.shard_done(s.index)
-    ]
-    started = time.perf_counter()
-    done_examples = _run_shards(
-        mine,
-        resampler,
-        layers,
-        storage_dtype,
-        writer,
-        request,
-        device,
-        show_progress=request.progress and state.is_main_process,
-    )
-    elapsed = time.perf_counter() - started
-    if done_examples:
-        log.info(
-            "extracted %d examples in %.1f s (%.1f examples/s on this process)",
-            done_examples,
-            elapsed,
-            done_examples / max(elapsed, 1e-9),
+    try:
+        writer = FeatureStoreWriter(
+            request.out, store_identity(resampler, data, request, layers)
+        )  # every process checks
+        if writer.complete:
+            log.info("%s: already complete for this request; nothing to do", request.out)
+            return StageResult(FeatureStore(request.out), request.out, "reused")
+        _check_images_exist(data.examples, request.skip_bad_images)
+        state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
+        if state.is_main_process:
+            writer.prepare()
+        state.wait_for_everyone()
+        mine = [
+            s for s in shards if s.index % state.num_processes == state.process_index and not writer.shard_done(s.index)
+        ]
+        started = time.perf_counter()
+        done_examples = _run_shards(
+            mine,
+            resampler,
+            layers,
+            storage_dtype,
+            writer,
+            request,
+            device,
+            show_progress=request.progress and state.is_main_process,
         )
-    state.wait_for_everyone()
-    if state.is_main_process:
-        recorded = {key: str(Path(value).resolve()) for key, value in request.data.given().items()}
-        writer.finish(
-            len(shards),
-            {
-                "model_source": resampler.identity,
-                "data_sources": data.sources,
-                # where the data was read from, so that `probing train` can find the targets by itself
-                "data_options": {"task": task_reference(request.data.task), **recorded},
-                "images": len({e.image_path for e in data.examples}),
-                "code_version": code_version(),
-            },
-        )
-    state.wait_for_everyone()
-    return StageResult(FeatureStore(request.out), request.out, "built")
+        elapsed = time.perf_counter() - started
+        if done_examples:
+            log.info(
+                "extracted %d examples in %.1f s (%.1f examples/s on this process)",
+                done_examples,
+                elapsed,
+                done_examples / max(elapsed, 1e-9),
+            )
+        state.wait_for_everyone()
+        if state.is_main_process:
+            recorded = {key: str(Path(value).resolve()) for key, value in request.data.given().items()}
+            writer.finish(
+                len(shards),
+                {
+                    "model_source": resampler.identity,
+                    "data_sources": data.sources,
+                    # where the data was read from, so that `probing train` can find the targets by itself
+                    "data_options": {"task": task_reference(request.data.task), **recorded},
+                    "images": len({e.image_path for e in data.examples}),
+                    "code_version": code_version(),
+                },
+            )
+        state.wait_for_everyone()
+        return StageResult(FeatureStore(request.out), request.out, "built")
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _check_images_exist(examples: list[Example], skip_bad_images: bool) -> None:

@@ -17,6 +17,7 @@ the summary counts what was built and what was reused.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -269,7 +270,11 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
     depth = model_depths(sources)
     units = plan(config, depth)
     stores = {}
-    for (label, examples), requests in store_requests(config, units, options, sources, depth, progress).items():
+    planned = list(store_requests(config, units, options, sources, depth, progress).items())
+    # Workers started on one config (other GPUs, machines sharing the workspace) begin at different stores, so
+    # that each extracts its own; a store another worker holds is waited for, then reused.
+    start = os.getpid() % len(planned) if planned else 0
+    for (label, examples), requests in planned[start:] + planned[:start]:
         folder = requests[0].out.parent
         vision = " + ViT outputs" if requests[0].store_vision else ""
         say(f"features {label} {examples} layers {list(requests[0].layers)}{vision} -> {folder}")

@@ -16,6 +16,7 @@ reused, one made for another request is refused naming the differing field.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, Literal
 from safetensors.torch import save_file
 
 from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
+from probing.checkpoints import TrialCheckpoint
 from probing.data.types import DataOptions, Example
 from probing.errors import ProbingError
 from probing.models import ModelSource
@@ -32,7 +34,7 @@ from probing.records import MetricsRecord, SeedRun, StageResult
 from probing.settings import setting
 from probing.tasks import get_task, is_task_file
 from probing.train import TrainSettings, Trial, is_main_process
-from probing.trainers import FittedTrial, FrozenTrainer, Trainer, UnfrozenTrainer
+from probing.trainers import FittedTrial, FrozenTrainer, Trainer, TrialHooks, UnfrozenTrainer
 
 RUN_FORMAT_VERSION = 1
 Mode = Literal["frozen", "unfrozen"]
@@ -137,7 +139,14 @@ def run_training(request: TrainRequest) -> StageResult[MetricsRecord]:
     identity = run_identity(request, trainer.inputs)
     if existing_output_matches(request.out, identity, "probe run"):
         return StageResult(MetricsRecord.read(request.out), request.out, "reused")
-    return write_run(request, trainer, trainer.fit(list(request.trials)), identity)
+    checkpoints = request.out.with_name(f".{request.out.name}.checkpoints")  # beside the run: it appears whole
+    hooks = None
+    if trainer.keeps_models:  # a killed unfrozen run resumes each seed at its last epoch
+        hooks = [TrialHooks(checkpoint=TrialCheckpoint(checkpoints / f"seed-{trial.seed}")) for trial in request.trials]
+    result = write_run(request, trainer, trainer.fit(list(request.trials), hooks), identity)
+    if result.status == "built":  # the process that wrote the run (the others of a launch leave them be)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return result
 
 
 def write_run(

@@ -41,6 +41,7 @@ from probing.analysis import (
 )
 from probing.artifacts import write_json
 from probing.errors import ProbingError
+from probing.locks import one_writer
 from probing.plots import category_figure, per_layer_figure
 from probing.probes import PROBES
 from probing.tasks import TaskSpec, registered_tasks
@@ -508,6 +509,11 @@ def write_report(
     paths: Sequence[Path], out: Path, compare_paper: bool = False, only: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Load the runs, write tables (all, or those named in `only`), figures and `README.md` into `out`."""
+    with one_writer(Path(out)):  # one writer at a time (several workers finishing one config write the same report)
+        return _write_report(paths, Path(out), compare_paper, only)
+
+
+def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: Sequence[str] | None) -> dict[str, Any]:
     runs, dropped = load_runs(paths)
     out = Path(out)
     (out / "tables").mkdir(parents=True, exist_ok=True)

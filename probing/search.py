@@ -25,30 +25,48 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
+from probing.artifacts import (
+    MANIFEST_NAME,
+    code_version,
+    existing_output_matches,
+    first_difference,
+    json_normalised,
+    pid_alive,
+    read_manifest,
+    write_json,
+)
+from probing.checkpoints import TrialCheckpoint
 from probing.data.types import DataOptions
 from probing.errors import ProbingError
+from probing.locks import FolderLock
 from probing.models import ModelSource
 from probing.probe_run import ProbeInputs, TrainRequest, make_trainer, write_run
 from probing.records import SearchSummary, StageResult
 from probing.search_space import SearchSpace
 from probing.settings import check, comma_separated, identity, setting
+from probing.studies import claim_study, load_or_create_study, open_storage, redact
 from probing.tasks import get_task
 from probing.train import TrainSettings, Trial
-from probing.trainers import FittedTrial, Trainer
+from probing.trainers import FittedTrial, Trainer, TrialHooks
 
 log = logging.getLogger(__name__)
 
 SEARCH_FORMAT_VERSION = 1
+STUDY_JOURNAL = "study.log"  # the study of a search without --storage, in its folder
+DEFAULT_STUDY = "search"
+CLAIM = "search.json"  # written first: what the folder's study and outputs are for (the manifest comes last)
 
 
 def default_space(task: str, probe: str = "linear") -> SearchSpace:
@@ -84,9 +102,18 @@ class SearchSettings:
         None, identity=True, low=0, parse=_final_seeds, help="Seeds the best trial is evaluated with (default: --seed)."
     )
     storage: str | None = setting(
-        None, help="sqlite:///file.db | postgresql://... | journal:PATH (default: in memory)."
+        None,
+        help="journal:PATH | sqlite:///file.db | postgresql://user:pass@host/db (default: a journal file in the "
+        "search folder, so a killed search resumes).",
     )
     study_name: str | None = setting(None, identity=True, config=False, help="Study to create or resume in --storage.")
+    pruner: Literal["auto", "none", "median", "hyperband"] = setting(
+        "auto",
+        identity=True,
+        omit_default=True,
+        help="Stops hopeless trials from their per-epoch val metric: Optuna's median or hyperband pruner; auto: "
+        "hyperband for unfrozen searches, none for frozen ones (their trials train together in one pass).",
+    )
     heartbeat: float = setting(
         30.0, above=0, help="Seconds between a running trial's heartbeats; a trial silent for 4x as long is retried."
     )
@@ -101,6 +128,11 @@ class SearchSettings:
     @property
     def seeds_of_best(self) -> tuple[int, ...]:
         return self.final_seeds or (self.seed,)
+
+    def pruner_for(self, mode: str) -> str:
+        if self.pruner == "auto":
+            return "hyperband" if mode == "unfrozen" else "none"
+        return self.pruner
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +157,11 @@ class SearchRequest(ModelSource, SearchSettings, ProbeInputs):
             raise ProbingError("--storage needs --study-name (the study that workers share)")
         return self
 
+    @property
+    def storage_url(self) -> str:
+        """Where the study lives: --storage, or a journal file in the search folder."""
+        return self.storage or f"journal:{self.out / STUDY_JOURNAL}"
+
     def train_request(self, trials: tuple[Trial, ...], out: Path) -> TrainRequest:
         shared = {f.name: getattr(self, f.name) for f in (*fields(ModelSource), *fields(ProbeInputs))}
         return TrainRequest(
@@ -132,58 +169,76 @@ class SearchRequest(ModelSource, SearchSettings, ProbeInputs):
         )
 
 
-def open_storage(url: str | None):
-    """None (in memory), an RDB URL (sqlite:///..., postgresql://...) or journal:PATH."""
+def pruner_of(request: SearchRequest):
+    """Optuna's pruner for the request (hyperband's resource is the epoch, up to the space's longest run)."""
     import optuna
 
-    if url is None:
-        return optuna.storages.InMemoryStorage()
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(url.removeprefix("journal:").removeprefix("//"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith(("sqlite:", "postgresql", "mysql")):
-        try:
-            return optuna.storages.RDBStorage(url)
-        except ImportError as error:
-            raise ProbingError(f"--storage {url.split(':')[0]}: a database driver is missing ({error})") from None
-        except Exception as error:  # sqlalchemy's connection errors
-            raise ProbingError(f"--storage: cannot open {redact(url)} ({type(error).__name__})") from None
-    raise ProbingError(f"--storage: '{redact(url)}' is not sqlite:///..., postgresql://... or journal:PATH")
+    kind = request.pruner_for(request.mode)
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max(request.space.epochs), reduction_factor=3
+        )
+    return optuna.pruners.NopPruner()
 
 
-def redact(url: str) -> str:
-    """A storage URL without its password, for manifests and messages."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':')[0]}:***@{host}"
-    return url
-
-
-def sampler_seed(request: SearchRequest) -> int:
-    """The seed in one process; with a shared storage each worker gets its own (seed, process) stream, or all
-    workers would propose the same points (parallel searches are not bit-reproducible)."""
-    if request.storage is None:
-        return request.seed
-    return hash((request.seed, os.getpid(), time.time_ns())) % (2**31)
-
-
-def create_study(request: SearchRequest):
+def create_study(request: SearchRequest, identity: dict[str, Any] | None = None):
+    """Create or join the request's study. The worker that creates it samples with the search's seed (a search
+    run alone is reproducible); workers that join or resume it draw from their own streams, or all of them
+    would propose the same points."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed(request), multivariate=True, constant_liar=True)
+    storage = open_storage(request.storage_url)
+    name = request.study_name or DEFAULT_STUDY
     direction = get_task(request.task).head.direction
-    return optuna.create_study(
-        storage=open_storage(request.storage),
-        sampler=sampler,
-        direction=direction,
-        study_name=request.study_name,
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            direction=direction,
+            sampler=_sampler(request.seed),
+            pruner=pruner_of(request),
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        seed = hash((request.seed, os.getpid(), time.time_ns())) % (2**31)
+        study = load_or_create_study(storage, name, direction, _sampler(seed), pruner_of(request))
+    if identity is not None:
+        claim_study(study, identity, str(request.out))
+        describe_study(study, request, identity)
+    return study
+
+
+def _sampler(seed: int):
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
+def describe_study(study, request: SearchRequest, identity: dict[str, Any]) -> None:
+    """What optuna-dashboard shows of the study: the metric's name and what its trials train."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    spec = get_task(request.task)
+    with warnings.catch_warnings():  # set_metric_names is "experimental" in Optuna 5: what it stores is not
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        study.set_metric_names([f"val {spec.head.main_metric}"])
+    inputs = identity.get("inputs", {})  # the model's identity, or the stores' (which name their model)
+    weights = inputs.get("model") or next(iter(inputs.get("features", {}).values()), {}).get("model", {})
+    for key, value in {
+        "task": spec.name,
+        "model": request.label or request.model or f"{weights.get('family')} ({weights.get('init')})",
+        "mode": request.mode,
+        "layer": request.layer,
+        "probe": request.settings.probe,
+        "pruner": request.pruner_for(request.mode),
+        "store": identity.get("inputs"),
+    }.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
 
 
 class Heartbeat:
@@ -209,6 +264,7 @@ class Heartbeat:
     def __enter__(self) -> Heartbeat:
         for trial in self.trials:  # other workers judge staleness by this trial's own interval, not theirs
             trial.set_user_attr("heartbeat_interval", self.interval)
+            trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         self._beat()
         self.thread.start()
         return self
@@ -238,7 +294,13 @@ def retry_stale_trials(study, default_interval: float) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         last = trial.user_attrs.get("heartbeat", _started(trial))
         interval = trial.user_attrs.get("heartbeat_interval", default_interval)
-        if now - last <= GRACE_HEARTBEATS * interval:
+        worker = trial.user_attrs.get("worker") or {}
+        gone = (
+            worker.get("host") == socket.gethostname()
+            and worker.get("pid") not in (None, os.getpid())
+            and (not pid_alive(worker["pid"]))
+        )  # a worker of this machine that is gone: no need to wait for its beats
+        if now - last <= GRACE_HEARTBEATS * interval and not gone:
             continue
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         origin = trial.user_attrs.get("retry_of", trial.number)
@@ -251,7 +313,8 @@ def retry_stale_trials(study, default_interval: float) -> list[int]:
 def _counts_toward_budget(trial) -> bool:
     from optuna.trial import TrialState
 
-    return trial.state in (TrialState.COMPLETE, TrialState.RUNNING) and "surplus" not in trial.user_attrs
+    finished_or_running = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return trial.state in finished_or_running and "surplus" not in trial.user_attrs
 
 
 def surplus_reason(study, number: int, budget: int) -> str | None:
@@ -274,6 +337,13 @@ def completed(study) -> list[Any]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
+def finished(study) -> list[Any]:
+    """Trials that ran to their end or were stopped by the pruner: both spend the budget."""
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
 def _ask_batch(study, request: SearchRequest, distributions, size: int) -> list[Any]:
     from optuna.trial import TrialState
 
@@ -289,23 +359,52 @@ def _ask_batch(study, request: SearchRequest, distributions, size: int) -> list[
     return asked
 
 
-def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]], list[float]]) -> None:
-    """Ask, train, tell until `request.trials` trials of the study are complete (shared with other workers)."""
+@dataclass
+class RunningTrial:
+    """A trial of the study while a worker trains it: its hyper-parameters and its handle in the study."""
+
+    trial: Trial
+    handle: Any  # optuna's trial: reports per-epoch values, answers should_prune
+    pruning: bool
+
+    @property
+    def origin(self) -> int:
+        """The trial it retries, or its own number: the key of its checkpoints."""
+        return self.handle.user_attrs.get("retry_of", self.handle.number)
+
+    def report(self, epoch: int, value: float) -> bool:
+        """Record the epoch's val metric (optuna-dashboard draws it); True when the pruner stops the trial."""
+        self.handle.report(value, epoch)
+        return self.pruning and self.handle.should_prune()
+
+
+@dataclass
+class Outcome:
+    value: float
+    pruned: bool = False
+
+
+def run_trials(study, request: SearchRequest, fitter) -> None:
+    """Ask, train, tell until `request.trials` trials of the study are finished (shared with other workers).
+
+    `fitter` is a `TrialFitter`, or any function from a list of Trials to their val values."""
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
+    fit = fitter if isinstance(fitter, TrialFitter) else _ValuesOnly(fitter)
     distributions = request.space.distributions()
+    pruning = request.pruner_for(request.mode) != "none"
     # disable=None: a bar on a terminal only (logs and one-line errors stay clean)
     bar = tqdm(
         total=request.trials,
-        initial=min(len(completed(study)), request.trials),
+        initial=min(len(finished(study)), request.trials),
         unit="trial",
         desc=f"search {request.task} {request.mode} layer {request.layer}",
         disable=None,
         leave=False,
     )
-    while len(completed(study)) < request.trials:
-        bar.n = min(len(completed(study)), request.trials)
+    while len(finished(study)) < request.trials:
+        bar.n = min(len(finished(study)), request.trials)
         bar.refresh()
         retry_stale_trials(study, request.heartbeat)
         taken = sum(1 for t in study.get_trials(deepcopy=False) if _counts_toward_budget(t))
@@ -314,50 +413,87 @@ def run_trials(study, request: SearchRequest, train_batch: Callable[[list[Trial]
         if free <= 0 and not waiting:
             time.sleep(request.poll)  # other workers hold the remaining trials; they may still die
             continue
-        asked = _ask_batch(study, request, distributions, max(1, min(free, request.batch)) if free > 0 else 1)
+        batch = request.batch if request.mode == "frozen" else 1  # unfrozen trials train (and are told) one by one
+        asked = _ask_batch(study, request, distributions, max(1, min(free, batch)) if free > 0 else 1)
         if not asked:
             time.sleep(request.poll)
             continue
+        running = [RunningTrial(trial_from(t.params, request.seed), t, pruning) for t in asked]
         with Heartbeat(asked, request.heartbeat):
             try:
-                values = train_batch([trial_from(t.params, request.seed) for t in asked])
+                outcomes = fit.fit(running)
             except BaseException:
-                for trial in asked:
+                for trial in asked:  # failed now, and asked again so that another run resumes it from its checkpoints
                     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    study.enqueue_trial(
+                        trial.params, user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number)}
+                    )
                 raise
-        for trial, value in zip(asked, values, strict=True):
-            told = study.tell(trial, value, skip_if_finished=True)
-            if told.state != TrialState.COMPLETE:  # another worker took it for dead meanwhile and retried it
+        for trial, outcome in zip(asked, outcomes, strict=True):
+            if outcome.pruned:
+                told = study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            else:
+                told = study.tell(trial, outcome.value, skip_if_finished=True)
+            if told.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+                # another worker took it for dead meanwhile and retried it
                 log.warning(
                     "trial %d was failed by another worker while running; its retry counts instead", trial.number
                 )
     bar.close()
 
 
-class TrialFitter:
-    """The search's side of the trainer contract: fits a batch of trials and returns their val values; keeps the
-    best fit when the trainer says fits are worth keeping (an unfrozen trial is a whole fine-tune), so the
-    final evaluation need not train it again."""
+@dataclass
+class _ValuesOnly:
+    """A plain function from trials to their val values, as a fitter (no pruning, no checkpoints)."""
 
-    def __init__(self, trainer: Trainer):
+    train_batch: Callable[[list[Trial]], list[float]]
+
+    def fit(self, running: list[RunningTrial]) -> list[Outcome]:
+        return [Outcome(value) for value in self.train_batch([r.trial for r in running])]
+
+
+class TrialFitter:
+    """The search's side of the trainer contract: fits a batch of running trials (reporting each epoch to the
+    pruner, checkpointing unfrozen trials in `folder/checkpoints/trial-<n>`) and returns their outcomes.
+
+    An unfrozen trial is a whole fine-tune: the best one so far is kept (in memory, and its best epoch's weights
+    in `folder/checkpoints/best/`), so the final evaluation needs no second training, even after a restart."""
+
+    def __init__(self, trainer: Trainer, folder: Path | None = None):
         self.trainer = trainer
         self.head = trainer.spec.head
+        self.folder = folder
         self.kept: FittedTrial | None = None
 
-    def __call__(self, trials: list[Trial]) -> list[float]:
-        values = []
-        for fitted in self.trainer.fit(trials):
+    def _checkpoint(self, running: RunningTrial) -> TrialCheckpoint | None:
+        if self.folder is None or not self.trainer.keeps_models:
+            return None
+        return TrialCheckpoint(self.folder / "checkpoints" / f"trial-{running.origin}")
+
+    def fit(self, running: list[RunningTrial]) -> list[Outcome]:
+        hooks = [TrialHooks(prune=r.report, checkpoint=self._checkpoint(r)) for r in running]
+        outcomes = []
+        for fitted, hook in zip(self.trainer.fit([r.trial for r in running], hooks), hooks, strict=True):
             value = fitted.result.val_metrics[self.head.main_metric]
-            if self.trainer.keeps_models and (
-                self.kept is None or self.head.better(value, self.kept.result.val_metrics[self.head.main_metric])
-            ):
-                fitted.model = fitted.model.cpu()
-                self.kept = fitted
-            values.append(value)
-        return values
+            if self.trainer.keeps_models and not fitted.result.pruned:
+                self._keep(fitted, value)
+            if hook.checkpoint is not None:
+                hook.checkpoint.clear()  # the trial ended: its epochs are no longer needed
+            outcomes.append(Outcome(value, fitted.result.pruned))
+        return outcomes
+
+    def _keep(self, fitted: FittedTrial, value: float) -> None:
+        if self.kept is not None and not self.head.better(value, self.kept.result.val_metrics[self.head.main_metric]):
+            return
+        fitted.model = fitted.model.cpu()
+        self.kept = fitted
+        if self.folder is not None:
+            self.trainer.save_fitted(fitted, self.folder / "checkpoints" / "best")
 
     def final(self, trials: tuple[Trial, ...]) -> list[FittedTrial]:
-        """The best trial with its final seeds: kept fits reused, the others trained."""
+        """The best trial with its final seeds: a kept fit (in memory, or on disk) reused, the others trained."""
+        if self.kept is None and self.folder is not None and self.trainer.keeps_models:
+            self.kept = self.trainer.load_fitted(self.folder / "checkpoints" / "best")
         reused = {self.kept.trial: self.kept} if self.kept is not None else {}
         todo = [trial for trial in trials if trial not in reused]
         fresh = iter(self.trainer.fit(todo) if todo else [])
@@ -451,8 +587,51 @@ def write_trials_csv(rows: list[dict[str, Any]], path: Path) -> None:
     pd.DataFrame(rows, columns=columns, dtype=object).to_csv(path, index=False)
 
 
+def study_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """What a study's trials train (task, mode, layer, probe, space, settings, inputs): workers and resumed
+    searches that join the study must agree on it. The budget, batch and seeds may differ between them."""
+    return {key: identity[key] for key in ("task", "mode", "layer", "probe", "hidden", "space", "settings", "inputs")}
+
+
+def claim_folder(out: Path, identity: dict[str, Any]) -> str:
+    """'complete' when `out` holds this search finished (its manifest matches), 'open' when it is this search
+    begun (its claim matches) or new; another search there is refused, naming the differing field."""
+    if read_manifest(out) is not None:
+        existing_output_matches(out, identity, "search")  # refuses, naming the field, when it differs
+        return "complete"
+    claim = out / CLAIM
+    expected = json_normalised(identity)
+    if out.exists() and not claim.is_file() and any(p.name != STUDY_JOURNAL for p in out.iterdir()):
+        raise ProbingError(f"{out}: not empty and has no {MANIFEST_NAME}; choose another output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(claim, "x", encoding="utf-8") as handle:  # O_EXCL: one worker writes it, the others read it
+            handle.write(json.dumps(expected, indent=2, sort_keys=True))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return "open"
+    except FileExistsError:
+        pass
+    for _ in range(50):  # a claim being written by another worker at this moment
+        try:
+            recorded = json.loads(claim.read_text(encoding="utf-8"))
+            break
+        except json.JSONDecodeError:
+            time.sleep(0.1)
+    else:
+        raise ProbingError(f"{claim}: not valid JSON")
+    differing = first_difference(expected, recorded)
+    if differing is not None:
+        raise ProbingError(
+            f"{out}: holds a search begun with a different '{differing}'; choose another output directory or remove it"
+        )
+    return "open"
+
+
 def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
-    """Search, then train the best trial once more and evaluate it on test; write `request.out`."""
+    """Search (resuming the study where it stopped), then train the best trial once more and evaluate it on
+    test; write `request.out`. Several workers may run the same search: they share its trials, one writes the
+    result, the others reuse it."""
     request.check()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DDP would pair processes that Optuna gives different trials: they would train each other's models
@@ -461,51 +640,81 @@ def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
             "on one --storage instead of `accelerate launch` (which is for `probing train` and "
             "`probing extract`)"
         )
-    train_request = request.train_request((), request.out / "best")  # its trials: the best one's, once known
+    out = request.out
+    train_request = request.train_request((), out / "best")  # its trials: the best one's, once known
     trainer = make_trainer(train_request)
     identity = search_identity(request, trainer.inputs)
-    if existing_output_matches(request.out, identity, "search"):
-        return StageResult(SearchSummary.read(request.out), request.out, "reused")
-    study = create_study(request)
-    fitter = TrialFitter(trainer)
+    if claim_folder(out, identity) == "complete":
+        return StageResult(SearchSummary.read(out), out, "reused")
+    study = create_study(request, study_identity(identity))
+    fitter = TrialFitter(trainer, out)
     run_trials(study, request, fitter)
+    with FolderLock(out / "result", heartbeat=min(request.heartbeat, 10.0)):
+        if read_manifest(out) is not None and existing_output_matches(out, identity, "search"):
+            return StageResult(SearchSummary.read(out), out, "reused")  # another worker wrote it meanwhile
+        summary = _write_result(request, study, trainer, fitter, train_request, identity)
+    return StageResult(summary, out, "built")
+
+
+def _write_result(request, study, trainer, fitter, train_request, identity) -> SearchSummary:
+    """The search's outputs; the manifest last, so that a folder with a manifest is whole."""
+    out = request.out
     best = study.best_trial
     final_trials = tuple(trial_from(best.params, seed) for seed in request.seeds_of_best)
-    with staged_directory(request.out) as staging:
-        best_run = write_run(
-            replace(train_request, trials=final_trials), trainer, fitter.final(final_trials), out=staging / "best"
-        ).value
-        rows = trial_rows(study)
-        write_trials_csv(rows, staging / "trials.csv")
-        plots = _plots(study, staging / "plots")
-        run = best_run.run_of(request.seed)
-        summary = SearchSummary(
-            task=trainer.spec.name,
-            mode=request.mode,
-            layer=request.layer,
-            probe=request.settings.probe,
-            metric=trainer.spec.head.main_metric,
-            trials_complete=len(completed(study)),
-            trials_total=len(rows),
-            best={
-                "number": best.number,
-                "params": best.params,
-                "val_search": best.value,
-                **run.splits,
-                "best_epoch": run.best_epoch,
-                "seeds": best_run.summary,
+    best_request = replace(train_request, trials=final_trials)
+    best_folder = out / "best"
+    if best_folder.exists():  # left by an attempt that stopped before its manifest: the same run is reused
+        from probing.probe_run import run_identity
+        from probing.records import MetricsRecord
+
+        if (
+            read_manifest(best_folder) is not None
+            and read_manifest(best_folder).get("trials")
+            == json_normalised(run_identity(best_request, trainer.inputs))["trials"]
+        ):
+            best_run = MetricsRecord.read(best_folder)
+        else:
+            shutil.rmtree(best_folder)
+            best_run = write_run(best_request, trainer, fitter.final(final_trials), out=best_folder).value
+    else:
+        best_run = write_run(best_request, trainer, fitter.final(final_trials), out=best_folder).value
+    rows = trial_rows(study)
+    write_trials_csv(rows, out / "trials.csv")
+    plots = _plots(study, out / "plots")
+    run = best_run.run_of(request.seed)
+    summary = SearchSummary(
+        task=trainer.spec.name,
+        mode=request.mode,
+        layer=request.layer,
+        probe=request.settings.probe,
+        metric=trainer.spec.head.main_metric,
+        trials_complete=len(completed(study)),
+        trials_total=len(rows),
+        best={
+            "number": best.number,
+            "params": best.params,
+            "val_search": best.value,
+            **run.splits,
+            "best_epoch": run.best_epoch,
+            "seeds": best_run.summary,
+        },
+        trials=rows,
+        plots=plots,
+        study_name=request.study_name,
+    )
+    write_json(out / "summary.json", summary.to_json())
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    write_json(
+        out / MANIFEST_NAME,
+        {
+            **identity,
+            "code_version": code_version(),
+            "storage": redact(request.storage) if request.storage else None,
+            "study": {
+                "storage": redact(request.storage_url),
+                "name": request.study_name or DEFAULT_STUDY,
+                "pruner": request.pruner_for(request.mode),
             },
-            trials=rows,
-            plots=plots,
-            study_name=request.study_name,
-        )
-        write_json(staging / "summary.json", summary.to_json())
-        write_json(
-            staging / "manifest.json",
-            {
-                **identity,
-                "code_version": code_version(),
-                "storage": redact(request.storage) if request.storage else None,
-            },
-        )
-    return StageResult(summary, request.out, "built")
+        },
+    )
+    return summary

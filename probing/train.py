@@ -20,6 +20,7 @@ What a task predicts and how it is judged is its head's say (`probing.heads`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from probing.checkpoints import TrialCheckpoint, load_optimizer, optimizer_tensors
 from probing.data.types import Example
 from probing.device_copies import to_device_chunked
 from probing.errors import ProbingError
@@ -38,6 +40,8 @@ from probing.heads import Head
 from probing.probes import Probe, ProbeBank, new_probe, probe_kind
 from probing.settings import check, identity, setting
 from probing.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -150,6 +154,12 @@ class TrialResult:
     val_metrics: dict[str, float]  # at the best epoch
     history: list[dict[str, float]] = field(default_factory=list)
     probe: Probe | None = None  # weights of the best epoch, on the CPU
+    pruned: bool = False  # stopped by the search's pruner (its history ends where it was stopped)
+
+
+# A search's pruner, consulted after each epoch: (epoch, each trial's val metric, which trials ran) -> which trials
+# to stop now.
+EpochCallback = Callable[[int, list[float], list[bool]], list[bool]]
 
 
 def schedule_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
@@ -177,6 +187,22 @@ class EarlyStopping:
 
     def running(self, epoch: int) -> list[bool]:
         return [not stopped and epoch <= trial.epochs for stopped, trial in zip(self.stopped, self.trials, strict=True)]
+
+    def prune(self, index: int) -> None:
+        """Stop trial `index` now (a search's pruner judged it hopeless)."""
+        self.stopped[index] = True
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "stopped": self.stopped,
+            "epochs_run": self.epochs_run,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best_value, self.best_epoch = list(state["best_value"]), list(state["best_epoch"])
+        self.stopped, self.epochs_run = list(state["stopped"]), list(state["epochs_run"])
 
     def update(self, epoch: int, values: Sequence[float], running: Sequence[bool]) -> list[bool]:
         """Record the epoch's val metric per trial; return which trials improved (strictly)."""
@@ -311,7 +337,11 @@ def _per_example(outputs: torch.Tensor, rows: torch.Tensor | None) -> torch.Tens
 
 
 def train_frozen(
-    train: ProbeData, val: ProbeData, trials: Sequence[Trial], settings: TrainSettings
+    train: ProbeData,
+    val: ProbeData,
+    trials: Sequence[Trial],
+    settings: TrainSettings,
+    on_epoch: EpochCallback | None = None,
 ) -> list[TrialResult]:
     """Train K probes in one pass over resident features; one TrialResult per trial, best weights kept."""
     settings.check()
@@ -352,6 +382,7 @@ def train_frozen(
     stopper = EarlyStopping(trials, settings.effective_patience, head.direction)
     best = {name: p.detach().clone() for name, p in bank.named_parameters()}
     histories: list[list[dict[str, float]]] = [[] for _ in trials]
+    pruned = [False] * len(trials)
     epoch_order = EpochOrder(len(train), settings.order_seed)
     step = 0
     epochs = tqdm(
@@ -385,6 +416,11 @@ def train_frozen(
         train_losses = (loss_sum / steps_per_epoch).tolist()  # one host synchronisation per epoch
         values = {name: v.tolist() for name, v in val_values.items()}
         improved = stopper.update(epoch, values[head.main_metric], running)
+        if on_epoch is not None:
+            for index, prune in enumerate(on_epoch(epoch, values[head.main_metric], running)):
+                if prune and running[index]:
+                    stopper.prune(index)
+                    pruned[index] = True
         with torch.no_grad():
             mask = torch.tensor(improved, device=device)
             for name, parameter in bank.named_parameters():
@@ -417,6 +453,7 @@ def train_frozen(
                 val_metrics=val_metrics_at(at_best),
                 history=histories[index],
                 probe=bank.probe(index).cpu(),
+                pruned=pruned[index],
             )
         )
     return results
@@ -449,8 +486,20 @@ class ModuleRun:
     probe: Callable[[nn.Module], Probe]  # (unwrapped model) -> the probe, for saving
 
 
-def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelerator=None) -> TrialResult:
-    """The standard loop: one model, `torch.optim.AdamW`, `LambdaLR`, through accelerate."""
+def train_module(
+    run: ModuleRun,
+    trial: Trial,
+    settings: TrainSettings,
+    accelerator=None,
+    on_epoch: EpochCallback | None = None,
+    checkpoint: TrialCheckpoint | None = None,
+) -> TrialResult:
+    """The standard loop: one model, `torch.optim.AdamW`, `LambdaLR`, through accelerate.
+
+    With `checkpoint`, every epoch's end is saved (trained weights, optimizer, scheduler, random states, early
+    stopping, history, the best epoch's weights) and a run that finds a checkpoint resumes after its epoch:
+    the resumed run's weights and metrics are those of an uninterrupted one.
+    """
     from accelerate import Accelerator
 
     settings.check()
@@ -474,8 +523,14 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
     weights = {name: getattr(trial, name) for name in head.loss_weights}
     history: list[dict[str, float]] = []
     best_state: dict[str, torch.Tensor] | None = None
+    pruned = False
+    first_epoch = 1
+    saved = checkpoint.latest() if checkpoint is not None else None
+    if saved is not None:
+        history, best_state = _resume(saved, accelerator.unwrap_model(model), optimizer, scheduler, stopper, run)
+        first_epoch = saved[1]["epoch"] + 1
     epochs = tqdm(
-        range(1, trial.epochs + 1),
+        range(first_epoch, trial.epochs + 1),
         desc="train",
         unit="epoch",
         leave=False,
@@ -503,6 +558,22 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
             best_state = {name: p.detach().cpu().clone() for name, p in unwrapped.named_parameters() if p.requires_grad}
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **values})
         epochs.set_postfix(loss=f"{train_loss:.3f}", **{metric: f"{values[metric]:.3f}"})
+        if checkpoint is not None and accelerator.is_main_process:
+            _save(
+                checkpoint,
+                epoch,
+                accelerator.unwrap_model(model),
+                optimizer,
+                scheduler,
+                stopper,
+                history,
+                best_state,
+                run,
+            )
+        if on_epoch is not None and on_epoch(epoch, [values[metric]], [True])[0]:
+            stopper.prune(0)
+            pruned = True
+            break
     unwrapped = accelerator.unwrap_model(model)
     missing = set(best_state) - {name for name, _ in unwrapped.named_parameters()}
     assert not missing, missing  # the snapshot names trainable parameters of this very model
@@ -516,7 +587,60 @@ def train_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelera
         val_metrics=val_metrics_at(at_best),
         history=history,
         probe=run.probe(unwrapped).cpu(),
+        pruned=pruned,
     )
+
+
+def _random_states(run: ModuleRun) -> dict[str, torch.Tensor]:
+    """The generators an epoch draws from: torch's (dropout, loader seeds), CUDA's, the batch order's."""
+    states = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states |= {f"rng.cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+    sampler = getattr(run.train_loader, "sampler", None)
+    if isinstance(sampler, EpochOrder):
+        states["rng.order"] = sampler.generator.get_state()
+    return states
+
+
+def _save(checkpoint, epoch, model, optimizer, scheduler, stopper, history, best_state, run) -> None:
+    optimizer_state, groups = optimizer_tensors(optimizer)
+    tensors = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+    tensors |= {f"best.{name}": value for name, value in (best_state or {}).items()}
+    tensors |= optimizer_state | _random_states(run)
+    checkpoint.save(
+        epoch,
+        tensors,
+        {
+            "epoch": epoch,
+            "optimizer": groups,
+            "scheduler": scheduler.state_dict(),
+            "stopper": stopper.state(),
+            "history": history,
+        },
+    )
+
+
+def _resume(saved, model, optimizer, scheduler, stopper, run) -> tuple[list[dict[str, float]], dict | None]:
+    tensors, state = saved
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if key.startswith("model."):
+                parameters[key.removeprefix("model.")].copy_(tensor)
+    load_optimizer(optimizer, tensors, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stopper.restore(state["stopper"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    sampler = getattr(run.train_loader, "sampler", None)
+    if isinstance(sampler, EpochOrder) and "rng.order" in tensors:
+        sampler.generator.set_state(tensors["rng.order"])
+    best = {key.removeprefix("best."): tensor for key, tensor in tensors.items() if key.startswith("best.")}
+    log.info("resuming a trial after its epoch %d", state["epoch"])
+    return list(state["history"]), best or None
 
 
 def module_outputs(
@@ -563,9 +687,11 @@ def frozen_module_run(train: ProbeData, val: ProbeData, trial: Trial, settings: 
     )
 
 
-def train_single(train: ProbeData, val: ProbeData, trial: Trial, settings: TrainSettings) -> TrialResult:
+def train_single(
+    train: ProbeData, val: ProbeData, trial: Trial, settings: TrainSettings, on_epoch: EpochCallback | None = None
+) -> TrialResult:
     """One frozen probe through the standard loop: the plain way, and the batched trainer's reference."""
-    return train_module(frozen_module_run(train, val, trial, settings), trial, settings)
+    return train_module(frozen_module_run(train, val, trial, settings), trial, settings, on_epoch=on_epoch)
 
 
 def probe_outputs(probe: Probe, data: ProbeData, settings: TrainSettings) -> torch.Tensor:

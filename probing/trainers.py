@@ -13,19 +13,58 @@ one again with its final seeds (or keeps an unfrozen fit, `keeps_models`) and wr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from probing.artifacts import PARTIAL_MARK, write_json
+from probing.checkpoints import TrialCheckpoint
 from probing.data.types import DataOptions, Example
 from probing.logreg import fit_logreg
 from probing.models import ModelSource
 from probing.probe_data import feature_identity, load_probe_splits, open_stores
 from probing.probes import probe_kind
 from probing.tasks import TaskSpec, get_task
-from probing.train import ProbeData, TrainSettings, Trial, TrialResult, probe_outputs, train_frozen, train_single
+from probing.train import (
+    EpochCallback,
+    ProbeData,
+    TrainSettings,
+    Trial,
+    TrialResult,
+    probe_outputs,
+    train_frozen,
+    train_single,
+)
+
+
+@dataclass
+class TrialHooks:
+    """What a search attaches to a trial: its pruner, told each epoch's val metric (True: stop the trial now), and
+    where its epoch checkpoints go (unfrozen trials)."""
+
+    prune: Callable[[int, float], bool] | None = None
+    checkpoint: TrialCheckpoint | None = None
+
+
+def epoch_callback(hooks: Sequence[TrialHooks] | None) -> EpochCallback | None:
+    """The trainers' per-epoch callback for a list of trials' hooks."""
+    if not hooks or all(hook.prune is None for hook in hooks):
+        return None
+
+    def on_epoch(epoch: int, values: list[float], running: list[bool]) -> list[bool]:
+        return [
+            bool(hook.prune is not None and active and hook.prune(epoch, value))
+            for hook, value, active in zip(hooks, values, running, strict=True)
+        ]
+
+    return on_epoch
 
 
 @dataclass
@@ -52,7 +91,13 @@ class Trainer(Protocol):
     def sources(self) -> dict[str, Any]:
         """What the run manifest records besides its identity (paths, the model's source)."""
 
-    def fit(self, trials: list[Trial]) -> list[FittedTrial]: ...
+    def fit(self, trials: list[Trial], hooks: Sequence[TrialHooks] | None = None) -> list[FittedTrial]: ...
+
+    def save_fitted(self, fitted: FittedTrial, folder: Path) -> None:
+        """Keep a fit on disk (unfrozen: its trained weights), replacing the one kept before."""
+
+    def load_fitted(self, folder: Path) -> FittedTrial | None:
+        """The fit `save_fitted` kept, or None."""
 
     def outputs(self, fitted: FittedTrial, split: str) -> torch.Tensor: ...
 
@@ -85,16 +130,26 @@ class FrozenTrainer:
             self._splits = load_probe_splits(self.stores, self.spec, self.layer, self.data)
         return self._splits
 
-    def fit(self, trials: list[Trial]) -> list[FittedTrial]:
+    def fit(self, trials: list[Trial], hooks: Sequence[TrialHooks] | None = None) -> list[FittedTrial]:
         train, val = self.splits["train"], self.splits["val"]
         kind = probe_kind(self.settings.probe)
+        on_epoch = epoch_callback(hooks)
         if kind.fit == "lbfgs":
             results = fit_logreg(train, val, trials, self.settings)
         elif kind.batched:  # K trials in one pass
-            results = train_frozen(train, val, trials, self.settings)
+            results = train_frozen(train, val, trials, self.settings, on_epoch)
         else:  # a probe of its own design: one trial at a time, in the standard loop
-            results = [train_single(train, val, trial, self.settings) for trial in trials]
+            results = [
+                train_single(train, val, trial, self.settings, epoch_callback(hooks[i : i + 1] if hooks else None))
+                for i, trial in enumerate(trials)
+            ]
         return [FittedTrial(result, result.probe) for result in results]
+
+    def save_fitted(self, fitted: FittedTrial, folder: Path) -> None:  # frozen fits are cheaper to train again
+        pass
+
+    def load_fitted(self, folder: Path) -> FittedTrial | None:
+        return None
 
     def outputs(self, fitted: FittedTrial, split: str) -> torch.Tensor:
         return probe_outputs(fitted.model, self.splits[split], self.settings)
@@ -138,8 +193,46 @@ class UnfrozenTrainer:
             "data_options": {k: str(v) for k, v in vars(self.data).items() if v is not None},
         }
 
-    def fit(self, trials: list[Trial]) -> list[FittedTrial]:
-        return [FittedTrial(*self.setup.fit(trial, self.layer)) for trial in trials]
+    def fit(self, trials: list[Trial], hooks: Sequence[TrialHooks] | None = None) -> list[FittedTrial]:
+        hooks = list(hooks) if hooks else [TrialHooks() for _ in trials]
+        return [
+            FittedTrial(*self.setup.fit(trial, self.layer, epoch_callback([hook]), hook.checkpoint))
+            for trial, hook in zip(trials, hooks, strict=True)
+        ]
+
+    def save_fitted(self, fitted: FittedTrial, folder: Path) -> None:
+        """The trained weights (safetensors) and the trial's result (JSON), written aside then renamed."""
+        staging = folder.with_name(f".{folder.name}{PARTIAL_MARK}{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        trained = {
+            name: p.detach().cpu().contiguous() for name, p in fitted.model.named_parameters() if p.requires_grad
+        }
+        save_file(trained, str(staging / "weights.safetensors"))
+        result = fitted.result
+        write_json(
+            staging / "result.json",
+            {
+                "trial": asdict(result.trial),
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "stopped_early": result.stopped_early,
+                "val_metrics": result.val_metrics,
+                "history": result.history,
+            },
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+
+    def load_fitted(self, folder: Path) -> FittedTrial | None:
+        if not (folder / "result.json").is_file():
+            return None
+        saved = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+        trial = Trial(**saved.pop("trial"))
+        model = self.setup.model_for(trial, self.layer)
+        model.load_state_dict(load_file(folder / "weights.safetensors"), strict=False)
+        result = TrialResult(trial=trial, probe=model.probe, **saved)
+        return FittedTrial(result, model)
 
     def outputs(self, fitted: FittedTrial, split: str) -> torch.Tensor:
         return self.setup.outputs(fitted.model, split)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from probing.checkpoints import TrialCheckpoint
 from probing.data.images import load_rgb_image
 from probing.data.types import DataOptions, Example
 from probing.device_copies import to_device, to_device_chunked
@@ -30,6 +31,7 @@ from probing.models import ModelSource, Resampler, load_resampler
 from probing.probes import Probe, new_probe
 from probing.tasks import get_task, load_split
 from probing.train import (
+    EpochCallback,
     EpochOrder,
     ModuleRun,
     TrainSettings,
@@ -163,6 +165,25 @@ def without_gradient(model: nn.Module, batch: dict, head: Head) -> tuple[set[str
     return none, zero
 
 
+def unfrozen_model(
+    base: Resampler, layer: int, trial: Trial, settings: TrainSettings, from_pixels: bool
+) -> UnfrozenProbe:
+    """A truncated copy of `base` with a fresh probe of the trial's seed; what trains is what requires grad."""
+    resampler = base.truncated(layer)
+    trainable = {name for name, _ in resampler.trainable_parameters()}
+    for name, parameter in resampler.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    # Drawn on the CPU (the same weights for a seed on every device), then put beside the resampler.
+    probe = new_probe(
+        settings.probe,
+        resampler.num_query_tokens * resampler.hidden_size,
+        settings.head.outputs,
+        settings.hidden,
+        trial.seed,
+    ).to(resampler.device)
+    return UnfrozenProbe(resampler, probe, layer, from_pixels=from_pixels)
+
+
 def unfrozen_run(
     base: Resampler,
     layer: int,
@@ -174,16 +195,9 @@ def unfrozen_run(
     workers: int = 0,
 ) -> ModuleRun:
     """The ModuleRun of one unfrozen trial, on a truncated copy of `base` (which stays as it is)."""
-    resampler = base.truncated(layer)
     head = settings.head
-    trainable = {name for name, _ in resampler.trainable_parameters()}
-    for name, parameter in resampler.named_parameters():
-        parameter.requires_grad_(name in trainable)
-    # Drawn on the CPU (the same weights for a seed on every device), then put beside the resampler.
-    probe = new_probe(
-        settings.probe, resampler.num_query_tokens * resampler.hidden_size, head.outputs, settings.hidden, trial.seed
-    ).to(resampler.device)
-    model = UnfrozenProbe(resampler, probe, layer, from_pixels=vision is None)
+    model = unfrozen_model(base, layer, trial, settings, from_pixels=vision is None)
+    resampler = model.resampler
     train_set = _Examples(train[0], train[1], resampler, vision["train"] if vision else None)
     val_set = _Examples(val[0], val[1], resampler, vision["val"] if vision else None)
     # Stored ViT outputs are indexed in memory (no decoding to hide): no loader workers for them.
@@ -256,8 +270,14 @@ class UnfrozenSetup:
             }
         return self._vision
 
-    def fit(self, trial: Trial, layer: int) -> tuple[TrialResult, UnfrozenProbe]:
-        """Train one trial from the checkpoint's weights."""
+    def model_for(self, trial: Trial, layer: int) -> UnfrozenProbe:
+        """The model a trial trains, untrained (weights kept by a search are loaded into it)."""
+        return unfrozen_model(self.base, layer, trial, self.settings, from_pixels=self.features is None)
+
+    def fit(
+        self, trial: Trial, layer: int, on_epoch: EpochCallback | None = None, checkpoint: TrialCheckpoint | None = None
+    ) -> tuple[TrialResult, UnfrozenProbe]:
+        """Train one trial from the checkpoint's weights (resuming from `checkpoint` when it holds epochs)."""
         run = unfrozen_run(
             self.base,
             layer,
@@ -268,7 +288,7 @@ class UnfrozenSetup:
             self.vision,
             self.workers,
         )
-        return train_module(run, trial, self.settings), run.model
+        return train_module(run, trial, self.settings, on_epoch=on_epoch, checkpoint=checkpoint), run.model
 
     def outputs(self, model: UnfrozenProbe, split: str) -> torch.Tensor:
         """Raw outputs `[N, out]` of a trained model on a split, in example order (one process)."""

@@ -195,3 +195,65 @@ def stage2_checkpoint(tmp_path_factory):
     model.save_pretrained(out)
     _image_processor(config.vision_config.image_size).save_pretrained(out)
     return out
+
+
+def _postgres_binaries() -> Path | None:
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server of its own on 127.0.0.1 (initdb and pg_ctl in a temporary folder, as an unprivileged
+    user when the tests run as root), stopped at the end. Skipped, with the reason, where none can start."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    pytest.importorskip("psycopg", reason="the [postgres] extra (psycopg) is not installed")
+    binaries = _postgres_binaries()
+    if binaries is None:
+        pytest.skip("no PostgreSQL server installed (Debian: apt-get install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="probing-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(folder, "postgres", "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = folder / "data"
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=120)
+
+    made = run(str(binaries / "initdb"), "-D", str(data), "-U", "probing", "--auth=trust", "-E", "UTF8")
+    if made.returncode != 0:
+        pytest.skip(
+            f"initdb failed: {made.stderr.strip().splitlines()[-1] if made.stderr.strip() else made.returncode}"
+        )
+    started = run(
+        str(binaries / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(folder / "log"),
+        "-w",
+        "-o",
+        f"-p {port} -h 127.0.0.1 -k {folder}",
+        "start",
+    )
+    if started.returncode != 0:
+        log = (folder / "log").read_text()[-300:] if (folder / "log").exists() else started.stderr
+        pytest.skip(f"PostgreSQL did not start: {log}")
+    try:
+        yield f"postgresql://probing@127.0.0.1:{port}/postgres"
+    finally:
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)

@@ -32,6 +32,7 @@ from probing.data.jsonl import read_objects
 from probing.data.refer import Sentence, join_sentences, read_refs, sentence_metadata
 from probing.data.types import Example
 from probing.errors import ProbingError
+from probing.locks import one_writer
 from probing.records import StageResult, read_json_file
 
 log = logging.getLogger(__name__)
@@ -160,33 +161,34 @@ def build_rcm(refs_path: Path, instances_path: Path, out_dir: Path, seed: int = 
         if not path.is_file():
             raise ProbingError(f"{path}: file not found")
     identity = _identity(refs_path, instances_path, seed)
-    if existing_output_matches(out_dir, identity, "RCM build"):
-        log.info("%s: already holds this RCM build (same inputs and seed); nothing to do", out_dir)
-        return StageResult(read_json_file(out_dir / "manifest.json"), out_dir, "reused")
-    refs = read_refs(refs_path)
-    coco = read_instances(instances_path)
-    splits: dict[str, Any] = {}
-    outputs: dict[str, list[dict[str, Any]]] = {}
-    for split in RCM_SPLITS:
-        split_refs = [ref for ref in refs if ref["split"] == split]
-        if not split_refs:
-            raise ProbingError(f"{refs_path}: no refs in split '{split}'")
-        sentences = join_sentences(split_refs, coco, refs_path, instances_path)
-        outputs[split], splits[split] = build_split(sentences, split, seed)
-    manifest = {
-        **identity,
-        "input_paths": {"refs": str(refs_path), "instances": str(instances_path)},  # informative only
-        "code_version": code_version(),
-        "grid": boxes.GRID_SIZE,
-        "splits": splits,
-    }
-    with staged_directory(out_dir) as staging:
-        for split, records in outputs.items():
-            with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-                for record in records:
-                    handle.write(json.dumps(record, sort_keys=True) + "\n")
-        write_json(staging / "manifest.json", manifest)
-    return StageResult(manifest, out_dir, "built")
+    with one_writer(out_dir):  # one writer: another worker building it is waited for, then reused
+        if existing_output_matches(out_dir, identity, "RCM build"):
+            log.info("%s: already holds this RCM build (same inputs and seed); nothing to do", out_dir)
+            return StageResult(read_json_file(out_dir / "manifest.json"), out_dir, "reused")
+        refs = read_refs(refs_path)
+        coco = read_instances(instances_path)
+        splits: dict[str, Any] = {}
+        outputs: dict[str, list[dict[str, Any]]] = {}
+        for split in RCM_SPLITS:
+            split_refs = [ref for ref in refs if ref["split"] == split]
+            if not split_refs:
+                raise ProbingError(f"{refs_path}: no refs in split '{split}'")
+            sentences = join_sentences(split_refs, coco, refs_path, instances_path)
+            outputs[split], splits[split] = build_split(sentences, split, seed)
+        manifest = {
+            **identity,
+            "input_paths": {"refs": str(refs_path), "instances": str(instances_path)},  # informative only
+            "code_version": code_version(),
+            "grid": boxes.GRID_SIZE,
+            "splits": splits,
+        }
+        with staged_directory(out_dir) as staging:
+            for split, records in outputs.items():
+                with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+                    for record in records:
+                        handle.write(json.dumps(record, sort_keys=True) + "\n")
+            write_json(staging / "manifest.json", manifest)
+        return StageResult(manifest, out_dir, "built")
 
 
 def read_rcm_file(path: Path) -> list[tuple[int, dict[str, Any]]]:

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
 from probing.data import boxes
 from probing.errors import ProbingError
+from probing.locks import one_writer
 from probing.records import StageResult, read_json_file
 
 GENERATOR_VERSION = 2
@@ -507,16 +508,17 @@ def make_demo_data(
         "vsr_images": vsr_images,
         "vsr_version": vsr_version,
     }
-    if existing_output_matches(out, identity, "demo dataset"):
-        return StageResult(read_json_file(out / "manifest.json"), out, "reused")
-    refcocog_rng, vsr_rng = (np.random.default_rng([seed, stream]) for stream in (1, 2))
-    with staged_directory(out) as staging:
-        manifest = {
-            **identity,
-            "code_version": code_version(),
-            "synthetic": True,
-            "refcocog": make_refcocog(staging / "refcocog", staging / "images", refcocog_images, refcocog_rng),
-            "vsr": make_vsr(staging / "vsr", staging / "images", vsr_images, vsr_rng, vsr_version),
-        }
-        write_json(staging / "manifest.json", manifest)
-    return StageResult(manifest, out, "built")
+    with one_writer(out):  # one writer: another worker building it is waited for, then reused
+        if existing_output_matches(out, identity, "demo dataset"):
+            return StageResult(read_json_file(out / "manifest.json"), out, "reused")
+        refcocog_rng, vsr_rng = (np.random.default_rng([seed, stream]) for stream in (1, 2))
+        with staged_directory(out) as staging:
+            manifest = {
+                **identity,
+                "code_version": code_version(),
+                "synthetic": True,
+                "refcocog": make_refcocog(staging / "refcocog", staging / "images", refcocog_images, refcocog_rng),
+                "vsr": make_vsr(staging / "vsr", staging / "images", vsr_images, vsr_rng, vsr_version),
+            }
+            write_json(staging / "manifest.json", manifest)
+        return StageResult(manifest, out, "built")

@@ -186,12 +186,14 @@ def write_checkpoint(
 def ensure_checkpoint(out: Path, family: str, seed: int = 0) -> StageResult[Path]:
     """A tiny checkpoint at `out`, written once (atomically) and reused while its manifest matches."""
     from probing.artifacts import existing_output_matches, staged_directory, write_json
+    from probing.locks import one_writer
 
     out = Path(out)
     identity = {"kind": "tiny-checkpoint", "family": family, "seed": seed, "size": "tiny"}
-    if existing_output_matches(out, identity, "checkpoint"):
-        return StageResult(out, out, "reused")
-    with staged_directory(out) as staging:
-        write_checkpoint(staging, family, seed=seed)
-        write_json(staging / "manifest.json", identity)
-    return StageResult(out, out, "built")
+    with one_writer(out):  # one writer: another worker writing it is waited for, then reused
+        if existing_output_matches(out, identity, "checkpoint"):
+            return StageResult(out, out, "reused")
+        with staged_directory(out) as staging:
+            write_checkpoint(staging, family, seed=seed)
+            write_json(staging / "manifest.json", identity)
+        return StageResult(out, out, "built")
