@@ -80,13 +80,22 @@ def test_split_absent_from_file_names_the_splits_present(tmp_path):
         (lambda refs, inst: inst["annotations"][0].update(image_id=12), r"annotation 501 is on image 12"),
         (lambda refs, inst: refs[1]["sentences"][0].update(sent_id=7), r"sent_id 7 appears twice"),
         # ref and sentence field types
-        (lambda refs, inst: refs[1].update(ann_id="502"), r"ref #1 \(ref_id 2\): field 'ann_id' is not an integer"),
-        (lambda refs, inst: refs[1].update(ref_id=True), r"ref #1 \(ref_id True\): field 'ref_id' is not an integer"),
-        (lambda refs, inst: refs[2].update(image_id=12.0), r"ref #2 \(ref_id 3\): field 'image_id' is not an integer"),
+        (
+            lambda refs, inst: refs[1].update(ann_id="502"),
+            r"ref #1 \(ref_id 2\): field 'ann_id' is not a 64-bit integer",
+        ),
+        (
+            lambda refs, inst: refs[1].update(ref_id=True),
+            r"ref #1 \(ref_id True\): field 'ref_id' is not a 64-bit integer",
+        ),
+        (
+            lambda refs, inst: refs[2].update(image_id=12.0),
+            r"ref #2 \(ref_id 3\): field 'image_id' is not a 64-bit integer",
+        ),
         (lambda refs, inst: refs[3].update(split=None), r"ref #3 \(ref_id 4\): field 'split' is not a string"),
         (
             lambda refs, inst: refs[0]["sentences"][1].update(sent_id="8"),
-            r"ref_id 1: sentences\[1\]: field 'sent_id' is not an integer",
+            r"ref_id 1: sentences\[1\]: field 'sent_id' is not a 64-bit integer",
         ),
         (
             lambda refs, inst: refs[0]["sentences"][0].update(raw=["a", "dog"]),
@@ -105,11 +114,11 @@ def test_split_absent_from_file_names_the_splits_present(tmp_path):
         (lambda refs, inst: inst["annotations"][1].update(bbox=[0, "0", 1, 5]), r"annotations\[1\]: field 'bbox'"),
         (
             lambda refs, inst: inst["annotations"][2].pop("category_id"),
-            r"annotations\[2\]: field 'category_id' is missing or not an integer",
+            r"annotations\[2\]: field 'category_id' is missing or not a 64-bit integer",
         ),
         (
             lambda refs, inst: inst["annotations"][2].update(image_id=None),
-            r"annotations\[2\]: field 'image_id' is missing or not an integer",
+            r"annotations\[2\]: field 'image_id' is missing or not a 64-bit integer",
         ),
         (lambda refs, inst: inst["annotations"].append([1, 2]), r"annotations\[5\]: expected an object, found list"),
         (
@@ -117,7 +126,7 @@ def test_split_absent_from_file_names_the_splits_present(tmp_path):
             r"instances.json: images\[0\]: field 'width' is missing or not positive",
         ),
         (lambda refs, inst: inst["images"][1].update(height=0), r"images\[1\]: field 'height' is missing or not pos"),
-        (lambda refs, inst: inst["images"][1].pop("id"), r"images\[1\]: field 'id' is missing or not an integer"),
+        (lambda refs, inst: inst["images"][1].pop("id"), r"images\[1\]: field 'id' is missing or not a 64-bit integer"),
     ],
 )
 def test_malformed_inputs_name_the_field(tmp_path, mutate, message):

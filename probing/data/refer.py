@@ -9,6 +9,8 @@ image's width and height into `xyxy`. Counts are computed, never assumed.
 
 from __future__ import annotations
 
+import logging
+import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,11 +19,13 @@ from typing import Any
 
 from probing.artifacts import file_key
 from probing.data import boxes
-from probing.data.coco import annotation, image_info, read_instances, supercategories
+from probing.data.coco import ID_RANGE, annotation, box_inside_image, image_info, read_instances, supercategories
 from probing.data.images import coco2014_candidates, resolve_image
 from probing.data.safe_pickle import load_plain_pickle
 from probing.data.types import Example
 from probing.errors import ProbingError
+
+log = logging.getLogger(__name__)
 
 _REF_FIELDS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 _SENTENCE_FIELDS = ("raw", "sent_id")
@@ -70,13 +74,13 @@ def _read_refs(key: tuple[str, int, int], path: Path) -> list[dict[str, Any]]:
     for position, ref in enumerate(refs):
         if not isinstance(ref, dict):
             raise ProbingError(f"{path}: ref #{position}: expected a dict, found {type(ref).__name__}")
-        where = f"{path}: ref #{position} (ref_id {ref.get('ref_id')!r})"
+        where = f"{path}: ref #{position} (ref_id {reprlib.repr(ref.get('ref_id'))})"  # bounded: any depth
         for key in _REF_FIELDS:
             if key not in ref:
                 raise ProbingError(f"{where}: missing field '{key}'")
         for key in _INTEGER_REF_FIELDS:
             if not _is_int(ref[key]):
-                raise ProbingError(f"{where}: field '{key}' is not an integer")
+                raise ProbingError(f"{where}: field '{key}' is not a 64-bit integer")
         if not isinstance(ref["split"], str):
             raise ProbingError(f"{where}: field 'split' is not a string")
         if not isinstance(ref["sentences"], list):
@@ -87,7 +91,7 @@ def _read_refs(key: tuple[str, int, int], path: Path) -> list[dict[str, Any]]:
                     raise ProbingError(f"{path}: ref_id {ref['ref_id']}: a sentence lacks field '{key}'")
             if not _is_int(sentence["sent_id"]):
                 raise ProbingError(
-                    f"{path}: ref_id {ref['ref_id']}: sentences[{index}]: field 'sent_id' is not an integer"
+                    f"{path}: ref_id {ref['ref_id']}: sentences[{index}]: field 'sent_id' is not a 64-bit integer"
                 )
             if not isinstance(sentence["raw"], str):
                 raise ProbingError(f"{path}: ref_id {ref['ref_id']}: sentences[{index}]: field 'raw' is not a string")
@@ -95,7 +99,8 @@ def _read_refs(key: tuple[str, int, int], path: Path) -> list[dict[str, Any]]:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not an id
+    """An id: an integer (True is one to Python, not an id) that fits the int64 tensors ids travel in."""
+    return isinstance(value, int) and not isinstance(value, bool) and ID_RANGE[0] <= value < ID_RANGE[1]
 
 
 def _refs_in_split(refs: list[dict[str, Any]], split: str, refs_path: Path) -> list[dict[str, Any]]:
@@ -122,6 +127,7 @@ def join_sentences(refs: Iterable[dict[str, Any]], coco, refs_path: Path, instan
     supercategory_of = supercategories(coco)
     sentences: list[Sentence] = []
     seen_sentence_ids: set[int] = set()
+    clipped: list[int] = []
     for ref in refs:
         context = f"ref_id {ref['ref_id']} in {refs_path}"
         ann = annotation(coco, ref["ann_id"], instances_path, context)
@@ -134,6 +140,9 @@ def join_sentences(refs: Iterable[dict[str, Any]], coco, refs_path: Path, instan
         category_id = ann["category_id"]
         if category_id not in supercategory_of:
             raise ProbingError(f"{instances_path}: annotation {ref['ann_id']}: unknown category_id {category_id}")
+        box, outside = box_inside_image(ann["bbox"], image, f"{instances_path}: annotation {ref['ann_id']}")
+        if outside:
+            clipped.append(ref["ann_id"])
         for sentence in ref["sentences"]:
             sent_id = sentence["sent_id"]
             if sent_id in seen_sentence_ids:
@@ -149,11 +158,19 @@ def join_sentences(refs: Iterable[dict[str, Any]], coco, refs_path: Path, instan
                     raw=sentence["raw"],
                     category_id=category_id,
                     supercategory=supercategory_of[category_id],
-                    box_xywh=tuple(float(v) for v in ann["bbox"]),
+                    box_xywh=box,
                     width=float(image["width"]),
                     height=float(image["height"]),
                 )
             )
+    if clipped:
+        # Clipped, not refused: the object is in the image, only its annotation overshoots the border.
+        log.warning(
+            "%s: %d referred box(es) reach outside their image and were clipped to it (annotation ids %s)",
+            instances_path,
+            len(clipped),
+            reprlib.repr(clipped),
+        )
     return sentences
 
 

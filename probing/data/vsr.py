@@ -69,16 +69,25 @@ def meta_category_table() -> dict[str, str]:
     return parse_meta_category_table(text)
 
 
-@lru_cache(maxsize=256)
-def _caption_pattern(relation: str) -> re.Pattern[str]:
-    # "is" is absent for verb relations (contains, has as a part, consists of).
-    return re.compile(rf"^The (?P<subj>.+?) (?:is )?(?P<rel>{re.escape(relation)}) the (?P<obj>.+?)\.$")
-
-
 def parse_caption(caption: str, relation: str) -> tuple[str, str] | None:
-    """(subject, object) of a VSR caption `The <subj> is <relation> the <obj>.`, or None if it does not parse."""
-    match = _caption_pattern(relation).match(caption)
-    return (match["subj"], match["obj"]) if match else None
+    """(subject, object) of a VSR caption `The <subj> is <relation> the <obj>.`, or None if it does not parse.
+
+    The subject is the shortest that fits (the first ` [is ]<relation> the ` after `The `), the object the rest
+    before the final period; "is" is absent for verb relations (contains, has as a part, consists of). Found
+    with two `str.find` calls rather than a regular expression with lazy groups, whose backtracking takes
+    quadratic time on a long caption that does not parse.
+    """
+    if not (caption.startswith("The ") and caption.endswith(".")):
+        return None
+    plain, with_is = f" {relation} the ", f" is {relation} the "
+    found = [
+        (position, len(marker)) for marker in (with_is, plain) if (position := caption.find(marker, 5)) >= 0
+    ]  # from 5: a subject of at least one character
+    if not found:
+        return None
+    start, length = min(found)  # " is <rel> the " starts 3 before the " <rel> the " inside it: it wins
+    subject, obj = caption[4:start], caption[start + length : -1]
+    return (subject, obj) if obj else None
 
 
 def _votes(value: Any, path: Path, line_number: int, key: str) -> list[int]:
@@ -141,6 +150,9 @@ def read_vsr_file(path: Path) -> list[VsrRecord]:
             votes_true = len(_votes(row["vote_true_validator_id"], path, line_number, "vote_true_validator_id"))
         if "vote_false_validator_id" in row:
             votes_false = len(_votes(row["vote_false_validator_id"], path, line_number, "vote_false_validator_id"))
+        frame = row.get("reference_frame")
+        if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, float))):
+            raise ProbingError(f"{path}: line {line_number}: field 'reference_frame' must be a number or null")
         current = "reference_frame" in row or isinstance(row.get("vote_true_validator_id"), str)
         records.append(
             VsrRecord(
