@@ -56,6 +56,40 @@ def sha256_file(path: Path) -> str:
     return _sha256_of(file_key(path))
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes through a temporary file, fsync and an atomic rename; the file gets the process's umask
+    (`open` creates it 0666 & ~umask: readable by the group on a shared disk where the umask says so)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> str:
+    """Write tensors as one safetensors file (atomically, with the umask's mode); returns the bytes' SHA-256.
+
+    `safetensors.torch.save_file` creates its files 0600 whatever the umask, so the bytes are made with
+    `safetensors.torch.save` (the same serialiser, the same bytes) and written here.
+    """
+    from safetensors.torch import save
+
+    data = save({name: tensor.contiguous() for name, tensor in tensors.items()}, metadata=dict(metadata or {}))
+    write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def match_umask(folder: Path) -> None:
+    """Give the files under `folder` that a library created 0600 (safetensors does) the umask's mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file and an atomic rename: readers see the old file or the new one."""
     path = Path(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -52,8 +53,21 @@ def _parameter(name: str, kind: Any, default: Any = ..., **option: Any):
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logging.")] = False,
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Trust the disk: read feature stores without checking their shards' SHA-256 "
+            "(before the command: `probing --no-verify run ...`).",
+        ),
+    ] = False,
 ) -> None:
     """Probe whether a resampler's query outputs still encode where things are."""
+    if no_verify:
+        from probing.features import NO_VERIFY_VARIABLE
+
+        # The environment, not a module global: the processes a command launches (accelerate) inherit it.
+        os.environ[NO_VERIFY_VARIABLE] = "1"
 
 
 # ------------------------------------------------------------------ commands

@@ -34,8 +34,15 @@ from probing.data.images import load_rgb_image
 from probing.data.types import DataOptions, Example, SplitData
 from probing.device_copies import to_device, to_host
 from probing.errors import ProbingError
-from probing.features import PER_IMAGE, STORE_FORMAT_VERSION, FeatureStore, FeatureStoreWriter, layer_key
-from probing.locks import FolderLock
+from probing.features import (
+    PER_IMAGE,
+    STORE_FORMAT_VERSION,
+    FeatureStore,
+    FeatureStoreWriter,
+    layer_key,
+    verification_enabled,
+)
+from probing.locks import claim
 from probing.models import ModelSource, Resampler, load_resampler
 from probing.records import StageResult
 from probing.settings import check, identity, setting
@@ -274,19 +281,24 @@ def extract_loaded(
     shards = plan_shards(data.examples, request.shard_size)
     if request.compile_vision:
         resampler.compile_vision()
-    # One writer per store: another worker (another job on the shared disk) writing it is waited for, then reused.
-    lock = FolderLock(request.out) if state.is_main_process else None
-    if lock is not None and not lock.try_acquire():
-        log.info("%s: another worker is extracting it; waiting", request.out)
-        lock.acquire()
+    identity = store_identity(resampler, data, request, layers)
+    # One writer per store, claimed before anything is read or written: another worker (another job on the shared
+    # disk) extracting the same request is waited for, then reused; one with another request is refused at once.
+    lock = claim(request.out, identity, "feature store") if state.is_main_process else None
     state.wait_for_everyone()
     try:
-        writer = FeatureStoreWriter(
-            request.out, store_identity(resampler, data, request, layers)
-        )  # every process checks
+        writer = FeatureStoreWriter(request.out, identity)  # every process checks
         if writer.complete:
-            log.info("%s: already complete for this request; nothing to do", request.out)
-            return StageResult(FeatureStore(request.out), request.out, "reused")
+            damaged = writer.damaged_shards() if verification_enabled() else []
+            if not damaged:
+                log.info("%s: already complete for this request; nothing to do", request.out)
+                state.wait_for_everyone()
+                return StageResult(FeatureStore(request.out), request.out, "reused")
+            log.warning("%s: %d damaged shard(s) (%s); computing them again", request.out, len(damaged), damaged)
+            state.wait_for_everyone()
+            if state.is_main_process:
+                writer.reopen(damaged)
+            state.wait_for_everyone()
         _check_images_exist(data.examples, request.skip_bad_images)
         state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
         if state.is_main_process:

@@ -18,7 +18,9 @@ the request is refused with the differing field named, never mixed.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from functools import cached_property
@@ -27,7 +29,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from probing.artifacts import (
     MANIFEST_NAME,
@@ -36,14 +37,19 @@ from probing.artifacts import (
     json_normalised,
     read_manifest,
     sweep_stale_partials,
+    write_bytes,
     write_json,
 )
 from probing.errors import ProbingError
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT_VERSION = 1  # the request's "format_version": bump when the layout or the values change
 PER_IMAGE = "per image"  # the request's "rows" for backends that read no text (absent: one row per example)
 VISION_FOLDER = "vision"
 _METADATA_KEY = "probing"
+CHECKSUM_SUFFIX = ".sha256"
+NO_VERIFY_VARIABLE = "PROBING_NO_VERIFY"
 
 
 def layer_key(layer: int) -> str:
@@ -55,18 +61,124 @@ def shard_name(index: int) -> str:
 
 
 def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
-    """Write one shard atomically: temporary name, fsync, rename."""
-    temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+    """Write one shard atomically (temporary name, fsync, rename), its SHA-256 beside it first: a shard on disk
+    without one beside it is from before checksums, never one whose digest was lost."""
+    from safetensors.torch import save
+
     # One metadata key holding sorted JSON: safetensors keeps metadata in a hash map whose order changes from
-    # process to process, which would make identical shards differ in bytes.
-    save_file(
+    # process to process, which would make identical shards differ in bytes. The bytes are made here and written
+    # by `write_bytes` (safetensors' own `save_file` creates files 0600 whatever the umask).
+    data = save(
         {k: v.contiguous() for k, v in tensors.items()},
-        str(temporary),
         metadata={_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)},
     )
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_bytes(checksum_sidecar(path), hashlib.sha256(data).hexdigest().encode())
+    write_bytes(path, data)
+
+
+def checksum_sidecar(shard: Path) -> Path:
+    """Where a shard's SHA-256 waits until the store's manifest records it (a resumed extraction checks a
+    shard it finds against it, and recomputes a damaged one)."""
+    return shard.with_name(shard.name + CHECKSUM_SUFFIX)
+
+
+def verification_enabled() -> bool:
+    """Stores are verified on read unless `probing --no-verify` (which sets the variable, so that the
+    processes a command launches inherit it) says the disk is trusted."""
+    return os.environ.get(NO_VERIFY_VARIABLE, "") not in ("1", "true", "yes")
+
+
+def _file_state(path: Path) -> tuple[str, int, int, int]:
+    status = path.stat()
+    return (str(path.resolve()), status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+# Shards verified in this process, by (path, inode, size, mtime) and digest: a layer sweep opens a store once
+# per layer, and its shards are hashed once.
+_VERIFIED: set[tuple[tuple[str, int, int, int], str]] = set()
+
+
+def shard_digest(path: Path) -> str:
+    """The SHA-256 of a shard's bytes (read in chunks: a shard may be larger than memory allows twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _readable_shard(path: Path) -> bool:
+    """A shard whose header and ids parse (what can be checked of a shard written before checksums)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.get_tensor("ids")
+            json.loads((handle.metadata() or {}).get(_METADATA_KEY, "{}"))
+        return True
+    except Exception:  # noqa: BLE001 - safetensors raises several kinds for a truncated or altered file
+        return False
+
+
+def _intact(path: Path, recorded: str | None) -> bool:
+    """Whether a shard's bytes have the recorded SHA-256 (a shard from before checksums, recorded None: whether
+    it parses). Remembered per process while the file is unchanged."""
+    if not path.is_file():
+        return False
+    state = _file_state(path)
+    if recorded is None:
+        return _readable_shard(path)
+    if (state, recorded) in _VERIFIED:
+        return True
+    if shard_digest(path) != recorded:
+        return False
+    _VERIFIED.add((state, recorded))
+    return True
+
+
+def _verify_shards(folder: Path, entries: list[dict[str, Any]], count_key: str) -> bool:
+    """Check each listed shard against its recorded SHA-256 and its recorded count; a shard listed without a
+    digest (a store written before checksums) is checked for parsing and gets its digest recorded (True:
+    entries changed). A damaged shard is a ProbingError naming it."""
+    changed = False
+    for entry in entries:
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise ProbingError(f"{path}: shard missing; rerun the same `probing extract` to recompute it")
+        if not _intact(path, entry.get("sha256")):
+            reason = "it does not parse" if entry.get("sha256") is None else "its SHA-256 differs from the manifest's"
+            raise ProbingError(f"{path}: shard damaged ({reason}); rerun the same `probing extract` to recompute it")
+        if entry.get("sha256") is None:
+            entry["sha256"] = shard_digest(path)
+            _VERIFIED.add((_file_state(path), entry["sha256"]))
+            changed = True
+        found = _shard_metadata(path).get(count_key)
+        if found != entry.get(count_key):
+            raise ProbingError(f"{path}: holds {found} {count_key} but the manifest lists {entry.get(count_key)}")
+    return changed
+
+
+def verify_store(path: Path, manifest: dict[str, Any]) -> None:
+    """Check a complete store's shards against its manifest: their SHA-256 and example counts, and the total.
+
+    A store written before checksums is trusted once: its shards' digests are recorded in its manifest (when
+    the folder is writable), so that every later read checks them.
+    """
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and "file" in e for e in shards):
+        raise ProbingError(f"{path / MANIFEST_NAME}: field 'shards' is damaged")
+    changed = _verify_shards(path, shards, "examples")
+    if manifest.get("examples") != sum(int(entry["examples"]) for entry in shards):
+        raise ProbingError(
+            f"{path / MANIFEST_NAME}: field 'examples' is {manifest.get('examples')!r} but its shards hold "
+            f"{sum(int(entry['examples']) for entry in shards)}"
+        )
+    if manifest.get("vision"):
+        changed |= _verify_shards(path / VISION_FOLDER, manifest["vision"]["shards"], "images")
+    if changed:
+        try:
+            write_json(path / MANIFEST_NAME, manifest)
+            log.info("%s: recorded the SHA-256 of its shards (a store written before checksums)", path)
+        except OSError as error:  # a read-only store: verified by parsing this time, digests not kept
+            log.warning("%s: could not record its shards' checksums (%s)", path, error.strerror)
 
 
 def _shard_metadata(path: Path) -> dict[str, Any]:
@@ -146,9 +258,11 @@ class FeatureStore:
     `.load(layer) -> [N, Q, H]`; `.manifest`: the manifest dict.
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, verify: bool | None = None):
         self.path = Path(path)
         self.manifest: dict[str, Any] = _read_complete_manifest(self.path, "feature store")
+        if verification_enabled() if verify is None else verify:
+            verify_store(self.path, self.manifest)
         self._tensors = _ShardedTensors(self.path, [s["file"] for s in self.manifest["shards"]])
 
     @property
@@ -249,8 +363,35 @@ class FeatureStoreWriter:
             if folder.is_dir():
                 sweep_stale_partials(folder, f".*{PARTIAL_MARK}*")
 
+    def _shard_paths(self, index: int) -> list[Path]:
+        paths = [self.path / shard_name(index)]
+        if self.identity.get("store_vision"):
+            paths.insert(0, self.path / VISION_FOLDER / shard_name(index))
+        return paths
+
     def shard_done(self, index: int) -> bool:
-        return (self.path / shard_name(index)).is_file()
+        """Whether shard `index` is on disk and whole: its bytes match the SHA-256 written beside it (a shard
+        from before checksums, with none beside it, must parse and gets one). A damaged shard is deleted and
+        reported not done, so that a resumed extraction recomputes it."""
+        paths = self._shard_paths(index)
+        if not paths[-1].is_file():  # the query shard is written last: without it the unit of work is not done
+            return False
+        for path in paths:
+            sidecar = checksum_sidecar(path)
+            whole = path.is_file()
+            if whole and sidecar.is_file():
+                whole = sidecar.read_text(encoding="utf-8").strip() == shard_digest(path)
+            elif whole:
+                whole = _readable_shard(path)
+                if whole:
+                    write_bytes(sidecar, shard_digest(path).encode())
+            if not whole:
+                log.warning("%s: damaged; computing it again", path)
+                for damaged in paths:
+                    damaged.unlink(missing_ok=True)
+                    checksum_sidecar(damaged).unlink(missing_ok=True)
+                return False
+        return True
 
     def write_shard(
         self,
@@ -259,10 +400,45 @@ class FeatureStoreWriter:
         metadata: Mapping[str, Any],
         vision: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        # The vision shard goes first: a query shard on disk means its whole unit of work is done.
+        """Write one unit of work: the vision shard first (a query shard on disk means its unit is done), each
+        shard's SHA-256 beside it before the shard itself (a shard without one is from before checksums)."""
+        for name, tensor in [*tensors.items(), *(vision or {}).items()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ProbingError(
+                    f"{self.path / shard_name(index)}: '{name}' holds non-finite values (NaN or inf) for example "
+                    f"ids {tensors['ids'].tolist()[:5]}...: the model's outputs overflowed or a checkpoint is "
+                    "damaged; nothing of this shard was written"
+                )
         if vision is not None:
             save_shard(self.path / VISION_FOLDER / shard_name(index), vision, {"images": len(vision["ids"])})
         save_shard(self.path / shard_name(index), tensors, metadata)
+
+    def damaged_shards(self) -> list[int]:
+        """The shards of a complete store that are missing or whose bytes differ from the manifest's SHA-256
+        (unparsable, for a store from before checksums)."""
+        manifest = read_manifest(self.path) or {}
+        listed = [("", manifest.get("shards", [])), (VISION_FOLDER, (manifest.get("vision") or {}).get("shards", []))]
+        damaged: set[int] = set()
+        for folder, entries in listed:
+            for index, entry in enumerate(entries):
+                if not _intact(self.path / folder / entry["file"], entry.get("sha256")):
+                    damaged.add(index)
+        return sorted(damaged)
+
+    def reopen(self, damaged: Sequence[int]) -> None:
+        """Make a complete store resumable again with shards `damaged` to compute (main process only): the good
+        shards keep the digests the manifest recorded (beside them again), the damaged ones are removed."""
+        manifest = read_manifest(self.path) or {}
+        entries = {"": manifest.get("shards", []), VISION_FOLDER: (manifest.get("vision") or {}).get("shards", [])}
+        for folder, listed in entries.items():
+            for index, entry in enumerate(listed):
+                path = self.path / folder / entry["file"]
+                if index in damaged:
+                    path.unlink(missing_ok=True)
+                elif entry.get("sha256"):
+                    write_bytes(checksum_sidecar(path), entry["sha256"].encode())
+        write_json(self.path / MANIFEST_NAME, {"request": self.identity, "complete": False})
+        self.exists, self.complete = True, False
 
     def finish(self, shard_count: int, summary: Mapping[str, Any]) -> dict[str, Any]:
         """Check every shard exists, gather per-shard metadata, write the complete manifest."""
@@ -272,7 +448,7 @@ class FeatureStoreWriter:
             if not path.is_file():
                 raise ProbingError(f"{path}: shard missing after extraction")  # a worker process failed
             metadata = _shard_metadata(path)
-            shards.append({"file": shard_name(index), "examples": metadata["examples"]})
+            shards.append({"file": shard_name(index), "examples": metadata["examples"], "sha256": _sidecar(path)})
             examples += metadata["examples"]
             bad_images += metadata.get("bad_images", [])
         manifest: dict[str, Any] = {
@@ -284,10 +460,21 @@ class FeatureStoreWriter:
             **summary,
         }
         if self.identity.get("store_vision"):
-            vision_shards = [
-                {"file": shard_name(i), "images": _shard_metadata(self.path / VISION_FOLDER / shard_name(i))["images"]}
-                for i in range(shard_count)
-            ]
+            vision_shards = []
+            for index in range(shard_count):
+                path = self.path / VISION_FOLDER / shard_name(index)
+                vision_shards.append(
+                    {"file": shard_name(index), "images": _shard_metadata(path)["images"], "sha256": _sidecar(path)}
+                )
             manifest["vision"] = {"shards": vision_shards, "images": sum(s["images"] for s in vision_shards)}
         write_json(self.path / MANIFEST_NAME, manifest)
+        for index in range(shard_count):  # the manifest holds the digests now
+            for path in self._shard_paths(index):
+                checksum_sidecar(path).unlink(missing_ok=True)
         return manifest
+
+
+def _sidecar(path: Path) -> str:
+    """The SHA-256 written beside a shard (computed now for a shard from before checksums)."""
+    sidecar = checksum_sidecar(path)
+    return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else shard_digest(path)

@@ -18,10 +18,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from probing.artifacts import pid_alive
+from probing.artifacts import first_difference, json_normalised, pid_alive
+from probing.errors import ProbingError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,11 @@ LOCK_SUFFIX = ".lock"
 class FolderLock:
     """An exclusive claim on `folder` (the file `<folder>.lock`), kept alive by a heartbeat."""
 
-    def __init__(self, folder: Path, heartbeat: float = 10.0, grace: int = 4):
+    def __init__(self, folder: Path, heartbeat: float = 10.0, grace: int = 4, request: Mapping | None = None):
+        """`request`: what the holder writes (a store's or run's identity), recorded in the claim so that a
+        worker with another request is refused at once instead of waiting for a folder it cannot use."""
         self.folder = Path(folder)
+        self.request = json_normalised(dict(request)) if request is not None else None
         self.path = self.folder.with_name(self.folder.name + LOCK_SUFFIX)
         self.heartbeat, self.grace = heartbeat, grace
         self.token = uuid.uuid4().hex
@@ -90,6 +94,7 @@ class FolderLock:
                         "token": self.token,
                         "heartbeat": self.heartbeat,
                         "since": time.time(),
+                        **({"request": self.request} if self.request is not None else {}),
                     },
                     handle,
                 )
@@ -149,3 +154,26 @@ def one_writer(folder: Path, heartbeat: float = 10.0) -> Iterator[FolderLock]:
         yield lock
     finally:
         lock.release()
+
+
+def claim(folder: Path, request: Mapping, what: str, heartbeat: float = 10.0, poll: float = 1.0) -> FolderLock:
+    """The claim on `folder` for `request` (release it when done). Another worker's claim for the same request
+    is waited for (the caller then finds its finished output and reuses it); one for a different request is a
+    ProbingError naming the first differing field, at once: the two could never share the folder."""
+    lock = FolderLock(folder, heartbeat, request=request)
+    waiting = False
+    while not lock.try_acquire():
+        owner = lock.owner() or {}
+        theirs = owner.get("request")
+        if isinstance(theirs, Mapping):
+            differing = first_difference(lock.request, theirs)
+            if differing is not None:
+                raise ProbingError(
+                    f"{folder}: another worker (host {owner.get('host')}, pid {owner.get('pid')}) is writing a "
+                    f"{what} there with a different '{differing}'; choose another output folder"
+                )
+        if not waiting:
+            log.info("%s: another worker is writing this %s; waiting", folder, what)
+            waiting = True
+        time.sleep(poll)
+    return lock
