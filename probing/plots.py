@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from probing.analysis import RunResults, last_layer_runs, overall, per_category  # noqa: E402
 
 METRIC_LABELS = {"acc@0.5": "Acc@0.5 (%)", "accuracy": "accuracy (%)"}
-MODE_COLOURS = {"frozen": "#4C72B0", "unfrozen": "#DD8452"}
+MODE_COLOURS = {"frozen": "#4C72B0", "unfrozen": "#DD8452", "human": "#55A868"}
 
 
 def metric_label(metric: str) -> str:
@@ -83,7 +83,7 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
     figure, panels = plt.subplots(1, len(models), figsize=(width * len(models), 4.2), sharey=True, squeeze=False)
     bar = 0.38
     for panel, model in zip(panels[0], models, strict=True):
-        modes = [m for m in ("frozen", "unfrozen") if m in by_model[model]]
+        modes = [m for m in MODE_COLOURS if m in by_model[model]]
         for offset, mode in enumerate(modes):
             estimates = per_category(by_model[model][mode])
             xs = [i + (offset - (len(modes) - 1) / 2) * bar for i in range(len(categories))]

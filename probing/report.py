@@ -28,6 +28,7 @@ from typing import Any
 from probing.analysis import (
     KENDALL_PROPERTIES,
     MIN_KENDALL_CATEGORIES,
+    NO_PROBE,
     Estimate,
     RunResults,
     deduplicate,
@@ -45,7 +46,7 @@ from probing.plots import category_figure, per_layer_figure
 from probing.probes import PROBES
 from probing.tasks import TaskSpec, registered_tasks
 
-MODES = ("frozen", "unfrozen")
+MODES = ("frozen", "unfrozen", "human")
 PROPERTY_NAMES = {
     "train_examples": "train examples",
     "mean_area": "mean box area",
@@ -57,6 +58,7 @@ PAPER_TABLE1 = {
     ("BLIP-2", "unfrozen"): {"refcocog": 71.72, "vsr": 80.50, "rcm": 81.35},
     ("InstructBLIP", "frozen"): {"refcocog": 19.92, "vsr": 55.72, "rcm": 63.08},
     ("InstructBLIP", "unfrozen"): {"refcocog": 69.34, "vsr": 76.99, "rcm": 80.86},
+    ("Human", "human"): {"vsr": 95.40, "rcm": 92.29},  # VSR's from its authors
 }
 NOT_SIGNIFICANT = "†"
 CSV_LABELS = ["model", "mode", "probe", "layer", "task", "split", "category", "property"]
@@ -182,7 +184,8 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
         "Table 1: test accuracy, linear probe on the last layer (%)",
         ["model", "mode", *[_column_title(columns[c]) for c in order]],
     )
-    models = sorted({key[0] for key in chosen})
+    unprobed = {key[0] for key, run in chosen.items() if run.probe == NO_PROBE}  # the Human row comes last
+    models = sorted({key[0] for key in chosen}, key=lambda model: (model in unprobed, model))
     for model in models:
         for mode in MODES:
             if not any((model, mode, c) in chosen for c in order):
@@ -205,7 +208,7 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                     for c in order
                     if tasks[c] in paper
                 ]
-    layers = sorted({run.layer for run in chosen.values()})
+    layers = sorted({run.layer for run in chosen.values() if run.probe != NO_PROBE})
     table.notes.append(f"mean [95% bootstrap CI over test examples] ±std over seeds; layers used: {layers}")
     if options.compare_paper:
         table.notes.append("rows marked (paper): numbers reported by Pantazopoulos et al. (2024), single runs")
@@ -350,7 +353,10 @@ def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
 
 @register_table("table5")
 def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
-    kendall_runs = {key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall}
+    # against train counts and box properties: what a probe learned, not what people answer
+    kendall_runs = {
+        key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall and run.probe != NO_PROBE
+    }
     chosen = {key: run for key, run in kendall_runs.items() if len(set(run.categories)) >= MIN_KENDALL_CATEGORIES}
     if not chosen:
         return None
@@ -392,7 +398,11 @@ def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
 def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """ROC-AUC of the binary tasks beside Table 1's accuracies (same runs): how well the probe ranks true above
     false captions, whatever its threshold."""
-    chosen = {key: run for key, run in last_layer_runs(runs).items() if run.spec.head.kind == "binary"}
+    chosen = {
+        key: run
+        for key, run in last_layer_runs(runs).items()
+        if run.spec.head.kind == "binary" and "probability" in run.metadata[0]  # human answers have none
+    }
     if not chosen:
         return None
     titles = {(run.task, run.split): run.column for run in chosen.values()}
