@@ -372,7 +372,8 @@ register_analysis(Analysis("roc_auc", lambda run: run.spec.head.kind == "binary"
 
 
 def _has_kendall(run: RunResults) -> bool:
-    return run.spec.kendall and len(set(run.categories)) >= MIN_KENDALL_CATEGORIES
+    # against train counts: what a probe learned; people's answers are not trained
+    return run.spec.kendall and run.probe != NO_PROBE and len(set(run.categories)) >= MIN_KENDALL_CATEGORIES
 
 
 register_analysis(Analysis("kendall", _has_kendall, _kendall_json))

@@ -209,7 +209,14 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                     if tasks[c] in paper
                 ]
     layers = sorted({run.layer for run in chosen.values() if run.probe != NO_PROBE})
-    table.notes.append(f"mean [95% bootstrap CI over test examples] ±std over seeds; layers used: {layers}")
+    table.notes.append(
+        "mean [95% bootstrap CI over test examples] ±std over seeds" + (f"; layers used: {layers}" if layers else "")
+    )
+    if unprobed:
+        table.notes.append(
+            "human rows: annotators' answers (probing annotate score) after the paper's exclusions, each kept "
+            "answer one example of the interval"
+        )
     if options.compare_paper:
         table.notes.append("rows marked (paper): numbers reported by Pantazopoulos et al. (2024), single runs")
     return table

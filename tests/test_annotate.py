@@ -289,7 +289,7 @@ def test_a_restart_resumes_the_same_study_and_refuses_another(rcm_options, tmp_p
 
 
 def test_a_killed_server_keeps_every_answer_it_confirmed(rcm_options, tmp_path):
-    """The real command in its own process, killed with SIGKILL after three confirmed answers."""
+    """The real command in its own process, killed with SIGKILL after four confirmed answers."""
     import httpx
 
     port, db = free_port(), tmp_path / "killed.db"
@@ -316,6 +316,15 @@ def test_a_killed_server_keeps_every_answer_it_confirmed(rcm_options, tmp_path):
             assert reply.status_code == 200
             confirmed.append(item)
             state = reply.json()["state"]
+        # the same answer sent 8 times at once (tabs, double clicks): stored once, the others told 409
+        from concurrent.futures import ThreadPoolExecutor
+
+        same = {"annotator": "ada", "item": state["item"]["id"], "answer": False}
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{base}/api/answers", json=same).status_code, range(8)))
+        assert sorted(codes) == [200] + [409] * 7
+        confirmed.append(same["item"])
+        state = httpx.get(f"{base}/api/state", params={"annotator": "ada"}).json()
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
     finally:
@@ -326,12 +335,12 @@ def test_a_killed_server_keeps_every_answer_it_confirmed(rcm_options, tmp_path):
     assert server.returncode == -signal.SIGKILL
     with contextlib.closing(sqlite3.connect(db)) as connection:
         assert [row[0] for row in connection.execute("SELECT item FROM answers ORDER BY rowid")] == confirmed
-    # the restarted server (same study) resumes ada at her fourth item
+    # the restarted server (same study) resumes ada at her fifth item
     from fastapi.testclient import TestClient
 
     store = AnnotationStore.create_or_resume(db, prepare_study(rcm_design(rcm_options)))
     resumed = TestClient(create_app(store)).get("/api/state", params={"annotator": "ada"}).json()
-    assert resumed["answered"] == 3 and resumed["item"]["id"] == state["item"]["id"]
+    assert resumed["answered"] == 4 and resumed["item"]["id"] == state["item"]["id"]
 
 
 # ------------------------------------------------------------------ scoring
@@ -642,3 +651,10 @@ def test_two_annotators_in_a_real_browser_then_score_report_and_export(rcm_optio
         for e in exported
         if e["role"] != "intro"
     } == expected
+
+
+def test_ci_installs_the_browser_and_requires_it():
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    install = ci.index("apt-get install -y -qq chromium chromium-driver")
+    assert "command -v chromium" in ci and "export PROBING_REQUIRE_BROWSER=1" in ci
+    assert install < ci.index('bash -euo pipefail -c "$command"')  # before the README's test command
