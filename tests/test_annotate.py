@@ -651,3 +651,9 @@ def test_ci_installs_the_browser_and_requires_it():
     install = ci.index("apt-get install -y -qq chromium chromium-driver")
     assert "command -v chromium" in ci and "export PROBING_REQUIRE_BROWSER=1" in ci
     assert install < ci.index('bash -euo pipefail -c "$command"')  # before the README's test command
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["score"], ["export"]])
+def test_help_on_every_annotate_command(capsys, command):
+    code, out, _ = run_cli(capsys, "annotate", *command, "--help")
+    assert code == 0 and "Usage: probing annotate" in out

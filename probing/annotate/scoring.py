@@ -3,9 +3,9 @@
 - Exclusions (the paper's Appendix A), counted per rule: an answer marked "factually incorrect", and an
   answer that names several grid cells (the phrase is ambiguous to the annotator). An answer can meet both
   rules; it is then counted under each, and once in the total. Practice items are never scored.
-- Accuracy: the share of the kept answers that agree with the label, every answer one unit, with the
-  project's 95 % percentile bootstrap interval over answers (`probing.analysis.estimate`); per category
-  likewise; per annotator.
+- Accuracy: the share of the kept answers (of every annotator, finished or not) that agree with the label,
+  every answer one unit, with the project's 95 % percentile bootstrap interval over answers
+  (`probing.analysis.estimate`); per category likewise; per annotator.
 - Agreement: Fleiss' kappa (statsmodels) of the yes/no answers on the shared items, over the annotators who
   answered every shared item, on the shared items that none of them had excluded (Fleiss' kappa needs the same
   raters for every item). Undefined (None, with the reason) with fewer than 2 such annotators, no such item,
