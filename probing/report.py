@@ -256,7 +256,7 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
             else f"{first.column} {spec.head.metric_title} per {spec.category} (%)"
         )
         table = Table(name, title, ["model", "mode", *columns])
-        for (model, mode, _), run in sorted(chosen.items()):
+        for (model, mode, _), run in sorted(chosen.items(), key=lambda pair: (pair[1].probe == NO_PROBE, pair[0])):
             estimates = per_category(run)
             table.rows.append([model, mode, *[cell(estimates.get(c)) for c in columns]])
             table.records += [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items()]
