@@ -37,6 +37,7 @@ CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05
 KENDALL_PROPERTIES = ("train_examples", "mean_area", "mean_centre_distance")
 MIN_KENDALL_CATEGORIES = 3
+NO_PROBE = "none"  # the probe of a run whose answers no probe gave (people's: `probing annotate score`)
 
 
 @dataclass
@@ -114,10 +115,11 @@ def deduplicate(runs: list[RunResults]) -> tuple[list[RunResults], list[RunResul
 
 
 def last_layer_runs(runs: list[RunResults], probe: str = "linear") -> dict[tuple[str, str, str], RunResults]:
-    """(model, mode, column) -> the run of the highest layer with this probe (runs already deduplicated)."""
+    """(model, mode, column) -> the run of the highest layer with this probe (runs already deduplicated); runs
+    made without a probe (human answers) stand beside every probe's."""
     chosen: dict[tuple[str, str, str], RunResults] = {}
     for run in sorted(runs, key=lambda r: str(r.path)):
-        if run.probe != probe:
+        if run.probe not in (probe, NO_PROBE):
             continue
         key = (run.label, run.mode, run.column)
         if key not in chosen or run.layer > chosen[key].layer:
@@ -163,7 +165,11 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
     metrics = MetricsRecord.read(run_path)
     task_file = manifest.get("task_file")
     spec = get_task(task_file or metrics.task)
-    split = split or spec.eval_splits[0]
+    # a human run holds the one split its annotators saw: the first evaluated split it has, by default
+    split = split or next(
+        (name for name in spec.eval_splits if (run_path / "predictions" / f"{name}.jsonl").is_file()),
+        spec.eval_splits[0],
+    )
     predictions = run_path / "predictions" / f"{split}.jsonl"
     if not predictions.is_file():
         raise ProbingError(f"{run_path}: not a run folder (predictions/{split}.jsonl missing)")
@@ -209,7 +215,10 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
 def load_run_splits(path: Path | str) -> list[RunResults]:
     """One RunResults per evaluated split of a run (RefCOCO's testA and testB; `test` alone for most)."""
     first = load_run(path)
-    return [first] + [load_run(path, split) for split in first.spec.eval_splits[1:]]
+    others = first.spec.eval_splits[first.spec.eval_splits.index(first.split) + 1 :]
+    if first.probe == NO_PROBE:  # a human run holds only the splits its annotators saw
+        others = [split for split in others if (first.path / "predictions" / f"{split}.jsonl").is_file()]
+    return [first] + [load_run(path, split) for split in others]
 
 
 def _records(path: Path):
@@ -363,7 +372,8 @@ register_analysis(Analysis("roc_auc", lambda run: run.spec.head.kind == "binary"
 
 
 def _has_kendall(run: RunResults) -> bool:
-    return run.spec.kendall and len(set(run.categories)) >= MIN_KENDALL_CATEGORIES
+    # against train counts: what a probe learned; people's answers are not trained
+    return run.spec.kendall and run.probe != NO_PROBE and len(set(run.categories)) >= MIN_KENDALL_CATEGORIES
 
 
 register_analysis(Analysis("kendall", _has_kendall, _kendall_json))

@@ -311,6 +311,16 @@ def _register_derived_commands() -> None:
 _register_derived_commands()
 
 
+def _register_annotate() -> None:
+    """`probing annotate serve | score | export` (the human baseline), a sub-app of its own module."""
+    from probing.annotate.commands import annotate_app
+
+    app.add_typer(annotate_app, name="annotate")
+
+
+_register_annotate()
+
+
 @app.command("analyze")
 def analyze_command(
     run: Annotated[Path, typer.Argument(help="A run folder (probing train) or a search folder.")],

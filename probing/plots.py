@@ -18,10 +18,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from probing.analysis import RunResults, last_layer_runs, overall, per_category  # noqa: E402
+from probing.analysis import NO_PROBE, RunResults, last_layer_runs, overall, per_category  # noqa: E402
 
 METRIC_LABELS = {"acc@0.5": "Acc@0.5 (%)", "accuracy": "accuracy (%)"}
-MODE_COLOURS = {"frozen": "#4C72B0", "unfrozen": "#DD8452"}
+MODE_COLOURS = {"frozen": "#4C72B0", "unfrozen": "#DD8452", "human": "#55A868"}
 
 
 def metric_label(metric: str) -> str:
@@ -77,13 +77,14 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
     by_model: dict[str, dict[str, RunResults]] = defaultdict(dict)
     for run in chosen:
         by_model[run.label][run.mode] = run
-    models = sorted(by_model)
+    # people's answers (no probe) in the last panel
+    models = sorted(by_model, key=lambda model: (all(r.probe == NO_PROBE for r in by_model[model].values()), model))
     categories = sorted({c for run in chosen for c in run.categories})
     width = max(5.0, 0.65 * len(categories) + 1.5)
     figure, panels = plt.subplots(1, len(models), figsize=(width * len(models), 4.2), sharey=True, squeeze=False)
     bar = 0.38
     for panel, model in zip(panels[0], models, strict=True):
-        modes = [m for m in ("frozen", "unfrozen") if m in by_model[model]]
+        modes = [m for m in MODE_COLOURS if m in by_model[model]]
         for offset, mode in enumerate(modes):
             estimates = per_category(by_model[model][mode])
             xs = [i + (offset - (len(modes) - 1) / 2) * bar for i in range(len(categories))]
@@ -100,7 +101,11 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
         if chosen[0].spec.chance is not None:
             panel.axhline(100 * chosen[0].spec.chance, color="grey", linestyle=":", linewidth=1)
     panels[0][0].set_ylabel(f"{chosen[0].split} {metric_label(chosen[0].metric)}")
-    panels[0][-1].legend(frameon=False)
+    handles = {}  # one legend for every panel's modes
+    for panel in panels[0]:
+        shown, labels = panel.get_legend_handles_labels()
+        handles.update(zip(labels, shown, strict=True))
+    panels[0][-1].legend(handles.values(), handles.keys(), frameon=False)
     figure.suptitle(f"{chosen[0].column} per {chosen[0].spec.category}: frozen vs unfrozen (95% bootstrap CI)")
     figure.tight_layout()
     return _save(figure, base)

@@ -99,7 +99,7 @@ class SeedRun:
         splits = (
             {key: value for key, value in data.items() if key not in _SEED_FIELDS} if isinstance(data, dict) else {}
         )
-        if "val" not in splits or not all(isinstance(v, dict) for v in splits.values()):
+        if not splits or not all(isinstance(v, dict) for v in splits.values()):  # probe runs: val first
             raise ProbingError(f"{where}: no metrics per split")
         return cls(
             seed=_field(data, "seed", int, where),

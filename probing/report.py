@@ -28,6 +28,7 @@ from typing import Any
 from probing.analysis import (
     KENDALL_PROPERTIES,
     MIN_KENDALL_CATEGORIES,
+    NO_PROBE,
     Estimate,
     RunResults,
     deduplicate,
@@ -46,7 +47,7 @@ from probing.plots import category_figure, per_layer_figure
 from probing.probes import PROBES
 from probing.tasks import TaskSpec, registered_tasks
 
-MODES = ("frozen", "unfrozen")
+MODES = ("frozen", "unfrozen", "human")
 PROPERTY_NAMES = {
     "train_examples": "train examples",
     "mean_area": "mean box area",
@@ -58,6 +59,7 @@ PAPER_TABLE1 = {
     ("BLIP-2", "unfrozen"): {"refcocog": 71.72, "vsr": 80.50, "rcm": 81.35},
     ("InstructBLIP", "frozen"): {"refcocog": 19.92, "vsr": 55.72, "rcm": 63.08},
     ("InstructBLIP", "unfrozen"): {"refcocog": 69.34, "vsr": 76.99, "rcm": 80.86},
+    ("Human", "human"): {"vsr": 95.40, "rcm": 92.29},  # VSR's from its authors
 }
 NOT_SIGNIFICANT = "†"
 CSV_LABELS = ["model", "mode", "probe", "layer", "task", "split", "category", "property"]
@@ -183,7 +185,8 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
         "Table 1: test accuracy, linear probe on the last layer (%)",
         ["model", "mode", *[_column_title(columns[c]) for c in order]],
     )
-    models = sorted({key[0] for key in chosen})
+    unprobed = {key[0] for key, run in chosen.items() if run.probe == NO_PROBE}  # the Human row comes last
+    models = sorted({key[0] for key in chosen}, key=lambda model: (model in unprobed, model))
     for model in models:
         for mode in MODES:
             if not any((model, mode, c) in chosen for c in order):
@@ -206,8 +209,15 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                     for c in order
                     if tasks[c] in paper
                 ]
-    layers = sorted({run.layer for run in chosen.values()})
-    table.notes.append(f"mean [95% bootstrap CI over test examples] ±std over seeds; layers used: {layers}")
+    layers = sorted({run.layer for run in chosen.values() if run.probe != NO_PROBE})
+    table.notes.append(
+        "mean [95% bootstrap CI over test examples] ±std over seeds" + (f"; layers used: {layers}" if layers else "")
+    )
+    if unprobed:
+        table.notes.append(
+            "human rows: annotators' answers (probing annotate score) after the paper's exclusions, each kept "
+            "answer one example of the interval"
+        )
     if options.compare_paper:
         table.notes.append("rows marked (paper): numbers reported by Pantazopoulos et al. (2024), single runs")
     return table
@@ -247,7 +257,7 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
             else f"{first.column} {spec.head.metric_title} per {spec.category} (%)"
         )
         table = Table(name, title, ["model", "mode", *columns])
-        for (model, mode, _), run in sorted(chosen.items()):
+        for (model, mode, _), run in sorted(chosen.items(), key=lambda pair: (pair[1].probe == NO_PROBE, pair[0])):
             estimates = per_category(run)
             table.rows.append([model, mode, *[cell(estimates.get(c)) for c in columns]])
             table.records += [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items()]
@@ -351,7 +361,10 @@ def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
 
 @register_table("table5")
 def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
-    kendall_runs = {key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall}
+    # against train counts and box properties: what a probe learned, not what people answer
+    kendall_runs = {
+        key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall and run.probe != NO_PROBE
+    }
     chosen = {key: run for key, run in kendall_runs.items() if len(set(run.categories)) >= MIN_KENDALL_CATEGORIES}
     if not chosen:
         return None
@@ -393,7 +406,11 @@ def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
 def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """ROC-AUC of the binary tasks beside Table 1's accuracies (same runs): how well the probe ranks true above
     false captions, whatever its threshold."""
-    chosen = {key: run for key, run in last_layer_runs(runs).items() if run.spec.head.kind == "binary"}
+    chosen = {
+        key: run
+        for key, run in last_layer_runs(runs).items()
+        if run.spec.head.kind == "binary" and "probability" in run.metadata[0]  # human answers have none
+    }
     if not chosen:
         return None
     titles = {(run.task, run.split): run.column for run in chosen.values()}
