@@ -43,9 +43,10 @@ from probing.artifacts import write_json
 from probing.errors import ProbingError
 from probing.plots import category_figure, per_layer_figure
 from probing.probes import PROBES
+from probing.records import ITM_HEAD, NO_PROBE, ZERO_SHOT_PROMPT
 from probing.tasks import TaskSpec, registered_tasks
 
-MODES = ("frozen", "unfrozen")
+MODES = ("frozen", "unfrozen", ZERO_SHOT_PROMPT, ITM_HEAD)  # Table 1's rows per model, in this order
 PROPERTY_NAMES = {
     "train_examples": "train examples",
     "mean_area": "mean box area",
@@ -165,13 +166,18 @@ def _columns(runs: Iterable[RunResults]) -> list[tuple[str, str]]:
     )
 
 
+def _table1_runs(runs: Sequence[RunResults]) -> dict[tuple[str, str, str], RunResults]:
+    """Table 1's runs: linear probes on the last layer, and the zero-shot baselines (no probe) beside them."""
+    return last_layer_runs(list(runs)) | last_layer_runs(list(runs), NO_PROBE)
+
+
 def _column_title(run: RunResults) -> str:
     return f"{run.column} ({run.spec.head.metric_label})"
 
 
 @register_table("table1")
 def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
-    chosen = last_layer_runs(runs)
+    chosen = _table1_runs(runs)
     if not chosen:
         return None
     columns = {run.column: run for run in chosen.values()}
@@ -207,6 +213,8 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                 ]
     layers = sorted({run.layer for run in chosen.values()})
     table.notes.append(f"mean [95% bootstrap CI over test examples] ±std over seeds; layers used: {layers}")
+    if any(run.probe == NO_PROBE for run in chosen.values()):
+        table.notes.append(f"{ZERO_SHOT_PROMPT}, {ITM_HEAD}: the model's own answer, no probe (`probing zeroshot`)")
     if options.compare_paper:
         table.notes.append("rows marked (paper): numbers reported by Pantazopoulos et al. (2024), single runs")
     return table
@@ -232,7 +240,7 @@ def _category_names(specs: Iterable[TaskSpec]) -> list[str]:
 def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[Table]:
     """Accuracy per category of each task and split (Table 2 is VSR's), last layer, linear probe."""
     tables = []
-    chosen_all = last_layer_runs(runs)
+    chosen_all = _table1_runs(runs)
     for task, split in _columns(chosen_all.values()):
         chosen = {key: run for key, run in chosen_all.items() if (run.task, run.split) == (task, split)}
         first = next(iter(chosen.values()))
@@ -392,7 +400,7 @@ def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
 def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """ROC-AUC of the binary tasks beside Table 1's accuracies (same runs): how well the probe ranks true above
     false captions, whatever its threshold."""
-    chosen = {key: run for key, run in last_layer_runs(runs).items() if run.spec.head.kind == "binary"}
+    chosen = {key: run for key, run in _table1_runs(runs).items() if run.spec.head.kind == "binary"}
     if not chosen:
         return None
     titles = {(run.task, run.split): run.column for run in chosen.values()}
