@@ -171,6 +171,11 @@ def _table1_runs(runs: Sequence[RunResults]) -> dict[tuple[str, str, str], RunRe
     return last_layer_runs(list(runs)) | last_layer_runs(list(runs), NO_PROBE)
 
 
+def _modes(chosen: dict[tuple[str, str, str], RunResults]) -> list[str]:
+    """The row order of a model's modes: `MODES`, then any other (a plug-in's zero-shot method) by name."""
+    return [*MODES, *sorted({mode for _, mode, _ in chosen} - set(MODES))]
+
+
 def _column_title(run: RunResults) -> str:
     return f"{run.column} ({run.spec.head.metric_label})"
 
@@ -190,7 +195,7 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     )
     models = sorted({key[0] for key in chosen})
     for model in models:
-        for mode in MODES:
+        for mode in _modes(chosen):
             if not any((model, mode, c) in chosen for c in order):
                 continue
             estimates = {c: overall(chosen[(model, mode, c)]) if (model, mode, c) in chosen else None for c in order}
@@ -407,7 +412,7 @@ def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table |
     order = [titles[key] for key in _columns(chosen.values())]
     table = Table("roc_auc", "ROC-AUC of the binary tasks, linear probe on the last layer", ["model", "mode", *order])
     for model in sorted({key[0] for key in chosen}):
-        for mode in MODES:
+        for mode in _modes(chosen):
             found = {c: chosen.get((model, mode, c)) for c in order}
             if not any(found.values()):
                 continue

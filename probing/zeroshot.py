@@ -42,7 +42,14 @@ from probing.errors import ProbingError
 from probing.extract import DecodedImages, DtypeName, check_images_exist, collate_images, default_workers
 from probing.heads import BinaryHead
 from probing.models import ModelSource
-from probing.models.answering import ZeroShotScorer, checkpoint_identity, zero_shot_scorer
+from probing.models.answering import (
+    DEFAULT_ANSWERS,
+    DEFAULT_PROMPT,
+    TEXT_FIELD,
+    ZeroShotScorer,
+    checkpoint_identity,
+    zero_shot_scorer,
+)
 from probing.models.checkpoint import CheckpointSource
 from probing.models.loading import is_lavis_file, load_config
 from probing.models.registry import family_for_config, resolve_alias
@@ -64,8 +71,7 @@ class ZeroShotSettings:
     prompt: str | None = setting(
         None,
         identity=True,
-        help="InstructBLIP: the instruction, with {text} where the caption goes (default: InstructBLIP's short-answer "
-        'template, Question: Based on the image, is this statement true? "{text}" Short answer:).',
+        help=f"InstructBLIP: the instruction, with {TEXT_FIELD} where the caption goes (default: {DEFAULT_PROMPT}).",
         show_default=False,
     )
     answers: tuple[str, ...] | None = setting(
@@ -73,7 +79,7 @@ class ZeroShotSettings:
         identity=True,
         parse=comma_separated(str, 2, "answers"),
         help="InstructBLIP: the positive and the negative answer whose log-probabilities are compared "
-        "(default yes,no).",
+        f"(default {','.join(DEFAULT_ANSWERS)}).",
     )
     llm_dtype: DtypeName | None = setting(
         None,

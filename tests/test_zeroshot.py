@@ -419,3 +419,68 @@ def test_settings_reach_the_request_from_the_command_line_and_a_config(capsys, m
         )
         assert identity(request)[name] == value
         assert request.out == tmp_path / "runs" / "z" / "m" / "vsr" / "zeroshot" and request.label == "m"
+
+
+def test_a_config_runs_its_zeroshot_experiment_and_reuses_it(capsys, tmp_path):
+    config = tmp_path / "zeroshot.yaml"
+    config.write_text(
+        f"""
+name: zs
+workspace: {tmp_path / "workspace"}
+models:
+  BLIP-2 (tiny random): {{tiny: blip2}}
+  InstructBLIP (tiny random): {{tiny: instructblip}}
+data:
+  demo: {{refcocog_images: 20, vsr_images: 30}}
+extract: {{workers: 0}}
+experiments:
+  - name: zeroshot
+    tasks: [vsr]
+    models: [BLIP-2 (tiny random), InstructBLIP (tiny random)]
+    modes: [zeroshot]
+    zeroshot: {{batch_size: 8}}
+"""
+    )
+    code, out, err = run_cli(capsys, "run", config)
+    assert code == 0, err
+    assert "zero-shot runs: 2 built, 0 reused" in out
+    runs = tmp_path / "workspace" / "runs" / "zeroshot"
+    assert (runs / "InstructBLIP (tiny random)" / "vsr" / "zeroshot" / "metrics.json").is_file()
+    table1 = (tmp_path / "workspace" / "report-zs" / "tables" / "table1.md").read_text()
+    assert (
+        "| InstructBLIP (tiny random) | zero-shot prompt |" in table1
+        and "| BLIP-2 (tiny random) | ITM head |" in table1
+    )
+    code, out, err = run_cli(capsys, "run", config)
+    assert code == 0 and "zero-shot runs: 0 built, 2 reused" in out, err
+
+
+@pytest.mark.parametrize(
+    "experiment,message",
+    [
+        (
+            "{name: z, tasks: [vsr, refcocog], models: [m], modes: [zeroshot]}",
+            "config field 'experiments[0].tasks[1]': the mode zeroshot answers binary tasks; refcocog is a box task",
+        ),
+        (
+            "{name: z, tasks: [vsr], models: [r], modes: [zeroshot]}",
+            "config field 'models.r.init': the mode zeroshot (experiments[0]) needs the pretrained weights",
+        ),
+        (
+            "{name: z, tasks: [vsr], models: [m], modes: [zeroshot], zeroshot: {batch_size: 0}}",
+            "config field 'experiments[0].zeroshot.batch_size': must be >= 1, got 0",
+        ),
+    ],
+)
+def test_zeroshot_config_mistakes_name_the_field(tmp_path, experiment, message):
+    from probing.config import load_config
+    from probing.errors import ProbingError
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "name: c\nworkspace: w\nmodels: {m: {model: instructblip}, r: {model: blip2, init: random}}\n"
+        f"experiments: [{experiment}]\n"
+    )
+    with pytest.raises(ProbingError) as caught:
+        load_config(config, check_paths=False)
+    assert str(caught.value) == f"{config}: {message}"

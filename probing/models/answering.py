@@ -165,6 +165,11 @@ class PromptScorer(ZeroShotScorer):
     ):
         self.checkpoint, self.config, self.device = checkpoint, config, device
         self.template, self.answers, self.dtype_name = settings["prompt"], settings["answers"], settings["llm_dtype"]
+        if getattr(config, "image_token_index", None) is None:
+            raise ProbingError(
+                f"{checkpoint.name_or_path}: its config has no image_token_index, the placeholder id that says where "
+                "the queries go in the language model's input (transformers needs it to run the model)"
+            )
         self.tokenizer = load_tokenizer(checkpoint, "", LLM_TOKENIZER_FILES, "language model's tokenizer")
         self.tokenizer.padding_side = "left"  # the next token of every row at the last position
         if self.tokenizer.pad_token_id is None:  # Llama's own tokenizer has none; the mask hides it anyway
@@ -341,9 +346,8 @@ class MatchScorer(ZeroShotScorer):
 
     def identity(self) -> dict[str, Any]:
         resampler_class = self.family.resampler
-        return {
-            "text": {"max_tokens": resampler_class.max_text_tokens, "truncation_side": resampler_class.truncation_side}
-        }
+        text = {"max_tokens": resampler_class.max_text_tokens, "truncation_side": resampler_class.truncation_side}
+        return {"text": text, "dtype": "float32"}
 
     def load(self) -> None:
         self.resampler = load_resampler(self.source, device=self.device)
