@@ -132,6 +132,25 @@ def test_batched_input_is_generates_and_the_answer_is_its_greedy_pick(prompt_sco
     assert generate_position_ids(batch["attention_mask"])[0, -1] == batch["attention_mask"][0].sum() - 1
 
 
+def test_llm_dtype_applies_to_the_language_model_only(prompt_scorer, tiny_checkpoints, examples):
+    """`--llm-dtype bfloat16`: the LLM in bf16, the resampler and projection kept in fp32 (as they load), the
+    answers within bf16 rounding of fp32's."""
+    made = scorer(PromptScorer, tiny_checkpoints["instructblip"], llm_dtype="bfloat16")
+    dtypes = {name.split(".")[0]: p.dtype for name, p in made.model.named_parameters()}
+    assert dtypes == {
+        "query_tokens": torch.float32,
+        "vision_model": torch.float32,
+        "qformer": torch.float32,
+        "language_projection": torch.float32,
+        "language_model": torch.bfloat16,
+    }
+    with torch.no_grad():
+        texts = [e.text for e in examples]
+        half = made.answer_logprobs(made.encode_images(pixels_of(made, examples)), texts)
+        full = prompt_scorer.answer_logprobs(prompt_scorer.encode_images(pixels_of(prompt_scorer, examples)), texts)
+    assert torch.allclose(half, full, atol=0.05) and not torch.equal(half, full)
+
+
 def test_itm_path_equals_the_models_logits_per_image(tiny_checkpoints, examples):
     """BLIP-2's match log-odds, with each image through the ViT once, equal `logits_per_image` of
     `Blip2ForImageTextRetrieval(..., use_image_text_matching_head=True)` for each example alone."""
