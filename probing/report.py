@@ -259,7 +259,8 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
             else f"{first.column} {spec.head.metric_title} per {spec.category} (%)"
         )
         table = Table(name, title, ["model", "mode", *columns])
-        for (model, mode, _), run in sorted(chosen.items()):
+        modes = _modes(chosen)
+        for (model, mode, _), run in sorted(chosen.items(), key=lambda item: (item[0][0], modes.index(item[0][1]))):
             estimates = per_category(run)
             table.rows.append([model, mode, *[cell(estimates.get(c)) for c in columns]])
             table.records += [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items()]

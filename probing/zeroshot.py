@@ -120,7 +120,8 @@ class ZeroShotRequest(ModelSource, ZeroShotSettings):
 
 @dataclass
 class _Plan:
-    """A split resolved: its device, model, method and what defines the run."""
+    """A request resolved: its device, checkpoint, method (tokenizers read, not yet the weights), data and the
+    identity of the run it makes."""
 
     request: ZeroShotRequest
     device: torch.device

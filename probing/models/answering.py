@@ -152,7 +152,7 @@ class PromptScorer(ZeroShotScorer):
         if len(answers) != 2 or len({a.strip() for a in answers}) != 2 or not all(a.strip() for a in answers):
             raise ProbingError(f"--answers: give the positive and the negative answer, e.g. yes,no (got {answers})")
         dtype = settings.get("llm_dtype") or ("bfloat16" if device.type == "cuda" else "float32")
-        return {"prompt": prompt, "answers": list(answers), "llm_dtype": dtype}
+        return {"prompt": prompt, "answers": answers, "llm_dtype": dtype}
 
     def __init__(
         self,
