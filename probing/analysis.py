@@ -29,7 +29,7 @@ import numpy as np
 from scipy.stats import kendalltau
 
 from probing.errors import ProbingError
-from probing.records import MetricsRecord, SearchSummary, read_json_file
+from probing.records import NO_PROBE, MetricsRecord, SearchSummary, read_json_file
 from probing.tasks import TaskSpec, get_task
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -37,7 +37,6 @@ CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05
 KENDALL_PROPERTIES = ("train_examples", "mean_area", "mean_centre_distance")
 MIN_KENDALL_CATEGORIES = 3
-NO_PROBE = "none"  # the probe of a run whose answers no probe gave (people's: `probing annotate score`)
 
 
 @dataclass

@@ -233,8 +233,19 @@ def _search(**values: Any) -> None:
     typer.echo(f"  {evaluated}")
 
 
+def _zeroshot(**values: Any) -> None:
+    from probing.settings import from_cli
+    from probing.zeroshot import ZeroShotRequest, run_zeroshot
+
+    result = run_zeroshot(from_cli(ZeroShotRequest, values))
+    record = result.value
+    typer.echo(f"zero-shot run {'already there' if result.reused else 'written'}: {values['out']}")
+    for split in record.splits:
+        typer.echo(f"  {split:4s} {record.metric} {record.summary[split][record.metric]['mean']:.4f}")
+
+
 def _register_derived_commands() -> None:
-    """extract, train, search and data stats: their options derived from the request declarations."""
+    """extract, train, search, zeroshot and data stats: their options derived from the request declarations."""
     from probing.data.types import DataOptions
     from probing.extract import ExtractionSettings
     from probing.models import ModelSource
@@ -243,6 +254,7 @@ def _register_derived_commands() -> None:
     from probing.search_space import SearchSpace
     from probing.settings import cli_parameters, command
     from probing.train import TrainSettings, Trial
+    from probing.zeroshot import ZeroShotSettings
 
     task = _parameter("task", str, help="A registered task (`probing tasks`) or a task YAML file.")
     data = cli_parameters(DataOptions)
@@ -305,6 +317,20 @@ def _register_derived_commands() -> None:
         ],
         _search,
         "Optuna (TPE) search of the probe's hyper-parameters; the best trial is evaluated on test.",
+    )
+    command(
+        app,
+        "zeroshot",
+        [
+            task,
+            *data,
+            *cli_parameters(ModelSource, exclude=["init", "init_seed", "base"]),
+            *cli_parameters(ZeroShotSettings),
+            _parameter("out", Path, help="Run folder to write."),
+        ],
+        _zeroshot,
+        "The model answers without a probe (binary tasks): InstructBLIP prompted through its language model, "
+        "or BLIP-2's image-text matching head; written as a run folder.",
     )
 
 

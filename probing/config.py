@@ -25,6 +25,9 @@ from probing.search import SearchSettings
 from probing.settings import check as check_settings
 from probing.settings import config_fields, config_section, setting
 from probing.train import TrainSettings
+from probing.zeroshot import ZeroShotSettings
+
+ZERO_SHOT = "zeroshot"  # an experiment mode: the model's own answer (`probing zeroshot`), not a search
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,15 +77,20 @@ class SearchConfig(SearchSettings):
     space: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
+# An experiment's `zeroshot` section: ZeroShotSettings' config fields (prompt, answers, llm_dtype ...).
+ZeroShotConfig = config_section("ZeroShotConfig", ZeroShotSettings)
+
+
 @dataclass(frozen=True)
 class Experiment:
     name: str
     tasks: list[str]  # registered task names or task YAML files
     models: list[str]
-    modes: list[Mode] = field(default_factory=lambda: ["frozen"])
+    modes: list[Mode | Literal["zeroshot"]] = field(default_factory=lambda: ["frozen"])
     layers: list[int] | Literal["last", "all"] = "last"
     probes: list[str] = field(default_factory=lambda: ["linear"])  # registered probes
     search: SearchConfig = field(default_factory=SearchConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)  # read by the mode "zeroshot"
 
 
 @dataclass(frozen=True)
@@ -241,11 +249,20 @@ def check(config: Config, paths: bool = True) -> Config:
                 raise ProbingError(
                     f"config field '{where}.tasks[{position}]': {str(error).removeprefix('--task: ')}"
                 ) from None
+            if ZERO_SHOT in experiment.modes and specs[task].head.kind != "binary":
+                raise ProbingError(
+                    f"config field '{where}.tasks[{position}]': the mode {ZERO_SHOT} answers binary tasks; "
+                    f"{specs[task].name} is a {specs[task].head.kind} task"
+                )
         for position, probe in enumerate(experiment.probes):
             probe_kind(probe, f"config field '{where}.probes[{position}]'")
         for position, label in enumerate(experiment.models):
             if label not in config.models:
                 raise ProbingError(f"config field '{where}.models[{position}]': no model '{label}' in 'models'")
+            if ZERO_SHOT in experiment.modes and config.models[label].init != "pretrained":
+                raise ProbingError(
+                    f"config field 'models.{label}.init': the mode {ZERO_SHOT} ({where}) needs the pretrained weights"
+                )
         if isinstance(experiment.layers, list) and any(layer < 1 for layer in experiment.layers):
             raise ProbingError(f"config field '{where}.layers': layers start at 1")
         for name in ("tasks", "models", "modes", "probes", "layers"):  # a repeat would run the same search twice

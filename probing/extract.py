@@ -44,6 +44,7 @@ from probing.features import (
 )
 from probing.locks import claim
 from probing.models import ModelSource, Resampler, load_resampler
+from probing.models.pixels import PixelPipeline
 from probing.records import StageResult
 from probing.settings import check, identity, setting
 from probing.tasks import load_split, task_reference
@@ -159,13 +160,13 @@ def plan_shards(examples: list[Example], shard_size: int) -> list[_Shard]:
     return shards
 
 
-class _Images(Dataset):
+class DecodedImages(Dataset):
     """Decodes and resizes one image per item in a worker (uint8 where normalising on the device is exact,
-    see `PixelPipeline`); a bad image becomes an error string."""
+    see `PixelPipeline`); a bad image becomes an error string. Batches are made by `collate_images`."""
 
-    def __init__(self, paths: list[Path], resampler: Resampler):
+    def __init__(self, paths: list[Path], pixels: PixelPipeline):
         self.paths = paths
-        self.pixels = resampler.pixels
+        self.pixels = pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -178,7 +179,8 @@ class _Images(Dataset):
         return index, self.pixels.host_pixels(image), None
 
 
-def _collate(items):
+def collate_images(items):
+    """(indices, indices of the decoded images, their stacked pixels or None, [(index, error)])."""
     indices = [index for index, _, _ in items]
     pixels = [p for _, p, _ in items if p is not None]
     errors = [(index, error) for index, _, error in items if error is not None]
@@ -299,7 +301,7 @@ def extract_loaded(
             if state.is_main_process:
                 writer.reopen(damaged)
             state.wait_for_everyone()
-        _check_images_exist(data.examples, request.skip_bad_images)
+        check_images_exist(data.examples, request.skip_bad_images)
         state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
         if state.is_main_process:
             writer.prepare()
@@ -347,7 +349,7 @@ def extract_loaded(
             lock.release()
 
 
-def _check_images_exist(examples: list[Example], skip_bad_images: bool) -> None:
+def check_images_exist(examples: list[Example], skip_bad_images: bool) -> None:
     """Fail before any work when images are missing (cheap existence checks), unless told to skip them."""
     paths = sorted({e.image_path for e in examples})
     missing = [p for p in paths if not p.is_file()]
@@ -392,10 +394,10 @@ def _run_shards(
         offset += len(shard.images)
     workers = default_workers() if request.workers is None else request.workers
     loader = DataLoader(
-        _Images(paths, resampler),
+        DecodedImages(paths, resampler.pixels),
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_images,
         pin_memory=device.type == "cuda",
     )
     batch_iterator = iter(loader)

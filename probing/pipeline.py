@@ -2,13 +2,14 @@
 
     data (or the demo dataset) -> RCM (built when needed) -> models (tiny checkpoints written when asked) ->
     feature stores per model x task x split -> one search per experiment x task x model x mode x layer x probe
-    -> the report
+    (the mode "zeroshot": one zero-shot run per experiment x task x model, no store, no search) -> the report
 
 Layout under the workspace:
 
     data/  rcm/  models/tiny-<family>/
     features/<model>/<task>/<layers>/<split>         (<layers>: e.g. layers-12-vision, layers-all)
     runs/<experiment>/<model>/<task>/<mode>/layer<L>-<probe>/     (a search folder; best/ inside)
+    runs/<experiment>/<model>/<task>/zeroshot/                    (a zero-shot run folder)
     report-<config name>/                            (README.md, tables/, figures/)
 
 A second run with the same config recomputes nothing: every stage reports that it reused its output, and
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from probing.config import Config, Experiment, search_space
+from probing.config import ZERO_SHOT, Config, Experiment, search_space
 from probing.data.rcm import build_rcm
 from probing.data.synthetic import demo_data_options, make_demo_data
 from probing.data.types import DataOptions
@@ -31,16 +32,18 @@ from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
 from probing.models import ModelSource, qformer_layers
 from probing.models.tiny import ensure_checkpoint
-from probing.records import StageResult
+from probing.records import NO_PROBE, StageResult
 from probing.report import write_report
 from probing.search import SearchRequest, SearchSettings, run_search
 from probing.tasks import TaskSpec, get_task
 from probing.train import TrainSettings
+from probing.zeroshot import ZeroShotRequest, run_zeroshot
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One search: an experiment's task x model x mode x layer x probe."""
+    """One search: an experiment's task x model x mode x layer x probe (the mode "zeroshot": one zero-shot run,
+    on the model's last layer, with no probe)."""
 
     experiment: Experiment
     task: str  # the task's reference as the config gives it (a name or a YAML file)
@@ -59,6 +62,7 @@ class RunSummary:
     built: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     reused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     searches: list[Path] = field(default_factory=list)
+    zeroshot: list[Path] = field(default_factory=list)
     report: Path | None = None
 
     def count(self, stage: str, result: StageResult) -> StageResult:
@@ -136,6 +140,9 @@ def plan(config: Config, depth: dict[str, int]) -> list[Unit]:
                     )
             for task in experiment.tasks:
                 for mode in experiment.modes:
+                    if mode == ZERO_SHOT:
+                        units.append(Unit(experiment, task, label, mode, depth[label], NO_PROBE))
+                        continue
                     for layer in layers:
                         for probe in experiment.probes:
                             units.append(Unit(experiment, task, label, mode, layer, probe))
@@ -147,6 +154,8 @@ def store_layouts(units: list[Unit], depth: dict[str, int]) -> dict[tuple[str, s
     need; tasks that share their examples (`TaskSpec.examples_from`) share their stores."""
     needs: dict[tuple[str, str], tuple[str, set[int], bool]] = {}
     for unit in units:
+        if unit.mode == ZERO_SHOT:  # the model answers from the images themselves
+            continue
         key = (unit.model, unit.spec.examples_name)
         task, layers, vision = needs.get(key, (unit.task, set(), False))
         if unit.mode == "frozen":
@@ -261,6 +270,26 @@ def search_request(
     )
 
 
+def zeroshot_request(
+    config: Config, unit: Unit, sources: dict[str, ModelSource], options: dict[str, DataOptions], progress: bool = True
+) -> ZeroShotRequest:
+    """The zero-shot run of one unit: the experiment's `zeroshot` settings, the model under its label."""
+    spec = unit.spec
+    out = config.workspace / "runs" / unit.experiment.name / unit.model / spec.name / ZERO_SHOT
+    settings = {f.name: getattr(unit.experiment.zeroshot, f.name) for f in fields(unit.experiment.zeroshot)}
+    if settings["workers"] is None:
+        settings["workers"] = config.extract.workers
+    settings["label"] = settings["label"] or unit.model
+    return ZeroShotRequest(
+        **vars(sources[unit.model]),
+        **settings,
+        device=config.device,
+        progress=progress,
+        data=options[unit.task],
+        out=out,
+    )
+
+
 def run_config(config: Config, say: Callable[[str], None] = print, progress: bool = True) -> RunSummary:
     """Run a config end to end; returns what was built and reused, the searches and the report."""
     summary = RunSummary()
@@ -282,13 +311,22 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
             summary.count("features", extract(request))
         stores[(label, examples)] = folder
     for unit in units:
+        if unit.mode == ZERO_SHOT:
+            request = zeroshot_request(config, unit, sources, options, progress)
+            say(f"zero-shot {unit.experiment.name}: {unit.model} {unit.spec.name} -> {request.out}")
+            summary.count("zero-shot runs", run_zeroshot(request))
+            summary.zeroshot.append(request.out)
+            continue
         request = search_request(config, unit, sources, options, stores[(unit.model, unit.spec.examples_name)])
         say(f"search {unit.experiment.name}: {unit.model} {unit.spec.name} {unit.mode} layer {unit.layer} {unit.probe}")
         summary.count("searches", run_search(request))
         summary.searches.append(request.out)
     say(f"report -> {config.report_dir}")
     write_report(
-        summary.searches, config.report_dir, compare_paper=config.report.compare_paper, only=config.report.tables
+        summary.searches + summary.zeroshot,
+        config.report_dir,
+        compare_paper=config.report.compare_paper,
+        only=config.report.tables,
     )
     summary.report = config.report_dir
     return summary

@@ -18,7 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from probing.analysis import NO_PROBE, RunResults, last_layer_runs, overall, per_category  # noqa: E402
+from probing.analysis import RunResults, last_layer_runs, overall, per_category  # noqa: E402
+from probing.records import NO_PROBE  # noqa: E402
 
 METRIC_LABELS = {"acc@0.5": "Acc@0.5 (%)", "accuracy": "accuracy (%)"}
 MODE_COLOURS = {"frozen": "#4C72B0", "unfrozen": "#DD8452", "human": "#55A868"}

@@ -24,6 +24,14 @@ T = TypeVar("T")
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"
 
+# The `mode` and `probe` a run folder's manifest records for the runs that train no probe: a model answering a prompt
+# through its language model (InstructBLIP), a model's own image-text matching head (BLIP-2), and people's answers
+# (`probing annotate score`, the human baseline).
+ZERO_SHOT_PROMPT = "zero-shot prompt"
+ITM_HEAD = "ITM head"
+HUMAN = "human"
+NO_PROBE = "none"
+
 
 @dataclass(frozen=True)
 class StageResult(Generic[T]):
@@ -99,7 +107,8 @@ class SeedRun:
         splits = (
             {key: value for key, value in data.items() if key not in _SEED_FIELDS} if isinstance(data, dict) else {}
         )
-        if not splits or not all(isinstance(v, dict) for v in splits.values()):  # probe runs: val first
+        # a run evaluates val and its task's reported splits; a zero-shot run may score any of them alone
+        if not splits or not all(isinstance(v, dict) for v in splits.values()):
             raise ProbingError(f"{where}: no metrics per split")
         return cls(
             seed=_field(data, "seed", int, where),

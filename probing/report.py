@@ -28,7 +28,6 @@ from typing import Any
 from probing.analysis import (
     KENDALL_PROPERTIES,
     MIN_KENDALL_CATEGORIES,
-    NO_PROBE,
     Estimate,
     RunResults,
     deduplicate,
@@ -45,9 +44,10 @@ from probing.errors import ProbingError
 from probing.locks import one_writer
 from probing.plots import category_figure, per_layer_figure
 from probing.probes import PROBES
+from probing.records import HUMAN, ITM_HEAD, NO_PROBE, ZERO_SHOT_PROMPT
 from probing.tasks import TaskSpec, registered_tasks
 
-MODES = ("frozen", "unfrozen", "human")
+MODES = ("frozen", "unfrozen", ZERO_SHOT_PROMPT, ITM_HEAD, HUMAN)  # Table 1's rows per model, in this order
 PROPERTY_NAMES = {
     "train_examples": "train examples",
     "mean_area": "mean box area",
@@ -168,13 +168,28 @@ def _columns(runs: Iterable[RunResults]) -> list[tuple[str, str]]:
     )
 
 
+def _table1_runs(runs: Sequence[RunResults]) -> dict[tuple[str, str, str], RunResults]:
+    """Table 1's runs: linear probes on the last layer, and the zero-shot baselines (no probe) beside them."""
+    return last_layer_runs(list(runs)) | last_layer_runs(list(runs), NO_PROBE)
+
+
+def _modes(chosen: dict[tuple[str, str, str], RunResults]) -> list[str]:
+    """The row order of a model's modes: `MODES`, then any other (a plug-in's zero-shot method) by name."""
+    return [*MODES, *sorted({mode for _, mode, _ in chosen} - set(MODES))]
+
+
+def _people(chosen: dict[tuple[str, str, str], RunResults]) -> set[str]:
+    """The labels whose runs are all people's answers: their rows come after every model's."""
+    return {label for label, _, _ in chosen if all(run.mode == HUMAN for key, run in chosen.items() if key[0] == label)}
+
+
 def _column_title(run: RunResults) -> str:
     return f"{run.column} ({run.spec.head.metric_label})"
 
 
 @register_table("table1")
 def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
-    chosen = last_layer_runs(runs)
+    chosen = _table1_runs(runs)
     if not chosen:
         return None
     columns = {run.column: run for run in chosen.values()}
@@ -185,10 +200,10 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
         "Table 1: test accuracy, linear probe on the last layer (%)",
         ["model", "mode", *[_column_title(columns[c]) for c in order]],
     )
-    unprobed = {key[0] for key, run in chosen.items() if run.probe == NO_PROBE}  # the Human row comes last
-    models = sorted({key[0] for key in chosen}, key=lambda model: (model in unprobed, model))
+    people = _people(chosen)  # the Human row comes last
+    models = sorted({key[0] for key in chosen}, key=lambda model: (model in people, model))
     for model in models:
-        for mode in MODES:
+        for mode in _modes(chosen):
             if not any((model, mode, c) in chosen for c in order):
                 continue
             estimates = {c: overall(chosen[(model, mode, c)]) if (model, mode, c) in chosen else None for c in order}
@@ -213,7 +228,9 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     table.notes.append(
         "mean [95% bootstrap CI over test examples] ±std over seeds" + (f"; layers used: {layers}" if layers else "")
     )
-    if unprobed:
+    if any(run.probe == NO_PROBE and run.mode != HUMAN for run in chosen.values()):
+        table.notes.append(f"{ZERO_SHOT_PROMPT}, {ITM_HEAD}: the model's own answer, no probe (`probing zeroshot`)")
+    if any(run.mode == HUMAN for run in chosen.values()):
         table.notes.append(
             "human rows: annotators' answers (probing annotate score) after the paper's exclusions, each kept "
             "answer one example of the interval"
@@ -243,7 +260,7 @@ def _category_names(specs: Iterable[TaskSpec]) -> list[str]:
 def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[Table]:
     """Accuracy per category of each task and split (Table 2 is VSR's), last layer, linear probe."""
     tables = []
-    chosen_all = last_layer_runs(runs)
+    chosen_all = _table1_runs(runs)
     for task, split in _columns(chosen_all.values()):
         chosen = {key: run for key, run in chosen_all.items() if (run.task, run.split) == (task, split)}
         first = next(iter(chosen.values()))
@@ -257,7 +274,11 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
             else f"{first.column} {spec.head.metric_title} per {spec.category} (%)"
         )
         table = Table(name, title, ["model", "mode", *columns])
-        for (model, mode, _), run in sorted(chosen.items(), key=lambda pair: (pair[1].probe == NO_PROBE, pair[0])):
+        modes = _modes(chosen)
+        people = _people(chosen)
+        for (model, mode, _), run in sorted(
+            chosen.items(), key=lambda item: (item[0][0] in people, item[0][0], modes.index(item[0][1]))
+        ):
             estimates = per_category(run)
             table.rows.append([model, mode, *[cell(estimates.get(c)) for c in columns]])
             table.records += [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items()]
@@ -408,7 +429,7 @@ def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table |
     false captions, whatever its threshold."""
     chosen = {
         key: run
-        for key, run in last_layer_runs(runs).items()
+        for key, run in _table1_runs(runs).items()
         if run.spec.head.kind == "binary" and "probability" in run.metadata[0]  # human answers have none
     }
     if not chosen:
@@ -417,7 +438,7 @@ def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table |
     order = [titles[key] for key in _columns(chosen.values())]
     table = Table("roc_auc", "ROC-AUC of the binary tasks, linear probe on the last layer", ["model", "mode", *order])
     for model in sorted({key[0] for key in chosen}):
-        for mode in MODES:
+        for mode in _modes(chosen):
             found = {c: chosen.get((model, mode, c)) for c in order}
             if not any(found.values()):
                 continue

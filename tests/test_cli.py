@@ -255,9 +255,12 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
         "| BLIP-2 (tiny random) | unfrozen |",
         "| InstructBLIP (tiny random) | frozen |",
         "| InstructBLIP (tiny random) | unfrozen |",
+        "| InstructBLIP (tiny random) | zero-shot prompt |",
+        "| BLIP-2 (tiny random) | ITM head |",
     ):
         assert row in out
     assert "searches: 34 built, 0 reused" in out and "not the paper's numbers" in out
+    assert "zero-shot runs: 4 built, 0 reused" in out
     report = tmp_path / "demo" / "report-demo"
     assert f"report: {report / 'README.md'}" in out
     readme = (report / "README.md").read_text()
@@ -277,5 +280,6 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
     code, out, err = run_cli(capsys, "demo", *reduced)
     assert code == 0, err
     assert "searches: 0 built, 34 reused" in out and "features: 0 built, 18 reused" in out
+    assert "zero-shot runs: 0 built, 4 reused" in out
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}  # all reused
     assert tables == {p.name: p.read_bytes() for p in (report / "tables").iterdir()}  # identical results

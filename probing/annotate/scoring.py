@@ -39,13 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from probing.analysis import NO_PROBE, estimate
+from probing.analysis import estimate
 from probing.annotate.store import AnnotationStore
 from probing.artifacts import PARTIAL_MARK, code_version, existing_output_matches, staged_directory, write_json
 from probing.errors import ProbingError
-from probing.records import MetricsRecord, SeedRun, StageResult
+from probing.records import HUMAN, NO_PROBE, MetricsRecord, SeedRun, StageResult
 
-HUMAN_MODE = "human"
 HUMAN_RUN_VERSION = 1
 HUMAN_FILE = "human.json"
 EXCLUSION_RULES: dict[str, Callable[[dict[str, Any]], bool]] = {
@@ -92,13 +91,13 @@ def human_run_identity(identity: dict[str, Any], description: dict[str, Any], an
     return {
         "kind": "human-run",
         "format_version": HUMAN_RUN_VERSION,
-        "mode": HUMAN_MODE,
+        "mode": HUMAN,
         "task": description["task"],
         "split": description["split"],
         "layer": 0,  # no resampler layer is read
         "probe": NO_PROBE,
         "label": label,
-        "inputs": {"model": {"family": HUMAN_MODE}, "study": identity, "answers": _answers_hash(answers)},
+        "inputs": {"model": {"family": HUMAN}, "study": identity, "answers": _answers_hash(answers)},
     }
 
 

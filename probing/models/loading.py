@@ -65,7 +65,7 @@ class ModelSource:
         return check(self)
 
 
-def _load_config(source: CheckpointSource):
+def load_config(source: CheckpointSource):
     from transformers import AutoConfig
 
     config_path = source.file("config.json")
@@ -76,10 +76,14 @@ def _load_config(source: CheckpointSource):
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json", "added_tokens.json")
+# A language model's tokenizer (Llama's SentencePiece model beside or instead of tokenizer.json)
+LLM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json")
 
 
-def _load_tokenizer(source: CheckpointSource, family: BackendFamily):
-    """The Q-Former's tokenizer from the family's tokenizer folder.
+def load_tokenizer(
+    source: CheckpointSource, folder: str, files: tuple[str, ...] = TOKENIZER_FILES, what: str = "Q-Former tokenizer"
+):
+    """A tokenizer from a folder of a checkpoint ("": its root).
 
     Its files are fetched one by one through the checkpoint source and loaded from the resulting folder,
     so a Hub repo and a local folder take the same path (transformers' own Hub lookup with `subfolder`
@@ -87,19 +91,22 @@ def _load_tokenizer(source: CheckpointSource, family: BackendFamily):
     """
     from transformers import AutoTokenizer
 
-    prefix = f"{family.tokenizer_folder}/" if family.tokenizer_folder else ""
+    prefix = f"{folder}/" if folder else ""
     config_file = source.file(f"{prefix}tokenizer_config.json")
-    for name in TOKENIZER_FILES:
+    for name in files:
         source.file(prefix + name, required=False)
     try:
         return AutoTokenizer.from_pretrained(config_file.parent)
     except (OSError, ValueError) as error:
-        raise ProbingError(
-            f"{config_file.parent}: cannot load the Q-Former tokenizer ({str(error).splitlines()[0]})"
-        ) from None
+        raise ProbingError(f"{config_file.parent}: cannot load the {what} ({str(error).splitlines()[0]})") from None
 
 
-def _load_image_processor(source: CheckpointSource, config):
+def _load_tokenizer(source: CheckpointSource, family: BackendFamily):
+    """The Q-Former's tokenizer from the family's tokenizer folder."""
+    return load_tokenizer(source, family.tokenizer_folder or "")
+
+
+def load_image_processor(source: CheckpointSource, config):
     """The checkpoint's own processor with the PIL backend (LAVIS-exact pixels), else BLIP's defaults."""
     from transformers import AutoImageProcessor
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -181,7 +188,7 @@ def _random_resampler(
     return resampler
 
 
-def _is_lavis_file(spec: str) -> bool:
+def is_lavis_file(spec: str) -> bool:
     """A `.pth`/`.pt` spec is a LAVIS file unless it names a folder; a missing one must not become a Hub id."""
     return spec.endswith((".pth", ".pt")) and not Path(spec).is_dir()
 
@@ -214,7 +221,7 @@ def load_resampler(
     if requested is not None:
         family_named(requested)  # an unknown --family is named before anything is read
     lavis_state = None
-    if _is_lavis_file(spec):
+    if is_lavis_file(spec):
         lavis_state = read_lavis_checkpoint(Path(spec))  # a missing file: "<spec>: file not found"
         lavis_family = _lavis_family(lavis_state, requested, spec)
         requested = lavis_family.name
@@ -223,14 +230,14 @@ def load_resampler(
         if source.base is not None:
             raise ProbingError("--base is only used with a LAVIS .pth checkpoint")
         checkpoint = CheckpointSource(spec, source.revision)
-    config = _load_config(checkpoint)
+    config = load_config(checkpoint)
     family = family_for_config(config, checkpoint.name_or_path, requested)
     cls = family.resampler
     tokenizer = None
     if family.reads_text:
         tokenizer = _load_tokenizer(checkpoint, family)
         _check_tokenizer(tokenizer, config, checkpoint.name_or_path)
-    processor = _load_image_processor(checkpoint, config)
+    processor = load_image_processor(checkpoint, config)
     identity: dict[str, Any] = {
         "family": family.name,
         "source": f"lavis:{Path(spec).resolve()}" if lavis_state is not None else checkpoint.name_or_path,
@@ -281,9 +288,9 @@ def qformer_layers(source: ModelSource | str, **fields: Any) -> int:
         source = ModelSource(model=source, **fields)
     aliased, spec = resolve_alias(source.required().model)
     requested = source.family or (aliased.name if aliased is not None else None)
-    if _is_lavis_file(spec):
+    if is_lavis_file(spec):
         family = _lavis_family(read_lavis_checkpoint(Path(spec)), requested, spec)  # keys only: memory-mapped
         spec, requested = source.base or family.default_checkpoint, family.name
     checkpoint = CheckpointSource(spec, source.revision)
-    config = _load_config(checkpoint)
+    config = load_config(checkpoint)
     return family_for_config(config, checkpoint.name_or_path, requested).resampler.layers_in(config)

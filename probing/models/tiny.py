@@ -15,6 +15,12 @@ size and with random weights. Two uses:
 The tokenizer vocabulary is generated (we cannot ship bert-base-uncased's): special tokens at BERT's ids,
 whole words used by the demo data and common English, then single characters and `##` pieces so that
 any text tokenizes. `[DEC]` is added as the BOS token, as LAVIS and the HF conversion do.
+
+InstructBLIP's language model gets a tokenizer of its own in the checkpoint's root, as on the Hub (the
+Q-Former's stays in `qformer_tokenizer/`): a word-level tokenizer (the `tokenizers` library) over exactly the
+LLM's vocabulary, with Llama's special tokens at Llama's ids (`<unk>` 0, `<s>` 1, `</s>` 2), a BOS token
+before every text, left padding, and `<image>` at the config's `image_token_index`. It is enough for the
+zero-shot prompt (`probing zeroshot`) to run the real classes end to end; words outside it read as `<unk>`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from probing.records import StageResult
 
 FAMILIES = ("blip2", "instructblip")
 QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"  # where InstructBLIP repos keep the Q-Former's BERT tokenizer
+LLM_TOKENIZER_FILE = "tokenizer_config.json"  # in an InstructBLIP checkpoint's root: its LLM's tokenizer
 REAL_VOCAB_SIZE = 30522  # bert-base-uncased, before [DEC]
 
 _WORDS = """
@@ -70,6 +77,45 @@ def write_tokenizer(out: Path, real_size: bool):
     tokenizer = BertTokenizerFast(vocab=str(vocab_file), do_lower_case=True)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     assert tokenizer.pad_token_id == 0
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+# The LLM tokenizer's words: the zero-shot prompt's and answers' first, then the demo data's.
+_PROMPT_WORDS = """
+. , ' " : ? ! ( ) - question short answer based on image is this statement true false yes no
+""".split()
+
+
+def write_llm_tokenizer(out: Path, vocab_size: int, image_token_index: int):
+    """A word-level tokenizer over exactly `vocab_size` ids for a Llama language model, saved to `out` (see
+    the module docstring); returns it."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]  # Llama's ids for the first three (LlamaConfig's bos 1, eos 2)
+    words = list(dict.fromkeys(_PROMPT_WORDS + _WORDS))
+    ordinary = vocab_size - len(specials) - 1  # one id left for <image>
+    words = (words + [f"[unused{i}]" for i in range(max(0, ordinary - len(words)))])[:ordinary]
+    tokens = specials + words
+    tokens.insert(image_token_index, "<image>")
+    assert len(tokens) == vocab_size and tokens[image_token_index] == "<image>"
+    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    # BERT's normaliser: lower case, control characters dropped (so a text of them tokenizes to nothing)
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=False, strip_accents=False, lowercase=True
+    )
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.add_special_tokens(["<s>", "</s>", "<unk>", "<pad>", "<image>"])  # matched whole, at their ids
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+    )
     tokenizer.save_pretrained(out)
     return tokenizer
 
@@ -164,6 +210,8 @@ def write_checkpoint(
     tokenizer = write_tokenizer(tokenizer_dir, real_size=size == "real")
     config = build_config(family, size, vocab_size=len(tokenizer))
     _image_processor(config.vision_config.image_size).save_pretrained(out)
+    if family == "instructblip":
+        write_llm_tokenizer(out, config.text_config.vocab_size, config.image_token_index)
     if not weights:
         config.save_pretrained(out)
         return out
@@ -192,8 +240,30 @@ def ensure_checkpoint(out: Path, family: str, seed: int = 0) -> StageResult[Path
     identity = {"kind": "tiny-checkpoint", "family": family, "seed": seed, "size": "tiny"}
     with one_writer(out):  # one writer: another worker writing it is waited for, then reused
         if existing_output_matches(out, identity, "checkpoint"):
+            if family == "instructblip" and not (out / LLM_TOKENIZER_FILE).is_file():
+                _add_llm_tokenizer(out)
             return StageResult(out, out, "reused")
         with staged_directory(out) as staging:
             write_checkpoint(staging, family, seed=seed)
             write_json(staging / "manifest.json", identity)
         return StageResult(out, out, "built")
+
+
+def _add_llm_tokenizer(out: Path) -> None:
+    """Give a tiny InstructBLIP checkpoint written before its LLM tokenizer existed that tokenizer, leaving every
+    other file as it is (its weights, hence every store and run made from it, stay valid). Written aside and
+    moved in with `tokenizer_config.json` last, the file whose presence says the tokenizer is there."""
+    import json
+    import os
+    import shutil
+
+    config = json.loads((out / "config.json").read_text())
+    staging = out / f".llm-tokenizer.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write_llm_tokenizer(staging, config["text_config"]["vocab_size"], config["image_token_index"])
+        names = sorted(p.name for p in staging.iterdir() if p.name != LLM_TOKENIZER_FILE) + [LLM_TOKENIZER_FILE]
+        for name in names:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
