@@ -208,7 +208,8 @@ def _search(**values: Any) -> None:
     summary = result.value
     best, metric = summary.best, summary.metric
     typer.echo(
-        f"search {'already there' if result.reused else 'written'}: {values['out']} ({summary.trials_complete} trials)"
+        f"search {'already there' if result.reused else 'written'}: {values['out']} ({summary.trials_complete} trials"
+        + (", control task)" if request.control else ")")
     )
     typer.echo(f"  best trial {best['number']}: {json.dumps(best['params'], sort_keys=True)}")
     evaluated = "   ".join(
@@ -217,6 +218,42 @@ def _search(**values: Any) -> None:
         if isinstance(best[split], dict) and metric in best[split]
     )
     typer.echo(f"  {evaluated}")
+
+
+def _mdl(**values: Any) -> None:
+    from probing.mdl import MdlRequest, run_mdl
+    from probing.records import SearchSummary
+    from probing.settings import from_cli
+    from probing.tasks import get_task
+
+    search = values.pop("from_search")
+    if search is not None:  # the hyper-parameters of a search's best trial
+        if values["lr"] is not None or values["epochs"] is not None:
+            raise ProbingError("--from-search: give it or --lr and --epochs, not both")
+        summary = SearchSummary.read(search)
+        asked = (get_task(values["task"]).name, values["layer"], values["probe"])
+        if (summary.task, summary.layer, summary.probe) != asked:
+            raise ProbingError(
+                f"--from-search: {search} searched {summary.task} layer {summary.layer} {summary.probe}, "
+                f"not {asked[0]} layer {asked[1]} {asked[2]}"
+            )
+        params = summary.best["params"]
+        if "lr" not in params:
+            raise ProbingError(f"--from-search: {search} found no learning rate (a {summary.probe} search)")
+        values |= {
+            "lr": params["lr"],
+            "epochs": params["epochs"],
+            **{name: params[name] for name in ("giou_scale", "l1_scale") if name in params},
+        }
+    request = from_cli(MdlRequest, values)
+    result = run_mdl(request)
+    record = result.value
+    typer.echo(f"mdl {'already there' if result.reused else 'written'}: {values['out']}")
+    typer.echo(
+        f"  {record.task}{' (control task)' if record.control else ''} layer {record.layer}: online codelength "
+        f"{record.online_bits / 1000:.2f} kbits, uniform {record.uniform_bits / 1000:.2f} kbits, "
+        f"compression {record.compression:.2f} ({record.examples} train examples, {len(record.ends)} blocks)"
+    )
 
 
 def _register_derived_commands() -> None:
@@ -291,6 +328,28 @@ def _register_derived_commands() -> None:
         ],
         _search,
         "Optuna (TPE) search of the probe's hyper-parameters; the best trial is evaluated on test.",
+    )
+    from probing.mdl import MdlRequest
+
+    command(
+        app,
+        "mdl",
+        [
+            task,
+            *data,
+            _parameter("layer", int, help="Q-Former layer to probe (1..12 for the real models)."),
+            *cli_parameters(MdlRequest),
+            *cli_parameters(TrainSettings),
+            *cli_parameters(Trial, exclude=["logreg_c"], optional=["lr", "epochs"]),
+            _parameter("seed", int, 0, help="Initialisation seed of every prefix's probe."),
+            _parameter(
+                "from_search", Path | None, None, help="Take lr, epochs and loss scales from this search's best trial."
+            ),
+            _parameter("out", Path, help="MDL folder to write (mdl.json, manifest.json)."),
+        ],
+        _mdl,
+        "MDL by the online code (Voita & Titov, 2020): codelength and compression of the train targets, "
+        "prefix probes trained in one batched pass.",
     )
 
 
