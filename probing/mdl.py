@@ -166,7 +166,20 @@ def train_prefixes(
     stoppers = [EarlyStopping([trial], settings.effective_patience, head.direction) for _ in ends]
     best = {name: p.detach().clone() for name, p in bank.named_parameters()}
     histories: list[list[dict[str, float]]] = [[] for _ in ends]
-    epoch, position, steps_done = [0] * count, [0] * count, [0] * count
+    lr_table = torch.tensor(
+        [
+            [
+                trial.lr * schedule_factor(s, total, settings.warmup_fraction) if s <= total else 0.0
+                for total in total_steps
+            ]
+            for s in range(1, max(total_steps) + 1)
+        ],
+        dtype=torch.float32,
+        device=device,
+    )
+    on_device = _DeviceIndices(count, device)
+    step = 0
+    epoch, position = [0] * count, [0] * count
     order: list[torch.Tensor | None] = [None] * count
     loss_sums: list[torch.Tensor | None] = [None] * count
     training = [True] * count
@@ -192,19 +205,16 @@ def train_prefixes(
             local = torch.stack([rows[k] for k in members])  # [K', size], positions within the prefixes
             inputs = features.index_select(0, row_of[local.flatten()]).view(len(members), size, -1)
             with torch.autocast(**autocast):
-                predictions = bank.forward_each(inputs, torch.tensor(members, device=device))
+                predictions = bank.forward_each(inputs, on_device.indices(members))
             losses = head.loss(predictions, targets[local], weights)
             losses.sum().backward()  # probes share no parameter: each gradient is its own probe's
             for k, loss in zip(members, losses.detach(), strict=True):
                 loss_sums[k] += loss
-        lrs = torch.zeros(count, dtype=torch.float32)
-        on = torch.zeros(count, dtype=torch.bool)
-        for k in active:
-            steps_done[k] += 1
-            lrs[k] = trial.lr * schedule_factor(steps_done[k], total_steps[k], settings.warmup_fraction)
-            on[k] = True
-        optimizer.step(lrs.to(device), on.to(device))
+        # Every probe steps at every global step from the first until it stops, so its own step is the global
+        # one and its learning rate a row of one table on the device (no per-step host copy).
+        optimizer.step(lr_table[step], on_device(active))
         bank.zero_grad(set_to_none=True)
+        step += 1
         ending = []
         for k in active:
             position[k] += 1
@@ -237,6 +247,28 @@ def train_prefixes(
             )
         )
     return results
+
+
+class _DeviceIndices:
+    """Device copies of probe index lists and of on/off masks, made once per distinct list (the set of active
+    probes changes only when one stops), so the training loop copies nothing to the device per step."""
+
+    def __init__(self, count: int, device: torch.device):
+        self.count, self.device = count, device
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def indices(self, members: Sequence[int]) -> torch.Tensor:
+        key = tuple(members)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(key, device=self.device)
+        return self._indices[key]
+
+    def __call__(self, active: Sequence[int]) -> torch.Tensor:
+        key = tuple(active)
+        if key not in self._masks:
+            self._masks[key] = torch.tensor([k in key for k in range(self.count)], device=self.device)
+        return self._masks[key]
 
 
 def _validate(

@@ -19,6 +19,7 @@ from scipy.stats import laplace
 from probing.analysis import paired_difference
 from probing.controls import MetadataType, stable_uniform
 from probing.data.types import Example
+from probing.errors import ProbingError
 from probing.heads import BinaryHead, BoxHead
 from probing.mdl import PORTIONS, block_ends, codelength, online_code, reordered, transmission_order
 from probing.metrics import BOX_CODE_BINS, discretised_laplace_bits
@@ -343,3 +344,205 @@ def test_box_head_code_bits_are_coordinate_sums():
     bits = head.code_bits(outputs, targets, outputs, targets)  # a perfect reference: the scale floor, half a bin
     per_coordinate = discretised_laplace_bits(torch.tensor(0.5), torch.tensor(0.5), torch.tensor(0.5 / BOX_CODE_BINS))
     assert torch.allclose(bits, 4 * per_coordinate.expand(3)) and head.uniform_bits == 4 * math.log2(BOX_CODE_BINS)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@pytest.fixture(scope="module")
+def vsr_stores(tiny_checkpoints, demo_options, tmp_path_factory):
+    """Layer 4 of the tiny BLIP-2 on the demo's VSR, as trained and with re-drawn (random) weights."""
+    from probing.data import DataOptions
+    from probing.extract import ExtractionRequest, extract
+
+    root = tmp_path_factory.mktemp("rigour")
+    options = DataOptions(task="vsr", **demo_options["vsr"])
+    for name, init in (("trained", "pretrained"), ("random", "random")):
+        for split in ("train", "val", "test"):
+            extract(
+                ExtractionRequest(
+                    model=str(tiny_checkpoints["blip2"]),
+                    init=init,
+                    data=options,
+                    split=split,
+                    out=root / name / split,
+                    layers="4",
+                    workers=0,
+                    progress=False,
+                )
+            )
+    return root
+
+
+def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_options, tmp_path):
+    from conftest import run_cli
+
+    from probing.data import DataOptions
+    from probing.records import MdlRecord
+    from probing.tasks import load_split
+
+    search = ["search", "--task", "vsr", "--layer", 4, "--device", "cpu", "--trials", 2, "--batch", 2]
+    search += ["--lr-range", "0.001,0.03", "--epochs", "5", "--final-seeds", "0,1"]
+    runs = tmp_path / "runs"
+    for name, features, extra in (
+        ("task", "trained", []),
+        ("control", "trained", ["--control"]),
+        ("random", "random", []),
+    ):
+        code, out, err = run_cli(capsys, *search, "--features", vsr_stores / features, *extra, "--out", runs / name)
+        assert code == 0, err
+        assert ("control task" in out) == (name == "control")
+    task_manifest = json.loads((runs / "task" / "manifest.json").read_text())
+    control_manifest = json.loads((runs / "control" / "manifest.json").read_text())
+    assert "control" not in task_manifest and "control_seed" not in task_manifest  # identities made before stay
+    assert control_manifest["control"] is True and "control_seed" not in control_manifest  # seed 0: omitted
+    assert json.loads((runs / "control" / "best" / "manifest.json").read_text())["control"] is True
+    # the control's test labels: a label per (subject, object), drawn at the train labels' rate
+    train = load_split(DataOptions(task="vsr", **demo_options["vsr"]), "train").examples
+    rate = np.mean([example.label for example in train])
+    records = [json.loads(line) for line in (runs / "control" / "best" / "predictions" / "test.jsonl").open()]
+    assert len(records) == 2 * len({record["id"] for record in records})  # two final seeds
+    for record in records:
+        assert record["label"] == int(stable_uniform(0, (record["subject"], record["object"])) < rate)
+    # a control request never reuses (or overwrites) the task's folder
+    code, _, err = run_cli(capsys, *search, "--features", vsr_stores / "trained", "--control", "--out", runs / "task")
+    assert code == 2 and err.startswith("error: ") and "control" in err and len(err.strip().splitlines()) == 1
+    # the online codes, with the searches' best trials
+    mdl = ["mdl", "--task", "vsr", "--layer", 4, "--device", "cpu", "--features", vsr_stores / "trained"]
+    code, out, err = run_cli(capsys, *mdl, "--from-search", runs / "task", "--out", runs / "task-mdl")
+    assert code == 0, err
+    assert "compression" in out and "kbits" in out
+    code, out, err = run_cli(
+        capsys, *mdl, "--control", "--from-search", runs / "control", "--out", runs / "control-mdl"
+    )
+    assert code == 0, err
+    record = MdlRecord.read(runs / "task-mdl")
+    assert record.control is False and MdlRecord.read(runs / "control-mdl").control is True
+    assert record.online_bits == pytest.approx(
+        record.ends[0] * record.uniform_bits_per_example + sum(sum(block) for block in record.example_bits)
+    )
+    assert record.uniform_bits == record.examples and record.ends[-1] == record.examples  # 1 bit per label
+    best = json.loads((runs / "task" / "summary.json").read_text())["best"]["params"]
+    assert json.loads((runs / "task-mdl" / "manifest.json").read_text())["trial"]["lr"] == best["lr"]
+    code, out, _ = run_cli(capsys, *mdl, "--from-search", runs / "task", "--out", runs / "task-mdl")
+    assert code == 0 and "already there" in out
+    # the report: one rigour row, every cell filled
+    code, out, err = run_cli(capsys, "report", runs, "--out", tmp_path / "report")
+    assert code == 0, err
+    table = (tmp_path / "report" / "tables" / "rigor.md").read_text().splitlines()
+    assert table[2].startswith("| model | task | mode | layer | probe | accuracy (%) | control (%) | selectivity")
+    rows = [line for line in table if line.startswith("| BLIP-2")]
+    assert len(rows) == 1 and "–" not in rows[0]  # the random-weights model has a row of its own only with more
+    import pandas as pd
+
+    numbers = pd.read_csv(tmp_path / "report" / "tables" / "rigor.csv").iloc[0]
+    assert numbers["selectivity_mean"] == pytest.approx(numbers["accuracy_mean"] - numbers["control_mean"])
+    assert numbers["selectivity_ci_low"] <= numbers["selectivity_mean"] <= numbers["selectivity_ci_high"]
+    assert numbers["codelength_kbits"] == pytest.approx(record.online_bits / 1000)
+    assert numbers["codelength_ci_low"] <= numbers["codelength_kbits"] <= numbers["codelength_ci_high"]
+    assert numbers["compression"] == pytest.approx(record.compression)
+    assert numbers["random_model"] == "BLIP-2 (random)" and 0 <= numbers["random_mean"] <= 1
+    table1 = (tmp_path / "report" / "tables" / "table1.md").read_text()
+    assert table1.count("| BLIP-2 | frozen |") == 1  # the control run is no row of other tables
+
+
+def test_rigour_mistakes_are_one_line(capsys, vsr_stores, tmp_path):
+    from conftest import run_cli
+
+    mdl = ["mdl", "--task", "vsr", "--layer", 4, "--features", vsr_stores / "trained", "--out", tmp_path / "m"]
+    for extra, message in (
+        (["--probe", "logreg", "--lr", "0.01", "--epochs", "2"], "mdl: --probe logreg is not a batched probe"),
+        (["--lr", "0.01", "--epochs", "2", "--from-search", tmp_path], "--from-search: give it or --lr and --epochs"),
+        (["--epochs", "2"], "--lr is required for --probe linear"),
+    ):
+        code, _, err = run_cli(capsys, *mdl, *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
+    task = tmp_path / "plain.yaml"
+    task.write_text(
+        "name: plain\nkind: binary\nsplits: {train: t.jsonl, val: v.jsonl}\nfields: {image: i, text: t, label: l}\n"
+    )
+    code, _, err = run_cli(
+        capsys, "search", "--task", task, "--layer", 4, "--features", tmp_path, "--control", "--out", tmp_path / "s"
+    )
+    assert code == 2 and "--control: task 'plain' has no control type" in err
+
+
+def test_a_yaml_tasks_control_type_names_record_fields(tmp_path):
+    from probing.data import DataOptions
+    from probing.tasks import load_split
+
+    lines = [
+        {"image": "a.jpg", "caption": f"c{i}", "label": i % 2, "relation": ["left of", "above"][i % 2], "obj": i % 3}
+        for i in range(12)
+    ]
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (tmp_path / "task.yaml").write_text(
+        "name: typed\nkind: binary\nsplits: {train: train.jsonl, val: val.jsonl}\n"
+        "fields: {image: image, text: caption, label: label, category: relation}\ncontrol_type: [relation, obj]\n"
+    )
+    spec = get_task(str(tmp_path / "task.yaml"))
+    assert spec.control_type.fields == ("relation", "obj") and spec.describe()["control_type"] == "relation, obj"
+    train = load_split(DataOptions(task=str(tmp_path / "task.yaml")), "train").examples
+    assert spec.control_type(train[4]) == ("left of", 1)  # a role's field (the category) is kept too
+    targets = spec.control_targets(train, train, 0, "x")
+    assert torch.equal(targets[:6], targets[6:])  # lines i and i + 6 share their type
+    (tmp_path / "val.jsonl").write_text(json.dumps({k: v for k, v in lines[0].items() if k != "obj"}) + "\n")
+    with pytest.raises(ProbingError, match=r"val.jsonl: line 1: missing field 'obj' \(control_type\)"):
+        load_split(DataOptions(task=str(tmp_path / "task.yaml")), "val")
+    (tmp_path / "bad.yaml").write_text((tmp_path / "task.yaml").read_text().replace("[relation, obj]", "[]"))
+    with pytest.raises(ProbingError, match="line 5: field 'control_type': expected a field name or a list"):
+        get_task(str(tmp_path / "bad.yaml"))
+
+
+def test_rigour_config_fields_are_checked(tmp_path):
+    from probing.config import load_config
+
+    base = {
+        "name": "x",
+        "workspace": str(tmp_path),
+        "models": {"m": {"tiny": "blip2"}},
+        "data": {"demo": {}},
+        "experiments": [{"name": "e", "tasks": ["vsr"], "models": ["m"]}],
+    }
+    for change, message in (
+        ({"mdl": True, "probes": ["logreg"]}, "'experiments[0].mdl': probe 'logreg' is not a batched probe"),
+        ({"mdl": True, "modes": ["unfrozen"]}, "'experiments[0].mdl': the online code trains probes on stored"),
+        ({"controls": "yes"}, "'experiments[0].controls': expected true or false"),
+        ({"control_seed": -1}, "'experiments[0].control_seed': must be >= 0, got -1"),
+    ):
+        config = json.loads(json.dumps(base))
+        config["experiments"][0] |= change
+        (tmp_path / "c.yaml").write_text(json.dumps(config))
+        with pytest.raises(ProbingError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_config(tmp_path / "c.yaml")
+
+
+def test_the_rigour_config_reuses_the_paper_searches():
+    from pathlib import Path
+
+    from probing.config import load_config
+
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    rigor, table1 = load_config(root / "rigor.yaml", check_paths=False), load_config(root / "table1.yaml", False)
+    main = rigor.experiments[0]
+    assert main.controls and main.mdl and main.modes == ["frozen"] and main.layers == "last"
+    assert main.name == table1.experiments[0].name and main.search == table1.experiments[0].search
+    assert rigor.workspace == table1.workspace and "BLIP-2 (random)" in main.models
+    assert rigor.models["BLIP-2 (random)"].init == "random"
+
+
+def test_unfrozen_training_reads_the_control_targets(tiny_checkpoints, demo_options):
+    from probing.data import DataOptions
+    from probing.unfrozen import UnfrozenSetup
+
+    data = DataOptions(task="vsr", **demo_options["vsr"])
+    settings = TrainSettings(task="vsr", device="cpu")
+    plain = UnfrozenSetup("vsr", str(tiny_checkpoints["blip2"]), data, settings)
+    control = UnfrozenSetup("vsr", str(tiny_checkpoints["blip2"]), data, settings, control_seed=4)
+    spec = get_task("vsr")
+    for split in ("train", "val", "test"):
+        assert torch.equal(plain.targets[split], spec.head.targets(plain.examples[split], split))
+        expected = spec.control_targets(plain.examples["train"], plain.examples[split], 4, split)
+        assert torch.equal(control.targets[split], expected)
