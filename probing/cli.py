@@ -372,7 +372,8 @@ def analyze_command(
     result = analyse(loaded)
     test = result["test"]
     typer.echo(
-        f"{result['model']} {result['mode']} {result['task']} layer {result['layer']} {result['probe']}: "
+        f"{result['model']} {result['mode']} {result['task']}{' (control task)' if result['control'] else ''} "
+        f"layer {result['layer']} {result['probe']}: "
         f"{result['split']} {result['metric']} {100 * test['mean']:.1f}% [{100 * test['ci_low']:.1f}, "
         f"{100 * test['ci_high']:.1f}] ({test['seeds']} seed(s), {test['examples']} examples)"
     )

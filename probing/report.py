@@ -586,7 +586,8 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
         }
         table.records.append(numbers)
     table.notes += [
-        "accuracy, control, random weights: mean [95% bootstrap CI over test examples] ±std over seeds; control: "
+        "accuracy (the task's main metric: Acc@0.5 for boxes), control, random weights: mean [95% bootstrap CI "
+        "over test examples] ±std over seeds; control: "
         "the same search on the task's control targets (a fixed random function of each example's type); "
         "selectivity = accuracy - control, paired bootstrap over the same test examples",
         "MDL: online codelength of the train targets (Voita & Titov's blocks of 0.1 ... 100 % of train; binary "

@@ -546,3 +546,20 @@ def test_unfrozen_training_reads_the_control_targets(tiny_checkpoints, demo_opti
         assert torch.equal(plain.targets[split], spec.head.targets(plain.examples[split], split))
         expected = spec.control_targets(plain.examples["train"], plain.examples[split], 4, split)
         assert torch.equal(control.targets[split], expected)
+
+
+def test_the_online_code_reads_per_image_rows():
+    """A store of a family that reads no text keeps one row per image: the code is that of the same features
+    written out per example."""
+    images = planted("vsr", 150, 0, dims=8)
+    rows = torch.arange(300) % 150
+    examples = examples_of([0] * 300, images.targets[rows], "vsr")
+    per_image = ProbeData("vsr", "train", images.features, images.targets[rows], list(range(300)), examples, rows)
+    per_example = ProbeData("vsr", "train", images.features[rows], images.targets[rows], list(range(300)), examples)
+    val = planted("vsr", 60, 1, dims=8)
+    val_per_image = ProbeData("vsr", "val", val.features, val.targets, val.ids, val.examples, torch.arange(60))
+    settings = TrainSettings(task="vsr", batch_size=32, device="cpu")
+    trial = Trial(lr=0.05, epochs=3)
+    first = online_code(per_image, val_per_image, trial, settings)
+    second = online_code(per_example, val, trial, settings)
+    assert first.online_bits == pytest.approx(second.online_bits, rel=1e-6)
