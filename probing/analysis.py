@@ -12,6 +12,10 @@ paper's Table 5 (Kendall correlations between per-category accuracy and properti
   test boxes' centres from the image centre; p > 0.05 is marked as not significant. For tasks whose
   examples carry boxes (the task says so).
 - ROC-AUC (scikit-learn) of binary tasks, from the predicted probabilities, beside the accuracy.
+- Rigour (`probing.controls`, `probing.mdl`): a run on a task's control targets rides on its task run
+  (`attach_rigour`); selectivity = task accuracy - control accuracy, with a *paired* bootstrap interval (the
+  same resampled test examples for both runs, `paired_difference`); an online code's codelength with a
+  bootstrap interval over the coded examples, resampled within each block (`codelength_interval`).
 - `probing analyze` runs every registered analysis that applies to the run's task (`register_analysis`).
 """
 
@@ -29,7 +33,7 @@ import numpy as np
 from scipy.stats import kendalltau
 
 from probing.errors import ProbingError
-from probing.records import NO_PROBE, MetricsRecord, SearchSummary, read_json_file
+from probing.records import NO_PROBE, MdlRecord, MetricsRecord, SearchSummary, read_json_file
 from probing.tasks import TaskSpec, get_task
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -83,6 +87,9 @@ class RunResults:
     search: dict[str, Any] | None = None  # the search summary when the run is a search's best trial
     split: str = "test"  # the evaluated split these results are of
     task_file: str | None = None  # where a task defined by a file is defined
+    control: bool = False  # trained and judged on the task's control targets (`probing.controls`)
+    control_run: RunResults | None = None  # the same configuration on the control targets (`attach_rigour`)
+    mdl: MdlResults | None = None  # the online code of its train targets (`attach_rigour`)
 
     @property
     def spec(self) -> TaskSpec:
@@ -95,13 +102,14 @@ class RunResults:
         return spec.title if len(spec.eval_splits) == 1 else f"{spec.title} {self.split}"
 
     @property
-    def key(self) -> tuple[str, str, str, str, int, str]:
-        """What a report row stands for: model label, task, split, mode, layer, probe."""
-        return (self.label, self.task, self.split, self.mode, self.layer, self.probe)
+    def key(self) -> tuple[str, str, str, str, int, str, bool]:
+        """What a report row stands for: model label, task, split, mode, layer, probe, and whether on the
+        control targets."""
+        return (self.label, self.task, self.split, self.mode, self.layer, self.probe, self.control)
 
 
 def deduplicate(runs: list[RunResults]) -> tuple[list[RunResults], list[RunResults]]:
-    """One run per (model, task, mode, layer, probe): the one with most seeds, then the first by path.
+    """One run per (model, task, mode, layer, probe, control): the one with most seeds, then the first by path.
 
     A shared workspace can hold the same configuration twice (e.g. layer 12 in a per-layer experiment and in
     Table 1's); reports keep one deterministically and list the others. Returns (kept, dropped).
@@ -208,6 +216,7 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         search=search,
         split=split,
         task_file=task_file,
+        control=bool(manifest.get("control", False)),
     )
 
 
@@ -256,6 +265,106 @@ def estimate(
 
 def overall(run: RunResults, seed: int = 0) -> Estimate:
     return estimate(run.correct, seed=seed)
+
+
+def paired_difference(
+    first: np.ndarray, second: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE
+) -> Estimate:
+    """Seed-averaged accuracy of `first` minus that of `second` ([seeds, examples] of 0/1 each, the same
+    examples in the same order), with a paired percentile bootstrap interval: each resample draws examples
+    once and takes both accuracies on them, so what the two runs share (which examples are hard) cancels."""
+    first, second = (np.atleast_2d(np.asarray(values, dtype=float)) for values in (first, second))
+    if first.shape[1] != second.shape[1]:
+        raise ProbingError(f"a paired difference needs the same examples, got {first.shape[1]} and {second.shape[1]}")
+    difference = first.mean(axis=0) - second.mean(axis=0)  # per example
+    examples = len(difference)
+    if examples == 0:
+        raise ProbingError("no test examples to estimate a difference from")
+    draws = np.random.default_rng(seed).integers(0, examples, size=(resamples, examples))
+    means = difference[draws].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return Estimate(
+        mean=float(difference.mean()),
+        low=float(np.quantile(means, tail)),
+        high=float(np.quantile(means, 1 - tail)),
+        seed_std=None,
+        seeds=min(len(first), len(second)),
+        examples=examples,
+    )
+
+
+def selectivity(run: RunResults, seed: int = 0) -> Estimate | None:
+    """Task accuracy - control accuracy on the same test examples (paired bootstrap), or None without a control
+    run. Examples are matched by id (both runs read the same stores, so normally in the same order)."""
+    control = run.control_run
+    if control is None:
+        return None
+    position = {example_id: index for index, example_id in enumerate(control.ids)}
+    shared = [index for index, example_id in enumerate(run.ids) if example_id in position]
+    if len(shared) != len(run.ids) or len(control.ids) != len(run.ids):
+        raise ProbingError(
+            f"{control.path}: the control run was evaluated on other {run.split} examples than {run.path}"
+        )
+    return paired_difference(run.correct, control.correct[:, [position[run.ids[i]] for i in shared]], seed=seed)
+
+
+@dataclass
+class MdlResults:
+    """An MDL folder (`probing mdl`) as the report sees it."""
+
+    path: Path
+    label: str
+    record: MdlRecord
+
+    @property
+    def key(self) -> tuple[str, str, int, str, bool]:
+        """Model label, task, layer, probe, and whether on the control targets."""
+        record = self.record
+        return (self.label, record.task, record.layer, record.probe, record.control)
+
+
+def load_mdl(path: Path | str) -> MdlResults:
+    path = Path(path)
+    manifest = read_json_file(path / "manifest.json")
+    record = MdlRecord.read(path)
+    return MdlResults(path=path, label=record.label or model_label(_model_of(manifest, path)), record=record)
+
+
+def codelength_interval(
+    record: MdlRecord, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of the online codelength (bits): each coded block's examples resampled
+    within the block (its size kept), the first block's uniform bits fixed; the probes are not retrained."""
+    rng = np.random.default_rng(seed)
+    totals = np.full(resamples, record.ends[0] * record.uniform_bits_per_example)
+    chunk = 100  # resamples drawn at once: bounds the memory of a large block's draws
+    for bits in record.example_bits:
+        values = np.asarray(bits, dtype=float)
+        for start in range(0, resamples, chunk):
+            count = min(chunk, resamples - start)
+            totals[start : start + count] += values[rng.integers(0, len(values), size=(count, len(values)))].sum(axis=1)
+    tail = (1 - confidence) / 2
+    return float(np.quantile(totals, tail)), float(np.quantile(totals, 1 - tail))
+
+
+def attach_rigour(runs: list[RunResults], codes: list[MdlResults]) -> tuple[list[RunResults], list[RunResults]]:
+    """Control runs ride on their task runs (`control_run`) and online codes on the runs of the same model, task,
+    layer, probe and targets (`mdl`). Returns (the task runs, control runs without a task run)."""
+    tasks = [run for run in runs if not run.control]
+    by_key = {run.key: run for run in tasks}
+    unpaired = []
+    for control in (run for run in runs if run.control):
+        task_run = by_key.get((*control.key[:-1], False))
+        if task_run is None:
+            unpaired.append(control)
+        else:
+            task_run.control_run = control
+    by_code = {code.key: code for code in sorted(codes, key=lambda c: str(c.path), reverse=True)}  # first path wins
+    for run in tasks + [run.control_run for run in tasks if run.control_run is not None]:
+        run.mdl = (
+            by_code.get((run.label, run.task, run.layer, run.probe, run.control)) if run.mode == "frozen" else None
+        )
+    return tasks, unpaired
 
 
 def per_category(run: RunResults, seed: int = 0) -> dict[str, Estimate]:
@@ -390,6 +499,7 @@ def analyse(run: RunResults) -> dict[str, Any]:
         "probe": run.probe,
         "model": run.label,
         "metric": run.metric,
+        "control": run.control,
     }
     for analysis in ANALYSES.values():
         if analysis.applies(run):

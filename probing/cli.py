@@ -222,7 +222,8 @@ def _search(**values: Any) -> None:
     summary = result.value
     best, metric = summary.best, summary.metric
     typer.echo(
-        f"search {'already there' if result.reused else 'written'}: {values['out']} ({summary.trials_complete} trials)"
+        f"search {'already there' if result.reused else 'written'}: {values['out']} ({summary.trials_complete} trials"
+        + (", control task)" if request.control else ")")
     )
     typer.echo(f"  best trial {best['number']}: {json.dumps(best['params'], sort_keys=True)}")
     evaluated = "   ".join(
@@ -242,6 +243,42 @@ def _zeroshot(**values: Any) -> None:
     typer.echo(f"zero-shot run {'already there' if result.reused else 'written'}: {values['out']}")
     for split in record.splits:
         typer.echo(f"  {split:4s} {record.metric} {record.summary[split][record.metric]['mean']:.4f}")
+
+
+def _mdl(**values: Any) -> None:
+    from probing.mdl import MdlRequest, run_mdl
+    from probing.records import SearchSummary
+    from probing.settings import from_cli
+    from probing.tasks import get_task
+
+    search = values.pop("from_search")
+    if search is not None:  # the hyper-parameters of a search's best trial
+        if values["lr"] is not None or values["epochs"] is not None:
+            raise ProbingError("--from-search: give it or --lr and --epochs, not both")
+        summary = SearchSummary.read(search)
+        asked = (get_task(values["task"]).name, values["layer"], values["probe"])
+        if (summary.task, summary.layer, summary.probe) != asked:
+            raise ProbingError(
+                f"--from-search: {search} searched {summary.task} layer {summary.layer} {summary.probe}, "
+                f"not {asked[0]} layer {asked[1]} {asked[2]}"
+            )
+        params = summary.best["params"]
+        if "lr" not in params:
+            raise ProbingError(f"--from-search: {search} found no learning rate (a {summary.probe} search)")
+        values |= {
+            "lr": params["lr"],
+            "epochs": params["epochs"],
+            **{name: params[name] for name in ("giou_scale", "l1_scale") if name in params},
+        }
+    request = from_cli(MdlRequest, values)
+    result = run_mdl(request)
+    record = result.value
+    typer.echo(f"mdl {'already there' if result.reused else 'written'}: {values['out']}")
+    typer.echo(
+        f"  {record.task}{' (control task)' if record.control else ''} layer {record.layer}: online codelength "
+        f"{record.online_bits / 1000:.2f} kbits, uniform {record.uniform_bits / 1000:.2f} kbits, "
+        f"compression {record.compression:.2f} ({record.examples} train examples, {len(record.ends)} blocks)"
+    )
 
 
 def _register_derived_commands() -> None:
@@ -332,6 +369,28 @@ def _register_derived_commands() -> None:
         "The model answers without a probe (binary tasks): InstructBLIP prompted through its language model, "
         "or BLIP-2's image-text matching head; written as a run folder.",
     )
+    from probing.mdl import MdlRequest
+
+    command(
+        app,
+        "mdl",
+        [
+            task,
+            *data,
+            _parameter("layer", int, help="Q-Former layer to probe (1..12 for the real models)."),
+            *cli_parameters(MdlRequest),
+            *cli_parameters(TrainSettings),
+            *cli_parameters(Trial, exclude=["logreg_c"], optional=["lr", "epochs"]),
+            _parameter("seed", int, 0, help="Initialisation seed of every prefix's probe."),
+            _parameter(
+                "from_search", Path | None, None, help="Take lr, epochs and loss scales from this search's best trial."
+            ),
+            _parameter("out", Path, help="MDL folder to write (mdl.json, manifest.json)."),
+        ],
+        _mdl,
+        "MDL by the online code (Voita & Titov, 2020): codelength and compression of the train targets, "
+        "prefix probes trained in one batched pass.",
+    )
 
 
 _register_derived_commands()
@@ -363,7 +422,8 @@ def analyze_command(
     result = analyse(loaded)
     test = result["test"]
     typer.echo(
-        f"{result['model']} {result['mode']} {result['task']} layer {result['layer']} {result['probe']}: "
+        f"{result['model']} {result['mode']} {result['task']}{' (control task)' if result['control'] else ''} "
+        f"layer {result['layer']} {result['probe']}: "
         f"{result['split']} {result['metric']} {100 * test['mean']:.1f}% [{100 * test['ci_low']:.1f}, "
         f"{100 * test['ci_high']:.1f}] ({test['seeds']} seed(s), {test['examples']} examples)"
     )

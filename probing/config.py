@@ -91,6 +91,9 @@ class Experiment:
     probes: list[str] = field(default_factory=lambda: ["linear"])  # registered probes
     search: SearchConfig = field(default_factory=SearchConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)  # read by the mode "zeroshot"
+    controls: bool = False  # each search also on the task's control targets (`probing.controls`)
+    control_seed: int = 0  # the seed of those control targets
+    mdl: bool = False  # the online code (`probing.mdl`) of each frozen search's best trial, and of its control's
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,7 @@ def check(config: Config, paths: bool = True) -> Config:
             raise ProbingError(f"config field '{where}.search.final_seeds': at least one seed, each once")
         for task in experiment.tasks:
             search_space(experiment, index, task)
+        _check_rigour(experiment, index, [specs[task] for task in experiment.tasks])
         for key in search.space:
             if key not in experiment.tasks and key not in {specs[t].name for t in experiment.tasks}:
                 raise ProbingError(f"config field '{where}.search.space.{key}': not one of the experiment's tasks")
@@ -306,6 +310,28 @@ def check(config: Config, paths: bool = True) -> Config:
             if value is not None and not value.exists():
                 raise ProbingError(f"config field 'data.{name}': {value}: not found")
     return config
+
+
+def _check_rigour(experiment: Experiment, index: int, specs: list) -> None:
+    """`controls` needs tasks with a control type; `mdl` a frozen mode, batched probes and heads with a code."""
+    where = f"config field 'experiments[{index}]"
+    if experiment.control_seed < 0:
+        raise ProbingError(f"{where}.control_seed': must be >= 0, got {experiment.control_seed}")
+    if experiment.controls:
+        for spec in specs:
+            if spec.control_type is None:
+                raise ProbingError(f"{where}.controls': task '{spec.name}' has no control type")
+    if experiment.mdl:
+        if "frozen" not in experiment.modes:
+            raise ProbingError(f"{where}.mdl': the online code trains probes on stored features: needs mode 'frozen'")
+        for probe in experiment.probes:
+            if not probe_kind(probe).batched:
+                raise ProbingError(
+                    f"{where}.mdl': probe '{probe}' is not a batched probe (linear, swiglu2, swiglu4 ...)"
+                )
+        for spec in specs:
+            if spec.head.uniform_bits is None:
+                raise ProbingError(f"{where}.mdl': task '{spec.name}' has a {spec.head.kind} head, which has no code")
 
 
 def search_space(experiment: Experiment, index: int, task: str):

@@ -10,6 +10,8 @@ Layout under the workspace:
     features/<model>/<task>/<layers>/<split>         (<layers>: e.g. layers-12-vision, layers-all)
     runs/<experiment>/<model>/<task>/<mode>/layer<L>-<probe>/     (a search folder; best/ inside)
     runs/<experiment>/<model>/<task>/zeroshot/                    (a zero-shot run folder)
+        ...layer<L>-<probe>-control/                    (`controls: true`: the search on the control targets)
+        ...layer<L>-<probe>[-control]-mdl/              (`mdl: true`: the online code of the best trial)
     report-<config name>/                            (README.md, tables/, figures/)
 
 A second run with the same config recomputes nothing: every stage reports that it reused its output, and
@@ -30,11 +32,12 @@ from probing.data.synthetic import demo_data_options, make_demo_data
 from probing.data.types import DataOptions
 from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
+from probing.mdl import MdlRequest, run_mdl
 from probing.models import ModelSource, qformer_layers
 from probing.models.tiny import ensure_checkpoint
 from probing.records import NO_PROBE, StageResult
 from probing.report import write_report
-from probing.search import SearchRequest, SearchSettings, run_search
+from probing.search import SearchRequest, SearchSettings, run_search, trial_from
 from probing.tasks import TaskSpec, get_task
 from probing.train import TrainSettings
 from probing.zeroshot import ZeroShotRequest, run_zeroshot
@@ -51,6 +54,7 @@ class Unit:
     mode: str
     layer: int
     probe: str
+    control: bool = False  # on the task's control targets (`controls: true`)
 
     @property
     def spec(self) -> TaskSpec:
@@ -63,6 +67,7 @@ class RunSummary:
     reused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     searches: list[Path] = field(default_factory=list)
     zeroshot: list[Path] = field(default_factory=list)
+    codes: list[Path] = field(default_factory=list)  # online codes (`mdl: true`)
     report: Path | None = None
 
     def count(self, stage: str, result: StageResult) -> StageResult:
@@ -146,6 +151,8 @@ def plan(config: Config, depth: dict[str, int]) -> list[Unit]:
                     for layer in layers:
                         for probe in experiment.probes:
                             units.append(Unit(experiment, task, label, mode, layer, probe))
+                            if experiment.controls:
+                                units.append(Unit(experiment, task, label, mode, layer, probe, control=True))
     return units
 
 
@@ -237,7 +244,7 @@ def search_request(
         / unit.model
         / spec.name
         / unit.mode
-        / f"layer{unit.layer}-{unit.probe}"
+        / f"layer{unit.layer}-{unit.probe}{'-control' if unit.control else ''}"
     )
     search, train = unit.experiment.search, config.train
     settings = TrainSettings(
@@ -267,6 +274,25 @@ def search_request(
         data=options[unit.task],
         workers=config.extract.workers or 0,
         label=unit.model,
+        control=unit.control,
+        control_seed=unit.experiment.control_seed,
+    )
+
+
+def mdl_request(request: SearchRequest, best_params: dict) -> MdlRequest:
+    """The online code of a frozen search's best trial (its first final seed), on the search's own targets."""
+    return MdlRequest(
+        task=request.task,
+        layer=request.layer,
+        out=request.out.with_name(request.out.name + "-mdl"),
+        settings=request.settings,
+        trial=trial_from(best_params, request.seeds_of_best[0]),
+        features=request.features,
+        shuffle_seed=request.seed,
+        label=request.label,
+        data=request.data,
+        control=request.control,
+        control_seed=request.control_seed,
     )
 
 
@@ -318,12 +344,21 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
             summary.zeroshot.append(request.out)
             continue
         request = search_request(config, unit, sources, options, stores[(unit.model, unit.spec.examples_name)])
-        say(f"search {unit.experiment.name}: {unit.model} {unit.spec.name} {unit.mode} layer {unit.layer} {unit.probe}")
-        summary.count("searches", run_search(request))
+        control = " (control task)" if unit.control else ""
+        say(
+            f"search {unit.experiment.name}: {unit.model} {unit.spec.name} {unit.mode} layer {unit.layer} "
+            f"{unit.probe}{control}"
+        )
+        searched = summary.count("searches", run_search(request))
         summary.searches.append(request.out)
+        if unit.experiment.mdl and unit.mode == "frozen":
+            code = mdl_request(request, searched.value.best["params"])
+            say(f"mdl {unit.experiment.name}: {unit.model} {unit.spec.name} layer {unit.layer} {unit.probe}{control}")
+            summary.count("mdl", run_mdl(code))
+            summary.codes.append(code.out)
     say(f"report -> {config.report_dir}")
     write_report(
-        summary.searches + summary.zeroshot,
+        summary.searches + summary.zeroshot + summary.codes,
         config.report_dir,
         compare_paper=config.report.compare_paper,
         only=config.report.tables,

@@ -16,6 +16,7 @@ from probing.data.types import DataOptions
 from probing.errors import ProbingError
 from probing.features import FeatureStore
 from probing.tasks import TaskSpec, load_split
+from probing.tasks.spec import TRAIN
 from probing.train import ProbeData
 
 
@@ -105,7 +106,17 @@ def open_stores(features_dir: Path, spec: TaskSpec, layer: int) -> dict[str, Fea
 
 
 def load_probe_splits(
-    stores: dict[str, FeatureStore], spec: TaskSpec, layer: int, data_options: DataOptions | None = None
+    stores: dict[str, FeatureStore],
+    spec: TaskSpec,
+    layer: int,
+    data_options: DataOptions | None = None,
+    control_seed: int | None = None,
 ) -> dict[str, ProbeData]:
-    """ProbeData for every split: the layer's features aligned with their targets."""
-    return {split: align(stores[split], spec, split, layer, data_options) for split in spec.splits}
+    """ProbeData for every split: the layer's features aligned with their targets (with `control_seed`, the
+    targets of the task's control, drawn from the train split's targets: `probing.controls`)."""
+    splits = {split: align(stores[split], spec, split, layer, data_options) for split in spec.splits}
+    if control_seed is not None:
+        train = splits[TRAIN].examples
+        for split, data in splits.items():
+            data.targets = spec.control_targets(train, data.examples, control_seed, str(stores[split].path))
+    return splits

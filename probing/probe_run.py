@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
 from probing.checkpoints import TrialCheckpoint
+from probing.controls import ControlInputs
 from probing.data.types import DataOptions, Example
 from probing.errors import ProbingError
 from probing.models import ModelSource
@@ -41,9 +42,10 @@ Mode = Literal["frozen", "unfrozen"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeInputs:
+class ProbeInputs(ControlInputs):
     """What a probe trains on, shared by `probing train` and `probing search`: stored features (frozen), or the
-    model itself trained with the probe (unfrozen, the `ModelSource` beside these fields)."""
+    model itself trained with the probe (unfrozen, the `ModelSource` beside these fields); the task's targets or
+    its control's (`ControlInputs`)."""
 
     mode: Mode = setting("frozen", help="frozen (probe on stored features) | unfrozen (resampler + probe).")
     features: Path | None = setting(
@@ -82,6 +84,8 @@ class TrainRequest(ModelSource, ProbeInputs):
                 "--probe logreg: frozen only (an L-BFGS fit has no gradient steps to share with the resampler)"
             )
         spec = get_task(self.task)
+        if self.control:
+            spec.check_control()
         if self.data is not None and get_task(self.data.task).name != spec.name:
             raise ProbingError(f"--task {self.task}: the data options are for '{self.data.task}'")
         seeds = [t.seed for t in self.trials]
@@ -95,8 +99,9 @@ class TrainRequest(ModelSource, ProbeInputs):
 
 def make_trainer(request: TrainRequest) -> Trainer:
     """The trainer of a request's mode, prepared (stores checked, or model and data loaded)."""
+    control = request.control_targets_seed
     if request.mode == "frozen":
-        return FrozenTrainer(request.task, request.features, request.layer, request.settings, request.data)
+        return FrozenTrainer(request.task, request.features, request.layer, request.settings, request.data, control)
     return UnfrozenTrainer(
         request.task,
         request.source,
@@ -105,6 +110,7 @@ def make_trainer(request: TrainRequest) -> Trainer:
         request.settings,
         features=request.features,
         workers=request.workers,
+        control_seed=control,
     )
 
 
@@ -119,6 +125,7 @@ def run_identity(request: TrainRequest, inputs: dict[str, Any]) -> dict[str, Any
         "task": get_task(request.task).name,
         "layer": request.layer,
         **top,
+        **request.control_identity(),
         "settings": settings,
         "trials": [trial.identity() for trial in request.trials],
         "inputs": inputs,

@@ -161,19 +161,43 @@ class ProbeBank(nn.Module):
     def probe_axis(name: str) -> int:
         return 1 if name == "weight_0" else 0
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+        """`which` (probe indices, `[K']`): only those probes, `[K', B, out]` (default all K)."""
         inputs = features.flatten(1)  # [B, in]
-        first = self.weight_0
+        first = self._parameter(0, "weight", which)
         hidden = inputs @ first.reshape(first.shape[0], -1)  # [B, K*out]
-        hidden = hidden.view(inputs.shape[0], self.size, -1).transpose(0, 1) + self.bias_0[:, None, :]
+        hidden = (
+            hidden.view(inputs.shape[0], first.shape[1], -1).transpose(0, 1)
+            + self._parameter(0, "bias", which)[:, None, :]
+        )
         for index, (_, _, is_swiglu) in enumerate(self.shapes):
             if index > 0:
                 hidden = torch.baddbmm(
-                    getattr(self, f"bias_{index}")[:, None, :], hidden, getattr(self, f"weight_{index}")
+                    self._parameter(index, "bias", which)[:, None, :], hidden, self._parameter(index, "weight", which)
                 )
             if is_swiglu:
                 hidden = swiglu(hidden)
         return hidden  # [K, B, out]
+
+    def forward_each(self, features: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+        """Each probe on a batch of its own: `features [K', B, in]` -> `[K', B, out]`, probe `which[k]` (default
+        all K in order) reading `features[k]`. Probes that train on different data in one pass (the online
+        code's prefixes, `probing.mdl`) use this form."""
+        hidden = features.flatten(2)
+        for index, (_, _, is_swiglu) in enumerate(self.shapes):
+            weight = self._parameter(index, "weight", which)
+            if index == 0:
+                weight = weight.transpose(0, 1)  # [K', in, out]
+            hidden = torch.baddbmm(self._parameter(index, "bias", which)[:, None, :], hidden, weight)
+            if is_swiglu:
+                hidden = swiglu(hidden)
+        return hidden
+
+    def _parameter(self, index: int, kind: str, which: torch.Tensor | None) -> torch.Tensor:
+        """`weight_<index>` or `bias_<index>`, of the probes `which` only when given (gradients reach the stack)."""
+        name = f"{kind}_{index}"
+        parameter = getattr(self, name)
+        return parameter if which is None else parameter.index_select(self.probe_axis(name), which)
 
     def probe(self, index: int) -> Probe:
         """Probe `index` as a plain module (for saving, evaluation and unfrozen use)."""

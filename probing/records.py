@@ -5,6 +5,7 @@ reader; and `StageResult`, what every stage function returns.
   of every evaluated split (`val`, `test`, or `testA`/`testB` ...) and the epoch history; across seeds the
   mean and standard deviation of every metric; per-category training counts; the report label.
 - `SearchSummary` is a search folder's `summary.json`: the trials and the best one, re-run and evaluated.
+- `MdlRecord` is an MDL folder's `mdl.json` (`probing.mdl`): the online code of a task's train targets.
 
 Their JSON forms are the files' formats: `to_json` writes exactly what earlier versions wrote, `read`
 refuses a damaged file in one line naming the file and the field.
@@ -23,6 +24,7 @@ from probing.errors import ProbingError
 T = TypeVar("T")
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"
+MDL_FILE = "mdl.json"
 
 # The `mode` and `probe` a run folder's manifest records for the runs that train no probe: a model answering a prompt
 # through its language model (InstructBLIP), a model's own image-text matching head (BLIP-2), and people's answers
@@ -241,4 +243,71 @@ class SearchSummary:
     @classmethod
     def read(cls, folder: Path) -> SearchSummary:
         path = Path(folder) / SUMMARY_FILE
+        return cls.from_json(read_json_file(path), str(path))
+
+
+@dataclass
+class MdlRecord:
+    """An MDL folder's `mdl.json`: the online codelength of a task's (or its control's) train targets."""
+
+    task: str
+    metric: str  # the main metric the prefix probes' epochs were kept by
+    control: bool
+    layer: int
+    probe: str
+    examples: int  # train examples sent
+    ends: list[int]  # where the blocks end (the first block is sent uniformly)
+    uniform_bits_per_example: float
+    online_bits: float
+    uniform_bits: float
+    blocks: list[dict[str, Any]]  # per coded block: trained_on, start, end, bits, best_epoch, epochs_run, val
+    example_bits: list[list[float]]  # per coded block, the bits of each of its examples
+    label: str | None = None
+
+    @property
+    def compression(self) -> float:
+        return self.uniform_bits / self.online_bits
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "control": self.control,
+            "layer": self.layer,
+            "probe": self.probe,
+            "examples": self.examples,
+            "ends": self.ends,
+            "uniform_bits_per_example": self.uniform_bits_per_example,
+            "online_bits": self.online_bits,
+            "uniform_bits": self.uniform_bits,
+            "compression": self.compression,
+            "blocks": self.blocks,
+            "example_bits": self.example_bits,
+            "label": self.label,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> MdlRecord:
+        record = cls(
+            task=_field(data, "task", str, where),
+            metric=_field(data, "metric", str, where),
+            control=_field(data, "control", bool, where),
+            layer=_field(data, "layer", int, where),
+            probe=_field(data, "probe", str, where),
+            examples=_field(data, "examples", int, where),
+            ends=_field(data, "ends", list, where),
+            uniform_bits_per_example=_field(data, "uniform_bits_per_example", (int, float), where),
+            online_bits=_field(data, "online_bits", (int, float), where),
+            uniform_bits=_field(data, "uniform_bits", (int, float), where),
+            blocks=_field(data, "blocks", list, where),
+            example_bits=_field(data, "example_bits", list, where),
+            label=data.get("label"),
+        )
+        if len(record.example_bits) != len(record.ends) - 1 or record.online_bits <= 0:
+            raise ProbingError(f"{where}: field 'example_bits' does not match field 'ends'")
+        return record
+
+    @classmethod
+    def read(cls, folder: Path) -> MdlRecord:
+        path = Path(folder) / MDL_FILE
         return cls.from_json(read_json_file(path), str(path))

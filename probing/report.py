@@ -11,6 +11,9 @@ runs allow (a table whose runs are absent is left out); a config's `report.table
 - Table 5: Kendall tau between per-category accuracy and the number of train examples, the mean box area
   and the mean centre distance (tasks with boxes); p > 0.05 marked with a dagger.
 - Per layer: frozen linear probes, every layer given.
+- Rigour: per model, task and layer, the accuracy beside its control task's accuracy, the selectivity
+  (paired bootstrap), the MDL codelength and compression of the task and of its control, and the accuracy
+  of the random-weights model of the same family (`init: random`), for runs that have any of them.
 Cells read `mean [95% CI]` in percent, with `+- std` over seeds where several seeds were run. With
 `--compare-paper` the paper's Table 1 numbers appear in their own rows, labelled "(paper)"; the paper
 reports single runs without intervals. CSV files are written by pandas from the numbers behind the cells.
@@ -29,22 +32,27 @@ from probing.analysis import (
     KENDALL_PROPERTIES,
     MIN_KENDALL_CATEGORIES,
     Estimate,
+    MdlResults,
     RunResults,
+    attach_rigour,
+    codelength_interval,
     deduplicate,
     kendall,
     last_layer_runs,
+    load_mdl,
     load_run,
     load_run_splits,
     overall,
     per_category,
     roc_auc,
+    selectivity,
 )
 from probing.artifacts import write_json
 from probing.errors import ProbingError
 from probing.locks import one_writer
 from probing.plots import category_figure, per_layer_figure
 from probing.probes import PROBES
-from probing.records import HUMAN, ITM_HEAD, NO_PROBE, ZERO_SHOT_PROMPT
+from probing.records import HUMAN, ITM_HEAD, MDL_FILE, NO_PROBE, ZERO_SHOT_PROMPT
 from probing.tasks import TaskSpec, registered_tasks
 
 MODES = ("frozen", "unfrozen", ZERO_SHOT_PROMPT, ITM_HEAD, HUMAN)  # Table 1's rows per model, in this order
@@ -491,6 +499,143 @@ def per_layer_table(runs: Sequence[RunResults], options: ReportOptions) -> Table
     return table
 
 
+def _points(estimate: Estimate | None) -> str:
+    """A difference of accuracies in points, signed: `+12.3 [+8.0, +16.5]`."""
+    if estimate is None:
+        return "–"
+    return f"{100 * estimate.mean:+.1f} [{100 * estimate.low:+.1f}, {100 * estimate.high:+.1f}]"
+
+
+def _code_cells(code: MdlResults | None) -> tuple[list[str], dict[str, Any]]:
+    """The codelength (kbits) and compression cells of an online code, each with its bootstrap interval."""
+    if code is None:
+        return ["–", "–"], {}
+    record = code.record
+    low, high = codelength_interval(record)
+    kbits = [record.online_bits / 1000, low / 1000, high / 1000]
+    compression = [record.compression, record.uniform_bits / high, record.uniform_bits / low]
+    numbers = {
+        "codelength_kbits": kbits[0],
+        "codelength_ci_low": kbits[1],
+        "codelength_ci_high": kbits[2],
+        "uniform_kbits": record.uniform_bits / 1000,
+        "compression": compression[0],
+        "compression_ci_low": compression[1],
+        "compression_ci_high": compression[2],
+    }
+    return [f"{kbits[0]:.2f} [{kbits[1]:.2f}, {kbits[2]:.2f}]", "{:.2f} [{:.2f}, {:.2f}]".format(*compression)], numbers
+
+
+def _random_counterpart(run: RunResults, runs: Sequence[RunResults]) -> RunResults | None:
+    """The same configuration on the random-weights model of the run's family (`init: random`), if any."""
+    if run.init == "random":
+        return None
+    same = [
+        other
+        for other in runs
+        if other.init == "random"
+        and other.family == run.family
+        and (other.task, other.split, other.mode, other.layer, other.probe) == run.key[1:-1]
+    ]
+    return min(same, key=lambda other: str(other.path)) if same else None
+
+
+def _prefixed(prefix: str, numbers: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{key}": value for key, value in numbers.items()}
+
+
+@register_table("rigor")
+def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """Beyond accuracy, per model, task, mode, layer and probe: the control task's accuracy and the selectivity
+    (Hewitt & Liang, 2019), the MDL codelength and compression by the online code (Voita & Titov, 2020) of the
+    task and of its control, and the accuracy of the random-weights model of the same family."""
+    order = {column: index for index, column in enumerate(_columns(runs))} if runs else {}
+    rows = []
+    for run in runs:
+        random = _random_counterpart(run, runs)
+        if run.control_run is not None or run.mdl is not None or random is not None:
+            rows.append((run, random))
+    if not rows:
+        return None
+    table = Table(
+        "rigor",
+        "Rigour: control task, selectivity, MDL (online code) and the random-weights model",
+        [
+            "model",
+            "task",
+            "mode",
+            "layer",
+            "probe",
+            "accuracy (%)",
+            "control (%)",
+            "selectivity (points)",
+            "MDL (kbits)",
+            "compression",
+            "control MDL (kbits)",
+            "control compression",
+            "random weights (%)",
+        ],
+    )
+    rows.sort(
+        key=lambda item: (
+            item[0].label,
+            order[(item[0].task, item[0].split)],
+            MODES.index(item[0].mode),
+            item[0].layer,
+            item[0].probe,
+        )
+    )
+    for run, random in rows:
+        accuracy = overall(run)
+        control = overall(run.control_run) if run.control_run is not None else None
+        selective = selectivity(run)
+        code_cells, code_numbers = _code_cells(run.mdl)
+        control_cells, control_numbers = _code_cells(run.control_run.mdl if run.control_run is not None else None)
+        random_accuracy = overall(random) if random is not None else None
+        table.rows.append(
+            [
+                run.label,
+                run.column,
+                run.mode,
+                str(run.layer),
+                run.probe,
+                cell(accuracy),
+                cell(control),
+                _points(selective),
+                *code_cells,
+                *control_cells,
+                cell(random_accuracy),
+            ]
+        )
+        numbers = {
+            "model": run.label,
+            "mode": run.mode,
+            "probe": run.probe,
+            "layer": run.layer,
+            "task": run.task,
+            "split": run.split,
+            **_prefixed("accuracy_", accuracy.as_dict()),
+            **(_prefixed("control_", control.as_dict()) if control else {}),
+            **(_prefixed("selectivity_", selective.as_dict()) if selective else {}),
+            **code_numbers,
+            **_prefixed("control_", control_numbers),
+            **(_prefixed("random_", random_accuracy.as_dict()) if random_accuracy else {}),
+            "random_model": random.label if random is not None else None,
+        }
+        table.records.append(numbers)
+    table.notes += [
+        "accuracy (the task's main metric: Acc@0.5 for boxes), control, random weights: mean [95% bootstrap CI "
+        "over test examples] ±std over seeds; control: "
+        "the same search on the task's control targets (a fixed random function of each example's type); "
+        "selectivity = accuracy - control, paired bootstrap over the same test examples",
+        "MDL: online codelength of the train targets (Voita & Titov's blocks of 0.1 ... 100 % of train; binary "
+        "labels under Bernoulli(sigmoid), boxes per cxcywh coordinate in 100 bins under a Laplace), 95% bootstrap "
+        "CI over the coded examples; compression = uniform codelength / online codelength",
+        "random weights: the same configuration on the model of the same family with random weights (init: random)",
+    ]
+    return table
+
+
 def find_runs(paths: Sequence[Path]) -> list[Path]:
     """Run and search folders among `paths` (folders holding runs are searched, `best/` of a search once)."""
     found: list[Path] = []
@@ -526,10 +671,28 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
+def find_mdl(paths: Sequence[Path]) -> list[Path]:
+    """MDL folders (`probing mdl`) among `paths` and under them (half-written ones, hidden, skipped)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / MDL_FILE).is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(
+                p.parent
+                for p in path.rglob(MDL_FILE)
+                if (p.parent / "manifest.json").is_file()
+                and not any(part.startswith(".") for part in p.parent.relative_to(path).parts)
+            )
+    return found
+
+
 def load_runs(paths: Sequence[Path]) -> tuple[list[RunResults], list[RunResults]]:
-    """Every evaluated split of the runs under `paths`, one configuration kept where several repeat it:
-    (kept, dropped)."""
-    return deduplicate([results for path in find_runs(paths) for results in load_run_splits(path)])
+    """Every evaluated split of the runs under `paths`, one configuration kept where several repeat it, control
+    runs and online codes riding on their task runs (`attach_rigour`): (kept, left out)."""
+    kept, dropped = deduplicate([results for path in find_runs(paths) for results in load_run_splits(path)])
+    tasks, unpaired = attach_rigour(kept, [load_mdl(path) for path in find_mdl(paths)])
+    return tasks, dropped + unpaired
 
 
 def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
@@ -571,11 +734,20 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
     written["figures"] = [str(p.relative_to(out)) for p in figures]
     shown = sorted({str(r.path) for r in runs})
     readme = ["# Report", "", f"{len(shown)} run(s): " + ", ".join(f"`{path}`" for path in shown), ""]
-    if dropped:
-        repeated = sorted({str(r.path) for r in dropped})
+    paired = {run.key for run in runs}
+    unpaired = [r for r in dropped if r.control and (*r.key[:-1], False) not in paired]
+    if len(unpaired) < len(dropped):
+        repeated = sorted({str(r.path) for r in dropped if not any(r is u for u in unpaired)})
         readme += [
             f"{len(repeated)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
             "left out: " + ", ".join(f"`{path}`" for path in repeated),
+            "",
+        ]
+    if unpaired:
+        alone = sorted({str(r.path) for r in unpaired})
+        readme += [
+            f"{len(alone)} control run(s) have no run of the same configuration on the task's own targets and "
+            "are left out: " + ", ".join(f"`{path}`" for path in alone),
             "",
         ]
     readme += [table.markdown() for table in tables]
@@ -602,7 +774,17 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
 
 
 # The order tables appear in (the report's sections): the paper's, then per layer, then the per-category ones.
-_TABLE_ORDER = {"table1": 0, "roc": 1, "table2": 2, "table3": 3, "table4": 4, "table5": 5, "per": 6, "categories": 7}
+_TABLE_ORDER = {
+    "table1": 0,
+    "roc": 1,
+    "table2": 2,
+    "table3": 3,
+    "table4": 4,
+    "table5": 5,
+    "rigor": 5.5,
+    "per": 6,
+    "categories": 7,
+}
 
 
 def analysis_json(path: Path) -> str:

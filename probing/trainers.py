@@ -112,8 +112,17 @@ class FrozenTrainer:
 
     keeps_models = False
 
-    def __init__(self, task: str, features: Path, layer: int, settings: TrainSettings, data: DataOptions | None = None):
+    def __init__(
+        self,
+        task: str,
+        features: Path,
+        layer: int,
+        settings: TrainSettings,
+        data: DataOptions | None = None,
+        control_seed: int | None = None,
+    ):
         self.spec, self.settings, self.layer, self.data = get_task(task), settings, layer, data
+        self.control_seed = control_seed  # None: the task's targets; else its control's (`probing.controls`)
         self.stores = open_stores(features, self.spec, layer)
         self._splits: dict[str, ProbeData] | None = None
 
@@ -127,7 +136,7 @@ class FrozenTrainer:
     @property
     def splits(self) -> dict[str, ProbeData]:
         if self._splits is None:
-            self._splits = load_probe_splits(self.stores, self.spec, self.layer, self.data)
+            self._splits = load_probe_splits(self.stores, self.spec, self.layer, self.data, self.control_seed)
         return self._splits
 
     def fit(self, trials: list[Trial], hooks: Sequence[TrialHooks] | None = None) -> list[FittedTrial]:
@@ -175,11 +184,14 @@ class UnfrozenTrainer:
         settings: TrainSettings,
         features: Path | None = None,
         workers: int = 0,
+        control_seed: int | None = None,
     ):
         from probing.unfrozen import UnfrozenSetup
 
         self.settings, self.layer, self.data, self.features = settings, layer, data, features
-        self.setup = UnfrozenSetup(task, source, data, settings, features=features, workers=workers)
+        self.setup = UnfrozenSetup(
+            task, source, data, settings, features=features, workers=workers, control_seed=control_seed
+        )
         self.spec = self.setup.spec
 
     @property

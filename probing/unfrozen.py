@@ -236,6 +236,7 @@ class UnfrozenSetup:
         settings: TrainSettings,
         features: Path | None = None,
         workers: int = 0,
+        control_seed: int | None = None,
     ):
         self.spec = get_task(task)
         self.source, self.settings, self.workers = source, settings, workers
@@ -247,6 +248,11 @@ class UnfrozenSetup:
         self.targets = {
             split: self.spec.head.targets(self.examples[split], f"{split} data") for split in self.spec.splits
         }
+        if control_seed is not None:  # the control task's targets (`probing.controls`)
+            self.targets = {
+                split: self.spec.control_targets(self.examples["train"], examples, control_seed, f"{split} data")
+                for split, examples in self.examples.items()
+            }
         self.fingerprints = {split: loaded[split].fingerprint for split in self.spec.splits}
         self.model_identity = self.base.weights_identity()
         self.model_source = self.base.identity

@@ -259,8 +259,9 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
         "| BLIP-2 (tiny random) | ITM head |",
     ):
         assert row in out
-    assert "searches: 34 built, 0 reused" in out and "not the paper's numbers" in out
+    assert "searches: 43 built, 0 reused" in out and "not the paper's numbers" in out
     assert "zero-shot runs: 4 built, 0 reused" in out
+    assert "mdl: 12 built, 0 reused" in out and "features: 27 built, 0 reused" in out
     report = tmp_path / "demo" / "report-demo"
     assert f"report: {report / 'README.md'}" in out
     readme = (report / "README.md").read_text()
@@ -271,6 +272,7 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
         "### Table 5",
         "### Per layer",
         "### ROC-AUC",
+        "### Rigour",
         "## Figures",
     ):
         assert section in readme
@@ -279,7 +281,7 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}
     code, out, err = run_cli(capsys, "demo", *reduced)
     assert code == 0, err
-    assert "searches: 0 built, 34 reused" in out and "features: 0 built, 18 reused" in out
-    assert "zero-shot runs: 0 built, 4 reused" in out
+    assert "searches: 0 built, 43 reused" in out and "features: 0 built, 27 reused" in out
+    assert "zero-shot runs: 0 built, 4 reused" in out and "mdl: 0 built, 12 reused" in out
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}  # all reused
     assert tables == {p.name: p.read_bytes() for p in (report / "tables").iterdir()}  # identical results

@@ -1,5 +1,14 @@
 """The built-in tasks: the paper's three (RefCOCOg umd, VSR random, RCM) and their siblings in the same formats
-(RefCOCOg google, RefCOCO and RefCOCO+ unc, VSR zero-shot). Each is one reader plus one registration."""
+(RefCOCOg google, RefCOCO and RefCOCO+ unc, VSR zero-shot). Each is one reader plus one registration.
+
+Their control tasks (`probing.controls`) draw targets per type, a type being what a probe could memorise
+without knowing where anything is:
+- REFER tasks: the referred object's COCO category (so a control box is one of the train boxes of that
+  category: it keeps the category's typical sizes and places, which the probe may learn from the category);
+- VSR: the caption's (subject, object) pair (a label per pair: the objects named, not their relation);
+- RCM: the (COCO category of the phrase's object, claimed cell) pair (a label per category and cell: what the
+  phrase names and which cell is asked about, not where the object is).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from probing.controls import MetadataType
 from probing.data.boxes import CELL_NAMES
 from probing.data.rcm import load_rcm
 from probing.data.refer import load_refer
@@ -73,6 +83,9 @@ def rcm_cell_counts(examples: Sequence[Example]) -> dict[str, Any]:
 BOX_SPACE = SearchSpace(epochs=(20, 30, 40), giou_scale=LOSS_SCALES, l1_scale=LOSS_SCALES)  # the paper's RefCOCOg
 VSR_SPACE = SearchSpace(epochs=(3, 5, 10, 15, 20))
 RCM_SPACE = SearchSpace(epochs=(50, 100, 150))
+COCO_CATEGORY_TYPE = MetadataType(("category_id",), "COCO category")
+VSR_TYPE = MetadataType(("subject", "object"), "(subject, object)")
+RCM_TYPE = MetadataType(("category_id", "cell"), "(COCO category, claimed cell)")
 
 
 def _referring(
@@ -89,6 +102,7 @@ def _referring(
         category=COCO_SUPERCATEGORY,
         kendall=True,
         description=description,
+        control_type=COCO_CATEGORY_TYPE,
     )
 
 
@@ -103,6 +117,7 @@ VSR = TaskSpec(
     category_order=META_CATEGORIES,
     category_table="table2",
     description="VSR random split: is this spatial caption true of the image?",
+    control_type=VSR_TYPE,
 )
 
 BUILTIN_TASKS: tuple[TaskSpec, ...] = (
@@ -126,6 +141,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         category=COCO_SUPERCATEGORY,
         kendall=True,
         stats_categories=rcm_cell_counts,
+        control_type=RCM_TYPE,
         description="Region Cell Matching (built from RefCOCOg umd): does the phrase refer to this 3x3 cell?",
     ),
     _referring(

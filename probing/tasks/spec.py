@@ -6,16 +6,20 @@ on a task's name (the lm-evaluation-harness habit: a task owns its data, target,
 - its head (`probing.heads`): outputs, targets, loss, metrics, main metric and direction, prediction records;
 - its search defaults (the paper's Table 4 for the paper's tasks) and early-stopping patience;
 - what the report shows: title, what a category is, the order of categories, the chance level, whether
-  Kendall correlations with box properties apply, which per-category table holds it.
+  Kendall correlations with box properties apply, which per-category table holds it;
+- its control task (`probing.controls`): what an example's type is, of which the control targets are a fixed
+  random function (its head draws them).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
 
 from probing.data.types import DataOptions, Example
 from probing.errors import ProbingError
@@ -57,6 +61,7 @@ class TaskSpec:
     source: str = "built-in"  # or the YAML file it was read from
     examples_from: str | None = None  # another task whose examples (and so stores) it shares, with another head
     stats_categories: Callable[[Sequence[Example]], dict[str, Any]] | None = None  # `data stats` (default: counts)
+    control_type: Callable[[Example], Hashable] | None = None  # an example's type for its control task (None: none)
 
     @property
     def examples_name(self) -> str:
@@ -104,6 +109,24 @@ class TaskSpec:
             return self.stats_categories(examples)
         return dict(sorted(Counter(example.category for example in examples).items()))
 
+    def check_control(self, option: str = "--control") -> None:
+        """A task without a control type is refused in one line naming it."""
+        if self.control_type is None:
+            raise ProbingError(
+                f"{option}: task '{self.name}' has no control type (a YAML task names one with 'control_type')"
+            )
+
+    def control_targets(
+        self, train: Sequence[Example], examples: Sequence[Example], seed: int, where: str
+    ) -> torch.Tensor:
+        """The control task's targets of `examples` (any split): each a fixed random function of the example's
+        type and `seed`, drawn by the head from the `train` examples' targets of that type."""
+        self.check_control()
+        train_targets = self.head.targets(train, f"{where} (train)")
+        train_types = [self.control_type(example) for example in train]
+        types = [self.control_type(example) for example in examples]
+        return self.head.control_targets(train_targets, train_types, types, seed)
+
     def describe(self) -> dict[str, Any]:
         """What `probing tasks` shows."""
         return {
@@ -119,6 +142,7 @@ class TaskSpec:
             "patience": self.patience,
             "chance": self.chance,
             "search_space": self.search_space.identity(),
+            "control_type": getattr(self.control_type, "title", None if self.control_type is None else "custom"),
             "source": self.source,
             "description": self.description,
         }

@@ -9,7 +9,9 @@
     box_format: xyxy               # or xywh, cxcywh; box_units: pixels (default) or normalized
     search: {epochs: [3, 5, 10]}   # optional: overrides of the default space
 
-Optional too: `title`, `description`, `patience`, `chance`, `category_order`, and in `fields`: `id` (an
+Optional too: `title`, `description`, `patience`, `chance`, `category_order`, `control_type` (the record
+field, or list of fields, whose values are an example's type for its control task: `probing.controls`; e.g.
+`control_type: [subject, object]`), and in `fields`: `id` (an
 integer example id; default the 0-based line number), `image_id` (an integer; default a stable hash of the
 image path), `width` and `height` (pixel boxes; default the image file's size). Every other field of a
 record is kept as metadata in the predictions.
@@ -33,6 +35,7 @@ import torch
 from torchvision.ops import box_convert
 
 from probing.artifacts import file_key
+from probing.controls import MetadataType
 from probing.data.boxes import area_fraction, centre_distance
 from probing.data.jsonl import read_objects
 from probing.data.types import DataOptions, Example
@@ -58,6 +61,7 @@ TOP_FIELDS = (
     "patience",
     "chance",
     "category_order",
+    "control_type",
 )
 FIELD_ROLES = {"binary": ("image", "text", "label"), "box": ("image", "text", "box")}
 OPTIONAL_ROLES = ("category", "id", "image_id", "width", "height")
@@ -205,6 +209,15 @@ def _load(key: tuple[str, int, int]) -> TaskSpec:
     order = data.get("category_order")
     if order is not None and (not isinstance(order, list) or not all(isinstance(c, str) for c in order)):
         raise document.error(("category_order",), "expected a list of category names")
+    control_fields: tuple[str, ...] = ()
+    if "control_type" in data:
+        named = data["control_type"]
+        named = [named] if isinstance(named, str) else named
+        if not isinstance(named, list) or not named or not all(isinstance(n, str) and n for n in named):
+            raise document.error(("control_type",), "expected a field name or a list of field names")
+        if len(set(named)) != len(named):
+            raise document.error(("control_type",), "a field is named twice")
+        control_fields = tuple(named)
     reader = JsonlReader(
         task_file=path,
         split_files=tuple(sorted(split_files.items())),
@@ -213,6 +226,7 @@ def _load(key: tuple[str, int, int]) -> TaskSpec:
         kind=kind,
         box_format=box_format,
         box_units=box_units,
+        kept=control_fields,
     )
     evaluated = tuple(split for split in splits if split not in (TRAIN, VAL)) or (VAL,)
     return TaskSpec(
@@ -230,6 +244,7 @@ def _load(key: tuple[str, int, int]) -> TaskSpec:
         kendall=kind == "box" and "category" in fields,
         description=str(data.get("description", "")),
         source=str(path),
+        control_type=MetadataType(control_fields, ", ".join(control_fields)) if control_fields else None,
     )
 
 
@@ -269,6 +284,7 @@ class JsonlReader:
     kind: str
     box_format: str
     box_units: str
+    kept: tuple[str, ...] = ()  # fields kept in the metadata even when a role reads them (the control type's)
     options: tuple[str, ...] = ()
 
     def sources(self, options: DataOptions, split: str) -> dict[str, Path]:
@@ -299,6 +315,12 @@ class JsonlReader:
                 for key, item in record.items()
                 if key not in used and isinstance(item, (str, int, float, bool, type(None)))
             }
+            for name in self.kept:
+                if name not in record:
+                    raise ProbingError(f"{path}: line {line}: missing field '{name}' (control_type)")
+                if not isinstance(record[name], (str, int, float, bool)):
+                    raise ProbingError(f"{path}: line {line}: field '{name}' (control_type) is not a string or number")
+                metadata[name] = record[name]
             label, box = None, None
             if self.kind == "binary":
                 label = value("label", (int, bool), "0/1 or true/false")

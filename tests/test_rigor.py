@@ -1,0 +1,565 @@
+"""Beyond accuracy: control tasks and selectivity, MDL by the online code, the rigour table.
+
+Synthetic features where the truth is known: a planted linear target is selective and compresses; targets
+that a memorisable type decides are matched by the control (selectivity ~ 0). The online code equals a
+hand computation, its portions are the published ones, and training the prefixes in one batched pass gives
+what training each prefix alone gives.
+"""
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+from scipy.stats import laplace
+
+from probing.analysis import paired_difference
+from probing.controls import MetadataType, stable_uniform
+from probing.data.types import Example
+from probing.errors import ProbingError
+from probing.heads import BinaryHead, BoxHead
+from probing.mdl import PORTIONS, block_ends, codelength, online_code, reordered, transmission_order
+from probing.metrics import BOX_CODE_BINS, discretised_laplace_bits
+from probing.probes import new_probe
+from probing.tasks import get_task
+from probing.train import ProbeData, TrainSettings, Trial, train_frozen
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def examples_of(types: list[int], targets: torch.Tensor, task: str) -> list[Example]:
+    """Examples whose metadata carry a type the way the task reads it (VSR: subject and object; REFER tasks:
+    the COCO category id)."""
+    made = []
+    for index, (kind, target) in enumerate(zip(types, targets.tolist(), strict=True)):
+        metadata = {"subject": f"s{kind % 7}", "object": f"o{kind}"} if task == "vsr" else {"category_id": kind}
+        made.append(
+            Example(
+                example_id=index,
+                image_id=index,
+                image_path="unused.jpg",
+                text="",
+                category="all",
+                label=int(target) if task == "vsr" else None,
+                box=None if task == "vsr" else tuple(target),
+                metadata=metadata,
+            )
+        )
+    return made
+
+
+def planted(task: str, rows: int, seed: int, dims: int = 32, types: int = 40) -> ProbeData:
+    """The target is a linear function of the features; every example has a random type the features do not
+    carry."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(dims, 4, generator=torch.Generator().manual_seed(1234))
+    features = torch.randn(rows, dims, generator=generator)
+    if task == "vsr":
+        targets = (features @ direction[:, 0] > 0).float()
+    else:
+        unit = (features @ direction / dims**0.5).sigmoid()
+        centre, size = 0.25 + 0.5 * unit[:, :2], 0.2 + 0.3 * unit[:, 2:]
+        targets = torch.cat([centre - size / 2, centre + size / 2], dim=1)
+    kinds = torch.randint(0, types, (rows,), generator=generator).tolist()
+    return ProbeData(task, "synthetic", features, targets, list(range(rows)), examples_of(kinds, targets, task))
+
+
+def typed_noise(rows: int, seed: int, dims: int = 16, types: int = 16) -> ProbeData:
+    """Features that carry nothing but the example's type (a vector per type plus noise); the target is a
+    random label per type (drawn with another seed than the control's)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(types, dims, generator=torch.Generator().manual_seed(99)) * 3
+    kinds = torch.randint(0, types, (rows,), generator=generator)
+    features = centres[kinds] + 0.3 * torch.randn(rows, dims, generator=generator)
+    labels = torch.tensor([float(stable_uniform(12345, ("s", int(k))) < 0.5) for k in kinds])
+    return ProbeData(
+        "vsr", "synthetic", features, labels, list(range(rows)), examples_of(kinds.tolist(), labels, "vsr")
+    )
+
+
+def controlled(data: ProbeData, train: ProbeData, seed: int = 0) -> ProbeData:
+    """The same split with its control targets (drawn from the train split)."""
+    spec = get_task(data.task)
+    targets = spec.control_targets(train.examples, data.examples, seed, "synthetic")
+    return ProbeData(data.task, data.split, data.features, targets, data.ids, data.examples)
+
+
+def test_correct(train: ProbeData, val: ProbeData, test: ProbeData, trial: Trial, settings: TrainSettings):
+    """Per-example correctness on test of the probe trained on train (best epoch by val)."""
+    probe = train_frozen(train, val, [trial], settings)[0].probe
+    with torch.no_grad():
+        outputs = probe(test.features)
+    return settings.head.correct(outputs, test.targets).numpy()
+
+
+test_correct.__test__ = False  # a helper, not a test
+
+
+# ---------------------------------------------------------------------------------------------- controls
+
+
+def test_stable_uniform_is_a_hash_of_the_seed_and_the_type():
+    digest = hashlib.sha256(json.dumps([3, ["dog", 4]]).encode()).digest()
+    assert stable_uniform(3, ("dog", 4)) == int.from_bytes(digest[:8], "big") / 2.0**64
+    draws = [stable_uniform(0, kind) for kind in range(4000)]
+    assert 0 <= min(draws) and max(draws) < 1 and abs(np.mean(draws) - 0.5) < 0.02  # uniform-looking
+
+
+@pytest.mark.parametrize("task", ["vsr", "refcocog"])
+def test_control_targets_are_a_fixed_function_of_the_type(task):
+    spec = get_task(task)
+    train, test = planted(task, 600, seed=0, types=30), planted(task, 300, seed=1, types=34)  # 4 unseen types
+    targets = spec.control_targets(train.examples, test.examples, 0, "test")
+    by_type = {}
+    for example, target in zip(test.examples, targets.tolist(), strict=True):
+        assert by_type.setdefault(spec.control_type(example), target) == target  # one target per type
+    # the same in any split, any subset, any order of the train examples
+    reversed_train = train.examples[::-1]
+    again = spec.control_targets(reversed_train, test.examples[::-1], 0, "test")
+    assert torch.equal(again.flip(0), targets)
+    alone = spec.control_targets(train.examples, test.examples[:5], 0, "test")
+    assert torch.equal(alone, targets[:5])
+    on_train = spec.control_targets(train.examples, train.examples, 0, "train")
+    for example, target in zip(train.examples, on_train.tolist(), strict=True):
+        if spec.control_type(example) in by_type:
+            assert by_type[spec.control_type(example)] == target
+    other = spec.control_targets(train.examples, test.examples, 1, "test")
+    assert not torch.equal(other, targets)  # another seed, another control
+    train_targets = {}
+    for example, target in zip(train.examples, train.targets.tolist(), strict=True):
+        train_targets.setdefault(spec.control_type(example), set()).add(tuple(np.atleast_1d(target)))
+    if task == "refcocog":  # a box of the type's own train boxes; an unseen type, any train box
+        every = set().union(*train_targets.values())
+        for kind, box in by_type.items():
+            assert tuple(box) in train_targets.get(kind, every)
+    else:  # labels drawn at the train rate of 1s, the same as the uniform draw says
+        rate = float(train.targets.mean())
+        assert all(value == float(stable_uniform(0, kind) < rate) for kind, value in by_type.items())
+
+
+def test_binary_control_labels_follow_the_train_label_rate():
+    kinds = list(range(5000))
+    rate = torch.tensor([1.0] * 3 + [0.0] * 7)  # 30 % ones
+    labels = BinaryHead().control_targets(rate, list(range(10)), kinds, 0)
+    assert abs(float(labels.mean()) - 0.3) < 0.02
+
+
+def test_the_builtin_control_types():
+    assert get_task("refcocog").control_type == MetadataType(("category_id",), "COCO category")
+    assert get_task("vsr").control_type.fields == ("subject", "object")
+    assert get_task("vsr-zeroshot").control_type.fields == ("subject", "object")
+    assert get_task("rcm").control_type.fields == ("category_id", "cell")
+    example = Example(1, 1, "x.jpg", "", "all", label=1, metadata={"category_id": 18, "cell": 4, "box": [1, 2]})
+    assert get_task("rcm").control_type(example) == (18, 4)
+    assert MetadataType(("box",), "box")(example) == (1, 2)  # lists become hashable
+
+
+def test_planted_linear_targets_are_selective():
+    """The target is linear in the features and the type is not in them: the probe learns the task, not the
+    control (which it could only memorise from the type), so selectivity is high."""
+    train, val, test = (
+        planted("vsr", 1000, 0, dims=16),
+        planted("vsr", 300, 1, dims=16),
+        planted("vsr", 600, 2, dims=16),
+    )
+    settings = TrainSettings(task="vsr", batch_size=128, device="cpu")
+    trial = Trial(lr=0.1, epochs=8)
+    task = test_correct(train, val, test, trial, settings)
+    control = test_correct(controlled(train, train), controlled(val, train), controlled(test, train), trial, settings)
+    assert task.mean() > 0.9 and control.mean() < 0.65
+    difference = paired_difference(task[None], control[None])
+    assert difference.mean == pytest.approx(task.mean() - control.mean())
+    assert difference.low > 0.25 and difference.low < difference.mean < difference.high
+
+
+def test_targets_a_type_decides_are_matched_by_the_control():
+    """Features carry only the type and the target is a random function of the type: the control (another
+    random function of the type) is as learnable, so selectivity is about 0 (its interval holds 0)."""
+    train, val, test = typed_noise(800, 0), typed_noise(200, 1), typed_noise(400, 2)
+    settings = TrainSettings(task="vsr", batch_size=64, device="cpu")
+    trial = Trial(lr=0.1, epochs=10)
+    task = test_correct(train, val, test, trial, settings)
+    control = test_correct(controlled(train, train), controlled(val, train), controlled(test, train), trial, settings)
+    assert task.mean() > 0.95 and control.mean() > 0.95
+    difference = paired_difference(task[None], control[None])
+    assert abs(difference.mean) < 0.03 and difference.low <= 0 <= difference.high
+
+
+def test_the_paired_interval_is_narrower_than_unpaired_ones():
+    """What both runs get right or wrong together does not widen a paired interval."""
+    generator = np.random.default_rng(0)
+    hard = generator.random(2000) < 0.5
+    first = (hard | (generator.random(2000) < 0.2)).astype(float)[None]
+    second = (hard & (generator.random(2000) < 0.9)).astype(float)[None]
+    paired = paired_difference(first, second)
+    rows = np.stack([first[0], second[0]])
+    unpaired_width = 2 * 1.96 * np.sqrt(rows.mean(1) @ (1 - rows.mean(1)) / 2000)  # two independent samples
+    assert paired.high - paired.low < 0.7 * unpaired_width
+
+
+# ---------------------------------------------------------------------------------------------- MDL
+
+
+def test_the_portions_are_voita_and_titovs():
+    assert PORTIONS == (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.25, 12.5, 25, 50, 100)
+    assert block_ends(1000) == [1, 2, 4, 8, 16, 32, 62, 125, 250, 500, 1000]
+    assert block_ends(80512) == [80, 161, 322, 644, 1288, 2576, 5032, 10064, 20128, 40256, 80512]  # RefCOCOg train
+    assert block_ends(10) == [1, 2, 5, 10]  # on a tiny split the first ends coincide and merge
+
+
+def test_codelength_formula():
+    online, uniform = codelength(2.0, [1, 3, 6], [1.5, 4.0])
+    assert online == 2.0 + 1.5 + 4.0 and uniform == 12.0
+    with pytest.raises(ValueError):
+        codelength(1.0, [1, 3, 6], [1.0])
+
+
+@pytest.mark.parametrize("task", ["vsr", "refcocog"])
+def test_the_codelength_of_a_tiny_case_equals_a_hand_computation(task):
+    """With a learning rate too small to move them, every prefix's probe is the initial probe: the online code is
+    the first example under the uniform code plus every other example under that probe's likelihood, which
+    numpy and scipy compute here from the probe's weights."""
+    train, val = planted(task, 100, 0, dims=8), planted(task, 40, 1, dims=8)
+    settings = TrainSettings(task=task, batch_size=16, device="cpu")
+    code = online_code(train, val, Trial(lr=1e-12, epochs=1, seed=5), settings, shuffle_seed=3)
+    ends = [1, 3, 6, 12, 25, 50, 100]  # 0.1 ... 1.6 % of 100 examples all round to 1 (at least 1)
+    assert code.ends == ends
+    probe = new_probe("linear", 8, 4 if task == "refcocog" else 1, 768, 5).layers[0]
+    weight, bias = probe.weight.detach().double().numpy(), probe.bias.detach().double().numpy()
+    order = transmission_order(100, 3).numpy()
+    outputs = train.features.double().numpy()[order] @ weight.T + bias
+    targets = train.targets.double().numpy()[order]
+    if task == "vsr":
+        logits = outputs[:, 0]
+        bits = -np.log2(np.where(targets == 1, expit(logits), 1 - expit(logits)))
+        first = 1.0
+    else:
+
+        def cxcywh(boxes):
+            return np.stack(
+                [
+                    (boxes[:, 0] + boxes[:, 2]) / 2,
+                    (boxes[:, 1] + boxes[:, 3]) / 2,
+                    boxes[:, 2] - boxes[:, 0],
+                    boxes[:, 3] - boxes[:, 1],
+                ],
+                1,
+            )
+
+        locations = expit(outputs)
+        values = cxcywh(targets)
+        val_locations = expit(val.features.double().numpy() @ weight.T + bias)
+        scales = np.maximum(np.abs(cxcywh(val.targets.double().numpy()) - val_locations).mean(0), 0.5 / BOX_CODE_BINS)
+        index = np.clip(np.floor(values * BOX_CODE_BINS), 0, BOX_CODE_BINS - 1)
+        high = np.where(index == BOX_CODE_BINS - 1, np.inf, (index + 1) / BOX_CODE_BINS)
+        low = np.where(index == 0, -np.inf, index / BOX_CODE_BINS)
+        probability = laplace.cdf(high, locations, scales) - laplace.cdf(low, locations, scales)
+        bits = -np.log2(probability).sum(1)
+        first = 4 * math.log2(BOX_CODE_BINS)
+    expected = first + bits[1:].sum()
+    assert code.online_bits == pytest.approx(expected, rel=1e-7)
+    assert code.uniform_bits == pytest.approx(100 * first)
+    for index, block in enumerate(code.example_bits):  # block by block
+        assert block.numpy() == pytest.approx(bits[ends[index] : ends[index + 1]], rel=1e-6)
+
+
+def test_discretised_laplace_against_scipy_and_summing_to_one():
+    generator = torch.Generator().manual_seed(0)
+    locations = torch.rand(50, generator=generator, dtype=torch.float64)
+    scales = 0.005 + 0.3 * torch.rand(50, generator=generator, dtype=torch.float64)
+    centres = (torch.arange(BOX_CODE_BINS, dtype=torch.float64) + 0.5) / BOX_CODE_BINS
+    bits = discretised_laplace_bits(centres[None, :], locations[:, None], scales[:, None])  # [50, bins]
+    assert torch.allclose((2.0**-bits).sum(1), torch.ones(50, dtype=torch.float64), atol=1e-12)
+    edges = np.arange(BOX_CODE_BINS + 1) / BOX_CODE_BINS
+    edges[0], edges[-1] = -np.inf, np.inf
+    where = {"loc": locations.numpy()[:, None], "scale": scales.numpy()[:, None]}
+    low, high = edges[None, :-1], edges[None, 1:]
+    # scipy's CDF below the location and its survival function above it: each exact in its own tail
+    reference = np.where(
+        low >= where["loc"],
+        laplace.sf(low, **where) - laplace.sf(high, **where),
+        laplace.cdf(high, **where) - laplace.cdf(low, **where),
+    )
+    usable = reference > 1e-200
+    assert usable.mean() > 0.8
+    assert np.allclose(2.0 ** -bits.numpy()[usable], reference[usable], rtol=1e-9, atol=0)
+    far = discretised_laplace_bits(torch.tensor([0.995]), torch.tensor([0.001]), torch.tensor([0.001]))
+    assert torch.isfinite(far).all() and far.item() > 1000  # scipy's difference is exactly 0 there
+
+
+@pytest.mark.parametrize("task,probe", [("vsr", "linear"), ("refcocog", "linear"), ("rcm", "swiglu2")])
+def test_prefixes_trained_together_equal_prefixes_trained_alone(task, probe):
+    """One batched pass over every prefix == `train_frozen` on each prefix's own copy of its rows."""
+    kind = "vsr" if task == "rcm" else task
+    train, val = planted(kind, 700, 0), planted(kind, 150, 1)
+    train, val = (ProbeData(task, d.split, d.features, d.targets, d.ids, d.examples) for d in (train, val))
+    settings = TrainSettings(task=task, probe=probe, hidden=8, batch_size=32, patience=2, device="cpu")
+    trial = Trial(lr=5e-3, epochs=4, seed=2, giou_scale=2.0, l1_scale=5.0)
+    together = online_code(train, val, trial, settings, shuffle_seed=1)
+    alone = online_code(train, val, trial, settings, shuffle_seed=1, batched=False)
+    assert together.ends == alone.ends == [1, 2, 5, 11, 22, 43, 87, 175, 350, 700]
+    for mine, theirs in zip(together.fits, alone.fits, strict=True):
+        assert (mine.best_epoch, mine.epochs_run, mine.stopped_early) == (
+            theirs.best_epoch,
+            theirs.epochs_run,
+            theirs.stopped_early,
+        )
+        assert [h["epoch"] for h in mine.history] == [h["epoch"] for h in theirs.history]
+        for name, value in mine.val_metrics.items():
+            assert value == pytest.approx(theirs.val_metrics[name], abs=1e-5), name
+        for (name, a), (_, b) in zip(mine.probe.state_dict().items(), theirs.probe.state_dict().items(), strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), name
+    assert together.online_bits == pytest.approx(alone.online_bits, rel=1e-5)
+    assert together.compression > 1  # the planted target is learnt from the features
+
+
+def test_planted_targets_compress_and_their_control_does_not():
+    train, val = planted("vsr", 2000, 0, dims=16), planted("vsr", 300, 1, dims=16)
+    settings = TrainSettings(task="vsr", batch_size=128, device="cpu")
+    trial = Trial(lr=0.3, epochs=10)
+    task = online_code(train, val, trial, settings)
+    control = online_code(controlled(train, train), controlled(val, train), trial, settings)
+    assert task.uniform_bits == 2000 and task.compression > 4  # >> 1: the representation makes it learnable
+    assert 0.85 < control.compression < 1.1  # random labels per type, not in the features: about a bit each
+
+
+def test_reordered_reads_the_same_rows():
+    data = planted("vsr", 10, 0, dims=4)
+    order = transmission_order(10, 0)
+    ordered = reordered(data, order)
+    assert torch.equal(ordered.example_features(), data.features[order]) and ordered.ids == order.tolist()
+    per_image = ProbeData(
+        "vsr", "x", data.features[:5], data.targets, data.ids, data.examples, rows=torch.arange(10) % 5
+    )
+    assert torch.equal(reordered(per_image, order).example_features(), data.features[:5][order % 5])
+
+
+def test_box_head_code_bits_are_coordinate_sums():
+    head = BoxHead()
+    outputs = torch.zeros(3, 4)  # every coordinate at 0.5
+    targets = torch.tensor([[0.25, 0.25, 0.75, 0.75]] * 3)  # cxcywh (0.5, 0.5, 0.5, 0.5)
+    bits = head.code_bits(outputs, targets, outputs, targets)  # a perfect reference: the scale floor, half a bin
+    per_coordinate = discretised_laplace_bits(torch.tensor(0.5), torch.tensor(0.5), torch.tensor(0.5 / BOX_CODE_BINS))
+    assert torch.allclose(bits, 4 * per_coordinate.expand(3)) and head.uniform_bits == 4 * math.log2(BOX_CODE_BINS)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@pytest.fixture(scope="module")
+def vsr_stores(tiny_checkpoints, demo_options, tmp_path_factory):
+    """Layer 4 of the tiny BLIP-2 on the demo's VSR, as trained and with re-drawn (random) weights."""
+    from probing.data import DataOptions
+    from probing.extract import ExtractionRequest, extract
+
+    root = tmp_path_factory.mktemp("rigour")
+    options = DataOptions(task="vsr", **demo_options["vsr"])
+    for name, init in (("trained", "pretrained"), ("random", "random")):
+        for split in ("train", "val", "test"):
+            extract(
+                ExtractionRequest(
+                    model=str(tiny_checkpoints["blip2"]),
+                    init=init,
+                    data=options,
+                    split=split,
+                    out=root / name / split,
+                    layers="4",
+                    workers=0,
+                    progress=False,
+                )
+            )
+    return root
+
+
+def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_options, tmp_path):
+    from conftest import run_cli
+
+    from probing.data import DataOptions
+    from probing.records import MdlRecord
+    from probing.tasks import load_split
+
+    search = ["search", "--task", "vsr", "--layer", 4, "--device", "cpu", "--trials", 2, "--batch", 2]
+    search += ["--lr-range", "0.001,0.03", "--epochs", "5", "--final-seeds", "0,1"]
+    runs = tmp_path / "runs"
+    for name, features, extra in (
+        ("task", "trained", []),
+        ("control", "trained", ["--control"]),
+        ("random", "random", []),
+    ):
+        code, out, err = run_cli(capsys, *search, "--features", vsr_stores / features, *extra, "--out", runs / name)
+        assert code == 0, err
+        assert ("control task" in out) == (name == "control")
+    task_manifest = json.loads((runs / "task" / "manifest.json").read_text())
+    control_manifest = json.loads((runs / "control" / "manifest.json").read_text())
+    assert "control" not in task_manifest and "control_seed" not in task_manifest  # identities made before stay
+    assert control_manifest["control"] is True and "control_seed" not in control_manifest  # seed 0: omitted
+    assert json.loads((runs / "control" / "best" / "manifest.json").read_text())["control"] is True
+    # the control's test labels: a label per (subject, object), drawn at the train labels' rate
+    train = load_split(DataOptions(task="vsr", **demo_options["vsr"]), "train").examples
+    rate = np.mean([example.label for example in train])
+    records = [json.loads(line) for line in (runs / "control" / "best" / "predictions" / "test.jsonl").open()]
+    assert len(records) == 2 * len({record["id"] for record in records})  # two final seeds
+    for record in records:
+        assert record["label"] == int(stable_uniform(0, (record["subject"], record["object"])) < rate)
+    # a control request never reuses (or overwrites) the task's folder
+    code, _, err = run_cli(capsys, *search, "--features", vsr_stores / "trained", "--control", "--out", runs / "task")
+    assert code == 2 and err.startswith("error: ") and "control" in err and len(err.strip().splitlines()) == 1
+    # the online codes, with the searches' best trials
+    mdl = ["mdl", "--task", "vsr", "--layer", 4, "--device", "cpu", "--features", vsr_stores / "trained"]
+    code, out, err = run_cli(capsys, *mdl, "--from-search", runs / "task", "--out", runs / "task-mdl")
+    assert code == 0, err
+    assert "compression" in out and "kbits" in out
+    code, out, err = run_cli(
+        capsys, *mdl, "--control", "--from-search", runs / "control", "--out", runs / "control-mdl"
+    )
+    assert code == 0, err
+    record = MdlRecord.read(runs / "task-mdl")
+    assert record.control is False and MdlRecord.read(runs / "control-mdl").control is True
+    assert record.online_bits == pytest.approx(
+        record.ends[0] * record.uniform_bits_per_example + sum(sum(block) for block in record.example_bits)
+    )
+    assert record.uniform_bits == record.examples and record.ends[-1] == record.examples  # 1 bit per label
+    best = json.loads((runs / "task" / "summary.json").read_text())["best"]["params"]
+    assert json.loads((runs / "task-mdl" / "manifest.json").read_text())["trial"]["lr"] == best["lr"]
+    code, out, _ = run_cli(capsys, *mdl, "--from-search", runs / "task", "--out", runs / "task-mdl")
+    assert code == 0 and "already there" in out
+    # the report: one rigour row, every cell filled
+    code, out, err = run_cli(capsys, "report", runs, "--out", tmp_path / "report")
+    assert code == 0, err
+    table = (tmp_path / "report" / "tables" / "rigor.md").read_text().splitlines()
+    assert table[2].startswith("| model | task | mode | layer | probe | accuracy (%) | control (%) | selectivity")
+    rows = [line for line in table if line.startswith("| BLIP-2")]
+    assert len(rows) == 1 and "–" not in rows[0]  # the random-weights model has a row of its own only with more
+    import pandas as pd
+
+    numbers = pd.read_csv(tmp_path / "report" / "tables" / "rigor.csv").iloc[0]
+    assert numbers["selectivity_mean"] == pytest.approx(numbers["accuracy_mean"] - numbers["control_mean"])
+    assert numbers["selectivity_ci_low"] <= numbers["selectivity_mean"] <= numbers["selectivity_ci_high"]
+    assert numbers["codelength_kbits"] == pytest.approx(record.online_bits / 1000)
+    assert numbers["codelength_ci_low"] <= numbers["codelength_kbits"] <= numbers["codelength_ci_high"]
+    assert numbers["compression"] == pytest.approx(record.compression)
+    assert numbers["random_model"] == "BLIP-2 (random)" and 0 <= numbers["random_mean"] <= 1
+    table1 = (tmp_path / "report" / "tables" / "table1.md").read_text()
+    assert table1.count("| BLIP-2 | frozen |") == 1  # the control run is no row of other tables
+
+
+def test_rigour_mistakes_are_one_line(capsys, vsr_stores, tmp_path):
+    from conftest import run_cli
+
+    mdl = ["mdl", "--task", "vsr", "--layer", 4, "--features", vsr_stores / "trained", "--out", tmp_path / "m"]
+    for extra, message in (
+        (["--probe", "logreg", "--lr", "0.01", "--epochs", "2"], "mdl: --probe logreg is not a batched probe"),
+        (["--lr", "0.01", "--epochs", "2", "--from-search", tmp_path], "--from-search: give it or --lr and --epochs"),
+        (["--epochs", "2"], "--lr is required for --probe linear"),
+    ):
+        code, _, err = run_cli(capsys, *mdl, *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
+    task = tmp_path / "plain.yaml"
+    task.write_text(
+        "name: plain\nkind: binary\nsplits: {train: t.jsonl, val: v.jsonl}\nfields: {image: i, text: t, label: l}\n"
+    )
+    code, _, err = run_cli(
+        capsys, "search", "--task", task, "--layer", 4, "--features", tmp_path, "--control", "--out", tmp_path / "s"
+    )
+    assert code == 2 and "--control: task 'plain' has no control type" in err
+
+
+def test_a_yaml_tasks_control_type_names_record_fields(tmp_path):
+    from probing.data import DataOptions
+    from probing.tasks import load_split
+
+    lines = [
+        {"image": "a.jpg", "caption": f"c{i}", "label": i % 2, "relation": ["left of", "above"][i % 2], "obj": i % 3}
+        for i in range(12)
+    ]
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (tmp_path / "task.yaml").write_text(
+        "name: typed\nkind: binary\nsplits: {train: train.jsonl, val: val.jsonl}\n"
+        "fields: {image: image, text: caption, label: label, category: relation}\ncontrol_type: [relation, obj]\n"
+    )
+    spec = get_task(str(tmp_path / "task.yaml"))
+    assert spec.control_type.fields == ("relation", "obj") and spec.describe()["control_type"] == "relation, obj"
+    train = load_split(DataOptions(task=str(tmp_path / "task.yaml")), "train").examples
+    assert spec.control_type(train[4]) == ("left of", 1)  # a role's field (the category) is kept too
+    targets = spec.control_targets(train, train, 0, "x")
+    assert torch.equal(targets[:6], targets[6:])  # lines i and i + 6 share their type
+    (tmp_path / "val.jsonl").write_text(json.dumps({k: v for k, v in lines[0].items() if k != "obj"}) + "\n")
+    with pytest.raises(ProbingError, match=r"val.jsonl: line 1: missing field 'obj' \(control_type\)"):
+        load_split(DataOptions(task=str(tmp_path / "task.yaml")), "val")
+    (tmp_path / "bad.yaml").write_text((tmp_path / "task.yaml").read_text().replace("[relation, obj]", "[]"))
+    with pytest.raises(ProbingError, match="line 5: field 'control_type': expected a field name or a list"):
+        get_task(str(tmp_path / "bad.yaml"))
+
+
+def test_rigour_config_fields_are_checked(tmp_path):
+    from probing.config import load_config
+
+    base = {
+        "name": "x",
+        "workspace": str(tmp_path),
+        "models": {"m": {"tiny": "blip2"}},
+        "data": {"demo": {}},
+        "experiments": [{"name": "e", "tasks": ["vsr"], "models": ["m"]}],
+    }
+    for change, message in (
+        ({"mdl": True, "probes": ["logreg"]}, "'experiments[0].mdl': probe 'logreg' is not a batched probe"),
+        ({"mdl": True, "modes": ["unfrozen"]}, "'experiments[0].mdl': the online code trains probes on stored"),
+        ({"controls": "yes"}, "'experiments[0].controls': expected true or false"),
+        ({"control_seed": -1}, "'experiments[0].control_seed': must be >= 0, got -1"),
+    ):
+        config = json.loads(json.dumps(base))
+        config["experiments"][0] |= change
+        (tmp_path / "c.yaml").write_text(json.dumps(config))
+        with pytest.raises(ProbingError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_config(tmp_path / "c.yaml")
+
+
+def test_the_rigour_config_reuses_the_paper_searches():
+    from pathlib import Path
+
+    from probing.config import load_config
+
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    rigor, table1 = load_config(root / "rigor.yaml", check_paths=False), load_config(root / "table1.yaml", False)
+    main = rigor.experiments[0]
+    assert main.controls and main.mdl and main.modes == ["frozen"] and main.layers == "last"
+    assert main.name == table1.experiments[0].name and main.search == table1.experiments[0].search
+    assert rigor.workspace == table1.workspace and "BLIP-2 (random)" in main.models
+    assert rigor.models["BLIP-2 (random)"].init == "random"
+
+
+def test_unfrozen_training_reads_the_control_targets(tiny_checkpoints, demo_options):
+    from probing.data import DataOptions
+    from probing.unfrozen import UnfrozenSetup
+
+    data = DataOptions(task="vsr", **demo_options["vsr"])
+    settings = TrainSettings(task="vsr", device="cpu")
+    plain = UnfrozenSetup("vsr", str(tiny_checkpoints["blip2"]), data, settings)
+    control = UnfrozenSetup("vsr", str(tiny_checkpoints["blip2"]), data, settings, control_seed=4)
+    spec = get_task("vsr")
+    for split in ("train", "val", "test"):
+        assert torch.equal(plain.targets[split], spec.head.targets(plain.examples[split], split))
+        expected = spec.control_targets(plain.examples["train"], plain.examples[split], 4, split)
+        assert torch.equal(control.targets[split], expected)
+
+
+def test_the_online_code_reads_per_image_rows():
+    """A store of a family that reads no text keeps one row per image: the code is that of the same features
+    written out per example."""
+    images = planted("vsr", 150, 0, dims=8)
+    rows = torch.arange(300) % 150
+    examples = examples_of([0] * 300, images.targets[rows], "vsr")
+    per_image = ProbeData("vsr", "train", images.features, images.targets[rows], list(range(300)), examples, rows)
+    per_example = ProbeData("vsr", "train", images.features[rows], images.targets[rows], list(range(300)), examples)
+    val = planted("vsr", 60, 1, dims=8)
+    val_per_image = ProbeData("vsr", "val", val.features, val.targets, val.ids, val.examples, torch.arange(60))
+    settings = TrainSettings(task="vsr", batch_size=32, device="cpu")
+    trial = Trial(lr=0.05, epochs=3)
+    first = online_code(per_image, val_per_image, trial, settings)
+    second = online_code(per_example, val, trial, settings)
+    assert first.online_bits == pytest.approx(second.online_bits, rel=1e-6)
