@@ -43,6 +43,7 @@ SEARCH = {
     "batch": (["--batch", "2"], {"search": {"batch": 2}}, 2),
     "seed": (["--seed", "4"], {"search": {"seed": 4}}, 4),
     "final_seeds": (["--final-seeds", "1,2"], {"search": {"final_seeds": [1, 2]}}, [1, 2]),
+    "pruner": (["--pruner", "median"], {"search": {"pruner": "median"}}, "median"),
     "study_name": (
         ["--study-name", "s", "--storage", "sqlite:///x.db"],
         {"search": {"storage": "sqlite:///x.db"}},

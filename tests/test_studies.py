@@ -106,7 +106,7 @@ def unfrozen_search_args(tiny_checkpoints, demo_options, out: Path, *extra) -> l
 
 def test_a_killed_search_resumes_its_study_and_its_trial(tiny_checkpoints, demo_options, tmp_path):
     """SIGKILL once a trial is finished and the next has a checkpoint; the same command again keeps the finished
-    trial, resumes the killed one from its epoch (a retry with its parameters) and ends with exactly 2 trials."""
+    trial, resumes the killed one from its epoch (a retry with its parameters) and ends with exactly its budget of 3."""
     out = tmp_path / "search"
     args = unfrozen_search_args(tiny_checkpoints, demo_options, out, "--pruner", "none")
     first = probing(*args)
@@ -132,13 +132,13 @@ def test_a_killed_search_resumes_its_study_and_its_trial(tiny_checkpoints, demo_
     assert "resuming a trial after its epoch" in again.stderr
     study = journal_study(out / "study.log")
     finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(finished) == 2
+    assert len(finished) == 3  # --trials 3: the killed trial's retry takes its place, no more
     kept = next(t for t in finished if t.number == done[0].number)
     assert kept.params == done[0].params and kept.value == done[0].value  # the finished trial was not redone
     retry = next(t for t in finished if t.user_attrs.get("retry_of") == running[0].number)
     assert retry.params == running[0].params
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["trials_complete"] == 2 and not (out / "checkpoints").exists()  # checkpoints go when done
+    assert summary["trials_complete"] == 3 and not (out / "checkpoints").exists()  # checkpoints go when done
     code = subprocess.run(
         [sys.executable, "-m", "probing", *map(str, args)], capture_output=True, text=True, timeout=300
     )
