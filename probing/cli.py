@@ -530,8 +530,22 @@ def demo_command(
 # ------------------------------------------------------------------ entry point
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes each record to whatever `sys.stderr` is when it is logged, not to the stream of the first call: a
+    stage called in-process after the command returned (a notebook, a test that swapped stderr) would otherwise
+    write to a stream that may be closed."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _configure_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logger = logging.getLogger("probing")
     logger.handlers[:] = [handler]
