@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from probing.data.types import DataOptions
+from probing.devices import check_device
 from probing.errors import ProbingError
 from probing.extract import ExtractionSettings
 from probing.models import ModelSource
@@ -235,6 +236,7 @@ def check(config: Config, paths: bool = True) -> Config:
     from probing.report import table_names
     from probing.tasks import get_task
 
+    check_device(config.device, "config field 'device'", present=paths)
     for label, entry in config.models.items():
         if (entry.model is None) == (entry.tiny is None):
             raise ProbingError(f"config field 'models.{label}': give exactly one of 'model' and 'tiny'")
