@@ -38,7 +38,7 @@ def check_device(name: str | None, where: str = "--device", present: bool = True
     if not present:
         return
     if not torch.cuda.is_available():
-        raise ProbingError(f"{where}: {name}: there is no CUDA GPU on this machine (use --device cpu)")
+        raise ProbingError(f"{where}: {name}: there is no CUDA GPU on this machine")
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
         raise ProbingError(f"{where}: {name}: this machine has {count} CUDA GPU(s) (cuda:0 .. cuda:{count - 1})")

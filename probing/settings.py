@@ -29,7 +29,7 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from probing.errors import ProbingError
+from probing.errors import ProbingError, shown
 
 _KEY = "probing.setting"
 
@@ -152,7 +152,7 @@ def check_value(value: Any, info: SettingInfo, kind: Any, where: str) -> None:
         info.valid(value, where)
     choices = literal_choices(kind)
     if choices is not None and value not in choices:
-        raise ProbingError(f"{where}: unknown value {value!r} (choose {', '.join(map(str, choices))})")
+        raise ProbingError(f"{where}: unknown value {shown(value)} (choose {', '.join(map(str, choices))})")
     items = value if isinstance(value, (tuple, list)) else (value,)
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
