@@ -381,7 +381,7 @@ class JsonlReader:
             try:
                 with Image.open(image_path) as image:  # the header only: no pixel is decoded
                     sizes[image_path] = (float(image.width), float(image.height))
-            except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
                 raise ProbingError(
                     f"{path}: line {line}: {image_path}: cannot read the image size for a pixel box "
                     f"({type(error).__name__}); give fields.width and fields.height"
