@@ -321,6 +321,11 @@ def damaged_store(world: World, tmp: Path) -> list:
     return world.train_args(tmp / "out", features=features)
 
 
+def journal_in_a_file(world: World, tmp: Path) -> list:
+    (tmp / "a-file").write_text("not a folder")
+    return world.search_args(tmp / "out", "--study-name", "s", "--storage", f"journal:{tmp}/a-file/sub/j.log")
+
+
 def plain(*args, out: str = "out") -> Callable[[World, Path], list]:
     """A command of the world's kind: 'extract', 'train' or 'search' with extra options, into tmp/out."""
 
@@ -344,6 +349,7 @@ CASES = [
     ("heartbeat-nan", plain("search", "--heartbeat", "nan"), "--heartbeat: must be a finite number, got nan"),
     ("heartbeat-inf", plain("search", "--heartbeat", "inf"), "--heartbeat: must be a finite number, got inf"),
     ("search-seed-negative", plain("search", "--seed", "-1"), "--seed: must be >= 0, got -1"),
+    ("journal-in-a-file", journal_in_a_file, "a-file/sub/j.log: cannot create"),
     # devices, checked before any work
     ("extract-device-tpu", plain("extract", "--device", "tpu0"), "--device: unknown device 'tpu0'"),
     ("train-device-tpu", plain("train", "--device", "tpu0"), "--device: unknown device 'tpu0'"),
