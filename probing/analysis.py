@@ -21,7 +21,6 @@ paper's Table 5 (Kendall correlations between per-category accuracy and properti
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,8 +31,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import kendalltau
 
-from probing.errors import ProbingError
-from probing.records import NO_PROBE, MdlRecord, MetricsRecord, SearchSummary, read_json_file
+from probing.errors import ProbingError, shown
+from probing.records import NO_PROBE, MdlRecord, RunFolder, SearchSummary, read_json_file, read_predictions
 from probing.tasks import TaskSpec, get_task
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -136,12 +135,15 @@ def last_layer_runs(runs: list[RunResults], probe: str = "linear") -> dict[tuple
 
 def _model_of(manifest: dict[str, Any], where: Path) -> dict[str, Any]:
     inputs = manifest.get("inputs", {})
-    if "model" in inputs:
-        return inputs["model"]
-    features = inputs.get("features", {})
-    if features:
-        return next(iter(features.values()))["model"]
-    raise ProbingError(f"{where}: manifest of kind {manifest.get('kind')}: no model identity")
+    model = None
+    if isinstance(inputs, dict) and "model" in inputs:
+        model = inputs["model"]
+    elif isinstance(inputs, dict) and isinstance(inputs.get("features"), dict) and inputs["features"]:
+        store = next(iter(inputs["features"].values()))
+        model = store.get("model") if isinstance(store, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("family"), str):
+        raise ProbingError(f"{where}: manifest of kind {shown(manifest.get('kind'))}: no model identity")
+    return model
 
 
 def model_label(model: dict[str, Any]) -> str:
@@ -165,31 +167,18 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
     """Read a run folder, or a search folder (its `best/` run, labelled with the search), for one evaluated
     split (default: the task's first, `test` for the paper's tasks)."""
     run_path, search = _run_folder(Path(path))
-    for name in ("manifest.json", "metrics.json"):
-        if not (run_path / name).is_file():
-            raise ProbingError(f"{run_path}: not a run folder ({name} missing)")
-    manifest = read_json_file(run_path / "manifest.json")
-    metrics = MetricsRecord.read(run_path)
+    folder = RunFolder.read(run_path)
+    manifest, metrics = folder.manifest, folder.metrics
     task_file = manifest.get("task_file")
     spec = get_task(task_file or metrics.task)
     # a human run holds the one split its annotators saw: the first evaluated split it has, by default
-    split = split or next(
-        (name for name in spec.eval_splits if (run_path / "predictions" / f"{name}.jsonl").is_file()),
-        spec.eval_splits[0],
-    )
-    predictions = run_path / "predictions" / f"{split}.jsonl"
-    if not predictions.is_file():
-        raise ProbingError(f"{run_path}: not a run folder (predictions/{split}.jsonl missing)")
+    split = split or next((name for name in spec.eval_splits if folder.has_predictions(name)), spec.eval_splits[0])
     model = _model_of(manifest, run_path)
     family, init = model["family"], model.get("init", "pretrained")
     label = metrics.label or model_label(model)
     records_by_seed: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for number, record in enumerate(_records(predictions), start=1):
-        if not isinstance(record, dict) or not isinstance(record.get("seed"), int):
-            raise ProbingError(f"{predictions}: line {number}: a prediction record without a seed")
+    for record in folder.predictions(split):
         records_by_seed[record["seed"]].append(record)
-    if not records_by_seed:
-        raise ProbingError(f"{predictions}: no predictions")
     seeds = sorted(records_by_seed)
     first = records_by_seed[seeds[0]]
     ids = [r["id"] for r in first]
@@ -227,16 +216,6 @@ def load_run_splits(path: Path | str) -> list[RunResults]:
     if first.probe == NO_PROBE:  # a human run holds only the splits its annotators saw
         others = [split for split in others if (first.path / "predictions" / f"{split}.jsonl").is_file()]
     return [first] + [load_run(path, split) for split in others]
-
-
-def _records(path: Path):
-    """The JSON objects of a predictions file, one per line; damage named by file and line."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                yield json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise ProbingError(f"{path}: line {number}: not a JSON record") from None
 
 
 def estimate(
@@ -439,7 +418,7 @@ def roc_auc(run: RunResults) -> dict[str, float | None] | None:
         return None
     values = []
     for seed in run.seeds:
-        records = [r for r in _records(run.path / "predictions" / f"{run.split}.jsonl") if r["seed"] == seed]
+        records = [r for r in read_predictions(run.path / "predictions" / f"{run.split}.jsonl") if r["seed"] == seed]
         values.append(float(roc_auc_score([r["label"] for r in records], [r["probability"] for r in records])))
     return {
         "mean": float(np.mean(values)),

@@ -18,10 +18,30 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from probing.errors import ProbingError
+from probing.errors import ProbingError, shown
 
 MANIFEST_NAME = "manifest.json"
 PARTIAL_MARK = ".partial-"  # temporary names: .<name>.partial-<pid>
+
+
+MAX_NAME_LENGTH = 128
+
+
+def check_folder_name(name: str, where: str, kind: str = "") -> str:
+    """A name from a config that becomes one folder of a workspace (config name, experiment name, model label):
+    refused unless it is a single plain path component, so nothing is written outside the workspace."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = "is not a folder name"
+    elif any(c in name for c in "/\\\0"):
+        problem = "contains a path separator or NUL (a name, not a path)"
+    elif len(name) > MAX_NAME_LENGTH:
+        problem = f"is longer than {MAX_NAME_LENGTH} characters ({len(name)})"
+    if problem is not None:
+        raise ProbingError(f"{where}: {kind + ' ' if kind else ''}{shown(name)} {problem}")
+    return name
 
 
 def code_version() -> str:

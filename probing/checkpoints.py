@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from probing.artifacts import PARTIAL_MARK, write_json
+from probing.artifacts import PARTIAL_MARK, save_safetensors, write_json
 from probing.errors import ProbingError
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class TrialCheckpoint:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / TENSORS))
+            save_safetensors(staging / TENSORS, {k: v.detach().cpu() for k, v in tensors.items()})
             text = json.dumps(state, sort_keys=True)
             with open(staging / STATE, "w", encoding="utf-8") as handle:
                 handle.write(text)

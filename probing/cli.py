@@ -189,10 +189,12 @@ def _train(**values: Any) -> None:
     from dataclasses import replace
 
     from probing.probe_run import TrainRequest, run_training
-    from probing.settings import comma_separated, from_cli
+    from probing.settings import check_as, comma_separated, from_cli
     from probing.train import Trial
 
     seeds = comma_separated(int, what="integers")(values["seeds"], "--seeds")
+    for seed in seeds:
+        check_as(Trial, "seed", seed, "--seeds")
     trial = from_cli(Trial, values)  # the hyper-parameters, once per seed
     request = from_cli(TrainRequest, values, trials=tuple(replace(trial, seed=seed) for seed in seeds))
     result = run_training(request)
@@ -248,9 +250,11 @@ def _zeroshot(**values: Any) -> None:
 def _mdl(**values: Any) -> None:
     from probing.mdl import MdlRequest, run_mdl
     from probing.records import SearchSummary
-    from probing.settings import from_cli
+    from probing.settings import check_as, from_cli
     from probing.tasks import get_task
+    from probing.train import Trial
 
+    check_as(Trial, "seed", values["seed"], "--seed")
     search = values.pop("from_search")
     if search is not None:  # the hyper-parameters of a search's best trial
         if values["lr"] is not None or values["epochs"] is not None:

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from probing.artifacts import check_folder_name
 from probing.data.types import DataOptions
-from probing.errors import ProbingError
+from probing.devices import check_device
+from probing.errors import ProbingError, shown
 from probing.extract import ExtractionSettings
 from probing.models import ModelSource
 from probing.probe_run import Mode
@@ -152,19 +154,19 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
                 return _convert(value, option, where)
             except ProbingError:
                 continue
-        raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {value!r}")
+        raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {shown(value)}")
     if origin is Literal:
         if value not in get_args(kind):
-            raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {value!r}")
+            raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {shown(value)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {value!r}")
+            raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {shown(value)}")
         items = [_convert(item, get_args(kind)[0], f"{where}[{i}]") for i, item in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {value!r}")
+            raise ProbingError(f"config field '{where}': expected {_type_name(kind)}, got {shown(value)}")
         key_kind, value_kind = get_args(kind)
         return {
             _convert(k, key_kind, f"{where}.{k}"): _convert(v, value_kind, f"{where}.{k}") for k, v in value.items()
@@ -173,23 +175,23 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         return from_dict(kind, value, where)
     if kind is bool:
         if not isinstance(value, bool):
-            raise ProbingError(f"config field '{where}': expected true or false, got {value!r}")
+            raise ProbingError(f"config field '{where}': expected true or false, got {shown(value)}")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ProbingError(f"config field '{where}': expected an integer, got {value!r}")
+            raise ProbingError(f"config field '{where}': expected an integer, got {shown(value)}")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ProbingError(f"config field '{where}': expected a number, got {value!r}")
+            raise ProbingError(f"config field '{where}': expected a number, got {shown(value)}")
         return float(value)
     if kind is str:
         if not isinstance(value, str):
-            raise ProbingError(f"config field '{where}': expected a string, got {value!r}")
+            raise ProbingError(f"config field '{where}': expected a string, got {shown(value)}")
         return value
     if kind is Path:
         if not isinstance(value, str):
-            raise ProbingError(f"config field '{where}': expected a path, got {value!r}")
+            raise ProbingError(f"config field '{where}': expected a path, got {shown(value)}")
         return Path(value)
     raise ProbingError(f"config field '{where}': unsupported type {kind}")  # pragma: no cover
 
@@ -198,7 +200,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass `cls` from a mapping; unknown, missing, mistyped and out-of-range fields are named.
     Settings a config may not set (declared `config=False`) are unknown here."""
     if not isinstance(data, dict):
-        raise ProbingError(f"config field '{where or 'top level'}': expected a mapping, got {data!r}")
+        raise ProbingError(f"config field '{where or 'top level'}': expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in config_fields(cls)}
     prefix = f"{where}." if where else ""
@@ -235,13 +237,17 @@ def check(config: Config, paths: bool = True) -> Config:
     from probing.report import table_names
     from probing.tasks import get_task
 
+    check_device(config.device, "config field 'device'", present=paths)
+    check_folder_name(config.name, "config field 'name'")  # names that become folders of the workspace
     for label, entry in config.models.items():
+        check_folder_name(label, "config field 'models'", kind="label")
         if (entry.model is None) == (entry.tiny is None):
             raise ProbingError(f"config field 'models.{label}': give exactly one of 'model' and 'tiny'")
     names = set()
     specs = {}
     for index, experiment in enumerate(config.experiments):
         where = f"experiments[{index}]"
+        check_folder_name(experiment.name, f"config field '{where}.name'")
         if experiment.name in names:
             raise ProbingError(f"config field '{where}.name': '{experiment.name}' is used twice")
         names.add(experiment.name)
@@ -295,6 +301,8 @@ def check(config: Config, paths: bool = True) -> Config:
                 raise ProbingError(
                     f"config field 'report.tables[{position}]': unknown table '{table}' (known: {', '.join(known)})"
                 )
+    if paths and config.workspace.exists() and not config.workspace.is_dir():
+        raise ProbingError(f"config field 'workspace': {config.workspace} is a file, not a folder")
     data = config.data
     if paths and data.demo is None:
         needed: set[str] = set()
@@ -349,19 +357,10 @@ def search_space(experiment: Experiment, index: int, task: str):
 
 def load_config(path: Path | str, check_paths: bool = True) -> Config:
     """Read and validate a YAML experiment config (`check_paths=False`: structure only)."""
-    import yaml
+    from probing.yaml_files import read_yaml
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProbingError(f"{path}: file not found") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ProbingError(f"{path}: {line}not valid YAML ({getattr(error, 'problem', error)})") from None
+    data, _ = read_yaml(path)
     try:
         return check(from_dict(Config, data), paths=check_paths)
     except ProbingError as error:

@@ -22,10 +22,10 @@ def demo_config(
     workspace: Path | None = None, refcocog_images: int | None = None, vsr_images: int | None = None
 ) -> Config:
     """The packaged demo config, with the workspace and dataset size optionally changed (quick checks)."""
-    import yaml
+    from probing.yaml_files import parse_yaml
 
     text = resources.files("probing").joinpath("demo.yaml").read_text("utf-8")
-    config = from_dict(Config, yaml.safe_load(text))
+    config = from_dict(Config, parse_yaml(text, "probing/demo.yaml")[0])
     demo = config.data.demo or DemoData()
     demo = replace(
         demo, refcocog_images=refcocog_images or demo.refcocog_images, vsr_images=vsr_images or demo.vsr_images

@@ -7,6 +7,24 @@ prints it as one line and exits with status 2; any other exception is a bug and 
 
 from __future__ import annotations
 
+import reprlib
+
 
 class ProbingError(Exception):
     """A user error: bad input, missing file, mismatched artifact. Printed as one line by the CLI."""
+
+
+def shown(value: object) -> str:
+    """A value as an error message shows it: its repr, bounded in length and depth (reprlib), so a huge or deeply
+    nested value from a hostile file never makes a huge line or recurses past Python's limit."""
+    return _BOUNDED.repr(value)
+
+
+class _BoundedRepr(reprlib.Repr):
+    def repr_int(self, value: int, level: int) -> str:
+        if value.bit_length() > 64:  # repr itself refuses integers of more than 4,300 digits
+            return f"<an integer of {value.bit_length()} bits>"
+        return super().repr_int(value, level)
+
+
+_BOUNDED = _BoundedRepr()

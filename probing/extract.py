@@ -33,6 +33,7 @@ from probing.artifacts import code_version
 from probing.data.images import load_rgb_image
 from probing.data.types import DataOptions, Example, SplitData
 from probing.device_copies import to_device, to_host
+from probing.devices import check_device, resolve_device
 from probing.errors import ProbingError
 from probing.features import (
     PER_IMAGE,
@@ -106,7 +107,9 @@ class ExtractionSettings:
         help="Record missing or corrupt images in the manifest and leave their examples out, instead of stopping.",
     )
     workers: int | None = setting(None, low=0, help="Image decoding processes (default: cores - 2, 1..16).")
-    device: str | None = setting(None, config=False, help="cpu, cuda, cuda:1 ... (default: accelerate's choice).")
+    device: str | None = setting(
+        None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)."
+    )
     progress: bool = setting(True, cli=False, config=False, help="A progress bar on a terminal.")
 
 
@@ -226,8 +229,9 @@ def resolved(request: ExtractionRequest, device: torch.device) -> ExtractionRequ
 
 def extract(request: ExtractionRequest) -> StageResult[FeatureStore]:
     """Extract per-layer query states for one split into `request.out`; resume or refuse as the manifest says."""
+    check(request)  # the device, ranges and choices before any work
     state = _distributed_state(request.device)
-    device = torch.device(request.device) if request.device not in (None, "cpu") else state.device
+    device = resolve_device(request.device) if request.device not in (None, "cpu") else state.device
     request = resolved(request, device)
     data = load_split(request.data, request.split)
     resampler = load_resampler(

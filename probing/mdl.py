@@ -56,6 +56,7 @@ from probing.artifacts import code_version, existing_output_matches, staged_dire
 from probing.controls import ControlInputs
 from probing.data.types import DataOptions
 from probing.device_copies import to_device_chunked
+from probing.devices import resolve_device
 from probing.errors import ProbingError
 from probing.probes import ProbeBank, new_probe, probe_kind
 from probing.records import MdlRecord, StageResult
@@ -72,7 +73,6 @@ from probing.train import (
     TrialResult,
     compute_dtype,
     probe_outputs,
-    resolve_device,
     schedule_factor,
     train_frozen,
     val_metrics_at,

@@ -22,13 +22,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from safetensors.torch import save_file
-
-from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
+from probing.artifacts import code_version, existing_output_matches, save_safetensors, staged_directory, write_json
 from probing.checkpoints import TrialCheckpoint
 from probing.controls import ControlInputs
 from probing.data.types import DataOptions, Example
 from probing.errors import ProbingError
+from probing.locks import claim
 from probing.models import ModelSource
 from probing.probes import probe_kind
 from probing.records import MetricsRecord, SeedRun, StageResult
@@ -144,16 +143,25 @@ def run_training(request: TrainRequest) -> StageResult[MetricsRecord]:
         return StageResult(None, request.out, "elsewhere")
     trainer = make_trainer(request)
     identity = run_identity(request, trainer.inputs)
-    if existing_output_matches(request.out, identity, "probe run"):
-        return StageResult(MetricsRecord.read(request.out), request.out, "reused")
-    checkpoints = request.out.with_name(f".{request.out.name}.checkpoints")  # beside the run: it appears whole
-    hooks = None
-    if trainer.keeps_models:  # a killed unfrozen run resumes each seed at its last epoch
-        hooks = [TrialHooks(checkpoint=TrialCheckpoint(checkpoints / f"seed-{trial.seed}")) for trial in request.trials]
-    result = write_run(request, trainer, trainer.fit(list(request.trials), hooks), identity)
-    if result.status == "built":  # the process that wrote the run (the others of a launch leave them be)
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    return result
+    # One writer per run folder, claimed by the main process before anything is written: another `probing train`
+    # of the same request is waited for and its run reused; one of another request is refused at once.
+    lock = claim(request.out, identity, "probe run") if is_main_process() else None
+    try:
+        if existing_output_matches(request.out, identity, "probe run"):
+            return StageResult(MetricsRecord.read(request.out), request.out, "reused")
+        checkpoints = request.out.with_name(f".{request.out.name}.checkpoints")  # beside the run: it appears whole
+        hooks = None
+        if trainer.keeps_models:  # a killed unfrozen run resumes each seed at its last epoch
+            hooks = [
+                TrialHooks(checkpoint=TrialCheckpoint(checkpoints / f"seed-{trial.seed}")) for trial in request.trials
+            ]
+        result = write_run(request, trainer, trainer.fit(list(request.trials), hooks), identity)
+        if result.status == "built":  # the process that wrote the run (the others of a launch leave them be)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def write_run(
@@ -218,9 +226,9 @@ def write_run(
         (staging / "probes").mkdir()
         for fit in fitted:
             probe = fit.result.probe
-            save_file(
-                {k: v.contiguous() for k, v in probe.state_dict().items()},
-                str(staging / "probes" / f"seed-{fit.trial.seed}.safetensors"),
+            save_safetensors(
+                staging / "probes" / f"seed-{fit.trial.seed}.safetensors",
+                {k: v.detach().cpu() for k, v in probe.state_dict().items()},
                 metadata={
                     "architecture": getattr(probe, "architecture", request.settings.probe),
                     **{

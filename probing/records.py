@@ -55,12 +55,26 @@ def read_json_file(path: Path) -> Any:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProbingError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ProbingError(f"{path}: a folder, not a file") from None
     except UnicodeDecodeError:
         raise ProbingError(f"{path}: not UTF-8 text") from None
+    return _parsed_json(text, str(path), None)
+
+
+def _parsed_json(text: str, path: str, line: int | None) -> Any:
+    """`text` as JSON; damage (also integers of thousands of digits, which Python refuses to convert, and
+    nesting past the recursion limit) is one line naming the file and the line."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ProbingError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+        raise ProbingError(f"{path}: line {line or error.lineno}: not valid JSON ({error.msg})") from None
+    except ValueError as error:
+        where = f"line {line}: " if line is not None else ""
+        raise ProbingError(f"{path}: {where}not valid JSON ({str(error).split(':')[0]})") from None
+    except RecursionError:
+        where = f"line {line}: " if line is not None else ""
+        raise ProbingError(f"{path}: {where}not valid JSON (nested too deeply)") from None
 
 
 def _field(data: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -188,6 +202,80 @@ class MetricsRecord:
     def read(cls, folder: Path) -> MetricsRecord:
         path = Path(folder) / METRICS_FILE
         return cls.from_json(read_json_file(path), str(path))
+
+
+MANIFEST_FILE = "manifest.json"
+PREDICTIONS_FOLDER = "predictions"
+# What a reader of a run folder relies on: its manifest's mode, layer and probe, and per prediction record the
+# seed, the example id, its category and whether the prediction was correct.
+_RUN_MANIFEST_FIELDS = (("mode", str), ("layer", int), ("probe", str))
+_PREDICTION_FIELDS = (("seed", int), ("id", int), ("category", str), ("correct", (bool, int, float)))
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """A predictions file's records (one JSON object a line), each with the fields readers rely on; an empty
+    file, a blank or damaged line, a non-UTF-8 byte or a record without a field is one line naming the file
+    and the line."""
+    path = Path(path)
+    records = []
+    try:
+        handle = open(path, "rb")  # bytes, decoded line by line: a decoding error can then name its line
+    except FileNotFoundError:
+        raise ProbingError(f"{path}: file not found") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}: line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProbingError(f"{where}: not UTF-8 text") from None
+            if not line.strip():
+                raise ProbingError(f"{where}: a blank line (a predictions file has one record a line)")
+            record = _parsed_json(line, str(path), number)
+            if not isinstance(record, dict):
+                raise ProbingError(f"{where}: expected a JSON object")
+            for name, kind in _PREDICTION_FIELDS:
+                _field(record, name, kind, where)
+            records.append(record)
+    if not records:
+        raise ProbingError(f"{path}: no predictions (an empty file)")
+    return records
+
+
+@dataclass
+class RunFolder:
+    """A run folder read back (`probing train`, `probing zeroshot`, `probing annotate score`): its manifest,
+    its `metrics.json` and its predictions per split, each refused in one line naming the file (and the line)
+    when damaged. The one reader of run folders."""
+
+    path: Path
+    manifest: dict[str, Any]
+    metrics: MetricsRecord
+
+    @classmethod
+    def read(cls, path: Path | str) -> RunFolder:
+        path = Path(path)
+        for name in (MANIFEST_FILE, METRICS_FILE):
+            if not (path / name).is_file():
+                raise ProbingError(f"{path}: not a run folder ({name} missing)")
+        where = str(path / MANIFEST_FILE)
+        manifest = read_json_file(path / MANIFEST_FILE)
+        if not isinstance(manifest, dict):
+            raise ProbingError(f"{where}: expected a JSON object")
+        for name, kind in _RUN_MANIFEST_FIELDS:
+            _field(manifest, name, kind, where)
+        return cls(path=path, manifest=manifest, metrics=MetricsRecord.read(path))
+
+    def predictions_file(self, split: str) -> Path:
+        return self.path / PREDICTIONS_FOLDER / f"{split}.jsonl"
+
+    def has_predictions(self, split: str) -> bool:
+        return self.predictions_file(split).is_file()
+
+    def predictions(self, split: str) -> list[dict[str, Any]]:
+        if not self.has_predictions(split):
+            raise ProbingError(f"{self.path}: not a run folder ({PREDICTIONS_FOLDER}/{split}.jsonl missing)")
+        return read_predictions(self.predictions_file(split))
 
 
 @dataclass

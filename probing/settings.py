@@ -29,7 +29,7 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from probing.errors import ProbingError
+from probing.errors import ProbingError, shown
 
 _KEY = "probing.setting"
 
@@ -46,6 +46,7 @@ class SettingInfo:
     finite: bool  # floats must be finite
     parse: Callable[[str], Any] | None  # command-line text -> value (lists given as "1,2,3")
     show_default: bool
+    valid: Callable[[Any, str], None] | None = None  # refuses a value (a ProbingError naming `where`)
 
 
 def setting(
@@ -62,6 +63,7 @@ def setting(
     parse: Callable[[str], Any] | None = None,
     default_factory: Any = MISSING,
     show_default: bool = True,
+    valid: Callable[[Any, str], None] | None = None,
 ) -> Any:
     """A dataclass field with its declaration (see the module docstring)."""
     info = SettingInfo(
@@ -75,6 +77,7 @@ def setting(
         finite=finite,
         parse=parse,
         show_default=show_default,
+        valid=valid,
     )
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_KEY: info})
 
@@ -145,9 +148,11 @@ def check_value(value: Any, info: SettingInfo, kind: Any, where: str) -> None:
     """One field's declared constraints, with the one message template."""
     if value is None:
         return
+    if info.valid is not None:
+        info.valid(value, where)
     choices = literal_choices(kind)
     if choices is not None and value not in choices:
-        raise ProbingError(f"{where}: unknown value {value!r} (choose {', '.join(map(str, choices))})")
+        raise ProbingError(f"{where}: unknown value {shown(value)} (choose {', '.join(map(str, choices))})")
     items = value if isinstance(value, (tuple, list)) else (value,)
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
@@ -158,6 +163,13 @@ def check_value(value: Any, info: SettingInfo, kind: Any, where: str) -> None:
             raise ProbingError(f"{where}: must be >= {_number(info.low)}, got {_number(item)}")
         if info.above is not None and not item > info.above:
             raise ProbingError(f"{where}: must be > {_number(info.above)}, got {_number(item)}")
+
+
+def check_as(cls: type, name: str, value: Any, where: str) -> None:
+    """Check `value` against the declaration of `cls`'s field `name`, naming `where` (a value given under
+    another option, e.g. each of `--seeds` against `Trial.seed`)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    check_value(value, info_of(field), typing.get_type_hints(cls)[name], where)
 
 
 def _number(value: float) -> str:
@@ -230,6 +242,10 @@ def from_cli(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
     """Build `cls` from a command's values, then check it: each field from `fixed`, else from the value of its
     name (option text such as "1,2,3" parsed), else, for a field that is itself a dataclass, built from the same
     values (None for an optional one whose options were all left out)."""
+    return _checked_outside_in(_from_cli(cls, values, fixed))
+
+
+def _from_cli(cls: type, values: dict[str, Any], fixed: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     arguments = {}
     for field in dataclasses.fields(cls):
@@ -240,8 +256,19 @@ def from_cli(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
             arguments[field.name] = _parsed(values[field.name], field, hints[field.name])
         elif dataclasses.is_dataclass(kind):
             given = any(values.get(f.name) is not None for f, _ in declared(kind) if option_name(f) is not None)
-            arguments[field.name] = from_cli(kind, values) if given or kind is hints[field.name] else None
-    return check(cls(**arguments))
+            arguments[field.name] = _from_cli(kind, values, {}) if given or kind is hints[field.name] else None
+    return cls(**arguments)
+
+
+def _checked_outside_in(obj: Any) -> Any:
+    """Check `obj`'s own fields, then those of the dataclasses built from the same options: an option shared
+    by both (a search's --seed is also its batch order's) is named as the command declares it."""
+    check(obj)
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _checked_outside_in(value)
+    return obj
 
 
 def _parsed(value: Any, field: dataclasses.Field, kind: Any) -> Any:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from probing.checkpoints import TrialCheckpoint, load_optimizer, optimizer_tensors
 from probing.data.types import Example
 from probing.device_copies import to_device_chunked
+from probing.devices import check_device, resolve_device
 from probing.errors import ProbingError
 from probing.heads import Head
 from probing.probes import Probe, ProbeBank, new_probe, probe_kind
@@ -98,7 +99,9 @@ class TrainSettings:
         help="Early-stopping patience in epochs; 0 = none (default: the task's, 10 for RCM, none otherwise).",
     )
     order_seed: int = setting(0, identity=True, low=0, help="Seed of the batch order.")
-    device: str | None = setting(None, config=False, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+    device: str | None = setting(
+        None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: cuda if available)."
+    )
 
     @property
     def head(self) -> Head:
@@ -227,12 +230,6 @@ def val_metrics_at(epoch_record: dict[str, float]) -> dict[str, float]:
 def is_main_process() -> bool:
     """False only in the second and later processes of `accelerate launch` / torchrun (they set RANK)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

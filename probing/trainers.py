@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from probing.artifacts import PARTIAL_MARK, write_json
+from probing.artifacts import PARTIAL_MARK, save_safetensors, write_json
 from probing.checkpoints import TrialCheckpoint
 from probing.data.types import DataOptions, Example
 from probing.logreg import fit_logreg
@@ -220,7 +220,7 @@ class UnfrozenTrainer:
         trained = {
             name: p.detach().cpu().contiguous() for name, p in fitted.model.named_parameters() if p.requires_grad
         }
-        save_file(trained, str(staging / "weights.safetensors"))
+        save_safetensors(staging / "weights.safetensors", trained)
         result = fitted.result
         write_json(
             staging / "result.json",

@@ -24,6 +24,7 @@ from probing.checkpoints import TrialCheckpoint
 from probing.data.images import load_rgb_image
 from probing.data.types import DataOptions, Example
 from probing.device_copies import to_device, to_device_chunked
+from probing.devices import resolve_device
 from probing.errors import ProbingError
 from probing.features import FeatureStore, VisionStore
 from probing.heads import Head
@@ -39,7 +40,6 @@ from probing.train import (
     TrialResult,
     compute_dtype,
     parameter_groups,
-    resolve_device,
     train_module,
 )
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
 from probing.data.types import DataOptions, Example, SplitData
+from probing.devices import check_device, resolve_device
 from probing.errors import ProbingError
 from probing.extract import DecodedImages, DtypeName, check_images_exist, collate_images, default_workers
 from probing.heads import BinaryHead
@@ -102,7 +103,9 @@ class ZeroShotSettings:
     batch_size: int = setting(16, identity=True, low=1, help="Examples per forward pass.")
     workers: int | None = setting(None, low=0, help="Image decoding processes (default: cores - 2, 1..16).")
     label: str | None = setting(None, help="How reports name the model (default: its family).")
-    device: str | None = setting(None, config=False, help="cpu, cuda, cuda:1 ... (default: cuda when there is one).")
+    device: str | None = setting(
+        None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)."
+    )
     progress: bool = setting(True, cli=False, config=False, help="A progress bar on a terminal.")
 
 
@@ -129,12 +132,6 @@ class _Plan:
     scorer: ZeroShotScorer
     data: dict[str, SplitData]
     identity: dict[str, Any]
-
-
-def _device(name: str | None) -> torch.device:
-    if name is not None:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _binary_task(reference: str):
@@ -173,7 +170,7 @@ def plan(request: ZeroShotRequest) -> _Plan:
     requested = source.family or (aliased.name if aliased is not None else None)
     family = family_for_config(config, checkpoint.name_or_path, requested)
     scorer_class = zero_shot_scorer(family, source.model)
-    device = _device(request.device)
+    device = resolve_device(request.device)
     settings = scorer_class.resolved(
         {"prompt": request.prompt, "answers": request.answers, "llm_dtype": request.llm_dtype}, device
     )
@@ -251,7 +248,7 @@ def score_split(scorer: ZeroShotScorer, examples: list[Example], request: ZeroSh
         offsets.append(list(range(offset, offset + len(images))))
         offset += len(images)
     workers = default_workers() if request.workers is None else request.workers
-    device = _device(request.device)
+    device = resolve_device(request.device)
     loader = DataLoader(
         DecodedImages(paths, scorer.pixels),
         batch_sampler=offsets,

@@ -127,11 +127,15 @@ def test_loader_reads_the_build(built, demo_options):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"image_id": "11"}, "line 2: field 'image_id' is not an integer"),
-        ({"image_id": True}, "line 2: field 'image_id' is not an integer"),
+        ({"image_id": "11"}, "line 2: field 'image_id' is not an integer of 64 bits"),
+        ({"image_id": True}, "line 2: field 'image_id' is not an integer of 64 bits"),
+        ({"sent_id": 2**63}, "line 2: field 'sent_id' is not an integer of 64 bits"),
         ({"caption": None}, "line 2: field 'caption' is not a string"),
         ({"phrase": ["the", "dog"]}, "line 2: field 'phrase' is not a string"),
-        ({"cell": 9}, "line 2: field 'cell' must be a cell 0..8"),
+        ({"cell": 9}, "line 2: field 'cell' must be a cell 0..8, got 9"),
+        ({"cell": True}, "line 2: field 'cell' must be a cell 0..8, got True"),
+        ({"label": True}, "line 2: field 'label' must be 0 or 1, got True"),
+        ({"area_fraction": "0.25"}, "line 2: field 'area_fraction' must be a non-negative number, got '0.25'"),
     ],
 )
 def test_malformed_rcm_lines_name_file_line_and_field(built, tmp_path, change, message):

@@ -33,7 +33,7 @@ def _read_json(path: Path) -> Any:
     except UnicodeDecodeError:
         raise ProbingError(f"{path}: not UTF-8 text") from None
     except ValueError as error:  # an integer of thousands of digits: Python refuses to convert it
-        raise ProbingError(f"{path}: not valid JSON ({str(error).splitlines()[0]})") from None
+        raise ProbingError(f"{path}: not valid JSON ({str(error).split(':')[0]})") from None
     except RecursionError:
         raise ProbingError(f"{path}: not valid JSON (nested too deeply)") from None
 

@@ -35,16 +35,34 @@ def resolve_image(candidates: list[Path]) -> Path:
     return candidates[0]
 
 
-def load_rgb_image(path: Path):
-    """Decode an image as RGB (PIL); a missing or corrupt file is a ProbingError naming it."""
+def load_rgb_image(path: Path, max_pixels: int | None = None):
+    """Decode an image as RGB (PIL); a missing, corrupt or oversized file is a ProbingError naming it.
+
+    Oversized: more pixels than `max_pixels` (default Pillow's own `Image.MAX_IMAGE_PIXELS`, about 89 Mpx; None
+    there: no limit), judged from the header before any pixel is decoded, so a few bytes claiming 40,000 x 40,000
+    pixels (a decompression bomb) never allocate gigabytes. Pillow raises `DecompressionBombError` itself past
+    twice its limit and only warns below that; here the limit is applied to each call and Pillow's warning is
+    made that call's error (the filter is restored on return), never changed for the whole process."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if limit is not None and image.width * image.height > limit:
+                    raise ProbingError(
+                        f"{path}: image of {image.width} x {image.height} pixels refused (more than {limit:,} "
+                        "pixels: a decompression bomb?)"
+                    )
+                image.load()
+                return image.convert("RGB")
     except FileNotFoundError:
         raise ProbingError(f"{path}: image not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ProbingError(f"{path}: image refused ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         # PIL raises OSError for truncated files and SyntaxError for some malformed headers.
         raise ProbingError(f"{path}: image cannot be decoded ({error})") from None

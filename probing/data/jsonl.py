@@ -29,6 +29,12 @@ def read_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ProbingError(f"{path}: line {line_index + 1}: not valid JSON ({error.msg})") from None
+            except ValueError as error:  # an integer of thousands of digits: Python refuses to convert it
+                raise ProbingError(
+                    f"{path}: line {line_index + 1}: not valid JSON ({str(error).split(':')[0]})"
+                ) from None
+            except RecursionError:
+                raise ProbingError(f"{path}: line {line_index + 1}: not valid JSON (nested too deeply)") from None
             if not isinstance(row, dict):
                 raise ProbingError(f"{path}: line {line_index + 1}: expected a JSON object")
             yield line_index, row

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,12 @@ import numpy as np
 
 from probing.artifacts import code_version, existing_output_matches, sha256_file, staged_directory, write_json
 from probing.data import boxes
-from probing.data.coco import read_instances
+from probing.data.coco import ID_RANGE, read_instances
 from probing.data.images import coco2014_candidates, resolve_image
 from probing.data.jsonl import read_objects
 from probing.data.refer import Sentence, join_sentences, read_refs, sentence_metadata
 from probing.data.types import Example
-from probing.errors import ProbingError
+from probing.errors import ProbingError, shown
 from probing.locks import one_writer
 from probing.records import StageResult, read_json_file
 
@@ -199,18 +200,32 @@ def read_rcm_file(path: Path) -> list[tuple[int, dict[str, Any]]]:
         for key in REQUIRED_FIELDS:
             if key not in record:
                 raise ProbingError(f"{path}: line {line_index + 1}: missing field '{key}'")
-        if record["label"] not in (0, 1):
-            raise ProbingError(f"{path}: line {line_index + 1}: field 'label' must be 0 or 1")
-        if not isinstance(record["image_id"], int) or isinstance(record["image_id"], bool):
-            raise ProbingError(f"{path}: line {line_index + 1}: field 'image_id' is not an integer")
+        where = f"{path}: line {line_index + 1}"
+        if not _is_int(record["label"]) or record["label"] not in (0, 1):  # true is 1 to Python, not a label
+            raise ProbingError(f"{where}: field 'label' must be 0 or 1, got {shown(record['label'])}")
+        for key in ("image_id", "ann_id", "ref_id", "sent_id"):
+            if not _is_int(record[key]) or not ID_RANGE[0] <= record[key] < ID_RANGE[1]:
+                raise ProbingError(f"{where}: field '{key}' is not an integer of 64 bits")
         for key in ("caption", "phrase"):
             if not isinstance(record[key], str):
-                raise ProbingError(f"{path}: line {line_index + 1}: field '{key}' is not a string")
+                raise ProbingError(f"{where}: field '{key}' is not a string")
         for key in ("cell", "true_cell"):
-            if not isinstance(record[key], int) or not 0 <= record[key] < len(boxes.CELL_NAMES):
-                raise ProbingError(f"{path}: line {line_index + 1}: field '{key}' must be a cell 0..8")
+            if not _is_int(record[key]) or not 0 <= record[key] < len(boxes.CELL_NAMES):
+                raise ProbingError(f"{where}: field '{key}' must be a cell 0..8, got {shown(record[key])}")
+        for key in ("area_fraction", "centre_distance"):  # Kendall's box properties, when given
+            value = record.get(key)
+            if key in record and (not _is_number(value) or value < 0):
+                raise ProbingError(f"{where}: field '{key}' must be a non-negative number, got {shown(value)}")
         records.append((line_index, record))
     return records
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_rcm(rcm_dir: Path, images_dir: Path, split: str) -> list[Example]:

@@ -12,11 +12,11 @@ import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
-from probing.errors import ProbingError
+from probing.errors import ProbingError, shown
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -104,10 +104,7 @@ class CheckpointSource:
         for index_name, kind in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
             index = self.file(index_name, required=False)
             if index is not None:
-                try:
-                    return dict(json.loads(index.read_text())["weight_map"]), kind
-                except (json.JSONDecodeError, KeyError) as error:
-                    raise ProbingError(f"{index}: not a shard index ({error})") from None
+                return _checked_weight_map(index), kind
         single = self.file(SAFE_SINGLE, required=False)
         if single is not None:
             from safetensors import safe_open
@@ -149,6 +146,32 @@ class CheckpointSource:
                 for key in wanted[file_name]:
                     tensors[key] = state[key].clone()
         return tensors
+
+
+def _checked_weight_map(index: Path) -> dict[str, str]:
+    """An index's `weight_map` (tensor key -> shard file), each file inside the checkpoint's folder: a name
+    with `..`, an absolute path, a backslash or NUL is refused, so no file outside the checkpoint is opened."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ProbingError(f"{index}: not a shard index ({type(error).__name__}: {shown(str(error))})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ProbingError(f"{index}: not a shard index ({type(error).__name__})") from None
+    if not isinstance(weight_map, dict):
+        raise ProbingError(f"{index}: field 'weight_map' is not a mapping")
+    for key, file_name in weight_map.items():
+        if (
+            not isinstance(file_name, str)
+            or not file_name
+            or "\\" in file_name
+            or "\0" in file_name
+            or PurePosixPath(file_name).is_absolute()
+            or ".." in PurePosixPath(file_name).parts
+        ):
+            raise ProbingError(
+                f"{index}: weight_map[{shown(key)}]: {shown(file_name)} is not a file name inside the checkpoint"
+            )
+    return weight_map
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

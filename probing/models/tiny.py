@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from probing.artifacts import match_umask
 from probing.errors import ProbingError
 from probing.records import StageResult
 
@@ -228,6 +229,7 @@ def write_checkpoint(
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    match_umask(out)  # save_pretrained writes its shards through safetensors, 0600 whatever the umask
     return out
 
 

@@ -75,44 +75,29 @@ class _Document:
     """The YAML file's data with the line of every key, for messages that name file, line and field."""
 
     def __init__(self, path: Path):
-        import yaml
+        from probing.yaml_files import read_yaml
 
         self.path = path
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ProbingError(f"--task: {path}: file not found") from None
-        except (UnicodeDecodeError, IsADirectoryError) as error:
-            raise ProbingError(f"--task: {path}: not a UTF-8 text file ({type(error).__name__})") from None
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            line = f"line {mark.line + 1}: " if mark is not None else ""
-            raise ProbingError(f"{path}: {line}not valid YAML ({getattr(error, 'problem', error)})") from None
+        self.data, node = read_yaml(path, prefix="--task: ")
         self.lines: dict[tuple[str, ...], int] = {}
         if node is not None:
-            self._index(node, ())
-        self.data = yaml.safe_load(text)
+            self._index(node)
         if not isinstance(self.data, dict):
             raise ProbingError(f"{path}: expected a mapping of task fields")
 
-    def _index(self, node: Any, where: tuple[str, ...]) -> None:
+    def _index(self, root: Any) -> None:
+        """The line of every key path (iteratively; the loader has bounded the document's size)."""
         import yaml
 
-        self.lines[where] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key, value in node.value:
-                name = str(key.value)
-                if name in seen:  # PyYAML keeps the last silently: a typo'd copy would win unseen
-                    raise ProbingError(
-                        f"{self.path}: line {key.start_mark.line + 1}: field "
-                        f"'{'.'.join((*where, name))}' is given twice"
-                    )
-                seen.add(name)
-                self.lines[(*where, name)] = key.start_mark.line + 1
-                self._index(value, (*where, name))
+        stack = [(root, ())]
+        while stack:
+            node, where = stack.pop()
+            self.lines.setdefault(where, node.start_mark.line + 1)
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if isinstance(key, yaml.ScalarNode):
+                        self.lines.setdefault((*where, str(key.value)), key.start_mark.line + 1)
+                        stack.append((value, (*where, str(key.value))))
 
     def error(self, where: tuple[str, ...], message: str) -> ProbingError:
         line = self.lines.get(where) or self.lines.get(where[:-1]) or 1
@@ -396,7 +381,7 @@ class JsonlReader:
             try:
                 with Image.open(image_path) as image:  # the header only: no pixel is decoded
                     sizes[image_path] = (float(image.width), float(image.height))
-            except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
                 raise ProbingError(
                     f"{path}: line {line}: {image_path}: cannot read the image size for a pixel box "
                     f"({type(error).__name__}); give fields.width and fields.height"
