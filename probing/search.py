@@ -53,7 +53,7 @@ from probing.errors import ProbingError
 from probing.locks import FolderLock
 from probing.models import ModelSource
 from probing.probe_run import ProbeInputs, TrainRequest, make_trainer, write_run
-from probing.records import SearchSummary, StageResult
+from probing.records import MetricsRecord, SearchSummary, StageResult
 from probing.search_space import SearchSpace
 from probing.settings import check, comma_separated, identity, setting
 from probing.studies import claim_study, load_or_create_study, open_storage, redact
@@ -646,6 +646,7 @@ def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
     trainer = make_trainer(train_request)
     identity = search_identity(request, trainer.inputs)
     if claim_folder(out, identity) == "complete":
+        MetricsRecord.relabel(out / "best", request.label)  # a new label names the reused best run
         return StageResult(SearchSummary.read(out), out, "reused")
     study = create_study(request, study_identity(identity))
     fitter = TrialFitter(trainer, out)
@@ -666,7 +667,6 @@ def _write_result(request, study, trainer, fitter, train_request, identity) -> S
     best_folder = out / "best"
     if best_folder.exists():  # left by an attempt that stopped before its manifest: the same run is reused
         from probing.probe_run import run_identity
-        from probing.records import MetricsRecord
 
         if (
             read_manifest(best_folder) is not None
