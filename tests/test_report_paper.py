@@ -18,7 +18,6 @@ from scipy.stats import binomtest
 from statsmodels.stats.contingency_tables import mcnemar
 
 from probing.analysis import chance_level, load_run, paired_comparison
-from probing.errors import ProbingError
 from probing.records import MetricsRecord, SeedRun
 from probing.report import write_report
 
