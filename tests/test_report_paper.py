@@ -286,3 +286,19 @@ def test_figures_are_sized_for_a_paper_in_a_local_style(paper_runs, tmp_path):
     assert COLUMN_WIDTH <= width_inches <= PAGE_WIDTH + 1.0  # page width, plus the labels bbox_inches keeps
     svg = (tmp_path / "categories.svg").read_text()
     assert "n=" in svg  # n under each category
+
+
+def test_a_category_without_examples_is_drawn_as_missing(tmp_path):
+    from probing.plots import category_figure
+    from probing.report import load_runs
+
+    labels = {"test": [1] * 14}
+    write_run(tmp_path / "runs" / "frozen", correct={"test": [[1, 0] * 7]}, labels=labels)
+    fewer = [RELATIONS[i % 6] for i in range(14)]  # no "Unallocated" example
+    write_run(
+        tmp_path / "runs" / "unfrozen", mode="unfrozen", correct={"test": [[1] * 14]}, labels=labels, categories=fewer
+    )
+    runs, _ = load_runs([tmp_path / "runs"])
+    category_figure(runs, "vsr", tmp_path / "categories")
+    svg = (tmp_path / "categories.svg").read_text()
+    assert svg.count(">n/a<") == 1  # the unfrozen run's missing category, not a 0 % bar
