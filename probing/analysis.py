@@ -93,6 +93,7 @@ class RunResults:
     model_id: str | None = None  # where the weights came from (hub id, local folder, lavis:.pth), when recorded
     weights: dict[str, Any] = field(default_factory=dict)  # the model's identity (family, init, weights hash ...)
     predicted_classes: int | None = None  # distinct predicted classes over every seed (binary heads), else None
+    validation: RunResults | None | bool = field(default=False, repr=False, compare=False)  # False: not read yet
 
     @property
     def spec(self) -> TaskSpec:
@@ -321,11 +322,13 @@ def paired_difference(
 def validation_run(run: RunResults) -> RunResults | None:
     """The same run on its validation split (the best trial's final seeds evaluated on val), when the run wrote
     val predictions and val is not already one of the task's evaluated splits; else None."""
-    if "val" in run.spec.eval_splits or not (run.path / "predictions" / "val.jsonl").is_file():
-        return None
-    val = load_run(run.path, "val")
-    val.label, val.search = run.label, run.search
-    return val
+    if run.validation is not False:  # read once per report (Table 1 and results.csv both show it)
+        return run.validation
+    run.validation = None
+    if "val" not in run.spec.eval_splits and (run.path / "predictions" / "val.jsonl").is_file():
+        run.validation = load_run(run.path, "val")
+        run.validation.label, run.validation.search = run.label, run.search
+    return run.validation
 
 
 def chance_level(run: RunResults) -> float | None:

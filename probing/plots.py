@@ -153,7 +153,7 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
     categories = [c for c in spec.category_order if c in present] if spec.category_order else present
     counts = {c: max(run.categories.count(c) for run in chosen) for c in categories}
     with house_style():
-        height = 1.9 + 0.05 * max(len(c) for c in categories)
+        height = 1.6 + (0.04 * max(len(c) for c in categories) if len(categories) >= 7 else 0.0)  # per panel
         figure, panels = plt.subplots(
             len(models), 1, figsize=(PAGE_WIDTH, height * len(models)), sharey=True, squeeze=False
         )
@@ -206,8 +206,9 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
             bbox_to_anchor=(0.5, 1.0),
             ncol=len(handles),
         )
-        figure.suptitle(f"{chosen[0].column} per {spec.category} (95% bootstrap CI)", y=1.06)
         figure.tight_layout()
+        title_at = 1.0 + 0.42 / figure.get_figheight()  # above the legend, which sits above the panels
+        figure.suptitle(f"{chosen[0].column} per {spec.category} (95% bootstrap CI)", y=title_at)
         return _save(figure, base)
 
 
