@@ -286,6 +286,10 @@ def test_figures_are_sized_for_a_paper_in_a_local_style(paper_runs, tmp_path):
     assert COLUMN_WIDTH <= width_inches <= PAGE_WIDTH + 1.0  # page width, plus the labels bbox_inches keeps
     svg = (tmp_path / "categories.svg").read_text()
     assert "n=" in svg  # n under each category
+    from probing.plots import learning_curve_figure
+
+    curve = learning_curve_figure(load_run(paper_runs / "blip2-frozen"), tmp_path / "curve")  # from the history
+    assert sorted(p.suffix for p in curve) == [".pdf", ".png", ".svg"] and "seed 1" in curve[2].read_text()
 
 
 def test_a_category_without_examples_is_drawn_as_missing(tmp_path):
