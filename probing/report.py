@@ -975,6 +975,14 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[RunResults], list[RunResults]
     return tasks, dropped + unpaired
 
 
+def model_key(run: RunResults) -> tuple:
+    """What tells two models apart across kinds of run (a probe run records the resampler's weights hash, a
+    zero-shot run the hash of every weight file): family, init (and its seed) and the source the weights were
+    read from; the weights identity itself where no source was recorded."""
+    where = run.model_id if run.model_id is not None else json.dumps(run.weights, sort_keys=True)
+    return (run.family, run.init, run.weights.get("init_seed"), where)
+
+
 def check_labels(runs: Sequence[RunResults]) -> None:
     """One label, one model: rows are named by label, so two models under one would be merged or one dropped.
     People's answers (no model) are left out of the check."""
@@ -983,7 +991,7 @@ def check_labels(runs: Sequence[RunResults]) -> None:
         if run.mode == HUMAN:
             continue
         seen = first.setdefault(run.label, run)
-        if seen.weights != run.weights:
+        if model_key(seen) != model_key(run):
             raise ProbingError(
                 f"label '{run.label}' names two different models: {seen.path} and {run.path} (give each model "
                 "its own --label)"

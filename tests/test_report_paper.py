@@ -204,12 +204,37 @@ def test_paired_table_compares_modes_and_models(paper_runs, tmp_path):
 
 def test_two_models_under_one_label_are_refused(tmp_path, capsys):
     labels = {"test": [1] * 10}
-    write_run(tmp_path / "runs" / "a", label="Mine", weights="a" * 64, correct={"test": [[1] * 10]}, labels=labels)
-    write_run(tmp_path / "runs" / "b", label="Mine", weights="b" * 64, correct={"test": [[0] * 10]}, labels=labels)
+    write_run(
+        tmp_path / "runs" / "a",
+        label="Mine",
+        source="Salesforce/blip2-itm-vit-g",
+        correct={"test": [[1] * 10]},
+        labels=labels,
+    )
+    write_run(
+        tmp_path / "runs" / "b",
+        label="Mine",
+        source="Salesforce/blip2-itm-vit-g-coco",
+        correct={"test": [[0] * 10]},
+        labels=labels,
+    )
     code, out, err = run_cli(capsys, "report", tmp_path / "runs", "--out", tmp_path / "report")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "label 'Mine' names two different models" in err and str(tmp_path / "runs" / "a") in err
     assert str(tmp_path / "runs" / "b") in err and not (tmp_path / "report").exists()
+    # the same checkpoint under one label, whatever each kind of run hashed (a zero-shot run hashes every file)
+    (tmp_path / "runs" / "b").rename(tmp_path / "other")
+    write_run(
+        tmp_path / "runs" / "c",
+        label="Mine",
+        mode="unfrozen",
+        weights="c" * 64,
+        source="Salesforce/blip2-itm-vit-g",
+        correct={"test": [[0] * 10]},
+        labels=labels,
+    )
+    code, out, err = run_cli(capsys, "report", tmp_path / "runs", "--out", tmp_path / "report")
+    assert code == 0, err
 
 
 def test_relabelling_a_run_keeps_its_results(tmp_path):
