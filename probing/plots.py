@@ -88,6 +88,11 @@ def _save(figure, base: Path) -> list[Path]:
     return paths
 
 
+def _legend_below(axes) -> None:
+    """The legend under the axes, off the data, keeping the figure a column wide."""
+    axes.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+
+
 def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: str = "linear") -> list[Path]:
     """Frozen accuracy per layer and model for one task (and the runs' split), with interval bands; nothing
     when no model has more than one layer."""
@@ -128,7 +133,7 @@ def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: s
         axes.set_xlabel("Q-Former layer")
         axes.set_ylabel(f"{chosen[0].split} {metric_label(chosen[0].metric)}")
         axes.set_title(f"{chosen[0].column}: frozen {probe} probe per layer")
-        axes.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the data
+        _legend_below(axes)
         return _save(figure, base)
 
 
@@ -237,5 +242,5 @@ def learning_curve_figure(search: RunResults, base: Path) -> list[Path]:
         axes.set_xlabel("epoch")
         axes.set_ylabel(f"val {metric_label(metric)}")
         axes.set_title(f"{search.label} {search.mode} {search.column}, layer {search.layer}", loc="left")
-        axes.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        _legend_below(axes)
         return _save(figure, base)
