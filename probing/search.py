@@ -540,21 +540,22 @@ def _plots(study, folder: Path) -> list[str]:
     for name, make in makers.items():
         if name == "param_importances" and (len(completed(study)) < 2 or len(study.best_trial.params) < 2):
             continue
-        if name == "param_importances":  # fANOVA (scikit-learn), seeded: the same study gives the same plot
-            from optuna.importance import FanovaImportanceEvaluator
+        with plt.rc_context():  # Optuna's plots switch matplotlib to its ggplot style: kept inside this block
+            if name == "param_importances":  # fANOVA (scikit-learn), seeded: the same study gives the same plot
+                from optuna.importance import FanovaImportanceEvaluator
 
-            try:
-                axes = make(study, evaluator=FanovaImportanceEvaluator(seed=0))
-            except RuntimeError as error:  # e.g. every trial scored the same: no variance to attribute
-                log.info("no parameter importances: %s", error)
-                continue
-        else:
-            axes = make(study)
-        figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
-        figure.set_size_inches(8, 5)
-        figure.tight_layout()
-        figure.savefig(folder / f"{name}.png", dpi=120)
-        plt.close(figure)
+                try:
+                    axes = make(study, evaluator=FanovaImportanceEvaluator(seed=0))
+                except RuntimeError as error:  # e.g. every trial scored the same: no variance to attribute
+                    log.info("no parameter importances: %s", error)
+                    continue
+            else:
+                axes = make(study)
+            figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
+            figure.set_size_inches(8, 5)
+            figure.tight_layout()
+            figure.savefig(folder / f"{name}.png", dpi=120)
+            plt.close(figure)
         written.append(f"plots/{name}.png")
     return written
 

@@ -331,3 +331,18 @@ def test_a_category_without_examples_is_drawn_as_missing(tmp_path):
     category_figure(runs, "vsr", tmp_path / "categories")
     svg = (tmp_path / "categories.svg").read_text()
     assert svg.count(">n/a<") == 1  # the unfrozen run's missing category, not a 0 % bar
+
+
+def test_optunas_plots_leave_the_process_style_alone(tmp_path):
+    import matplotlib
+    import optuna
+
+    from probing.search import _plots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: trial.suggest_float("lr", 0, 1) + trial.suggest_float("x", 0, 1), n_trials=4)
+    before = dict(matplotlib.rcParams)
+    assert _plots(study, tmp_path / "plots") == ["plots/optimization_history.png", "plots/param_importances.png"]
+    after = dict(matplotlib.rcParams)
+    assert {k for k in before if before[k] != after[k]} <= {"backend"}  # no ggplot style left behind
