@@ -1188,8 +1188,9 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
             )
         readme += [
             "",
-            "Every number below is in `results.csv` (one row per run, split and category; fractions) and in each "
-            "table's CSV; `tables/` also holds each table as LaTeX (booktabs).",
+            "Every accuracy below is in `results.csv` (one row per run, split and category, as fractions; Table "
+            "1's chance and paper rows too); each table's numbers are in its CSV in `tables/`, beside its LaTeX "
+            "(booktabs).",
             "",
         ]
         readme += [table.markdown() for table in tables]
