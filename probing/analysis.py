@@ -158,11 +158,12 @@ def model_label(model: dict[str, Any]) -> str:
 
 
 def _model_id(manifest: dict[str, Any]) -> str | None:
-    """The source the run's model was read from (`model_source.source`): in the run's manifest (unfrozen,
-    zero-shot runs) or in its feature stores' (frozen runs); None when neither records it (moved stores)."""
-    source = manifest.get("model_source") or {}
-    if source.get("source"):
-        return str(source["source"])
+    """The source the run's model was read from: in the run's manifest (`model_source` of unfrozen runs, the
+    model identity of zero-shot runs) or in its feature stores' (frozen runs); None when none records it (moved
+    stores)."""
+    for source in (manifest.get("model_source"), manifest.get("inputs", {}).get("model")):  # zero-shot: the latter
+        if isinstance(source, dict) and source.get("source"):
+            return str(source["source"])
     for store in (manifest.get("feature_paths") or {}).values():
         try:
             store_source = json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8")).get("model_source")
