@@ -346,3 +346,30 @@ def test_optunas_plots_leave_the_process_style_alone(tmp_path):
     assert _plots(study, tmp_path / "plots") == ["plots/optimization_history.png", "plots/param_importances.png"]
     after = dict(matplotlib.rcParams)
     assert {k for k in before if before[k] != after[k]} <= {"backend"}  # no ggplot style left behind
+
+
+def test_table4_in_the_papers_layout_and_n_per_category(tmp_path):
+    labels = {"test": [1] * 14}
+    for mode, lr, epochs in (("frozen", 1e-4, 10), ("unfrozen", 3e-5, 5)):
+        search = tmp_path / "runs" / mode
+        write_run(search / "best", mode=mode, correct={"test": [[1, 0] * 7]}, labels=labels)
+        summary = {
+            "task": "vsr",
+            "mode": mode,
+            "layer": 4,
+            "probe": "linear",
+            "metric": "accuracy",
+            "trials_complete": 3,
+            "trials_total": 3,
+            "best": {"number": 1, "params": {"lr": lr, "epochs": epochs}, "val_search": 0.6, "val": {}},
+            "trials": [],
+            "plots": [],
+        }
+        (search / "summary.json").write_text(json.dumps(summary))
+    write_report([tmp_path / "runs"], tmp_path / "report")
+    table4 = (tmp_path / "report" / "tables" / "table4.md").read_text().splitlines()
+    assert table4[2] == "| task | hyper-parameter | BLIP-2 frozen | BLIP-2 unfrozen |"
+    assert table4[4:6] == ["| VSR | learning rate | 1.00e-04 | 3.00e-05 |", "| VSR | epochs | 10 | 5 |"]
+    table2 = (tmp_path / "report" / "tables" / "table2.md").read_text().splitlines()
+    assert table2[4] == "| n | test examples | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"  # 14 examples over 7 meta-categories
+    assert (tmp_path / "report" / "figures" / "learning_curves").is_dir()  # each search's best trial
