@@ -21,6 +21,7 @@ paper's Table 5 (Kendall correlations between per-category accuracy and properti
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
@@ -89,6 +90,10 @@ class RunResults:
     control: bool = False  # trained and judged on the task's control targets (`probing.controls`)
     control_run: RunResults | None = None  # the same configuration on the control targets (`attach_rigour`)
     mdl: MdlResults | None = None  # the online code of its train targets (`attach_rigour`)
+    model_id: str | None = None  # where the weights came from (hub id, local folder, lavis:.pth), when recorded
+    weights: dict[str, Any] = field(default_factory=dict)  # the model's identity (family, init, weights hash ...)
+    predicted_classes: int | None = None  # distinct predicted classes over every seed (binary heads), else None
+    validation: RunResults | None | bool = field(default=False, repr=False, compare=False)  # False: not read yet
 
     @property
     def spec(self) -> TaskSpec:
@@ -155,6 +160,23 @@ def model_label(model: dict[str, Any]) -> str:
     return titles.get(family, family) + (" (random)" if model.get("init") == "random" else "")
 
 
+def _model_id(manifest: dict[str, Any]) -> str | None:
+    """The source the run's model was read from: in the run's manifest (`model_source` of unfrozen runs, the
+    model identity of zero-shot runs) or in its feature stores' (frozen runs); None when none records it (moved
+    stores)."""
+    for source in (manifest.get("model_source"), manifest.get("inputs", {}).get("model")):  # zero-shot: the latter
+        if isinstance(source, dict) and source.get("source"):
+            return str(source["source"])
+    for store in (manifest.get("feature_paths") or {}).values():
+        try:
+            store_source = json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8")).get("model_source")
+        except (OSError, ValueError):
+            continue
+        if isinstance(store_source, dict) and store_source.get("source"):
+            return str(store_source["source"])
+    return None
+
+
 def _run_folder(path: Path) -> tuple[Path, dict[str, Any] | None]:
     """A run folder, or a search folder's `best/` run with its summary."""
     path = Path(path)
@@ -186,6 +208,9 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         if [r["id"] for r in records_by_seed[seed]] != ids:
             raise ProbingError(f"{run_path}: seeds were evaluated on different {split} examples")
     correct = np.array([[float(r["correct"]) for r in records_by_seed[seed]] for seed in seeds])
+    predicted = {
+        json.dumps(r["predicted"]) for records in records_by_seed.values() for r in records if "predicted" in r
+    }
     return RunResults(
         path=run_path,
         task=spec.name,
@@ -206,6 +231,9 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         split=split,
         task_file=task_file,
         control=bool(manifest.get("control", False)),
+        model_id=_model_id(manifest),
+        weights=dict(model),
+        predicted_classes=len(predicted) if spec.head.kind == "binary" and predicted else None,
     )
 
 
@@ -270,6 +298,68 @@ def paired_difference(
         seeds=min(len(first), len(second)),
         examples=examples,
     )
+
+
+def validation_run(run: RunResults) -> RunResults | None:
+    """The same run on its validation split (the best trial's final seeds evaluated on val), when the run wrote
+    val predictions and val is not already one of the task's evaluated splits; else None."""
+    if run.validation is not False:  # read once per report (Table 1 and results.csv both show it)
+        return run.validation
+    run.validation = None
+    if "val" not in run.spec.eval_splits and (run.path / "predictions" / "val.jsonl").is_file():
+        run.validation = load_run(run.path, "val")
+        run.validation.label, run.validation.search = run.label, run.search
+    return run.validation
+
+
+def chance_level(run: RunResults) -> float | None:
+    """The majority-class rate of the run's split labels (binary heads: 0.5 when balanced); None for heads with
+    no single chance level (box regression: a guessed box's IoU depends on the distribution of boxes)."""
+    if run.spec.head.kind != "binary" or not run.metadata or "label" not in run.metadata[0]:
+        return None
+    positives = float(np.mean([record["label"] for record in run.metadata]))
+    return max(positives, 1 - positives)
+
+
+def single_class(run: RunResults) -> bool:
+    """Whether a binary probe predicted one class for every example of every seed (its per-category accuracy is
+    then the category's label rate, and a correlation of it says nothing about the probe)."""
+    return run.predicted_classes == 1
+
+
+@dataclass
+class Paired:
+    """Two runs on the same examples: the accuracy difference (first - second) with a paired bootstrap interval,
+    and McNemar's exact test on the per-example correctness of each run's first seed."""
+
+    difference: Estimate
+    first_only: int  # examples the first run gets right and the second wrong
+    second_only: int
+    p_value: float
+
+
+def aligned(first: RunResults, second: RunResults) -> np.ndarray | None:
+    """Indices into `second`'s examples in `first`'s order, or None unless both hold exactly the same ids."""
+    position = {example_id: index for index, example_id in enumerate(second.ids)}
+    if len(first.ids) != len(second.ids) or any(example_id not in position for example_id in first.ids):
+        return None
+    return np.array([position[example_id] for example_id in first.ids])
+
+
+def paired_comparison(first: RunResults, second: RunResults, seed: int = 0) -> Paired | None:
+    """`first` against `second` on their shared examples (None unless both were evaluated on the same ones).
+    McNemar's test needs one 0/1 outcome per example and run: each run's first seed gives it."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    order = aligned(first, second)
+    if order is None:
+        return None
+    other = second.correct[:, order]
+    difference = paired_difference(first.correct, other, seed=seed)
+    one, two = first.correct[0].astype(bool), other[0].astype(bool)
+    counts = [[int(np.sum(one & two)), int(np.sum(one & ~two))], [int(np.sum(~one & two)), int(np.sum(~one & ~two))]]
+    test = mcnemar(counts, exact=True)
+    return Paired(difference, counts[0][1], counts[1][0], float(test.pvalue))
 
 
 def selectivity(run: RunResults, seed: int = 0) -> Estimate | None:

@@ -458,14 +458,17 @@ def report_command(
     runs: Annotated[list[Path], typer.Argument(help="Run or search folders, or folders holding them.")],
     out: Annotated[Path, typer.Option("--out", help="Report folder (README.md, tables/, figures/).")],
     compare_paper: Annotated[bool, typer.Option(help="Show the paper's Table 1 numbers beside ours.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an --out folder that holds files no report wrote (whole).")
+    ] = False,
 ) -> None:
     """Tables in the shapes of the paper's Tables 1, 2, 3, 4, 5 (with CIs), per-layer table, figures, README."""
     from probing.report import write_report
 
-    written = write_report(runs, out, compare_paper=compare_paper)
+    written = write_report(runs, out, compare_paper=compare_paper, overwrite=overwrite)
     typer.echo(
         f"report of {written['runs']} run(s): {written['readme']} "
-        f"({len(written['tables']) // 2} tables, {len(written['figures']) // 2} figures)"
+        f"({len(written['tables']) // 3} tables, {len({Path(p).stem for p in written['figures']})} figures)"
     )
 
 

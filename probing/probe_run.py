@@ -148,7 +148,7 @@ def run_training(request: TrainRequest) -> StageResult[MetricsRecord]:
     lock = claim(request.out, identity, "probe run") if is_main_process() else None
     try:
         if existing_output_matches(request.out, identity, "probe run"):
-            return StageResult(MetricsRecord.read(request.out), request.out, "reused")
+            return StageResult(MetricsRecord.relabel(request.out, request.label), request.out, "reused")
         checkpoints = request.out.with_name(f".{request.out.name}.checkpoints")  # beside the run: it appears whole
         hooks = None
         if trainer.keeps_models:  # a killed unfrozen run resumes each seed at its last epoch

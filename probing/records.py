@@ -203,6 +203,19 @@ class MetricsRecord:
         path = Path(folder) / METRICS_FILE
         return cls.from_json(read_json_file(path), str(path))
 
+    @classmethod
+    def relabel(cls, folder: Path, label: str | None) -> MetricsRecord:
+        """The run's record, its report label replaced by `label` (rewritten atomically) when one is given and
+        differs: a label is how reports name the model, not part of what was computed, so a run reused under a
+        new label takes the new one instead of being recomputed; no label given keeps the stored one."""
+        from probing.artifacts import write_json
+
+        record = cls.read(folder)
+        if label is not None and record.label != label:
+            record.label = label
+            write_json(Path(folder) / METRICS_FILE, record.to_json())
+        return record
+
 
 MANIFEST_FILE = "manifest.json"
 PREDICTIONS_FOLDER = "predictions"

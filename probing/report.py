@@ -22,6 +22,8 @@ reports single runs without intervals. CSV files are written by pandas from the 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +33,12 @@ from typing import Any
 from probing.analysis import (
     KENDALL_PROPERTIES,
     MIN_KENDALL_CATEGORIES,
+    SIGNIFICANCE,
     Estimate,
     MdlResults,
     RunResults,
     attach_rigour,
+    chance_level,
     codelength_interval,
     deduplicate,
     kendall,
@@ -43,14 +47,17 @@ from probing.analysis import (
     load_run,
     load_run_splits,
     overall,
+    paired_comparison,
     per_category,
     roc_auc,
     selectivity,
+    single_class,
+    validation_run,
 )
-from probing.artifacts import write_json
+from probing.artifacts import staged_directory, write_json
 from probing.errors import ProbingError
 from probing.locks import one_writer
-from probing.plots import category_figure, per_layer_figure
+from probing.plots import category_figure, learning_curve_figure, per_layer_figure
 from probing.probes import PROBES
 from probing.records import HUMAN, ITM_HEAD, MDL_FILE, NO_PROBE, ZERO_SHOT_PROMPT
 from probing.tasks import TaskSpec, registered_tasks
@@ -68,6 +75,12 @@ PAPER_TABLE1 = {
     ("InstructBLIP", "frozen"): {"refcocog": 19.92, "vsr": 55.72, "rcm": 63.08},
     ("InstructBLIP", "unfrozen"): {"refcocog": 69.34, "vsr": 76.99, "rcm": 80.86},
     ("Human", "human"): {"vsr": 95.40, "rcm": 92.29},  # VSR's from its authors
+}
+# The checkpoints the paper probed (by the source a run's model was read from): its rows are shown only beside
+# runs of these, under the paper's model name.
+PAPER_CHECKPOINTS = {
+    "Salesforce/blip2-itm-vit-g": "BLIP-2",
+    "Salesforce/instructblip-vicuna-7b": "InstructBLIP",
 }
 NOT_SIGNIFICANT = "†"
 CSV_LABELS = ["model", "mode", "probe", "layer", "task", "split", "category", "property"]
@@ -112,12 +125,36 @@ class Table:
         columns = [k for k in CSV_LABELS if k in keys] + sorted(keys - set(CSV_LABELS))
         return pd.DataFrame(self.records, columns=columns, dtype=object)
 
+    def latex(self) -> str:
+        """The table as LaTeX with booktabs rules (pandas' Styler; cells escaped), notes as a comment block."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.rows, columns=self.headers)
+        styler = frame.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+        text = styler.to_latex(hrules=True, caption=_latex_escape(self.title), position_float="centering")
+        notes = "".join(f"% {note}\n" for note in self.notes)
+        return notes + text
+
     def write(self, folder: Path) -> list[Path]:
         markdown = folder / f"{self.name}.md"
         markdown.write_text(self.markdown(), encoding="utf-8")
         table_csv = folder / f"{self.name}.csv"
         self.frame().to_csv(table_csv, index=False)
-        return [markdown, table_csv]
+        latex = folder / f"{self.name}.tex"
+        latex.write_text(self.latex(), encoding="utf-8")
+        return [markdown, table_csv, latex]
+
+
+_LATEX_SPECIALS = {c: f"\\{c}" for c in "&%$#_{}"} | {
+    "~": "\\textasciitilde{}",
+    "^": "\\textasciicircum{}",
+    "\\": "\\textbackslash{}",
+}
+
+
+def _latex_escape(text: str) -> str:
+    """A caption escaped for LaTeX (Styler escapes the cells and headers, not the caption)."""
+    return "".join(_LATEX_SPECIALS.get(c, c) for c in text)
 
 
 def _record(estimate: Estimate, run: RunResults | None = None, **labels) -> dict[str, Any]:
@@ -195,47 +232,140 @@ def _column_title(run: RunResults) -> str:
     return f"{run.column} ({run.spec.head.metric_label})"
 
 
+def paper_model(runs: Iterable[RunResults]) -> str | None:
+    """The paper's name of the model these runs read, when every one read one checkpoint the paper probed with
+    its own weights (`PAPER_CHECKPOINTS`), else None."""
+    names = {PAPER_CHECKPOINTS.get(run.model_id or "") if run.init == "pretrained" else None for run in runs}
+    return names.pop() if len(names) == 1 else None
+
+
+def _split_title(run: RunResults, split: str) -> str:
+    """A Table 1 column: the task's title, the split, and the metric."""
+    spec = run.spec
+    name = f"{spec.title} {split}" if split == "val" or len(spec.eval_splits) == 1 else run.column
+    return f"{name} ({spec.head.metric_label})"
+
+
 @register_table("table1")
 def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """The paper's Table 1: per model and mode, val and test of each task (val where the runs wrote val
+    predictions); a chance row (the majority-class rate of each split's labels) and the Human row last."""
     chosen = _table1_runs(runs)
     if not chosen:
         return None
-    columns = {run.column: run for run in chosen.values()}
-    titles = {(run.task, run.split): run.column for run in chosen.values()}
-    order = [titles[key] for key in _columns(chosen.values())]
+    by_column = {run.column: run for run in sorted(chosen.values(), key=lambda r: (r.mode == HUMAN, str(r.path)))}
+    order = list(dict.fromkeys(run.column for run in _sorted_columns(chosen)))
+    validation = {key: validation_run(run) for key, run in chosen.items()}
+    # (column, "val" | "test"): val first where any run of the column has val predictions
+    cells: list[tuple[str, str]] = []
+    for c in order:
+        if any(val is not None and key[2] == c for key, val in validation.items()):
+            cells.append((c, "val"))
+        cells.append((c, "test"))
+
+    def result(key: tuple[str, str, str], which: str) -> RunResults | None:
+        return chosen.get(key) if which == "test" else validation.get(key)
+
+    has_val = any(which == "val" for _, which in cells)
     table = Table(
         "table1",
-        "Table 1: test accuracy, linear probe on the last layer (%)",
-        ["model", "mode", *[_column_title(columns[c]) for c in order]],
+        "Table 1: " + ("validation and test" if has_val else "test") + " accuracy, linear probe on the last layer (%)",
+        ["model", "mode", *[_split_title(by_column[c], which) for c, which in cells]],
     )
-    people = _people(chosen)  # the Human row comes last
+    people = _people(chosen)  # the Human row comes last, after the chance row
     models = sorted({key[0] for key in chosen}, key=lambda model: (model in people, model))
+    paper_shown, paper_missing = [], []
+
+    def chance_row() -> None:
+        levels = {}
+        for c, which in cells:
+            model_runs = [r for r in chosen.values() if r.column == c and r.mode != HUMAN]
+            found = result(next(k for k, r in chosen.items() if r is model_runs[0]), which) if model_runs else None
+            levels[(c, which)] = (chance_level(found), found) if found is not None else (None, None)
+        if not any(level is not None for level, _ in levels.values()):
+            return
+        table.rows.append(
+            [
+                "Chance",
+                "majority class",
+                *[f"{100 * level:.1f}" if level is not None else "–" for level, _ in levels.values()],
+            ]
+        )
+        table.records += [
+            {
+                "model": "Chance",
+                "mode": "majority class",
+                "task": found.task,
+                "split": found.split,
+                "mean": level,
+                "examples": len(found.ids),
+            }
+            for level, found in levels.values()
+            if level is not None
+        ]
+
     for model in models:
+        if model in people and not any(row[0] == "Chance" for row in table.rows):
+            chance_row()
+        model_runs = [run for key, run in chosen.items() if key[0] == model]
+        paper_name = paper_model(model_runs)
         for mode in _modes(chosen):
             if not any((model, mode, c) in chosen for c in order):
                 continue
-            estimates = {c: overall(chosen[(model, mode, c)]) if (model, mode, c) in chosen else None for c in order}
-            table.rows.append([model, mode, *[cell(estimates[c]) for c in order]])
+            found = {(c, which): result((model, mode, c), which) for c, which in cells}
+            estimates = {key: overall(run) if run is not None else None for key, run in found.items()}
+            table.rows.append([model, mode, *[cell(e) for e in estimates.values()]])
             table.records += [
-                _record(e, chosen[(model, mode, c)], model=model, mode=mode, layer=chosen[(model, mode, c)].layer)
-                for c, e in estimates.items()
-                if e is not None
+                _record(estimates[key], run, model=model, mode=mode, layer=run.layer)
+                for key, run in found.items()
+                if run is not None
             ]
-            paper = PAPER_TABLE1.get((model, mode))
-            if options.compare_paper and paper:
-                tasks = {c: columns[c].task for c in order}
-                table.rows.append(
-                    [f"{model} (paper)", mode, *[f"{paper[tasks[c]]:.2f}" if tasks[c] in paper else "–" for c in order]]
-                )
-                table.records += [
-                    {"model": f"{model} (paper)", "mode": mode, "task": tasks[c], "mean": paper[tasks[c]] / 100}
-                    for c in order
-                    if tasks[c] in paper
+            if not options.compare_paper:
+                continue
+            paper = PAPER_TABLE1.get(("Human", HUMAN) if mode == HUMAN else (paper_name, mode))
+            if paper is None:
+                if mode != HUMAN and mode in ("frozen", "unfrozen"):
+                    paper_missing.append(model)
+                continue
+            name = "Human" if mode == HUMAN else paper_name
+            tasks = {c: by_column[c].task for c in order}
+            table.rows.append(
+                [
+                    f"{name} (paper)",
+                    mode,
+                    *[f"{paper[tasks[c]]:.2f}" if which == "test" and tasks[c] in paper else "–" for c, which in cells],
                 ]
+            )
+            table.records += [
+                {
+                    "model": f"{name} (paper)",
+                    "mode": mode,
+                    "task": tasks[c],
+                    "split": "test",
+                    "mean": paper[tasks[c]] / 100,
+                }
+                for c, which in cells
+                if which == "test" and tasks[c] in paper
+            ]
+            paper_shown.append(model)
+    if not any(row[0] == "Chance" for row in table.rows):
+        chance_row()
     layers = sorted({run.layer for run in chosen.values() if run.probe != NO_PROBE})
     table.notes.append(
-        "mean [95% bootstrap CI over test examples] ±std over seeds" + (f"; layers used: {layers}" if layers else "")
+        "mean [95% bootstrap CI over the split's examples] ±std over seeds"
+        + (f"; layers used: {layers}" if layers else "")
+        + ("; val: the best trial's final seeds on the validation split" if has_val else "")
     )
+    chance_notes = ["chance: the majority-class rate of the split's labels (50 % when balanced)"]
+    if any(chance_level(run) is None and run.mode != HUMAN for run in chosen.values()):
+        no_chance = sorted(
+            {run.spec.title for run in chosen.values() if chance_level(run) is None and run.mode != HUMAN}
+        )
+        chance_notes.append(
+            f"no chance level for {', '.join(no_chance)}: a box regression has no single chance rate (a guessed "
+            "box's IoU depends on the distribution of boxes)"
+        )
+    table.notes.append("; ".join(chance_notes))
     if any(run.probe == NO_PROBE and run.mode != HUMAN for run in chosen.values()):
         table.notes.append(f"{ZERO_SHOT_PROMPT}, {ITM_HEAD}: the model's own answer, no probe (`probing zeroshot`)")
     if any(run.mode == HUMAN for run in chosen.values()):
@@ -243,9 +373,20 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
             "human rows: annotators' answers (probing annotate score) after the paper's exclusions, each kept "
             "answer one example of the interval"
         )
-    if options.compare_paper:
-        table.notes.append("rows marked (paper): numbers reported by Pantazopoulos et al. (2024), single runs")
+    if options.compare_paper and paper_shown:
+        table.notes.append("rows marked (paper): numbers reported by Pantazopoulos et al. (2024), test, single runs")
+    if options.compare_paper and paper_missing:
+        table.notes.append(
+            f"no paper rows beside {', '.join(sorted(set(paper_missing)))}: the paper's numbers are shown only beside "
+            f"runs of the checkpoints it probed ({', '.join(PAPER_CHECKPOINTS)}) with their own weights"
+        )
     return table
+
+
+def _sorted_columns(chosen: dict[tuple[str, str, str], RunResults]) -> list[RunResults]:
+    """One run per (task, split) column, in `_columns`' order."""
+    present = {(run.task, run.split): run for run in chosen.values()}
+    return [present[key] for key in _columns(chosen.values())]
 
 
 def _category_table_name(run: RunResults) -> str:
@@ -284,13 +425,18 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
         table = Table(name, title, ["model", "mode", *columns])
         modes = _modes(chosen)
         people = _people(chosen)
+        counts = {c: max(run.categories.count(c) for run in chosen.values()) for c in columns}
+        table.rows.append(["n", f"{first.split} examples", *[str(counts[c]) for c in columns]])
         for (model, mode, _), run in sorted(
             chosen.items(), key=lambda item: (item[0][0] in people, item[0][0], modes.index(item[0][1]))
         ):
             estimates = per_category(run)
             table.rows.append([model, mode, *[cell(estimates.get(c)) for c in columns]])
             table.records += [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items()]
-        table.notes.append("mean [95% bootstrap CI] ±std over seeds, %; categories with no test example omitted")
+        table.notes.append(
+            "mean [95% bootstrap CI] ±std over seeds, %; n: the split's examples per category (human rows: those "
+            "annotated, possibly fewer); categories with no example omitted"
+        )
         tables.append(table)
     return tables
 
@@ -319,15 +465,59 @@ def table3(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     return table
 
 
+HYPER_PARAMETERS = {"lr": "learning rate", "epochs": "epochs", "giou_scale": "GIoU scale", "l1_scale": "L1 scale"}
+
+
+def _parameter_cell(name: str, value: Any) -> str:
+    return f"{value:.2e}" if name in ("lr", "logreg_c") else f"{value:g}"
+
+
 @register_table("table4")
 def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
-    """The best hyper-parameters each search found, with its val and test metrics (the paper's Table 4)."""
+    """The paper's Table 4 layout: a row per task and hyper-parameter, a column per model and mode, each cell the
+    value the search's best trial chose (Table 1's runs: linear probe, last layer)."""
+    searched = {key: run for key, run in _table1_runs(runs).items() if run.search is not None}
+    if not searched:
+        return None
+    models = sorted({key[0] for key in searched})
+    pairs = [(m, mode) for m in models for mode in _modes(searched) if any(k[:2] == (m, mode) for k in searched)]
+    table = Table(
+        "table4",
+        "Table 4: hyper-parameters of the best trial per task, model and mode (linear probe, last layer)",
+        ["task", "hyper-parameter", *[f"{model} {mode}" for model, mode in pairs]],
+    )
+    for run in _sorted_columns(searched):
+        column = run.column
+        params = {
+            name for key, found in searched.items() if key[2] == column for name in found.search["best"]["params"]
+        }
+        names = [name for name in HYPER_PARAMETERS if name in params] + sorted(params - set(HYPER_PARAMETERS))
+        for name in names:
+            row = [column, HYPER_PARAMETERS.get(name, name)]
+            for model, mode in pairs:
+                found = searched.get((model, mode, column))
+                value = found.search["best"]["params"].get(name) if found is not None else None
+                row.append(_parameter_cell(name, value) if value is not None else "–")
+                if value is not None:
+                    table.records.append(
+                        {"model": model, "mode": mode, "task": found.task, "parameter": name, "value": value}
+                    )
+            table.rows.append(row)
+    table.notes.append(
+        "the best trial of each search by its val metric (`searches` lists every search with its val and test)"
+    )
+    return table
+
+
+@register_table("searches")
+def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """The best hyper-parameters each search found, with its val and test metrics, one row per search."""
     searched = [run for run in runs if run.search is not None]
     if not searched:
         return None
     table = Table(
-        "table4",
-        "Table 4: best trial of each search (hyper-parameters, val and test)",
+        "searches",
+        "Searches: best trial of each search (hyper-parameters, val and test)",
         [
             "model",
             "mode",
@@ -390,44 +580,131 @@ def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
 
 @register_table("table5")
 def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """The paper's Table 5 in its orientation: a row per task and data property, a column per model and mode,
+    each cell Kendall's tau (p) between per-category accuracy and the property, p > 0.05 marked."""
     # against train counts and box properties: what a probe learned, not what people answer
     kendall_runs = {
         key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall and run.probe != NO_PROBE
     }
-    chosen = {key: run for key, run in kendall_runs.items() if len(set(run.categories)) >= MIN_KENDALL_CATEGORIES}
-    if not chosen:
+    enough = {key: run for key, run in kendall_runs.items() if len(set(run.categories)) >= MIN_KENDALL_CATEGORIES}
+    chosen = {key: run for key, run in enough.items() if not single_class(run)}
+    one_class = sorted(f"{key[0]} {key[1]} ({run.column})" for key, run in enough.items() if single_class(run))
+    if not chosen and not one_class:
         return None
+    pairs = sorted({key[:2] for key in enough}, key=lambda pair: (pair[0], _modes(enough).index(pair[1])))
     table = Table(
         "table5",
-        "Table 5: Kendall tau between per-supercategory accuracy and data properties",
-        ["model", "mode", "task", *[f"{PROPERTY_NAMES[p]}: tau (p)" for p in KENDALL_PROPERTIES]],
+        "Table 5: Kendall tau between per-category accuracy and data properties",
+        ["task", "property", *[f"{model} {mode}" for model, mode in pairs]],
     )
-    for (model, mode, column), run in sorted(chosen.items()):
-        correlations = kendall(run)
-        cells = []
+    correlations = {key: kendall(run) for key, run in chosen.items()}
+    for column in dict.fromkeys(run.column for run in _sorted_columns(enough)):
         for name in KENDALL_PROPERTIES:
-            c = correlations[name]
-            mark = "" if c.significant else NOT_SIGNIFICANT
-            cells.append(f"{c.tau:+.2f} ({c.p_value:.3f}){mark}" if c.tau == c.tau else "undefined")
-            table.records.append(
-                {
-                    "model": model,
-                    "mode": mode,
-                    "task": run.task,
-                    "split": run.split,
-                    "property": name,
-                    "tau": c.tau if c.tau == c.tau else None,
-                    "p_value": c.p_value if c.p_value == c.p_value else None,
-                    "significant": c.significant,
-                    "categories": c.categories,
-                }
-            )
-        table.rows.append([model, mode, column, *cells])
+            row = [column, PROPERTY_NAMES[name]]
+            for model, mode in pairs:
+                key = (model, mode, column)
+                if key not in correlations:
+                    row.append("single class" if key in enough else "–")
+                    continue
+                c, run = correlations[key][name], chosen[key]
+                mark = "" if c.significant else NOT_SIGNIFICANT
+                row.append(f"{c.tau:+.2f} ({c.p_value:.3f}){mark}" if c.tau == c.tau else "undefined")
+                table.records.append(
+                    {
+                        "model": model,
+                        "mode": mode,
+                        "task": run.task,
+                        "split": run.split,
+                        "property": name,
+                        "tau": c.tau if c.tau == c.tau else None,
+                        "p_value": c.p_value if c.p_value == c.p_value else None,
+                        "significant": c.significant,
+                        "categories": c.categories,
+                    }
+                )
+            table.rows.append(row)
     table.notes.append(f"{NOT_SIGNIFICANT} p > 0.05 (not significant); 'undefined': a constant column (no ranking)")
-    if len(chosen) < len(kendall_runs):
+    if one_class:
+        table.notes.append(
+            "no tau for " + ", ".join(one_class) + ": the probe predicts a single class, so its per-category "
+            "accuracy is each category's label rate and says nothing about what it learned"
+        )
+    if len(enough) < len(kendall_runs):
         table.notes.append(
             f"runs with fewer than {MIN_KENDALL_CATEGORIES} categories have no ranking to correlate and are left out"
         )
+    return table
+
+
+@register_table("paired")
+def paired_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """Paired comparisons on the same test examples (Table 1's runs): each model's modes against each other
+    (frozen vs unfrozen ...) and, per mode, each pair of models (BLIP-2 vs InstructBLIP ...): the difference of
+    accuracies with a paired bootstrap interval, and McNemar's exact test."""
+    chosen = {key: run for key, run in _table1_runs(runs).items() if run.probe != NO_PROBE or run.mode != HUMAN}
+    pairs: list[tuple[RunResults, RunResults]] = []
+    for column in dict.fromkeys(run.column for run in _sorted_columns(chosen)):
+        here = {key[:2]: run for key, run in chosen.items() if key[2] == column}
+        modes, models = (
+            _modes({key: run for key, run in chosen.items() if key[2] == column}),
+            sorted({model for model, _ in here}),
+        )
+        for model in models:
+            mine = [mode for mode in modes if (model, mode) in here]
+            pairs += [(here[(model, b)], here[(model, a)]) for i, a in enumerate(mine) for b in mine[i + 1 :]]
+        for mode in modes:
+            having = [model for model in models if (model, mode) in here]
+            pairs += [(here[(a, mode)], here[(b, mode)]) for i, a in enumerate(having) for b in having[i + 1 :]]
+    if not pairs:
+        return None
+    table = Table(
+        "paired",
+        "Paired comparisons on the same test examples: accuracy difference (points) and McNemar's exact test",
+        ["task", "first", "second", "difference (points)", "first only", "second only", "McNemar p", "n"],
+    )
+    skipped = []
+    for first, second in pairs:
+        compared = paired_comparison(first, second)
+        names = [f"{run.label} {run.mode}" for run in (first, second)]
+        if compared is None:
+            skipped.append(f"{names[0]} / {names[1]} ({first.column})")
+            continue
+        mark = "" if compared.p_value <= SIGNIFICANCE else NOT_SIGNIFICANT
+        table.rows.append(
+            [
+                first.column,
+                *names,
+                _points(compared.difference),
+                str(compared.first_only),
+                str(compared.second_only),
+                f"{compared.p_value:.3g}{mark}",
+                str(compared.difference.examples),
+            ]
+        )
+        table.records.append(
+            {
+                "task": first.task,
+                "split": first.split,
+                "model": first.label,
+                "mode": first.mode,
+                "other_model": second.label,
+                "other_mode": second.mode,
+                **{f"difference_{k}": v for k, v in compared.difference.as_dict().items()},
+                "first_only": compared.first_only,
+                "second_only": compared.second_only,
+                "mcnemar_p": compared.p_value,
+                "run": str(first.path),
+                "other_run": str(second.path),
+            }
+        )
+    if not table.rows:
+        return None
+    table.notes.append(
+        "difference: first - second, seed-averaged, 95% paired bootstrap CI over the shared examples; McNemar's "
+        f"exact test (statsmodels) on each run's first seed; {NOT_SIGNIFICANT} p > 0.05"
+    )
+    if skipped:
+        table.notes.append("not compared (evaluated on different examples): " + ", ".join(skipped))
     return table
 
 
@@ -689,10 +966,114 @@ def find_mdl(paths: Sequence[Path]) -> list[Path]:
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[RunResults], list[RunResults]]:
     """Every evaluated split of the runs under `paths`, one configuration kept where several repeat it, control
-    runs and online codes riding on their task runs (`attach_rigour`): (kept, left out)."""
-    kept, dropped = deduplicate([results for path in find_runs(paths) for results in load_run_splits(path)])
+    runs and online codes riding on their task runs (`attach_rigour`): (kept, left out). Two different models
+    (by their identity) under one label are refused, naming a run of each."""
+    loaded = [results for path in find_runs(paths) for results in load_run_splits(path)]
+    check_labels(loaded)
+    kept, dropped = deduplicate(loaded)
     tasks, unpaired = attach_rigour(kept, [load_mdl(path) for path in find_mdl(paths)])
     return tasks, dropped + unpaired
+
+
+def model_key(run: RunResults) -> tuple:
+    """What tells two models apart across kinds of run (a probe run records the resampler's weights hash, a
+    zero-shot run the hash of every weight file): family, init (and its seed) and the source the weights were
+    read from; the weights identity itself where no source was recorded."""
+    where = run.model_id if run.model_id is not None else json.dumps(run.weights, sort_keys=True)
+    return (run.family, run.init, run.weights.get("init_seed"), where)
+
+
+def check_labels(runs: Sequence[RunResults]) -> None:
+    """One label, one model: rows are named by label, so two models under one would be merged or one dropped.
+    People's answers (no model) are left out of the check."""
+    first: dict[str, RunResults] = {}
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        if run.mode == HUMAN:
+            continue
+        seen = first.setdefault(run.label, run)
+        if model_key(seen) != model_key(run):
+            raise ProbingError(
+                f"label '{run.label}' names two different models: {seen.path} and {run.path} (give each model "
+                "its own --label)"
+            )
+
+
+RESULT_COLUMNS = [
+    "model",
+    "model_id",
+    "init",
+    "task",
+    "mode",
+    "layer",
+    "probe",
+    "control",
+    "split",
+    "category",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "seeds_std",
+    "seeds",
+    "n",
+    "run",
+]
+
+
+def results_frame(runs: Sequence[RunResults], tables: Sequence[Table] = ()):
+    """`results.csv`: one row per run and split (and per category of each, `category` set), control runs too,
+    values as fractions; then the chance rows and the paper's rows of Table 1 when the report shows them."""
+    import pandas as pd
+
+    rows = []
+    every = [*runs, *[run.control_run for run in runs if run.control_run is not None]]
+    for run in every:
+        for results in (run, validation_run(run)):
+            if results is None:
+                continue
+            labels = {
+                "model": run.label,
+                "model_id": run.model_id,
+                "init": run.init,
+                "task": run.task,
+                "mode": run.mode,
+                "layer": run.layer,
+                "probe": run.probe,
+                "control": run.control,
+                "split": results.split,
+                "metric": run.metric,
+                "run": str(run.path),
+            }
+            estimates = [(None, overall(results)), *per_category(results).items()]
+            rows += [
+                {
+                    **labels,
+                    "category": category,
+                    "value": e.mean,
+                    "ci_low": e.low,
+                    "ci_high": e.high,
+                    "seeds_std": e.seed_std,
+                    "seeds": e.seeds,
+                    "n": e.examples,
+                }
+                for category, e in estimates
+            ]
+    for table in tables:
+        if table.name != "table1":
+            continue
+        for record in table.records:
+            if record["model"] == "Chance" or record["model"].endswith("(paper)"):
+                rows.append(
+                    {
+                        "model": record["model"],
+                        "mode": record["mode"],
+                        "task": record["task"],
+                        "split": record["split"],
+                        "value": record["mean"],
+                        "n": record.get("examples"),
+                    }
+                )
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
 def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
@@ -703,22 +1084,67 @@ def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
         suffix = task if len(these[0].spec.eval_splits) == 1 else f"{task}_{split}"
         figures += per_layer_figure(these, task, folder / f"per_layer_{suffix}")
         figures += category_figure(these, task, folder / f"categories_{suffix}")
+    for (model, mode, _), run in sorted(_table1_runs(runs).items()):  # each search's best trial, Table 1's runs
+        if run.search is not None and run.split == run.spec.eval_splits[0]:
+            name = "-".join(part for part in (model, mode, run.task, f"layer{run.layer}") if part)
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            figures += learning_curve_figure(run, folder / "learning_curves" / safe)
     return figures
 
 
+REPORT_FILE = "report.json"
+
+
 def write_report(
-    paths: Sequence[Path], out: Path, compare_paper: bool = False, only: Sequence[str] | None = None
+    paths: Sequence[Path],
+    out: Path,
+    compare_paper: bool = False,
+    only: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Load the runs, write tables (all, or those named in `only`), figures and `README.md` into `out`."""
-    with one_writer(Path(out)):  # one writer at a time (several workers finishing one config write the same report)
-        return _write_report(paths, Path(out), compare_paper, only)
+    """Load the runs, write tables (all, or those named in `only`), figures, `results.csv`, `runs.txt` and
+    `README.md` into `out`, whole: staged beside it and swapped in, so an earlier report of ours leaves nothing
+    behind. A folder holding files no report wrote is refused unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ProbingError(f"--out {out}: an existing file, not a report folder")
+    with one_writer(out):  # one writer at a time (several workers finishing one config write the same report)
+        _check_ownership(out, overwrite)
+        return _write_report(paths, out, compare_paper, only)
+
+
+def _check_ownership(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding files that no report of ours wrote (its `report.json` lists what it wrote)."""
+    if overwrite or not out.is_dir():
+        return
+    present = sorted(str(path.relative_to(out)) for path in out.rglob("*") if not path.is_dir())
+    if not present:
+        return
+    ours: set[str] = set()
+    try:
+        recorded = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+        # reports made before `files` was recorded listed their tables and figures, beside their README
+        ours = set(recorded.get("files") or [*recorded["tables"], *recorded["figures"], "README.md"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    foreign = [name for name in present if name not in ours | {REPORT_FILE}] if ours else present
+    if foreign:
+        raise ProbingError(
+            f"--out {out}: holds {len(foreign)} file(s) no report wrote (e.g. {foreign[0]}); choose another folder "
+            "or pass --overwrite to replace it whole"
+        )
+
+
+def _count(runs: Sequence[RunResults]) -> str:
+    """What was run, counted: runs per mode and task."""
+    counts: dict[str, int] = defaultdict(int)
+    for run in runs:
+        counts[f"{run.mode} {run.task}"] += 1
+    return ", ".join(f"{number} {name}" for name, number in sorted(counts.items()))
 
 
 def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: Sequence[str] | None) -> dict[str, Any]:
     runs, dropped = load_runs(paths)
-    out = Path(out)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
     options = ReportOptions(compare_paper=compare_paper)
     tables = [
         table
@@ -727,45 +1153,71 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
         if only is None or table.name in only
     ]
     tables.sort(key=lambda t: _TABLE_ORDER.get(t.name.split("_")[0], len(_TABLE_ORDER)))
-    written = {"tables": [], "figures": []}
-    for table in tables:
-        written["tables"] += [str(p.relative_to(out)) for p in table.write(out / "tables")]
-    figures = write_figures(runs, out / "figures")
-    written["figures"] = [str(p.relative_to(out)) for p in figures]
-    shown = sorted({str(r.path) for r in runs})
-    readme = ["# Report", "", f"{len(shown)} run(s): " + ", ".join(f"`{path}`" for path in shown), ""]
-    paired = {run.key for run in runs}
-    unpaired = [r for r in dropped if r.control and (*r.key[:-1], False) not in paired]
-    if len(unpaired) < len(dropped):
+    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+    with staged_directory(out) as staging:
+        (staging / "tables").mkdir()
+        written: dict[str, list[str]] = {"tables": [], "figures": []}
+        for table in tables:
+            written["tables"] += [str(p.relative_to(staging)) for p in table.write(staging / "tables")]
+        figures = write_figures(runs, staging / "figures")
+        written["figures"] = [str(p.relative_to(staging)) for p in figures]
+        results_frame(runs, tables).to_csv(staging / "results.csv", index=False)
+        shown = sorted({str(r.path) for r in runs})
+        paired = {run.key for run in runs}
+        unpaired = [r for r in dropped if r.control and (*r.key[:-1], False) not in paired]
         repeated = sorted({str(r.path) for r in dropped if not any(r is u for u in unpaired)})
-        readme += [
-            f"{len(repeated)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
-            "left out: " + ", ".join(f"`{path}`" for path in repeated),
-            "",
-        ]
-    if unpaired:
         alone = sorted({str(r.path) for r in unpaired})
+        listing = ["# runs shown", *shown]
+        listing += [
+            "",
+            "# runs left out: they repeat a kept configuration (model, task, mode, layer, probe)",
+            *repeated,
+        ]
+        listing += ["", "# control runs left out: no run of the same configuration on the task's targets", *alone]
+        (staging / "runs.txt").write_text("\n".join(listing) + "\n", encoding="utf-8")
+        readme = ["# Report", "", f"{len(shown)} run(s): {_count(runs)}; their folders are listed in `runs.txt`."]
+        if repeated:
+            readme.append(
+                f"{len(repeated)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
+                "left out (`runs.txt`)."
+            )
+        if alone:
+            readme.append(
+                f"{len(alone)} control run(s) have no run of the same configuration on the task's own targets and "
+                "are left out (`runs.txt`)."
+            )
         readme += [
-            f"{len(alone)} control run(s) have no run of the same configuration on the task's own targets and "
-            "are left out: " + ", ".join(f"`{path}`" for path in alone),
+            "",
+            "Every accuracy below is in `results.csv` (one row per run, split and category, as fractions; Table "
+            "1's chance and paper rows too); each table's numbers are in its CSV in `tables/`, beside its LaTeX "
+            "(booktabs).",
             "",
         ]
-    readme += [table.markdown() for table in tables]
-    if figures:
-        readme += ["## Figures", ""]
-        readme += [f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png"]
-        readme += ["", "SVG versions sit beside the PNGs in `figures/`.", ""]
-    readme += [
-        "## Method",
-        "",
-        "Accuracies are means over seeds of per-example correctness on the test split (Acc@IoU>=0.5 for "
-        "RefCOCOg), with 95% percentile bootstrap intervals over test examples (1,000 resamples, seeded) and "
-        "the standard deviation across seeds where several seeds were run. Kendall tau is scipy's, across "
-        "COCO supercategories.",
-        "",
-    ]
-    (out / "README.md").write_text("\n".join(readme), encoding="utf-8")
-    write_json(out / "report.json", {"runs": shown, **written, "compare_paper": compare_paper})
+        readme += [table.markdown() for table in tables]
+        if figures:
+            readme += ["## Figures", ""]
+            readme += [
+                f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png" and p.parent.name == "figures"
+            ]
+            curves = [p for p in figures if p.suffix == ".png" and p.parent.name == "learning_curves"]
+            if curves:
+                readme += ["", f"Learning curves of {len(curves)} search(es)' best trials: `figures/learning_curves/`."]
+            readme += ["", "PDF and SVG versions sit beside the PNGs in `figures/`.", ""]
+        readme += [
+            "## Method",
+            "",
+            "Accuracies are means over seeds of per-example correctness on the test split (Acc@IoU>=0.5 for "
+            "RefCOCOg), with 95% percentile bootstrap intervals over test examples (1,000 resamples, seeded) and "
+            "the standard deviation across seeds where several seeds were run. Kendall tau is scipy's, across "
+            "COCO supercategories.",
+            "",
+        ]
+        (staging / "README.md").write_text("\n".join(readme), encoding="utf-8")
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if not p.is_dir())
+        write_json(staging / REPORT_FILE, {"runs": shown, **written, "files": files, "compare_paper": compare_paper})
+        if out.exists():  # our earlier report (checked): moved aside, so the new one replaces it whole
+            os.replace(out, trash)
+    shutil.rmtree(trash, ignore_errors=True)
     return written | {
         "runs": len(shown),
         "dropped": len({str(r.path) for r in dropped}),
@@ -781,6 +1233,8 @@ _TABLE_ORDER = {
     "table3": 3,
     "table4": 4,
     "table5": 5,
+    "paired": 5.2,
+    "searches": 5.4,
     "rigor": 5.5,
     "per": 6,
     "categories": 7,

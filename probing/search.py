@@ -53,7 +53,7 @@ from probing.errors import ProbingError
 from probing.locks import FolderLock
 from probing.models import ModelSource
 from probing.probe_run import ProbeInputs, TrainRequest, make_trainer, write_run
-from probing.records import SearchSummary, StageResult
+from probing.records import MetricsRecord, SearchSummary, StageResult
 from probing.search_space import SearchSpace
 from probing.settings import check, comma_separated, identity, setting
 from probing.studies import claim_study, load_or_create_study, open_storage, redact
@@ -540,21 +540,22 @@ def _plots(study, folder: Path) -> list[str]:
     for name, make in makers.items():
         if name == "param_importances" and (len(completed(study)) < 2 or len(study.best_trial.params) < 2):
             continue
-        if name == "param_importances":  # fANOVA (scikit-learn), seeded: the same study gives the same plot
-            from optuna.importance import FanovaImportanceEvaluator
+        with plt.rc_context():  # Optuna's plots switch matplotlib to its ggplot style: kept inside this block
+            if name == "param_importances":  # fANOVA (scikit-learn), seeded: the same study gives the same plot
+                from optuna.importance import FanovaImportanceEvaluator
 
-            try:
-                axes = make(study, evaluator=FanovaImportanceEvaluator(seed=0))
-            except RuntimeError as error:  # e.g. every trial scored the same: no variance to attribute
-                log.info("no parameter importances: %s", error)
-                continue
-        else:
-            axes = make(study)
-        figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
-        figure.set_size_inches(8, 5)
-        figure.tight_layout()
-        figure.savefig(folder / f"{name}.png", dpi=120)
-        plt.close(figure)
+                try:
+                    axes = make(study, evaluator=FanovaImportanceEvaluator(seed=0))
+                except RuntimeError as error:  # e.g. every trial scored the same: no variance to attribute
+                    log.info("no parameter importances: %s", error)
+                    continue
+            else:
+                axes = make(study)
+            figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
+            figure.set_size_inches(8, 5)
+            figure.tight_layout()
+            figure.savefig(folder / f"{name}.png", dpi=120)
+            plt.close(figure)
         written.append(f"plots/{name}.png")
     return written
 
@@ -646,6 +647,7 @@ def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
     trainer = make_trainer(train_request)
     identity = search_identity(request, trainer.inputs)
     if claim_folder(out, identity) == "complete":
+        MetricsRecord.relabel(out / "best", request.label)  # a new label names the reused best run
         return StageResult(SearchSummary.read(out), out, "reused")
     study = create_study(request, study_identity(identity))
     fitter = TrialFitter(trainer, out)
@@ -666,7 +668,6 @@ def _write_result(request, study, trainer, fitter, train_request, identity) -> S
     best_folder = out / "best"
     if best_folder.exists():  # left by an attempt that stopped before its manifest: the same run is reused
         from probing.probe_run import run_identity
-        from probing.records import MetricsRecord
 
         if (
             read_manifest(best_folder) is not None

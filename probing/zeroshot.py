@@ -198,7 +198,7 @@ def run_zeroshot(request: ZeroShotRequest) -> StageResult[MetricsRecord]:
     planned = plan(request)
     request = planned.request
     if existing_output_matches(request.out, planned.identity, "zero-shot run"):
-        return StageResult(MetricsRecord.read(request.out), request.out, "reused")
+        return StageResult(MetricsRecord.relabel(request.out, request.label), request.out, "reused")
     check_images_exist([e for split in planned.data.values() for e in split.examples], skip_bad_images=False)
     scorer = planned.scorer
     scorer.load()

@@ -203,34 +203,40 @@ def test_report_has_the_papers_shapes(runs_folder, tmp_path, capsys):
     assert code == 0
     report = tmp_path / "report"
     table1 = (report / "tables" / "table1.md").read_text().splitlines()
-    assert table1[2] == "| model | mode | RefCOCOg (Acc@0.5) | VSR (acc) |"
+    assert table1[2] == (
+        "| model | mode | RefCOCOg val (Acc@0.5) | RefCOCOg test (Acc@0.5) | VSR val (acc) | VSR test (acc) |"
+    )
     cells = [line.strip("| ").split(" | ") for line in table1[4:] if line.startswith("|")]
     rows = [f"{row[0]}/{row[1]}" for row in cells]
     assert rows == [
         "BLIP-2/frozen",
-        "BLIP-2 (paper)/frozen",
         "BLIP-2/unfrozen",
-        "BLIP-2 (paper)/unfrozen",
         "InstructBLIP/frozen",
-        "InstructBLIP (paper)/frozen",
         "InstructBLIP/unfrozen",
-        "InstructBLIP (paper)/unfrozen",
+        "Chance/majority class",
     ]
-    paper_row = next(line for line in table1 if line.startswith("| BLIP-2 (paper) | frozen"))
-    assert f"{PAPER_TABLE1[('BLIP-2', 'frozen')]['refcocog']:.2f}" in paper_row
+    # tiny local checkpoints are not the paper's: no paper rows, and a line says why
+    assert "no paper rows beside BLIP-2, InstructBLIP" in "\n".join(table1)
+    assert cells[-1][2:4] == ["–", "–"]  # box regression has no single chance level
+    assert PAPER_TABLE1[("BLIP-2", "frozen")]["refcocog"] == 30.26
     assert "±" in table1[4] and "[" in table1[4]  # CI and seed spread on frozen rows (2 seeds)
     table2 = (report / "tables" / "table2.md").read_text().splitlines()
     assert table2[2].startswith("| model | mode | ") and "Projective" in table2[2]
     table5 = (report / "tables" / "table5.md").read_text().splitlines()
     assert table5[2] == (
-        "| model | mode | task | train examples: tau (p) | mean box area: tau (p) | mean centre distance: tau (p) |"
+        "| task | property | BLIP-2 frozen | BLIP-2 unfrozen | InstructBLIP frozen | InstructBLIP unfrozen |"
     )
+    assert [line.split(" | ")[1] for line in table5[4:7]] == [
+        "train examples",
+        "mean box area",
+        "mean centre distance",
+    ]
     per_layer = (report / "tables" / "per_layer.md").read_text()
     assert "| BLIP-2 | 2 |" in per_layer and "| BLIP-2 | 4 |" in per_layer
     records = list(csv.DictReader(io.StringIO((report / "tables" / "table1.csv").read_text())))
     assert list(records[0])[:3] == ["model", "mode", "layer"] and "ci_low" in records[0]
     families = {"BLIP-2": "blip2", "InstructBLIP": "instructblip"}
-    ours = [r for r in records if "(paper)" not in r["model"]]
+    ours = [r for r in records if r["model"] in families and r["split"] == "test"]
     assert len(ours) == 8  # 2 models x 2 modes x 2 tasks
     for record in ours:  # every cell shows the run it should: the last layer (4) of that model, mode and task
         run = load_run(runs_folder / f"{families[record['model']]}-{record['task']}-{record['mode']}-4")
@@ -238,7 +244,7 @@ def test_report_has_the_papers_shapes(runs_folder, tmp_path, capsys):
     readme = (report / "README.md").read_text()
     assert "![per_layer_vsr](figures/per_layer_vsr.png)" in readme and "### Table 1" in readme
     for name in ("per_layer_vsr", "categories_refcocog", "categories_vsr"):
-        for suffix in (".png", ".svg"):
+        for suffix in (".pdf", ".png", ".svg"):
             assert (report / "figures" / f"{name}{suffix}").stat().st_size > 5_000
 
 
@@ -296,6 +302,6 @@ def test_plot_functions_write_files(runs_folder, tmp_path):
     runs = [load_run(path) for path in find_runs([runs_folder])]
     written = per_layer_figure(runs, "vsr", tmp_path / "layers")
     written += category_figure(runs, "refcocog", tmp_path / "categories")
-    assert sorted(p.suffix for p in written) == [".png", ".png", ".svg", ".svg"]
+    assert sorted(p.suffix for p in written) == [".pdf", ".pdf", ".png", ".png", ".svg", ".svg"]
     assert all(p.stat().st_size > 5_000 for p in written)
     assert per_layer_figure(runs, "rcm", tmp_path / "none") == []  # no RCM runs: no figure

@@ -249,7 +249,7 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
     reduced = ["--out", str(tmp_path / "demo"), "--refcocog-images", "150", "--vsr-images", "80"]
     code, out, err = run_cli(capsys, "demo", *reduced)
     assert code == 0, err
-    assert "### Table 1: test accuracy, linear probe on the last layer (%)" in out
+    assert "### Table 1: validation and test accuracy, linear probe on the last layer (%)" in out
     for row in (
         "| BLIP-2 (tiny random) | frozen |",
         "| BLIP-2 (tiny random) | unfrozen |",
@@ -277,6 +277,9 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
     ):
         assert section in readme
     assert len(list((report / "figures").glob("*.png"))) == 6
+    assert {p.suffix for p in (report / "figures").glob("per_layer_vsr.*")} == {".pdf", ".png", ".svg"}
+    results = (report / "results.csv").read_text()
+    assert results.startswith("model,model_id,init,task,mode,layer,probe,") and (report / "runs.txt").is_file()
     tables = {p.name: p.read_bytes() for p in (report / "tables").iterdir()}
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}
     code, out, err = run_cli(capsys, "demo", *reduced)

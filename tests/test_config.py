@@ -45,6 +45,17 @@ def test_paper_configs_share_one_workspace_and_the_main_experiment():
     assert configs["figure4"].experiments[0].layers == "all" and configs["figure2a"].experiments[0].tasks == ["vsr"]
 
 
+@pytest.mark.parametrize("name,model", [("figure2b", "BLIP-2"), ("figure5", "InstructBLIP")])
+def test_category_figure_configs_are_the_papers(name, model):
+    """Figure 2(b) is BLIP-2's RefCOCOg per COCO supercategory, Figure 5 InstructBLIP's; frozen and unfrozen."""
+    config = load_config(ROOT / "experiments" / f"{name}.yaml", check_paths=False)
+    (experiment,) = config.experiments
+    assert (experiment.tasks, experiment.models, experiment.modes) == (["refcocog"], [model], ["frozen", "unfrozen"])
+    assert config.report.tables == ["categories_refcocog"]
+    header = (ROOT / "experiments" / f"{name}.yaml").read_text().split("\nname:")[0]
+    assert "supercategory" in header and model in header and "frozen vs unfrozen" in header
+
+
 def test_the_demo_config_is_the_packaged_one():
     assert load_config(ROOT / "experiments" / "demo.yaml", check_paths=False) == demo_config()
 
