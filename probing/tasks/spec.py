@@ -62,6 +62,9 @@ class TaskSpec:
     examples_from: str | None = None  # another task whose examples (and so stores) it shares, with another head
     stats_categories: Callable[[Sequence[Example]], dict[str, Any]] | None = None  # `data stats` (default: counts)
     control_type: Callable[[Example], Hashable] | None = None  # an example's type for its control task (None: none)
+    # the words of an example's text its label hangs on (RCM: the claimed cell's name); extraction counts the
+    # texts whose truncation to the model's token limit cuts them (None: not counted)
+    key_words: Callable[[Example], str] | None = None
 
     @property
     def examples_name(self) -> str:

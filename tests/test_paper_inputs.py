@@ -1,0 +1,180 @@
+"""The paper's inputs: texts as LAVIS prepares them (a recorded choice), RCM captions whose claimed cell the
+token limit cuts, InstructBLIP's Q-Former instruction (a recorded choice)."""
+
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from probing.data.rcm import rcm_caption
+from probing.data.types import Example, SplitData
+from probing.extract import ExtractionRequest, store_identity, text_truncation
+from probing.models import load_resampler
+from probing.models.text import QFormerText, lavis_caption
+
+# Hand-checked against BlipCaptionProcessor.pre_caption's definition (lower-case; .!"()*#:;~ -> space; runs of
+# two or more whitespace characters -> one space; trailing newlines, then surrounding spaces, stripped; 50 words).
+LAVIS_CASES = [
+    ("The cup is on top of the dining table.", "the cup is on top of the dining table"),
+    ('He said: "Look!" (twice) ~ *wow* #1;  done...', "he said look twice wow 1 done"),
+    ("A  man   in RED\t\tholding a cup", "a man in red holding a cup"),
+    ("  one tab\there, a\nnewline ", "one tab\there, a\nnewline"),  # single tabs/newlines stay, as in LAVIS
+    ("it's a dog's bowl, isn't it?", "it's a dog's bowl, isn't it?"),  # ' , ? are kept
+    ("", ""),
+]
+
+
+@pytest.mark.parametrize("text,expected", LAVIS_CASES)
+def test_lavis_caption_matches_hand_checked_outputs(text, expected):
+    assert lavis_caption(text) == expected
+
+
+def test_lavis_caption_keeps_at_most_50_words():
+    words = [f"w{i}" for i in range(60)]
+    assert lavis_caption(" ".join(words) + ".") == " ".join(words[:50])
+    assert lavis_caption(" ".join(words[:50]) + ".") == " ".join(words[:50])  # 50 words: all kept
+    # words are counted after the punctuation became spaces: "a.b" is two words
+    assert lavis_caption("A.B " + " ".join(words[:49])) == "a b " + " ".join(words[:48])
+
+
+@pytest.fixture(scope="module")
+def blip2(tiny_checkpoints):
+    return load_resampler(str(tiny_checkpoints["blip2"]))
+
+
+@pytest.fixture(scope="module")
+def instructblip(tiny_checkpoints):
+    return load_resampler(str(tiny_checkpoints["instructblip"]))
+
+
+def test_the_resampler_tokenizes_the_preprocessed_text(blip2):
+    raw = ["The MAN is (next to) the dog.", "A cat: on the bed!"]
+    try:
+        plain = blip2.tokenize(lavis_caption(t) for t in raw)
+        blip2.set_text(QFormerText(text_preprocessing="lavis"))
+        lavis = blip2.tokenize(raw)
+    finally:
+        blip2.set_text(QFormerText())
+    assert plain["input_ids"].tolist() == lavis["input_ids"].tolist()
+    assert blip2.tokenize(raw)["input_ids"].shape[1] > lavis["input_ids"].shape[1]  # the periods, parentheses ...
+
+
+def rcm_examples(phrase_words: list[int]) -> SplitData:
+    vocabulary = "man woman dog cat horse car bus table chair couch".split()
+    examples = []
+    for index, count in enumerate(phrase_words):
+        phrase = " ".join(vocabulary[i % len(vocabulary)] for i in range(count))
+        examples.append(
+            Example(
+                example_id=index,
+                image_id=1,
+                image_path=Path("x.jpg"),
+                text=rcm_caption(phrase, 0),
+                category="animal",
+                label=1,
+                metadata={"cell_name": "top left", "cell": 0},
+            )
+        )
+    return SplitData(task="rcm", split="val", examples=examples, fingerprint="f", sources={})
+
+
+def test_rcm_texts_whose_cell_words_are_cut_are_counted(blip2, instructblip, caplog, tmp_path):
+    # "The phrase '<k words>' refers to the top left part of the image." is 16 + k tokens with [CLS] and [SEP];
+    # BLIP-2 keeps [CLS], 30 tokens and [SEP]: truncated when k > 16; "left" (token k + 9) lost when k > 21.
+    data = rcm_examples([10, 17, 21, 22, 30])
+    caplog.set_level("WARNING")
+    assert text_truncation(blip2, data, tmp_path) == {"truncated_texts": 4, "key_words_cut": 2}
+    assert "2 of 5 texts lose the words their label depends on to the 32-token truncation" in caplog.text
+    # the LAVIS text drops the final period: 15 + k tokens, truncated when k > 17, "left" still lost when k > 21
+    blip2.set_text(QFormerText(text_preprocessing="lavis"))
+    try:
+        assert text_truncation(blip2, data, tmp_path) == {"truncated_texts": 3, "key_words_cut": 2}
+    finally:
+        blip2.set_text(QFormerText())
+    # InstructBLIP truncates on the left at 128 tokens: nothing is cut
+    assert text_truncation(instructblip, data, tmp_path) == {"truncated_texts": 0, "key_words_cut": 0}
+    # a task without key words counts truncated texts only
+    vsr = SplitData(task="vsr", split="val", examples=data.examples, fingerprint="f", sources={})
+    assert text_truncation(blip2, vsr, tmp_path) == {"truncated_texts": 4}
+
+
+def test_the_store_identity_records_the_text_choices_only_when_made(blip2, instructblip, tmp_path):
+    data = rcm_examples([3])
+    request = ExtractionRequest(model="m", data=None, split="val", out=tmp_path)
+    default = store_identity(blip2, data, request, [1])
+    assert "text_preprocessing" not in default and "instruction" not in default  # stores made before stay valid
+    lavis = ExtractionRequest(model="m", data=None, split="val", out=tmp_path, text_preprocessing="lavis")
+    assert store_identity(blip2, data, lavis, [1]) == default | {"text_preprocessing": "lavis"}
+    instructed = ExtractionRequest(model="m", data=None, split="val", out=tmp_path, instruction="Is it {text}?")
+    assert store_identity(instructblip, data, instructed, [1])["instruction"] == "Is it {text}?"
+
+
+PAPER_CONFIGS = [
+    "table1",
+    "table2",
+    "table3",
+    "table5",
+    "figure2a",
+    "figure2b",
+    "figure4",
+    "figure5",
+    "controls",
+    "rigor",
+]
+
+
+def test_the_paper_configs_read_texts_as_lavis_and_the_demo_as_given(tmp_path):
+    from probing.config import load_config
+    from probing.models import ModelSource
+    from probing.pipeline import plan, search_request
+
+    root = Path(__file__).resolve().parents[1]
+    for name in PAPER_CONFIGS:
+        assert load_config(root / "experiments" / f"{name}.yaml", check_paths=False).extract.text_preprocessing == (
+            "lavis"
+        ), name
+    assert load_config(root / "probing" / "demo.yaml", check_paths=False).extract.text_preprocessing == "none"
+    # unfrozen searches read their texts as the config's stores were extracted; frozen ones take them from the stores
+    table1 = load_config(root / "experiments" / "table1.yaml", check_paths=False)
+    units = [unit for unit in plan(table1, {"BLIP-2": 12, "InstructBLIP": 12}) if unit.task == "vsr"]
+    sources = {label: ModelSource(model="blip2") for label in ("BLIP-2", "InstructBLIP")}
+    options = {"vsr": None}
+    modes = {u.mode: search_request(table1, u, sources, options, tmp_path).text_preprocessing for u in units}
+    assert modes == {"frozen": "none", "unfrozen": "lavis"}
+
+
+def test_instructblip_reads_its_text_inside_the_instruction(instructblip):
+    import torch
+
+    texts = ["The cat is on the bed."]
+    template = "Is this true of the image? {text} Answer:"
+    embeds = torch.randn(
+        1, 17, instructblip.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    bare = instructblip.query_states(embeds, texts, [4])
+    try:
+        instructblip.set_text(QFormerText(text_preprocessing="lavis", instruction=template))
+        tokens = instructblip.tokenize(texts)
+        instructed = instructblip.query_states(embeds, texts, [4])
+    finally:
+        instructblip.set_text(QFormerText())
+    expected = instructblip.tokenize(["Is this true of the image? the cat is on the bed Answer:"])
+    assert tokens["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert torch.equal(instructed, instructblip.query_states(embeds, expected, [4]))
+    assert not torch.allclose(bare, instructed)
+
+
+def test_instructions_are_refused_without_a_text_field_and_for_blip2(capsys, tiny_checkpoints, demo_options, tmp_path):
+    common = ["extract", "--task", "vsr", "--split", "val", "--out", tmp_path / "store", "--device", "cpu"]
+    data = [f"--{name}={value}" for name, value in demo_options["vsr"].items()]
+    code, _, err = run_cli(
+        capsys, *common, *data, "--model", tiny_checkpoints["instructblip"], "--instruction", "Is it true?"
+    )
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "error: --instruction: the template has no {text} (where each example's text goes)"
+    )
+    code, _, err = run_cli(capsys, *common, *data, "--model", tiny_checkpoints["blip2"], "--instruction", "Q: {text}")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "error: --instruction: the blip2 Q-Former reads the text itself, never an instruction (InstructBLIP only)"
+    )
+    assert not (tmp_path / "store").exists()
