@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
 from probing.checkpoints import TrialCheckpoint
 from probing.controls import ControlInputs
-from probing.data.types import DataOptions, Example
+from probing.data.types import NO_CATEGORY, DataOptions, Example
 from probing.errors import ProbingError
 from probing.models import ModelSource
 from probing.models.text import QFormerText
@@ -139,7 +139,7 @@ def run_identity(request: TrainRequest, inputs: dict[str, Any]) -> dict[str, Any
 
 
 def category_counts(examples: list[Example]) -> dict[str, int]:
-    return dict(sorted(Counter(example.category for example in examples).items()))
+    return dict(sorted(Counter(e.category for e in examples if e.category != NO_CATEGORY).items()))
 
 
 def run_training(request: TrainRequest) -> StageResult[MetricsRecord]:

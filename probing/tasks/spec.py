@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from probing.data.types import DataOptions, Example
+from probing.data.types import NO_CATEGORY, DataOptions, Example
 from probing.errors import ProbingError
 from probing.heads import Head
 from probing.search_space import SearchSpace
@@ -110,7 +110,7 @@ class TaskSpec:
     def category_counts(self, examples: Sequence[Example]) -> dict[str, Any]:
         if self.stats_categories is not None:
             return self.stats_categories(examples)
-        return dict(sorted(Counter(example.category for example in examples).items()))
+        return dict(sorted(Counter(e.category for e in examples if e.category != NO_CATEGORY).items()))
 
     def check_control(self, option: str = "--control") -> None:
         """A task without a control type is refused in one line naming it."""
