@@ -252,3 +252,86 @@ def test_vsr_per_category_accuracy_matches_the_official_script(tmp_path):
     analysis = analyse(run)
     assert analysis["test"]["mean"] == pytest.approx(0.5)  # the overall accuracy keeps every example
     assert set(analysis["per_category"]) == set(OFFICIAL_PER_CATEGORY)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# What the key map may leave out: the MLM head, the ITC temperature, position-id buffers, the language model.
+DROPPED = ("Qformer.cls.", "temp", "Qformer.bert.embeddings.position_ids", "llm_model.")
+
+
+def lavis_keys() -> dict[str, dict[str, tuple[int, ...]]]:
+    """The fixture's checkpoints: {section: {LAVIS key: shape}}."""
+    sections: dict[str, dict[str, tuple[int, ...]]] = {}
+    for line in (FIXTURES / "lavis_blip2_keys.txt").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, shape = line.split()
+        current[key] = () if shape == "-" else tuple(int(n) for n in shape.split(","))
+    return sections
+
+
+@pytest.mark.parametrize("section,family", [("blip2_pretrain", "blip2"), ("instructblip_vicuna7b", "instructblip")])
+def test_the_lavis_key_map_sends_every_real_key_to_a_transformers_parameter_of_its_shape(section, family):
+    import torch
+    from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
+
+    from probing.models import family_named
+    from probing.models.lavis import lavis_to_hf
+    from probing.models.tiny import build_config
+
+    state = {key: torch.empty(shape, device="meta") for key, shape in lavis_keys()[section].items()}
+    config = build_config(family, "real", vocab_size=30523)
+    model_class = {"blip2": Blip2ForImageTextRetrieval, "instructblip": InstructBlipForConditionalGeneration}[family]
+    with torch.device("meta"):  # the real size, nothing allocated
+        model = model_class(config)
+    reference = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("language_model.")}
+    mapped, ignored = lavis_to_hf(state, family_named(family).lavis, config.vision_config.num_hidden_layers)
+    assert sorted(k for k in ignored if not k.startswith(DROPPED)) == []
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == reference  # every key, every shape, nothing left over
+    resampler_class = family_named(family).resampler
+    needed = {k for k in reference if k.startswith(resampler_class.checkpoint_prefixes)}
+    assert needed <= set(mapped) and any(k.startswith("vision_model.encoder.layers.38.") for k in needed)
+
+
+def test_a_lavis_second_stage_checkpoint_is_refused_naming_what_it_is(tmp_path, capsys, demo_options):
+    import torch
+
+    from probing.errors import ProbingError
+    from probing.models.lavis import second_stage_problem
+
+    stage1 = {key: torch.zeros(1) for key in lavis_keys()["blip2_pretrain"] if key.startswith(("Qformer.", "query"))}
+    # blip2_t5 (pretrain_flant5xl): its Q-Former loses the text embeddings and text FFNs, gains a T5 head
+    stage2 = {k: v for k, v in stage1.items() if "embeddings.word" not in k and "embeddings.position_emb" not in k}
+    stage2 |= {"t5_proj.weight": torch.zeros(1), "t5_model.shared.weight": torch.zeros(1)}
+    torch.save({"model": stage2}, tmp_path / "blip2_pretrained_flant5xl.pth")
+    message = (
+        f"--model {tmp_path / 'blip2_pretrained_flant5xl.pth'}: a LAVIS BLIP-2 second-stage checkpoint (FlanT5 "
+        "language-model head, a Q-Former without text embeddings): use a first-stage one (blip2_pretrained.pth) or "
+        "an InstructBLIP one"
+    )
+    for family in (None, "instructblip"):  # also when told it is InstructBLIP (whose marker t5_proj is)
+        with pytest.raises(ProbingError) as caught:
+            load_resampler(str(tmp_path / "blip2_pretrained_flant5xl.pth"), family=family)
+        assert str(caught.value) == message
+    code, _, err = run_cli(
+        capsys,
+        "extract",
+        "--task",
+        "vsr",
+        "--split",
+        "val",
+        "--out",
+        tmp_path / "s",
+        "--model",
+        tmp_path / "blip2_pretrained_flant5xl.pth",
+        *[f"--{name}={value}" for name, value in demo_options["vsr"].items()],
+    )
+    assert code == 2 and err.strip().splitlines()[-1] == f"error: {message}"
+    # InstructBLIP FlanT5 keeps its Q-Former text embeddings (t5_proj marks it): not refused
+    instruct_t5 = stage1 | {"t5_proj.weight": torch.zeros(1)}
+    assert second_stage_problem(instruct_t5, "x") is None
+    opt = stage2 | {"opt_proj.weight": torch.zeros(1)}
+    assert "(FlanT5 and OPT language-model head" in second_stage_problem(opt, "x")
