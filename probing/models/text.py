@@ -40,9 +40,8 @@ PREPROCESSORS = {"none": lambda text: text, "lavis": lavis_caption}
 
 
 @dataclass(frozen=True, kw_only=True)
-class QFormerText:
-    """How an example's text becomes the Q-Former's text: settings of `extract`, unfrozen `train`/`search`
-    (and of a config's `extract` section, which unfrozen searches follow)."""
+class TextPreparation:
+    """How an example's text is prepared before a model reads it (also `probing zeroshot`'s setting)."""
 
     text_preprocessing: TextPreprocessing = setting(
         "none",
@@ -51,6 +50,16 @@ class QFormerText:
         help="none (the text as given) | lavis (LAVIS's blip_caption: lower-case, .!\"()*#:;~ removed, "
         "at most 50 words; what the paper's LAVIS checkpoints read).",
     )
+
+    def preprocess(self, texts: Sequence[str]) -> list[str]:
+        return [PREPROCESSORS[self.text_preprocessing](text) for text in texts]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QFormerText(TextPreparation):
+    """How an example's text becomes the Q-Former's text: settings of `extract`, unfrozen `train`/`search`
+    (and of a config's `extract` section, which unfrozen searches follow)."""
+
     instruction: str | None = setting(
         None,
         identity=True,
@@ -72,7 +81,7 @@ class QFormerText:
     def prepare(self, texts: Sequence[str], instruction: bool = True) -> list[str]:
         """The texts as the Q-Former reads them: preprocessed, then put into the instruction (if any and
         `instruction`)."""
-        texts = [PREPROCESSORS[self.text_preprocessing](text) for text in texts]
+        texts = self.preprocess(texts)
         if self.instruction is None or not instruction:
             return texts
         return [self.instruction.replace(TEXT_FIELD, text) for text in texts]
