@@ -335,3 +335,50 @@ def test_a_lavis_second_stage_checkpoint_is_refused_naming_what_it_is(tmp_path, 
     assert second_stage_problem(instruct_t5, "x") is None
     opt = stage2 | {"opt_proj.weight": torch.zeros(1)}
     assert "(FlanT5 and OPT language-model head" in second_stage_problem(opt, "x")
+
+
+def test_unfrozen_runs_read_and_record_their_text_choices(tiny_checkpoints, demo_options, tmp_path):
+    from probing.data.types import DataOptions
+    from probing.errors import ProbingError
+    from probing.models import ModelSource
+    from probing.probe_run import TrainRequest
+    from probing.train import TrainSettings, Trial
+    from probing.trainers import UnfrozenTrainer
+
+    source = ModelSource(model=str(tiny_checkpoints["instructblip"]))
+    data = DataOptions(task="vsr", **demo_options["vsr"])
+    settings = TrainSettings(task="vsr", batch_size=8, device="cpu")
+    text = QFormerText(text_preprocessing="lavis", instruction="Q: {text}")
+    trainer = UnfrozenTrainer("vsr", source, data, 2, settings, text=text)
+    assert trainer.inputs["text"] == {"text_preprocessing": "lavis", "instruction": "Q: {text}"}
+    trial_copy = trainer.setup.base.truncated(2)  # what a trial trains reads the texts the same way
+    caption = trainer.setup.examples["train"][0].text
+    as_given = load_resampler(str(tiny_checkpoints["instructblip"]))
+    expected = as_given.tokenize([f"Q: {lavis_caption(caption)}"])["input_ids"].tolist()
+    assert trial_copy.tokenize([caption])["input_ids"].tolist() == expected
+    assert as_given.tokenize([caption])["input_ids"].tolist() != expected
+    assert "text" not in UnfrozenTrainer("vsr", source, data, 2, settings).inputs  # runs made before: unchanged
+    # a frozen probe reads its stores' texts: the options are refused there
+    frozen = TrainRequest(
+        task="vsr", layer=2, out=tmp_path, trials=(Trial(lr=0.01, epochs=1),), settings=settings,
+        features=tmp_path, text_preprocessing="lavis",
+    )  # fmt: skip
+    with pytest.raises(ProbingError, match=r"^--text-preprocessing: unfrozen only \(a frozen probe reads the texts"):
+        frozen.check()
+
+
+def test_an_extraction_records_its_text_choice_and_a_store_made_otherwise_is_refused(
+    capsys, tiny_checkpoints, demo_options, tmp_path
+):
+    import json
+
+    data = [f"--{name}={value}" for name, value in demo_options["vsr"].items()]
+    common = ["extract", "--task", "vsr", "--split", "val", "--model", tiny_checkpoints["blip2"], "--device", "cpu"]
+    common += [*data, "--layers", "4", "--workers", "0", "--out", tmp_path / "store"]
+    code, _, err = run_cli(capsys, *common, "--text-preprocessing", "lavis")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["request"]["text_preprocessing"] == "lavis" and manifest["truncated_texts"] == 0
+    assert "key_words_cut" not in manifest  # VSR's labels hang on no particular words
+    code, _, err = run_cli(capsys, *common)  # the texts as given: another store
+    assert code == 2 and "text_preprocessing" in err.strip().splitlines()[-1]
