@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import kendalltau
 
+from probing.data.types import NO_CATEGORY
 from probing.errors import ProbingError, shown
 from probing.records import NO_PROBE, MdlRecord, RunFolder, SearchSummary, read_json_file, read_predictions
 from probing.tasks import TaskSpec, get_task
@@ -438,10 +439,16 @@ def attach_rigour(runs: list[RunResults], codes: list[MdlResults]) -> tuple[list
 
 def per_category(run: RunResults, seed: int = 0) -> dict[str, Estimate]:
     """Accuracy per category (supercategory or VSR meta-category), each with its own interval."""
+    return {category: estimate(run.correct[:, indices], seed=seed) for category, indices in category_rows(run).items()}
+
+
+def category_rows(run: RunResults) -> dict[str, list[int]]:
+    """The test examples of each category, by category name (sorted); examples of no category left out."""
     columns: dict[str, list[int]] = defaultdict(list)
     for index, category in enumerate(run.categories):
-        columns[category].append(index)
-    return {category: estimate(run.correct[:, indices], seed=seed) for category, indices in sorted(columns.items())}
+        if category != NO_CATEGORY:
+            columns[category].append(index)
+    return dict(sorted(columns.items()))
 
 
 @dataclass
@@ -461,7 +468,8 @@ def category_properties(run: RunResults) -> dict[str, dict[str, float]]:
         raise ProbingError(f"{run.path}: Kendall correlations need examples with boxes, which {run.task} has not")
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for category, record in zip(run.categories, run.metadata, strict=True):
-        grouped[category].append(record)
+        if category != NO_CATEGORY:
+            grouped[category].append(record)
     return {
         category: {
             "train_examples": float(run.train_categories.get(category, 0)),
@@ -474,10 +482,7 @@ def category_properties(run: RunResults) -> dict[str, dict[str, float]]:
 
 def category_accuracies(run: RunResults) -> dict[str, float]:
     """Seed-averaged accuracy per category (no interval)."""
-    columns: dict[str, list[int]] = defaultdict(list)
-    for index, category in enumerate(run.categories):
-        columns[category].append(index)
-    return {category: float(run.correct[:, indices].mean()) for category, indices in sorted(columns.items())}
+    return {category: float(run.correct[:, indices].mean()) for category, indices in category_rows(run).items()}
 
 
 def kendall(run: RunResults) -> dict[str, Correlation]:
@@ -550,7 +555,7 @@ register_analysis(Analysis("roc_auc", lambda run: run.spec.head.kind == "binary"
 
 def _has_kendall(run: RunResults) -> bool:
     # against train counts: what a probe learned; people's answers are not trained
-    return run.spec.kendall and run.probe != NO_PROBE and len(set(run.categories)) >= MIN_KENDALL_CATEGORIES
+    return run.spec.kendall and run.probe != NO_PROBE and len(category_rows(run)) >= MIN_KENDALL_CATEGORIES
 
 
 register_analysis(Analysis("kendall", _has_kendall, _kendall_json))

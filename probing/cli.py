@@ -365,7 +365,7 @@ def _register_derived_commands() -> None:
         [
             task,
             *data,
-            *cli_parameters(ModelSource, exclude=["init", "init_seed", "base"]),
+            *cli_parameters(ModelSource, exclude=["init", "init_seed", "base", "fill_from_base"]),
             *cli_parameters(ZeroShotSettings),
             _parameter("out", Path, help="Run folder to write."),
         ],

@@ -46,9 +46,10 @@ from probing.features import (
 from probing.locks import claim
 from probing.models import ModelSource, Resampler, load_resampler
 from probing.models.pixels import PixelPipeline
+from probing.models.text import QFormerText
 from probing.records import StageResult
 from probing.settings import check, identity, setting
-from probing.tasks import load_split, task_reference
+from probing.tasks import get_task, load_split, task_reference
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,10 @@ def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractionSettings:
+class ExtractionSettings(QFormerText):
     """How a split is extracted: the `extract` section of a config and the options of `probing extract`.
-    Which layers and whether ViT outputs are kept, a config derives from its experiments."""
+    Which layers and whether ViT outputs are kept, a config derives from its experiments. How texts reach the
+    Q-Former (`QFormerText`: preprocessing, instruction) is part of the store's identity when not the default."""
 
     layers: str | tuple[int, ...] = setting(
         "all",
@@ -222,9 +224,8 @@ def _distributed_state(device: str | None):
 
 def resolved(request: ExtractionRequest, device: torch.device) -> ExtractionRequest:
     """The request with its defaults decided: the ViT in bf16 on GPU, fp32 on CPU."""
-    return replace(
-        check(request), vision_dtype=request.vision_dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    )
+    check(request).check_text()
+    return replace(request, vision_dtype=request.vision_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
 
 def extract(request: ExtractionRequest) -> StageResult[FeatureStore]:
@@ -282,6 +283,7 @@ def extract_loaded(
     state = state or _distributed_state(request.device)
     device = resampler.device
     request = resolved(request, device)
+    resampler.set_text(request.text_settings)
     storage_dtype = DTYPES[request.dtype]
     layers = parse_layers(request.layers, resampler.num_layers)
     shards = plan_shards(data.examples, request.shard_size)
@@ -338,6 +340,7 @@ def extract_loaded(
             writer.finish(
                 len(shards),
                 {
+                    **text_truncation(resampler, data, request.out),
                     "model_source": resampler.identity,
                     "data_sources": data.sources,
                     # where the data was read from, so that `probing train` can find the targets by itself
@@ -351,6 +354,29 @@ def extract_loaded(
     finally:
         if lock is not None:
             lock.release()
+
+
+def text_truncation(resampler: Resampler, data: SplitData, out: Path) -> dict[str, Any]:
+    """For the manifest: how many of the split's texts the tokenizer cuts at the model's token limit and,
+    for a task whose labels hang on some words of the text (RCM's claimed cell), how many lose those words
+    (their examples are unanswerable from the text: a warning says how many)."""
+    if not resampler.reads_text:
+        return {}
+    texts = [example.text for example in data.examples]
+    counts: dict[str, Any] = {"truncated_texts": resampler.count_truncated(texts)}
+    key_words = get_task(data.task).key_words
+    if key_words is not None:
+        cut = resampler.count_words_cut(texts, [key_words(example) for example in data.examples])
+        counts["key_words_cut"] = cut
+        if cut:
+            log.warning(
+                "%s: %d of %d texts lose the words their label depends on to the %d-token truncation",
+                out,
+                cut,
+                len(texts),
+                resampler.max_text_tokens,
+            )
+    return counts
 
 
 def check_images_exist(examples: list[Example], skip_bad_images: bool) -> None:

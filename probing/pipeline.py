@@ -276,6 +276,8 @@ def search_request(
         label=unit.model,
         control=unit.control,
         control_seed=unit.experiment.control_seed,
+        # unfrozen probes read the texts themselves, as the config's stores were extracted
+        **(vars(config.extract.text_settings) if unit.mode == "unfrozen" else {}),
     )
 
 

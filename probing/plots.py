@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from probing.analysis import RunResults, last_layer_runs, overall, per_category  # noqa: E402
+from probing.analysis import RunResults, category_rows, last_layer_runs, overall, per_category  # noqa: E402
 from probing.records import NO_PROBE, MetricsRecord  # noqa: E402
 
 METRIC_LABELS = {"acc@0.5": "Acc@0.5 (%)", "accuracy": "accuracy (%)"}
@@ -154,7 +154,7 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
     # people's answers (no probe) in the last panel
     models = sorted(by_model, key=lambda model: (all(r.probe == NO_PROBE for r in by_model[model].values()), model))
     spec = chosen[0].spec
-    present = sorted({c for run in chosen for c in run.categories})
+    present = sorted({c for run in chosen for c in category_rows(run)})  # examples of no category left out
     categories = [c for c in spec.category_order if c in present] if spec.category_order else present
     counts = {c: max(run.categories.count(c) for run in chosen) for c in categories}
     with house_style():

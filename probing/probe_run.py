@@ -25,10 +25,11 @@ from typing import Any, Literal
 from probing.artifacts import code_version, existing_output_matches, save_safetensors, staged_directory, write_json
 from probing.checkpoints import TrialCheckpoint
 from probing.controls import ControlInputs
-from probing.data.types import DataOptions, Example
+from probing.data.types import NO_CATEGORY, DataOptions, Example
 from probing.errors import ProbingError
 from probing.locks import claim
 from probing.models import ModelSource
+from probing.models.text import QFormerText
 from probing.probes import probe_kind
 from probing.records import MetricsRecord, SeedRun, StageResult
 from probing.settings import setting
@@ -41,10 +42,10 @@ Mode = Literal["frozen", "unfrozen"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeInputs(ControlInputs):
+class ProbeInputs(ControlInputs, QFormerText):
     """What a probe trains on, shared by `probing train` and `probing search`: stored features (frozen), or the
-    model itself trained with the probe (unfrozen, the `ModelSource` beside these fields); the task's targets or
-    its control's (`ControlInputs`)."""
+    model itself trained with the probe (unfrozen, the `ModelSource` beside these fields, its texts read as
+    `QFormerText` says); the task's targets or its control's (`ControlInputs`)."""
 
     mode: Mode = setting("frozen", help="frozen (probe on stored features) | unfrozen (resampler + probe).")
     features: Path | None = setting(
@@ -78,6 +79,10 @@ class TrainRequest(ModelSource, ProbeInputs):
             raise ProbingError("--features is required for --mode frozen")
         if self.mode == "unfrozen" and (self.model is None or self.data is None):
             raise ProbingError("--mode unfrozen needs --model and the task's data options")
+        if self.mode == "frozen" and self.text_settings != QFormerText():
+            option = "--instruction" if self.instruction is not None else "--text-preprocessing"
+            raise ProbingError(f"{option}: unfrozen only (a frozen probe reads the texts as its stores were extracted)")
+        self.check_text()
         if self.mode == "unfrozen" and probe_kind(self.settings.probe).fit != "sgd":
             raise ProbingError(
                 "--probe logreg: frozen only (an L-BFGS fit has no gradient steps to share with the resampler)"
@@ -110,6 +115,7 @@ def make_trainer(request: TrainRequest) -> Trainer:
         features=request.features,
         workers=request.workers,
         control_seed=control,
+        text=request.text_settings,
     )
 
 
@@ -132,7 +138,7 @@ def run_identity(request: TrainRequest, inputs: dict[str, Any]) -> dict[str, Any
 
 
 def category_counts(examples: list[Example]) -> dict[str, int]:
-    return dict(sorted(Counter(example.category for example in examples).items()))
+    return dict(sorted(Counter(e.category for e in examples if e.category != NO_CATEGORY).items()))
 
 
 def run_training(request: TrainRequest) -> StageResult[MetricsRecord]:

@@ -38,6 +38,7 @@ from probing.analysis import (
     MdlResults,
     RunResults,
     attach_rigour,
+    category_rows,
     chance_level,
     codelength_interval,
     deduplicate,
@@ -586,7 +587,7 @@ def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     kendall_runs = {
         key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall and run.probe != NO_PROBE
     }
-    enough = {key: run for key, run in kendall_runs.items() if len(set(run.categories)) >= MIN_KENDALL_CATEGORIES}
+    enough = {key: run for key, run in kendall_runs.items() if len(category_rows(run)) >= MIN_KENDALL_CATEGORIES}
     chosen = {key: run for key, run in enough.items() if not single_class(run)}
     one_class = sorted(f"{key[0]} {key[1]} ({run.column})" for key, run in enough.items() if single_class(run))
     if not chosen and not one_class:

@@ -29,8 +29,10 @@ from probing.checkpoints import TrialCheckpoint
 from probing.data.types import DataOptions, Example
 from probing.logreg import fit_logreg
 from probing.models import ModelSource
+from probing.models.text import QFormerText
 from probing.probe_data import feature_identity, load_probe_splits, open_stores
 from probing.probes import probe_kind
+from probing.settings import identity
 from probing.tasks import TaskSpec, get_task
 from probing.train import (
     EpochCallback,
@@ -185,18 +187,22 @@ class UnfrozenTrainer:
         features: Path | None = None,
         workers: int = 0,
         control_seed: int | None = None,
+        text: QFormerText | None = None,
     ):
         from probing.unfrozen import UnfrozenSetup
 
         self.settings, self.layer, self.data, self.features = settings, layer, data, features
         self.setup = UnfrozenSetup(
-            task, source, data, settings, features=features, workers=workers, control_seed=control_seed
+            task, source, data, settings, features=features, workers=workers, control_seed=control_seed, text=text
         )
         self.spec = self.setup.spec
 
     @property
     def inputs(self) -> dict[str, Any]:
-        return {"model": self.setup.model_identity, "datasets": self.setup.fingerprints}
+        text = identity(self.setup.base.text)  # left out at its defaults: runs made before it keep their identity
+        return {"model": self.setup.model_identity, "datasets": self.setup.fingerprints} | (
+            {"text": text} if text else {}
+        )
 
     def sources(self) -> dict[str, Any]:
         return {

@@ -29,6 +29,7 @@ from probing.errors import ProbingError
 from probing.features import FeatureStore, VisionStore
 from probing.heads import Head
 from probing.models import ModelSource, Resampler, load_resampler
+from probing.models.text import QFormerText
 from probing.probes import Probe, new_probe
 from probing.tasks import get_task, load_split
 from probing.train import (
@@ -237,12 +238,14 @@ class UnfrozenSetup:
         features: Path | None = None,
         workers: int = 0,
         control_seed: int | None = None,
+        text: QFormerText | None = None,
     ):
         self.spec = get_task(task)
         self.source, self.settings, self.workers = source, settings, workers
         self.device = resolve_device(settings.device)
         vision_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.base = load_resampler(source, device=self.device, vision_dtype=vision_dtype)
+        self.base.set_text(text or QFormerText())  # truncated copies keep it: every trial reads the same texts
         loaded = {split: load_split(data, split) for split in self.spec.splits}
         self.examples = {split: loaded[split].examples for split in self.spec.splits}
         self.targets = {

@@ -54,6 +54,7 @@ from probing.models.answering import (
 from probing.models.checkpoint import CheckpointSource
 from probing.models.loading import is_lavis_file, load_config
 from probing.models.registry import family_for_config, resolve_alias
+from probing.models.text import TextPreparation
 from probing.records import NO_PROBE, MetricsRecord, SeedRun, StageResult
 from probing.settings import check, comma_separated, identity, setting
 from probing.tasks import get_task, is_task_file, load_split, task_reference
@@ -65,9 +66,9 @@ SEED = 0  # a zero-shot run is deterministic: its one "seed" in the run folder's
 
 
 @dataclass(frozen=True, kw_only=True)
-class ZeroShotSettings:
+class ZeroShotSettings(TextPreparation):
     """How a zero-shot run asks and decides: the options of `probing zeroshot` and a config experiment's
-    `zeroshot` section."""
+    `zeroshot` section. Texts are prepared (`TextPreparation`) before they reach the prompt or the ITM path."""
 
     prompt: str | None = setting(
         None,
@@ -267,7 +268,7 @@ def score_split(scorer: ZeroShotScorer, examples: list[Example], request: ZeroSh
             embeds = scorer.encode_images(pixels)
             slot = {path: position for position, path in enumerate(images)}
             slots = torch.tensor([slot[examples[i].image_path] for i in batch], dtype=torch.long)
-            scores = scorer.score(embeds, slots, [examples[i].text for i in batch])
+            scores = scorer.score(embeds, slots, request.preprocess([examples[i].text for i in batch]))
             logits[batch] = scores.logits.float()
             for i, extra in zip(batch, scores.fields, strict=True):
                 fields_[i] = extra

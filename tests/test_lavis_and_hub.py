@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
+from probing.errors import ProbingError
 from probing.models import load_resampler, qformer_layers
 from probing.models.lavis import lavis_to_hf, read_lavis_checkpoint
 from probing.models.registry import family_named, family_of_lavis
@@ -104,7 +105,10 @@ def test_trimmed_lavis_checkpoint_takes_the_vit_from_the_base(tiny_checkpoints, 
         for layer in trained_model.vision_model.encoder.layers:
             layer.self_attn.qkv.bias.zero_()
     write_lavis(trained_model, "blip2", tmp_path / "trimmed.pth", drop_vision=True)
-    resampler = load_resampler(str(tmp_path / "trimmed.pth"), base=str(tiny_checkpoints["blip2"]))
+    with pytest.raises(ProbingError, match=r"trimmed.pth: \d+ tensors the BLIP-2 resampler needs are missing from the"):
+        load_resampler(str(tmp_path / "trimmed.pth"), base=str(tiny_checkpoints["blip2"]))  # never silently
+    resampler = load_resampler(str(tmp_path / "trimmed.pth"), base=str(tiny_checkpoints["blip2"]), fill_from_base=True)
+    assert resampler.identity["filled_from_base"]["tensors"] > 0
     assert torch.equal(
         resampler.vision_model.encoder.layers[0].mlp.fc1.weight, model.vision_model.encoder.layers[0].mlp.fc1.weight
     )  # from the base

@@ -28,6 +28,8 @@ EXTRACT = {
     "qformer_dtype": (["--qformer-dtype", "bfloat16"], {"extract": {"qformer_dtype": "bfloat16"}}, "bfloat16"),
     "compile_vision": (["--compile-vision"], {"extract": {"compile_vision": True}}, True),
     "skip_bad_images": (["--skip-bad-images"], {"extract": {"skip_bad_images": True}}, True),
+    "text_preprocessing": (["--text-preprocessing", "lavis"], {"extract": {"text_preprocessing": "lavis"}}, "lavis"),
+    "instruction": (["--instruction", "Q: {text}"], {"extract": {"instruction": "Q: {text}"}}, "Q: {text}"),
 }
 TRAIN = {
     "probe": (["--probe", "swiglu2"], {"probes": ["swiglu2"]}, "swiglu2"),

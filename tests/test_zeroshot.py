@@ -410,6 +410,7 @@ def test_settings_reach_the_request_from_the_command_line_and_a_config(capsys, m
         "threshold_from": (["--threshold-from", "val"], "val"),
         "splits": (["--split", "val,test"], ["val", "test"]),
         "batch_size": (["--batch-size", "5"], 5),
+        "text_preprocessing": (["--text-preprocessing", "lavis"], "lavis"),
     }
     assert sorted(f.name for f, info in declared(ZeroShotSettings) if info.identity) == sorted(routes)
     seen = {}

@@ -21,7 +21,7 @@ from typing import Any
 
 from probing.data.images import resolve_image, vsr_candidates
 from probing.data.jsonl import read_objects
-from probing.data.types import Example
+from probing.data.types import NO_CATEGORY, Example
 from probing.errors import ProbingError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ META_CATEGORIES: tuple[str, ...] = (
     "Topological",
     "Unallocated",
 )
-UNALLOCATED = "Unallocated"
 _REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "image": str,
     "caption": str,
@@ -141,7 +140,6 @@ def read_vsr_file(path: Path) -> list[VsrRecord]:
         meta_category = table.get(relation)
         if meta_category is None:
             unknown_relations[relation] += 1
-            meta_category = UNALLOCATED
         parsed = parse_caption(row["caption"], relation)
         if parsed is None:
             unparsed_captions += 1
@@ -161,7 +159,7 @@ def read_vsr_file(path: Path) -> list[VsrRecord]:
                 caption=row["caption"],
                 label=label,
                 relation=relation,
-                meta_category=meta_category,
+                meta_category=meta_category if meta_category is not None else NO_CATEGORY,
                 subject=parsed[0] if parsed else None,
                 object=parsed[1] if parsed else None,
                 votes_true=votes_true,
@@ -173,10 +171,10 @@ def read_vsr_file(path: Path) -> list[VsrRecord]:
     if unknown_relations:
         listed = ", ".join(f"{name} ({count})" for name, count in sorted(unknown_relations.items()))
         log.warning(
-            "%s: %d caption(s) have a relation absent from the VSR meta-category table, counted as %s: %s",
+            "%s: %d caption(s) have a relation absent from the VSR meta-category table (counted in the overall "
+            "accuracy, left out of the per-category one, as the official evaluation script does): %s",
             path,
             sum(unknown_relations.values()),
-            UNALLOCATED,
             listed,
         )
     if unparsed_captions:

@@ -7,6 +7,8 @@ itself once (`probing.models.registry`); no code outside a family's file reaches
   (layer 0, the embedding output, only on request);
 - `reads_text`: whether the queries read the example's text (BLIP-2's ITM path, InstructBLIP's instruction);
   a family that reads none stores one row per image, not one per example;
+- `text`: how an example's text becomes the Q-Former's (`probing.models.text.QFormerText`, set with
+  `set_text`); `tokenize` and the truncation counts apply it, so every path into the Q-Former reads the same;
 - `tokenize(texts)`, `encode_images(pixels)`, `query_states(image_embeds, tokens, layers, image_slots)`;
 - `truncated(layer)`: a copy for unfrozen training, without the layers above `layer` (they cannot influence
   the probe), sharing the frozen vision model and holding fresh copies of everything trained;
@@ -22,12 +24,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from probing.errors import ProbingError
+from probing.models.text import QFormerText
+
 
 class Resampler(nn.Module):
     family: ClassVar[str]
     reads_text: ClassVar[bool] = True
     max_text_tokens: ClassVar[int] = 0  # text families: the tokenizer's truncation length
     truncation_side: ClassVar[str] = "right"
+    reads_instruction: ClassVar[bool] = False  # the Q-Former's text may be an instruction around the example's
+
+    text: QFormerText = QFormerText()  # the example's text as given, until `set_text`
 
     identity: dict[str, Any]  # source, revision, init, weights hash: what `weights_identity` draws from
     image_processor: Any
@@ -74,8 +82,24 @@ class Resampler(nn.Module):
         """Text ids and mask, padded to the longest; `{}` for a family that reads no text."""
         raise NotImplementedError
 
+    def set_text(self, text: QFormerText) -> Resampler:
+        """Read every text from now on as `text` says (preprocessing, instruction); refused where it cannot."""
+        text.check_text()
+        if text.instruction is not None and not self.reads_instruction:
+            raise ProbingError(
+                f"--instruction: the {self.family} Q-Former reads the text itself, never an instruction "
+                "(InstructBLIP only)"
+            )
+        self.text = text.text_settings
+        return self
+
     def count_truncated(self, texts: Sequence[str]) -> int:
         """How many of `texts` are longer than `max_text_tokens` (0 for a family that reads no text)."""
+        return 0
+
+    def count_words_cut(self, texts: Sequence[str], words: Sequence[str]) -> int:
+        """How many of `texts` lose some of their `words` (one string per text, e.g. the cell an RCM caption
+        claims) to the truncation at `max_text_tokens` (0 for a family that reads no text)."""
         return 0
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ class InstructBlipResampler(QFormerResampler):
     family = "instructblip"
     max_text_tokens = 128
     truncation_side = "left"
+    reads_instruction = True  # LAVIS's InstructBLIP gives its Q-Former the prompt (instruction) text
     checkpoint_prefixes = ("vision_model.", "query_tokens", "qformer.")
 
     def build_modules(self, config) -> None:

@@ -34,6 +34,10 @@ _HEADS = {
     "t5_proj.": "language_projection.",
     "opt_proj.": "language_projection.",
 }
+# A second-stage BLIP-2 checkpoint (blip2_opt, blip2_t5) trains a language-model head and deletes the Q-Former's
+# text embeddings and text FFNs: it has no image-text path to probe. InstructBLIP's keep their text embeddings.
+_LANGUAGE_HEADS = {"opt_proj.": "OPT", "opt_model.": "OPT", "t5_proj.": "FlanT5", "t5_model.": "FlanT5"}
+_TEXT_EMBEDDINGS = "Qformer.bert.embeddings.word_embeddings.weight"
 _VISION_BLOCK = {
     "norm1.": "layer_norm1.",
     "norm2.": "layer_norm2.",
@@ -61,6 +65,17 @@ def read_lavis_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ProbingError(f"{path}: expected a state dict (optionally under 'model')")
     return state
+
+
+def second_stage_problem(state: Mapping[str, Any], where: str) -> str | None:
+    """Why `state` is not a checkpoint a resampler can read: a BLIP-2 second-stage one (None: it may be)."""
+    heads = sorted({name for key in state for prefix, name in _LANGUAGE_HEADS.items() if key.startswith(prefix)})
+    if not heads or _TEXT_EMBEDDINGS in state:
+        return None
+    return (
+        f"{where}: a LAVIS BLIP-2 second-stage checkpoint ({' and '.join(heads)} language-model head, a Q-Former "
+        "without text embeddings): use a first-stage one (blip2_pretrained.pth) or an InstructBLIP one"
+    )
 
 
 @dataclass(frozen=True)

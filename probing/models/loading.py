@@ -26,7 +26,7 @@ import torch
 from probing.errors import ProbingError
 from probing.models.base import Resampler
 from probing.models.checkpoint import CheckpointSource, tensors_sha256
-from probing.models.lavis import lavis_to_hf, read_lavis_checkpoint
+from probing.models.lavis import lavis_to_hf, read_lavis_checkpoint, second_stage_problem
 from probing.models.registry import BackendFamily, family_for_config, family_named, family_of_lavis, resolve_alias
 from probing.settings import check, setting
 
@@ -57,6 +57,13 @@ class ModelSource:
         None,
         help="For a LAVIS .pth: where the config, tokenizer and image processor "
         "come from (default: the family's checkpoint).",
+    )
+    fill_from_base: bool = setting(
+        False,
+        identity=True,
+        omit_default=True,
+        help="For a LAVIS .pth that lacks some tensors (a trimmed file without the ViT): take them from --base "
+        "(named in a log line) instead of refusing.",
     )
 
     def required(self, option: str = "--model") -> ModelSource:
@@ -194,6 +201,9 @@ def is_lavis_file(spec: str) -> bool:
 
 
 def _lavis_family(state: dict[str, torch.Tensor], requested: str | None, spec: str) -> BackendFamily:
+    problem = second_stage_problem(state, f"--model {spec}")
+    if problem is not None:
+        raise ProbingError(problem)
     if requested is not None:
         return family_named(requested)
     family = family_of_lavis(state)
@@ -229,6 +239,8 @@ def load_resampler(
     else:
         if source.base is not None:
             raise ProbingError("--base is only used with a LAVIS .pth checkpoint")
+        if source.fill_from_base:
+            raise ProbingError("--fill-from-base is only used with a LAVIS .pth checkpoint")
         checkpoint = CheckpointSource(spec, source.revision)
     config = load_config(checkpoint)
     family = family_for_config(config, checkpoint.name_or_path, requested)
@@ -263,15 +275,28 @@ def load_resampler(
                 len(ignored),
                 ", ".join(ignored[:3]) or "none",
             )
-            # Only the keys the .pth lacks are read from the base (whole keys used as prefixes); keys the base
-            # lacks too are reported as missing by `_fill`.
-            missing = expected - set(tensors)
-            wanted = missing & set(checkpoint.weight_map()[0]) if missing else set()  # a complete .pth needs no index
+            # Only the keys the .pth lacks are read from the base (whole keys used as prefixes), and only when asked:
+            # another checkpoint's tensors are never mixed in silently. Keys the base lacks too are reported as
+            # missing by `_fill`.
+            missing = sorted(expected - set(tensors))
+            if missing and not source.fill_from_base:
+                raise ProbingError(
+                    f"--model {spec}: {len(missing)} tensors the {family.title} resampler needs are missing from the "
+                    f"LAVIS checkpoint ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                    f"--fill-from-base takes them from {checkpoint.name_or_path}"
+                )
+            wanted = set(missing) & set(checkpoint.weight_map()[0]) if missing else set()  # complete: no index read
             if wanted:
                 tensors |= {k: v for k, v in checkpoint.read_tensors(sorted(wanted)).items() if k in wanted}
-                log.info(
-                    "%s: %d tensors missing from the .pth taken from %s", spec, len(wanted), checkpoint.name_or_path
+                filled = sorted(wanted)
+                log.warning(
+                    "%s: %d tensors missing from the .pth taken from %s (--fill-from-base): %s",
+                    spec,
+                    len(filled),
+                    checkpoint.name_or_path,
+                    ", ".join(filled),
                 )
+                resampler.identity["filled_from_base"] = {"base": checkpoint.name_or_path, "tensors": len(filled)}
         else:
             tensors = checkpoint.read_tensors(cls.checkpoint_prefixes)
         resampler.identity["weights_sha256"] = tensors_sha256(tensors)

@@ -105,7 +105,7 @@ class QFormerResampler(Resampler):
         """Q-Former text ids and mask: padded to the longest, truncated at the family's length and side."""
         if not self.reads_text:
             return {}
-        texts = list(texts)
+        texts = self.text.prepare(texts)
         encoded = self.tokenizer(
             texts,
             padding="longest",
@@ -130,8 +130,29 @@ class QFormerResampler(Resampler):
     def count_truncated(self, texts: Sequence[str]) -> int:
         if not self.reads_text:
             return 0
-        lengths = [len(ids) for ids in self.tokenizer(list(texts), return_token_type_ids=False)["input_ids"]]
+        lengths = [len(ids) for ids in self._token_ids(texts, truncate=False)]
         return sum(length > self.max_text_tokens for length in lengths)
+
+    def count_words_cut(self, texts: Sequence[str], words: Sequence[str]) -> int:
+        """A text loses its words when their tokens occur fewer times in its truncated ids than in its whole
+        ids (whichever side the family truncates)."""
+        if not self.reads_text:
+            return 0
+        whole = self._token_ids(texts, truncate=False)
+        kept = self._token_ids(texts, truncate=True)
+        wanted = self.tokenizer(self.text.prepare(words, instruction=False), add_special_tokens=False)["input_ids"]
+        return sum(
+            _occurrences(part, full) > _occurrences(part, cut)
+            for part, full, cut in zip(wanted, whole, kept, strict=True)
+        )
+
+    def _token_ids(self, texts: Sequence[str], truncate: bool) -> list[list[int]]:
+        return self.tokenizer(
+            self.text.prepare(texts),
+            truncation=truncate,
+            max_length=self.max_text_tokens if truncate else None,
+            return_token_type_ids=False,
+        )["input_ids"]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ViT outputs of `preprocess` output, or of stacked `pixels.host_pixels` output (uint8 normalised on
@@ -274,3 +295,10 @@ class QFormerResampler(Resampler):
         for name in self.frozen_modules:
             getattr(self, name).eval()
         return self
+
+
+def _occurrences(part: list[int], ids: list[int]) -> int:
+    """How many times `part` occurs in `ids` as a contiguous run (0 for an empty `part`)."""
+    if not part:
+        return 0
+    return sum(ids[start : start + len(part)] == part for start in range(len(ids) - len(part) + 1))

@@ -80,6 +80,11 @@ def rcm_cell_counts(examples: Sequence[Example]) -> dict[str, Any]:
     return counts
 
 
+def rcm_cell_words(example: Example) -> str:
+    """The words of an RCM caption that claim its cell (what a text cut before them no longer says)."""
+    return example.metadata["cell_name"]
+
+
 BOX_SPACE = SearchSpace(epochs=(20, 30, 40), giou_scale=LOSS_SCALES, l1_scale=LOSS_SCALES)  # the paper's RefCOCOg
 VSR_SPACE = SearchSpace(epochs=(3, 5, 10, 15, 20))
 RCM_SPACE = SearchSpace(epochs=(50, 100, 150))
@@ -142,6 +147,7 @@ BUILTIN_TASKS: tuple[TaskSpec, ...] = (
         kendall=True,
         stats_categories=rcm_cell_counts,
         control_type=RCM_TYPE,
+        key_words=rcm_cell_words,
         description="Region Cell Matching (built from RefCOCOg umd): does the phrase refer to this 3x3 cell?",
     ),
     _referring(

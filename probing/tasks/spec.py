@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from probing.data.types import DataOptions, Example
+from probing.data.types import NO_CATEGORY, DataOptions, Example
 from probing.errors import ProbingError
 from probing.heads import Head
 from probing.search_space import SearchSpace
@@ -62,6 +62,9 @@ class TaskSpec:
     examples_from: str | None = None  # another task whose examples (and so stores) it shares, with another head
     stats_categories: Callable[[Sequence[Example]], dict[str, Any]] | None = None  # `data stats` (default: counts)
     control_type: Callable[[Example], Hashable] | None = None  # an example's type for its control task (None: none)
+    # the words of an example's text its label hangs on (RCM: the claimed cell's name); extraction counts the
+    # texts whose truncation to the model's token limit cuts them (None: not counted)
+    key_words: Callable[[Example], str] | None = None
 
     @property
     def examples_name(self) -> str:
@@ -107,7 +110,7 @@ class TaskSpec:
     def category_counts(self, examples: Sequence[Example]) -> dict[str, Any]:
         if self.stats_categories is not None:
             return self.stats_categories(examples)
-        return dict(sorted(Counter(example.category for example in examples).items()))
+        return dict(sorted(Counter(e.category for e in examples if e.category != NO_CATEGORY).items()))
 
     def check_control(self, option: str = "--control") -> None:
         """A task without a control type is refused in one line naming it."""
