@@ -258,10 +258,14 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     order = list(dict.fromkeys(run.column for run in _sorted_columns(chosen)))
     validation = {key: validation_run(run) for key, run in chosen.items()}
     # (column, "val" | "test"): val first where any run of the column has val predictions
+    # A task evaluated on several splits (RefCOCO's testA and testB) has one column per split but one val.
     cells: list[tuple[str, str]] = []
+    tasks_with_val: set[str] = set()
     for c in order:
-        if any(val is not None and key[2] == c for key, val in validation.items()):
+        task = by_column[c].task
+        if task not in tasks_with_val and any(val is not None and key[2] == c for key, val in validation.items()):
             cells.append((c, "val"))
+            tasks_with_val.add(task)
         cells.append((c, "test"))
 
     def result(key: tuple[str, str, str], which: str) -> RunResults | None:

@@ -150,7 +150,19 @@ def test_study_mistakes_are_one_line(rcm_options, demo_options):
         prepare_study(refcocog)
 
 
-def test_vsr_and_yaml_items_show_their_text(demo_options, tmp_path):
+@pytest.fixture
+def task_registry_restored():
+    """The task registry as it was before the test: a YAML task registered here must not reach other tests (their
+    lists of known tasks, their own task of the same name)."""
+    import probing.tasks
+
+    before = dict(probing.tasks._registry().tasks)
+    yield
+    probing.tasks._registry().tasks.clear()
+    probing.tasks._registry().tasks.update(before)
+
+
+def test_vsr_and_yaml_items_show_their_text(demo_options, tmp_path, task_registry_restored):
     from fastapi.testclient import TestClient
 
     vsr = StudyDesign(task="vsr", n=4, intro=0, data=DataOptions(task="vsr", **demo_options["vsr"]))

@@ -173,5 +173,5 @@ def test_a_task_evaluated_on_two_splits_writes_and_reports_both(capsys, tmp_path
     code, _, err = run_cli(capsys, "report", tmp_path / "run", "--out", tmp_path / "report")
     assert code == 0, err
     table1 = (tmp_path / "report" / "tables" / "table1.md").read_text()
-    assert "| model | mode | RefCOCO testA (Acc@0.5) | RefCOCO testB (Acc@0.5) |" in table1
+    assert "| model | mode | RefCOCO val (Acc@0.5) | RefCOCO testA (Acc@0.5) | RefCOCO testB (Acc@0.5) |" in table1
     assert (tmp_path / "report" / "tables" / "categories_refcoco_testB.md").is_file()

@@ -202,15 +202,15 @@ def test_a_checkpoint_cut_by_a_full_disk_leaves_the_previous_one(tmp_path, monke
 
     checkpoint = TrialCheckpoint(tmp_path / "trial-0")
     assert checkpoint.save(1, {"w": torch.ones(3)}, {"epoch": 1})
-    real_save = probing.checkpoints.save_file
+    real_save = probing.checkpoints.save_safetensors
 
-    def full_disk(tensors, path):
-        real_save(tensors, path)
+    def full_disk(path, tensors, metadata=None):
+        real_save(path, tensors, metadata)
         with open(path, "r+b") as handle:  # half the bytes made it to the disk
             handle.truncate(os.path.getsize(path) // 2)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(probing.checkpoints, "save_file", full_disk)
+    monkeypatch.setattr(probing.checkpoints, "save_safetensors", full_disk)
     assert not checkpoint.save(2, {"w": torch.full((3,), 2.0)}, {"epoch": 2})
     tensors, state = checkpoint.latest()
     assert state == {"epoch": 1} and torch.equal(tensors["w"], torch.ones(3))

@@ -119,6 +119,7 @@ def test_train_refuses_a_damaged_store_in_one_line(tiny_checkpoints, refcocog_va
         extract(extraction(tiny_checkpoints["blip2"], refcocog_val, features / split, split=split, layers="4"))
     _VERIFIED.clear()
     _damage(features / "val", "altered")
+    capsys.readouterr()  # the extractions' own log lines: only the command's stderr is under test
     code, _, err = run_cli(
         capsys,
         "train",

@@ -173,7 +173,7 @@ def test_yaml_task_through_stats_extract_search_and_report(capsys, yaml_tasks, t
     code, out, err = run_cli(capsys, "report", tmp_path / "search", "--out", tmp_path / "report")
     assert code == 0, err
     table1 = (tmp_path / "report" / "tables" / "table1.md").read_text()
-    assert "| model | mode | What's up (acc) |" in table1
+    assert "| model | mode | What's up val (acc) | What's up test (acc) |" in table1
     categories = (tmp_path / "report" / "tables" / "categories_whats-up.md").read_text()
     assert "What's up accuracy per kind" in categories and "| left | right |" in categories
     code, out, err = run_cli(capsys, "analyze", tmp_path / "search", "--json")
@@ -204,9 +204,9 @@ def test_a_yaml_box_task_runs_from_a_config(capsys, yaml_tasks, tiny_checkpoints
     assert code == 0, err
     assert (tmp_path / "w" / "runs" / "main" / "tiny" / "squares" / "frozen" / "layer4-linear" / "best").is_dir()
     table1 = (tmp_path / "w" / "report-squares" / "tables" / "table1.md").read_text()
-    assert "| model | mode | squares (Acc@0.5) |" in table1
+    assert "| model | mode | squares val (Acc@0.5) | squares test (Acc@0.5) |" in table1
     table5 = (tmp_path / "w" / "report-squares" / "tables" / "table5.md").read_text()
-    assert "| tiny | frozen | squares |" in table5  # boxes with categories: Kendall applies
+    assert "| task | property | tiny frozen |" in table5 and "| squares | mean box area |" in table5  # Kendall applies
     summary = json.loads(next((tmp_path / "w" / "runs").rglob("summary.json")).read_text())
     assert {(t["param_giou_scale"], t["param_l1_scale"]) for t in summary["trials"]} == {(2, 5)}
 
