@@ -5,7 +5,7 @@ behind their bracket's (successive halving). Printed: epochs trained and the bes
 unpruned best's 95 % bootstrap interval (over val examples), and `speedup=<epochs without / epochs with>`.
 Target: at least 2x fewer epochs, the pruned best inside the unpruned best's interval.
 
-    python benchmarks/search.py [--trials 10] [--epochs 9] [--task refcocog]
+    python benchmarks/search.py [--trials 10] [--epochs 9] [--task refcocog] [--pruner hyperband|median]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--task", default="refcocog")
     parser.add_argument("--images", type=int, default=160, help="demo RefCOCOg images")
+    parser.add_argument("--pruner", choices=("hyperband", "median"), default="hyperband", help="the pruned way's")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
@@ -80,12 +81,12 @@ def main() -> None:
                 )
             )
         plain = search(scratch / "plain", "none", args, options, scratch / "features", checkpoint)
-        pruned = search(scratch / "pruned", "hyperband", args, options, scratch / "features", checkpoint)
+        pruned = search(scratch / "pruned", args.pruner, args, options, scratch / "features", checkpoint)
         records = [json.loads(line) for line in (plain[3] / "predictions" / "val.jsonl").read_text().splitlines()]
         interval = estimate([[float(r["correct"]) for r in records]])
         metric = get_task(args.task).metric
         print(f"unfrozen {args.task} search, tiny BLIP-2, {args.trials} trials of {args.epochs} epochs, seed 0:")
-        for name, (epochs, best, seconds, _) in (("no pruning", plain), ("hyperband", pruned)):
+        for name, (epochs, best, seconds, _) in (("no pruning", plain), (args.pruner, pruned)):
             print(f"  {name:11s} {epochs:4d} epochs trained in {seconds:6.1f} s; best val {metric} {best:.4f}")
         inside = interval.low <= pruned[1] <= interval.high
         print(f"  unpruned best's 95% interval [{interval.low:.4f}, {interval.high:.4f}]; pruned best inside: {inside}")
