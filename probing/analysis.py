@@ -161,6 +161,18 @@ def model_label(model: dict[str, Any]) -> str:
     return titles.get(family, family) + (" (random)" if model.get("init") == "random" else "")
 
 
+def _store_label(manifest: dict[str, Any]) -> str | None:
+    """The report label a frozen run's feature stores were given (`probing extract --label`), if any."""
+    for store in (manifest.get("feature_paths") or {}).values():
+        try:
+            label = json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8")).get("label")
+        except (OSError, ValueError):
+            continue
+        if isinstance(label, str) and label:
+            return label
+    return None
+
+
 def _model_id(manifest: dict[str, Any]) -> str | None:
     """The source the run's model was read from: in the run's manifest (`model_source` of unfrozen runs, the
     model identity of zero-shot runs) or in its feature stores' (frozen runs); None when none records it (moved
@@ -198,7 +210,7 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
     split = split or next((name for name in spec.eval_splits if folder.has_predictions(name)), spec.eval_splits[0])
     model = _model_of(manifest, run_path)
     family, init = model["family"], model.get("init", "pretrained")
-    label = metrics.label or model_label(model)
+    label = metrics.label or _store_label(manifest) or model_label(model)
     records_by_seed: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for record in folder.predictions(split):
         records_by_seed[record["seed"]].append(record)

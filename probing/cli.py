@@ -288,7 +288,7 @@ def _mdl(**values: Any) -> None:
 def _register_derived_commands() -> None:
     """extract, train, search, zeroshot and data stats: their options derived from the request declarations."""
     from probing.data.types import DataOptions
-    from probing.extract import ExtractionSettings
+    from probing.extract import ExtractionRequest
     from probing.models import ModelSource
     from probing.probe_run import ProbeInputs
     from probing.search import SearchSettings
@@ -317,8 +317,7 @@ def _register_derived_commands() -> None:
         [
             task,
             *data,
-            *cli_parameters(ModelSource),
-            *cli_parameters(ExtractionSettings),
+            *cli_parameters(ExtractionRequest),  # the model source, the extraction settings and the store's label
             _parameter("split", str, help="A split of the task: train | val | test ..."),
             _parameter("out", Path, help="Feature store folder (resumed if it holds this request)"),
         ],

@@ -373,3 +373,54 @@ def test_table4_in_the_papers_layout_and_n_per_category(tmp_path):
     table2 = (tmp_path / "report" / "tables" / "table2.md").read_text().splitlines()
     assert table2[4] == "| n | test examples | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"  # 14 examples over 7 meta-categories
     assert (tmp_path / "report" / "figures" / "learning_curves").is_dir()  # each search's best trial
+
+
+def test_a_store_label_names_the_runs_made_from_it(tiny_checkpoints, refcocog_val, capsys, tmp_path):
+    """`probing extract --label` names the model of every run trained on the store without a label of its own;
+    extracting again under another label relabels the store in place (nothing recomputed), and a run's own
+    --label still wins."""
+    features = tmp_path / "features"
+
+    def extract_all(label: str) -> None:
+        for split in ("train", "val", "test"):
+            code, _, err = run_cli(
+                capsys,
+                "extract",
+                "--model",
+                tiny_checkpoints["blip2"],
+                "--task",
+                "refcocog",
+                "--refs",
+                refcocog_val.refs,
+                "--instances",
+                refcocog_val.instances,
+                "--images",
+                refcocog_val.images,
+                "--split",
+                split,
+                "--layers",
+                "4",
+                "--workers",
+                "0",
+                "--label",
+                label,
+                "--out",
+                features / split,
+            )
+            assert code == 0, err
+
+    def train(out: Path, *label: str) -> None:
+        args = ["--task", "refcocog", "--features", features, "--layer", "4", "--lr", "0.01", "--epochs", "1"]
+        code, _, err = run_cli(capsys, "train", *args, *label, "--out", out)
+        assert code == 0, err
+
+    extract_all("BLIP-2 (COCO-finetuned)")
+    assert json.loads((features / "test" / "manifest.json").read_text())["label"] == "BLIP-2 (COCO-finetuned)"
+    train(tmp_path / "run")
+    assert load_run(tmp_path / "run").label == "BLIP-2 (COCO-finetuned)"
+    shards = {p: p.stat().st_mtime_ns for p in features.rglob("*.safetensors")}
+    extract_all("BLIP-2 coco")
+    assert {p: p.stat().st_mtime_ns for p in features.rglob("*.safetensors")} == shards  # reused, not recomputed
+    assert load_run(tmp_path / "run").label == "BLIP-2 coco"
+    train(tmp_path / "own", "--label", "mine")
+    assert load_run(tmp_path / "own").label == "mine"
