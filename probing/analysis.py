@@ -161,32 +161,30 @@ def model_label(model: dict[str, Any]) -> str:
     return titles.get(family, family) + (" (random)" if model.get("init") == "random" else "")
 
 
-def _store_label(manifest: dict[str, Any]) -> str | None:
-    """The report label a frozen run's feature stores were given (`probing extract --label`), if any."""
+def _store_manifests(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifests of a frozen run's feature stores that can still be read (stores may have moved since)."""
+    found = []
     for store in (manifest.get("feature_paths") or {}).values():
         try:
-            label = json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8")).get("label")
+            found.append(json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8")))
         except (OSError, ValueError):
             continue
-        if isinstance(label, str) and label:
-            return label
-    return None
+    return found
 
 
-def _model_id(manifest: dict[str, Any]) -> str | None:
+def _store_label(stores: list[dict[str, Any]]) -> str | None:
+    """The report label a frozen run's feature stores were given (`probing extract --label`), if any."""
+    return next((s["label"] for s in stores if isinstance(s.get("label"), str) and s["label"]), None)
+
+
+def _model_id(manifest: dict[str, Any], stores: list[dict[str, Any]]) -> str | None:
     """The source the run's model was read from: in the run's manifest (`model_source` of unfrozen runs, the
     model identity of zero-shot runs) or in its feature stores' (frozen runs); None when none records it (moved
     stores)."""
-    for source in (manifest.get("model_source"), manifest.get("inputs", {}).get("model")):  # zero-shot: the latter
-        if isinstance(source, dict) and source.get("source"):
+    in_stores = [store.get("model_source") for store in stores]
+    for source in (manifest.get("model_source"), manifest.get("inputs", {}).get("model"), *in_stores):
+        if isinstance(source, dict) and source.get("source"):  # zero-shot runs: `inputs.model`
             return str(source["source"])
-    for store in (manifest.get("feature_paths") or {}).values():
-        try:
-            store_source = json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8")).get("model_source")
-        except (OSError, ValueError):
-            continue
-        if isinstance(store_source, dict) and store_source.get("source"):
-            return str(store_source["source"])
     return None
 
 
@@ -210,7 +208,8 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
     split = split or next((name for name in spec.eval_splits if folder.has_predictions(name)), spec.eval_splits[0])
     model = _model_of(manifest, run_path)
     family, init = model["family"], model.get("init", "pretrained")
-    label = metrics.label or _store_label(manifest) or model_label(model)
+    stores = _store_manifests(manifest)  # read once: the label and the model id may both come from them
+    label = metrics.label or _store_label(stores) or model_label(model)
     records_by_seed: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for record in folder.predictions(split):
         records_by_seed[record["seed"]].append(record)
@@ -244,7 +243,7 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         split=split,
         task_file=task_file,
         control=bool(manifest.get("control", False)),
-        model_id=_model_id(manifest),
+        model_id=_model_id(manifest, stores),
         weights=dict(model),
         predicted_classes=len(predicted) if spec.head.kind == "binary" and predicted else None,
     )
