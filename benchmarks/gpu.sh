@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go: the GPU tests, then both benchmarks at the sizes the README reports.
 # Usage, from the project root on a CUDA machine:  bash benchmarks/gpu.sh [LOG_DIR] [STEP ...]
-# Steps: tests qformer extract extract-bf16 extract-fast probes mdl (none named: all).
+# Steps: tests qformer extract extract-bf16 extract-fast write probes mdl (none named: all). Their time limits
+# add up to 30 minutes; a 15-minute device lease fits `tests extract-bf16 write mdl`.
 # Each step has its own time limit and a failing step does not stop the next; the exit code is the worst one.
 set -uo pipefail
 logs=${1:-gpu-logs}
 shift $(($# > 0 ? 1 : 0))
-steps=" ${*:-tests qformer extract extract-bf16 extract-fast probes mdl} "
+steps=" ${*:-tests qformer extract extract-bf16 extract-fast write probes mdl} "
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
@@ -34,7 +35,8 @@ step extract-bf16 240 "$python" benchmarks/extract.py --device cuda --size real 
   --qformer-dtype bfloat16
 step extract-fast 300 "$python" benchmarks/extract.py --device cuda --size real --plain-examples 500 \
   --qformer-dtype bfloat16 --compile-vision
+step write 120 "$python" benchmarks/write.py --shards 8
 step probes 360 "$python" benchmarks/probes.py --device cuda --examples 80000 --unfrozen --vsr-images 1000 \
   --unfrozen-batch 128 --workers 8
-step mdl 300 "$python" benchmarks/mdl.py --device cuda --examples 80000
+step mdl 120 "$python" benchmarks/mdl.py --device cuda --examples 20000
 exit $status

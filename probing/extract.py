@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
@@ -110,6 +111,11 @@ class ExtractionSettings(QFormerText):
         help="Record missing or corrupt images in the manifest and leave their examples out, instead of stopping.",
     )
     workers: int | None = setting(None, low=0, help="Image decoding processes (default: cores - 2, 1..16).")
+    write_threads: int | None = setting(
+        None,
+        low=1,
+        help="Threads writing shards; each holds one shard in memory (default: one per 4 cores, 1..4).",
+    )
     device: str | None = setting(
         None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)."
     )
@@ -412,12 +418,23 @@ def check_images_exist(examples: list[Example], skip_bad_images: bool) -> None:
         )
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """Image decoding processes: all cores but two (the main process and its copy and writer threads), at most
-    16, at least one where there are two cores. Decoding is the host's whole job: one core decodes and resizes
-    ~130 COCO-sized (640 x 480) JPEGs a second, and a GPU's ViT-g takes ~900 a second."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    16, at least one where there are two cores. One core decodes and resizes ~130 COCO-sized (640 x 480) JPEGs
+    a second, and a GPU's ViT-g takes ~900 a second."""
+    cores = _cores()
     return 0 if cores < 2 else min(16, max(1, cores - 2))
+
+
+def default_write_threads() -> int:
+    """Shard-writing threads: one per 4 cores, 1 to 4. One thread serialises, hashes and writes (with fsync)
+    about 300 real-size examples a second (13 layers of 32 x 768 in fp16, 0.64 MB each), far below what one GPU
+    extracts; most of that work runs outside the GIL, so threads add up. Each holds one shard in memory."""
+    return max(1, min(4, _cores() // 4))
 
 
 def _run_shards(
@@ -453,13 +470,12 @@ def _run_shards(
         pin_memory=device.type == "cuda",
     )
     batch_iterator = iter(loader)
-    pending: Future | None = None
     # disable=None: a bar only on a terminal, so logs and one-line errors stay clean
     progress = tqdm(
         total=sum(len(s.examples) for s in shards), unit="ex", desc="extract", disable=None if show_progress else True
     )
     done = 0
-    with ThreadPoolExecutor(max_workers=1) as write_pool, torch.inference_mode():
+    with ShardWriters(writer, request.write_threads or default_write_threads()) as writers, torch.inference_mode():
         offset = 0
         for shard in shards:
             embeds, bad_slots, errors = _encode_shard_images(shard, offset, batch_iterator, resampler, request)
@@ -467,17 +483,13 @@ def _run_shards(
             tensors, vision, metadata = _query_shard(
                 shard, embeds, bad_slots, resampler, layers, storage_dtype, request, errors
             )
-            if pending is not None:
-                pending.result()  # at most one shard waits to be written: memory stays flat
             ready = None
             if device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(device))  # after the shard's copies to the host
-            pending = write_pool.submit(_write_when_ready, writer, shard.index, tensors, metadata, vision, ready)
+            writers.submit(shard.index, tensors, metadata, vision, ready)
             done += len(shard.examples)
             progress.update(len(shard.examples))
-        if pending is not None:
-            pending.result()
     progress.close()
     return done
 
@@ -507,12 +519,41 @@ def _encode_shard_images(
     return embeds, bad_slots, errors
 
 
-def _write_when_ready(writer: FeatureStoreWriter, index: int, tensors, metadata, vision, ready) -> None:
-    """In the writer thread: wait for the shard's copies to the host (not the main thread, which goes on to
-    queue the next shard's work), then write it."""
-    if ready is not None:
-        ready.synchronize()
-    writer.write_shard(index, tensors, metadata, vision)
+class ShardWriters:
+    """Threads that write computed shards while the next ones are computed, with back-pressure: `submit` waits
+    while one shard per thread is already waiting, so memory holds at most `threads` shards beside the one
+    being computed. A write's error surfaces at a later `submit` or at the end of the `with` block."""
+
+    def __init__(self, writer: FeatureStoreWriter, threads: int):
+        self.writer, self.threads = writer, threads
+        self._pool = ThreadPoolExecutor(max_workers=threads)
+        self._pending: deque[Future] = deque()  # oldest first
+
+    def submit(self, index: int, tensors, metadata, vision=None, ready: torch.cuda.Event | None = None) -> None:
+        """Queue shard `index`; `ready` is a CUDA event recorded after its copies to the host, waited for in the
+        writing thread (not here, so that the caller goes on to queue the next shard's GPU work)."""
+        if len(self._pending) == self.threads:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._write, index, tensors, metadata, vision, ready))
+
+    def _write(self, index: int, tensors, metadata, vision, ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        self.writer.write_shard(index, tensors, metadata, vision)
+
+    def __enter__(self) -> ShardWriters:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            while self._pending:
+                future = self._pending.popleft()
+                if exc_info[0] is None:
+                    future.result()
+                else:  # already failing: finish the writes under way, keep the first error
+                    future.exception()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _query_shard(

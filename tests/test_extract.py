@@ -278,16 +278,20 @@ def test_layer_and_option_errors(capsys, tiny_checkpoints, refcocog_val, tmp_pat
     assert not (tmp_path / "x").exists()  # nothing written for a refused request
 
 
-def test_memory_stays_bounded_by_one_shard(monkeypatch, tiny_checkpoints, refcocog_val, tmp_path):
-    """With a slow disk, computation waits for the writer: at most one shard computed ahead of the one being
-    written (computed - written <= 2 when a shard's computation ends), and no shard exceeds --shard-size."""
+@pytest.mark.parametrize("write_threads", [1, 3])
+def test_memory_stays_bounded_by_one_shard_per_writer(
+    monkeypatch, tiny_checkpoints, refcocog_val, tmp_path, write_threads
+):
+    """With a slow disk, computation waits for the writers: at most one shard waits per writing thread beside
+    the one just computed (computed - written <= threads + 1 when a shard's computation ends), the threads write
+    at once, and no shard exceeds --shard-size."""
     import threading
 
     import probing.extract
     from probing.features import FeatureStoreWriter
 
     changed = threading.Condition()
-    computed, written, ahead, sizes = [0], [0], [], []
+    computed, written, ahead, sizes, writing, most_writing = [0], [0], [], [], [0], [0]
     original_query, original_write = probing.extract._query_shard, FeatureStoreWriter.write_shard
 
     def counted_query(*args, **kwargs):
@@ -298,21 +302,31 @@ def test_memory_stays_bounded_by_one_shard(monkeypatch, tiny_checkpoints, refcoc
             changed.notify_all()
         return result
 
+    shards = -(-len(load_split(refcocog_val, "val").examples) // 32)
+
     def slow_write(self, index, tensors, metadata, vision=None):
-        # A slow disk that stays busy until computation has run 3 shards ahead, or 0.5 s have passed (the
-        # back-pressure stops it at 2): the outcome does not depend on how fast this machine computes.
+        # A slow disk that stays busy until every thread is writing (or the last shards are computed), so that
+        # computation runs as far ahead as the back-pressure lets it, however fast this machine computes.
         with changed:
-            changed.wait_for(lambda: computed[0] - written[0] >= 3, timeout=0.5)
+            writing[0] += 1
+            most_writing[0] = max(most_writing[0], writing[0])
+            changed.notify_all()
+            changed.wait_for(lambda: writing[0] == write_threads or computed[0] == shards, timeout=30)
         original_write(self, index, tensors, metadata, vision)
         with changed:
             written[0] += 1
+            writing[0] -= 1
             sizes.append(len(tensors["ids"]))
 
     monkeypatch.setattr(probing.extract, "_query_shard", counted_query)
     monkeypatch.setattr(FeatureStoreWriter, "write_shard", slow_write)
-    extract(request(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "f", shard_size=32, layers="4"))
-    assert len(ahead) == computed[0] == written[0] == -(-sum(sizes) // 32) >= 5  # enough shards to run ahead
-    assert max(ahead) <= 2 and max(sizes) == 32
+    out = tmp_path / "f"
+    extract(
+        request(tiny_checkpoints["blip2"], refcocog_val, out, shard_size=32, layers="4", write_threads=write_threads)
+    )
+    assert len(ahead) == computed[0] == written[0] == -(-sum(sizes) // 32) == shards >= 5  # enough to run ahead
+    assert max(ahead) <= write_threads + 1 and max(sizes) == 32
+    assert most_writing[0] == write_threads
 
 
 def test_a_shard_whose_images_are_all_bad_loads(tiny_checkpoints, demo_root, tmp_path):

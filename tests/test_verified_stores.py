@@ -202,12 +202,30 @@ def test_a_resumed_extraction_recomputes_a_shard_damaged_before_the_store_was_co
     assert tree_bytes(store_copy) == tree_bytes(pristine)
 
 
-def test_non_finite_features_are_refused_at_write_time(store_copy):
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_non_finite_features_are_refused_at_write_time(store_copy, bad, dtype):
     manifest = json.loads((store_copy / MANIFEST_NAME).read_text())
     writer = FeatureStoreWriter(store_copy / "other", {**manifest["request"], "store_vision": False})
     writer.prepare()
-    states = torch.zeros(3, 4, 24)
-    states[1, 2, 3] = float("inf")
+    states = torch.zeros(3, 4, 24, dtype=dtype)
+    states[1, 2, 3] = bad
     with pytest.raises(ProbingError, match=r"shard-00007.safetensors: 'layer_04' holds non-finite values"):
         writer.write_shard(7, {"ids": torch.arange(3), "layer_04": states}, {"examples": 3})
     assert not list((store_copy / "other").glob("shard-*"))
+
+
+def test_the_finiteness_check_agrees_with_isfinite():
+    """`all_finite` (smallest and largest values) against torch's elementwise check, one bad value at each place
+    of a small tensor, and the empty tensor (which has no smallest value)."""
+    from probing.features import all_finite
+
+    assert all_finite(torch.empty(0, 4, dtype=torch.float16))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        base = torch.randn(2, 3, 5).to(dtype)
+        assert all_finite(base)
+        for index in range(base.numel()):
+            for bad in (float("inf"), float("-inf"), float("nan")):
+                damaged = base.clone().view(-1)
+                damaged[index] = bad
+                assert all_finite(damaged) is bool(torch.isfinite(damaged).all()) is False
