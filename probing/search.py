@@ -183,14 +183,14 @@ def pruner_of(request: SearchRequest):
     return optuna.pruners.NopPruner()
 
 
-def create_study(request: SearchRequest, identity: dict[str, Any] | None = None):
-    """Create or join the request's study. The worker that creates it samples with the search's seed (a search
-    run alone is reproducible); workers that join or resume it draw from their own streams, or all of them
-    would propose the same points."""
+def create_study(request: SearchRequest, identity: dict[str, Any] | None = None, storage=None):
+    """Create or join the request's study (in `storage`, opened from the request when not given). The worker
+    that creates it samples with the search's seed (a search run alone is reproducible); workers that join or
+    resume it draw from their own streams, or all of them would propose the same points."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(request.storage_url)
+    storage = storage if storage is not None else open_storage(request.storage_url)
     name = request.study_name or DEFAULT_STUDY
     direction = get_task(request.task).head.direction
     try:
@@ -646,10 +646,13 @@ def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
     train_request = request.train_request((), out / "best")  # its trials: the best one's, once known
     trainer = make_trainer(train_request)
     identity = search_identity(request, trainer.inputs)
+    # A storage given with --storage is opened (and refused in one line) before anything is written into --out;
+    # the default one is a journal inside --out, opened once the folder is claimed.
+    storage = open_storage(request.storage_url) if request.storage is not None else None
     if claim_folder(out, identity) == "complete":
         MetricsRecord.relabel(out / "best", request.label)  # a new label names the reused best run
         return StageResult(SearchSummary.read(out), out, "reused")
-    study = create_study(request, study_identity(identity))
+    study = create_study(request, study_identity(identity), storage)
     fitter = TrialFitter(trainer, out)
     run_trials(study, request, fitter)
     with FolderLock(out / "result", heartbeat=min(request.heartbeat, 10.0)):

@@ -266,6 +266,7 @@ def test_storage_errors_are_one_line(capsys, vsr_features, tmp_path):
     assert code == 2 and "the database driver 'MySQLdb' is not installed" in err and "secret" not in err
     code, _, err = run_cli(capsys, *base, "--storage", "journal:/proc/probing/study.log")
     assert code == 2 and err.startswith("error: --storage journal:/proc/probing/study.log: cannot create /proc/probing")
+    assert not (tmp_path / "x").exists()  # refused before anything was written into --out
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "read-only"
         locked.mkdir(mode=0o500)
