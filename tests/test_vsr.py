@@ -168,6 +168,7 @@ def test_caption_parsing():
             r"train.jsonl: line 2: missing field 'caption'",
         ),
         (json.dumps({**CURRENT_LINES[0], "label": 2}), r"line 2: field 'label' must be 0 or 1"),
+        (json.dumps({**CURRENT_LINES[0], "label": True}), r"line 2: field 'label' must be 0 or 1, got True"),
         (json.dumps({**CURRENT_LINES[0], "label": "1"}), r"line 2: field 'label' has the wrong type"),
         (
             json.dumps({**CURRENT_LINES[0], "vote_true_validator_id": "[1, "}),

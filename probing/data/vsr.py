@@ -39,7 +39,7 @@ META_CATEGORIES: tuple[str, ...] = (
 _REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "image": str,
     "caption": str,
-    "label": (int, bool),
+    "label": int,  # JSON true/false is refused below, as the RCM reader refuses them (the format says 0 or 1)
     "relation": str,
 }
 
@@ -131,8 +131,8 @@ def read_vsr_file(path: Path) -> list[VsrRecord]:
                 raise ProbingError(f"{path}: line {line_number}: missing field '{key}'")
             if not isinstance(row[key], expected):
                 raise ProbingError(f"{path}: line {line_number}: field '{key}' has the wrong type")
-        label = int(row["label"])
-        if label not in (0, 1):
+        label = row["label"]
+        if isinstance(label, bool) or label not in (0, 1):
             raise ProbingError(f"{path}: line {line_number}: field 'label' must be 0 or 1, got {row['label']}")
         if not re.fullmatch(r"\d+\.jpg", row["image"]):
             raise ProbingError(f"{path}: line {line_number}: field 'image' is not a COCO file name (%012d.jpg)")
