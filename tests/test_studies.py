@@ -391,7 +391,8 @@ def test_the_pruner_stops_hopeless_trials_and_the_budget_counts_them(tmp_path):
     )
     assert trainer.epochs < 12 * 9  # pruned trials stopped early
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
-    assert all(len(t.intermediate_values) < 9 for t in pruned)
+    # hyperband's rungs with a reduction factor of 4 over 9 epochs: after epoch 1 or epoch 4 (3 would give 1, 3)
+    assert {len(t.intermediate_values) for t in pruned} <= {1, 4}
     assert study.best_trial.state == TrialState.COMPLETE and study.best_value > 0.85
 
 
