@@ -122,6 +122,18 @@ def write_json(path: Path, payload: Any) -> None:
     os.replace(temporary, path)
 
 
+def relabel_json(path: Path, label: str | None) -> None:
+    """Give a finished output the report label `label` (the `label` key of its JSON file, rewritten atomically)
+    when one is given and differs. A label is how reports name the model, not part of what was computed, so an
+    output reused under a new label (a feature store's manifest, a run's metrics) takes it instead of being
+    computed again; no label given keeps the stored one."""
+    if label is None:
+        return
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    if payload.get("label") != label:
+        write_json(path, payload | {"label": label})
+
+
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     """The manifest of a finished output directory, or None where there is none."""
     path = Path(directory) / MANIFEST_NAME

@@ -16,7 +16,6 @@ Speed where it matters:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from probing.artifacts import MANIFEST_NAME, code_version, write_json
+from probing.artifacts import MANIFEST_NAME, code_version, relabel_json
 from probing.data.images import load_rgb_image
 from probing.data.types import DataOptions, Example, SplitData
 from probing.device_copies import to_device, to_host
@@ -314,7 +313,7 @@ def extract_loaded(
             if not damaged:
                 log.info("%s: already complete for this request; nothing to do", request.out)
                 if state.is_main_process:
-                    relabel_store(request.out, request.label)
+                    relabel_json(request.out / MANIFEST_NAME, request.label)
                 state.wait_for_everyone()
                 return StageResult(FeatureStore(request.out), request.out, "reused")
             log.warning("%s: %d damaged shard(s) (%s); computing them again", request.out, len(damaged), damaged)
@@ -393,18 +392,6 @@ def text_truncation(resampler: Resampler, data: SplitData, out: Path) -> dict[st
                 resampler.max_text_tokens,
             )
     return counts
-
-
-def relabel_store(folder: Path, label: str | None) -> None:
-    """Give a complete store the report label `label` (its manifest rewritten atomically) when one is given and
-    differs: a label names the model in reports and is not part of what was computed, so a store reused under a
-    new label takes it instead of being recomputed; no label given keeps the stored one."""
-    if label is None:
-        return
-    manifest_path = Path(folder) / MANIFEST_NAME
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("label") != label:
-        write_json(manifest_path, manifest | {"label": label})
 
 
 def check_images_exist(examples: list[Example], skip_bad_images: bool) -> None:

@@ -205,16 +205,11 @@ class MetricsRecord:
 
     @classmethod
     def relabel(cls, folder: Path, label: str | None) -> MetricsRecord:
-        """The run's record, its report label replaced by `label` (rewritten atomically) when one is given and
-        differs: a label is how reports name the model, not part of what was computed, so a run reused under a
-        new label takes the new one instead of being recomputed; no label given keeps the stored one."""
-        from probing.artifacts import write_json
+        """The run's record, with the report label `label` when one is given (`relabel_json`'s rule)."""
+        from probing.artifacts import relabel_json
 
-        record = cls.read(folder)
-        if label is not None and record.label != label:
-            record.label = label
-            write_json(Path(folder) / METRICS_FILE, record.to_json())
-        return record
+        relabel_json(Path(folder) / METRICS_FILE, label)
+        return cls.read(folder)
 
 
 MANIFEST_FILE = "manifest.json"
