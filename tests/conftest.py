@@ -150,6 +150,31 @@ def refcocog_val(demo_options):
     return DataOptions(task="refcocog", **demo_options["refcocog"])
 
 
+def extract_splits(checkpoint: Path, options, root: Path, splits=("train", "val", "test"), **settings) -> Path:
+    """One feature store per split, `root/<split>`, as `probing extract` writes them (layer 4 unless `layers`
+    says otherwise); `settings` are further extraction settings."""
+    from probing.extract import ExtractionRequest, extract
+
+    for split in splits:
+        extract(
+            ExtractionRequest(
+                **{"layers": "4", "workers": 0, "progress": False}
+                | settings
+                | {"model": str(checkpoint), "data": options, "split": split, "out": root / split}
+            )
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def vsr_features(tiny_checkpoints, demo_options, tmp_path_factory) -> Path:
+    """The tiny BLIP-2's layer 4 on the demo's VSR, a store per split; tests read them and never write there."""
+    from probing.data import DataOptions
+
+    options = DataOptions(task="vsr", **demo_options["vsr"])
+    return extract_splits(tiny_checkpoints["blip2"], options, tmp_path_factory.mktemp("vsr-features"))
+
+
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """Run the `probing` CLI in-process; (exit code, stdout, stderr)."""
     from probing.cli import main

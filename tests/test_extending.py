@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import extract_splits
 
 from probing.data import DataOptions
-from probing.extract import ExtractionRequest, extract
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 
@@ -70,21 +70,8 @@ def test_the_yaml_task_of_the_page(tmp_path):
 
 @pytest.fixture(scope="module")
 def refcocog_stores(tiny_checkpoints, demo_options, tmp_path_factory):
-    root = tmp_path_factory.mktemp("extending") / "features"
     options = DataOptions(task="refcocog", **demo_options["refcocog"])
-    for split in ("train", "val", "test"):
-        extract(
-            ExtractionRequest(
-                model=str(tiny_checkpoints["blip2"]),
-                data=options,
-                split=split,
-                out=root / split,
-                layers="2,4",
-                workers=0,
-                progress=False,
-            )
-        )
-    return root
+    return extract_splits(tiny_checkpoints["blip2"], options, tmp_path_factory.mktemp("extending"), layers="2,4")
 
 
 def test_a_plugin_adds_a_task_with_a_new_head_a_probe_and_a_table(refcocog_stores, demo_options, tmp_path):

@@ -10,30 +10,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from test_train import synthetic
 
-from probing.data import DataOptions
 from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract
 from probing.logreg import fit_logreg
 from probing.train import TrainSettings, Trial, train_frozen
-
-
-@pytest.fixture(scope="module")
-def vsr_store(tiny_checkpoints, demo_options, tmp_path_factory):
-    root = tmp_path_factory.mktemp("logreg") / "vsr"
-    options = DataOptions(task="vsr", **demo_options["vsr"])
-    for split in ("train", "val", "test"):
-        extract(
-            ExtractionRequest(
-                model=str(tiny_checkpoints["blip2"]),
-                data=options,
-                split=split,
-                out=root / split,
-                layers="4",
-                workers=0,
-                progress=False,
-            )
-        )
-    return root
 
 
 def test_logreg_agrees_with_the_sgd_linear_probe_and_with_scikit_learn():
@@ -55,7 +34,7 @@ def test_logreg_agrees_with_the_sgd_linear_probe_and_with_scikit_learn():
     assert logreg.best_epoch == 1 and logreg.history[0]["converged"] is True
 
 
-def test_logreg_is_for_binary_frozen_probes(capsys, vsr_store, tmp_path):
+def test_logreg_is_for_binary_frozen_probes(capsys, vsr_features, tmp_path):
     train = synthetic("refcocog", 100)
     with pytest.raises(ProbingError, match="--probe logreg: for binary tasks only"):
         fit_logreg(train, train, [Trial()], TrainSettings(task="refcocog", probe="logreg", device="cpu"))
@@ -79,19 +58,19 @@ def test_logreg_is_for_binary_frozen_probes(capsys, vsr_store, tmp_path):
     )
     assert code == 2 and err.startswith("error: --probe logreg: frozen only")
     code, _, err = run_cli(
-        capsys, "train", "--task", "vsr", "--features", vsr_store, "--layer", 4, "--out", tmp_path / "y"
+        capsys, "train", "--task", "vsr", "--features", vsr_features, "--layer", 4, "--out", tmp_path / "y"
     )
     assert code == 2 and err == "error: --lr is required for --probe linear\n"
 
 
-def test_logreg_train_search_report_and_roc_auc(capsys, vsr_store, tmp_path):
+def test_logreg_train_search_report_and_roc_auc(capsys, vsr_features, tmp_path):
     code, out, err = run_cli(
         capsys,
         "train",
         "--task",
         "vsr",
         "--features",
-        vsr_store,
+        vsr_features,
         "--layer",
         4,
         "--probe",
@@ -112,7 +91,7 @@ def test_logreg_train_search_report_and_roc_auc(capsys, vsr_store, tmp_path):
         "--task",
         "vsr",
         "--features",
-        vsr_store,
+        vsr_features,
         "--layer",
         4,
         "--probe",
@@ -137,7 +116,7 @@ def test_logreg_train_search_report_and_roc_auc(capsys, vsr_store, tmp_path):
         "--task",
         "vsr",
         "--features",
-        vsr_store,
+        vsr_features,
         "--layer",
         4,
         "--trials",

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import extract_splits
 from scipy.special import expit
 from scipy.stats import laplace
 
@@ -353,24 +354,11 @@ def test_box_head_code_bits_are_coordinate_sums():
 def vsr_stores(tiny_checkpoints, demo_options, tmp_path_factory):
     """Layer 4 of the tiny BLIP-2 on the demo's VSR, as trained and with re-drawn (random) weights."""
     from probing.data import DataOptions
-    from probing.extract import ExtractionRequest, extract
 
     root = tmp_path_factory.mktemp("rigour")
     options = DataOptions(task="vsr", **demo_options["vsr"])
     for name, init in (("trained", "pretrained"), ("random", "random")):
-        for split in ("train", "val", "test"):
-            extract(
-                ExtractionRequest(
-                    model=str(tiny_checkpoints["blip2"]),
-                    init=init,
-                    data=options,
-                    split=split,
-                    out=root / name / split,
-                    layers="4",
-                    workers=0,
-                    progress=False,
-                )
-            )
+        extract_splits(tiny_checkpoints["blip2"], options, root / name, init=init)
     return root
 
 

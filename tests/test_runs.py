@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import extract_splits, run_cli
 from safetensors.torch import load_file
 
 from probing.data import DataOptions
 from probing.data.rcm import build_rcm
-from probing.extract import ExtractionRequest, extract
 from probing.features import FeatureStore
 from probing.losses import predicted_boxes
 from probing.probes import Probe
@@ -32,18 +31,7 @@ def stores(tiny_checkpoints, demo_options, tmp_path_factory):
         "rcm": DataOptions(task="rcm", rcm=root / "rcm", images=refcocog["images"]),
     }
     for task, task_options in options.items():
-        for split in ("train", "val", "test"):
-            extract(
-                ExtractionRequest(
-                    model=str(tiny_checkpoints["blip2"]),
-                    data=task_options,
-                    split=split,
-                    out=root / task / split,
-                    workers=0,
-                    progress=False,
-                    store_vision=True,
-                )
-            )
+        extract_splits(tiny_checkpoints["blip2"], task_options, root / task, layers="all", store_vision=True)
     return root, options
 
 

@@ -14,30 +14,9 @@ from conftest import run_cli
 from optuna.trial import TrialState
 from test_train import synthetic
 
-from probing.data import DataOptions
 from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract
 from probing.search import SearchRequest, SearchSpace, create_study, default_space, run_trials
 from probing.train import TrainSettings, train_frozen
-
-
-@pytest.fixture(scope="module")
-def vsr_features(tiny_checkpoints, demo_options, tmp_path_factory):
-    root = tmp_path_factory.mktemp("search") / "vsr"
-    options = DataOptions(task="vsr", **demo_options["vsr"])
-    for split in ("train", "val", "test"):
-        extract(
-            ExtractionRequest(
-                model=str(tiny_checkpoints["blip2"]),
-                data=options,
-                split=split,
-                out=root / split,
-                layers="4",
-                workers=0,
-                progress=False,
-            )
-        )
-    return root
 
 
 def test_the_paper_spaces():

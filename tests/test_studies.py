@@ -20,32 +20,11 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from probing.checkpoints import TrialCheckpoint
-from probing.data import DataOptions
 from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract
 from probing.locks import FolderLock
 from probing.studies import open_storage, repair_journal
 
 SPLITS = ("train", "val", "test")
-
-
-@pytest.fixture(scope="module")
-def vsr_features(tiny_checkpoints, demo_options, tmp_path_factory):
-    root = tmp_path_factory.mktemp("studies") / "vsr"
-    options = DataOptions(task="vsr", **demo_options["vsr"])
-    for split in SPLITS:
-        extract(
-            ExtractionRequest(
-                model=str(tiny_checkpoints["blip2"]),
-                data=options,
-                split=split,
-                out=root / split,
-                layers="4",
-                workers=0,
-                progress=False,
-            )
-        )
-    return root
 
 
 def probing(*args, **kwargs) -> subprocess.Popen:
