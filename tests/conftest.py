@@ -175,6 +175,15 @@ def vsr_features(tiny_checkpoints, demo_options, tmp_path_factory) -> Path:
     return extract_splits(tiny_checkpoints["blip2"], options, tmp_path_factory.mktemp("vsr-features"))
 
 
+def unfrozen_search_args(checkpoint: Path, vsr_options, out: Path, *extra, trials: int = 3, epochs="5") -> list:
+    """`probing search` arguments for an unfrozen VSR search of layer 2 on the CPU (the demo's VSR and images)."""
+    return [
+        *("search", "--task", "vsr", "--mode", "unfrozen", "--model", checkpoint, "--vsr", vsr_options["vsr"]),
+        *("--images", vsr_options["images"], "--layer", 2, "--trials", trials, "--epochs", epochs),
+        *("--batch-size", 32, "--device", "cpu", "--out", out, *extra),
+    ]
+
+
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """Run the `probing` CLI in-process; (exit code, stdout, stderr)."""
     from probing.cli import main

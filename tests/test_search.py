@@ -10,7 +10,7 @@ import time
 
 import optuna
 import pytest
-from conftest import run_cli
+from conftest import run_cli, unfrozen_search_args
 from optuna.trial import TrialState
 from test_train import synthetic
 
@@ -256,33 +256,8 @@ def test_a_killed_workers_trial_is_retried(vsr_features, tmp_path):
 
 
 def test_unfrozen_search_runs(capsys, tiny_checkpoints, demo_options, tmp_path):
-    vsr = demo_options["vsr"]
-    code, out, err = run_cli(
-        capsys,
-        "search",
-        "--task",
-        "vsr",
-        "--mode",
-        "unfrozen",
-        "--model",
-        tiny_checkpoints["blip2"],
-        "--vsr",
-        vsr["vsr"],
-        "--images",
-        vsr["images"],
-        "--layer",
-        2,
-        "--trials",
-        2,
-        "--epochs",
-        "1,2",
-        "--batch-size",
-        32,
-        "--device",
-        "cpu",
-        "--out",
-        tmp_path / "u",
-    )
+    args = unfrozen_search_args(tiny_checkpoints["blip2"], demo_options["vsr"], tmp_path / "u", trials=2, epochs="1,2")
+    code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     summary = json.loads((tmp_path / "u" / "summary.json").read_text())
     assert summary["mode"] == "unfrozen" and summary["trials_complete"] == 2

@@ -14,7 +14,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import run_cli, unfrozen_search_args
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 from safetensors.torch import load_file
@@ -51,43 +51,13 @@ def wait_for(condition, timeout: float = 240.0, every: float = 0.2):
     raise AssertionError("timed out")
 
 
-def unfrozen_search_args(tiny_checkpoints, demo_options, out: Path, *extra) -> list:
-    vsr = demo_options["vsr"]
-    return [
-        "search",
-        "--task",
-        "vsr",
-        "--mode",
-        "unfrozen",
-        "--model",
-        tiny_checkpoints["blip2"],
-        "--vsr",
-        vsr["vsr"],
-        "--images",
-        vsr["images"],
-        "--layer",
-        2,
-        "--trials",
-        3,
-        "--epochs",
-        5,
-        "--batch-size",
-        32,
-        "--heartbeat",
-        1,
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        *extra,
-    ]
-
-
 def test_a_killed_search_resumes_its_study_and_its_trial(tiny_checkpoints, demo_options, tmp_path):
     """SIGKILL once a trial is finished and the next has a checkpoint; the same command again keeps the finished
     trial, resumes the killed one from its epoch (a retry with its parameters) and ends with exactly its budget of 3."""
     out = tmp_path / "search"
-    args = unfrozen_search_args(tiny_checkpoints, demo_options, out, "--pruner", "none")
+    args = unfrozen_search_args(
+        tiny_checkpoints["blip2"], demo_options["vsr"], out, "--heartbeat", 1, "--pruner", "none"
+    )
     first = probing(*args)
 
     def progress():
