@@ -534,6 +534,7 @@ def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
             "GIoU scale",
             "L1 scale",
             "trials",
+            "pruned",
             "val (%)",
             "test (%)",
         ],
@@ -547,6 +548,7 @@ def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
         metric = run.search["metric"]
         scales = [f"{params[name]:g}" if name in params else "–" for name in ("giou_scale", "l1_scale")]
         lr = f"{params['lr']:.2e}" if "lr" in params else f"C={params['logreg_c']:.2e}"
+        pruned = sum(trial.get("state") == "PRUNED" for trial in run.search.get("trials", []))
         table.rows.append(
             [
                 run.label,
@@ -558,6 +560,7 @@ def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
                 str(params.get("epochs", "–")),
                 *scales,
                 str(run.search["trials_complete"]),
+                str(pruned),
                 f"{100 * best['val_search']:.1f}",
                 cell(overall(run)),
             ]
@@ -572,13 +575,15 @@ def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
                 "probe": run.probe,
                 **{f"param_{k}": v for k, v in params.items()},
                 "trials": run.search["trials_complete"],
+                "trials_pruned": pruned,
                 "val": best["val_search"],
                 **{f"test_{k}": v for k, v in overall(run).as_dict().items()},
             }
         )
     table.notes.append(
-        f"val: the best trial's val {metric} in the search; test: the best trial retrained with "
-        "its final seeds, mean [95% CI] ±std"
+        f"trials: completed; pruned: stopped early by the search's pruner (their epochs were not trained); val: the "
+        f"best trial's val {metric} in the search; test: the best trial retrained with its final seeds, mean [95% CI] "
+        "±std"
     )
     return table
 

@@ -189,12 +189,14 @@ def test_run_twice_recomputes_nothing_and_gives_identical_results(capsys, tmp_pa
     assert table4[2] == "| task | hyper-parameter | BLIP-2 (tiny) frozen | BLIP-2 (tiny) unfrozen |"  # paper's layout
     searches = (tmp_path / "report" / "tables" / "searches.md").read_text().splitlines()
     assert searches[2] == (
-        "| model | mode | task | layer | probe | lr | epochs | GIoU scale | L1 scale | trials | val (%) | test (%) |"
+        "| model | mode | task | layer | probe | lr | epochs | GIoU scale | L1 scale | trials | pruned | val (%) "
+        "| test (%) |"
     )
     rows = [line for line in searches[4:] if line.startswith("| BLIP-2 (tiny)")]
     assert len(rows) == 5  # one per search: vsr and rcm at layers 2 and 4 frozen, vsr unfrozen
     assert all(row.split(" | ")[6] == "3" for row in rows if "| frozen |" in row)  # epochs from the space
     assert all(row.split(" | ")[9] in ("3", "1") for row in rows)  # trials complete
+    assert all(row.split(" | ")[10] == "0" for row in rows)  # none pruned: frozen (auto: none), unfrozen (1 trial)
     manifests = {p: p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("manifest.json")}
     code, out, err = run_cli(capsys, "run", path)
     assert code == 0, err

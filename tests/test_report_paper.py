@@ -359,10 +359,13 @@ def test_table4_in_the_papers_layout_and_n_per_category(tmp_path):
             "layer": 4,
             "probe": "linear",
             "metric": "accuracy",
-            "trials_complete": 3,
+            "trials_complete": 3 if mode == "frozen" else 1,
             "trials_total": 3,
             "best": {"number": 1, "params": {"lr": lr, "epochs": epochs}, "val_search": 0.6, "val": {}},
-            "trials": [],
+            "trials": [
+                {"number": n, "state": "COMPLETE" if mode == "frozen" or n == 1 else "PRUNED", "value": 0.5}
+                for n in range(3)
+            ],
             "plots": [],
         }
         (search / "summary.json").write_text(json.dumps(summary))
@@ -370,6 +373,10 @@ def test_table4_in_the_papers_layout_and_n_per_category(tmp_path):
     table4 = (tmp_path / "report" / "tables" / "table4.md").read_text().splitlines()
     assert table4[2] == "| task | hyper-parameter | BLIP-2 frozen | BLIP-2 unfrozen |"
     assert table4[4:6] == ["| VSR | learning rate | 1.00e-04 | 3.00e-05 |", "| VSR | epochs | 10 | 5 |"]
+    searches = pd.read_csv(tmp_path / "report" / "tables" / "searches.csv").set_index("mode")
+    assert searches.loc["frozen", ["trials", "trials_pruned"]].tolist() == [3, 0]
+    assert searches.loc["unfrozen", ["trials", "trials_pruned"]].tolist() == [1, 2]  # 2 of 3 stopped early
+    assert "| 3 | 0 |" in (tmp_path / "report" / "tables" / "searches.md").read_text()
     table2 = (tmp_path / "report" / "tables" / "table2.md").read_text().splitlines()
     assert table2[4] == "| n | test examples | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"  # 14 examples over 7 meta-categories
     assert (tmp_path / "report" / "figures" / "learning_curves").is_dir()  # each search's best trial
