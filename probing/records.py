@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from probing.errors import ProbingError
+from probing.yaml_files import read_text
 
 T = TypeVar("T")
 METRICS_FILE = "metrics.json"
@@ -51,15 +52,7 @@ class StageResult(Generic[T]):
 
 def read_json_file(path: Path) -> Any:
     """A JSON file's content, or one line naming the file (and the line) when it is missing or damaged."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProbingError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ProbingError(f"{path}: a folder, not a file") from None
-    except UnicodeDecodeError:
-        raise ProbingError(f"{path}: not UTF-8 text") from None
-    return _parsed_json(text, str(path), None)
+    return _parsed_json(read_text(path), str(path), None)
 
 
 def _parsed_json(text: str, path: str, line: int | None) -> Any:

@@ -449,6 +449,11 @@ CASES = [
         "test.jsonl: line 2: field 'seed' is missing",
     ),
     (
+        "manifest-not-utf8",
+        damaged_run(_rewrite("manifest.json", lambda data: data.replace(b"{", b"{\n\xff", 1))),
+        "manifest.json: line 2: not UTF-8 text (byte 0xff at offset 2)",
+    ),
+    (
         "manifest-without-mode",
         damaged_run(_edit_manifest(lambda manifest: manifest.pop("mode"))),
         "manifest.json: field 'mode' is missing",
