@@ -88,15 +88,18 @@ def write_bytes(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def save_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> str:
-    """Write tensors as one safetensors file (atomically, with the umask's mode); returns the bytes' SHA-256.
-
-    `safetensors.torch.save_file` creates its files 0600 whatever the umask, so the bytes are made with
-    `safetensors.torch.save` (the same serialiser, the same bytes) and written here.
-    """
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The safetensors serialisation of `tensors`, made in memory so that its writer chooses how the bytes reach
+    the disk: `safetensors.torch.save_file` creates its files 0600 whatever the umask, and a store is meant to be
+    readable by the group on a shared disk. `safetensors.torch.save` is the same serialiser (the same bytes)."""
     from safetensors.torch import save
 
-    data = save({name: tensor.contiguous() for name, tensor in tensors.items()}, metadata=dict(metadata or {}))
+    return save({name: tensor.contiguous() for name, tensor in tensors.items()}, metadata=dict(metadata or {}))
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> str:
+    """Write tensors as one safetensors file (atomically, with the umask's mode); returns the bytes' SHA-256."""
+    data = safetensors_bytes(tensors, metadata)
     write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 

@@ -36,6 +36,7 @@ from probing.artifacts import (
     first_difference,
     json_normalised,
     read_manifest,
+    safetensors_bytes,
     sweep_stale_partials,
     write_bytes,
     write_json,
@@ -63,15 +64,9 @@ def shard_name(index: int) -> str:
 def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
     """Write one shard atomically (temporary name, fsync, rename), its SHA-256 beside it first: a shard on disk
     without one beside it is from before checksums, never one whose digest was lost."""
-    from safetensors.torch import save
-
     # One metadata key holding sorted JSON: safetensors keeps metadata in a hash map whose order changes from
-    # process to process, which would make identical shards differ in bytes. The bytes are made here and written
-    # by `write_bytes` (safetensors' own `save_file` creates files 0600 whatever the umask).
-    data = save(
-        {k: v.contiguous() for k, v in tensors.items()},
-        metadata={_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)},
-    )
+    # process to process, which would make identical shards differ in bytes.
+    data = safetensors_bytes(tensors, {_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)})
     write_bytes(checksum_sidecar(path), hashlib.sha256(data).hexdigest().encode())
     write_bytes(path, data)
 
