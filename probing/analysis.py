@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +93,8 @@ class RunResults:
     mdl: MdlResults | None = None  # the online code of its train targets (`attach_rigour`)
     model_id: str | None = None  # where the weights came from (hub id, local folder, lavis:.pth), when recorded
     weights: dict[str, Any] = field(default_factory=dict)  # the model's identity (family, init, weights hash ...)
-    predicted_classes: int | None = None  # distinct predicted classes over every seed (binary heads), else None
+    # binary heads: the smallest, over seeds, of the share of examples given the seed's most frequent answer
+    majority_share: float | None = None
     validation: RunResults | None | bool = field(default=False, repr=False, compare=False)  # False: not read yet
 
     @property
@@ -220,9 +221,13 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         if [r["id"] for r in records_by_seed[seed]] != ids:
             raise ProbingError(f"{run_path}: seeds were evaluated on different {split} examples")
     correct = np.array([[float(r["correct"]) for r in records_by_seed[seed]] for seed in seeds])
-    predicted = {
-        json.dumps(r["predicted"]) for records in records_by_seed.values() for r in records if "predicted" in r
-    }
+    majority_share = None
+    if spec.head.kind == "binary" and all("predicted" in r for r in first):
+        shares = [
+            Counter(json.dumps(r["predicted"]) for r in records).most_common(1)[0][1] / len(records)
+            for records in records_by_seed.values()
+        ]
+        majority_share = min(shares)
     return RunResults(
         path=run_path,
         task=spec.name,
@@ -245,7 +250,7 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         control=bool(manifest.get("control", False)),
         model_id=_model_id(manifest, stores),
         weights=dict(model),
-        predicted_classes=len(predicted) if spec.head.kind == "binary" and predicted else None,
+        majority_share=majority_share,
     )
 
 
@@ -333,10 +338,15 @@ def chance_level(run: RunResults) -> float | None:
     return max(positives, 1 - positives)
 
 
+# A probe answering one class for at least this share of the examples, in every seed, counts as predicting a
+# single class: fewer than 1 answer in 100 differs, so its per-category accuracy is each category's label rate.
+SINGLE_CLASS_SHARE = 0.99
+
+
 def single_class(run: RunResults) -> bool:
-    """Whether a binary probe predicted one class for every example of every seed (its per-category accuracy is
-    then the category's label rate, and a correlation of it says nothing about the probe)."""
-    return run.predicted_classes == 1
+    """Whether a binary probe predicted one class for (nearly) every example of every seed (its per-category
+    accuracy is then the category's label rate, and a correlation of it says nothing about the probe)."""
+    return run.majority_share is not None and run.majority_share >= SINGLE_CLASS_SHARE
 
 
 @dataclass

@@ -5,7 +5,8 @@
   single layer (a "curve" of one point says nothing per layer).
 - `category_figure`: accuracy per category, frozen and unfrozen side by side, one panel per model, with
   interval whiskers and n under each category (Fig. 2b, Fig. 5); a category a run has no example of is
-  drawn as missing (a hatched gap marked "n/a"), never as a 0 % bar.
+  drawn as missing (a gap marked "n/a"), never as a 0 % bar, and a task with a fixed list of categories (VSR's
+  meta-categories) shows each of them, with n=0 where no run has an example.
 - `learning_curve_figure`: the per-epoch validation metric of a search's best trial, one line per final seed,
   from the history stored in its `metrics.json`.
 House style (`house_style`): applied inside a `matplotlib.rc_context` around each figure, never globally, so
@@ -33,7 +34,8 @@ from probing.records import NO_PROBE, MetricsRecord  # noqa: E402
 METRIC_LABELS = {"acc@0.5": "Acc@0.5 (%)", "accuracy": "accuracy (%)"}
 COLUMN_WIDTH = 3.3  # inches: one column of a two-column paper
 PAGE_WIDTH = 6.9  # inches: the text width
-FONT_SIZE = 8  # points (>= 7 for print)
+FONT_SIZE = 8  # points
+MIN_FONT_SIZE = 7  # points: the smallest text a figure holds (print)
 FORMATS = (".pdf", ".png", ".svg")
 # Colour-blind-safe (Okabe-Ito) colours; hatches tell the modes apart in greyscale too
 MODE_STYLES = {
@@ -48,9 +50,9 @@ HOUSE_STYLE = {
     "font.size": FONT_SIZE,
     "axes.titlesize": FONT_SIZE,
     "axes.labelsize": FONT_SIZE,
-    "xtick.labelsize": FONT_SIZE - 1,
-    "ytick.labelsize": FONT_SIZE - 1,
-    "legend.fontsize": FONT_SIZE - 1,
+    "xtick.labelsize": MIN_FONT_SIZE,
+    "ytick.labelsize": MIN_FONT_SIZE,
+    "legend.fontsize": MIN_FONT_SIZE,
     "figure.titlesize": FONT_SIZE + 1,
     "axes.spines.top": False,
     "axes.spines.right": False,
@@ -154,8 +156,10 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
     # people's answers (no probe) in the last panel
     models = sorted(by_model, key=lambda model: (all(r.probe == NO_PROBE for r in by_model[model].values()), model))
     spec = chosen[0].spec
-    present = sorted({c for run in chosen for c in category_rows(run)})  # examples of no category left out
-    categories = [c for c in spec.category_order if c in present] if spec.category_order else present
+    # a task with a fixed list of categories shows each (one no run has an example of drawn as missing, n=0);
+    # otherwise the categories the runs have examples of
+    present = sorted({c for run in chosen for c in category_rows(run)})
+    categories = list(spec.category_order) if spec.category_order else present
     counts = {c: max(run.categories.count(c) for run in chosen) for c in categories}
     with house_style():
         height = 1.6 + (0.04 * max(len(c) for c in categories) if len(categories) >= 7 else 0.0)  # per panel
@@ -171,7 +175,7 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
                 for i, category in enumerate(categories):
                     x = i + (offset - (len(modes) - 1) / 2) * bar
                     if category not in estimates:  # no example: a gap marked as missing, never a 0 % bar
-                        panel.text(x, 1, "n/a", ha="center", va="bottom", fontsize=FONT_SIZE - 2, color="grey")
+                        panel.text(x, 1, "n/a", ha="center", va="bottom", fontsize=MIN_FONT_SIZE, color="grey")
                         continue
                     e = estimates[category]
                     panel.bar(

@@ -7,7 +7,8 @@ runs allow (a table whose runs are absent is left out); a config's `report.table
 - Table 2 and the per-category tables: accuracy per category of each task (Table 2 is VSR's, per
   meta-category; `categories_<task>` the others', e.g. per COCO supercategory), same runs.
 - Table 3: probe sizes (linear, SwiGLU 2 / 4 layers, logistic regression), frozen, last layer.
-- Table 4: the best hyper-parameters each search found, with its val and test metrics.
+- Table 4: the paper's layout, a row per task and hyper-parameter, a column per model and mode, each cell the
+  value the best trial chose; `searches` lists every search with its trials, val and test.
 - Table 5: Kendall tau between per-category accuracy and the number of train examples, the mean box area
   and the mean centre distance (tasks with boxes); p > 0.05 marked with a dagger.
 - Per layer: frozen linear probes, every layer given.
@@ -16,7 +17,8 @@ runs allow (a table whose runs are absent is left out); a config's `report.table
   of the random-weights model of the same family (`init: random`), for runs that have any of them.
 Cells read `mean [95% CI]` in percent, with `+- std` over seeds where several seeds were run. With
 `--compare-paper` the paper's Table 1 numbers appear in their own rows, labelled "(paper)"; the paper
-reports single runs without intervals. CSV files are written by pandas from the numbers behind the cells.
+reports single runs without intervals. CSV files are written by pandas from the numbers behind the cells, and
+`results.csv` holds every number the tables show, one row each (`results_frame`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from probing.analysis import (
     KENDALL_PROPERTIES,
     MIN_KENDALL_CATEGORIES,
     SIGNIFICANCE,
+    SINGLE_CLASS_SHARE,
     Estimate,
     MdlResults,
     RunResults,
@@ -84,6 +87,7 @@ PAPER_CHECKPOINTS = {
     "Salesforce/instructblip-vicuna-7b": "InstructBLIP",
 }
 NOT_SIGNIFICANT = "†"
+WIDE_TABLE = 4  # columns: more, and the LaTeX table takes the page's width (`table*`)
 CSV_LABELS = ["model", "mode", "probe", "layer", "task", "split", "category", "property"]
 
 
@@ -103,6 +107,8 @@ class Table:
     headers: list[str]
     rows: list[list[str]] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)  # numbers behind the cells, for the CSV
+    # rows for `results.csv` of the numbers the cells show beyond each run's accuracies (`_result`)
+    results: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
@@ -132,7 +138,11 @@ class Table:
 
         frame = pd.DataFrame(self.rows, columns=self.headers)
         styler = frame.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
-        text = styler.to_latex(hrules=True, caption=_latex_escape(self.title), position_float="centering")
+        # a table of more than WIDE_TABLE columns (intervals in each cell) spans both columns of a two-column page
+        environment = "table*" if len(self.headers) > WIDE_TABLE else None
+        text = styler.to_latex(
+            hrules=True, caption=_latex_escape(self.title), position_float="centering", environment=environment
+        )
         notes = "".join(f"% {note}\n" for note in self.notes)
         return notes + text
 
@@ -161,6 +171,32 @@ def _latex_escape(text: str) -> str:
 def _record(estimate: Estimate, run: RunResults | None = None, **labels) -> dict[str, Any]:
     where = {"task": run.task, "split": run.split} if run is not None else {}
     return {**labels, **where, **estimate.as_dict()}
+
+
+def run_labels(run: RunResults) -> dict[str, Any]:
+    """The columns of `results.csv` that say which run, and which of its splits, a row is about."""
+    return {
+        "model": run.label,
+        "model_id": run.model_id,
+        "init": run.init,
+        "task": run.task,
+        "mode": run.mode,
+        "layer": None if run.probe == NO_PROBE else run.layer,  # a model's own answer reads no layer's features
+        "probe": run.probe,
+        "control": run.control,
+        "split": run.split,
+        "run": str(run.path),
+    }
+
+
+def _result(run: RunResults, metric: str, value: Any = None, estimate: Estimate | None = None, **columns) -> dict:
+    """A row of `results.csv` for a number a table shows about `run`: `value`, or `estimate` with its interval."""
+    row = {**run_labels(run), "metric": metric, "value": value, **columns}
+    if estimate is not None:
+        numbers = estimate.as_dict()
+        row |= {"value": numbers["mean"], "seeds_std": numbers["seed_std"], "n": numbers["examples"]}
+        row |= {key: numbers[key] for key in ("ci_low", "ci_high", "seeds")}
+    return row
 
 
 @dataclass(frozen=True)
@@ -308,6 +344,12 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
             for level, found in levels.values()
             if level is not None
         ]
+        table.results += [
+            {"model": "Chance", "mode": "majority class", "task": found.task, "split": found.split}
+            | {"metric": found.metric, "value": level, "n": len(found.ids)}
+            for level, found in levels.values()
+            if level is not None
+        ]
 
     for model in models:
         if model in people and not any(row[0] == "Chance" for row in table.rows):
@@ -341,16 +383,17 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                     *[f"{paper[tasks[c]]:.2f}" if which == "test" and tasks[c] in paper else "–" for c, which in cells],
                 ]
             )
+            shown = [
+                (by_column[c], paper[tasks[c]] / 100) for c, which in cells if which == "test" and tasks[c] in paper
+            ]
             table.records += [
-                {
-                    "model": f"{name} (paper)",
-                    "mode": mode,
-                    "task": tasks[c],
-                    "split": "test",
-                    "mean": paper[tasks[c]] / 100,
-                }
-                for c, which in cells
-                if which == "test" and tasks[c] in paper
+                {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test", "mean": value}
+                for run, value in shown
+            ]
+            table.results += [
+                {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test"}
+                | {"metric": run.metric, "value": value}
+                for run, value in shown
             ]
             paper_shown.append(model)
     if not any(row[0] == "Chance" for row in table.rows):
@@ -419,8 +462,8 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
         chosen = {key: run for key, run in chosen_all.items() if (run.task, run.split) == (task, split)}
         first = next(iter(chosen.values()))
         spec = first.spec
-        present = sorted({c for run in chosen.values() for c in run.categories})
-        columns = [c for c in spec.category_order if c in present] if spec.category_order else present
+        present = sorted({c for run in chosen.values() for c in category_rows(run)})
+        columns = list(spec.category_order) if spec.category_order else present  # a fixed list: each shown
         name = _category_table_name(first)
         title = (
             f"Table 2: {first.column} accuracy per {spec.category} (%)"
@@ -440,7 +483,8 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
             table.records += [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items()]
         table.notes.append(
             "mean [95% bootstrap CI] ±std over seeds, %; n: the split's examples per category (human rows: those "
-            "annotated, possibly fewer); categories with no example omitted"
+            "annotated, possibly fewer)"
+            + ("; n = 0: no example of the category in the split" if set(columns) - set(present) else "")
         )
         tables.append(table)
     return tables
@@ -507,6 +551,7 @@ def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                     table.records.append(
                         {"model": model, "mode": mode, "task": found.task, "parameter": name, "value": value}
                     )
+                    table.results.append(_result(found, f"param_{name}", value))
             table.rows.append(row)
     table.notes.append(
         "the best trial of each search by its val metric (`searches` lists every search with its val and test)"
@@ -580,6 +625,12 @@ def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
                 **{f"test_{k}": v for k, v in overall(run).as_dict().items()},
             }
         )
+        table.results += [_result(run, f"param_{name}", value) for name, value in params.items()]
+        table.results += [
+            _result(run, "trials", run.search["trials_complete"]),
+            _result(run, "trials_pruned", pruned),
+            _result(run, f"search_val_{metric}", best["val_search"], split="val"),
+        ]
     table.notes.append(
         f"trials: completed; pruned: stopped early by the search's pruner (their epochs were not trained); val: the "
         f"best trial's val {metric} in the search; test: the best trial retrained with its final seeds, mean [95% CI] "
@@ -632,12 +683,23 @@ def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                         "categories": c.categories,
                     }
                 )
+                table.results.append(
+                    _result(
+                        run,
+                        "kendall_tau",
+                        c.tau if c.tau == c.tau else None,
+                        against=name,
+                        p_value=c.p_value if c.p_value == c.p_value else None,
+                        n=c.categories,
+                    )
+                )
             table.rows.append(row)
     table.notes.append(f"{NOT_SIGNIFICANT} p > 0.05 (not significant); 'undefined': a constant column (no ranking)")
     if one_class:
         table.notes.append(
-            "no tau for " + ", ".join(one_class) + ": the probe predicts a single class, so its per-category "
-            "accuracy is each category's label rate and says nothing about what it learned"
+            "no tau for " + ", ".join(one_class) + ": the probe predicts a single class (one answer for at least "
+            f"{SINGLE_CLASS_SHARE:.0%} of the examples in every seed), so its per-category accuracy is each "
+            "category's label rate and says nothing about what it learned"
         )
     if len(enough) < len(kendall_runs):
         table.notes.append(
@@ -707,6 +769,12 @@ def paired_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | 
                 "other_run": str(second.path),
             }
         )
+        against = {"against": names[1], "against_run": str(second.path)}
+        table.results += [
+            _result(first, "accuracy_difference", estimate=compared.difference, p_value=compared.p_value, **against),
+            _result(first, "right_only_this", compared.first_only, **against),
+            _result(first, "right_only_against", compared.second_only, **against),
+        ]
     if not table.rows:
         return None
     table.notes.append(
@@ -750,6 +818,11 @@ def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table |
                     "seed_std": v["seed_std"],
                     "seeds": v["seeds"],
                 }
+                for c, v in values.items()
+                if v
+            ]
+            table.results += [
+                _result(found[c], "roc_auc", v["mean"], seeds_std=v["seed_std"], seeds=v["seeds"])
                 for c, v in values.items()
                 if v
             ]
@@ -811,6 +884,26 @@ def _code_cells(code: MdlResults | None) -> tuple[list[str], dict[str, Any]]:
         "compression_ci_high": compression[2],
     }
     return [f"{kbits[0]:.2f} [{kbits[1]:.2f}, {kbits[2]:.2f}]", "{:.2f} [{:.2f}, {:.2f}]".format(*compression)], numbers
+
+
+def _code_results(run: RunResults) -> list[dict[str, Any]]:
+    """`results.csv` rows of a run's online code (the rigour table's MDL cells), none without one."""
+    if run.mdl is None:
+        return []
+    _, numbers = _code_cells(run.mdl)
+    intervals = {"codelength_kbits": "codelength", "compression": "compression"}  # uniform_kbits has none
+    return [
+        _result(
+            run,
+            f"mdl_{name}",
+            numbers[name],
+            ci_low=numbers.get(f"{intervals.get(name)}_ci_low"),
+            ci_high=numbers.get(f"{intervals.get(name)}_ci_high"),
+            n=run.mdl.record.examples,
+            split="train",  # the code is of the train targets
+        )
+        for name in ("codelength_kbits", "uniform_kbits", "compression")
+    ]
 
 
 def _random_counterpart(run: RunResults, runs: Sequence[RunResults]) -> RunResults | None:
@@ -910,6 +1003,11 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
             "random_model": random.label if random is not None else None,
         }
         table.records.append(numbers)
+        if selective is not None:
+            table.results.append(_result(run, "selectivity", estimate=selective, against_run=str(run.control_run.path)))
+        table.results += _code_results(run)
+        if run.control_run is not None:
+            table.results += _code_results(run.control_run)
     table.notes += [
         "accuracy (the task's main metric: Acc@0.5 for boxes), control, random weights: mean [95% bootstrap CI "
         "over test examples] ±std over seeds; control: "
@@ -1020,19 +1118,23 @@ RESULT_COLUMNS = [
     "split",
     "category",
     "metric",
+    "against",
     "value",
     "ci_low",
     "ci_high",
+    "p_value",
     "seeds_std",
     "seeds",
     "n",
     "run",
+    "against_run",
 ]
 
 
 def results_frame(runs: Sequence[RunResults], tables: Sequence[Table] = ()):
     """`results.csv`: one row per run and split (and per category of each, `category` set), control runs too,
-    values as fractions; then the chance rows and the paper's rows of Table 1 when the report shows them."""
+    values as fractions; then the other numbers the tables show (`Table.results`: chance and paper rows,
+    hyper-parameters, Kendall tau, paired differences, ROC-AUC, selectivity, MDL), each once."""
     import pandas as pd
 
     rows = []
@@ -1041,49 +1143,14 @@ def results_frame(runs: Sequence[RunResults], tables: Sequence[Table] = ()):
         for results in (run, validation_run(run)):
             if results is None:
                 continue
-            labels = {
-                "model": run.label,
-                "model_id": run.model_id,
-                "init": run.init,
-                "task": run.task,
-                "mode": run.mode,
-                "layer": run.layer,
-                "probe": run.probe,
-                "control": run.control,
-                "split": results.split,
-                "metric": run.metric,
-                "run": str(run.path),
-            }
             estimates = [(None, overall(results)), *per_category(results).items()]
-            rows += [
-                {
-                    **labels,
-                    "category": category,
-                    "value": e.mean,
-                    "ci_low": e.low,
-                    "ci_high": e.high,
-                    "seeds_std": e.seed_std,
-                    "seeds": e.seeds,
-                    "n": e.examples,
-                }
-                for category, e in estimates
-            ]
-    for table in tables:
-        if table.name != "table1":
-            continue
-        for record in table.records:
-            if record["model"] == "Chance" or record["model"].endswith("(paper)"):
-                rows.append(
-                    {
-                        "model": record["model"],
-                        "mode": record["mode"],
-                        "task": record["task"],
-                        "split": record["split"],
-                        "value": record["mean"],
-                        "n": record.get("examples"),
-                    }
-                )
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+            rows += [_result(results, run.metric, estimate=e, category=category) for category, e in estimates]
+    rows += [row for table in tables for row in table.results]
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    frame = frame.drop_duplicates(subset=[c for c in RESULT_COLUMNS if c not in ("value", "ci_low", "ci_high")])
+    for column in ("layer", "seeds", "n"):  # integers with gaps (a chance row has no layer), not floats
+        frame[column] = frame[column].astype("Int64")
+    return frame.reset_index(drop=True)
 
 
 def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
@@ -1094,11 +1161,11 @@ def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
         suffix = task if len(these[0].spec.eval_splits) == 1 else f"{task}_{split}"
         figures += per_layer_figure(these, task, folder / f"per_layer_{suffix}")
         figures += category_figure(these, task, folder / f"categories_{suffix}")
-    for (model, mode, _), run in sorted(_table1_runs(runs).items()):  # each search's best trial, Table 1's runs
-        if run.search is not None and run.split == run.spec.eval_splits[0]:
-            name = "-".join(part for part in (model, mode, run.task, f"layer{run.layer}") if part)
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-            figures += learning_curve_figure(run, folder / "learning_curves" / safe)
+    searched = [run for run in runs if run.search is not None and run.split == run.spec.eval_splits[0]]
+    for run in sorted(searched, key=lambda r: (r.label, r.mode, r.task, r.layer, r.probe)):  # each search's best
+        name = "-".join((run.label, run.mode, run.task, f"layer{run.layer}", run.probe))
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        figures += learning_curve_figure(run, folder / "learning_curves" / safe)
     return figures
 
 
@@ -1198,9 +1265,10 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
             )
         readme += [
             "",
-            "Every accuracy below is in `results.csv` (one row per run, split and category, as fractions; Table "
-            "1's chance and paper rows too); each table's numbers are in its CSV in `tables/`, beside its LaTeX "
-            "(booktabs).",
+            "Every number the tables below show is in `results.csv` (as fractions where the tables show percent): a "
+            "row per run, split and category for accuracies, then a row per other number (chance and paper rows, "
+            "hyper-parameters, Kendall tau, paired differences, ROC-AUC, selectivity, MDL; its `metric` says "
+            "which). Each table's numbers are also in its CSV in `tables/`, beside its LaTeX (booktabs).",
             "",
         ]
         readme += [table.markdown() for table in tables]
@@ -1216,10 +1284,10 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
         readme += [
             "## Method",
             "",
-            "Accuracies are means over seeds of per-example correctness on the test split (Acc@IoU>=0.5 for "
-            "RefCOCOg), with 95% percentile bootstrap intervals over test examples (1,000 resamples, seeded) and "
-            "the standard deviation across seeds where several seeds were run. Kendall tau is scipy's, across "
-            "COCO supercategories.",
+            "Accuracies are means over seeds of per-example correctness on the split shown (validation or test; "
+            "Acc@IoU>=0.5 for box regression), with 95% percentile bootstrap intervals over that split's examples "
+            "(1,000 resamples, seeded) and the standard deviation across seeds where several seeds were run. "
+            "Kendall tau is scipy's, across the task's categories.",
             "",
         ]
         (staging / "README.md").write_text("\n".join(readme), encoding="utf-8")

@@ -197,6 +197,39 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+# The columns of a report table that name what a row is about (their digits are names, not results).
+REPORT_LABEL_COLUMNS = {"model", "mode", "task", "layer", "probe", "property", "hyper-parameter", "first", "second"}
+
+
+def assert_results_hold_every_number(report: Path) -> int:
+    """Every number a cell of the report's tables shows is one of `results.csv`'s numbers, as the table formats
+    it (percent with one decimal, signed points, tau, p, learning rates ...); returns how many were checked."""
+    import re
+
+    import pandas as pd
+
+    results = pd.read_csv(report / "results.csv")
+    shown: set[str] = set()
+    for column in ("value", "ci_low", "ci_high", "seeds_std", "p_value", "n"):
+        for v in results[column].dropna():
+            v = float(v)
+            shown |= {f"{100 * v:.1f}", f"{100 * v:+.1f}", f"{100 * v:.2f}", f"{v:.2f}", f"{v:+.2f}", f"{v:.3f}"}
+            shown |= {f"{v:.3g}", f"{v:.2e}", f"{v:g}"}
+    number = re.compile(r"[+-]?\d+(?:\.\d+)?(?:e[+-]\d+)?")
+    checked = 0
+    for table in sorted((report / "tables").glob("*.md")):
+        lines = [line for line in table.read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
+        headers = lines[0].strip("| ").split(" | ")
+        for line in lines[1:]:
+            for header, text in zip(headers, line.strip("| ").split(" | "), strict=True):
+                if header in REPORT_LABEL_COLUMNS:
+                    continue
+                for token in number.findall(text):
+                    assert token in shown, f"{table.name}: {header} = {text!r}: {token} is not in results.csv"
+                    checked += 1
+    return checked
+
+
 @pytest.fixture(scope="session")
 def stage2_checkpoint(tmp_path_factory):
     """A tiny random BLIP-2 stage-2 checkpoint (OPT language model) saved with save_pretrained."""

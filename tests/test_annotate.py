@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import assert_results_hold_every_number, run_cli
 from PIL import Image
 
 from probing.analysis import estimate
@@ -645,6 +645,7 @@ def test_two_annotators_in_a_real_browser_then_score_report_and_export(rcm_optio
     table1 = (tmp_path / "report" / "tables" / "table1.md").read_text()
     assert "| Human | human | 66.7 [" in table1 and "| Human (paper) | human | 92.29 |" in table1
     assert not (tmp_path / "report" / "tables" / "roc_auc.md").exists()  # answers have no probabilities
+    assert assert_results_hold_every_number(tmp_path / "report") > 5
 
     # export: every answer, practice ones too
     code, out, err = run_cli(capsys, "annotate", "export", "--db", store.path, "--out", tmp_path / "answers.jsonl")

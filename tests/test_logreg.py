@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_results_hold_every_number, run_cli
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from test_train import synthetic
@@ -139,6 +139,7 @@ def test_logreg_train_search_report_and_roc_auc(capsys, vsr_features, tmp_path):
     assert "| BLIP-2 | logistic regression (L-BFGS) |" in table3 and "| BLIP-2 | linear |" in table3
     searches = (tmp_path / "report" / "tables" / "searches.md").read_text()  # every search's best trial
     assert "C=" in searches
+    assert assert_results_hold_every_number(tmp_path / "report") > 20  # the searches' C, val, trials ... too
     code, out, err = run_cli(capsys, "analyze", tmp_path / "run", "--json")
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "run" / "predictions" / "test.jsonl").read_text().splitlines()]

@@ -8,12 +8,13 @@ reference."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import assert_results_hold_every_number, run_cli
 from scipy.stats import binomtest
 from statsmodels.stats.contingency_tables import mcnemar
 
@@ -135,7 +136,7 @@ def test_chance_is_the_majority_class_rate(tmp_path):
     assert chance_level(balanced) == 0.5
 
 
-def test_results_csv_holds_every_number_of_table1(paper_runs, tmp_path, capsys):
+def test_results_csv_holds_every_number_of_the_tables(paper_runs, tmp_path, capsys):
     out = tmp_path / "report"
     code, stdout, err = run_cli(capsys, "report", paper_runs, "--out", out, "--compare-paper")
     assert code == 0, err
@@ -144,8 +145,16 @@ def test_results_csv_holds_every_number_of_table1(paper_runs, tmp_path, capsys):
         assert column in results.columns
     for column in ("ci_low", "ci_high", "seeds_std", "n", "run"):
         assert column in results.columns
-    overall_rows = results[results["category"].isna() & results["run"].notna()]
+    overall_rows = results[results["category"].isna() & results["run"].notna() & (results["metric"] == "accuracy")]
     assert len(overall_rows) == 6  # 3 runs x (val, test)
+    # every number of every table (Table 1, Table 2, paired, ROC-AUC) is in the results file
+    assert assert_results_hold_every_number(out) > 100
+    paired = results[results["metric"] == "accuracy_difference"]
+    assert set(paired["against"]) == {"BLIP-2 frozen", "InstructBLIP frozen"} and paired["p_value"].notna().all()
+    assert results["layer"].dropna().eq(4).all() and set(results[results["run"].isna()]["model"]) == {
+        "Chance",
+        "BLIP-2 (paper)",
+    }
     table1 = pd.read_csv(out / "tables" / "table1.csv")
     assert len(table1) >= 6
     for record in table1.itertuples():
@@ -153,6 +162,7 @@ def test_results_csv_holds_every_number_of_table1(paper_runs, tmp_path, capsys):
             (results["model"] == record.model)
             & (results["mode"] == record.mode)
             & (results["split"] == record.split)
+            & (results["metric"] == "accuracy")
             & results["category"].isna()
         ]
         assert len(match) == 1, record
@@ -179,6 +189,8 @@ def test_results_csv_holds_every_number_of_table1(paper_runs, tmp_path, capsys):
     # LaTeX with booktabs, Markdown and CSV for each table; run paths in runs.txt, not in the README
     latex = (out / "tables" / "table1.tex").read_text()
     assert "\\toprule" in latex and "\\midrule" in latex and "\\bottomrule" in latex and "VSR val (acc)" in latex
+    assert "\n\\begin{table}\n" in latex  # 4 columns: one column of the page; wider ones span both
+    assert "\n\\begin{table*}\n" in (out / "tables" / "paired.tex").read_text()
     readme = (out / "README.md").read_text()
     assert str(paper_runs) not in readme
     assert "3 run(s): 2 frozen vsr, 1 unfrozen vsr" in readme
@@ -246,21 +258,48 @@ def test_relabelling_a_run_keeps_its_results(tmp_path):
 
 
 def test_single_class_probes_get_no_kendall_tau(tmp_path):
-    categories = ["animal", "vehicle", "food", "person"] * 10
-    labels = {"test": [i % 2 for i in range(N)]}
-    always_one = [[1] * N]
-    write_run(
-        tmp_path / "runs" / "one",
-        task="rcm",
-        correct={"test": [[int(y == 1) for y in labels["test"]]]},
-        labels=labels,
-        categories=categories,
-        predicted={"test": always_one},
-    )
+    n = 240
+    categories = [f"c{i % 6}" for i in range(n)]  # 40 examples each; a later category has larger boxes
+    labels = {"test": [(i // 6) % 2 for i in range(n)]}  # half of each category true
+
+    def answers(right_per_category: list[int]) -> list[int]:
+        """Category k's first right_per_category[k] examples answered right, the others wrong."""
+        return [y if i // 6 < right_per_category[i % 6] else 1 - y for i, y in enumerate(labels["test"])]
+
+    def probe(name: str, family: str, mode: str, predicted: list[list[int]]) -> None:
+        correct = [[int(p == y) for p, y in zip(row, labels["test"], strict=True)] for row in predicted]
+        write_run(
+            tmp_path / "runs" / name,
+            task="rcm",
+            mode=mode,
+            family=family,
+            correct={"test": correct},
+            labels=labels,
+            categories=categories,
+            predicted={"test": predicted},
+        )
+
+    probe("one", "blip2", "frozen", [[1] * n])
+    # 99 % ones in each seed: its per-category accuracy is the label rate too
+    probe("nearly", "blip2", "unfrozen", [[1] * (n - 2) + [0, 0]] * 2)
+    # one seed nearly constant, the other better on larger boxes: not a single-class probe, a significant tau
+    probe("mixed", "instructblip", "unfrozen", [[1] * (n - 1) + [0], answers([5, 11, 17, 23, 29, 35])])
+    probe("unordered", "instructblip", "frozen", [answers([20, 35, 5, 30, 10, 25])])  # no ranking: p > 0.05
     write_report([tmp_path / "runs"], tmp_path / "report")
     table5 = (tmp_path / "report" / "tables" / "table5.md").read_text()
-    assert "single class" in table5 and "the probe predicts a single class" in table5
-    assert "| RCM | train examples | single class |" in table5
+    assert "the probe predicts a single class" in table5
+    lines = table5.splitlines()
+    models = "BLIP-2 frozen | BLIP-2 unfrozen | InstructBLIP frozen | InstructBLIP unfrozen"
+    assert lines[2] == f"| task | property | {models} |"
+    area = next(line for line in lines if line.startswith("| RCM | mean box area |")).rstrip(" |").split(" | ")
+    assert area[2:4] == ["single class", "single class"]
+    assert area[4].endswith("†") and area[5].startswith("+1.00 (") and not area[5].endswith("†")
+    # the dagger marks p > 0.05, and only that
+    for line in lines[4:]:
+        if line.startswith("| RCM") and "undefined" not in line:
+            for tau_cell in line.rstrip(" |").split(" | ")[4:]:
+                p_value = float(tau_cell.split("(")[1].split(")")[0])
+                assert tau_cell.endswith("†") == (p_value > 0.05), tau_cell
 
 
 def test_report_folder_ownership(paper_runs, tmp_path, capsys):
@@ -331,6 +370,69 @@ def test_a_category_without_examples_is_drawn_as_missing(tmp_path):
     category_figure(runs, "vsr", tmp_path / "categories")
     svg = (tmp_path / "categories.svg").read_text()
     assert svg.count(">n/a<") == 1  # the unfrozen run's missing category, not a 0 % bar
+    # a meta-category no run has an example of is still shown, as missing, n=0 (VSR's list is fixed)
+    rare = [RELATIONS[1 + i % 5] for i in range(14)]  # no Adjacency, no Unallocated example
+    shutil.rmtree(tmp_path / "runs")
+    write_run(tmp_path / "runs" / "frozen", correct={"test": [[1, 0] * 7]}, labels=labels, categories=rare)
+    runs, _ = load_runs([tmp_path / "runs"])
+    category_figure(runs, "vsr", tmp_path / "rare")
+    svg = (tmp_path / "rare.svg").read_text()
+    assert svg.count(">n/a<") == 2 and svg.count("n=0") == 2  # Adjacency and Unallocated
+    write_report([tmp_path / "runs"], tmp_path / "report")
+    table2 = (tmp_path / "report" / "tables" / "table2.md").read_text().splitlines()
+    assert table2[2] == "| model | mode | " + " | ".join(RELATIONS) + " |"
+    n_row = table2[4].strip("| ").split(" | ")
+    assert [n_row[2 + RELATIONS.index(c)] for c in ("Adjacency", "Unallocated")] == ["0", "0"]
+    cells = table2[5].strip("| ").split(" | ")
+    assert [cells[2 + RELATIONS.index(c)] for c in ("Adjacency", "Unallocated")] == ["–", "–"]
+    assert "n = 0: no example of the category" in table2[-1]
+
+
+def test_figures_keep_legends_off_the_data_text_readable_and_bands_apart(tmp_path, monkeypatch):
+    import matplotlib.text
+
+    from probing import plots
+    from probing.report import load_runs
+
+    labels = {"test": [1] * 14}
+    for family in ("blip2", "instructblip"):
+        for layer in (2, 4):
+            write_run(
+                tmp_path / "runs" / f"{family}-{layer}",
+                family=family,
+                weights=family[0] * 64,
+                layer=layer,
+                correct={"test": [[1, 0] * 7, [1, 1, 0] * 4 + [1, 0]]},
+                labels=labels,
+            )
+    fewer = [RELATIONS[i % 6] for i in range(14)]  # no Unallocated example: an "n/a" in the figure
+    write_run(
+        tmp_path / "runs" / "unfrozen", mode="unfrozen", correct={"test": [[1] * 14]}, labels=labels, categories=fewer
+    )
+    figures = []
+
+    def keep(figure, base):
+        figure.canvas.draw()  # lays the figure out as saving does
+        figures.append(figure)
+        return [base]
+
+    monkeypatch.setattr(plots, "_save", keep)
+    runs, _ = load_runs([tmp_path / "runs"])
+    with plots.house_style():  # the figures are inspected inside the style they were drawn in
+        plots.per_layer_figure(runs, "vsr", tmp_path / "layers")
+        plots.category_figure(runs, "vsr", tmp_path / "categories")
+    layers, categories = figures
+    for figure in figures:
+        texts = [t for t in figure.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+        assert texts and min(t.get_fontsize() for t in texts) >= plots.MIN_FONT_SIZE
+    assert any(t.get_text() == "n/a" for t in categories.findobj(matplotlib.text.Text))
+    axes = layers.axes[0]
+    legend = axes.get_legend().get_window_extent()
+    assert not legend.overlaps(axes.get_window_extent())  # under the axes, off the data
+    bands = [c for c in axes.collections if len(c.get_paths())]
+    assert len(bands) == 2 and len({(tuple(c.get_facecolor()[0]), c.get_hatch()) for c in bands}) == 2
+    legend = categories.legends[0].get_window_extent()
+    assert not any(legend.overlaps(panel.get_window_extent()) for panel in categories.axes)
 
 
 def test_optunas_plots_leave_the_process_style_alone(tmp_path):
@@ -379,7 +481,8 @@ def test_table4_in_the_papers_layout_and_n_per_category(tmp_path):
     assert "| 3 | 0 |" in (tmp_path / "report" / "tables" / "searches.md").read_text()
     table2 = (tmp_path / "report" / "tables" / "table2.md").read_text().splitlines()
     assert table2[4] == "| n | test examples | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"  # 14 examples over 7 meta-categories
-    assert (tmp_path / "report" / "figures" / "learning_curves").is_dir()  # each search's best trial
+    curves = sorted(p.name for p in (tmp_path / "report" / "figures" / "learning_curves").glob("*.png"))
+    assert curves == ["BLIP-2-frozen-vsr-layer4-linear.png", "BLIP-2-unfrozen-vsr-layer4-linear.png"]
 
 
 def test_a_store_label_names_the_runs_made_from_it(tiny_checkpoints, refcocog_val, capsys, tmp_path):

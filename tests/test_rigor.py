@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import extract_splits
+from conftest import assert_results_hold_every_number, extract_splits
 from scipy.special import expit
 from scipy.stats import laplace
 
@@ -432,6 +432,11 @@ def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_option
     assert numbers["random_model"] == "BLIP-2 (random)" and 0 <= numbers["random_mean"] <= 1
     table1 = (tmp_path / "report" / "tables" / "table1.md").read_text()
     assert table1.count("| BLIP-2 | frozen |") == 1  # the control run is no row of other tables
+    assert assert_results_hold_every_number(tmp_path / "report") > 50  # selectivity and the codes' numbers too
+    results = pd.read_csv(tmp_path / "report" / "results.csv")
+    codes = results[results["metric"] == "mdl_codelength_kbits"].set_index("control")
+    assert codes.loc[False, "value"] == pytest.approx(record.online_bits / 1000)
+    assert codes.loc[False, "split"] == "train" and codes.loc[True, "value"] > 0
 
 
 def test_rigour_mistakes_are_one_line(capsys, vsr_stores, tmp_path):

@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_results_hold_every_number, run_cli
 
 from probing.data import DataOptions
 from probing.data.images import load_rgb_image
@@ -301,6 +302,9 @@ def test_run_folder_in_analyze_and_report_then_reused(capsys, tiny_checkpoints, 
     prompted = next(line for line in table1.splitlines() if line.startswith("| InstructBLIP | zero-shot prompt |"))
     assert prompted.split(" | ")[3].startswith(f"{100 * accuracy:.1f} [")  # val, then test
     assert "| BLIP-2 | ITM head |" in table1
+    assert assert_results_hold_every_number(tmp_path / "report") > 20
+    results = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert results[results["probe"] == "none"]["layer"].isna().all()  # a model's own answer reads no layer
     assert "| InstructBLIP | zero-shot prompt |" in (tmp_path / "report" / "tables" / "table2.md").read_text()
     # Again: reused without loading a model; another prompt is refused, naming it.
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
