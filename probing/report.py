@@ -87,17 +87,30 @@ PAPER_CHECKPOINTS = {
     "Salesforce/instructblip-vicuna-7b": "InstructBLIP",
 }
 NOT_SIGNIFICANT = "†"
+SINGLE_CLASS_MARK = "‡"
 WIDE_TABLE = 4  # columns: more, and the LaTeX table takes the page's width (`table*`)
 CSV_LABELS = ["model", "mode", "probe", "layer", "task", "split", "category", "property"]
 
 
-def cell(estimate: Estimate | None) -> str:
+def cell(estimate: Estimate | None, run: RunResults | None = None) -> str:
+    """`mean [95% CI] ±std` in percent; marked when `run` is a probe that answers a single class."""
     if estimate is None:
         return "–"
     text = f"{100 * estimate.mean:.1f} [{100 * estimate.low:.1f}, {100 * estimate.high:.1f}]"
     if estimate.seed_std is not None:
         text += f" ±{100 * estimate.seed_std:.1f}"
+    if run is not None and run.probe != NO_PROBE and single_class(run):
+        text += SINGLE_CLASS_MARK
     return text
+
+
+def mark_single_class(table: Table) -> None:
+    """The note explaining the mark `cell` gives a single-class probe, on a table whose cells carry it."""
+    if any(SINGLE_CLASS_MARK in text for row in table.rows for text in row):
+        table.notes.append(
+            f"{SINGLE_CLASS_MARK} the probe answers one class for at least {SINGLE_CLASS_SHARE:.0%} of the examples "
+            "in every seed: it learned the majority label, not the task"
+        )
 
 
 @dataclass
@@ -361,7 +374,7 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                 continue
             found = {(c, which): result((model, mode, c), which) for c, which in cells}
             estimates = {key: overall(run) if run is not None else None for key, run in found.items()}
-            table.rows.append([model, mode, *[cell(e) for e in estimates.values()]])
+            table.rows.append([model, mode, *[cell(estimates[key], run) for key, run in found.items()]])
             table.records += [
                 _record(estimates[key], run, model=model, mode=mode, layer=run.layer)
                 for key, run in found.items()
@@ -428,6 +441,7 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
             f"no paper rows beside {', '.join(sorted(set(paper_missing)))}: the paper's numbers are shown only beside "
             f"runs of the checkpoints it probed ({', '.join(PAPER_CHECKPOINTS)}) with their own weights"
         )
+    mark_single_class(table)
     return table
 
 
@@ -509,8 +523,9 @@ def table3(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
             if not any(found.values()):
                 continue
             estimates = {c: overall(run) if run else None for c, run in found.items()}
-            table.rows.append([model, PROBES[probe].title, *[cell(estimates[c]) for c in order]])
+            table.rows.append([model, PROBES[probe].title, *[cell(estimates[c], found[c]) for c in order]])
             table.records += [_record(e, found[c], model=model, probe=probe) for c, e in estimates.items() if e]
+    mark_single_class(table)
     return table
 
 
@@ -607,7 +622,7 @@ def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
                 str(run.search["trials_complete"]),
                 str(pruned),
                 f"{100 * best['val_search']:.1f}",
-                cell(overall(run)),
+                cell(overall(run), run),
             ]
         )
         table.records.append(
@@ -636,6 +651,7 @@ def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
         f"best trial's val {metric} in the search; test: the best trial retrained with its final seeds, mean [95% CI] "
         "±std"
     )
+    mark_single_class(table)
     return table
 
 
@@ -854,8 +870,9 @@ def per_layer_table(runs: Sequence[RunResults], options: ReportOptions) -> Table
         for layer in sorted({r.layer for r in frozen if r.label == model}):
             found = {c: index.get((model, layer, *c)) for c in order}
             estimates = {c: overall(run) if run else None for c, run in found.items()}
-            table.rows.append([model, str(layer), *[cell(estimates[c]) for c in order]])
+            table.rows.append([model, str(layer), *[cell(estimates[c], found[c]) for c in order]])
             table.records += [_record(e, found[c], model=model, layer=layer) for c, e in estimates.items() if e]
+    mark_single_class(table)
     return table
 
 

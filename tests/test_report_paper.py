@@ -288,6 +288,11 @@ def test_single_class_probes_get_no_kendall_tau(tmp_path):
     write_report([tmp_path / "runs"], tmp_path / "report")
     table5 = (tmp_path / "report" / "tables" / "table5.md").read_text()
     assert "the probe predicts a single class" in table5
+    # Table 1 marks both single-class probes' accuracies, and says what the mark means
+    table1 = (tmp_path / "report" / "tables" / "table1.md").read_text().splitlines()
+    marked = sorted(line.split(" | ")[:2] for line in table1 if line.rstrip(" |").endswith("‡"))
+    assert marked == [["| BLIP-2", "frozen"], ["| BLIP-2", "unfrozen"]]
+    assert any(line.startswith("_‡ the probe answers one class for at least 99%") for line in table1)
     lines = table5.splitlines()
     models = "BLIP-2 frozen | BLIP-2 unfrozen | InstructBLIP frozen | InstructBLIP unfrozen"
     assert lines[2] == f"| task | property | {models} |"
