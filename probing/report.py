@@ -996,8 +996,8 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
                 run.mode,
                 str(run.layer),
                 run.probe,
-                cell(accuracy),
-                cell(control),
+                cell(accuracy, run),
+                cell(control, run.control_run),
                 _points(selective),
                 *code_cells,
                 *control_cells,
@@ -1035,6 +1035,7 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
         "CI over the coded examples; compression = uniform codelength / online codelength",
         "random weights: the same configuration on the model of the same family with random weights (init: random)",
     ]
+    mark_single_class(table)
     return table
 
 
