@@ -106,6 +106,15 @@ def test_statsmodels_fleiss_kappa_gives_the_textbook_values():
 # ------------------------------------------------------------------ sampling
 
 
+def test_export_never_writes_over_the_study(tmp_path, capsys):
+    study = tmp_path / "rcm.db"
+    study.write_bytes(b"the study")
+    for out in (study, tmp_path / "." / "rcm.db"):
+        code, _, err = run_cli(capsys, "annotate", "export", "--db", study, "--out", out)
+        assert code == 2 and "is the study's own --db file" in err and err.count("\n") == 1
+    assert study.read_bytes() == b"the study"
+
+
 def test_the_sample_is_balanced_seeded_and_shared(rcm_options):
     study = prepare_study(rcm_design(rcm_options))
     scored = [item for item in study.items if item.role != "intro"]

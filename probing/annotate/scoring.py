@@ -207,11 +207,13 @@ def score(db: Path, out: Path, label: str = "Human") -> StageResult[dict[str, An
 def export(db: Path, out: Path) -> int:
     """Every answer (practice ones too, marked by role) as one JSON object per line, written atomically;
     returns how many."""
-    store = AnnotationStore.open(db)
-    answers = store.answers()
     out = Path(out)
     if out.is_dir():
         raise ProbingError(f"--out {out}: is a directory (give a .jsonl file)")
+    if out.exists() and Path(db).exists() and os.path.samefile(out, db):  # the export would replace the study
+        raise ProbingError(f"--out {out}: is the study's own --db file (give another .jsonl file)")
+    store = AnnotationStore.open(db)
+    answers = store.answers()
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}{PARTIAL_MARK}{os.getpid()}")
     with open(temporary, "w", encoding="utf-8") as handle:
