@@ -89,8 +89,15 @@ class RunResults:
     split: str = "test"  # the evaluated split these results are of
     task_file: str | None = None  # where a task defined by a file is defined
     control: bool = False  # trained and judged on the task's control targets (`probing.controls`)
+    control_seed: int = 0  # which control (with `control`)
+    shuffled: bool = False  # a floor: trained with the train and val feature rows permuted (`probing.controls`)
     control_run: RunResults | None = None  # the same configuration on the control targets (`attach_rigour`)
+    control_runs: list[RunResults] = field(default_factory=list)  # on every control seed, by seed (`attach_rigour`)
+    floor_run: RunResults | None = None  # the same configuration on shuffled features: the floor (`attach_rigour`)
+    lookup_correct: np.ndarray | None = None  # binary: per example, is the train-type lookup right (the ceiling)
+    searched_control: bool = False  # a control run with a search of its own (`control_search`), not the task's
     mdl: MdlResults | None = None  # the online code of its train targets (`attach_rigour`)
+    mdl_floor: MdlResults | None = None  # the same code with shuffled feature rows: the noise floor (`attach_rigour`)
     model_id: str | None = None  # where the weights came from (hub id, local folder, lavis:.pth), when recorded
     weights: dict[str, Any] = field(default_factory=dict)  # the model's identity (family, init, weights hash ...)
     # binary heads: the smallest, over seeds, of the share of examples given the seed's most frequent answer
@@ -108,10 +115,15 @@ class RunResults:
         return spec.title if len(spec.eval_splits) == 1 else f"{spec.title} {self.split}"
 
     @property
-    def key(self) -> tuple[str, str, str, str, int, str, bool]:
-        """What a report row stands for: model label, task, split, mode, layer, probe, and whether on the
-        control targets."""
-        return (self.label, self.task, self.split, self.mode, self.layer, self.probe, self.control)
+    def key(self) -> tuple[str, str, str, str, int, str, bool, int, bool]:
+        """What a report row stands for: model label, task, split, mode, layer, probe, whether on the control
+        targets (and which control seed), whether a floor (shuffled features)."""
+        return (*self.configuration, self.control, self.control_seed if self.control else 0, self.shuffled)
+
+    @property
+    def configuration(self) -> tuple[str, str, str, str, int, str]:
+        """Model label, task, split, mode, layer and probe: what a task run, its controls and floors share."""
+        return (self.label, self.task, self.split, self.mode, self.layer, self.probe)
 
 
 def deduplicate(runs: list[RunResults]) -> tuple[list[RunResults], list[RunResults]]:
@@ -228,6 +240,9 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
             for records in records_by_seed.values()
         ]
         majority_share = min(shares)
+    lookup_correct = None
+    if all("lookup_correct" in r for r in first):
+        lookup_correct = np.array([float(r["lookup_correct"]) for r in first])
     return RunResults(
         path=run_path,
         task=spec.name,
@@ -248,6 +263,10 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         split=split,
         task_file=task_file,
         control=bool(manifest.get("control", False)),
+        control_seed=int(manifest.get("control_seed", 0)),
+        shuffled=bool(manifest.get("shuffled_features", False)),
+        lookup_correct=lookup_correct,
+        searched_control=bool(manifest.get("control", False)) and search is not None,
         model_id=_model_id(manifest, stores),
         weights=dict(model),
         majority_share=majority_share,
@@ -390,13 +409,95 @@ def selectivity(run: RunResults, seed: int = 0) -> Estimate | None:
     control = run.control_run
     if control is None:
         return None
-    position = {example_id: index for index, example_id in enumerate(control.ids)}
-    shared = [index for index, example_id in enumerate(run.ids) if example_id in position]
-    if len(shared) != len(run.ids) or len(control.ids) != len(run.ids):
-        raise ProbingError(
-            f"{control.path}: the control run was evaluated on other {run.split} examples than {run.path}"
-        )
-    return paired_difference(run.correct, control.correct[:, [position[run.ids[i]] for i in shared]], seed=seed)
+    return paired_difference(run.correct, _aligned(run, control), seed=seed)
+
+
+def _aligned(run: RunResults, other: RunResults, values: np.ndarray | None = None) -> np.ndarray:
+    """`other.correct` (or `values`, per example of `other`) with its examples in `run`'s order (matched by id)."""
+    position = {example_id: index for index, example_id in enumerate(other.ids)}
+    if len(other.ids) != len(run.ids) or any(example_id not in position for example_id in run.ids):
+        raise ProbingError(f"{other.path}: evaluated on other {run.split} examples than {run.path}")
+    order = [position[example_id] for example_id in run.ids]
+    values = other.correct if values is None else values
+    return values[..., order]
+
+
+def seeds_and_examples(
+    per_seed: np.ndarray,
+    shift: np.ndarray | None = None,
+    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = CONFIDENCE,
+) -> Estimate:
+    """mean(shift) + the mean over rows (control seeds) of `per_seed` [S, N] (per example values), with a 95 %
+    percentile bootstrap interval that resamples both the examples (the same draw for `shift` and every row,
+    paired) and the rows (control seeds, with replacement): it covers the example noise and the spread over
+    control seeds. `seed_std` is the standard deviation of the rows' means."""
+    per_seed = np.atleast_2d(np.asarray(per_seed, dtype=float))
+    rows, examples = per_seed.shape
+    shift = np.zeros(examples) if shift is None else np.asarray(shift, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = 100  # resamples drawn at once: bounds the memory of the draws
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        draws = rng.integers(0, examples, size=(count, examples))
+        picked = rng.integers(0, rows, size=(count, rows))
+        row_means = per_seed[:, draws].mean(axis=2)  # [S, count]: each row on each resample's examples
+        means[start : start + count] = shift[draws].mean(axis=1) + np.take_along_axis(row_means.T, picked, 1).mean(1)
+    tail = (1 - confidence) / 2
+    row_means = per_seed.mean(axis=1)
+    return Estimate(
+        mean=float(shift.mean() + row_means.mean()),
+        low=float(np.quantile(means, tail)),
+        high=float(np.quantile(means, 1 - tail)),
+        seed_std=float(statistics.stdev(row_means)) if rows > 1 else None,
+        seeds=rows,
+        examples=examples,
+    )
+
+
+@dataclass
+class Rigour:
+    """A task run's rigour numbers (`rigour`): each an Estimate, None where its runs are missing."""
+
+    floor: Estimate | None  # the task's floor: the same probe on shuffled features
+    control: Estimate | None  # control accuracy, over control seeds
+    control_floor: Estimate | None  # the controls' floors, over control seeds
+    ceiling: Estimate | None  # binary controls: the train-type lookup, over control seeds
+    selectivity: Estimate | None  # (task - floor) - (control - control floor), over control seeds
+    control_seeds: int
+
+
+def rigour(run: RunResults, seed: int = 0) -> Rigour:
+    """Floors, ceiling and selectivity of a task run (`attach_rigour` first). Selectivity against the floors:
+    (task accuracy - its floor) - mean over control seeds of (control accuracy - its floor), every term on the
+    same test examples; its interval resamples the examples and the control seeds (`seeds_and_examples`). A
+    floor missing (runs made without one) counts as 0, so the selectivity is then Hewitt & Liang's plain
+    difference."""
+    task = run.correct.mean(axis=0)
+    floor = _aligned(run, run.floor_run).mean(axis=0) if run.floor_run is not None else None
+    controls = run.control_runs or ([run.control_run] if run.control_run is not None else [])
+    if not controls:
+        return Rigour(None if floor is None else estimate(floor[None], seed=seed), None, None, None, None, 0)
+    control = np.stack([_aligned(run, c).mean(axis=0) for c in controls])
+    with_floors = all(c.floor_run is not None for c in controls)
+    control_floor = np.stack([_aligned(run, c.floor_run).mean(axis=0) for c in controls]) if with_floors else None
+    lookups = [c.lookup_correct for c in controls]
+    ceiling = (
+        np.stack([_aligned(run, c, v) for c, v in zip(controls, lookups, strict=True)])
+        if all(v is not None for v in lookups)
+        else None
+    )
+    above = control - control_floor if control_floor is not None else control
+    return Rigour(
+        floor=None if floor is None else estimate(floor[None], seed=seed),
+        control=seeds_and_examples(control, seed=seed),
+        control_floor=None if control_floor is None else seeds_and_examples(control_floor, seed=seed),
+        ceiling=None if ceiling is None else seeds_and_examples(ceiling, seed=seed),
+        selectivity=seeds_and_examples(-above, task - (floor if floor is not None else 0), seed=seed),
+        control_seeds=len(controls),
+    )
 
 
 @dataclass
@@ -406,19 +507,27 @@ class MdlResults:
     path: Path
     label: str
     record: MdlRecord
+    control_seed: int = 0
+    shuffled: bool = False  # the noise-feature floor: the code with shuffled feature rows
 
     @property
-    def key(self) -> tuple[str, str, int, str, bool]:
-        """Model label, task, layer, probe, and whether on the control targets."""
+    def key(self) -> tuple[str, str, int, str, bool, int, bool]:
+        """Model label, task, layer, probe, whether on the control targets (which seed), whether a floor."""
         record = self.record
-        return (self.label, record.task, record.layer, record.probe, record.control)
+        return (self.label, record.task, record.layer, record.probe, record.control, self.control_seed, self.shuffled)
 
 
 def load_mdl(path: Path | str) -> MdlResults:
     path = Path(path)
     manifest = read_json_file(path / "manifest.json")
     record = MdlRecord.read(path)
-    return MdlResults(path=path, label=record.label or model_label(_model_of(manifest, path)), record=record)
+    return MdlResults(
+        path=path,
+        label=record.label or model_label(_model_of(manifest, path)),
+        record=record,
+        control_seed=int(manifest.get("control_seed", 0)) if record.control else 0,
+        shuffled=bool(manifest.get("shuffled_features", False)),
+    )
 
 
 def codelength_interval(
@@ -439,22 +548,35 @@ def codelength_interval(
 
 
 def attach_rigour(runs: list[RunResults], codes: list[MdlResults]) -> tuple[list[RunResults], list[RunResults]]:
-    """Control runs ride on their task runs (`control_run`) and online codes on the runs of the same model, task,
-    layer, probe and targets (`mdl`). Returns (the task runs, control runs without a task run)."""
-    tasks = [run for run in runs if not run.control]
-    by_key = {run.key: run for run in tasks}
+    """Control runs ride on their task runs (`control_runs`, by control seed; `control_run` the first), floors
+    (shuffled features) on the runs of the same targets (`floor_run`), and online codes on the runs of the same
+    model, task, layer, probe and targets (`mdl`; the noise-feature floor's code: `mdl_floor`). Returns (the task
+    runs, control runs and floors without a task run)."""
+    tasks = [run for run in runs if not run.control and not run.shuffled]
+    by_configuration = {run.configuration: run for run in tasks}
+    floors = {run.key[:-1]: run for run in runs if run.shuffled}
     unpaired = []
-    for control in (run for run in runs if run.control):
-        task_run = by_key.get((*control.key[:-1], False))
+    for control in sorted((run for run in runs if run.control and not run.shuffled), key=lambda r: r.control_seed):
+        task_run = by_configuration.get(control.configuration)
         if task_run is None:
             unpaired.append(control)
         else:
-            task_run.control_run = control
+            task_run.control_runs.append(control)
+    for run in tasks:
+        run.control_run = run.control_runs[0] if run.control_runs else None
+    targets = tasks + [control for run in tasks for control in run.control_runs]
+    attached = set()
+    for run in targets:
+        run.floor_run = floors.get(run.key[:-1])
+        if run.floor_run is not None:
+            attached.add(id(run.floor_run))
+    unpaired += [floor for floor in floors.values() if id(floor) not in attached]
     by_code = {code.key: code for code in sorted(codes, key=lambda c: str(c.path), reverse=True)}  # first path wins
-    for run in tasks + [run.control_run for run in tasks if run.control_run is not None]:
-        run.mdl = (
-            by_code.get((run.label, run.task, run.layer, run.probe, run.control)) if run.mode == "frozen" else None
-        )
+    for run in targets:
+        key = (run.label, run.task, run.layer, run.probe, run.control, run.control_seed if run.control else 0)
+        frozen = run.mode == "frozen"
+        run.mdl = by_code.get((*key, False)) if frozen else None
+        run.mdl_floor = by_code.get((*key, True)) if frozen else None
     return tasks, unpaired
 
 

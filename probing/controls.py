@@ -16,9 +16,22 @@ have reached by memorising; selectivity = task accuracy - control accuracy (`pro
   holds and in whatever order its examples come; the control seed (`--control-seed`, default 0) draws
   another control task.
 
-`ControlInputs` holds the two settings (`--control`, `--control-seed`) that `probing train`, `probing search`
-and `probing mdl` share; they enter an output's identity only when `--control` is given, so outputs made
-before controls existed keep their identity.
+The floor of a task or of a control (`--shuffled-features`): the same probe, with the same hyper-parameters,
+trained on the same targets with the train and val feature rows permuted (a fixed permutation), so that no
+example's features tell its target or its type. It is what a probe reaches from the targets' distribution
+alone: on features that carry nothing it is what the probe itself reaches, whatever box or label the control
+drew, so a score minus its floor is comparable across control seeds (`probing.analysis.rigour_selectivity`).
+Why not the best constant predictor: a box probe trained with L1 + GIoU does not reach the best constant box,
+it settles near the coordinate-wise median of the targets, so a constant-predictor floor is not what the probe
+gets on uninformative features (see docs/rigor.md for the numbers).
+
+The ceiling of a binary control (`type_lookup`): the label of each test example's type looked up in train (the
+majority label of the type's train examples; the train majority for a type train does not hold) -- what a probe
+that memorised every train type would answer.
+
+`ControlInputs` holds the settings (`--control`, `--control-seed`, `--shuffled-features`) that `probing train`,
+`probing search` and `probing mdl` share; they enter an output's identity only when given, so outputs made
+before they existed keep their identity.
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ import json
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from probing.data.types import Example
 from probing.errors import ProbingError
@@ -88,6 +103,14 @@ class ControlInputs:
         0, identity=True, omit_default=True, low=0, help="With --control: the seed of the control targets."
     )
 
+    shuffled_features: bool = setting(
+        False,
+        identity=True,
+        omit_default=True,
+        help="Frozen probes: the floor -- train on the same targets with the train and val feature rows permuted "
+        "(a fixed permutation), so that the features tell nothing about the targets.",
+    )
+
     @property
     def control_targets_seed(self) -> int | None:
         """The control seed when the targets are a control's, else None (the task's own targets)."""
@@ -96,4 +119,33 @@ class ControlInputs:
     def control_identity(self) -> dict[str, Any]:
         """The identity fields of the choice: none for the task's own targets (identities made before controls
         existed stay valid), else `control: true` (and the seed where it is not 0)."""
-        return identity(self, only=("control", "control_seed")) if self.control else {}
+        chosen = identity(self, only=("control", "control_seed")) if self.control else {}
+        return {**chosen, **identity(self, only=("shuffled_features",))}
+
+
+FLOOR_PERMUTATION_SEED = 0  # one fixed permutation: a floor is a property of the targets, not of a draw
+
+
+def shuffled_rows(examples: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """The feature rows a floor's examples read: example i reads the row of example perm[i] (a fixed
+    permutation drawn from `FLOOR_PERMUTATION_SEED`)."""
+    order = torch.randperm(examples, generator=torch.Generator().manual_seed(FLOOR_PERMUTATION_SEED))
+    return order if rows is None else rows.index_select(0, order)
+
+
+def type_lookup(train_types: Sequence[Hashable], train_labels: Sequence[float], types: Sequence[Hashable]) -> list[int]:
+    """The ceiling of a binary control: each type's majority label among its train examples (ties and types
+    train does not hold: the train majority label)."""
+    counts: dict[Hashable, list[int]] = {}
+    for kind, label in zip(train_types, train_labels, strict=True):
+        counts.setdefault(kind, [0, 0])[int(label)] += 1
+    ones = sum(int(label) for label in train_labels)
+    majority = int(ones * 2 > len(train_labels))
+    answers = []
+    for kind in types:
+        zeros_ones = counts.get(kind)
+        if zeros_ones is None or zeros_ones[0] == zeros_ones[1]:
+            answers.append(majority)
+        else:
+            answers.append(int(zeros_ones[1] > zeros_ones[0]))
+    return answers

@@ -413,7 +413,13 @@ def run_mdl(request: MdlRequest) -> StageResult[MdlRecord]:
     """The online code of the task's (or its control's) train targets on one layer; writes `request.out`."""
     request.check()
     trainer = FrozenTrainer(
-        request.task, request.features, request.layer, request.settings, request.data, request.control_targets_seed
+        request.task,
+        request.features,
+        request.layer,
+        request.settings,
+        request.data,
+        request.control_targets_seed,
+        request.shuffled_features,
     )
     identity = mdl_identity(request, trainer.inputs)
     if existing_output_matches(request.out, identity, "mdl"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from probing.controls import shuffled_rows
 from probing.data.types import DataOptions
 from probing.errors import ProbingError
 from probing.features import FeatureStore
@@ -111,12 +112,18 @@ def load_probe_splits(
     layer: int,
     data_options: DataOptions | None = None,
     control_seed: int | None = None,
+    shuffled_features: bool = False,
 ) -> dict[str, ProbeData]:
     """ProbeData for every split: the layer's features aligned with their targets (with `control_seed`, the
-    targets of the task's control, drawn from the train split's targets: `probing.controls`)."""
+    targets of the task's control, drawn from the train split's targets: `probing.controls`; with
+    `shuffled_features`, the train and val examples reading a permutation of their rows: the floor)."""
     splits = {split: align(stores[split], spec, split, layer, data_options) for split in spec.splits}
     if control_seed is not None:
         train = splits[TRAIN].examples
         for split, data in splits.items():
             data.targets = spec.control_targets(train, data.examples, control_seed, str(stores[split].path))
+    if shuffled_features:
+        for split in (TRAIN, "val"):
+            data = splits[split]
+            data.rows = shuffled_rows(len(data), data.rows)
     return splits

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from probing.artifacts import code_version, existing_output_matches, save_safetensors, staged_directory, write_json
 from probing.checkpoints import TrialCheckpoint
-from probing.controls import ControlInputs
+from probing.controls import ControlInputs, type_lookup
 from probing.data.types import NO_CATEGORY, DataOptions, Example
 from probing.errors import ProbingError
 from probing.locks import claim
@@ -90,6 +90,8 @@ class TrainRequest(ModelSource, ProbeInputs):
         spec = get_task(self.task)
         if self.control:
             spec.check_control()
+        if self.shuffled_features and self.mode != "frozen":
+            raise ProbingError("--shuffled-features: frozen only (the floor permutes stored feature rows)")
         if self.data is not None and get_task(self.data.task).name != spec.name:
             raise ProbingError(f"--task {self.task}: the data options are for '{self.data.task}'")
         seeds = [t.seed for t in self.trials]
@@ -105,7 +107,15 @@ def make_trainer(request: TrainRequest) -> Trainer:
     """The trainer of a request's mode, prepared (stores checked, or model and data loaded)."""
     control = request.control_targets_seed
     if request.mode == "frozen":
-        return FrozenTrainer(request.task, request.features, request.layer, request.settings, request.data, control)
+        return FrozenTrainer(
+            request.task,
+            request.features,
+            request.layer,
+            request.settings,
+            request.data,
+            control,
+            request.shuffled_features,
+        )
     return UnfrozenTrainer(
         request.task,
         request.source,
@@ -170,6 +180,20 @@ def run_training(request: TrainRequest) -> StageResult[MetricsRecord]:
             lock.release()
 
 
+def _type_lookups(spec: Any, trainer: Trainer) -> dict[str, list[bool]]:
+    """Binary controls: per evaluated split and example, whether the train-type lookup (the control's ceiling,
+    `probing.controls.type_lookup`) answers its control label."""
+    if spec.head.kind != "binary" or spec.control_type is None:
+        return {}
+    train_types = [spec.control_type(example) for example in trainer.examples("train")]
+    train_labels = trainer.targets("train").tolist()
+    lookups = {}
+    for split in spec.evaluated_splits:
+        answers = type_lookup(train_types, train_labels, [spec.control_type(e) for e in trainer.examples(split)])
+        lookups[split] = [answer == int(label) for answer, label in zip(answers, trainer.targets(split).tolist())]
+    return lookups
+
+
 def write_run(
     request: TrainRequest,
     trainer: Trainer,
@@ -189,12 +213,16 @@ def write_run(
     head = spec.head
     runs: list[SeedRun] = []
     predictions: dict[str, list[dict[str, Any]]] = {split: [] for split in spec.evaluated_splits}
+    lookups = _type_lookups(spec, trainer) if request.control else {}
     for fit in fitted:
         splits = {"val": fit.result.val_metrics}
         weights = {name: getattr(fit.trial, name) for name in head.loss_weights}
         for split in spec.evaluated_splits:
             outputs, targets = trainer.outputs(fit, split), trainer.targets(split)
-            predictions[split] += head.records(split, fit.trial.seed, trainer.examples(split), outputs, targets)
+            records = head.records(split, fit.trial.seed, trainer.examples(split), outputs, targets)
+            for record, right in zip(records, lookups.get(split, ()), strict=False):
+                record["lookup_correct"] = right
+            predictions[split] += records
             if split != "val":
                 splits[split] = {
                     "loss": float(head.loss(outputs, targets, weights)),

@@ -53,8 +53,8 @@ from probing.analysis import (
     overall,
     paired_comparison,
     per_category,
+    rigour,
     roc_auc,
-    selectivity,
     single_class,
     validation_run,
 )
@@ -903,20 +903,22 @@ def _code_cells(code: MdlResults | None) -> tuple[list[str], dict[str, Any]]:
     return [f"{kbits[0]:.2f} [{kbits[1]:.2f}, {kbits[2]:.2f}]", "{:.2f} [{:.2f}, {:.2f}]".format(*compression)], numbers
 
 
-def _code_results(run: RunResults) -> list[dict[str, Any]]:
-    """`results.csv` rows of a run's online code (the rigour table's MDL cells), none without one."""
-    if run.mdl is None:
+def _code_results(run: RunResults, code: MdlResults | None = None, prefix: str = "mdl_") -> list[dict[str, Any]]:
+    """`results.csv` rows of a run's online code (`code`, default `run.mdl`: the rigour table's MDL cells), none
+    without one."""
+    code = code or run.mdl
+    if code is None:
         return []
-    _, numbers = _code_cells(run.mdl)
+    _, numbers = _code_cells(code)
     intervals = {"codelength_kbits": "codelength", "compression": "compression"}  # uniform_kbits has none
     return [
         _result(
             run,
-            f"mdl_{name}",
+            f"{prefix}{name}",
             numbers[name],
             ci_low=numbers.get(f"{intervals.get(name)}_ci_low"),
             ci_high=numbers.get(f"{intervals.get(name)}_ci_high"),
-            n=run.mdl.record.examples,
+            n=code.record.examples,
             split="train",  # the code is of the train targets
         )
         for name in ("codelength_kbits", "uniform_kbits", "compression")
@@ -932,7 +934,7 @@ def _random_counterpart(run: RunResults, runs: Sequence[RunResults]) -> RunResul
         for other in runs
         if other.init == "random"
         and other.family == run.family
-        and (other.task, other.split, other.mode, other.layer, other.probe) == run.key[1:-1]
+        and (other.task, other.split, other.mode, other.layer, other.probe) == run.configuration[1:]
     ]
     return min(same, key=lambda other: str(other.path)) if same else None
 
@@ -943,20 +945,23 @@ def _prefixed(prefix: str, numbers: dict[str, Any]) -> dict[str, Any]:
 
 @register_table("rigor")
 def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
-    """Beyond accuracy, per model, task, mode, layer and probe: the control task's accuracy and the selectivity
-    (Hewitt & Liang, 2019), the MDL codelength and compression by the online code (Voita & Titov, 2020) of the
-    task and of its control, and the accuracy of the random-weights model of the same family."""
+    """Beyond accuracy, per model, task, mode, layer and probe: the accuracy beside its floor (the same probe on
+    shuffled features), the control task's accuracy over its control seeds (Hewitt & Liang, 2019) beside the
+    controls' floor and, for binary tasks, their ceiling (the train-type lookup); the selectivity against the
+    floors; the MDL codelength and compression by the online code (Voita & Titov, 2020) beside the uniform
+    codelength and the noise-feature floor's compression, for the task and its control; and the accuracy of
+    the random-weights model of the same family."""
     order = {column: index for index, column in enumerate(_columns(runs))} if runs else {}
     rows = []
     for run in runs:
         random = _random_counterpart(run, runs)
-        if run.control_run is not None or run.mdl is not None or random is not None:
+        if run.control_run is not None or run.mdl is not None or run.floor_run is not None or random is not None:
             rows.append((run, random))
     if not rows:
         return None
     table = Table(
         "rigor",
-        "Rigour: control task, selectivity, MDL (online code) and the random-weights model",
+        "Rigour: floor, control task, ceiling, selectivity, MDL (online code) and the random-weights model",
         [
             "model",
             "task",
@@ -964,12 +969,17 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
             "layer",
             "probe",
             "accuracy (%)",
+            "floor (%)",
             "control (%)",
+            "control floor (%)",
+            "ceiling (%)",
             "selectivity (points)",
             "MDL (kbits)",
+            "uniform (kbits)",
             "compression",
-            "control MDL (kbits)",
+            "noise floor compression",
             "control compression",
+            "control noise floor compression",
             "random weights (%)",
         ],
     )
@@ -982,13 +992,20 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
             item[0].probe,
         )
     )
+    searched = False
     for run, random in rows:
         accuracy = overall(run)
-        control = overall(run.control_run) if run.control_run is not None else None
-        selective = selectivity(run)
+        numbers_of = rigour(run)
         code_cells, code_numbers = _code_cells(run.mdl)
-        control_cells, control_numbers = _code_cells(run.control_run.mdl if run.control_run is not None else None)
+        floor_cells, floor_numbers = _code_cells(run.mdl_floor)
+        control = run.control_run
+        control_cells, control_numbers = _code_cells(control.mdl if control is not None else None)
+        control_floor_cells, control_floor_numbers = _code_cells(control.mdl_floor if control is not None else None)
         random_accuracy = overall(random) if random is not None else None
+        control_mark = ""
+        if any(c.searched_control for c in run.control_runs):
+            control_mark, searched = SEARCHED_CONTROL_MARK, True
+        uniform = f"{run.mdl.record.uniform_bits / 1000:.2f}" if run.mdl is not None else "–"
         table.rows.append(
             [
                 run.label,
@@ -997,10 +1014,17 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
                 str(run.layer),
                 run.probe,
                 cell(accuracy, run),
-                cell(control, run.control_run),
-                _points(selective),
-                *code_cells,
-                *control_cells,
+                cell(numbers_of.floor, run.floor_run),
+                _over_seeds(numbers_of.control, numbers_of.control_seeds, control) + control_mark,
+                _over_seeds(numbers_of.control_floor, numbers_of.control_seeds),
+                _over_seeds(numbers_of.ceiling, numbers_of.control_seeds),
+                _points(numbers_of.selectivity),
+                code_cells[0],
+                uniform,
+                code_cells[1],
+                floor_cells[1],
+                control_cells[1],
+                control_floor_cells[1],
                 cell(random_accuracy),
             ]
         )
@@ -1011,32 +1035,69 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
             "layer": run.layer,
             "task": run.task,
             "split": run.split,
+            "control_seeds": numbers_of.control_seeds,
             **_prefixed("accuracy_", accuracy.as_dict()),
-            **(_prefixed("control_", control.as_dict()) if control else {}),
-            **(_prefixed("selectivity_", selective.as_dict()) if selective else {}),
+            **_prefixed("floor_", numbers_of.floor.as_dict() if numbers_of.floor else {}),
+            **_prefixed("control_", numbers_of.control.as_dict() if numbers_of.control else {}),
+            **_prefixed("control_floor_", numbers_of.control_floor.as_dict() if numbers_of.control_floor else {}),
+            **_prefixed("ceiling_", numbers_of.ceiling.as_dict() if numbers_of.ceiling else {}),
+            **_prefixed("selectivity_", numbers_of.selectivity.as_dict() if numbers_of.selectivity else {}),
             **code_numbers,
+            **_prefixed("noise_floor_", floor_numbers),
             **_prefixed("control_", control_numbers),
+            **_prefixed("control_noise_floor_", control_floor_numbers),
             **(_prefixed("random_", random_accuracy.as_dict()) if random_accuracy else {}),
             "random_model": random.label if random is not None else None,
         }
         table.records.append(numbers)
-        if selective is not None:
-            table.results.append(_result(run, "selectivity", estimate=selective, against_run=str(run.control_run.path)))
-        table.results += _code_results(run)
-        if run.control_run is not None:
-            table.results += _code_results(run.control_run)
+        rigour_results = {
+            "floor": (numbers_of.floor, run.floor_run),
+            "control": (numbers_of.control, control),
+            "control_floor": (numbers_of.control_floor, control.floor_run if control is not None else None),
+            "ceiling": (numbers_of.ceiling, control),
+            "selectivity": (numbers_of.selectivity, control),
+        }
+        for metric, (value, against) in rigour_results.items():
+            if value is not None:
+                table.results.append(_result(run, metric, estimate=value, against_run=str(against.path)))
+        table.results += _code_results(run) + _code_results(run, run.mdl_floor, "mdl_noise_floor_")
+        if control is not None:
+            table.results += _code_results(control) + _code_results(control, control.mdl_floor, "mdl_noise_floor_")
     table.notes += [
-        "accuracy (the task's main metric: Acc@0.5 for boxes), control, random weights: mean [95% bootstrap CI "
-        "over test examples] ±std over seeds; control: "
-        "the same search on the task's control targets (a fixed random function of each example's type); "
-        "selectivity = accuracy - control, paired bootstrap over the same test examples",
-        "MDL: online codelength of the train targets (Voita & Titov's blocks of 0.1 ... 100 % of train; binary "
-        "labels under Bernoulli(sigmoid), boxes per cxcywh coordinate in 100 bins under a Laplace), 95% bootstrap "
-        "CI over the coded examples; compression = uniform codelength / online codelength",
+        "accuracy (the task's main metric: Acc@0.5 for boxes), floor, random weights: mean [95% bootstrap CI over "
+        "test examples] ±std over seeds; floor: the same probe and hyper-parameters trained on the same targets "
+        "with the train and val feature rows permuted (what the probe reaches when the features tell nothing)",
+        "control: the task's control targets (a fixed random function of each example's type), trained with the "
+        "task's chosen hyper-parameters, mean over control seeds [95% CI resampling test examples and control "
+        "seeds] ±std over control seeds; control floor: each control's floor; ceiling (binary tasks): the "
+        "control label of each test example's type looked up in train (what memorising every train type gives)",
+        "selectivity = (accuracy - floor) - (control - control floor), in points, CI resampling test examples and "
+        "control seeds: what the probe reads beyond what it reaches by memorising types; a CI covering 0 means "
+        "no evidence that the representation holds more than the control's types",
+        "MDL: online codelength of the train targets in kbits (1 kbit = 1,000 bits; Voita & Titov's blocks of 0.1 "
+        "... 100 % of train; binary labels under Bernoulli(sigmoid), boxes per cxcywh coordinate in 100 bins "
+        "under a Laplace), 95% bootstrap CI over the coded examples; uniform: the codelength without a probe; "
+        "compression = uniform / online; noise floor compression: the same code with shuffled feature rows "
+        "(the target's prior alone): a compression is evidence only above its noise floor",
         "random weights: the same configuration on the model of the same family with random weights (init: random)",
     ]
+    if searched:
+        table.notes.append(
+            f"{SEARCHED_CONTROL_MARK} the control had a hyper-parameter search of its own (control_search), "
+            "not the task's hyper-parameters: its selectivity is biased down"
+        )
     mark_single_class(table)
     return table
+
+
+SEARCHED_CONTROL_MARK = "§"
+
+
+def _over_seeds(estimate: Estimate | None, seeds: int, run: RunResults | None = None) -> str:
+    """`cell` of an estimate over control seeds, with their count (`(5 seeds)`)."""
+    if estimate is None:
+        return "–"
+    return f"{cell(estimate, run)} ({seeds} seed{'s' if seeds != 1 else ''})"
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
@@ -1258,8 +1319,8 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
         written["figures"] = [str(p.relative_to(staging)) for p in figures]
         results_frame(runs, tables).to_csv(staging / "results.csv", index=False)
         shown = sorted({str(r.path) for r in runs})
-        paired = {run.key for run in runs}
-        unpaired = [r for r in dropped if r.control and (*r.key[:-1], False) not in paired]
+        tasks = {run.configuration for run in runs}
+        unpaired = [r for r in dropped if (r.control or r.shuffled) and r.configuration not in tasks]
         repeated = sorted({str(r.path) for r in dropped if not any(r is u for u in unpaired)})
         alone = sorted({str(r.path) for r in unpaired})
         listing = ["# runs shown", *shown]

@@ -122,9 +122,11 @@ class FrozenTrainer:
         settings: TrainSettings,
         data: DataOptions | None = None,
         control_seed: int | None = None,
+        shuffled_features: bool = False,
     ):
         self.spec, self.settings, self.layer, self.data = get_task(task), settings, layer, data
         self.control_seed = control_seed  # None: the task's targets; else its control's (`probing.controls`)
+        self.shuffled_features = shuffled_features  # the floor: train and val rows permuted (`probing.controls`)
         self.stores = open_stores(features, self.spec, layer)
         self._splits: dict[str, ProbeData] | None = None
 
@@ -138,7 +140,9 @@ class FrozenTrainer:
     @property
     def splits(self) -> dict[str, ProbeData]:
         if self._splits is None:
-            self._splits = load_probe_splits(self.stores, self.spec, self.layer, self.data, self.control_seed)
+            self._splits = load_probe_splits(
+                self.stores, self.spec, self.layer, self.data, self.control_seed, self.shuffled_features
+            )
         return self._splits
 
     def fit(self, trials: list[Trial], hooks: Sequence[TrialHooks] | None = None) -> list[FittedTrial]:
