@@ -93,8 +93,11 @@ class Experiment:
     probes: list[str] = field(default_factory=lambda: ["linear"])  # registered probes
     search: SearchConfig = field(default_factory=SearchConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)  # read by the mode "zeroshot"
-    controls: bool = False  # each search also on the task's control targets (`probing.controls`)
-    control_seed: int = 0  # the seed of those control targets
+    # each frozen or unfrozen search's best trial also trained on the task's control targets (`probing.controls`),
+    # once per control seed, and (frozen) on shuffled features: the floors
+    controls: bool = False
+    control_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # >= 5 by default: the spread shows
+    control_search: bool = False  # each control gets a search of its own instead of the task's hyper-parameters
     mdl: bool = False  # the online code (`probing.mdl`) of each frozen search's best trial, and of its control's
 
 
@@ -323,8 +326,13 @@ def check(config: Config, paths: bool = True) -> Config:
 def _check_rigour(experiment: Experiment, index: int, specs: list) -> None:
     """`controls` needs tasks with a control type; `mdl` a frozen mode, batched probes and heads with a code."""
     where = f"config field 'experiments[{index}]"
-    if experiment.control_seed < 0:
-        raise ProbingError(f"{where}.control_seed': must be >= 0, got {experiment.control_seed}")
+    bad = next((seed for seed in experiment.control_seeds if seed < 0), None)
+    if bad is not None:
+        raise ProbingError(f"{where}.control_seeds': must be >= 0, got {bad}")
+    if not experiment.control_seeds or len(set(experiment.control_seeds)) != len(experiment.control_seeds):
+        raise ProbingError(f"{where}.control_seeds': expected distinct seeds, got {experiment.control_seeds}")
+    if experiment.control_search and not experiment.controls:
+        raise ProbingError(f"{where}.control_search': needs 'controls: true'")
     if experiment.controls:
         for spec in specs:
             if spec.control_type is None:

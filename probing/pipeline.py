@@ -10,8 +10,13 @@ Layout under the workspace:
     features/<model>/<task>/<layers>/<split>         (<layers>: e.g. layers-12-vision, layers-all)
     runs/<experiment>/<model>/<task>/<mode>/layer<L>-<probe>/     (a search folder; best/ inside)
     runs/<experiment>/<model>/<task>/zeroshot/                    (a zero-shot run folder)
-        ...layer<L>-<probe>-control/                    (`controls: true`: the search on the control targets)
-        ...layer<L>-<probe>[-control]-mdl/              (`mdl: true`: the online code of the best trial)
+        ...layer<L>-<probe>-floor/                      (`controls: true`, frozen: the best trial on shuffled
+                                                          features, the floor)
+        ...layer<L>-<probe>-control-seed<S>[-floor]/    (`controls: true`: the best trial on the control targets
+                                                          of each control seed, and its floor; with
+                                                          `control_search: true` a search of its own)
+        ...layer<L>-<probe>[-control-seed<S>][-floor]-mdl/  (`mdl: true`: the online code of the best trial, of
+                                                          the first control, and of their noise floors)
     report-<config name>/                            (README.md, tables/, figures/)
 
 A second run with the same config recomputes nothing: every stage reports that it reused its output, and
@@ -35,11 +40,12 @@ from probing.extract import ExtractionRequest, extract
 from probing.mdl import MdlRequest, run_mdl
 from probing.models import ModelSource, qformer_layers
 from probing.models.tiny import ensure_checkpoint
+from probing.probe_run import TrainRequest, run_training
 from probing.records import NO_PROBE, StageResult
 from probing.report import write_report
 from probing.search import SearchRequest, SearchSettings, run_search, trial_from
 from probing.tasks import TaskSpec, get_task
-from probing.train import TrainSettings
+from probing.train import TrainSettings, Trial
 from probing.zeroshot import ZeroShotRequest, run_zeroshot
 
 
@@ -54,7 +60,8 @@ class Unit:
     mode: str
     layer: int
     probe: str
-    control: bool = False  # on the task's control targets (`controls: true`)
+    control: bool = False  # on the task's control targets (`controls: true` with `control_search: true`)
+    control_seed: int = 0
 
     @property
     def spec(self) -> TaskSpec:
@@ -151,8 +158,11 @@ def plan(config: Config, depth: dict[str, int]) -> list[Unit]:
                     for layer in layers:
                         for probe in experiment.probes:
                             units.append(Unit(experiment, task, label, mode, layer, probe))
-                            if experiment.controls:
-                                units.append(Unit(experiment, task, label, mode, layer, probe, control=True))
+                            if experiment.controls and experiment.control_search:
+                                units += [
+                                    Unit(experiment, task, label, mode, layer, probe, control=True, control_seed=seed)
+                                    for seed in experiment.control_seeds
+                                ]
     return units
 
 
@@ -244,7 +254,7 @@ def search_request(
         / unit.model
         / spec.name
         / unit.mode
-        / f"layer{unit.layer}-{unit.probe}{'-control' if unit.control else ''}"
+        / f"layer{unit.layer}-{unit.probe}{f'-control-seed{unit.control_seed}' if unit.control else ''}"
     )
     search, train = unit.experiment.search, config.train
     settings = TrainSettings(
@@ -275,27 +285,49 @@ def search_request(
         workers=config.extract.workers or 0,
         label=unit.model,
         control=unit.control,
-        control_seed=unit.experiment.control_seed,
+        control_seed=unit.control_seed,
         # unfrozen probes read the texts themselves, as the config's stores were extracted
         **(vars(config.extract.text_settings) if unit.mode == "unfrozen" else {}),
     )
 
 
-def mdl_request(request: SearchRequest, best_params: dict) -> MdlRequest:
-    """The online code of a frozen search's best trial (its first final seed), on the search's own targets."""
+def mdl_request(request: SearchRequest | TrainRequest, trial: Trial) -> MdlRequest:
+    """The online code of a frozen run's trial on the run's own targets (and features: shuffled for a floor)."""
     return MdlRequest(
         task=request.task,
         layer=request.layer,
         out=request.out.with_name(request.out.name + "-mdl"),
         settings=request.settings,
-        trial=trial_from(best_params, request.seeds_of_best[0]),
+        trial=trial,
         features=request.features,
-        shuffle_seed=request.seed,
+        shuffle_seed=request.settings.order_seed,
         label=request.label,
         data=request.data,
         control=request.control,
         control_seed=request.control_seed,
+        shuffled_features=request.shuffled_features,
     )
+
+
+def rigour_requests(request: SearchRequest, best_params: dict, experiment: Experiment) -> list[TrainRequest]:
+    """The runs that make a search's numbers readable (`controls: true`), all with the search's best
+    hyper-parameters and final seeds: its floor (frozen: shuffled features) and, for a task search without
+    `control_search`, a run on the control targets of each control seed, each with its floor."""
+    trials = tuple(trial_from(best_params, seed) for seed in request.seeds_of_best)
+    base = request.train_request(trials, request.out)
+    wanted = []
+    if not request.control and not experiment.control_search:
+        for seed in experiment.control_seeds:
+            out = request.out.with_name(f"{request.out.name}-control-seed{seed}")
+            wanted.append(replace(base, control=True, control_seed=seed, out=out))
+    if request.mode == "frozen":
+        floors = [
+            replace(run, shuffled_features=True, out=run.out.with_name(run.out.name + "-floor")) for run in wanted
+        ]
+        wanted = [replace(base, shuffled_features=True, out=request.out.with_name(request.out.name + "-floor"))] + [
+            run for pair in zip(wanted, floors, strict=True) for run in pair
+        ]
+    return wanted
 
 
 def zeroshot_request(
@@ -353,11 +385,25 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
         )
         searched = summary.count("searches", run_search(request))
         summary.searches.append(request.out)
+        best = searched.value.best["params"]
+        coded: list[SearchRequest | TrainRequest] = [request]
+        if unit.experiment.controls:
+            for run in rigour_requests(request, best, unit.experiment):
+                what = f"control seed {run.control_seed}" if run.control else "task"
+                say(
+                    f"{'floor' if run.shuffled_features else 'control'} {unit.experiment.name}: {unit.model} "
+                    f"{unit.spec.name} {unit.mode} layer {unit.layer} {unit.probe} ({what})"
+                )
+                summary.count("rigour runs", run_training(run))
+                summary.searches.append(run.out)
+                if run.shuffled_features or run.control_seed == unit.experiment.control_seeds[0]:
+                    coded.append(run)
         if unit.experiment.mdl and unit.mode == "frozen":
-            code = mdl_request(request, searched.value.best["params"])
-            say(f"mdl {unit.experiment.name}: {unit.model} {unit.spec.name} layer {unit.layer} {unit.probe}{control}")
-            summary.count("mdl", run_mdl(code))
-            summary.codes.append(code.out)
+            for run in coded:
+                code = mdl_request(run, trial_from(best, request.seeds_of_best[0]))
+                say(f"mdl {unit.experiment.name}: {unit.model} {unit.spec.name} layer {unit.layer} -> {code.out}")
+                summary.count("mdl", run_mdl(code))
+                summary.codes.append(code.out)
     say(f"report -> {config.report_dir}")
     write_report(
         summary.searches + summary.zeroshot + summary.codes,

@@ -190,7 +190,9 @@ def _type_lookups(spec: Any, trainer: Trainer) -> dict[str, list[bool]]:
     lookups = {}
     for split in spec.evaluated_splits:
         answers = type_lookup(train_types, train_labels, [spec.control_type(e) for e in trainer.examples(split)])
-        lookups[split] = [answer == int(label) for answer, label in zip(answers, trainer.targets(split).tolist())]
+        lookups[split] = [
+            answer == int(label) for answer, label in zip(answers, trainer.targets(split).tolist(), strict=True)
+        ]
     return lookups
 
 
