@@ -1015,7 +1015,7 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
                 run.probe,
                 cell(accuracy, run),
                 cell(numbers_of.floor, run.floor_run),
-                _over_seeds(numbers_of.control, numbers_of.control_seeds, control) + control_mark,
+                _over_seeds(numbers_of.control, numbers_of.control_seeds, control, control_mark),
                 _over_seeds(numbers_of.control_floor, numbers_of.control_seeds),
                 _over_seeds(numbers_of.ceiling, numbers_of.control_seeds),
                 _points(numbers_of.selectivity),
@@ -1093,11 +1093,11 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
 SEARCHED_CONTROL_MARK = "§"
 
 
-def _over_seeds(estimate: Estimate | None, seeds: int, run: RunResults | None = None) -> str:
-    """`cell` of an estimate over control seeds, with their count (`(5 seeds)`)."""
+def _over_seeds(estimate: Estimate | None, seeds: int, run: RunResults | None = None, mark: str = "") -> str:
+    """`cell` of an estimate over control seeds (`mark` after it), with their count (`(5 seeds)`)."""
     if estimate is None:
         return "–"
-    return f"{cell(estimate, run)} ({seeds} seed{'s' if seeds != 1 else ''})"
+    return f"{cell(estimate, run)}{mark} ({seeds} seed{'s' if seeds != 1 else ''})"
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:

@@ -17,7 +17,7 @@ from conftest import assert_results_hold_every_number, extract_splits
 from scipy.special import expit
 from scipy.stats import laplace
 
-from probing.analysis import paired_difference
+from probing.analysis import load_run, paired_difference
 from probing.controls import MetadataType, stable_uniform
 from probing.data.types import Example
 from probing.errors import ProbingError
@@ -392,6 +392,15 @@ def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_option
     assert len(records) == 2 * len({record["id"] for record in records})  # two final seeds
     for record in records:
         assert record["label"] == int(stable_uniform(0, (record["subject"], record["object"])) < rate)
+    # the floors: the same probes and hyper-parameters on shuffled feature rows
+    for name, extra in (("task", []), ("control", ["--control"])):
+        best = json.loads((runs / name / "summary.json").read_text())["best"]["params"]
+        floor = ["train", "--task", "vsr", "--layer", 4, "--device", "cpu", "--features", vsr_stores / "trained"]
+        floor += ["--lr", best["lr"], "--epochs", best["epochs"], "--seeds", "0,1", "--shuffled-features", *extra]
+        code, _, err = run_cli(capsys, *floor, "--out", runs / f"{name}-floor")
+        assert code == 0, err
+        manifest = json.loads((runs / f"{name}-floor" / "manifest.json").read_text())
+        assert manifest["shuffled_features"] is True and manifest.get("control", False) == (name == "control")
     # a control request never reuses (or overwrites) the task's folder
     code, _, err = run_cli(capsys, *search, "--features", vsr_stores / "trained", "--control", "--out", runs / "task")
     assert code == 2 and err.startswith("error: ") and "control" in err and len(err.strip().splitlines()) == 1
@@ -402,6 +411,10 @@ def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_option
     assert "compression" in out and "kbits" in out
     code, out, err = run_cli(
         capsys, *mdl, "--control", "--from-search", runs / "control", "--out", runs / "control-mdl"
+    )
+    assert code == 0, err
+    code, out, err = run_cli(
+        capsys, *mdl, "--shuffled-features", "--from-search", runs / "task", "--out", runs / "task-floor-mdl"
     )
     assert code == 0, err
     record = MdlRecord.read(runs / "task-mdl")
@@ -418,13 +431,38 @@ def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_option
     code, out, err = run_cli(capsys, "report", runs, "--out", tmp_path / "report")
     assert code == 0, err
     table = (tmp_path / "report" / "tables" / "rigor.md").read_text().splitlines()
-    assert table[2].startswith("| model | task | mode | layer | probe | accuracy (%) | control (%) | selectivity")
+    assert table[2].startswith(
+        "| model | task | mode | layer | probe | accuracy (%) | floor (%) | control (%) | control floor (%) | "
+        "ceiling (%) | selectivity (points) | MDL (kbits) | uniform (kbits) | compression | noise floor compression"
+    )
     rows = [line for line in table if line.startswith("| BLIP-2")]
-    assert len(rows) == 1 and "–" not in rows[0]  # the random-weights model has a row of its own only with more
+    # every cell filled but the control's noise-floor code (not made here); the control searched on its own: §
+    assert len(rows) == 1 and rows[0].count("–") == 1 and "§ (1 seed)" in rows[0], rows
+    assert any(line.startswith("_§ the control had a hyper-parameter search of its own") for line in table)
     import pandas as pd
 
     numbers = pd.read_csv(tmp_path / "report" / "tables" / "rigor.csv").iloc[0]
-    assert numbers["selectivity_mean"] == pytest.approx(numbers["accuracy_mean"] - numbers["control_mean"])
+    floors = {name: load_run(runs / f"{name}-floor").correct.mean() for name in ("task", "control")}
+    assert numbers["floor_mean"] == pytest.approx(floors["task"])
+    assert numbers["control_floor_mean"] == pytest.approx(floors["control"])
+    assert numbers["selectivity_mean"] == pytest.approx(
+        numbers["accuracy_mean"] - floors["task"] - (numbers["control_mean"] - floors["control"])
+    )
+    # the ceiling: each test example's control label looked up among the train labels of its type
+    by_type = {}
+    for example, label in zip(train, get_task("vsr").control_targets(train, train, 0, "x").tolist(), strict=True):
+        by_type.setdefault((example.metadata["subject"], example.metadata["object"]), []).append(label)
+    majority = int(
+        2 * sum(int(stable_uniform(0, (e.metadata["subject"], e.metadata["object"])) < rate) for e in train)
+        > len(train)
+    )
+    looked_up = []
+    for line in records[: len(records) // 2]:
+        labels = by_type.get((line["subject"], line["object"]), [])
+        answer = majority if 2 * sum(labels) == len(labels) else int(2 * sum(labels) > len(labels))
+        looked_up.append(answer == line["label"])
+    assert numbers["ceiling_mean"] == pytest.approx(np.mean(looked_up))
+    assert numbers["noise_floor_compression"] == pytest.approx(MdlRecord.read(runs / "task-floor-mdl").compression)
     assert numbers["selectivity_ci_low"] <= numbers["selectivity_mean"] <= numbers["selectivity_ci_high"]
     assert numbers["codelength_kbits"] == pytest.approx(record.online_bits / 1000)
     assert numbers["codelength_ci_low"] <= numbers["codelength_kbits"] <= numbers["codelength_ci_high"]
@@ -503,7 +541,9 @@ def test_rigour_config_fields_are_checked(tmp_path):
         ({"mdl": True, "probes": ["logreg"]}, "'experiments[0].mdl': probe 'logreg' is not a batched probe"),
         ({"mdl": True, "modes": ["unfrozen"]}, "'experiments[0].mdl': the online code trains probes on stored"),
         ({"controls": "yes"}, "'experiments[0].controls': expected true or false"),
-        ({"control_seed": -1}, "'experiments[0].control_seed': must be >= 0, got -1"),
+        ({"control_seeds": [0, -1]}, "'experiments[0].control_seeds': must be >= 0, got -1"),
+        ({"control_seeds": [1, 1]}, "'experiments[0].control_seeds': expected distinct seeds, got [1, 1]"),
+        ({"control_search": True}, "'experiments[0].control_search': needs 'controls: true'"),
     ):
         config = json.loads(json.dumps(base))
         config["experiments"][0] |= change
