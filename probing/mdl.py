@@ -25,10 +25,13 @@ measures how much effort the probe needs.
   50 %, codes the last block; no probe is trained on all of train, which would code nothing); the uniform
   codelength sends every train example uniformly; compression = uniform / online (1: the probe learnt
   nothing; the higher, the more the representation makes the targets learnable).
-- Each prefix's probe is trained exactly as a frozen trial (`probing.train.train_frozen`): the given probe,
-  hyper-parameters (a search's best trial in a config), schedule, batch size, early stopping, and the epoch
-  kept by the task's main metric on val. So the codelength describes the probe whose accuracy the search
-  reports, and a control task's codelength (`--control`) is measured the same way.
+- Each prefix's probe is trained as a frozen trial (`probing.train.train_frozen`): the given probe,
+  hyper-parameters (a search's best trial in a config), schedule, batch size and early stopping; the epoch
+  kept is the one of the lowest val loss (Voita & Titov: the model with the best held-out loss, the quantity
+  the code pays for; for binary heads the loss is the code's cross-entropy itself), not the best accuracy.
+  A control task's codelength (`--control`) and the noise floor's (`--shuffled-features`: the same code with
+  the feature rows permuted, what the targets' prior alone compresses) are measured the same way.
+- Units: bits; reports show kbits (1 kbit = 1,000 bits) beside the uniform codelength.
 - All prefixes train together (`train_prefixes`) as one `ProbeBank` with `BatchedAdamW` on resident
   features: each probe reads batches of its own prefix in its own order (`ProbeBank.forward_each`), with its
   own schedule, early stopping and best epoch, and only the probes still training do any work in a step. It
@@ -80,6 +83,7 @@ from probing.train import (
 from probing.trainers import FrozenTrainer
 
 MDL_FORMAT_VERSION = 1
+SELECTION = "val_loss"  # how each prefix probe's epoch is chosen (recorded in the identity and the record)
 PORTIONS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.25, 12.5, 25.0, 50.0, 100.0)  # % of train (Voita & Titov, 2020)
 
 
@@ -139,8 +143,8 @@ def train_prefixes(
     train: ProbeData, val: ProbeData, ends: Sequence[int], trial: Trial, settings: TrainSettings
 ) -> list[TrialResult]:
     """One probe per prefix `train[:end]` of `ends`, all in one pass; each trained as `train_frozen` trains it
-    alone (same initialisation from the trial's seed, batch order `EpochOrder(end, order_seed)`, schedule over
-    its own steps, early stopping, best epoch by the val main metric)."""
+    alone with `select_by_loss` (same initialisation from the trial's seed, batch order `EpochOrder(end,
+    order_seed)`, schedule over its own steps, early stopping, best epoch by the lowest val loss)."""
     settings.check()
     trial = trial.check(settings.probe)
     if not probe_kind(settings.probe).batched:
@@ -163,7 +167,7 @@ def train_prefixes(
     steps_per_epoch = [math.ceil(end / batch) for end in ends]
     total_steps = [trial.epochs * steps for steps in steps_per_epoch]
     orders = [EpochOrder(end, settings.order_seed) for end in ends]
-    stoppers = [EarlyStopping([trial], settings.effective_patience, head.direction) for _ in ends]
+    stoppers = [EarlyStopping([trial], settings.effective_patience, "minimize") for _ in ends]  # by val loss
     best = {name: p.detach().clone() for name, p in bank.named_parameters()}
     histories: list[list[dict[str, float]]] = [[] for _ in ends]
     lr_table = torch.tensor(
@@ -287,7 +291,7 @@ def _validate(
     values = {name: value.tolist() for name, value in head.metrics(outputs, val_targets).items()}
     records = []
     for j, k in enumerate(ending):
-        improved = stoppers[k].update(epoch[k], [values[head.main_metric][j]], [True])[0]
+        improved = stoppers[k].update(epoch[k], [losses[j]], [True])[0]
         records.append({"val_loss": losses[j], **{name: v[j] for name, v in values.items()}})
         if improved:
             with torch.no_grad():
@@ -342,7 +346,10 @@ def online_code(
     if batched:
         fits = train_prefixes(ordered, val, prefixes, trial, settings)
     else:
-        fits = [train_frozen(materialised(ordered, 0, end), val, [trial], settings)[0] for end in prefixes]
+        fits = [
+            train_frozen(materialised(ordered, 0, end), val, [trial], settings, select_by_loss=True)[0]
+            for end in prefixes
+        ]
     bits = []
     for index, fit in enumerate(fits):
         block = materialised(ordered, ends[index], ends[index + 1])
@@ -403,6 +410,7 @@ def mdl_identity(request: MdlRequest, inputs: dict[str, Any]) -> dict[str, Any]:
         "portions": list(PORTIONS),
         "code": spec.head.code,
         "shuffle_seed": request.shuffle_seed,
+        "selection": SELECTION,
         "trial": request.trial.identity(),
         "settings": settings,
         "inputs": inputs,
@@ -442,7 +450,7 @@ def run_mdl(request: MdlRequest) -> StageResult[MdlRecord]:
         )
     record = MdlRecord(
         task=trainer.spec.name,
-        metric=trainer.spec.head.main_metric,
+        metric=SELECTION,
         control=request.control,
         layer=request.layer,
         probe=request.settings.probe,

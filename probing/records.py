@@ -340,7 +340,7 @@ class MdlRecord:
     """An MDL folder's `mdl.json`: the online codelength of a task's (or its control's) train targets."""
 
     task: str
-    metric: str  # the main metric the prefix probes' epochs were kept by
+    metric: str  # what the prefix probes' epochs were kept by: "val_loss" (older codes: the task's main metric)
     control: bool
     layer: int
     probe: str

@@ -339,8 +339,10 @@ def train_frozen(
     trials: Sequence[Trial],
     settings: TrainSettings,
     on_epoch: EpochCallback | None = None,
+    select_by_loss: bool = False,
 ) -> list[TrialResult]:
-    """Train K probes in one pass over resident features; one TrialResult per trial, best weights kept."""
+    """Train K probes in one pass over resident features; one TrialResult per trial, best weights kept (the
+    epoch of the best val main metric; `select_by_loss`: of the lowest val loss, as the online code asks)."""
     settings.check()
     trials = [trial.check(settings.probe) for trial in trials]
     if not trials:
@@ -376,7 +378,7 @@ def train_frozen(
         device=device,
     )
     weights = head.weights(trials, device)
-    stopper = EarlyStopping(trials, settings.effective_patience, head.direction)
+    stopper = EarlyStopping(trials, settings.effective_patience, "minimize" if select_by_loss else head.direction)
     best = {name: p.detach().clone() for name, p in bank.named_parameters()}
     histories: list[list[dict[str, float]]] = [[] for _ in trials]
     pruned = [False] * len(trials)
@@ -412,7 +414,8 @@ def train_frozen(
         val_values = head.metrics(val_outputs, val_targets)
         train_losses = (loss_sum / steps_per_epoch).tolist()  # one host synchronisation per epoch
         values = {name: v.tolist() for name, v in val_values.items()}
-        improved = stopper.update(epoch, values[head.main_metric], running)
+        val_loss_values = val_losses.tolist()
+        improved = stopper.update(epoch, val_loss_values if select_by_loss else values[head.main_metric], running)
         if on_epoch is not None:
             for index, prune in enumerate(on_epoch(epoch, values[head.main_metric], running)):
                 if prune and running[index]:
@@ -423,7 +426,6 @@ def train_frozen(
             for name, parameter in bank.named_parameters():
                 keep = along_probe_axis(mask, parameter, bank.probe_axis(name))
                 best[name].copy_(torch.where(keep, parameter, best[name]))
-        val_loss_values = val_losses.tolist()
         for index, is_running in enumerate(running):
             if is_running:
                 histories[index].append(
