@@ -212,11 +212,13 @@ def _train(**values: Any) -> None:
 def _search(**values: Any) -> None:
     from probing.search import SearchRequest, default_space, run_search
     from probing.search_space import SearchSpace
-    from probing.settings import declared, from_cli
+    from probing.settings import check_scope, declared, from_cli
+    from probing.tasks import get_task
 
     task = values["task"]
     given = [field.name for field, _ in declared(SearchSpace) if values.get(field.name) is not None]
     parsed = from_cli(SearchSpace, {name: values[name] for name in given})  # the options' text, checked
+    check_scope(parsed, probe=values["probe"], head=get_task(task).head.kind)  # no dimension it would ignore
     space = default_space(task, values["probe"]).overridden({name: getattr(parsed, name) for name in given}, None)
     # a search's batch order is its seed
     request = from_cli(SearchRequest, values | {"order_seed": values["seed"]}, space=space)
@@ -248,7 +250,7 @@ def _zeroshot(**values: Any) -> None:
 
 
 def _mdl(**values: Any) -> None:
-    from probing.mdl import MdlRequest, run_mdl
+    from probing.mdl import MdlRequest, check_from_search, run_mdl
     from probing.records import SearchSummary
     from probing.settings import check_as, from_cli
     from probing.tasks import get_task
@@ -275,6 +277,8 @@ def _mdl(**values: Any) -> None:
             **{name: params[name] for name in ("giou_scale", "l1_scale") if name in params},
         }
     request = from_cli(MdlRequest, values)
+    if search is not None:
+        check_from_search(search, request.check())
     result = run_mdl(request)
     record = result.value
     typer.echo(f"mdl {'already there' if result.reused else 'written'}: {values['out']}")

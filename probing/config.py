@@ -294,6 +294,10 @@ def check(config: Config, paths: bool = True) -> Config:
         for key in search.space:
             if key not in experiment.tasks and key not in {specs[t].name for t in experiment.tasks}:
                 raise ProbingError(f"config field '{where}.search.space.{key}': not one of the experiment's tasks")
+    probes = {
+        probe for experiment in config.experiments if experiment.modes != [ZERO_SHOT] for probe in experiment.probes
+    }
+    _check_train_scope(config.train, probes)
     for task, patience in config.train.patience.items():
         if patience < 1:
             raise ProbingError(f"config field 'train.patience.{task}': must be >= 1, got {patience}")
@@ -321,6 +325,22 @@ def check(config: Config, paths: bool = True) -> Config:
             if value is not None and not value.exists():
                 raise ProbingError(f"config field 'data.{name}': {value}: not found")
     return config
+
+
+def _check_train_scope(train: Any, probes: set[str]) -> None:
+    """A `train` setting given (not at its default) that no experiment's probe reads is refused (`--hidden`
+    with linear probes only ...); the pipeline passes it only to the probes it applies to."""
+    from probing.settings import applies, default_of, info_of
+
+    for settings_field in dataclasses.fields(train):
+        info = info_of(settings_field)
+        if info is None or info.applies is None or getattr(train, settings_field.name) == default_of(settings_field):
+            continue
+        if not any(applies(type(train), settings_field.name, probe=probe) for probe in sorted(probes)):
+            raise ProbingError(
+                f"config field 'train.{settings_field.name}': applies to {info.applies.what} only, not probes "
+                f"{', '.join(sorted(probes))}"
+            )
 
 
 def _check_rigour(experiment: Experiment, index: int, specs: list) -> None:
@@ -360,7 +380,27 @@ def search_space(experiment: Experiment, index: int, task: str):
     if override is None:
         return spec.search_space
     key = task if task in experiment.search.space else spec.name
-    return spec.search_space.overridden(override, f"config field 'experiments[{index}].search.space.{key}'")
+    where = f"config field 'experiments[{index}].search.space.{key}'"
+    from probing.search_space import SearchSpace
+    from probing.settings import applies
+
+    for name in override:  # a dimension the task's head, or every probe of the experiment, would ignore
+        if name not in {f.name for f in dataclasses.fields(SearchSpace)}:
+            continue  # refused by `overridden`, naming the dimensions allowed
+        if not applies(SearchSpace, name, head=spec.head.kind):
+            context = f"a {spec.head.kind} task ('{spec.name}')"
+        elif not any(applies(SearchSpace, name, probe=probe) for probe in experiment.probes):
+            context = f"probes {', '.join(experiment.probes)}"
+        else:
+            continue
+        raise ProbingError(f"{where}.{name}: applies to {_scope_of(SearchSpace, name).what} only, not {context}")
+    return spec.search_space.overridden(override, where)
+
+
+def _scope_of(cls: type, name: str):
+    from probing.settings import info_of
+
+    return info_of(next(f for f in dataclasses.fields(cls) if f.name == name)).applies
 
 
 def load_config(path: Path | str, check_paths: bool = True) -> Config:

@@ -46,7 +46,7 @@ import torch
 
 from probing.data.types import Example
 from probing.errors import ProbingError
-from probing.settings import identity, setting
+from probing.settings import FROZEN_MODE, identity, scoped, setting
 
 
 def stable_uniform(seed: int, key: Hashable) -> float:
@@ -88,6 +88,7 @@ def example_types(kind: MetadataType, examples: Sequence[Example]) -> list[Hasha
     return [kind(example) for example in examples]
 
 
+@scoped
 @dataclass(frozen=True, kw_only=True)
 class ControlInputs:
     """Whether a probe trains on its task's control targets, and which control (its seed)."""
@@ -107,6 +108,7 @@ class ControlInputs:
         False,
         identity=True,
         omit_default=True,
+        applies=FROZEN_MODE,
         help="Frozen probes: the floor -- train on the same targets with the train and val feature rows permuted "
         "(a fixed permutation), so that the features tell nothing about the targets.",
     )

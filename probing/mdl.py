@@ -55,7 +55,14 @@ from typing import Any
 
 import torch
 
-from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
+from probing.artifacts import (
+    code_version,
+    existing_output_matches,
+    first_difference,
+    read_manifest,
+    staged_directory,
+    write_json,
+)
 from probing.controls import ControlInputs
 from probing.data.types import DataOptions
 from probing.device_copies import to_device_chunked
@@ -385,7 +392,7 @@ class MdlRequest(ControlInputs):
             raise ProbingError(
                 f"mdl: --probe {self.settings.probe} is not a batched probe (linear, swiglu2, swiglu4 ...)"
             )
-        self.trial.check(self.settings.probe)
+        self.trial.check(self.settings.probe, spec.head.kind)
         if spec.head.uniform_bits is None:
             raise ProbingError(
                 f"mdl: task '{spec.name}' has a {spec.head.kind} head, which has no code for its targets"
@@ -393,6 +400,31 @@ class MdlRequest(ControlInputs):
         if self.control:
             spec.check_control()
         return self
+
+
+def check_from_search(search: Path, request: MdlRequest) -> None:
+    """`--from-search`: the search's best trial codes these targets only if it was searched on the same
+    features (the same model's stores) and the same targets: a search of another model, of a control (for a
+    code of the task, or of another control seed) or of a floor is refused naming the option. A control's code
+    from its task's search is what controls are by default (the task's hyper-parameters)."""
+    manifest = read_manifest(search) or {}
+    inputs = FrozenTrainer(request.task, request.features, request.layer, request.settings, request.data).inputs
+    different = first_difference(manifest.get("inputs", {}), inputs)
+    if different is not None:
+        raise ProbingError(
+            f"--from-search: {search} searched other features than --features {request.features} "
+            f"(field '{different}' differs: another model or store)"
+        )
+    if manifest.get("shuffled_features", False) and not request.shuffled_features:
+        raise ProbingError(f"--from-search: {search} is a search on shuffled features (a floor), not on the features")
+    if manifest.get("control", False):
+        seed = manifest.get("control_seed", 0)
+        if not request.control or request.control_seed != seed:
+            raise ProbingError(
+                f"--from-search: {search} is a search on the control targets of control seed {seed}; "
+                + ("give --control" if not request.control else f"not of --control-seed {request.control_seed}")
+                + " (or the task's search: controls train with the task's hyper-parameters)"
+            )
 
 
 def mdl_identity(request: MdlRequest, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from probing.probe_run import TrainRequest, run_training
 from probing.records import NO_PROBE, StageResult
 from probing.report import write_report
 from probing.search import SearchRequest, SearchSettings, run_search, trial_from
+from probing.settings import applies
 from probing.tasks import TaskSpec, get_task
 from probing.train import TrainSettings, Trial
 from probing.zeroshot import ZeroShotRequest, run_zeroshot
@@ -260,7 +261,8 @@ def search_request(
     settings = TrainSettings(
         task=unit.task,
         probe=unit.probe,
-        hidden=train.hidden,
+        # a width given for the SwiGLU probes is no linear probe's (its identity keeps the default)
+        hidden=train.hidden if applies(TrainSettings, "hidden", probe=unit.probe) else TrainSettings.hidden,
         warmup_fraction=train.warmup_fraction,
         weight_decay=train.weight_decay,
         order_seed=search.seed,

@@ -32,7 +32,7 @@ from probing.models import ModelSource
 from probing.models.text import QFormerText
 from probing.probes import probe_kind
 from probing.records import MetricsRecord, SeedRun, StageResult
-from probing.settings import setting
+from probing.settings import check_scope, setting
 from probing.tasks import get_task, is_task_file
 from probing.train import TrainSettings, Trial, is_main_process
 from probing.trainers import FittedTrial, FrozenTrainer, Trainer, TrialHooks, UnfrozenTrainer
@@ -90,8 +90,7 @@ class TrainRequest(ModelSource, ProbeInputs):
         spec = get_task(self.task)
         if self.control:
             spec.check_control()
-        if self.shuffled_features and self.mode != "frozen":
-            raise ProbingError("--shuffled-features: frozen only (the floor permutes stored feature rows)")
+        check_scope(self, mode=self.mode)  # --shuffled-features: frozen only (a floor permutes stored rows)
         if self.data is not None and get_task(self.data.task).name != spec.name:
             raise ProbingError(f"--task {self.task}: the data options are for '{self.data.task}'")
         seeds = [t.seed for t in self.trials]
@@ -99,7 +98,7 @@ class TrainRequest(ModelSource, ProbeInputs):
             raise ProbingError("--seeds: each seed once")
         self.settings.check()
         for trial in self.trials:
-            trial.check(self.settings.probe)
+            trial.check(self.settings.probe, spec.head.kind)
         return self
 
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from probing.errors import ProbingError
-from probing.settings import comma_separated, setting
+from probing.settings import BOX_TASKS, LOGREG_PROBE, SGD_PROBES, comma_separated, scoped, setting
 
 LR_RANGE = (1e-5, 5e-4)
 LOSS_SCALES: tuple[int, ...] = (1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20)
 LOGREG_C_RANGE = (1e-4, 1e2)
 
 
+@scoped
 @dataclass(frozen=True)
 class SearchSpace:
     """The dimensions searched; on the command line each is an override of the task's default space."""
@@ -28,27 +29,34 @@ class SearchSpace:
         LR_RANGE,
         cli="--lr-range",
         parse=comma_separated(float, 2),
+        applies=SGD_PROBES,
         help="low,high of the log-uniform learning rate (default: the task's).",
     )
     epochs: tuple[int, ...] = setting(
-        (20, 30, 40), parse=comma_separated(int), help="Comma-separated epoch choices (default: the task's)."
+        (20, 30, 40),
+        parse=comma_separated(int),
+        applies=SGD_PROBES,
+        help="Comma-separated epoch choices (default: the task's).",
     )
     giou_scale: tuple[float, ...] | None = setting(
         None,
         cli="--giou-scales",
         parse=comma_separated(float),
+        applies=BOX_TASKS,
         help="Box tasks: GIoU loss scale choices (default: the task's).",
     )
     l1_scale: tuple[float, ...] | None = setting(
         None,
         cli="--l1-scales",
         parse=comma_separated(float),
+        applies=BOX_TASKS,
         help="Box tasks: L1 loss scale choices (default: the task's).",
     )
     logreg_c: tuple[float, float] | None = setting(
         None,
         cli="--logreg-c-range",
         parse=comma_separated(float, 2),
+        applies=LOGREG_PROBE,
         help="logreg probe: low,high of the log-uniform C (default 1e-4,1e2).",
     )
 

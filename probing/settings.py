@@ -15,6 +15,13 @@ scikit-learn's declared parameters), so a setting cannot exist in one place and 
 
 One message template for every range check: `<where>: must be >= <low>, got <value>`, where `<where>` is the
 option (`--batch-size`) or the config field (`config field 'extract.batch_size'`).
+
+A setting that means something only for some probes, task heads or modes declares where (`applies=Scope(...)`:
+`--hidden` for probes with hidden layers, `--giou-scale` for box tasks, `--shuffled-features` for frozen
+probes ...); `check_scope` refuses a value given where it would be silently ignored, with one template:
+`<where>: applies to <scope> only, not <context>` (e.g. `--hidden: applies to probes with hidden layers
+(swiglu2, swiglu4 ...) only, not --probe linear`). `SCOPED` lists every (class, field) so declared: the
+table-driven test walks each of them through every command that takes it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,27 @@ _KEY = "probing.setting"
 
 
 @dataclass(frozen=True)
+class Scope:
+    """Where a setting applies: the probes (a test of the probe's name), task heads and modes it means something
+    for (None: any); `what` names them in the refusal."""
+
+    what: str
+    probe: Callable[[str], bool] | None = None
+    head: tuple[str, ...] | None = None
+    mode: tuple[str, ...] | None = None
+
+    def refusal(self, probe: str | None = None, head: str | None = None, mode: str | None = None) -> str | None:
+        """What in the context the setting does not apply to (e.g. "--probe linear"), or None where it applies."""
+        if self.probe is not None and probe is not None and not self.probe(probe):
+            return f"--probe {probe}"
+        if self.head is not None and head is not None and head not in self.head:
+            return f"a {head} task"
+        if self.mode is not None and mode is not None and mode not in self.mode:
+            return f"--mode {mode}"
+        return None
+
+
+@dataclass(frozen=True)
 class SettingInfo:
     help: str
     identity: bool | str  # part of the identity of the outputs the request makes (a str: under that name)
@@ -47,6 +75,38 @@ class SettingInfo:
     parse: Callable[[str], Any] | None  # command-line text -> value (lists given as "1,2,3")
     show_default: bool
     valid: Callable[[Any, str], None] | None = None  # refuses a value (a ProbingError naming `where`)
+    high: float | None = None  # value <= high
+    applies: Scope | None = None  # where the setting means something (`check_scope`)
+
+
+def _probe_is(test: Callable[[Any], bool]) -> Callable[[str], bool]:
+    """A test of a registered probe's kind (imported when asked: the probe registry imports nothing of this)."""
+
+    def probe_test(probe: str) -> bool:
+        from probing.probes import probe_kind
+
+        return test(probe_kind(probe))
+
+    return probe_test
+
+
+# The scopes settings declare (one place: a new probe kind or head is placed by its own declaration).
+SGD_PROBES = Scope("SGD probes (linear, swiglu2, swiglu4 ...)", probe=_probe_is(lambda kind: kind.fit == "sgd"))
+LOGREG_PROBE = Scope("the logreg probe", probe=_probe_is(lambda kind: kind.fit == "lbfgs"))
+HIDDEN_PROBES = Scope(  # SwiGLU MLPs (more than one layer) and probes built by their own code take a width
+    "probes with hidden layers (swiglu2, swiglu4 ...)",
+    probe=_probe_is(lambda kind: kind.fit == "sgd" and (kind.build is not None or (kind.layers or 0) > 1)),
+)
+BOX_TASKS = Scope("box tasks", head=("box",))
+FROZEN_MODE = Scope("frozen probes (--mode frozen)", mode=("frozen",))
+
+SCOPED: list[tuple[type, str]] = []  # every (class, field) declared with `applies` (filled by `scoped`)
+
+
+def scoped(cls: type) -> type:
+    """Class decorator: registers the class's fields declared with `applies` in `SCOPED`."""
+    SCOPED.extend((cls, f.name) for f, info in declared(cls) if info.applies is not None)
+    return cls
 
 
 def setting(
@@ -64,6 +124,8 @@ def setting(
     default_factory: Any = MISSING,
     show_default: bool = True,
     valid: Callable[[Any, str], None] | None = None,
+    high: float | None = None,
+    applies: Scope | None = None,
 ) -> Any:
     """A dataclass field with its declaration (see the module docstring)."""
     info = SettingInfo(
@@ -78,6 +140,8 @@ def setting(
         parse=parse,
         show_default=show_default,
         valid=valid,
+        high=high,
+        applies=applies,
     )
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_KEY: info})
 
@@ -163,6 +227,34 @@ def check_value(value: Any, info: SettingInfo, kind: Any, where: str) -> None:
             raise ProbingError(f"{where}: must be >= {_number(info.low)}, got {_number(item)}")
         if info.above is not None and not item > info.above:
             raise ProbingError(f"{where}: must be > {_number(info.above)}, got {_number(item)}")
+        if info.high is not None and item > info.high:
+            raise ProbingError(f"{where}: must be <= {_number(info.high)}, got {_number(item)}")
+
+
+def applies(cls: type, name: str, **context: str | None) -> bool:
+    """Whether `cls`'s field `name` means something in `context` (probe, head, mode): no `Scope` refuses it."""
+    info = info_of(next(f for f in dataclasses.fields(cls) if f.name == name))
+    return info.applies is None or info.applies.refusal(**context) is None
+
+
+def check_scope(
+    obj: Any,
+    *,
+    probe: str | None = None,
+    head: str | None = None,
+    mode: str | None = None,
+    where: Callable[[dataclasses.Field], str] | None = None,
+) -> Any:
+    """Refuse every field of `obj` given (not at its default) where its declared `Scope` says it means nothing:
+    for this probe, task head or mode. `where(field)` names it (default: its option)."""
+    for field, info in declared(type(obj)):
+        if info.applies is None or getattr(obj, field.name) == default_of(field):
+            continue
+        context = info.applies.refusal(probe, head, mode)
+        if context is not None:
+            name = where(field) if where is not None else (option_name(field) or field.name)
+            raise ProbingError(f"{name}: applies to {info.applies.what} only, not {context}")
+    return obj
 
 
 def check_as(cls: type, name: str, value: Any, where: str) -> None:

@@ -39,7 +39,17 @@ from probing.devices import check_device, resolve_device
 from probing.errors import ProbingError
 from probing.heads import Head
 from probing.probes import Probe, ProbeBank, new_probe, probe_kind
-from probing.settings import check, identity, setting
+from probing.settings import (
+    BOX_TASKS,
+    HIDDEN_PROBES,
+    LOGREG_PROBE,
+    SGD_PROBES,
+    check,
+    check_scope,
+    identity,
+    scoped,
+    setting,
+)
 from probing.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -49,25 +59,35 @@ EPS = 1e-8
 EVAL_CHUNK = 1024  # rows per evaluation forward: bounds the activations of a whole split
 
 
+@scoped
 @dataclass(frozen=True)
 class Trial:
     """The hyper-parameters of one probe run (the paper's search space: lr, epochs, loss scales; C for logreg)."""
 
-    lr: float | None = setting(None, identity=True, above=0, help="Peak learning rate (AdamW).")
-    epochs: int | None = setting(None, identity=True, low=1, help="Epochs (the best epoch by val is kept).")
+    lr: float | None = setting(None, identity=True, above=0, applies=SGD_PROBES, help="Peak learning rate (AdamW).")
+    epochs: int | None = setting(
+        None, identity=True, low=1, applies=SGD_PROBES, help="Epochs (the best epoch by val is kept)."
+    )
     seed: int = setting(0, identity=True, low=0, cli=False, help="Initialisation seed of the probe.")
-    giou_scale: float = setting(1.0, identity=True, low=0, help="Box tasks: weight of the GIoU loss.")
-    l1_scale: float = setting(1.0, identity=True, low=0, help="Box tasks: weight of the L1 loss.")
+    giou_scale: float = setting(
+        1.0, identity=True, low=0, applies=BOX_TASKS, help="Box tasks: weight of the GIoU loss."
+    )
+    l1_scale: float = setting(1.0, identity=True, low=0, applies=BOX_TASKS, help="Box tasks: weight of the L1 loss.")
     logreg_c: float | None = setting(
         None,
         identity=True,
         omit_default=True,
         above=0,
+        applies=LOGREG_PROBE,
         help="logreg probe: inverse L2 regularisation strength C (default 1).",
     )
 
-    def check(self, probe: str = "linear") -> Trial:
+    def check(self, probe: str = "linear", head: str | None = None) -> Trial:
+        """Ranges, the settings the probe needs, and (with `head`, where a user gave the trial) no setting given
+        that the probe or the task's head would ignore."""
         check(self)
+        if head is not None:
+            check_scope(self, probe=probe, head=head)
         if probe_kind(probe).fit == "sgd":
             for name in ("lr", "epochs"):
                 if getattr(self, name) is None:
@@ -78,6 +98,7 @@ class Trial:
         return identity(self)
 
 
+@scoped
 @dataclass(frozen=True)
 class TrainSettings:
     task: str = setting(cli=False, config=False, help="The task (a registered name or a task YAML file).")
@@ -87,9 +108,13 @@ class TrainSettings:
         config=False,
         help="A registered probe: linear | swiglu2 | swiglu4 (SGD) | logreg (L-BFGS, binary tasks, frozen) ...",
     )
-    hidden: int = setting(768, identity=True, low=1, help="Width of the SwiGLU probes' hidden layers.")
+    hidden: int = setting(
+        768, identity=True, low=1, applies=HIDDEN_PROBES, help="Width of the SwiGLU probes' hidden layers."
+    )
     batch_size: int = setting(128, identity=True, low=1, help="Training batch size.")
-    warmup_fraction: float = setting(0.1, identity=True, low=0, help="Fraction of the steps of linear warm-up.")
+    warmup_fraction: float = setting(
+        0.1, identity=True, low=0, high=1, help="Fraction of the steps of linear warm-up (0 to 1)."
+    )
     weight_decay: float = setting(0.01, identity=True, low=0, help="AdamW weight decay (weight matrices only).")
     patience: int | None = setting(
         None,
@@ -115,8 +140,9 @@ class TrainSettings:
         return self.patience or None
 
     def check(self) -> TrainSettings:
-        get_task(self.task)
+        spec = get_task(self.task)
         probe_kind(self.probe)
+        check_scope(self, probe=self.probe, head=spec.head.kind)
         return check(self)
 
     def identity(self) -> dict[str, Any]:
