@@ -283,6 +283,13 @@ def check(config: Config, paths: bool = True) -> Config:
                 raise ProbingError(f"config field '{where}.{name}': an entry is repeated")
             if isinstance(values, list) and not values:
                 raise ProbingError(f"config field '{where}.{name}': empty")
+        prepared = (experiment.zeroshot.text_preprocessing, config.extract.text_preprocessing)
+        if ZERO_SHOT in experiment.modes and prepared[0] != prepared[1]:
+            raise ProbingError(
+                f"config field '{where}.zeroshot.text_preprocessing': '{prepared[0]}', while the probes' texts "
+                f"('extract.text_preprocessing') are prepared '{prepared[1]}': answers compared with the probes "
+                "must read the same texts (set both)"
+            )
         search = experiment.search
         if search.final_seeds is not None and (
             not search.final_seeds or len(set(search.final_seeds)) != len(search.final_seeds)
