@@ -400,7 +400,8 @@ def search_space(experiment: Experiment, index: int, task: str):
             context = f"probes {', '.join(experiment.probes)}"
         else:
             continue
-        raise ProbingError(f"{where}.{name}: applies to {_scope_of(SearchSpace, name).what} only, not {context}")
+        field_name = f"config field 'experiments[{index}].search.space.{key}.{name}'"
+        raise ProbingError(f"{field_name}: applies to {_scope_of(SearchSpace, name).what} only, not {context}")
     return spec.search_space.overridden(override, where)
 
 

@@ -6,6 +6,7 @@ hand computation, its portions are the published ones, and training the prefixes
 what training each prefix alone gives.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -729,3 +730,194 @@ def test_type_lookup_is_the_majority_label_of_each_train_type():
     answers = type_lookup(["a", "a", "a", "b", "b", "c"], [1, 1, 0, 0, 1, 1], ["a", "b", "c", "d"])
     assert answers == [1, 1, 1, 1]  # a: 2 of 3; b: a tie -> train majority (4 of 6 are 1); d unseen -> 1
     assert type_lookup(["a", "b", "b"], [1, 0, 0], ["a", "b", "z"]) == [1, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+# A value to give each scoped option, and a context its declared scope refuses (`probing.settings.Scope`).
+SCOPED_VALUES = {
+    "--lr": "0.01",
+    "--epochs": "3",
+    "--giou-scale": "2",
+    "--l1-scale": "2",
+    "--logreg-c": "0.5",
+    "--hidden": "16",
+    "--lr-range": "0.001,0.01",
+    "--giou-scales": "1,2",
+    "--l1-scales": "1,2",
+    "--logreg-c-range": "0.01,1",
+    "--shuffled-features": None,  # a flag
+}
+SGD_SCOPE = "SGD probes (linear, swiglu2, swiglu4 ...)"
+REFUSED_CONTEXT = {  # the scope's `what` -> options that put a command outside it, and how the message says so
+    "SGD probes (linear, swiglu2, swiglu4 ...)": (["--probe", "logreg"], "--probe logreg"),
+    "the logreg probe": (["--probe", "linear"], "--probe linear"),
+    "probes with hidden layers (swiglu2, swiglu4 ...)": (["--probe", "linear"], "--probe linear"),
+    "box tasks": ([], "a binary task"),  # the commands below run VSR
+    "frozen probes (--mode frozen)": (["--mode", "unfrozen"], "--mode unfrozen"),
+}
+
+
+def scoped_cases():
+    """Every command x every scoped setting it takes: (command, option, scope)."""
+    import probing.controls
+    import probing.search_space
+    import probing.train  # noqa: F401  (their declarations register the scoped settings)
+    from probing.mdl import MdlRequest
+    from probing.probe_run import TrainRequest
+    from probing.search import SearchRequest
+    from probing.search_space import SearchSpace
+    from probing.settings import SCOPED, info_of, option_name
+    from probing.train import TrainSettings, Trial
+
+    takes = {  # the declarations each command's options derive from
+        "train": (TrainRequest, TrainSettings, Trial),
+        "search": (SearchRequest, TrainSettings, SearchSpace),
+        "mdl": (MdlRequest, TrainSettings, Trial),
+    }
+    cases = []
+    for command, classes in takes.items():
+        for cls, name in SCOPED:
+            if any(issubclass(owner, cls) for owner in classes):
+                field = next(f for f in dataclasses.fields(cls) if f.name == name)
+                scope = info_of(field).applies.what
+                # mdl codes with frozen batched probes only: it has no --mode, and --probe logreg is refused first
+                if option_name(field) in command_options(command) and (
+                    command != "mdl" or scope not in ("frozen probes (--mode frozen)", SGD_SCOPE)
+                ):
+                    cases.append((command, option_name(field), scope))
+    return cases
+
+
+def command_options(name: str) -> set[str]:
+    """The options a `probing` command takes, as typer made them."""
+    import typer
+
+    from probing.cli import app
+
+    group = typer.main.get_command(app)
+    return {option for parameter in group.commands[name].params for option in parameter.opts}
+
+
+@pytest.mark.parametrize(("command", "option", "scope"), scoped_cases())
+def test_every_command_refuses_a_setting_where_it_would_be_ignored(
+    capsys, vsr_stores, tiny_checkpoints, demo_options, tmp_path, command, option, scope
+):
+    from conftest import run_cli
+
+    context, said = REFUSED_CONTEXT[scope]
+    args = [command, "--task", "vsr", "--layer", 4, "--device", "cpu", "--features", vsr_stores / "trained"]
+    if command != "mdl" and "--mode" in context:
+        args += ["--model", tiny_checkpoints["blip2"], *[f"--{k}" for k in ("vsr",)], demo_options["vsr"]["vsr"]]
+        args += ["--images", demo_options["vsr"]["images"]]
+    if command != "search" and option not in ("--lr", "--epochs") and "logreg" not in context:
+        args += ["--lr", "0.01", "--epochs", "2"]  # what an SGD probe needs besides the option
+    value = SCOPED_VALUES[option]
+    args += [*context, option, *([] if value is None else [value]), "--out", tmp_path / "out"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, (args, out, err)
+    assert err.strip() == f"error: {option}: applies to {scope} only, not {said}", args
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_values_and_sources(capsys, vsr_stores, tmp_path):
+    """A range every command shares, and the hyper-parameters of a search that codes other targets."""
+    from conftest import run_cli
+
+    base = ["--task", "vsr", "--layer", 4, "--device", "cpu", "--features", vsr_stores / "trained"]
+    fixed = ["--lr", "0.01", "--epochs", "2"]
+    for command, extra in (("train", fixed), ("search", []), ("mdl", fixed)):
+        code, _, err = run_cli(capsys, command, *base, *extra, "--warmup-fraction", "1.5", "--out", tmp_path / "o")
+        assert code == 2 and err.strip() == "error: --warmup-fraction: must be <= 1, got 1.5", (command, err)
+        assert not (tmp_path / "o").exists()
+    search = ["search", *base, "--trials", 1, "--batch", 1, "--lr-range", "0.01,0.02", "--epochs", "1"]
+    for name, extra in (("task", []), ("control", ["--control", "--control-seed", "3"])):
+        code, _, err = run_cli(capsys, *search, *extra, "--out", tmp_path / name)
+        assert code == 0, err
+    mdl = ["mdl", "--task", "vsr", "--layer", 4, "--device", "cpu"]
+    for features, extra, message in (
+        ("random", ["--from-search", tmp_path / "task"], "searched other features than --features"),
+        ("trained", ["--from-search", tmp_path / "control"], "is a search on the control targets of control seed 3"),
+        ("trained", ["--control", "--from-search", tmp_path / "control"], "not of --control-seed 0"),
+    ):
+        code, _, err = run_cli(capsys, *mdl, "--features", vsr_stores / features, *extra, "--out", tmp_path / "m")
+        assert code == 2 and err.startswith("error: --from-search: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+    # a control's code from its task's search: the task's hyper-parameters, as controls train by default
+    code, _, err = run_cli(
+        capsys,
+        *mdl,
+        "--features",
+        vsr_stores / "trained",
+        "--control",
+        "--from-search",
+        tmp_path / "task",
+        "--out",
+        tmp_path / "m",
+    )
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train": {"warmup_fraction": 1.5}}, "config field 'train.warmup_fraction': must be <= 1, got 1.5"),
+        (
+            {"train": {"hidden": 16}},
+            "config field 'train.hidden': applies to probes with hidden layers (swiglu2, swiglu4 ...) only, not "
+            "probes linear",
+        ),
+        (
+            {"space": {"vsr": {"giou_scale": [1, 2]}}},
+            "config field 'experiments[0].search.space.vsr.giou_scale': applies to box tasks only, not a binary "
+            "task ('vsr')",
+        ),
+        (
+            {"space": {"vsr": {"logreg_c": [0.01, 1]}}},
+            "config field 'experiments[0].search.space.vsr.logreg_c': applies to the logreg probe only, not probes "
+            "linear",
+        ),
+        (
+            {"zeroshot": {"text_preprocessing": "none"}},
+            "config field 'experiments[1].zeroshot.text_preprocessing': 'none', while the probes' texts "
+            "('extract.text_preprocessing') are prepared 'lavis'",
+        ),
+    ],
+)
+def test_probing_run_refuses_each_constraint_before_writing(capsys, tmp_path, change, message):
+    from conftest import run_cli
+
+    config = {
+        "name": "x",
+        "workspace": str(tmp_path / "workspace"),
+        "models": {"m": {"tiny": "blip2"}},
+        "data": {"demo": {}},
+        "extract": {"text_preprocessing": "lavis"},
+        "experiments": [
+            {"name": "e", "tasks": ["vsr"], "models": ["m"], "search": {"space": change.get("space", {})}},
+            {
+                "name": "z",
+                "tasks": ["vsr"],
+                "models": ["m"],
+                "modes": ["zeroshot"],
+                "zeroshot": {"text_preprocessing": "lavis", **change.get("zeroshot", {})},
+            },
+        ],
+        **({"train": change["train"]} if "train" in change else {}),
+    }
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "run", tmp_path / "c.yaml")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "workspace").exists()
+
+
+def test_appendix_c_prepares_texts_as_the_probes_it_is_compared_with():
+    from pathlib import Path
+
+    from probing.config import load_config
+
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    appendix, table1 = load_config(root / "appendix_c.yaml", False), load_config(root / "table1.yaml", False)
+    assert appendix.workspace == table1.workspace
+    for experiment in appendix.experiments:
+        assert experiment.zeroshot.text_preprocessing == table1.extract.text_preprocessing == "lavis"
