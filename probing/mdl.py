@@ -387,7 +387,7 @@ class MdlRequest(ControlInputs):
     def check(self) -> MdlRequest:
         check(self)
         spec = get_task(self.task)
-        self.settings.check()
+        self.settings.check_given()
         if not probe_kind(self.settings.probe).batched:
             raise ProbingError(
                 f"mdl: --probe {self.settings.probe} is not a batched probe (linear, swiglu2, swiglu4 ...)"

@@ -96,7 +96,7 @@ class TrainRequest(ModelSource, ProbeInputs):
         seeds = [t.seed for t in self.trials]
         if len(set(seeds)) != len(seeds):
             raise ProbingError("--seeds: each seed once")
-        self.settings.check()
+        self.settings.check_given()
         for trial in self.trials:
             trial.check(self.settings.probe, spec.head.kind)
         return self

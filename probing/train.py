@@ -140,10 +140,15 @@ class TrainSettings:
         return self.patience or None
 
     def check(self) -> TrainSettings:
-        spec = get_task(self.task)
+        get_task(self.task)
         probe_kind(self.probe)
-        check_scope(self, probe=self.probe, head=spec.head.kind)
         return check(self)
+
+    def check_given(self) -> TrainSettings:
+        """`check`, and (for settings a user gave: requests, configs) no setting the probe or the task's head
+        would ignore (`--hidden` with a linear probe ...)."""
+        check_scope(self.check(), probe=self.probe, head=self.head.kind)
+        return self
 
     def identity(self) -> dict[str, Any]:
         """The settings as run and search manifests record them (patience resolved)."""
