@@ -717,6 +717,9 @@ def analyse(run: RunResults) -> dict[str, Any]:
         "model": run.label,
         "metric": run.metric,
         "control": run.control,
+        "shuffled_features": run.shuffled,
+        # a probe that answers one class (the reports' mark ‡): its accuracy is the label rate, not the task's
+        "single_class": run.probe != NO_PROBE and single_class(run),
     }
     for analysis in ANALYSES.values():
         if analysis.applies(run):

@@ -207,6 +207,16 @@ def _train(**values: Any) -> None:
         value = summary[split][record.metric]
         spread = f" +- {value['std']:.4f}" if value["std"] is not None else ""
         typer.echo(f"  {split:4s} {record.metric} {value['mean']:.4f}{spread} ({value['seeds']} seed(s))")
+    _echo_single_class(Path(values["out"]))
+
+
+def _echo_single_class(folder: Path) -> None:
+    """After an accuracy: the note on a probe that answers one class (the reports' mark)."""
+    from probing.report import single_class_note
+
+    note = single_class_note(folder)
+    if note is not None:
+        typer.echo(note)
 
 
 def _search(**values: Any) -> None:
@@ -236,6 +246,7 @@ def _search(**values: Any) -> None:
         if isinstance(best[split], dict) and metric in best[split]
     )
     typer.echo(f"  {evaluated}")
+    _echo_single_class(Path(values["out"]))
 
 
 def _zeroshot(**values: Any) -> None:
@@ -420,7 +431,7 @@ def analyze_command(
 ) -> None:
     """Test accuracy with a 95% bootstrap CI, per category, ROC-AUC (binary tasks), Kendall correlations."""
     from probing.analysis import analyse, load_run, per_category
-    from probing.report import analysis_json, cell
+    from probing.report import SINGLE_CLASS_NOTE, analysis_json, cell, single_class_mark
 
     if as_json:
         typer.echo(analysis_json(run))
@@ -432,15 +443,18 @@ def analyze_command(
         f"{result['model']} {result['mode']} {result['task']}{' (control task)' if result['control'] else ''} "
         f"layer {result['layer']} {result['probe']}: "
         f"{result['split']} {result['metric']} {100 * test['mean']:.1f}% [{100 * test['ci_low']:.1f}, "
-        f"{100 * test['ci_high']:.1f}] ({test['seeds']} seed(s), {test['examples']} examples)"
+        f"{100 * test['ci_high']:.1f}]{single_class_mark(loaded)} ({test['seeds']} seed(s), "
+        f"{test['examples']} examples)"
     )
     if result.get("roc_auc"):
         typer.echo(f"  ROC-AUC {result['roc_auc']['mean']:.3f}")
     for category, estimate in per_category(loaded).items():
-        typer.echo(f"  {category:22s} {cell(estimate)}")
+        typer.echo(f"  {category:22s} {cell(estimate, loaded)}")
     for name, values in result.get("kendall", {}).items():
         tau = "undefined" if values["tau"] is None else f"{values['tau']:+.2f} (p {values['p_value']:.3f})"
         typer.echo(f"  Kendall tau vs {name}: {tau}{'' if values['significant'] else ' not significant'}")
+    if single_class_mark(loaded):
+        typer.echo(SINGLE_CLASS_NOTE)
 
 
 @app.command("plot")

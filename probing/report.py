@@ -104,13 +104,28 @@ def cell(estimate: Estimate | None, run: RunResults | None = None) -> str:
     return text
 
 
+SINGLE_CLASS_NOTE = (
+    f"{SINGLE_CLASS_MARK} the probe answers one class for at least {SINGLE_CLASS_SHARE:.0%} of the examples "
+    "in every seed: it learned the majority label, not the task"
+)
+
+
 def mark_single_class(table: Table) -> None:
     """The note explaining the mark `cell` gives a single-class probe, on a table whose cells carry it."""
     if any(SINGLE_CLASS_MARK in text for row in table.rows for text in row):
-        table.notes.append(
-            f"{SINGLE_CLASS_MARK} the probe answers one class for at least {SINGLE_CLASS_SHARE:.0%} of the examples "
-            "in every seed: it learned the majority label, not the task"
-        )
+        table.notes.append(SINGLE_CLASS_NOTE)
+
+
+def single_class_mark(run: RunResults) -> str:
+    """The mark of a probe that answers one class (`cell`'s), or "": for outputs that print an accuracy."""
+    return SINGLE_CLASS_MARK if run.probe != NO_PROBE and single_class(run) else ""
+
+
+def single_class_note(folder: Path) -> str | None:
+    """The note a command that printed a run's accuracy adds when its probe answers one class, else None."""
+    from probing.analysis import load_run
+
+    return SINGLE_CLASS_NOTE if single_class_mark(load_run(folder)) else None
 
 
 @dataclass

@@ -19,7 +19,7 @@ from conftest import assert_results_hold_every_number, extract_splits
 from scipy.special import expit
 from scipy.stats import laplace
 
-from probing.analysis import estimate, load_run, paired_difference, seeds_and_examples
+from probing.analysis import estimate, load_run, paired_difference, seeds_and_examples, single_class
 from probing.controls import MetadataType, shuffled_rows, stable_uniform, type_lookup
 from probing.data.types import Example
 from probing.errors import ProbingError
@@ -27,6 +27,7 @@ from probing.heads import BinaryHead, BoxHead
 from probing.mdl import PORTIONS, block_ends, codelength, online_code, reordered, transmission_order
 from probing.metrics import BOX_CODE_BINS, discretised_laplace_bits
 from probing.probes import new_probe
+from probing.report import SINGLE_CLASS_MARK, SINGLE_CLASS_NOTE
 from probing.tasks import get_task
 from probing.train import ProbeData, TrainSettings, Trial, train_frozen
 
@@ -403,10 +404,16 @@ def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_option
         best = json.loads((runs / name / "summary.json").read_text())["best"]["params"]
         floor = ["train", "--task", "vsr", "--layer", 4, "--device", "cpu", "--features", vsr_stores / "trained"]
         floor += ["--lr", best["lr"], "--epochs", best["epochs"], "--seeds", "0,1", "--shuffled-features", *extra]
-        code, _, err = run_cli(capsys, *floor, "--out", runs / f"{name}-floor")
+        code, out, err = run_cli(capsys, *floor, "--out", runs / f"{name}-floor")
         assert code == 0, err
+        # a probe that answers one class is marked wherever its accuracy is printed
+        assert out.strip().endswith(SINGLE_CLASS_NOTE) == single_class(load_run(runs / f"{name}-floor"))
         manifest = json.loads((runs / f"{name}-floor" / "manifest.json").read_text())
         assert manifest["shuffled_features"] is True and manifest.get("control", False) == (name == "control")
+    assert single_class(load_run(runs / "task"))  # this tiny probe collapsed: `analyze` says so
+    code, out, err = run_cli(capsys, "analyze", runs / "task")
+    assert code == 0 and f"]{SINGLE_CLASS_MARK} (2 seed(s)" in out and out.strip().endswith(SINGLE_CLASS_NOTE), out
+    assert json.loads(run_cli(capsys, "analyze", runs / "task", "--json")[1])["single_class"] is True
     # a control request never reuses (or overwrites) the task's folder
     code, _, err = run_cli(capsys, *search, "--features", vsr_stores / "trained", "--control", "--out", runs / "task")
     assert code == 2 and err.startswith("error: ") and "control" in err and len(err.strip().splitlines()) == 1
