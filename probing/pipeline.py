@@ -398,7 +398,7 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
                 )
                 summary.count("rigour runs", run_training(run))
                 summary.searches.append(run.out)
-                if run.shuffled_features or run.control_seed == unit.experiment.control_seeds[0]:
+                if not run.control or run.control_seed == unit.experiment.control_seeds[0]:  # task, first control
                     coded.append(run)
         if unit.experiment.mdl and unit.mode == "frozen":
             for run in coded:

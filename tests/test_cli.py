@@ -259,9 +259,10 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
         "| BLIP-2 (tiny random) | ITM head |",
     ):
         assert row in out
-    assert "searches: 43 built, 0 reused" in out and "not the paper's numbers" in out
+    assert "searches: 37 built, 0 reused" in out and "not the paper's numbers" in out
+    assert "rigour runs: 66 built, 0 reused" in out  # per rigour unit: a floor, 5 controls and their floors
     assert "zero-shot runs: 4 built, 0 reused" in out
-    assert "mdl: 12 built, 0 reused" in out and "features: 27 built, 0 reused" in out
+    assert "mdl: 24 built, 0 reused" in out and "features: 27 built, 0 reused" in out
     report = tmp_path / "demo" / "report-demo"
     assert f"report: {report / 'README.md'}" in out
     readme = (report / "README.md").read_text()
@@ -284,7 +285,8 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}
     code, out, err = run_cli(capsys, "demo", *reduced)
     assert code == 0, err
-    assert "searches: 0 built, 43 reused" in out and "features: 0 built, 27 reused" in out
-    assert "zero-shot runs: 0 built, 4 reused" in out and "mdl: 0 built, 12 reused" in out
+    assert "searches: 0 built, 37 reused" in out and "features: 0 built, 27 reused" in out
+    assert "zero-shot runs: 0 built, 4 reused" in out and "mdl: 0 built, 24 reused" in out
+    assert "rigour runs: 0 built, 66 reused" in out
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}  # all reused
     assert tables == {p.name: p.read_bytes() for p in (report / "tables").iterdir()}  # identical results
