@@ -187,6 +187,13 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def check_reachable(host: str, token: str | None) -> None:
+    """Refuse to serve on an address other machines can reach without a token: anyone there could answer (or
+    read the study's images) in the annotators' names."""
+    if not is_loopback(host) and token is None:
+        raise ProbingError(f"--host {host}: reachable from other machines; give --token SECRET (or serve on 127.0.0.1)")
+
+
 def check_port_free(host: str, port: int) -> None:
     """One line instead of uvicorn's exit when the address is taken (a race with another program stays
     possible; uvicorn then reports it)."""
@@ -203,8 +210,7 @@ def serve(store: AnnotationStore, host: str, port: int, token: str | None, say: 
     """Serve the page until interrupted (Ctrl-C or SIGTERM end it cleanly; answers are already committed)."""
     import uvicorn
 
-    if not is_loopback(host) and token is None:
-        log.warning("--host %s without --token: anyone who can reach this address can answer", host)
+    check_reachable(host, token)
     check_port_free(host, port)
     say(f"annotation page: {page_address(host, port, token)}")
     config = uvicorn.Config(create_app(store, token), host=host, port=port, log_level="warning", access_log=False)
