@@ -109,6 +109,31 @@ def check_output(
     return path
 
 
+@contextlib.contextmanager
+def removed_when_refused(path: Path, remove: bool = True) -> Iterator[None]:
+    """Delete `path` and the folders above it that the block created, when the block raises a ProbingError: a
+    refused command leaves nothing behind, so that the corrected command starts afresh. Other failures (an
+    interruption, a full disk) keep it: what was written is whole and the next run resumes it. `remove` false
+    (a process other than the main one): only the main process deletes."""
+    path = Path(path).absolute()
+    top = path
+    while not top.parent.exists() and top.parent != top.parent.parent:
+        top = top.parent
+    created = not os.path.lexists(top)
+    try:
+        yield
+    except ProbingError:
+        if created and remove:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            for folder in [path, *path.parents][: len(path.parts) - len(top.parts) + 1]:
+                try:
+                    folder.rmdir()  # only an empty one: another writer's files stay
+                except OSError:
+                    break
+        raise
+
+
 def code_version() -> str:
     """The installed package version, recorded in every manifest."""
     from importlib.metadata import PackageNotFoundError, version

@@ -469,9 +469,10 @@ def plot_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the figures (PNG + SVG).")],
 ) -> None:
     """Per-layer curves and per-category bars (frozen vs unfrozen) from run folders."""
-    from probing.report import load_runs, write_figures
+    from probing.report import check_named_runs, load_runs, write_figures
 
     _check_out({"out": out, **{f"run{index}": run for index, run in enumerate(runs)}})  # never into a run folder
+    check_named_runs(runs)
     loaded, _ = load_runs(runs)
     written = write_figures(loaded, out)
     typer.echo(f"{len(written)} figure files in {out}")
@@ -487,9 +488,10 @@ def report_command(
     ] = False,
 ) -> None:
     """Tables in the shapes of the paper's Tables 1, 2, 3, 4, 5 (with CIs), per-layer table, figures, README."""
-    from probing.report import write_report
+    from probing.report import check_named_runs, write_report
 
     _check_out({"out": out, **{f"run{index}": run for index, run in enumerate(runs)}})
+    check_named_runs(runs)
     written = write_report(runs, out, compare_paper=compare_paper, overwrite=overwrite)
     typer.echo(
         f"report of {written['runs']} run(s): {written['readme']} "

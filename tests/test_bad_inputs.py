@@ -336,6 +336,223 @@ def plain(*args, out: str = "out") -> Callable[[World, Path], list]:
     return build
 
 
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def out_args(command: str, world: World, out: str | Path) -> list:
+    """`command` writing to `out`, its other options valid (so the output path is what is refused)."""
+    features, run = world.features, world.run
+    commands = {
+        "extract": lambda: world.extract_args(out),
+        "train": lambda: world.train_args(out),
+        "search": lambda: world.search_args(out),
+        "mdl": lambda: ["mdl", "--task", "refcocog", "--features", features, "--layer", "1", "--lr", "0.01"]
+        + ["--epochs", "1", "--out", out],
+        "zeroshot": lambda: ["zeroshot", "--model", world.checkpoint, "--task", "vsr", "--vsr", world.vsr["vsr"]]
+        + ["--images", world.vsr["images"], "--out", out],
+        "make-demo-data": lambda: ["make-demo-data", out],
+        "build-rcm": lambda: ["build-rcm", "--refs", world.refer["refs"], "--instances", world.refer["instances"]]
+        + ["--out", out],
+        "plot": lambda: ["plot", run, "--out", out],
+        "report": lambda: ["report", run, "--out", out],
+        "annotate-score": lambda: ["annotate", "score", "--db", world.tmp / "study.db", "--out", out],
+        "annotate-export": lambda: ["annotate", "export", "--db", world.tmp / "study.db", "--out", out],
+    }
+    return commands[command]()
+
+
+def bad_out(command: str, make: Callable[[World, Path], str | Path]) -> Callable[[World, Path], list]:
+    """`command` into the output path `make` prepares in tmp (the current folder while the case runs)."""
+
+    def build(world: World, tmp: Path) -> list:
+        return out_args(command, world, make(world, tmp))
+
+    return build
+
+
+def _a_file(world: World, tmp: Path) -> Path:
+    (tmp / "notes.txt").write_text("someone's notes\n")
+    return tmp / "notes.txt"
+
+
+def _a_link(target: str) -> Callable[[World, Path], Path]:
+    def make(world: World, tmp: Path) -> Path:
+        (tmp / "target.txt").write_text("the link's target\n")
+        (tmp / "target-dir").mkdir()
+        (tmp / "link").symlink_to(tmp / target)
+        return tmp / "link"
+
+    return make
+
+
+def _a_fifo(world: World, tmp: Path) -> Path:
+    import os
+
+    os.mkfifo(tmp / "fifo")
+    return tmp / "fifo"
+
+
+def _under_a_file(world: World, tmp: Path) -> Path:
+    return _a_file(world, tmp) / "sub"
+
+
+def _other_commands_folder(world: World, tmp: Path) -> Path:
+    shutil.copytree(world.rcm, tmp / "rcm-copy")  # an RCM dataset: no command but build-rcm writes there
+    return tmp / "rcm-copy"
+
+
+FOLDER_OUTS = ["extract", "train", "search", "mdl", "zeroshot", "build-rcm", "plot", "report", "annotate-score"]
+OUT_COMMANDS = [*FOLDER_OUTS, "make-demo-data", "annotate-export"]
+
+
+def _out_cases():
+    for command in OUT_COMMANDS:
+        option = "OUT" if command == "make-demo-data" else "--out"
+        is_file = command == "annotate-export"
+        here = f"{option} .: is a folder (give a file)" if is_file else f"{option} .: is the current folder"
+        yield (f"{command}-out-dot", bad_out(command, lambda w, t: "."), here)
+        yield (f"{command}-out-empty", bad_out(command, lambda w, t: ""), here)
+        if not is_file:
+            yield (f"{command}-out-parent", bad_out(command, lambda w, t: ".."), f"{option} ..: is the current folder")
+        yield (
+            f"{command}-out-existing-file",
+            bad_out(command, _a_file),
+            "an existing file that is not an export of answers" if is_file else "an existing file, not a folder",
+        )
+        yield (f"{command}-out-symlink-to-file", bad_out(command, _a_link("target.txt")), "link: is a symbolic link")
+        yield (f"{command}-out-symlink-to-folder", bad_out(command, _a_link("target-dir")), "is a symbolic link")
+        yield (f"{command}-out-fifo", bad_out(command, _a_fifo), "fifo: is not a regular file or folder")
+        yield (f"{command}-out-device", bad_out(command, lambda w, t: "/dev/null"), "/dev/null: is not a regular")
+        yield (f"{command}-out-under-a-file", bad_out(command, _under_a_file), "notes.txt is a file, not a folder")
+        if not is_file and command != "build-rcm":
+            yield (f"{command}-out-rcm-folder", bad_out(command, _other_commands_folder), "holds a rcm of another")
+
+
+def _into_an_input(command: str, input_of: Callable[[World], Path]) -> Callable[[World, Path], list]:
+    return lambda world, tmp: out_args(command, world, input_of(world))
+
+
+OUT_CASES = [
+    *_out_cases(),
+    ("plot-into-its-run", _into_an_input("plot", lambda w: w.run), "is an input of this command"),
+    ("report-into-its-run", _into_an_input("report", lambda w: w.run), "is an input of this command"),
+    ("plot-into-the-runs-parent", _into_an_input("plot", lambda w: w.run.parent), "is an input of this command"),
+    ("train-into-its-features", _into_an_input("train", lambda w: w.features), "is an input of this command"),
+    ("train-into-a-store", _into_an_input("train", lambda w: w.features / "val"), "is an input of this command"),
+    ("search-into-a-run", _into_an_input("search", lambda w: w.run), "holds a probe-run of another command"),
+    ("mdl-into-a-run", _into_an_input("mdl", lambda w: w.run), "holds a probe-run of another command"),
+    ("extract-into-a-run", _into_an_input("extract", lambda w: w.run), "holds a probe-run of another command"),
+    ("extract-into-the-model", _into_an_input("extract", lambda w: w.checkpoint), "is an input of this command"),
+    ("build-rcm-into-images", _into_an_input("build-rcm", lambda w: w.refer["refs"].parent), "is an input of"),
+    ("zeroshot-into-a-run", _into_an_input("zeroshot", lambda w: w.run), "holds a probe-run of another command"),
+    ("export-onto-its-db", _into_an_input("annotate-export", lambda w: w.tmp / "study.db"), "is an input of"),
+]
+
+
+# ------------------------------------------------------------------------------------------- usage, runs, report
+
+
+def line(*args) -> Callable[[World, Path], list]:
+    return lambda world, tmp: list(args)
+
+
+def relative_model(world: World, tmp: Path) -> list:
+    args = world.extract_args(tmp / "store")
+    args[args.index("--model") + 1] = "models/blip2-tiny"  # relative to the current folder (tmp), absent
+    return args
+
+
+def serve_args(world: World, tmp: Path, *extra) -> list:
+    vsr = ["--vsr", world.vsr["vsr"], "--images", world.vsr["images"]]
+    return ["annotate", "serve", "--task", "vsr", *vsr, "--n", "4", "--intro", "0", "--db", tmp / "s.db", *extra]
+
+
+def same_label_twice(world: World, tmp: Path) -> list:
+    for name in ("first", "second"):
+        shutil.copytree(world.run, tmp / name)
+    return ["report", tmp / "first", tmp / "second", "--out", tmp / "report"]
+
+
+RUN_CONFIG = """\
+name: x
+workspace: {workspace}
+models:
+  M: {model}
+data:
+  vsr: {vsr}
+  images: {images}
+experiments:
+  - name: e
+    tasks: [vsr]
+    models: [M]
+    modes: [frozen]
+    layers: {layers}
+    probes: [linear]
+    search: {{trials: 1, batch: 1, seed: 0, final_seeds: [0]}}
+"""
+
+
+def run_config(
+    damage: Callable[[Path], None] | None = None, layers: str = "[1]", model: str = "{tiny: blip2}"
+) -> Callable[[World, Path], list]:
+    """`probing run` of a one-experiment VSR config over a copy of the VSR files `damage` changed."""
+
+    def build(world: World, tmp: Path) -> list:
+        vsr = tmp / "vsr"
+        shutil.copytree(world.vsr["vsr"], vsr)
+        if damage is not None:
+            damage(vsr)
+        fields = {"workspace": tmp / "ws", "model": model, "vsr": vsr, "images": world.vsr["images"], "layers": layers}
+        (tmp / "c.yaml").write_text(RUN_CONFIG.format(**fields))
+        return ["run", tmp / "c.yaml"]
+
+    return build
+
+
+def _corrupt_line(vsr: Path) -> None:
+    lines = (vsr / "dev.jsonl").read_text().splitlines()
+    (vsr / "dev.jsonl").write_text("\n".join([*lines[:3], "{corrupt", *lines[4:]]) + "\n")
+
+
+def _empty_split(vsr: Path) -> None:
+    (vsr / "test.jsonl").write_text("")
+
+
+USAGE_CASES = [
+    ("train-lr-not-a-number", plain("train", "--lr", "abc"), "Invalid value for '--lr'"),
+    ("train-layer-not-a-number", plain("train", "--layer", "one"), "Invalid value for '--layer'"),
+    ("extract-batch-size-a-word", plain("extract", "--batch-size", "many"), "Invalid value for '--batch-size'"),
+    ("search-trials-a-float", plain("search", "--trials", "1.5"), "Invalid value for '--trials'"),
+    ("train-misspelt-layer", plain("train", "--layr", "1"), "--layr: no such option; did you mean --layer?"),
+    ("extract-misspelt-layers", plain("extract", "--layres", "1"), "--layres: no such option; did you mean --layers?"),
+    ("search-misspelt-trials", plain("search", "--trails", "2"), "--trails: no such option; did you mean --trials?"),
+    ("report-misspelt-overwrite", line("report", "r", "--out", "o", "--overwirte"), "did you mean --overwrite?"),
+    ("plot-misspelt-out", line("plot", "r", "--ot", "o"), "--ot: no such option; did you mean --out?"),
+    ("export-misspelt-db", line("annotate", "export", "--dbb", "d"), "--dbb: no such option; did you mean --db?"),
+    ("tasks-misspelt-json", line("tasks", "--jsno"), "--jsno: no such option; did you mean --json?"),
+    ("unknown-command", line("trian"), "No such command 'trian'. Did you mean 'train'?"),
+    ("unknown-subcommand", line("annotate", "exprt"), "No such command 'exprt'. Did you mean 'export'?"),
+    ("unknown-data-command", line("data", "stat"), "No such command 'stat'"),
+    ("option-without-value", line("train", "--task"), "Option '--task' requires an argument"),
+    ("missing-required-option", line("plot", "r"), "Missing option '--out'"),
+    ("missing-argument", line("report", "--out", "o"), "Missing argument"),
+    ("search-epochs-zero", plain("search", "--epochs", "0,3"), "--epochs"),
+    ("search-final-seeds-repeated", plain("search", "--final-seeds", "1,1"), "--final-seeds"),
+    ("train-seeds-repeated", plain("train", "--seeds", "1,1"), "--seeds"),
+    ("extract-relative-model-absent", relative_model, "models/blip2-tiny"),
+    ("extract-layer-beyond-the-model", plain("extract", "--layers", "9"), "--layers"),
+    ("search-layer-not-stored", plain("search", "--layer", "9"), "layer 9"),
+    ("train-layer-not-stored", plain("train", "--layer", "9"), "layer 9"),
+    ("serve-reachable-without-token", lambda w, t: serve_args(w, t, "--host", "0.0.0.0"), "--host 0.0.0.0: reachable"),
+    ("serve-db-a-folder", lambda w, t: serve_args(w, t) + ["--db", t], "is a folder (give a file)"),
+    ("report-same-label-and-layer", same_label_twice, "second"),
+    ("run-corrupt-vsr-line", run_config(_corrupt_line), "dev.jsonl: line 4"),
+    ("run-empty-split", run_config(_empty_split), "test.jsonl"),
+    ("run-layer-99", run_config(layers="[99]"), "99"),
+    ("run-unknown-model", run_config(model="{model: no-such-model}"), "no-such-model"),
+]
+
+
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 
 # (id, how to build the bad input and the command, the fragment of the one line it must print, marks)
@@ -463,6 +680,8 @@ CASES = [
         damaged_run(_edit_manifest(lambda manifest: manifest.__setitem__("layer", "1"))),
         "manifest.json: field 'layer' has the wrong type",
     ),
+    *OUT_CASES,
+    *USAGE_CASES,
 ]
 
 
@@ -472,11 +691,31 @@ def _params():
         yield pytest.param(build, fragment, id=name, marks=marks)
 
 
+def listing(*folders: Path) -> dict[str, tuple]:
+    """Every path under `folders` with its kind, size and SHA-256 (a file), its target (a link): what a refused
+    command must leave exactly as it was."""
+    import hashlib
+    import stat
+
+    found: dict[str, tuple] = {}
+    for folder in folders:
+        for path in [folder, *folder.rglob("*")]:
+            status = path.lstat()
+            if stat.S_ISLNK(status.st_mode):
+                found[str(path)] = ("link", str(path.readlink()))
+            elif stat.S_ISREG(status.st_mode):
+                found[str(path)] = ("file", status.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+            else:
+                found[str(path)] = (stat.S_IFMT(status.st_mode),)
+    return found
+
+
 @pytest.mark.parametrize("build,fragment", list(_params()))
-def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tmp_path, build, fragment):
+def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tmp_path, monkeypatch, build, fragment):
+    monkeypatch.chdir(tmp_path)  # `--out .` and relative paths land in the case's own folder
     args = build(world, tmp_path)
     capsys.readouterr()
-    before = {p for p in tmp_path.rglob("*")}
+    before = listing(tmp_path, world.tmp)
     started = time.perf_counter()
     code, out, err = run_cli(capsys, *args)
     assert code == 2, (out, err)
@@ -485,12 +724,10 @@ def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tmp_pa
     assert len(err) < 600, err[:600]  # a short line, never a value's whole repr
     assert fragment in err, err
     assert time.perf_counter() - started < 60
-    written = {p for p in tmp_path.rglob("*")} - before
-    # nothing complete written: no run, store manifest marked complete or report; no folder outside the workspace
-    assert not [p for p in written if p.name in ("metrics.json", "README.md")], written
-    for manifest in (p for p in written if p.name == "manifest.json"):
-        assert json.loads(manifest.read_text()).get("complete") is False, manifest
-    assert not list(tmp_path.rglob("ESCAPED*")) and not Path("/tmp/ESCAPED").exists()
+    # nothing written, removed or changed: not in the case's folder, not in the inputs shared by every case
+    after = listing(tmp_path, world.tmp)
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
+    assert not Path("/tmp/ESCAPED").exists()
     assert not (tmp_path / "deep" / "er" / "ws").exists()  # configs are refused before any work
 
 
