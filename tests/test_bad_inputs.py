@@ -346,13 +346,18 @@ def out_args(command: str, world: World, out: str | Path) -> list:
         "extract": lambda: world.extract_args(out),
         "train": lambda: world.train_args(out),
         "search": lambda: world.search_args(out),
-        "mdl": lambda: ["mdl", "--task", "refcocog", "--features", features, "--layer", "1", "--lr", "0.01"]
-        + ["--epochs", "1", "--out", out],
-        "zeroshot": lambda: ["zeroshot", "--model", world.checkpoint, "--task", "vsr", "--vsr", world.vsr["vsr"]]
-        + ["--images", world.vsr["images"], "--out", out],
+        "mdl": lambda: (
+            ["mdl", "--task", "refcocog", "--features", features, "--layer", "1", "--lr", "0.01"]
+            + ["--epochs", "1", "--out", out]
+        ),
+        "zeroshot": lambda: (
+            ["zeroshot", "--model", world.checkpoint, "--task", "vsr", "--vsr", world.vsr["vsr"]]
+            + ["--images", world.vsr["images"], "--out", out]
+        ),
         "make-demo-data": lambda: ["make-demo-data", out],
-        "build-rcm": lambda: ["build-rcm", "--refs", world.refer["refs"], "--instances", world.refer["instances"]]
-        + ["--out", out],
+        "build-rcm": lambda: (
+            ["build-rcm", "--refs", world.refer["refs"], "--instances", world.refer["instances"]] + ["--out", out]
+        ),
         "plot": lambda: ["plot", run, "--out", out],
         "report": lambda: ["report", run, "--out", out],
         "annotate-score": lambda: ["annotate", "score", "--db", world.tmp / "study.db", "--out", out],
