@@ -838,3 +838,94 @@ def test_two_extractions_started_together_never_both_succeed(world, tmp_path):
                 assert {str(handle.get_slice(k).get_dtype()) for k in handle.keys() if k.startswith("layer")} == {
                     {"float16": "F16", "float32": "F32"}[winner]
                 }
+
+
+# ------------------------------------------------------------------------------------------- the annotation server
+
+
+@pytest.fixture(scope="module")
+def study(world, tmp_path_factory):
+    """An annotation study of the VSR test split (four items, no practice) and a client of its server."""
+    from fastapi.testclient import TestClient
+
+    from probing.annotate.server import create_app
+    from probing.annotate.store import AnnotationStore
+    from probing.annotate.study import StudyDesign, prepare_study
+    from probing.data import DataOptions
+
+    design = StudyDesign(task="vsr", n=4, intro=0, data=DataOptions(task="vsr", **world.vsr))
+    store = AnnotationStore.create_or_resume(tmp_path_factory.mktemp("study") / "study.db", prepare_study(design))
+    client = TestClient(create_app(store))
+    item = client.post("/api/annotators", json={"name": "ada"}).json()["item"]["id"]
+    return store, client, {"annotator": "ada", "item": item, "answer": True}
+
+
+def _json(text: str) -> dict:
+    return {"content": text.encode(), "headers": {"content-type": "application/json"}}
+
+
+def _answer_with(first: dict, **raw: str) -> dict:
+    """The first answer's JSON with some values written as raw JSON text (huge integers, NaN ...)."""
+    fields = [f'"{key}": {raw.pop(key) if key in raw else json.dumps(value)}' for key, value in first.items()]
+    fields += [f'"{key}": {value}' for key, value in raw.items()]
+    return _json("{" + ", ".join(fields) + "}")
+
+
+HTTP_CASES = [
+    ("body-50-mb", lambda a: _json('{"annotator": "' + "a" * 50_000_000 + '"}'), 413, "over 16384 bytes"),
+    ("body-over-limit-chunked", lambda a: {"content": iter([b"{" + b" " * 20_000, b"}"])}, 413, "over 16384 bytes"),
+    ("item-huge", lambda a: _answer_with(a, item=str(10**30)), 400, "item:"),
+    ("item-2-63", lambda a: _answer_with(a, item=str(2**63)), 400, "item:"),
+    ("item-5000-digits", lambda a: _answer_with(a, item="9" * 5000), 400, "body:"),
+    ("item-negative", lambda a: _answer_with(a, item="-1"), 400, "item:"),
+    ("item-a-float", lambda a: _answer_with(a, item="1.5"), 400, "item:"),
+    ("seconds-nan", lambda a: _answer_with(a, seconds="NaN"), 400, "seconds:"),
+    ("seconds-infinity", lambda a: _answer_with(a, seconds="Infinity"), 400, "seconds:"),
+    ("seconds-minus-infinity", lambda a: _answer_with(a, seconds="-1e400"), 400, "seconds:"),
+    ("seconds-negative", lambda a: _answer_with(a, seconds="-2"), 400, "seconds:"),
+    ("seconds-over-a-day", lambda a: _answer_with(a, seconds="86401"), 400, "seconds:"),
+    ("seconds-huge", lambda a: _answer_with(a, seconds="1" + "0" * 400), 400, "seconds:"),
+    ("cells-huge", lambda a: _answer_with(a, cells=f"[{10**30}]"), 400, "cells.0:"),
+    ("cells-on-a-vsr-item", lambda a: _answer_with(a, cells="[4]"), 400, "cells:"),
+    ("answer-a-string", lambda a: _answer_with(a, answer='"yes"'), 400, "answer:"),
+    ("an-extra-field", lambda a: _answer_with(a, path='"/etc/passwd"'), 400, "path:"),
+    ("not-json", lambda a: _json("{not json"), 400, "error parsing the body"),
+    ("annotator-too-long", lambda a: _answer_with(a, annotator='"' + "a" * 41 + '"'), 400, "annotator:"),
+]
+
+
+@pytest.mark.parametrize("build,status,fragment", [pytest.param(*c[1:], id=c[0]) for c in HTTP_CASES])
+def test_a_bad_answer_is_refused_with_its_status_unechoed_and_stores_nothing(study, build, status, fragment):
+    store, client, first = study
+    before = store.answers()
+    request = build(first)
+    response = client.post("/api/answers", **request)
+    assert response.status_code == status, response.text[:300]
+    assert fragment in response.json()["detail"], response.text[:300]
+    assert len(response.content) < 400  # the value sent is never echoed back
+    assert store.answers() == before
+
+
+def test_a_full_disk_is_503_stores_nothing_and_the_same_answer_is_taken_again(study, monkeypatch):
+    """SQLite's own "database or disk is full" (SQLITE_FULL), from inside the answer's transaction."""
+    import sqlite3
+
+    store, client, first = study
+    real_connect = sqlite3.connect
+
+    class FullDisk(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql.lstrip().startswith("INSERT INTO answers"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return super().execute(sql, *args)
+
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=FullDisk, **k))
+    response = client.post("/api/answers", json=first | {"seconds": 2.5})
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"] == "the server's disk is full: the answer was not stored; send it again"
+    monkeypatch.undo()
+    assert store.answers() == []  # rolled back: no half-written row
+    retried = client.post("/api/answers", json=first | {"seconds": 2.5})
+    assert retried.status_code == 200 and [a["seconds"] for a in store.answers()] == [2.5]
+    page = client.get("/").text
+    assert "result.status === 503" in page and "Your answer is kept here" in page  # the page keeps it to resend

@@ -97,7 +97,8 @@ def create_app(store: AnnotationStore, token: str | None = None):
     def malformed(request: Request, error: RequestValidationError) -> JSONResponse:
         """400 naming the first wrong field and what is wrong, without the value sent (it may be huge)."""
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+        loc = () if first.get("type") == "json_invalid" else first.get("loc", ())  # its loc is a byte offset
+        where = ".".join(str(part) for part in loc if part != "body") or "body"
         return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
 
     identity, description = store.value("identity"), store.value("description")
@@ -206,26 +207,25 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _too_large(send, self.limit)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                return await _too_large(send, self.limit)
+            return await self.app(scope, receive, send)
+        # no length given (chunked): read the body up to the limit, then hand the application what was read
+        messages, seen = [], 0
+        while True:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
-            return message
+                return await _too_large(send, self.limit)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _too_large(send, self.limit)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _too_large(send, limit: int) -> None:
