@@ -171,11 +171,20 @@ def write_bytes(path: Path, data: bytes) -> None:
     (`open` creates it 0666 & ~umask: readable by the group on a shared disk where the umask says so)."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        _discard(temporary)  # a full disk or an interruption leaves no half-written file behind
+        raise
+
+
+def _discard(temporary: Path) -> None:
+    with contextlib.suppress(OSError):
+        temporary.unlink()
 
 
 def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -208,11 +217,15 @@ def write_json(path: Path, payload: Any) -> None:
     path = Path(path)
     text = json.dumps(payload, indent=2, sort_keys=True) + "\n"  # serialise first: a bad value writes nothing
     temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        _discard(temporary)
+        raise
 
 
 def relabel_json(path: Path, label: str | None) -> None:

@@ -9,6 +9,7 @@ traceback and exit status 1.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -618,6 +619,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if _VERBOSE:
+            traceback.print_exc()
+        # a fault, not a bug: what was written before it is whole (every file goes through a rename), so the
+        # same command resumes once there is room
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror}; free some space and run the same command again", file=sys.stderr)
+        sys.exit(2)
     if isinstance(code, int) and code:  # typer.Exit(code) and --help's exit, returned when not standalone
         sys.exit(code)
 

@@ -929,3 +929,70 @@ def test_a_full_disk_is_503_stores_nothing_and_the_same_answer_is_taken_again(st
     assert retried.status_code == 200 and [a["seconds"] for a in store.answers()] == [2.5]
     page = client.get("/").text
     assert "result.status === 503" in page and "Your answer is kept here" in page  # the page keeps it to resend
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+
+
+def test_extract_on_a_full_disk_is_one_line_and_the_resume_is_byte_identical(world, capsys, tmp_path, monkeypatch):
+    """The third file write of an extraction runs out of space half-way (ENOSPC from the file's write, as a full
+    disk gives it): one line naming the file, exit 2, no half-written file and no claim left behind; the same
+    command then resumes, and the store is byte for byte the one an undisturbed extraction writes."""
+    import errno
+    import os
+
+    import probing.artifacts
+
+    def extract_into(out: Path) -> tuple[int, str, str]:
+        vsr = ["--task", "vsr", "--vsr", world.vsr["vsr"], "--images", world.vsr["images"]]
+        args = ["extract", *vsr, "--model", world.checkpoint, "--split", "val", "--layers", "1", "--workers", "0"]
+        return run_cli(capsys, *args, "--shard-size", "8", "--out", out)
+
+    code, _, err = extract_into(tmp_path / "reference")
+    assert code == 0, err
+    shards = sorted(p.name for p in (tmp_path / "reference").iterdir() if p.name != "manifest.json")
+    assert len([name for name in shards if name.endswith(".safetensors")]) == 3, shards  # the fault hits the 2nd
+
+    real_open, opened = open, []
+
+    class HalfWritten:
+        """A file whose write stores half the bytes, then fails as a full disk does."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.handle.name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def full_after_two(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if "w" in mode and Path(path).name.startswith(".shard-"):
+            opened.append(path)
+            if len(opened) > 2:
+                return HalfWritten(handle)
+        return handle
+
+    monkeypatch.setattr(probing.artifacts, "open", full_after_two, raising=False)
+    store = tmp_path / "store"
+    code, _, err = extract_into(store)
+    monkeypatch.undo()
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert f"{store}/.shard-" in err and "No space left on device; free some space and run the same command" in err
+    assert not [p for p in store.rglob("*") if ".partial-" in p.name]  # the half-written file is gone
+    assert not (tmp_path / "store.lock").exists()  # the claim is released
+    assert json.loads((store / "manifest.json").read_text())["complete"] is False
+
+    code, _, err = extract_into(store)
+    assert code == 0, err
+    for name in shards:
+        assert (store / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    assert sorted(p.name for p in store.iterdir() if p.name != "manifest.json") == shards
