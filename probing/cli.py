@@ -588,6 +588,8 @@ def _configure_logging(verbose: bool) -> None:
     logger.propagate = False
     logging.addLevelName(logging.WARNING, "warning")
     logging.addLevelName(logging.INFO, "info")
+    # huggingface_hub logs each failed request before raising; the error it raises is the one line shown
+    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -544,7 +544,7 @@ USAGE_CASES = [
     ("search-epochs-zero", plain("search", "--epochs", "0,3"), "--epochs"),
     ("search-final-seeds-repeated", plain("search", "--final-seeds", "1,1"), "--final-seeds"),
     ("train-seeds-repeated", plain("train", "--seeds", "1,1"), "--seeds"),
-    ("extract-relative-model-absent", relative_model, "models/blip2-tiny"),
+    ("extract-relative-model-absent", relative_model, "models/blip2-tiny does not exist)"),
     ("extract-layer-beyond-the-model", plain("extract", "--layers", "9"), "--layers"),
     ("search-layer-not-stored", plain("search", "--layer", "9"), "layer 9"),
     ("train-layer-not-stored", plain("train", "--layer", "9"), "layer 9"),
