@@ -548,6 +548,8 @@ def demo_command(
     from probing.demo import run_demo
     from probing.pipeline import describe
 
+    if out is not None:
+        _check_out({"out": out})  # a workspace: never the current folder, a file, a link or another's output
     started = time.perf_counter()
     config, summary = run_demo(out, say=typer.echo, refcocog_images=refcocog_images, vsr_images=vsr_images)
     typer.echo("")

@@ -439,6 +439,9 @@ def _into_an_input(command: str, input_of: Callable[[World], Path]) -> Callable[
 
 OUT_CASES = [
     *_out_cases(),
+    ("demo-out-dot", lambda w, t: ["demo", "--out", "."], "--out .: is the current folder"),
+    ("demo-out-a-file", lambda w, t: ["demo", "--out", _a_file(w, t)], "an existing file, not a folder"),
+    ("demo-out-a-run", lambda w, t: ["demo", "--out", w.run], "holds a probe-run of another command"),
     ("plot-into-its-run", _into_an_input("plot", lambda w: w.run), "is an input of this command"),
     ("report-into-its-run", _into_an_input("report", lambda w: w.run), "is an input of this command"),
     ("plot-into-the-runs-parent", _into_an_input("plot", lambda w: w.run.parent), "is an input of this command"),
