@@ -454,6 +454,7 @@ OUT_CASES = [
     ("build-rcm-into-images", _into_an_input("build-rcm", lambda w: w.refer["refs"].parent), "is an input of"),
     ("zeroshot-into-a-run", _into_an_input("zeroshot", lambda w: w.run), "holds a probe-run of another command"),
     ("export-onto-its-db", _into_an_input("annotate-export", lambda w: w.tmp / "study.db"), "is an input of"),
+    ("export-onto-the-study", _into_an_input("annotate-export", lambda w: w.run / "manifest.json"), "not an export"),
 ]
 
 

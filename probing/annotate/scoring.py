@@ -214,9 +214,10 @@ def score(db: Path, out: Path, label: str = "Human") -> StageResult[dict[str, An
 def export(db: Path, out: Path) -> int:
     """Every answer (practice ones too, marked by role) as one JSON object per line, written atomically;
     returns how many."""
-    out = check_output(out, file=True, inputs=(db,))
-    if out.exists() and Path(db).exists() and os.path.samefile(out, db):  # the export would replace the study
+    out = Path(out)
+    if out.is_file() and Path(db).exists() and os.path.samefile(out, db):  # the export would replace the study
         raise ProbingError(f"--out {out}: is the study's own --db file (give another .jsonl file)")
+    check_output(out, file=True, inputs=(db,))
     if out.exists() and not _is_export(out):
         raise ProbingError(f"--out {out}: an existing file that is not an export of answers; not ours to replace")
     store = AnnotationStore.open(db)
