@@ -111,18 +111,25 @@ def check_output(
 
 @contextlib.contextmanager
 def removed_when_refused(path: Path, remove: bool = True) -> Iterator[None]:
-    """Delete `path` and the folders above it that the block created, when the block raises a ProbingError: a
-    refused command leaves nothing behind, so that the corrected command starts afresh. Other failures (an
-    interruption, a full disk) keep it: what was written is whole and the next run resumes it. `remove` false
-    (a process other than the main one): only the main process deletes."""
+    """Delete `path` and the folders above it that the block created (or empty `path` again, when it was an empty
+    folder), when the block raises a ProbingError: a refused command leaves nothing behind, so that the corrected
+    command starts afresh. Other failures (an interruption, a full disk) keep it: what was written is whole and
+    the next run resumes it. `remove` false (a process other than the main one): only the main process deletes."""
     path = Path(path).absolute()
     top = path
     while not top.parent.exists() and top.parent != top.parent.parent:
         top = top.parent
     created = not os.path.lexists(top)
+    was_empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())  # made by hand for us
     try:
         yield
     except ProbingError:
+        if was_empty and remove:
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
         if created and remove:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

@@ -740,6 +740,20 @@ def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tmp_pa
     assert not (tmp_path / "deep" / "er" / "ws").exists()  # configs are refused before any work
 
 
+def test_a_refused_extraction_into_an_empty_folder_leaves_it_empty_and_the_corrected_command_runs(
+    world, capsys, tmp_path
+):
+    """A folder made by hand for the store: the refusal (a decompression bomb) empties it again, no claim is
+    left, and the corrected command (--skip-bad-images, another request) is not refused for what it found."""
+    args = bomb_image(world, tmp_path)
+    (tmp_path / "store").mkdir()
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "image refused" in err, err
+    assert list((tmp_path / "store").iterdir()) == [] and not (tmp_path / "store.lock").exists()
+    code, _, err = run_cli(capsys, *args, "--skip-bad-images")
+    assert code == 0, err
+
+
 def test_a_decompression_bomb_with_skip_bad_images_is_skipped_and_recorded(world, capsys, tmp_path):
     args = bomb_image(world, tmp_path) + ["--skip-bad-images"]
     code, out, err = run_cli(capsys, *args)
