@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,102 @@ def check_folder_name(name: str, where: str, kind: str = "") -> str:
     if problem is not None:
         raise ProbingError(f"{where}: {kind + ' ' if kind else ''}{shown(name)} {problem}")
     return name
+
+
+def check_output(
+    path: Path | str,
+    kinds: tuple[str, ...] = (),
+    option: str = "--out",
+    file: bool = False,
+    inputs: tuple[Path | str, ...] = (),
+) -> Path:
+    """The one check every output path of a command goes through, before anything is read or written: refuse a
+    path this tool did not make, so that no command can overwrite what is not its own.
+
+    Refused: an empty path, the current folder or one above it, a symbolic link (never followed: a write would land
+    wherever it points), anything that is not a regular file or folder (a device, FIFO or socket), a path under a
+    file, an input of the command (or a folder holding one, or inside one) and, for a folder output (`file`
+    false), an existing file or a folder whose manifest says another command made it (its `kind` not in `kinds`;
+    `kinds` empty: any folder with a manifest). For a file output an existing folder is refused. Returns the path.
+    """
+    text = str(path)
+    if not text.strip():
+        raise ProbingError(f"{option}: is empty (give a {'file' if file else 'folder'} path)")
+    path = Path(path)
+    where = f"{option} {text}"
+    resolved = path.resolve()
+    if not file and (resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents):
+        raise ProbingError(f"{where}: is the current folder or one above it (give a new folder)")
+    try:
+        status = path.lstat()
+    except (FileNotFoundError, NotADirectoryError):  # absent, or under a file: the ancestor check below says which
+        status = None
+    except OSError as error:
+        raise ProbingError(f"{where}: cannot be read ({error.strerror})") from None
+    if status is not None:
+        if stat.S_ISLNK(status.st_mode):
+            raise ProbingError(f"{where}: is a symbolic link; the tool never writes through one (give a real path)")
+        if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode)):
+            raise ProbingError(f"{where}: is not a regular file or folder (a device, FIFO or socket); not ours")
+        if file and stat.S_ISDIR(status.st_mode):
+            raise ProbingError(f"{where}: is a folder (give a file)")
+        if not file and stat.S_ISREG(status.st_mode):
+            raise ProbingError(f"{where}: an existing file, not a folder")
+    else:
+        ancestor = path.absolute().parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ProbingError(f"{where}: {ancestor} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ProbingError(f"{where}: cannot write in {ancestor} (permission denied)")
+    for given in inputs:
+        source = Path(given).resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise ProbingError(f"{where}: is an input of this command ({given}) or holds one; give another path")
+    if not file and status is not None:
+        manifest = path / MANIFEST_NAME
+        if manifest.is_file():
+            try:
+                made = json.loads(manifest.read_text(encoding="utf-8")).get("kind")
+            except (OSError, ValueError, AttributeError):
+                made = None  # a damaged manifest: the stage's own checks name what is wrong with it
+            if not kinds or (made is not None and made not in kinds):
+                shown_kind = f"a {made}" if isinstance(made, str) else "an output"
+                raise ProbingError(f"{where}: holds {shown_kind} of another command (its {MANIFEST_NAME}); not ours")
+    return path
+
+
+@contextlib.contextmanager
+def removed_when_refused(path: Path, remove: bool = True) -> Iterator[None]:
+    """Delete `path` and the folders above it that the block created (or empty `path` again, when it was an empty
+    folder), when the block raises a ProbingError: a refused command leaves nothing behind, so that the corrected
+    command starts afresh. Other failures (an interruption, a full disk) keep it: what was written is whole and
+    the next run resumes it. `remove` false (a process other than the main one): only the main process deletes."""
+    path = Path(path).absolute()
+    top = path
+    while not top.parent.exists() and top.parent != top.parent.parent:
+        top = top.parent
+    created = not os.path.lexists(top)
+    was_empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())  # made by hand for us
+    try:
+        yield
+    except ProbingError:
+        if was_empty and remove:
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        if created and remove:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            for folder in [path, *path.parents][: len(path.parts) - len(top.parts) + 1]:
+                try:
+                    folder.rmdir()  # only an empty one: another writer's files stay
+                except OSError:
+                    break
+        raise
 
 
 def code_version() -> str:
@@ -81,11 +178,20 @@ def write_bytes(path: Path, data: bytes) -> None:
     (`open` creates it 0666 & ~umask: readable by the group on a shared disk where the umask says so)."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        _discard(temporary)  # a full disk or an interruption leaves no half-written file behind
+        raise
+
+
+def _discard(temporary: Path) -> None:
+    with contextlib.suppress(OSError):
+        temporary.unlink()
 
 
 def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -118,11 +224,15 @@ def write_json(path: Path, payload: Any) -> None:
     path = Path(path)
     text = json.dumps(payload, indent=2, sort_keys=True) + "\n"  # serialise first: a bad value writes nothing
     temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        _discard(temporary)
+        raise
 
 
 def relabel_json(path: Path, label: str | None) -> None:

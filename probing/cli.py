@@ -9,6 +9,7 @@ traceback and exit status 1.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+try:  # recent typer carries its own copy of click: its usage errors are these classes, not the click package's
+    from typer._click import exceptions as usage_errors
+except ImportError:  # typer releases built on the click package
+    from click import exceptions as usage_errors
 
 from probing.errors import ProbingError
 
@@ -48,6 +54,17 @@ def _parameter(name: str, kind: Any, default: Any = ..., **option: Any):
         default=inspect.Parameter.empty if default is ... else default,
         annotation=Annotated[kind, info],
     )
+
+
+def _check_out(values: dict[str, Any], *kinds: str, option: str = "--out") -> None:
+    """Refuse an --out the command may not write (`probing.artifacts.check_output`), its inputs named: every path
+    among the command's other values, and the model when it is a folder."""
+    from probing.artifacts import check_output
+
+    inputs = [value for name, value in values.items() if name != "out" and isinstance(value, Path)]
+    if isinstance(values.get("model"), str) and Path(values["model"]).exists():
+        inputs.append(Path(values["model"]))
+    check_output(values["out"], kinds, option=option, inputs=tuple(inputs))
 
 
 @app.callback()
@@ -86,6 +103,7 @@ def make_demo_data_command(
 
     if vsr_version not in ("current", "original"):
         raise ProbingError(f"--vsr-version: unknown version '{vsr_version}' (choose current or original)")
+    _check_out({"out": out}, "demo-data", option="OUT")
     result = make_demo_data(
         out, seed=seed, refcocog_images=refcocog_images, vsr_images=vsr_images, vsr_version=vsr_version
     )
@@ -117,6 +135,7 @@ def build_rcm_command(
     """Build Region Cell Matching (3x3 grid cells) from RefCOCOg umd, balanced per cell, per split."""
     from probing.data.rcm import build_rcm
 
+    _check_out({"out": out, "refs": refs, "instances": instances}, "rcm")
     result = build_rcm(refs, instances, out, seed=seed)
     typer.echo(f"RCM {'already there' if result.reused else 'written'}: {out}")
     for split, counts in result.value["splits"].items():
@@ -176,6 +195,7 @@ def _extract(**values: Any) -> None:
     from probing.settings import from_cli
 
     request = from_cli(ExtractionRequest, values)
+    _check_out(values, "features")
     store = extract(request).value
     bad = len(store.manifest["bad_images"])
     typer.echo(
@@ -197,6 +217,7 @@ def _train(**values: Any) -> None:
         check_as(Trial, "seed", seed, "--seeds")
     trial = from_cli(Trial, values)  # the hyper-parameters, once per seed
     request = from_cli(TrainRequest, values, trials=tuple(replace(trial, seed=seed) for seed in seeds))
+    _check_out(values, "probe-run")
     result = run_training(request)
     if result.status == "elsewhere":
         return  # another process of the launch wrote the run and reports it
@@ -232,6 +253,7 @@ def _search(**values: Any) -> None:
     space = default_space(task, values["probe"]).overridden({name: getattr(parsed, name) for name in given}, None)
     # a search's batch order is its seed
     request = from_cli(SearchRequest, values | {"order_seed": values["seed"]}, space=space)
+    _check_out(values, "search")
     result = run_search(request)
     summary = result.value
     best, metric = summary.best, summary.metric
@@ -253,7 +275,9 @@ def _zeroshot(**values: Any) -> None:
     from probing.settings import from_cli
     from probing.zeroshot import ZeroShotRequest, run_zeroshot
 
-    result = run_zeroshot(from_cli(ZeroShotRequest, values))
+    request = from_cli(ZeroShotRequest, values)
+    _check_out(values, "zeroshot-run")
+    result = run_zeroshot(request)
     record = result.value
     typer.echo(f"zero-shot run {'already there' if result.reused else 'written'}: {values['out']}")
     for split in record.splits:
@@ -290,6 +314,7 @@ def _mdl(**values: Any) -> None:
     request = from_cli(MdlRequest, values)
     if search is not None:
         check_from_search(search, request.check())
+    _check_out(values | {"from_search": search}, "mdl")
     result = run_mdl(request)
     record = result.value
     typer.echo(f"mdl {'already there' if result.reused else 'written'}: {values['out']}")
@@ -463,8 +488,10 @@ def plot_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the figures (PNG + SVG).")],
 ) -> None:
     """Per-layer curves and per-category bars (frozen vs unfrozen) from run folders."""
-    from probing.report import load_runs, write_figures
+    from probing.report import check_named_runs, load_runs, write_figures
 
+    _check_out({"out": out, **{f"run{index}": run for index, run in enumerate(runs)}})  # never into a run folder
+    check_named_runs(runs)
     loaded, _ = load_runs(runs)
     written = write_figures(loaded, out)
     typer.echo(f"{len(written)} figure files in {out}")
@@ -480,8 +507,10 @@ def report_command(
     ] = False,
 ) -> None:
     """Tables in the shapes of the paper's Tables 1, 2, 3, 4, 5 (with CIs), per-layer table, figures, README."""
-    from probing.report import write_report
+    from probing.report import check_named_runs, write_report
 
+    _check_out({"out": out, **{f"run{index}": run for index, run in enumerate(runs)}})
+    check_named_runs(runs)
     written = write_report(runs, out, compare_paper=compare_paper, overwrite=overwrite)
     typer.echo(
         f"report of {written['runs']} run(s): {written['readme']} "
@@ -537,6 +566,8 @@ def demo_command(
     from probing.demo import run_demo
     from probing.pipeline import describe
 
+    if out is not None:
+        _check_out({"out": out})  # a workspace: never the current folder, a file, a link or another's output
     started = time.perf_counter()
     config, summary = run_demo(out, say=typer.echo, refcocog_images=refcocog_images, vsr_images=vsr_images)
     typer.echo("")
@@ -577,6 +608,8 @@ def _configure_logging(verbose: bool) -> None:
     logger.propagate = False
     logging.addLevelName(logging.WARNING, "warning")
     logging.addLevelName(logging.INFO, "info")
+    # huggingface_hub logs each failed request before raising; the error it raises is the one line shown
+    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -592,7 +625,13 @@ def main(argv: list[str] | None = None) -> None:
         from probing.plugins import load_plugins
 
         load_plugins()  # tasks, backends, probes and tables registered outside the package
-        app(args=args, prog_name="probing")
+        code = app(args=args, prog_name="probing", standalone_mode=False)
+    except usage_errors.NoArgsIsHelpError as error:  # `probing` or a group alone: its help, as click shows it
+        error.show()
+        sys.exit(error.exit_code)
+    except usage_errors.UsageError as error:
+        print(f"error: {usage_line(error)}", file=sys.stderr)
+        sys.exit(2)
     except ProbingError as error:
         if _VERBOSE:
             traceback.print_exc()
@@ -602,6 +641,32 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if _VERBOSE:
+            traceback.print_exc()
+        # a fault, not a bug: what was written before it is whole (every file goes through a rename), so the
+        # same command resumes once there is room
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror}; free some space and run the same command again", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(code, int) and code:  # typer.Exit(code) and --help's exit, returned when not standalone
+        sys.exit(code)
+
+
+def usage_line(error: usage_errors.UsageError) -> str:
+    """typer's usage error as one line naming the option or command, with the nearest spelling when one is close
+    (typer's own boxes span several lines and list every option that shares a prefix)."""
+    import difflib
+
+    where = f" ({error.ctx.command_path} --help)" if error.ctx is not None else ""
+    if isinstance(error, usage_errors.NoSuchOption):
+        options = [name for parameter in error.ctx.command.params for name in parameter.opts] if error.ctx else []
+        nearest = difflib.get_close_matches(error.option_name, options, n=1, cutoff=0.5)
+        hint = f"; did you mean {nearest[0]}?" if nearest else ""
+        return f"{error.option_name}: no such option{hint}{where}"
+    return " ".join(error.format_message().split()) + where
 
 
 if __name__ == "__main__":

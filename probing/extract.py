@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from probing.artifacts import MANIFEST_NAME, code_version, relabel_json
+from probing.artifacts import MANIFEST_NAME, code_version, relabel_json, removed_when_refused
 from probing.data.images import load_rgb_image
 from probing.data.types import DataOptions, Example, SplitData
 from probing.device_copies import to_device, to_host
@@ -304,71 +304,88 @@ def extract_loaded(
     identity = store_identity(resampler, data, request, layers)
     # One writer per store, claimed before anything is read or written: another worker (another job on the shared
     # disk) extracting the same request is waited for, then reused; one with another request is refused at once.
-    lock = claim(request.out, identity, "feature store") if state.is_main_process else None
-    state.wait_for_everyone()
-    try:
-        writer = FeatureStoreWriter(request.out, identity)  # every process checks
-        if writer.complete:
-            damaged = writer.damaged_shards() if verification_enabled() else []
-            if not damaged:
-                log.info("%s: already complete for this request; nothing to do", request.out)
-                if state.is_main_process:
-                    relabel_json(request.out / MANIFEST_NAME, request.label)
-                state.wait_for_everyone()
-                return StageResult(FeatureStore(request.out), request.out, "reused")
-            log.warning("%s: %d damaged shard(s) (%s); computing them again", request.out, len(damaged), damaged)
-            state.wait_for_everyone()
+    # A refusal on the way (a bad image, a full disk is not one) removes the store and folders this run created.
+    with removed_when_refused(request.out, remove=state.is_main_process):
+        lock = claim(request.out, identity, "feature store") if state.is_main_process else None
+        state.wait_for_everyone()
+        try:
+            return _extract_claimed(resampler, data, request, state, layers, shards, storage_dtype, identity)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _extract_claimed(
+    resampler: Resampler,
+    data: SplitData,
+    request: ExtractionRequest,
+    state,
+    layers: list[int],
+    shards: list,
+    storage_dtype: torch.dtype,
+    identity: dict[str, Any],
+) -> StageResult[FeatureStore]:
+    """The extraction proper once the store is claimed."""
+    device = resampler.device
+    writer = FeatureStoreWriter(request.out, identity)  # every process checks
+    if writer.complete:
+        damaged = writer.damaged_shards() if verification_enabled() else []
+        if not damaged:
+            log.info("%s: already complete for this request; nothing to do", request.out)
             if state.is_main_process:
-                writer.reopen(damaged)
+                relabel_json(request.out / MANIFEST_NAME, request.label)
             state.wait_for_everyone()
-        check_images_exist(data.examples, request.skip_bad_images)
-        state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
-        if state.is_main_process:
-            writer.prepare()
+            return StageResult(FeatureStore(request.out), request.out, "reused")
+        log.warning("%s: %d damaged shard(s) (%s); computing them again", request.out, len(damaged), damaged)
         state.wait_for_everyone()
-        mine = [
-            s for s in shards if s.index % state.num_processes == state.process_index and not writer.shard_done(s.index)
-        ]
-        started = time.perf_counter()
-        done_examples = _run_shards(
-            mine,
-            resampler,
-            layers,
-            storage_dtype,
-            writer,
-            request,
-            device,
-            show_progress=request.progress and state.is_main_process,
+        if state.is_main_process:
+            writer.reopen(damaged)
+        state.wait_for_everyone()
+    check_images_exist(data.examples, request.skip_bad_images)
+    state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
+    if state.is_main_process:
+        writer.prepare()
+    state.wait_for_everyone()
+    mine = [
+        s for s in shards if s.index % state.num_processes == state.process_index and not writer.shard_done(s.index)
+    ]
+    started = time.perf_counter()
+    done_examples = _run_shards(
+        mine,
+        resampler,
+        layers,
+        storage_dtype,
+        writer,
+        request,
+        device,
+        show_progress=request.progress and state.is_main_process,
+    )
+    elapsed = time.perf_counter() - started
+    if done_examples:
+        log.info(
+            "extracted %d examples in %.1f s (%.1f examples/s on this process)",
+            done_examples,
+            elapsed,
+            done_examples / max(elapsed, 1e-9),
         )
-        elapsed = time.perf_counter() - started
-        if done_examples:
-            log.info(
-                "extracted %d examples in %.1f s (%.1f examples/s on this process)",
-                done_examples,
-                elapsed,
-                done_examples / max(elapsed, 1e-9),
-            )
-        state.wait_for_everyone()
-        if state.is_main_process:
-            recorded = {key: str(Path(value).resolve()) for key, value in request.data.given().items()}
-            writer.finish(
-                len(shards),
-                {
-                    **text_truncation(resampler, data, request.out),
-                    "model_source": resampler.identity,
-                    "data_sources": data.sources,
-                    # where the data was read from, so that `probing train` can find the targets by itself
-                    "data_options": {"task": task_reference(request.data.task), **recorded},
-                    "images": len({e.image_path for e in data.examples}),
-                    "code_version": code_version(),
-                    **({"label": request.label} if request.label is not None else {}),
-                },
-            )
-        state.wait_for_everyone()
-        return StageResult(FeatureStore(request.out), request.out, "built")
-    finally:
-        if lock is not None:
-            lock.release()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        recorded = {key: str(Path(value).resolve()) for key, value in request.data.given().items()}
+        writer.finish(
+            len(shards),
+            {
+                **text_truncation(resampler, data, request.out),
+                "model_source": resampler.identity,
+                "data_sources": data.sources,
+                # where the data was read from, so that `probing train` can find the targets by itself
+                "data_options": {"task": task_reference(request.data.task), **recorded},
+                "images": len({e.image_path for e in data.examples}),
+                "code_version": code_version(),
+                **({"label": request.label} if request.label is not None else {}),
+            },
+        )
+    state.wait_for_everyone()
+    return StageResult(FeatureStore(request.out), request.out, "built")
 
 
 def text_truncation(resampler: Resampler, data: SplitData, out: Path) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from probing.artifacts import removed_when_refused
 from probing.config import ZERO_SHOT, Config, Experiment, search_space
 from probing.data.rcm import build_rcm
 from probing.data.synthetic import demo_data_options, make_demo_data
@@ -45,7 +46,7 @@ from probing.records import NO_PROBE, StageResult
 from probing.report import write_report
 from probing.search import SearchRequest, SearchSettings, run_search, trial_from
 from probing.settings import applies
-from probing.tasks import TaskSpec, get_task
+from probing.tasks import TaskSpec, get_task, load_split
 from probing.train import TrainSettings, Trial
 from probing.zeroshot import ZeroShotRequest, run_zeroshot
 
@@ -355,13 +356,19 @@ def zeroshot_request(
 def run_config(config: Config, say: Callable[[str], None] = print, progress: bool = True) -> RunSummary:
     """Run a config end to end; returns what was built and reused, the searches and the report."""
     summary = RunSummary()
-    config.workspace.mkdir(parents=True, exist_ok=True)
-    options = _data_options(config, summary, say)
-    sources = _models(config, summary, say)
-    depth = model_depths(sources)
-    units = plan(config, depth)
+    # Everything the stages will read is checked before the first of them runs (every split of every task, the
+    # models and their depths, the plan): a refusal here removes the workspace when this run created it.
+    with removed_when_refused(config.workspace):
+        config.workspace.mkdir(parents=True, exist_ok=True)
+        options = _data_options(config, summary, say)
+        for task, data in options.items():
+            for split in get_task(task).splits:
+                load_split(data, split)
+        sources = _models(config, summary, say)
+        depth = model_depths(sources)
+        units = plan(config, depth)
+        planned = list(store_requests(config, units, options, sources, depth, progress).items())
     stores = {}
-    planned = list(store_requests(config, units, options, sources, depth, progress).items())
     # Workers started on one config (other GPUs, machines sharing the workspace) begin at different stores, so
     # that each extracts its own; a store another worker holds is waited for, then reused.
     start = os.getpid() % len(planned) if planned else 0

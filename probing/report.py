@@ -1177,6 +1177,28 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[RunResults], list[RunResults]
     return tasks, dropped + unpaired
 
 
+def check_named_runs(paths: Sequence[Path]) -> None:
+    """Two run (or search) folders named on the command line that stand for the same row (label, task, mode,
+    layer, probe, control) are refused, both named: one of them would be left out of every table. Runs found by
+    searching a folder (a workspace where two experiments share a configuration) are deduplicated instead, and
+    the ones left out are listed in `runs.txt`."""
+    from probing.analysis import load_run
+
+    first: dict[tuple, Path] = {}
+    for path in paths:
+        found = find_runs([path])
+        if len(found) != 1 or Path(found[0]).resolve() not in (Path(path).resolve(), Path(path).resolve() / "best"):
+            continue  # a folder holding runs, not a run
+        key = load_run(path).key
+        if key in first:
+            label, task, _, mode, layer, probe, control = key
+            raise ProbingError(
+                f"{first[key]} and {path}: both are {label} {mode} {task}{' (control)' if control else ''} layer "
+                f"{layer} {probe}; name one of them (or give each model its own --label)"
+            )
+        first[key] = Path(path)
+
+
 def model_key(run: RunResults) -> tuple:
     """What tells two models apart across kinds of run (a probe run records the resampler's weights hash, a
     zero-shot run the hash of every weight file): family, init (and its seed) and the source the weights were

@@ -92,6 +92,13 @@ def _final_seeds(text: str, option: str) -> tuple[int, ...]:
     return comma_separated(int, what="integers")(text, option)
 
 
+def _distinct(values: tuple[int, ...], where: str) -> None:
+    """Each final seed once: a repeated seed would train and count the same probe twice."""
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ProbingError(f"{where}: seed {repeated[0]} is given twice (each seed once), got {list(values)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SearchSettings:
     """How a search runs: the `search` section of a config's experiment and the options of `probing search`."""
@@ -100,7 +107,12 @@ class SearchSettings:
     batch: int = setting(8, identity=True, low=1, help="Frozen: trials trained together in one pass.")
     seed: int = setting(0, identity=True, low=0, help="Seed of the sampler and of every trial's probe.")
     final_seeds: tuple[int, ...] | None = setting(
-        None, identity=True, low=0, parse=_final_seeds, help="Seeds the best trial is evaluated with (default: --seed)."
+        None,
+        identity=True,
+        low=0,
+        parse=_final_seeds,
+        valid=_distinct,
+        help="Seeds the best trial is evaluated with (default: --seed).",
     )
     storage: str | None = setting(
         None,

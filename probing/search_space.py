@@ -34,6 +34,7 @@ class SearchSpace:
     )
     epochs: tuple[int, ...] = setting(
         (20, 30, 40),
+        low=1,
         parse=comma_separated(int),
         applies=SGD_PROBES,
         help="Comma-separated epoch choices (default: the task's).",

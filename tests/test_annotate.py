@@ -183,7 +183,7 @@ def test_vsr_and_yaml_items_show_their_text(demo_options, tmp_path, task_registr
     assert item["claims_cell"] is False and item["text"] in captions.values()
     assert item["question"] == "Is the text true of the image?"
     answer = {"annotator": "Zoë", "item": item["id"], "answer": True}
-    assert client.post("/api/answers", json=answer | {"cells": [4]}).status_code == 422  # no cell to rank
+    assert client.post("/api/answers", json=answer | {"cells": [4]}).status_code == 400  # no cell to rank
     assert client.post("/api/answers", json=answer).status_code == 200
 
     folder = tmp_path / "whats-up"
@@ -217,7 +217,7 @@ def test_the_api_refuses_what_it_should(rcm_options, tmp_path):
     first = state["item"]["id"]
     assert state["answered"] == 0 and state["total"] == 12 and state["practice"] == 2
     answer = {"annotator": "ada", "item": first, "answer": True}
-    # malformed: each one 422, nothing stored
+    # malformed: each one 400, nothing stored
     for bad in (
         answer | {"answer": "yes"},
         answer | {"cells": [9]},
@@ -229,13 +229,13 @@ def test_the_api_refuses_what_it_should(rcm_options, tmp_path):
         answer | {"path": "/etc/passwd"},
         {"annotator": "ada", "item": first},
     ):
-        assert client.post("/api/answers", json=bad).status_code == 422, bad
+        assert client.post("/api/answers", json=bad).status_code == 400, bad
     assert (
         client.post("/api/answers", content=b"{not json", headers={"content-type": "application/json"}).status_code
-        == 422
+        == 400
     )
     for name in ("", "   ", "../../etc", "a" * 41, "<script>"):
-        assert client.post("/api/annotators", json={"name": name}).status_code == 422, name
+        assert client.post("/api/annotators", json={"name": name}).status_code == 400, name
     # unknown annotator, unknown item, an item of another annotator's block: 404
     assert client.post("/api/answers", json=answer | {"annotator": "eve"}).status_code == 404
     assert client.get("/api/state", params={"annotator": "eve"}).status_code == 404
@@ -268,7 +268,7 @@ def test_the_api_refuses_what_it_should(rcm_options, tmp_path):
     assert image.status_code == 200 and image.content == Path(store.item(first)["image"]).read_bytes()
     assert client.get("/api/images/999").status_code == 404
     assert client.get("/api/images/-1").status_code == 404
-    assert client.get("/api/images/abc").status_code == 422
+    assert client.get("/api/images/abc").status_code == 400
     for path in ("/api/images/..%2F..%2Fetc%2Fpasswd", "/api/images/0/../../../etc/passwd", "/etc/passwd",
                  "/static/page.html", "/docs", "/openapi.json", "/api/images/"):  # fmt: skip
         assert 400 <= client.get(path).status_code < 500, path

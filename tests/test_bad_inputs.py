@@ -336,6 +336,232 @@ def plain(*args, out: str = "out") -> Callable[[World, Path], list]:
     return build
 
 
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def out_args(command: str, world: World, out: str | Path) -> list:
+    """`command` writing to `out`, its other options valid (so the output path is what is refused)."""
+    features, run = world.features, world.run
+    commands = {
+        "extract": lambda: world.extract_args(out),
+        "train": lambda: world.train_args(out),
+        "search": lambda: world.search_args(out),
+        "mdl": lambda: (
+            ["mdl", "--task", "refcocog", "--features", features, "--layer", "1", "--lr", "0.01"]
+            + ["--epochs", "1", "--out", out]
+        ),
+        "zeroshot": lambda: (
+            ["zeroshot", "--model", world.checkpoint, "--task", "vsr", "--vsr", world.vsr["vsr"]]
+            + ["--images", world.vsr["images"], "--out", out]
+        ),
+        "make-demo-data": lambda: ["make-demo-data", out],
+        "build-rcm": lambda: (
+            ["build-rcm", "--refs", world.refer["refs"], "--instances", world.refer["instances"]] + ["--out", out]
+        ),
+        "plot": lambda: ["plot", run, "--out", out],
+        "report": lambda: ["report", run, "--out", out],
+        "annotate-score": lambda: ["annotate", "score", "--db", world.tmp / "study.db", "--out", out],
+        "annotate-export": lambda: ["annotate", "export", "--db", world.tmp / "study.db", "--out", out],
+    }
+    return commands[command]()
+
+
+def bad_out(command: str, make: Callable[[World, Path], str | Path]) -> Callable[[World, Path], list]:
+    """`command` into the output path `make` prepares in tmp (the current folder while the case runs)."""
+
+    def build(world: World, tmp: Path) -> list:
+        return out_args(command, world, make(world, tmp))
+
+    return build
+
+
+def _a_file(world: World, tmp: Path) -> Path:
+    (tmp / "notes.txt").write_text("someone's notes\n")
+    return tmp / "notes.txt"
+
+
+def _a_link(target: str) -> Callable[[World, Path], Path]:
+    def make(world: World, tmp: Path) -> Path:
+        (tmp / "target.txt").write_text("the link's target\n")
+        (tmp / "target-dir").mkdir()
+        (tmp / "link").symlink_to(tmp / target)
+        return tmp / "link"
+
+    return make
+
+
+def _a_fifo(world: World, tmp: Path) -> Path:
+    import os
+
+    os.mkfifo(tmp / "fifo")
+    return tmp / "fifo"
+
+
+def _under_a_file(world: World, tmp: Path) -> Path:
+    return _a_file(world, tmp) / "sub"
+
+
+def _other_commands_folder(world: World, tmp: Path) -> Path:
+    shutil.copytree(world.rcm, tmp / "rcm-copy")  # an RCM dataset: no command but build-rcm writes there
+    return tmp / "rcm-copy"
+
+
+FOLDER_OUTS = ["extract", "train", "search", "mdl", "zeroshot", "build-rcm", "plot", "report", "annotate-score"]
+OUT_COMMANDS = [*FOLDER_OUTS, "make-demo-data", "annotate-export"]
+
+
+def _out_cases():
+    for command in OUT_COMMANDS:
+        option = "OUT" if command == "make-demo-data" else "--out"
+        is_file = command == "annotate-export"
+        here = f"{option} .: is a folder (give a file)" if is_file else f"{option} .: is the current folder"
+        yield (f"{command}-out-dot", bad_out(command, lambda w, t: "."), here)
+        yield (f"{command}-out-empty", bad_out(command, lambda w, t: ""), here)
+        if not is_file:
+            yield (f"{command}-out-parent", bad_out(command, lambda w, t: ".."), f"{option} ..: is the current folder")
+        yield (
+            f"{command}-out-existing-file",
+            bad_out(command, _a_file),
+            "an existing file that is not an export of answers" if is_file else "an existing file, not a folder",
+        )
+        yield (f"{command}-out-symlink-to-file", bad_out(command, _a_link("target.txt")), "link: is a symbolic link")
+        yield (f"{command}-out-symlink-to-folder", bad_out(command, _a_link("target-dir")), "is a symbolic link")
+        yield (f"{command}-out-fifo", bad_out(command, _a_fifo), "fifo: is not a regular file or folder")
+        yield (f"{command}-out-device", bad_out(command, lambda w, t: "/dev/null"), "/dev/null: is not a regular")
+        yield (f"{command}-out-under-a-file", bad_out(command, _under_a_file), "notes.txt is a file, not a folder")
+        if not is_file and command != "build-rcm":
+            yield (f"{command}-out-rcm-folder", bad_out(command, _other_commands_folder), "holds a rcm of another")
+
+
+def _into_an_input(command: str, input_of: Callable[[World], Path]) -> Callable[[World, Path], list]:
+    return lambda world, tmp: out_args(command, world, input_of(world))
+
+
+OUT_CASES = [
+    *_out_cases(),
+    ("demo-out-dot", lambda w, t: ["demo", "--out", "."], "--out .: is the current folder"),
+    ("demo-out-a-file", lambda w, t: ["demo", "--out", _a_file(w, t)], "an existing file, not a folder"),
+    ("demo-out-a-run", lambda w, t: ["demo", "--out", w.run], "holds a probe-run of another command"),
+    ("plot-into-its-run", _into_an_input("plot", lambda w: w.run), "is an input of this command"),
+    ("report-into-its-run", _into_an_input("report", lambda w: w.run), "is an input of this command"),
+    ("plot-into-the-runs-parent", _into_an_input("plot", lambda w: w.run.parent), "is an input of this command"),
+    ("train-into-its-features", _into_an_input("train", lambda w: w.features), "is an input of this command"),
+    ("train-into-a-store", _into_an_input("train", lambda w: w.features / "val"), "is an input of this command"),
+    ("search-into-a-run", _into_an_input("search", lambda w: w.run), "holds a probe-run of another command"),
+    ("mdl-into-a-run", _into_an_input("mdl", lambda w: w.run), "holds a probe-run of another command"),
+    ("extract-into-a-run", _into_an_input("extract", lambda w: w.run), "holds a probe-run of another command"),
+    ("extract-into-the-model", _into_an_input("extract", lambda w: w.checkpoint), "is an input of this command"),
+    ("build-rcm-into-images", _into_an_input("build-rcm", lambda w: w.refer["refs"].parent), "is an input of"),
+    ("zeroshot-into-a-run", _into_an_input("zeroshot", lambda w: w.run), "holds a probe-run of another command"),
+    ("export-onto-its-db", _into_an_input("annotate-export", lambda w: w.tmp / "study.db"), "is an input of"),
+    ("export-onto-the-study", _into_an_input("annotate-export", lambda w: w.run / "manifest.json"), "not an export"),
+]
+
+
+# ------------------------------------------------------------------------------------------- usage, runs, report
+
+
+def line(*args) -> Callable[[World, Path], list]:
+    return lambda world, tmp: list(args)
+
+
+def relative_model(world: World, tmp: Path) -> list:
+    args = world.extract_args(tmp / "store")
+    args[args.index("--model") + 1] = "models/blip2-tiny"  # relative to the current folder (tmp), absent
+    return args
+
+
+def serve_args(world: World, tmp: Path, *extra) -> list:
+    vsr = ["--vsr", world.vsr["vsr"], "--images", world.vsr["images"]]
+    return ["annotate", "serve", "--task", "vsr", *vsr, "--n", "4", "--intro", "0", "--db", tmp / "s.db", *extra]
+
+
+def same_label_twice(world: World, tmp: Path) -> list:
+    for name in ("first", "second"):
+        shutil.copytree(world.run, tmp / name)
+    return ["report", tmp / "first", tmp / "second", "--out", tmp / "report"]
+
+
+RUN_CONFIG = """\
+name: x
+workspace: {workspace}
+models:
+  M: {model}
+data:
+  vsr: {vsr}
+  images: {images}
+experiments:
+  - name: e
+    tasks: [vsr]
+    models: [M]
+    modes: [frozen]
+    layers: {layers}
+    probes: [linear]
+    search: {{trials: 1, batch: 1, seed: 0, final_seeds: [0]}}
+"""
+
+
+def run_config(
+    damage: Callable[[Path], None] | None = None, layers: str = "[1]", model: str = "{tiny: blip2}"
+) -> Callable[[World, Path], list]:
+    """`probing run` of a one-experiment VSR config over a copy of the VSR files `damage` changed."""
+
+    def build(world: World, tmp: Path) -> list:
+        vsr = tmp / "vsr"
+        shutil.copytree(world.vsr["vsr"], vsr)
+        if damage is not None:
+            damage(vsr)
+        fields = {"workspace": tmp / "ws", "model": model, "vsr": vsr, "images": world.vsr["images"], "layers": layers}
+        (tmp / "c.yaml").write_text(RUN_CONFIG.format(**fields))
+        return ["run", tmp / "c.yaml"]
+
+    return build
+
+
+def _corrupt_line(vsr: Path) -> None:
+    lines = (vsr / "dev.jsonl").read_text().splitlines()
+    (vsr / "dev.jsonl").write_text("\n".join([*lines[:3], "{corrupt", *lines[4:]]) + "\n")
+
+
+def _empty_split(vsr: Path) -> None:
+    (vsr / "test.jsonl").write_text("")
+
+
+USAGE_CASES = [
+    ("train-lr-not-a-number", plain("train", "--lr", "abc"), "Invalid value for '--lr'"),
+    ("train-layer-not-a-number", plain("train", "--layer", "one"), "Invalid value for '--layer'"),
+    ("extract-batch-size-a-word", plain("extract", "--batch-size", "many"), "Invalid value for '--batch-size'"),
+    ("search-trials-a-float", plain("search", "--trials", "1.5"), "Invalid value for '--trials'"),
+    ("train-misspelt-layer", plain("train", "--layr", "1"), "--layr: no such option; did you mean --layer?"),
+    ("extract-misspelt-layers", plain("extract", "--layres", "1"), "--layres: no such option; did you mean --layers?"),
+    ("search-misspelt-trials", plain("search", "--trails", "2"), "--trails: no such option; did you mean --trials?"),
+    ("report-misspelt-overwrite", line("report", "r", "--out", "o", "--overwirte"), "did you mean --overwrite?"),
+    ("plot-misspelt-out", line("plot", "r", "--ot", "o"), "--ot: no such option; did you mean --out?"),
+    ("export-misspelt-db", line("annotate", "export", "--dbb", "d"), "--dbb: no such option; did you mean --db?"),
+    ("tasks-misspelt-json", line("tasks", "--jsno"), "--jsno: no such option; did you mean --json?"),
+    ("unknown-command", line("trian"), "No such command 'trian'. Did you mean 'train'?"),
+    ("unknown-subcommand", line("annotate", "exprt"), "No such command 'exprt'. Did you mean 'export'?"),
+    ("unknown-data-command", line("data", "stat"), "No such command 'stat'"),
+    ("option-without-value", line("train", "--task"), "Option '--task' requires an argument"),
+    ("missing-required-option", line("plot", "r"), "Missing option '--out'"),
+    ("missing-argument", line("report", "--out", "o"), "Missing argument"),
+    ("search-epochs-zero", plain("search", "--epochs", "0,3"), "--epochs"),
+    ("search-final-seeds-repeated", plain("search", "--final-seeds", "1,1"), "--final-seeds"),
+    ("train-seeds-repeated", plain("train", "--seeds", "1,1"), "--seeds"),
+    ("extract-relative-model-absent", relative_model, "models/blip2-tiny does not exist)"),
+    ("extract-layer-beyond-the-model", plain("extract", "--layers", "9"), "--layers"),
+    ("search-layer-not-stored", plain("search", "--layer", "9"), "layer 9"),
+    ("train-layer-not-stored", plain("train", "--layer", "9"), "layer 9"),
+    ("serve-reachable-without-token", lambda w, t: serve_args(w, t, "--host", "0.0.0.0"), "--host 0.0.0.0: reachable"),
+    ("serve-db-a-folder", lambda w, t: serve_args(w, t) + ["--db", t], "is a folder (give a file)"),
+    ("report-same-label-and-layer", same_label_twice, "second"),
+    ("run-corrupt-vsr-line", run_config(_corrupt_line), "dev.jsonl: line 4"),
+    ("run-empty-split", run_config(_empty_split), "test.jsonl"),
+    ("run-layer-99", run_config(layers="[99]"), "99"),
+    ("run-unknown-model", run_config(model="{model: no-such-model}"), "no-such-model"),
+]
+
+
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 
 # (id, how to build the bad input and the command, the fragment of the one line it must print, marks)
@@ -463,6 +689,8 @@ CASES = [
         damaged_run(_edit_manifest(lambda manifest: manifest.__setitem__("layer", "1"))),
         "manifest.json: field 'layer' has the wrong type",
     ),
+    *OUT_CASES,
+    *USAGE_CASES,
 ]
 
 
@@ -472,11 +700,31 @@ def _params():
         yield pytest.param(build, fragment, id=name, marks=marks)
 
 
+def listing(*folders: Path) -> dict[str, tuple]:
+    """Every path under `folders` with its kind, size and SHA-256 (a file), its target (a link): what a refused
+    command must leave exactly as it was."""
+    import hashlib
+    import stat
+
+    found: dict[str, tuple] = {}
+    for folder in folders:
+        for path in [folder, *folder.rglob("*")]:
+            status = path.lstat()
+            if stat.S_ISLNK(status.st_mode):
+                found[str(path)] = ("link", str(path.readlink()))
+            elif stat.S_ISREG(status.st_mode):
+                found[str(path)] = ("file", status.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+            else:
+                found[str(path)] = (stat.S_IFMT(status.st_mode),)
+    return found
+
+
 @pytest.mark.parametrize("build,fragment", list(_params()))
-def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tmp_path, build, fragment):
+def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tmp_path, monkeypatch, build, fragment):
+    monkeypatch.chdir(tmp_path)  # `--out .` and relative paths land in the case's own folder
     args = build(world, tmp_path)
     capsys.readouterr()
-    before = {p for p in tmp_path.rglob("*")}
+    before = listing(tmp_path, world.tmp)
     started = time.perf_counter()
     code, out, err = run_cli(capsys, *args)
     assert code == 2, (out, err)
@@ -485,13 +733,25 @@ def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, capsys, tmp_pa
     assert len(err) < 600, err[:600]  # a short line, never a value's whole repr
     assert fragment in err, err
     assert time.perf_counter() - started < 60
-    written = {p for p in tmp_path.rglob("*")} - before
-    # nothing complete written: no run, store manifest marked complete or report; no folder outside the workspace
-    assert not [p for p in written if p.name in ("metrics.json", "README.md")], written
-    for manifest in (p for p in written if p.name == "manifest.json"):
-        assert json.loads(manifest.read_text()).get("complete") is False, manifest
-    assert not list(tmp_path.rglob("ESCAPED*")) and not Path("/tmp/ESCAPED").exists()
+    # nothing written, removed or changed: not in the case's folder, not in the inputs shared by every case
+    after = listing(tmp_path, world.tmp)
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
+    assert not Path("/tmp/ESCAPED").exists()
     assert not (tmp_path / "deep" / "er" / "ws").exists()  # configs are refused before any work
+
+
+def test_a_refused_extraction_into_an_empty_folder_leaves_it_empty_and_the_corrected_command_runs(
+    world, capsys, tmp_path
+):
+    """A folder made by hand for the store: the refusal (a decompression bomb) empties it again, no claim is
+    left, and the corrected command (--skip-bad-images, another request) is not refused for what it found."""
+    args = bomb_image(world, tmp_path)
+    (tmp_path / "store").mkdir()
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "image refused" in err, err
+    assert list((tmp_path / "store").iterdir()) == [] and not (tmp_path / "store.lock").exists()
+    code, _, err = run_cli(capsys, *args, "--skip-bad-images")
+    assert code == 0, err
 
 
 def test_a_decompression_bomb_with_skip_bad_images_is_skipped_and_recorded(world, capsys, tmp_path):
@@ -596,3 +856,161 @@ def test_two_extractions_started_together_never_both_succeed(world, tmp_path):
                 assert {str(handle.get_slice(k).get_dtype()) for k in handle.keys() if k.startswith("layer")} == {
                     {"float16": "F16", "float32": "F32"}[winner]
                 }
+
+
+# ------------------------------------------------------------------------------------------- the annotation server
+
+
+@pytest.fixture(scope="module")
+def study(world, tmp_path_factory):
+    """An annotation study of the VSR test split (four items, no practice) and a client of its server."""
+    from fastapi.testclient import TestClient
+
+    from probing.annotate.server import create_app
+    from probing.annotate.store import AnnotationStore
+    from probing.annotate.study import StudyDesign, prepare_study
+    from probing.data import DataOptions
+
+    design = StudyDesign(task="vsr", n=4, intro=0, data=DataOptions(task="vsr", **world.vsr))
+    store = AnnotationStore.create_or_resume(tmp_path_factory.mktemp("study") / "study.db", prepare_study(design))
+    client = TestClient(create_app(store))
+    item = client.post("/api/annotators", json={"name": "ada"}).json()["item"]["id"]
+    return store, client, {"annotator": "ada", "item": item, "answer": True}
+
+
+def _json(text: str) -> dict:
+    return {"content": text.encode(), "headers": {"content-type": "application/json"}}
+
+
+def _answer_with(first: dict, **raw: str) -> dict:
+    """The first answer's JSON with some values written as raw JSON text (huge integers, NaN ...)."""
+    fields = [f'"{key}": {raw.pop(key) if key in raw else json.dumps(value)}' for key, value in first.items()]
+    fields += [f'"{key}": {value}' for key, value in raw.items()]
+    return _json("{" + ", ".join(fields) + "}")
+
+
+HTTP_CASES = [
+    ("body-50-mb", lambda a: _json('{"annotator": "' + "a" * 50_000_000 + '"}'), 413, "over 16384 bytes"),
+    ("body-over-limit-chunked", lambda a: {"content": iter([b"{" + b" " * 20_000, b"}"])}, 413, "over 16384 bytes"),
+    ("item-huge", lambda a: _answer_with(a, item=str(10**30)), 400, "item:"),
+    ("item-2-63", lambda a: _answer_with(a, item=str(2**63)), 400, "item:"),
+    ("item-5000-digits", lambda a: _answer_with(a, item="9" * 5000), 400, "body:"),
+    ("item-negative", lambda a: _answer_with(a, item="-1"), 400, "item:"),
+    ("item-a-float", lambda a: _answer_with(a, item="1.5"), 400, "item:"),
+    ("seconds-nan", lambda a: _answer_with(a, seconds="NaN"), 400, "seconds:"),
+    ("seconds-infinity", lambda a: _answer_with(a, seconds="Infinity"), 400, "seconds:"),
+    ("seconds-minus-infinity", lambda a: _answer_with(a, seconds="-1e400"), 400, "seconds:"),
+    ("seconds-negative", lambda a: _answer_with(a, seconds="-2"), 400, "seconds:"),
+    ("seconds-over-a-day", lambda a: _answer_with(a, seconds="86401"), 400, "seconds:"),
+    ("seconds-huge", lambda a: _answer_with(a, seconds="1" + "0" * 400), 400, "seconds:"),
+    ("cells-huge", lambda a: _answer_with(a, cells=f"[{10**30}]"), 400, "cells.0:"),
+    ("cells-on-a-vsr-item", lambda a: _answer_with(a, cells="[4]"), 400, "cells:"),
+    ("answer-a-string", lambda a: _answer_with(a, answer='"yes"'), 400, "answer:"),
+    ("an-extra-field", lambda a: _answer_with(a, path='"/etc/passwd"'), 400, "path:"),
+    ("not-json", lambda a: _json("{not json"), 400, "error parsing the body"),
+    ("annotator-too-long", lambda a: _answer_with(a, annotator='"' + "a" * 41 + '"'), 400, "annotator:"),
+]
+
+
+@pytest.mark.parametrize("build,status,fragment", [pytest.param(*c[1:], id=c[0]) for c in HTTP_CASES])
+def test_a_bad_answer_is_refused_with_its_status_unechoed_and_stores_nothing(study, build, status, fragment):
+    store, client, first = study
+    before = store.answers()
+    request = build(first)
+    response = client.post("/api/answers", **request)
+    assert response.status_code == status, response.text[:300]
+    assert fragment in response.json()["detail"], response.text[:300]
+    assert len(response.content) < 400  # the value sent is never echoed back
+    assert store.answers() == before
+
+
+def test_a_full_disk_is_503_stores_nothing_and_the_same_answer_is_taken_again(study, monkeypatch):
+    """SQLite's own "database or disk is full" (SQLITE_FULL), from inside the answer's transaction."""
+    import sqlite3
+
+    store, client, first = study
+    real_connect = sqlite3.connect
+
+    class FullDisk(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql.lstrip().startswith("INSERT INTO answers"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return super().execute(sql, *args)
+
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=FullDisk, **k))
+    response = client.post("/api/answers", json=first | {"seconds": 2.5})
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"] == "the server's disk is full: the answer was not stored; send it again"
+    monkeypatch.undo()
+    assert store.answers() == []  # rolled back: no half-written row
+    retried = client.post("/api/answers", json=first | {"seconds": 2.5})
+    assert retried.status_code == 200 and [a["seconds"] for a in store.answers()] == [2.5]
+    page = client.get("/").text
+    assert "result.status === 503" in page and "Your answer is kept here" in page  # the page keeps it to resend
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+
+
+def test_extract_on_a_full_disk_is_one_line_and_the_resume_is_byte_identical(world, capsys, tmp_path, monkeypatch):
+    """The third file write of an extraction runs out of space half-way (ENOSPC from the file's write, as a full
+    disk gives it): one line naming the file, exit 2, no half-written file and no claim left behind; the same
+    command then resumes, and the store is byte for byte the one an undisturbed extraction writes."""
+    import errno
+    import os
+
+    import probing.artifacts
+
+    def extract_into(out: Path) -> tuple[int, str, str]:
+        vsr = ["--task", "vsr", "--vsr", world.vsr["vsr"], "--images", world.vsr["images"]]
+        args = ["extract", *vsr, "--model", world.checkpoint, "--split", "val", "--layers", "1", "--workers", "0"]
+        return run_cli(capsys, *args, "--shard-size", "8", "--out", out)
+
+    code, _, err = extract_into(tmp_path / "reference")
+    assert code == 0, err
+    shards = sorted(p.name for p in (tmp_path / "reference").iterdir() if p.name != "manifest.json")
+    assert len([name for name in shards if name.endswith(".safetensors")]) == 3, shards  # the fault hits the 2nd
+
+    real_open, opened = open, []
+
+    class HalfWritten:
+        """A file whose write stores half the bytes, then fails as a full disk does."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.handle.name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def full_after_two(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if "w" in mode and Path(path).name.startswith(".shard-"):
+            opened.append(path)
+            if len(opened) > 2:
+                return HalfWritten(handle)
+        return handle
+
+    monkeypatch.setattr(probing.artifacts, "open", full_after_two, raising=False)
+    store = tmp_path / "store"
+    code, _, err = extract_into(store)
+    monkeypatch.undo()
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert f"{store}/.shard-" in err and "No space left on device; free some space and run the same command" in err
+    assert not [p for p in store.rglob("*") if ".partial-" in p.name]  # the half-written file is gone
+    assert not (tmp_path / "store.lock").exists()  # the claim is released
+    assert json.loads((store / "manifest.json").read_text())["complete"] is False
+
+    code, _, err = extract_into(store)
+    assert code == 0, err
+    for name in shards:
+        assert (store / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    assert sorted(p.name for p in store.iterdir() if p.name != "manifest.json") == shards

@@ -1,5 +1,6 @@
 """Backends against transformers' own forward, on tiny random checkpoints of the real architectures."""
 
+import re
 import shutil
 
 import pytest
@@ -296,12 +297,18 @@ def test_tokenizer_ids_outside_the_qformer_vocabulary(tiny_checkpoints, tmp_path
 
 
 def test_model_errors_are_one_line(tmp_path, tiny_checkpoints, monkeypatch):
-    with pytest.raises(ProbingError, match="neither a local folder nor a Hub repository|not in the Hugging Face cache"):
+    monkeypatch.chdir(tmp_path)
+    resolved = tmp_path / "no-such-org" / "no-such-model-xyz"  # a relative path is also named as resolved
+    with pytest.raises(ProbingError, match="neither a local folder .* nor a Hub repository|not in the Hugging Face"):
+        load_resampler("no-such-org/no-such-model-xyz")
+    with pytest.raises(ProbingError, match=re.escape(f"({resolved} does not exist)")):
         load_resampler("no-such-org/no-such-model-xyz")
     for spec in ("sub/dir/ckpt", "my model"):  # a mistyped path, a name with spaces: no Hub id either
         with pytest.raises(ProbingError) as raised:
             load_resampler(spec)
-        assert str(raised.value) == f"--model: '{spec}' is neither a local folder nor a valid Hub id"
+        assert str(raised.value) == (
+            f"--model: '{spec}' is neither a local folder ({tmp_path / spec} does not exist) nor a valid Hub id"
+        )
     monkeypatch.chdir(tmp_path)
     for spec in ("foo.pth", str(tmp_path / "sub" / "foo.pt")):  # a missing LAVIS file is not a Hub id
         with pytest.raises(ProbingError) as raised:

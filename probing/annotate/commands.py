@@ -35,6 +35,9 @@ class ServerSettings:
             raise ProbingError(f"--port: must be <= 65535, got {self.port}")
         if self.token is not None and not self.token.strip():
             raise ProbingError("--token: empty")
+        from probing.annotate.server import check_reachable
+
+        check_reachable(self.host, self.token)
         return self
 
 
@@ -42,8 +45,10 @@ def _serve(**values: Any) -> None:
     from probing.annotate.server import serve
     from probing.annotate.store import AnnotationStore
     from probing.annotate.study import prepare_study
+    from probing.artifacts import check_output
 
     server = from_cli(ServerSettings, values).check()
+    check_output(server.db, option="--db", file=True)
     study = prepare_study(from_cli(StudyDesign, values))
     resumed = server.db.exists()
     store = AnnotationStore.create_or_resume(server.db, study)
@@ -72,7 +77,9 @@ def score_command(
 ) -> None:
     """Accuracy after the paper's exclusions (bootstrap CI), Fleiss' kappa, per category: a run folder."""
     from probing.annotate.scoring import percent, score
+    from probing.artifacts import check_output
 
+    check_output(out, ("human-run",), inputs=(db,))
     result = score(db, out, label=label)
     summary = result.value
     accuracy, excluded, agreement = summary["accuracy"], summary["excluded"], summary["fleiss_kappa"]

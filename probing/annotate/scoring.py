@@ -41,7 +41,14 @@ import numpy as np
 
 from probing.analysis import estimate
 from probing.annotate.store import AnnotationStore
-from probing.artifacts import PARTIAL_MARK, code_version, existing_output_matches, staged_directory, write_json
+from probing.artifacts import (
+    PARTIAL_MARK,
+    check_output,
+    code_version,
+    existing_output_matches,
+    staged_directory,
+    write_json,
+)
 from probing.errors import ProbingError
 from probing.records import HUMAN, NO_PROBE, MetricsRecord, SeedRun, StageResult
 
@@ -208,10 +215,11 @@ def export(db: Path, out: Path) -> int:
     """Every answer (practice ones too, marked by role) as one JSON object per line, written atomically;
     returns how many."""
     out = Path(out)
-    if out.is_dir():
-        raise ProbingError(f"--out {out}: is a directory (give a .jsonl file)")
-    if out.exists() and Path(db).exists() and os.path.samefile(out, db):  # the export would replace the study
+    if out.is_file() and Path(db).exists() and os.path.samefile(out, db):  # the export would replace the study
         raise ProbingError(f"--out {out}: is the study's own --db file (give another .jsonl file)")
+    check_output(out, file=True, inputs=(db,))
+    if out.exists() and not _is_export(out):
+        raise ProbingError(f"--out {out}: an existing file that is not an export of answers; not ours to replace")
     store = AnnotationStore.open(db)
     answers = store.answers()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +229,22 @@ def export(db: Path, out: Path) -> int:
             handle.write(json.dumps(answer, sort_keys=True) + "\n")
     os.replace(temporary, out)
     return len(answers)
+
+
+EXPORT_KEYS = {"annotator", "item", "answer", "seconds", "answered"}
+
+
+def _is_export(path: Path) -> bool:
+    """Whether `path` is an earlier export (empty, or its first line an answer), which a new export may replace."""
+    with open(path, "rb") as handle:
+        first = handle.readline(1 << 20)
+    if not first.strip():
+        return path.stat().st_size == 0
+    try:
+        answer = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and EXPORT_KEYS <= answer.keys()
 
 
 def percent(value: float | None) -> str:

@@ -11,8 +11,10 @@ plain HTML and JavaScript, so that keyboard shortcuts and a browser test need no
 Security: the server binds 127.0.0.1 unless told otherwise; an image is found by its item number in the
 database, so no text from the browser ever becomes a file path; unknown annotators and items are 404, a
 second answer to an item or an answer to another than the annotator's next item 409 (with their state, so a
-stale tab catches up), malformed requests 422 (FastAPI's validation, extra fields refused); with a
-token every request needs it (`?token=` or the `X-Annotate-Token` header) or gets 403; there is no other
+stale tab catches up), malformed requests 400 naming the field, never echoing the value (FastAPI's validation,
+extra fields refused; integers beyond SQLite's 64 bits, NaN and negative seconds too), a body over
+`MAX_BODY_BYTES` 413 unread; a full disk 503 with nothing stored (the page keeps the answer to send again); with
+a token every request needs it (`?token=` or the `X-Annotate-Token` header) or gets 403; there is no other
 route (no static folder, no API docs).
 """
 
@@ -20,6 +22,7 @@ import hmac
 import ipaddress
 import logging
 import socket
+import sqlite3
 from collections.abc import Callable
 from importlib import resources
 from typing import Annotated, Any
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 NAME_PATTERN = r"^[\w][\w .'-]*$"  # letters (any script), digits, and inner spaces, dots, apostrophes, hyphens
 NAME_LENGTH = 40
 TOKEN_HEADER = "X-Annotate-Token"
+MAX_BODY_BYTES = 16 * 1024  # an answer is a few hundred bytes
+MAX_ID = 2**63 - 1  # SQLite's largest integer
 PAGE_HEADERS = {
     # the page loads nothing from elsewhere and may not be framed; the token in its URL is never sent on
     "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
@@ -51,7 +56,8 @@ def page_html() -> str:
 def create_app(store: AnnotationStore, token: str | None = None):
     """The FastAPI application of one study's database."""
     from fastapi import Depends, FastAPI, HTTPException, Query, Request
-    from fastapi.responses import FileResponse, HTMLResponse
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
     from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
     Name = Annotated[
@@ -65,11 +71,11 @@ def create_app(store: AnnotationStore, token: str | None = None):
     class Answer(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
         annotator: Name
-        item: int = Field(ge=0)
+        item: int = Field(ge=0, le=MAX_ID)
         answer: bool
         cells: list[Annotated[int, Field(ge=0, lt=len(CELL_NAMES))]] = Field(default_factory=list, max_length=MAX_CELLS)
         incorrect: bool = False
-        seconds: float | None = Field(default=None, ge=0, le=86400)
+        seconds: float | None = Field(default=None, ge=0, le=86400, allow_inf_nan=False)
 
     def require_token(request: Request) -> None:
         if token is None:
@@ -85,6 +91,16 @@ def create_app(store: AnnotationStore, token: str | None = None):
         openapi_url=None,
         dependencies=[Depends(require_token)],
     )
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.exception_handler(RequestValidationError)
+    def malformed(request: Request, error: RequestValidationError) -> JSONResponse:
+        """400 naming the first wrong field and what is wrong, without the value sent (it may be huge)."""
+        first = error.errors()[0]
+        loc = () if first.get("type") == "json_invalid" else first.get("loc", ())  # its loc is a byte offset
+        where = ".".join(str(part) for part in loc if part != "body") or "body"
+        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
+
     identity, description = store.value("identity"), store.value("description")
 
     def annotator_of(name: str) -> int:
@@ -143,11 +159,16 @@ def create_app(store: AnnotationStore, token: str | None = None):
         if row is None:
             raise HTTPException(404, f"no item {body.item} in this study")
         if len(set(body.cells)) != len(body.cells):
-            raise HTTPException(422, "each cell at most once")
+            raise HTTPException(400, "cells: each cell at most once")
         if body.cells and not shown(row["text"], row["metadata"])["claims_cell"]:
-            raise HTTPException(422, f"item {body.item} claims no cell: no cells to rank")
+            raise HTTPException(400, f"cells: item {body.item} claims no cell: no cells to rank")
         try:
             stored = store.record(number, body.item, body.answer, body.cells, body.incorrect, body.seconds)
+        except (sqlite3.OperationalError, OSError) as error:
+            if not is_disk_full(error):
+                raise
+            # the answer's transaction was rolled back: nothing of it is stored, the page keeps it to send again
+            raise HTTPException(503, "the server's disk is full: the answer was not stored; send it again") from None
         except NotAssigned as error:
             raise HTTPException(404, str(error)) from None
         except NotNext as error:
@@ -175,6 +196,54 @@ def create_app(store: AnnotationStore, token: str | None = None):
     return app
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before it is read whole (by its
+    Content-Length, or as it arrives when it has none), and never echoed back."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                return await _too_large(send, self.limit)
+            return await self.app(scope, receive, send)
+        # no length given (chunked): read the body up to the limit, then hand the application what was read
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return await _too_large(send, self.limit)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(send, limit: int) -> None:
+    body = f'{{"detail": "the request body is over {limit} bytes"}}'.encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full") or the system's ENOSPC / EDQUOT."""
+    import errno
+
+    if isinstance(error, sqlite3.OperationalError):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(error)
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+
+
 def page_address(host: str, port: int, token: str | None) -> str:
     shown_host = f"[{host}]" if ":" in host else host
     return f"http://{shown_host}:{port}/" + (f"?token={token}" if token else "")
@@ -185,6 +254,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def check_reachable(host: str, token: str | None) -> None:
+    """Refuse to serve on an address other machines can reach without a token: anyone there could answer (or
+    read the study's images) in the annotators' names."""
+    if not is_loopback(host) and token is None:
+        raise ProbingError(f"--host {host}: reachable from other machines; give --token SECRET (or serve on 127.0.0.1)")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -203,8 +279,7 @@ def serve(store: AnnotationStore, host: str, port: int, token: str | None, say: 
     """Serve the page until interrupted (Ctrl-C or SIGTERM end it cleanly; answers are already committed)."""
     import uvicorn
 
-    if not is_loopback(host) and token is None:
-        log.warning("--host %s without --token: anyone who can reach this address can answer", host)
+    check_reachable(host, token)
     check_port_free(host, port)
     say(f"annotation page: {page_address(host, port, token)}")
     config = uvicorn.Config(create_app(store, token), host=host, port=port, log_level="warning", access_log=False)

@@ -47,8 +47,16 @@ class CheckpointSource:
             try:
                 validate_repo_id(spec)
             except HFValidationError:
-                raise ProbingError(f"--model: '{spec}' is neither a local folder nor a valid Hub id") from None
+                raise ProbingError(
+                    f"--model: '{spec}' is neither a local folder{self._resolved} nor a valid Hub id"
+                ) from None
         self.commit: str | None = None  # the Hub commit the files came from, once one was downloaded
+
+    @property
+    def _resolved(self) -> str:
+        """Where `spec` would be as a local folder (a relative path is taken from the current folder), for the
+        messages that say it is not one."""
+        return f" ({Path(self.spec).resolve()} does not exist)"
 
     @property
     def name_or_path(self) -> str:
@@ -80,8 +88,8 @@ class CheckpointSource:
             if not required:
                 return None
             raise ProbingError(
-                f"{self.spec}: '{name}' is not in the Hugging Face cache and cannot be downloaded "
-                "(offline or no network); download it first or pass a local folder"
+                f"{self.spec}: no local folder{self._resolved}, and '{name}' is not in the Hugging Face cache and "
+                "cannot be downloaded (offline or no network); download it first or pass a local folder"
             ) from None
         except EntryNotFoundError:
             if required:
@@ -92,7 +100,9 @@ class CheckpointSource:
         except GatedRepoError:
             raise ProbingError(f"{self.spec}: gated repository; log in with `huggingface-cli login`") from None
         except RepositoryNotFoundError:
-            raise ProbingError(f"--model: '{self.spec}' is neither a local folder nor a Hub repository") from None
+            raise ProbingError(
+                f"--model: '{self.spec}' is neither a local folder{self._resolved} nor a Hub repository"
+            ) from None
         except OSError as error:  # network failures surface as OSError subclasses
             raise ProbingError(f"{self.spec}: cannot download '{name}' ({error})") from None
         if "snapshots" in path.parts:  # .../snapshots/<commit>/<name>: the immutable identity of the files
