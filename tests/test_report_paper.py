@@ -8,7 +8,9 @@ reference."""
 
 import json
 import math
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ from scipy.stats import binomtest
 from statsmodels.stats.contingency_tables import mcnemar
 
 from probing.analysis import chance_level, load_run, paired_comparison
+from probing.latex import LINE_WIDTH
 from probing.records import MetricsRecord, SeedRun
-from probing.report import write_report
+from probing.report import RESULT_COLUMNS, RESULT_DTYPES, SINGLE_CLASS_MARK, write_report
 
 RELATIONS = ["Adjacency", "Directional", "Orientation", "Projective", "Proximity", "Topological", "Unallocated"]
 
@@ -188,7 +191,7 @@ def test_results_csv_holds_every_number_of_the_tables(paper_runs, tmp_path, caps
     ] == pytest.approx(0.6497)
     # LaTeX with booktabs, Markdown and CSV for each table; run paths in runs.txt, not in the README
     latex = (out / "tables" / "table1.tex").read_text()
-    assert "\\toprule" in latex and "\\midrule" in latex and "\\bottomrule" in latex and "VSR val (acc)" in latex
+    assert "\\toprule" in latex and "\\midrule" in latex and "\\bottomrule" in latex and " & val (acc) & " in latex
     assert "\n\\begin{table}\n" in latex  # 4 columns: one column of the page; wider ones span both
     assert "\n\\begin{table*}\n" in (out / "tables" / "paired.tex").read_text()
     readme = (out / "README.md").read_text()
@@ -539,3 +542,84 @@ def test_a_store_label_names_the_runs_made_from_it(tiny_checkpoints, refcocog_va
     assert load_run(tmp_path / "run").label == "BLIP-2 coco"
     train(tmp_path / "own", "--label", "mine")
     assert load_run(tmp_path / "own").label == "mine"
+
+
+def documented_dtypes() -> dict[str, str]:
+    """The column types the data dictionary docs/results-csv.md documents, read from its table."""
+    page = (Path(__file__).parents[1] / "docs" / "results-csv.md").read_text(encoding="utf-8")
+    rows = [line.split(" | ") for line in page.splitlines() if line.startswith("| `")]
+    return {name.strip("| `"): dtype for name, dtype, *_ in rows}
+
+
+def test_results_csv_reads_back_with_documented_dtypes(paper_runs, tmp_path):
+    out = tmp_path / "report"
+    write_report([paper_runs], out, compare_paper=True)
+    assert documented_dtypes() == RESULT_DTYPES and list(documented_dtypes()) == RESULT_COLUMNS
+    text = (out / "results.csv").read_text(encoding="utf-8")
+    results = pd.read_csv(out / "results.csv", dtype=documented_dtypes())
+    assert results.to_csv(index=False) == text  # the documented types lose nothing
+    plain = pd.read_csv(out / "results.csv")  # flags are booleans and integers integers even without dtype=
+    assert plain["control"].dtype == bool and plain["single_class"].dtype == bool
+    assert "." not in "".join(text.splitlines()[1].split(",")[5:6]) and results["layer"].dropna().eq(4).all()
+    assert set(results["against"].dropna()) == {"BLIP-2 frozen", "InstructBLIP frozen"}
+    # model ids: the Hub id as given, the local checkpoint folder relative to the report; runs relative too
+    assert set(results["model_id"].dropna()) == {
+        "Salesforce/blip2-itm-vit-g",
+        os.path.relpath("/models/tiny-instructblip", out),
+    }
+    assert str(tmp_path) not in text and str(paper_runs) not in text
+    frozen = results[(results["run"] == os.path.relpath(paper_runs / "blip2-frozen", out))]
+    assert len(frozen) > 2 and not frozen["single_class"].any()
+    # a probe that answers one class is flagged in its rows, beside the ‡ of its cells
+    labels = {"test": [1] * 30 + [0] * 10}
+    one_class = write_run(tmp_path / "one", correct={"test": [[1] * 30 + [0] * 10]}, labels=labels)
+    write_report([one_class], tmp_path / "one-report")
+    flagged = pd.read_csv(tmp_path / "one-report" / "results.csv", dtype=RESULT_DTYPES)
+    assert flagged.loc[flagged["run"].notna(), "single_class"].all()
+    assert SINGLE_CLASS_MARK in (tmp_path / "one-report" / "tables" / "table1.md").read_text()
+
+
+def test_latex_tables_are_paste_ready(paper_runs, tmp_path):
+    out = tmp_path / "report"
+    write_report([paper_runs], out, compare_paper=True)
+    table1 = (out / "tables" / "table1.tex").read_text(encoding="utf-8")
+    lines = table1.splitlines()
+    # booktabs rules, the caption once (LaTeX numbers the table), a label to \ref
+    assert [line for line in lines if line in ("\\toprule", "\\midrule", "\\bottomrule")] == [
+        "\\toprule",
+        "\\midrule",
+        "\\bottomrule",
+    ]
+    assert "\\caption{validation and test accuracy, linear probe on the last layer (\\%)}" in lines
+    assert "\\label{tab:table1}" in lines and "Table 1" not in table1
+    # labels left, numbers right; the task's splits under one grouped header with its booktabs rule
+    assert "\\begin{tabular}{llrr}" in lines
+    header = lines.index("\\toprule")
+    assert lines[header + 1 : header + 4] == [
+        "\\multicolumn{2}{c}{} & \\multicolumn{2}{c}{VSR} \\\\",
+        "\\cmidrule(lr){3-4}",
+        "model & mode & val (acc) & test (acc) \\\\",
+    ]
+    for table in sorted((out / "tables").glob("*.tex")):
+        source = table.read_text(encoding="utf-8")
+        assert max(len(line) for line in source.splitlines()) <= LINE_WIDTH + 20, table.name
+        assert f"\\label{{tab:{table.stem}}}" in source and source.count("\\caption{") == 1
+    paired = (out / "tables" / "paired.tex").read_text(encoding="utf-8")
+    assert "\\begin{tabular}{lllrrrrr}" in paired  # task, first, second; then the numbers
+    if shutil.which("pdflatex") is None:
+        pytest.skip("no pdflatex: the LaTeX source was checked, not compiled")
+    document = tmp_path / "paper.tex"
+    inputs = "".join(f"\\input{{{table.as_posix()}}}\n" for table in sorted((out / "tables").glob("*.tex")))
+    document.write_text(
+        "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n" + inputs + "\\end{document}\n"
+    )
+    compiled = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", document.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert compiled.returncode == 0, compiled.stdout[-3000:]
+    assert (tmp_path / "paper.pdf").stat().st_size > 0
+    assert "Undefined control sequence" not in compiled.stdout and "Unicode character" not in compiled.stdout
