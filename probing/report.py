@@ -1195,10 +1195,15 @@ def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
         figures += category_figure(these, task, folder / f"categories_{suffix}")
     searched = [run for run in runs if run.search is not None and run.split == run.spec.eval_splits[0]]
     for run in sorted(searched, key=lambda r: (r.label, r.mode, r.task, r.layer, r.probe)):  # each search's best
-        name = "-".join((run.label, run.mode, run.task, f"layer{run.layer}", run.probe))
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        figures += learning_curve_figure(run, folder / "learning_curves" / safe)
+        # a folder per model and mode, a file per task, layer and probe: dozens of curves stay browsable
+        group = _file_name("-".join((run.label, run.mode)))
+        name = _file_name("-".join((run.task, f"layer{run.layer}", run.probe)))
+        figures += learning_curve_figure(run, folder / "learning_curves" / group / name)
     return figures
+
+
+def _file_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 REPORT_FILE = "report.json"
@@ -1309,9 +1314,14 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
             readme += [
                 f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png" and p.parent.name == "figures"
             ]
-            curves = [p for p in figures if p.suffix == ".png" and p.parent.name == "learning_curves"]
+            curves = [p for p in figures if p.suffix == ".png" and "learning_curves" in p.parts]
             if curves:
-                readme += ["", f"Learning curves of {len(curves)} search(es)' best trials: `figures/learning_curves/`."]
+                readme += [
+                    "",
+                    f"Learning curves of {len(curves)} search(es)' best trials: "
+                    "`figures/learning_curves/<model>-<mode>/"
+                    "<task>-layer<N>-<probe>.png`.",
+                ]
             readme += ["", "PDF and SVG versions sit beside the PNGs in `figures/`.", ""]
         readme += [
             "## Method",

@@ -20,7 +20,7 @@ from conftest import assert_results_hold_every_number, run_cli
 from scipy.stats import binomtest
 from statsmodels.stats.contingency_tables import mcnemar
 
-from probing.analysis import chance_level, load_run, paired_comparison
+from probing.analysis import chance_level, load_run, overall, paired_comparison, per_category
 from probing.latex import LINE_WIDTH
 from probing.records import MetricsRecord, SeedRun
 from probing.report import RESULT_COLUMNS, RESULT_DTYPES, SINGLE_CLASS_MARK, write_report
@@ -489,8 +489,11 @@ def test_table4_in_the_papers_layout_and_n_per_category(tmp_path):
     assert "| 3 | 0 |" in (tmp_path / "report" / "tables" / "searches.md").read_text()
     table2 = (tmp_path / "report" / "tables" / "table2.md").read_text().splitlines()
     assert table2[4] == "| n | test examples | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"  # 14 examples over 7 meta-categories
-    curves = sorted(p.name for p in (tmp_path / "report" / "figures" / "learning_curves").glob("*.png"))
-    assert curves == ["BLIP-2-frozen-vsr-layer4-linear.png", "BLIP-2-unfrozen-vsr-layer4-linear.png"]
+    curves = (tmp_path / "report" / "figures" / "learning_curves").rglob("*.png")
+    assert sorted(p.relative_to(tmp_path / "report" / "figures").as_posix() for p in curves) == [
+        "learning_curves/BLIP-2-frozen/vsr-layer4-linear.png",  # a folder per model and mode
+        "learning_curves/BLIP-2-unfrozen/vsr-layer4-linear.png",
+    ]
 
 
 def test_a_store_label_names_the_runs_made_from_it(tiny_checkpoints, refcocog_val, capsys, tmp_path):
@@ -623,3 +626,46 @@ def test_latex_tables_are_paste_ready(paper_runs, tmp_path):
     assert compiled.returncode == 0, compiled.stdout[-3000:]
     assert (tmp_path / "paper.pdf").stat().st_size > 0
     assert "Undefined control sequence" not in compiled.stdout and "Unicode character" not in compiled.stdout
+
+
+def test_figures_have_no_baked_titles_axes_from_the_data_and_a_legend_for_a_one_layer_model(tmp_path, monkeypatch):
+    from probing import plots
+    from probing.report import load_runs
+
+    labels = {"test": [1, 0] * 10}
+    for layer, right in ((2, [1] * 11 + [0] * 9), (4, [1] * 13 + [0] * 7)):
+        write_run(tmp_path / "runs" / f"blip2-{layer}", layer=layer, correct={"test": [right]}, labels=labels)
+    # a model probed on its last layer only (as the random-weights model is): a marker with its CI, in the legend
+    write_run(
+        tmp_path / "runs" / "instructblip-4",
+        family="instructblip",
+        weights="i" * 64,
+        layer=4,
+        correct={"test": [[1] * 12 + [0] * 8]},
+        labels=labels,
+    )
+    figures = []
+
+    def keep(figure, base):
+        figures.append(figure)
+        return [base]
+
+    monkeypatch.setattr(plots, "_save", keep)
+    runs, _ = load_runs([tmp_path / "runs"])
+    plots.per_layer_figure(runs, "vsr", tmp_path / "layers")
+    plots.category_figure(runs, "vsr", tmp_path / "categories")
+    layers, categories = figures
+    for figure in figures:  # the paper's caption says what a figure shows
+        assert figure._suptitle is None and all(axes.get_title() == "" for axes in figure.axes)
+    axes = layers.axes[0]
+    assert "InstructBLIP (layer 4 only)" in axes.get_legend_handles_labels()[1]
+    assert axes.containers and len(axes.containers[0].lines[0].get_xdata()) == 1  # the one point, with its CI
+    ends = [100 * bound for run in runs for bound in (overall(run).low, overall(run).high)]
+    low, high = axes.get_ylim()
+    assert (low, high) == plots.value_limits(ends[::2], ends[1::2], 0.5) and (low, high) != (0, 100)
+    assert low <= min(ends) and high >= max(ends) and low % 10 == 0 and high % 10 == 0
+    bands = [c for c in axes.collections if len(c.get_paths()) and c.get_alpha() is not None]
+    assert bands and all(band.get_alpha() == plots.BAND_ALPHA and not band.get_hatch() for band in bands)
+    shown = [100 * e.high for run in runs for e in per_category(run).values()]
+    assert categories.axes[0].get_ylim() == plots.value_limits([0.0], shown, 0.5)  # bars from 0, top from the data
+    assert categories.axes[0].get_ylim() == categories.axes[-1].get_ylim()
