@@ -567,7 +567,7 @@ def _plots(study, folder: Path) -> list[str]:
                 try:
                     axes = make(study, evaluator=FanovaImportanceEvaluator(seed=0))
                 except RuntimeError as error:  # e.g. every trial scored the same: no variance to attribute
-                    log.info("no parameter importances: %s", error)
+                    log.debug("no parameter importances: %s", error)  # the summary lists the plots made
                     continue
             else:
                 axes = make(study)
