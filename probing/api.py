@@ -2,7 +2,7 @@
 
     from probing import api
 
-    config = api.from_dict(api.Config, {...})        # or api.load_config("experiments/x.yaml")
+    config = api.config_from_dict({...})             # or api.load_config("experiments/x.yaml")
     summary = api.run_config(config)                  # data -> features -> searches -> report
     run = api.load_run(summary.searches[0])           # a search folder's best run
     print(api.overall(run))                           # mean accuracy, 95 % bootstrap CI, std over seeds
@@ -52,7 +52,7 @@ _EXPORTS: dict[str, str] = {
     "run_search": "probing.search",
     # whole studies: a config (YAML or dict) run end to end, the packaged demo
     "Config": "probing.config",
-    "from_dict": "probing.config",
+    "config_from_dict": "probing.config",
     "load_config": "probing.config",
     "run_config": "probing.pipeline",
     "RunSummary": "probing.pipeline",
@@ -109,7 +109,7 @@ if TYPE_CHECKING:  # what type checkers and editors see: the same names, importe
         selectivity,
         single_class,
     )
-    from probing.config import Config, from_dict, load_config  # noqa: F401
+    from probing.config import Config, config_from_dict, load_config  # noqa: F401
     from probing.data.synthetic import demo_data_options, make_demo_data  # noqa: F401
     from probing.data.types import DataOptions  # noqa: F401
     from probing.demo import demo_config, run_demo  # noqa: F401

@@ -516,13 +516,14 @@ def demo_command(
     """The embedded default: the whole pipeline on synthetic shapes with tiny random models (CPU, no network)."""
     import time
 
-    from probing.demo import run_demo
+    from probing.demo import run_demo, test_accuracy_lines
     from probing.pipeline import describe
 
     started = time.perf_counter()
     config, summary = run_demo(out, say=typer.echo, refcocog_images=refcocog_images, vsr_images=vsr_images)
     typer.echo("")
-    typer.echo((summary.report / "tables" / "table1.md").read_text().rstrip())
+    for line in test_accuracy_lines(summary.report):
+        typer.echo(line)
     typer.echo("")
     for line in describe(summary):
         typer.echo(f"  {line}")

@@ -355,6 +355,12 @@ def search_space(experiment: Experiment, index: int, task: str):
     return spec.search_space.overridden(override, f"config field 'experiments[{index}].search.space.{key}'")
 
 
+def config_from_dict(data: Any, check_paths: bool = True) -> Config:
+    """A config from what a YAML config file holds, as a dict (a Python caller's), validated as `load_config`
+    validates a file (`check_paths=False`: structure only)."""
+    return check(from_dict(Config, data), paths=check_paths)
+
+
 def load_config(path: Path | str, check_paths: bool = True) -> Config:
     """Read and validate a YAML experiment config (`check_paths=False`: structure only)."""
     from probing.yaml_files import read_yaml
@@ -362,6 +368,6 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
     path = Path(path)
     data, _ = read_yaml(path)
     try:
-        return check(from_dict(Config, data), paths=check_paths)
+        return config_from_dict(data, check_paths)
     except ProbingError as error:
         raise ProbingError(f"{path}: {error}") from None

@@ -114,8 +114,9 @@ def _models(config: Config, summary: RunSummary, say: Callable[[str], None]) -> 
         source = ModelSource(**{f.name: getattr(entry, f.name) for f in fields(ModelSource)})
         if entry.tiny is not None:
             folder = config.workspace / "models" / f"tiny-{entry.tiny}"
-            say(f"tiny random {entry.tiny} checkpoint -> {folder}")
-            summary.count("models", ensure_checkpoint(folder, entry.tiny))
+            if str(folder) not in {source.model for source in sources.values()}:  # one checkpoint, several labels
+                say(f"tiny random {entry.tiny} checkpoint -> {folder}")
+                summary.count("models", ensure_checkpoint(folder, entry.tiny))
             source = replace(source, model=str(folder))
         sources[label] = source
     return sources
