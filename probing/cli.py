@@ -527,10 +527,8 @@ def demo_command(
     typer.echo("")
     for line in describe(summary):
         typer.echo(f"  {line}")
-    typer.echo(
-        f"Tiny random models on synthetic shapes: a check of the machinery and of the frozen-vs-unfrozen "
-        f"contrast, not the paper's numbers. Done in {time.perf_counter() - started:.0f} s."
-    )
+    typer.echo("Tiny random models on synthetic shapes: a check of the machinery and of the frozen-vs-unfrozen")
+    typer.echo(f"contrast, not the paper's numbers. Done in {time.perf_counter() - started:.0f} s.")
     typer.echo(f"report: {summary.report / 'README.md'} (tables/, figures/)")
 
 
