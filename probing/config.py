@@ -411,6 +411,12 @@ def _scope_of(cls: type, name: str):
     return info_of(next(f for f in dataclasses.fields(cls) if f.name == name)).applies
 
 
+def config_from_dict(data: Any, check_paths: bool = True) -> Config:
+    """A config from what a YAML config file holds, as a dict (a Python caller's), validated as `load_config`
+    validates a file (`check_paths=False`: structure only)."""
+    return check(from_dict(Config, data), paths=check_paths)
+
+
 def load_config(path: Path | str, check_paths: bool = True) -> Config:
     """Read and validate a YAML experiment config (`check_paths=False`: structure only)."""
     from probing.yaml_files import read_yaml
@@ -418,6 +424,6 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
     path = Path(path)
     data, _ = read_yaml(path)
     try:
-        return check(from_dict(Config, data), paths=check_paths)
+        return config_from_dict(data, check_paths)
     except ProbingError as error:
         raise ProbingError(f"{path}: {error}") from None

@@ -43,3 +43,24 @@ def run_demo(
 ) -> tuple[Config, RunSummary]:
     config = demo_config(out, refcocog_images, vsr_images)
     return config, run_config(config, say, progress=progress)
+
+
+def test_accuracy_lines(report: Path) -> list[str]:
+    """Table 1's test accuracies as a narrow text table (a row per model and mode, a column per task, `mean
+    [95% CI]` in percent): what the demo prints. The whole table, with val and the std over seeds, is in the
+    report (Markdown, CSV, LaTeX)."""
+    import pandas as pd
+
+    table = pd.read_csv(Path(report) / "tables" / "table1.csv")
+    test = table[table["split"] == "test"]
+
+    def cell(row) -> str:
+        interval = "" if pd.isna(row["ci_low"]) else f" [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+        return f"{100 * row['mean']:.1f}{interval}"
+
+    cells = test.assign(cell=test.apply(cell, axis=1))
+    # rows in the table's order (models, then chance), columns in its task order
+    shown = cells.pivot_table(index=["model", "mode"], columns="task", values="cell", aggfunc="first", sort=False)
+    shown = shown.reindex(columns=list(dict.fromkeys(test["task"]))).fillna("–")
+    shown.columns.name = "test (%)"
+    return shown.to_string(sparsify=False).splitlines()  # every row names its model

@@ -361,8 +361,9 @@ def _extract_claimed(
         show_progress=request.progress and state.is_main_process,
     )
     elapsed = time.perf_counter() - started
-    if done_examples:
-        log.info(
+    if done_examples:  # a progress bar showed the rate already: then a line for --verbose only
+        log.log(
+            logging.DEBUG if request.progress else logging.INFO,
             "extracted %d examples in %.1f s (%.1f examples/s on this process)",
             done_examples,
             elapsed,

@@ -123,8 +123,9 @@ def _models(config: Config, summary: RunSummary, say: Callable[[str], None]) -> 
         source = ModelSource(**{f.name: getattr(entry, f.name) for f in fields(ModelSource)})
         if entry.tiny is not None:
             folder = config.workspace / "models" / f"tiny-{entry.tiny}"
-            say(f"tiny random {entry.tiny} checkpoint -> {folder}")
-            summary.count("models", ensure_checkpoint(folder, entry.tiny))
+            if str(folder) not in {source.model for source in sources.values()}:  # one checkpoint, several labels
+                say(f"tiny random {entry.tiny} checkpoint -> {folder.relative_to(config.workspace)} (in the workspace)")
+                summary.count("models", ensure_checkpoint(folder, entry.tiny))
             source = replace(source, model=str(folder))
         sources[label] = source
     return sources
@@ -374,15 +375,17 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
     start = os.getpid() % len(planned) if planned else 0
     for (label, examples), requests in planned[start:] + planned[:start]:
         folder = requests[0].out.parent
-        vision = " + ViT outputs" if requests[0].store_vision else ""
-        say(f"features {label} {examples} layers {list(requests[0].layers)}{vision} -> {folder}")
+        # one short line per step: the store's folder under <workspace>/features names model, task and layers
+        stores_root = config.workspace / "features"
+        shown = folder.relative_to(stores_root) if folder.is_relative_to(stores_root) else folder
+        say(f"features {shown}")
         for request in requests:
             summary.count("features", extract(request))
         stores[(label, examples)] = folder
     for unit in units:
         if unit.mode == ZERO_SHOT:
             request = zeroshot_request(config, unit, sources, options, progress)
-            say(f"zero-shot {unit.experiment.name}: {unit.model} {unit.spec.name} -> {request.out}")
+            say(f"zero-shot {unit.experiment.name}: {unit.model} {unit.spec.name}")
             summary.count("zero-shot runs", run_zeroshot(request))
             summary.zeroshot.append(request.out)
             continue

@@ -13,7 +13,9 @@ House style (`house_style`): applied inside a `matplotlib.rc_context` around eac
 it neither leaks into nor takes from other plotting in the process (Optuna's plots set the ggplot style
 globally; `rcdefaults` inside the context starts every figure from matplotlib's defaults). Sizes fit a paper:
 a column (3.3 in) or the page width (6.9 in), text of at least 7 pt, legends outside the data.
-Titles, chance levels and what a category is come from the runs' task (`probing.tasks`).
+No figure bakes a title into the image (the paper's caption says what it shows; the file name says it too);
+the value axis spans the data (intervals and chance) rounded out to tens, the same on every panel, not a fixed
+0-100 % (bars start at 0). Chance levels and what a category is come from the runs' task (`probing.tasks`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MODE_STYLES = {
 }
 LINE_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#000000"]
 LINE_STYLES = ["-", "--", "-.", ":"]
+BAND_ALPHA = 0.12  # interval bands: light enough that overlapping bands and the lines stay readable
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 HOUSE_STYLE = {
     "font.size": FONT_SIZE,
@@ -90,6 +93,17 @@ def _save(figure, base: Path) -> list[Path]:
     return paths
 
 
+def value_limits(lows: Sequence[float], highs: Sequence[float], chance: float | None = None) -> tuple[float, float]:
+    """The value axis (percent) for these interval ends and chance: the data's range rounded out to tens, within
+    0-100 (a figure of accuracies between 40 and 60 % is not drawn on a 0-100 axis)."""
+    import math
+
+    values = [*lows, *highs, *([] if chance is None else [100 * chance])]
+    low = max(0.0, 10 * math.floor(min(values) / 10 - 0.05))
+    high = min(100.0, 10 * math.ceil(max(values) / 10 + 0.05))
+    return low, max(high, low + 10)
+
+
 def _legend_below(axes) -> None:
     """The legend under the axes, off the data, keeping the figure a column wide."""
     axes.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
@@ -104,12 +118,27 @@ def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: s
         by_model[run.label][run.layer] = run
     if not any(len(layers) > 1 for layers in by_model.values()):
         return []
+    spec = chosen[0].spec
+    ends = [overall(run) for run in chosen]
     with house_style():
         figure, axes = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
         for index, (label, layers) in enumerate(sorted(by_model.items())):
             xs = sorted(layers)
             estimates = [overall(layers[x]) for x in xs]
             colour = LINE_COLOURS[index % len(LINE_COLOURS)]
+            if len(xs) == 1:  # one layer (e.g. the random-weights model, last layer only): a marker and its CI
+                e = estimates[0]
+                axes.errorbar(
+                    xs,
+                    [100 * e.mean],
+                    yerr=[[100 * (e.mean - e.low)], [100 * (e.high - e.mean)]],
+                    color=colour,
+                    marker=MARKERS[index % len(MARKERS)],
+                    linestyle="none",
+                    capsize=2,
+                    label=f"{label} (layer {xs[0]} only)",
+                )
+                continue
             axes.plot(
                 xs,
                 [100 * e.mean for e in estimates],
@@ -123,18 +152,15 @@ def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: s
                 [100 * e.low for e in estimates],
                 [100 * e.high for e in estimates],
                 color=colour,
-                alpha=0.18,
-                hatch=["", "////", "\\\\\\\\", "...."][index % 4],
-                edgecolor=colour,
+                alpha=BAND_ALPHA,
                 linewidth=0,
             )
-        spec = chosen[0].spec
         if spec.chance is not None:
             axes.axhline(100 * spec.chance, color="grey", linestyle=":", linewidth=1, label="chance")
         axes.set_xticks(sorted({run.layer for run in chosen}))
         axes.set_xlabel("Q-Former layer")
         axes.set_ylabel(f"{chosen[0].split} {metric_label(chosen[0].metric)}")
-        axes.set_title(f"{chosen[0].column}: frozen {probe} probe per layer")
+        axes.set_ylim(*value_limits([100 * e.low for e in ends], [100 * e.high for e in ends], spec.chance))
         _legend_below(axes)
         return _save(figure, base)
 
@@ -161,6 +187,9 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
     present = sorted({c for run in chosen for c in category_rows(run)})
     categories = list(spec.category_order) if spec.category_order else present
     counts = {c: max(run.categories.count(c) for run in chosen) for c in categories}
+    drawn = [e for run in chosen for e in per_category(run).values()]
+    # bars measure from zero (a bar cut at 40 % misstates its ratio to another); the top follows the data
+    limits = value_limits([0.0], [100 * e.high for e in drawn], spec.chance)
     with house_style():
         height = 1.6 + (0.04 * max(len(c) for c in categories) if len(categories) >= 7 else 0.0)  # per panel
         figure, panels = plt.subplots(
@@ -199,7 +228,7 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
             )
             panel.set_title(model, loc="left")
             panel.grid(axis="x", visible=False)
-            panel.set_ylim(0, 105)
+            panel.set_ylim(*limits)  # shared by the panels (sharey)
             if spec.chance is not None:
                 panel.axhline(100 * spec.chance, color="grey", linestyle=":", linewidth=1, label="chance")
             panel.set_ylabel(f"{chosen[0].split} {metric_label(chosen[0].metric)}")
@@ -216,8 +245,6 @@ def category_figure(runs: Sequence[RunResults], task: str, base: Path) -> list[P
             ncol=len(handles),
         )
         figure.tight_layout()
-        title_at = 1.0 + 0.42 / figure.get_figheight()  # above the legend, which sits above the panels
-        figure.suptitle(f"{chosen[0].column} per {spec.category} (95% bootstrap CI)", y=title_at)
         return _save(figure, base)
 
 
@@ -245,6 +272,5 @@ def learning_curve_figure(search: RunResults, base: Path) -> list[Path]:
             )
         axes.set_xlabel("epoch")
         axes.set_ylabel(f"val {metric_label(metric)}")
-        axes.set_title(f"{search.label} {search.mode} {search.column}, layer {search.layer}", loc="left")
         _legend_below(axes)
         return _save(figure, base)

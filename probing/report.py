@@ -88,7 +88,6 @@ PAPER_CHECKPOINTS = {
 }
 NOT_SIGNIFICANT = "†"
 SINGLE_CLASS_MARK = "‡"
-WIDE_TABLE = 4  # columns: more, and the LaTeX table takes the page's width (`table*`)
 CSV_LABELS = ["model", "mode", "probe", "layer", "task", "split", "category", "property"]
 
 
@@ -161,18 +160,12 @@ class Table:
         return pd.DataFrame(self.records, columns=columns, dtype=object)
 
     def latex(self) -> str:
-        """The table as LaTeX with booktabs rules (pandas' Styler; cells escaped), notes as a comment block."""
-        import pandas as pd
+        """The table as LaTeX (booktabs, caption once, `\\label{tab:<name>}`, numbers right-aligned, a task's
+        splits and a model's modes under one grouped header), notes as a comment block."""
+        from probing.latex import header_groups, latex_table
 
-        frame = pd.DataFrame(self.rows, columns=self.headers)
-        styler = frame.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
-        # a table of more than WIDE_TABLE columns (intervals in each cell) spans both columns of a two-column page
-        environment = "table*" if len(self.headers) > WIDE_TABLE else None
-        text = styler.to_latex(
-            hrules=True, caption=_latex_escape(self.title), position_float="centering", environment=environment
-        )
-        notes = "".join(f"% {note}\n" for note in self.notes)
-        return notes + text
+        groups = header_groups(self.headers, prefixes={spec.title for spec in registered_tasks()}, suffixes=MODES)
+        return latex_table(self.name, self.title, self.headers, self.rows, self.notes, groups)
 
     def write(self, folder: Path) -> list[Path]:
         markdown = folder / f"{self.name}.md"
@@ -182,18 +175,6 @@ class Table:
         latex = folder / f"{self.name}.tex"
         latex.write_text(self.latex(), encoding="utf-8")
         return [markdown, table_csv, latex]
-
-
-_LATEX_SPECIALS = {c: f"\\{c}" for c in "&%$#_{}"} | {
-    "~": "\\textasciitilde{}",
-    "^": "\\textasciicircum{}",
-    "\\": "\\textbackslash{}",
-}
-
-
-def _latex_escape(text: str) -> str:
-    """A caption escaped for LaTeX (Styler escapes the cells and headers, not the caption)."""
-    return "".join(_LATEX_SPECIALS.get(c, c) for c in text)
 
 
 def _record(estimate: Estimate, run: RunResults | None = None, **labels) -> dict[str, Any]:
@@ -212,6 +193,7 @@ def run_labels(run: RunResults) -> dict[str, Any]:
         "layer": None if run.probe == NO_PROBE else run.layer,  # a model's own answer reads no layer's features
         "probe": run.probe,
         "control": run.control,
+        "single_class": run.probe != NO_PROBE and single_class(run),  # Table 1's ‡: the probe answers one class
         "split": run.split,
         "run": str(run.path),
     }
@@ -1231,6 +1213,7 @@ RESULT_COLUMNS = [
     "layer",
     "probe",
     "control",
+    "single_class",
     "split",
     "category",
     "metric",
@@ -1245,12 +1228,28 @@ RESULT_COLUMNS = [
     "run",
     "against_run",
 ]
+# The pandas types of results.csv's columns, what `pd.read_csv(path, dtype=RESULT_DTYPES)` reads back: nullable
+# integers and strings (a chance row has no layer, a run row no `against`), plain booleans for the two flags.
+RESULT_DTYPES = {column: "string" for column in RESULT_COLUMNS} | {
+    "layer": "Int64",
+    "seeds": "Int64",
+    "n": "Int64",
+    "control": "bool",
+    "single_class": "bool",
+    "value": "float64",
+    "ci_low": "float64",
+    "ci_high": "float64",
+    "p_value": "float64",
+    "seeds_std": "float64",
+}
 
 
-def results_frame(runs: Sequence[RunResults], tables: Sequence[Table] = ()):
+def results_frame(runs: Sequence[RunResults], tables: Sequence[Table] = (), out: Path | None = None):
     """`results.csv`: one row per run and split (and per category of each, `category` set), control runs too,
     values as fractions; then the other numbers the tables show (`Table.results`: chance and paper rows,
-    hyper-parameters, Kendall tau, paired differences, ROC-AUC, selectivity, MDL), each once."""
+    hyper-parameters, Kendall tau, paired differences, ROC-AUC, selectivity, MDL), each once; in the column
+    types of RESULT_DTYPES (the data dictionary: docs/results-csv.md) and, given the report folder `out`, with
+    local paths relative to it."""
     import pandas as pd
 
     rows = []
@@ -1264,9 +1263,24 @@ def results_frame(runs: Sequence[RunResults], tables: Sequence[Table] = ()):
     rows += [row for table in tables for row in table.results]
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     frame = frame.drop_duplicates(subset=[c for c in RESULT_COLUMNS if c not in ("value", "ci_low", "ci_high")])
-    for column in ("layer", "seeds", "n"):  # integers with gaps (a chance row has no layer), not floats
-        frame[column] = frame[column].astype("Int64")
-    return frame.reset_index(drop=True)
+    # a row of no run (chance, the paper's numbers) is no control and no single-class probe: the flags stay booleans
+    frame[["control", "single_class"]] = frame[["control", "single_class"]].fillna(False)
+    if out is not None:  # paths relative to the report, so that the file names none of this machine's folders
+        for column in ("model_id", "run", "against_run"):
+            frame[column] = [_relative(value, out) for value in frame[column]]
+    return frame.astype(RESULT_DTYPES).reset_index(drop=True)
+
+
+def _relative(value: Any, out: Path) -> Any:
+    """An absolute local path (a run folder, a checkpoint folder, `lavis:<.pth>`) relative to the report folder
+    `out`; a Hub id or an empty cell as it is."""
+    if not isinstance(value, str):
+        return value
+    scheme, _, path = value.rpartition(":") if value.startswith("lavis:") else ("", "", value)
+    if not os.path.isabs(path):
+        return value
+    relative = Path(os.path.relpath(path, Path(out).absolute())).as_posix()
+    return f"{scheme}:{relative}" if scheme else relative
 
 
 def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
@@ -1279,10 +1293,15 @@ def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
         figures += category_figure(these, task, folder / f"categories_{suffix}")
     searched = [run for run in runs if run.search is not None and run.split == run.spec.eval_splits[0]]
     for run in sorted(searched, key=lambda r: (r.label, r.mode, r.task, r.layer, r.probe)):  # each search's best
-        name = "-".join((run.label, run.mode, run.task, f"layer{run.layer}", run.probe))
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        figures += learning_curve_figure(run, folder / "learning_curves" / safe)
+        # a folder per model and mode, a file per task, layer and probe: dozens of curves stay browsable
+        group = _file_name("-".join((run.label, run.mode)))
+        name = _file_name("-".join((run.task, f"layer{run.layer}", run.probe)))
+        figures += learning_curve_figure(run, folder / "learning_curves" / group / name)
     return figures
+
+
+def _file_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 REPORT_FILE = "report.json"
@@ -1354,7 +1373,7 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
             written["tables"] += [str(p.relative_to(staging)) for p in table.write(staging / "tables")]
         figures = write_figures(runs, staging / "figures")
         written["figures"] = [str(p.relative_to(staging)) for p in figures]
-        results_frame(runs, tables).to_csv(staging / "results.csv", index=False)
+        results_frame(runs, tables, out).to_csv(staging / "results.csv", index=False)
         shown = sorted({str(r.path) for r in runs})
         tasks = {run.configuration for run in runs}
         unpaired = [r for r in dropped if (r.control or r.shuffled) and r.configuration not in tasks]
@@ -1393,9 +1412,14 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
             readme += [
                 f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png" and p.parent.name == "figures"
             ]
-            curves = [p for p in figures if p.suffix == ".png" and p.parent.name == "learning_curves"]
+            curves = [p for p in figures if p.suffix == ".png" and "learning_curves" in p.parts]
             if curves:
-                readme += ["", f"Learning curves of {len(curves)} search(es)' best trials: `figures/learning_curves/`."]
+                readme += [
+                    "",
+                    f"Learning curves of {len(curves)} search(es)' best trials: "
+                    "`figures/learning_curves/<model>-<mode>/"
+                    "<task>-layer<N>-<probe>.png`.",
+                ]
             readme += ["", "PDF and SVG versions sit beside the PNGs in `figures/`.", ""]
         readme += [
             "## Method",

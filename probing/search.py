@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 SEARCH_FORMAT_VERSION = 1
 STUDY_JOURNAL = "study.log"  # the study of a search without --storage, in its folder
-DEFAULT_STUDY = "search"
+LEGACY_STUDY = "search"  # the one name every search's own study had before studies were named after their search
 HYPERBAND_REDUCTION = 4  # hyperband's reduction factor (see `pruner_of`)
 CLAIM = "search.json"  # written first: what the folder's study and outputs are for (the manifest comes last)
 
@@ -208,7 +208,7 @@ def create_study(request: SearchRequest, identity: dict[str, Any] | None = None,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage if storage is not None else open_storage(request.storage_url)
-    name = request.study_name or DEFAULT_STUDY
+    name = request.study_name or _own_study_name(request, storage)
     direction = get_task(request.task).head.direction
     try:
         study = optuna.create_study(
@@ -225,6 +225,21 @@ def create_study(request: SearchRequest, identity: dict[str, Any] | None = None,
         claim_study(study, identity, str(request.out))
         describe_study(study, request, identity)
     return study
+
+
+def default_study_name(request: SearchRequest) -> str:
+    """The name of a search's own study (without --study-name): what it searches, so that optuna-dashboard opened
+    on several journals tells them apart (e.g. "BLIP-2 frozen vsr layer 3 linear")."""
+    parts = [request.label] if request.label else []
+    parts += [request.mode, request.task, f"layer {request.layer}", request.settings.probe]
+    return " ".join(parts + (["control"] if request.control else []))
+
+
+def _own_study_name(request: SearchRequest, storage) -> str:
+    """The study of a search without --study-name: the one its journal holds under the name it had before studies
+    were named (a search started then resumes it), else `default_study_name`."""
+    names = {study.study_name for study in storage.get_all_studies()}
+    return LEGACY_STUDY if LEGACY_STUDY in names else default_study_name(request)
 
 
 def _sampler(seed: int):
@@ -564,7 +579,7 @@ def _plots(study, folder: Path) -> list[str]:
                 try:
                     axes = make(study, evaluator=FanovaImportanceEvaluator(seed=0))
                 except RuntimeError as error:  # e.g. every trial scored the same: no variance to attribute
-                    log.info("no parameter importances: %s", error)
+                    log.debug("no parameter importances: %s", error)  # the summary lists the plots made
                     continue
             else:
                 axes = make(study)
@@ -734,7 +749,7 @@ def _write_result(request, study, trainer, fitter, train_request, identity) -> S
             "storage": redact(request.storage) if request.storage else None,
             "study": {
                 "storage": redact(request.storage_url),
-                "name": request.study_name or DEFAULT_STUDY,
+                "name": study.study_name,
                 "pruner": request.pruner_for(request.mode),
             },
         },

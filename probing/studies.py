@@ -224,9 +224,10 @@ def gather_studies(paths: list[Path], storages: list[str] = ()):
                 continue  # a half-written output
             label = str(journal.parent.relative_to(root)) if journal.parent != root else journal.parent.name
             storage = _journal_storage(journal, "dashboard")
+            studies = optuna.get_all_study_summaries(storage, include_best_trial=False)
+            # a search folder's journal holds its one study: named after the folder, as its runs are
             sources += [
-                (f"{label}/{s.study_name}" if s.study_name != "search" else label, storage, s.study_name)
-                for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+                (f"{label}/{s.study_name}" if len(studies) > 1 else label, storage, s.study_name) for s in studies
             ]
     for url in storages:
         storage = open_storage(url)

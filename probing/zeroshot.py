@@ -275,8 +275,12 @@ def score_split(scorer: ZeroShotScorer, examples: list[Example], request: ZeroSh
             progress.update(len(batch))
     progress.close()
     seconds = time.perf_counter() - started
-    log.info(
-        "scored %d examples in %.1f s (%.1f examples/s)", len(examples), seconds, len(examples) / max(seconds, 1e-9)
+    log.log(  # a progress bar showed the rate already: then a line for --verbose only
+        logging.DEBUG if request.progress else logging.INFO,
+        "scored %d examples in %.1f s (%.1f examples/s)",
+        len(examples),
+        seconds,
+        len(examples) / max(seconds, 1e-9),
     )
     return SplitScores(list(examples), logits, fields_, seconds)
 

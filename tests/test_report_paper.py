@@ -8,7 +8,9 @@ reference."""
 
 import json
 import math
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,10 @@ from conftest import assert_results_hold_every_number, run_cli
 from scipy.stats import binomtest
 from statsmodels.stats.contingency_tables import mcnemar
 
-from probing.analysis import chance_level, load_run, paired_comparison
+from probing.analysis import chance_level, load_run, overall, paired_comparison, per_category
+from probing.latex import LINE_WIDTH
 from probing.records import MetricsRecord, SeedRun
-from probing.report import write_report
+from probing.report import RESULT_COLUMNS, RESULT_DTYPES, SINGLE_CLASS_MARK, write_report
 
 RELATIONS = ["Adjacency", "Directional", "Orientation", "Projective", "Proximity", "Topological", "Unallocated"]
 
@@ -188,7 +191,7 @@ def test_results_csv_holds_every_number_of_the_tables(paper_runs, tmp_path, caps
     ] == pytest.approx(0.6497)
     # LaTeX with booktabs, Markdown and CSV for each table; run paths in runs.txt, not in the README
     latex = (out / "tables" / "table1.tex").read_text()
-    assert "\\toprule" in latex and "\\midrule" in latex and "\\bottomrule" in latex and "VSR val (acc)" in latex
+    assert "\\toprule" in latex and "\\midrule" in latex and "\\bottomrule" in latex and " & val (acc) & " in latex
     assert "\n\\begin{table}\n" in latex  # 4 columns: one column of the page; wider ones span both
     assert "\n\\begin{table*}\n" in (out / "tables" / "paired.tex").read_text()
     readme = (out / "README.md").read_text()
@@ -486,8 +489,11 @@ def test_table4_in_the_papers_layout_and_n_per_category(tmp_path):
     assert "| 3 | 0 |" in (tmp_path / "report" / "tables" / "searches.md").read_text()
     table2 = (tmp_path / "report" / "tables" / "table2.md").read_text().splitlines()
     assert table2[4] == "| n | test examples | 2 | 2 | 2 | 2 | 2 | 2 | 2 |"  # 14 examples over 7 meta-categories
-    curves = sorted(p.name for p in (tmp_path / "report" / "figures" / "learning_curves").glob("*.png"))
-    assert curves == ["BLIP-2-frozen-vsr-layer4-linear.png", "BLIP-2-unfrozen-vsr-layer4-linear.png"]
+    curves = (tmp_path / "report" / "figures" / "learning_curves").rglob("*.png")
+    assert sorted(p.relative_to(tmp_path / "report" / "figures").as_posix() for p in curves) == [
+        "learning_curves/BLIP-2-frozen/vsr-layer4-linear.png",  # a folder per model and mode
+        "learning_curves/BLIP-2-unfrozen/vsr-layer4-linear.png",
+    ]
 
 
 def test_a_store_label_names_the_runs_made_from_it(tiny_checkpoints, refcocog_val, capsys, tmp_path):
@@ -539,3 +545,127 @@ def test_a_store_label_names_the_runs_made_from_it(tiny_checkpoints, refcocog_va
     assert load_run(tmp_path / "run").label == "BLIP-2 coco"
     train(tmp_path / "own", "--label", "mine")
     assert load_run(tmp_path / "own").label == "mine"
+
+
+def documented_dtypes() -> dict[str, str]:
+    """The column types the data dictionary docs/results-csv.md documents, read from its table."""
+    page = (Path(__file__).parents[1] / "docs" / "results-csv.md").read_text(encoding="utf-8")
+    rows = [line.split(" | ") for line in page.splitlines() if line.startswith("| `")]
+    return {name.strip("| `"): dtype for name, dtype, *_ in rows}
+
+
+def test_results_csv_reads_back_with_documented_dtypes(paper_runs, tmp_path):
+    out = tmp_path / "report"
+    write_report([paper_runs], out, compare_paper=True)
+    assert documented_dtypes() == RESULT_DTYPES and list(documented_dtypes()) == RESULT_COLUMNS
+    text = (out / "results.csv").read_text(encoding="utf-8")
+    results = pd.read_csv(out / "results.csv", dtype=documented_dtypes())
+    assert results.to_csv(index=False) == text  # the documented types lose nothing
+    plain = pd.read_csv(out / "results.csv")  # flags are booleans and integers integers even without dtype=
+    assert plain["control"].dtype == bool and plain["single_class"].dtype == bool
+    assert "." not in "".join(text.splitlines()[1].split(",")[5:6]) and results["layer"].dropna().eq(4).all()
+    assert set(results["against"].dropna()) == {"BLIP-2 frozen", "InstructBLIP frozen"}
+    # model ids: the Hub id as given, the local checkpoint folder relative to the report; runs relative too
+    assert set(results["model_id"].dropna()) == {
+        "Salesforce/blip2-itm-vit-g",
+        os.path.relpath("/models/tiny-instructblip", out),
+    }
+    assert str(tmp_path) not in text and str(paper_runs) not in text
+    frozen = results[(results["run"] == os.path.relpath(paper_runs / "blip2-frozen", out))]
+    assert len(frozen) > 2 and not frozen["single_class"].any()
+    # a probe that answers one class is flagged in its rows, beside the ‡ of its cells
+    labels = {"test": [1] * 30 + [0] * 10}
+    one_class = write_run(tmp_path / "one", correct={"test": [[1] * 30 + [0] * 10]}, labels=labels)
+    write_report([one_class], tmp_path / "one-report")
+    flagged = pd.read_csv(tmp_path / "one-report" / "results.csv", dtype=RESULT_DTYPES)
+    assert flagged.loc[flagged["run"].notna(), "single_class"].all()
+    assert SINGLE_CLASS_MARK in (tmp_path / "one-report" / "tables" / "table1.md").read_text()
+
+
+def test_latex_tables_are_paste_ready(paper_runs, tmp_path):
+    out = tmp_path / "report"
+    write_report([paper_runs], out, compare_paper=True)
+    table1 = (out / "tables" / "table1.tex").read_text(encoding="utf-8")
+    lines = table1.splitlines()
+    # booktabs rules, the caption once (LaTeX numbers the table), a label to \ref
+    assert [line for line in lines if line in ("\\toprule", "\\midrule", "\\bottomrule")] == [
+        "\\toprule",
+        "\\midrule",
+        "\\bottomrule",
+    ]
+    assert "\\caption{validation and test accuracy, linear probe on the last layer (\\%)}" in lines
+    assert "\\label{tab:table1}" in lines and "Table 1" not in table1
+    # labels left, numbers right; the task's splits under one grouped header with its booktabs rule
+    assert "\\begin{tabular}{llrr}" in lines
+    header = lines.index("\\toprule")
+    assert lines[header + 1 : header + 4] == [
+        "\\multicolumn{2}{c}{} & \\multicolumn{2}{c}{VSR} \\\\",
+        "\\cmidrule(lr){3-4}",
+        "model & mode & val (acc) & test (acc) \\\\",
+    ]
+    for table in sorted((out / "tables").glob("*.tex")):
+        source = table.read_text(encoding="utf-8")
+        assert max(len(line) for line in source.splitlines()) <= LINE_WIDTH + 20, table.name
+        assert f"\\label{{tab:{table.stem}}}" in source and source.count("\\caption{") == 1
+    paired = (out / "tables" / "paired.tex").read_text(encoding="utf-8")
+    assert "\\begin{tabular}{lllrrrrr}" in paired  # task, first, second; then the numbers
+    if shutil.which("pdflatex") is None:
+        pytest.skip("no pdflatex: the LaTeX source was checked, not compiled")
+    document = tmp_path / "paper.tex"
+    inputs = "".join(f"\\input{{{table.as_posix()}}}\n" for table in sorted((out / "tables").glob("*.tex")))
+    document.write_text(
+        "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n" + inputs + "\\end{document}\n"
+    )
+    compiled = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", document.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert compiled.returncode == 0, compiled.stdout[-3000:]
+    assert (tmp_path / "paper.pdf").stat().st_size > 0
+    assert "Undefined control sequence" not in compiled.stdout and "Unicode character" not in compiled.stdout
+
+
+def test_figures_have_no_baked_titles_axes_from_the_data_and_a_legend_for_a_one_layer_model(tmp_path, monkeypatch):
+    from probing import plots
+    from probing.report import load_runs
+
+    labels = {"test": [1, 0] * 10}
+    for layer, right in ((2, [1] * 11 + [0] * 9), (4, [1] * 13 + [0] * 7)):
+        write_run(tmp_path / "runs" / f"blip2-{layer}", layer=layer, correct={"test": [right]}, labels=labels)
+    # a model probed on its last layer only (as the random-weights model is): a marker with its CI, in the legend
+    write_run(
+        tmp_path / "runs" / "instructblip-4",
+        family="instructblip",
+        weights="i" * 64,
+        layer=4,
+        correct={"test": [[1] * 12 + [0] * 8]},
+        labels=labels,
+    )
+    figures = []
+
+    def keep(figure, base):
+        figures.append(figure)
+        return [base]
+
+    monkeypatch.setattr(plots, "_save", keep)
+    runs, _ = load_runs([tmp_path / "runs"])
+    plots.per_layer_figure(runs, "vsr", tmp_path / "layers")
+    plots.category_figure(runs, "vsr", tmp_path / "categories")
+    layers, categories = figures
+    for figure in figures:  # the paper's caption says what a figure shows
+        assert figure._suptitle is None and all(axes.get_title() == "" for axes in figure.axes)
+    axes = layers.axes[0]
+    assert "InstructBLIP (layer 4 only)" in axes.get_legend_handles_labels()[1]
+    assert axes.containers and len(axes.containers[0].lines[0].get_xdata()) == 1  # the one point, with its CI
+    ends = [100 * bound for run in runs for bound in (overall(run).low, overall(run).high)]
+    low, high = axes.get_ylim()
+    assert (low, high) == plots.value_limits(ends[::2], ends[1::2], 0.5) and (low, high) != (0, 100)
+    assert low <= min(ends) and high >= max(ends) and low % 10 == 0 and high % 10 == 0
+    bands = [c for c in axes.collections if len(c.get_paths()) and c.get_alpha() is not None]
+    assert bands and all(band.get_alpha() == plots.BAND_ALPHA and not band.get_hatch() for band in bands)
+    shown = [100 * e.high for run in runs for e in per_category(run).values()]
+    assert categories.axes[0].get_ylim() == plots.value_limits([0.0], shown, 0.5)  # bars from 0, top from the data
+    assert categories.axes[0].get_ylim() == categories.axes[-1].get_ylim()

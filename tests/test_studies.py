@@ -37,7 +37,8 @@ def probing(*args, **kwargs) -> subprocess.Popen:
     )
 
 
-def journal_study(path: Path, name: str = "search"):
+def journal_study(path: Path, name: str | None = None):
+    """The study `name` of a journal (default: its only one, a search folder's own study)."""
     return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
 
 
@@ -282,9 +283,27 @@ def test_a_search_reports_each_epoch_to_its_study(capsys, vsr_features, tmp_path
     # what optuna-dashboard shows: the metric's name and what the trials train
     assert study.metric_names == ["val accuracy"]
     assert {"task", "model", "mode", "layer", "probe", "store"} <= set(study.user_attrs)
+    # named after its search, so that journals opened side by side are told apart
+    assert study.study_name == "frozen vsr layer 4 linear"
     assert study.user_attrs["task"] == "vsr" and study.user_attrs["layer"] == 4
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["pruner"] == "median" and manifest["study"]["pruner"] == "median"
+    assert manifest["study"]["name"] == study.study_name
+
+
+def test_a_study_is_named_after_its_search_and_a_journal_of_the_old_name_still_resumes():
+    from types import SimpleNamespace
+
+    from probing.search import LEGACY_STUDY, _own_study_name, default_study_name
+
+    request = SimpleNamespace(
+        label="BLIP-2", mode="unfrozen", task="rcm", layer=12, settings=SimpleNamespace(probe="swiglu2"), control=True
+    )
+    assert default_study_name(request) == "BLIP-2 unfrozen rcm layer 12 swiglu2 control"
+    storage = optuna.storages.InMemoryStorage()
+    assert _own_study_name(request, storage) == default_study_name(request)
+    optuna.create_study(storage=storage, study_name=LEGACY_STUDY)  # a journal written before studies were named
+    assert _own_study_name(request, storage) == LEGACY_STUDY
 
 
 class PlantedTrainer:
