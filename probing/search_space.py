@@ -31,7 +31,10 @@ class SearchSpace:
         help="low,high of the log-uniform learning rate (default: the task's).",
     )
     epochs: tuple[int, ...] = setting(
-        (20, 30, 40), parse=comma_separated(int), help="Comma-separated epoch choices (default: the task's)."
+        (20, 30, 40),
+        cli="--epoch-choices",  # --epochs is one number of epochs in train and mdl
+        parse=comma_separated(int),
+        help="Comma-separated epoch choices (default: the task's).",
     )
     giou_scale: tuple[float, ...] | None = setting(
         None,
