@@ -400,6 +400,13 @@ def _derived(name: str, parameters: list, body: Callable[..., None], example: st
     return built
 
 
+def built_command(name: str) -> click.Command:
+    """The click command (or group) `name` of `probing`, built if it is built on demand: for introspection."""
+    group = typer.main.get_command(app)
+    found = group.commands[name]
+    return found.build() if isinstance(found, _LazyCommand) else found
+
+
 def _task() -> list:
     return [_parameter("task", str, help="A registered task (`probing tasks`) or a task YAML file.")]
 
