@@ -10,7 +10,6 @@ from conftest import run_cli, small_refer_dataset
 
 from probing.data.synthetic import SUPERCATEGORIES
 
-
 EVERY_COMMAND = [
     *[[name] for name in ("make-demo-data", "build-rcm", "tasks", "extract", "train", "search", "zeroshot", "mdl")],
     *[[name] for name in ("analyze", "plot", "report", "dashboard", "run", "demo")],
