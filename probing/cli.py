@@ -715,11 +715,36 @@ def dashboard_command(
 )
 def run_command(
     config: Annotated[Path, typer.Argument(help="An experiment config (experiments/*.yaml).")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="KEY=VALUE: set a config field (dotted path, a number picks a list entry; the value is YAML), "
+            "validated as the file is. Repeatable.",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Read only the first N examples of each split (a smoke run, in <workspace>/limit-N; "
+            "recorded in every identity).",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the steps (reused / to run, sizes) and write nothing.")
+    ] = False,
 ) -> None:
     """Run every stage of an experiment config in order, reusing what matches, and write its report."""
-    from probing.pipeline import describe, run_config_file
+    from probing.config import load_config
+    from probing.pipeline import describe, describe_plan, dry_run, run_config
 
-    loaded, summary = run_config_file(config, say=typer.echo)
+    loaded = load_config(config, overrides=set_ or [], limit=limit)
+    if dry_run:
+        for line in describe_plan(dry_run(loaded)):
+            typer.echo(line)
+        return
+    summary = run_config(loaded, say=typer.echo)
     for line in describe(summary):
         typer.echo(f"  {line}")
     typer.echo(f"report: {summary.report / 'README.md'}")
