@@ -737,11 +737,11 @@ def run_command(
 ) -> None:
     """Run every stage of an experiment config in order, reusing what matches, and write its report."""
     from probing.config import load_config
-    from probing.pipeline import describe, describe_plan, dry_run, run_config
+    from probing.pipeline import describe, describe_plan, planned_steps, run_config
 
     loaded = load_config(config, overrides=set_ or [], limit=limit)
     if dry_run:
-        for line in describe_plan(dry_run(loaded)):
+        for line in describe_plan(planned_steps(loaded)):
             typer.echo(line)
         return
     summary = run_config(loaded, say=typer.echo)

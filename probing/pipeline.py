@@ -425,7 +425,7 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
     return summary
 
 
-def dry_run(config: Config) -> list[PlannedStep]:
+def planned_steps(config: Config) -> list[PlannedStep]:
     """Every step `run_config` would take, in order, each reused or to run; nothing is written (the data of a
     store to extract is read, to count its examples, where it is already there)."""
     from probing.tasks import load_split
