@@ -196,7 +196,7 @@ def make_demo_data_command(
     "build-rcm",
     rich_help_panel=DATA_PANEL,
     epilog="Example: probing build-rcm --refs 'data/refcocog/refs(umd).p' "
-    " --instances data/refcocog/instances.json --out data/rcm",
+    "--instances data/refcocog/instances.json --out data/rcm",
 )
 def build_rcm_command(
     refs: Annotated[Path, typer.Option("--refs", help="RefCOCOg: REFER refs(umd).p")],
@@ -711,7 +711,7 @@ def dashboard_command(
 @app.command(
     "run",
     rich_help_panel=PIPELINE_PANEL,
-    epilog="Example: probing run experiments/table1.yaml --set data.vsr=/data/vsr  --limit 50 --dry-run",
+    epilog="Example: probing run experiments/table1.yaml --set data.vsr=/data/vsr --limit 50 --dry-run",
 )
 def run_command(
     config: Annotated[Path, typer.Argument(help="An experiment config (experiments/*.yaml).")],
@@ -726,7 +726,6 @@ def run_command(
     limit: Annotated[
         int | None,
         typer.Option(
-            min=1,
             help="Read only the first N examples of each split (a smoke run, in <workspace>/limit-N; "
             "recorded in every identity).",
         ),

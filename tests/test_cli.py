@@ -20,7 +20,7 @@ EVERY_COMMAND = [
 ]
 # The commands whose help is built without importing a stage module (their options are written in probing/cli.py).
 LIGHT_COMMANDS = [[], *[[name] for name in ("make-demo-data", "build-rcm", "tasks", "analyze", "plot", "report")]]
-LIGHT_COMMANDS += [[name] for name in ("dashboard", "run", "demo")]
+LIGHT_COMMANDS += [[name] for name in ("dashboard", "run", "demo")] + [["data"], ["data", "stats"]]
 HEAVY_MODULES = ("torch", "transformers")
 
 IMPORTED_HEAVY_MODULES = """

@@ -325,6 +325,7 @@ def test_set_overrides_fields_validated_as_the_file_is(capsys, tmp_path):
         (["name.x=1"], "--set name.x=1: config field 'name' is not a mapping"),
         (["search.trials"], "--set search.trials: expected KEY=VALUE (e.g. search.trials=3)"),
         (["device=[cpu"], "--set device=[cpu: line 1: not valid YAML"),
+        (["data.limit=0"], f"{path}: config field 'data.limit': must be >= 1, got 0"),
     ]:
         code, _, err = run_cli(capsys, "run", path, *[item for o in overrides for item in ("--set", o)], "--dry-run")
         assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
