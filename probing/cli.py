@@ -1,10 +1,14 @@
 """The `probing` command line: a thin typer layer over the typed stage functions.
 
 No logic lives here: each command parses options, builds its request and calls one function. The options of
-`extract`, `train` and `search` are derived from the request dataclasses' declarations (`probing.settings`),
-so an option exists exactly where its setting does. User errors (`ProbingError`) are printed as one line on
-stderr with exit status 2; `--verbose` (anywhere on the line) adds the traceback. Other exceptions are bugs:
-traceback and exit status 1.
+`extract`, `train`, `search`, `zeroshot`, `mdl` and `data stats` are derived from the request dataclasses'
+declarations (`probing.settings`), so an option exists exactly where its setting does. User errors
+(`ProbingError`) are printed as one line on stderr with exit status 2; `--verbose` (anywhere on the line) adds the
+traceback. Other exceptions are bugs: traceback and exit status 1.
+
+Importing this module imports neither torch nor transformers: `probing --help` lists every command from its name
+and one-line help, and a command's stage modules (and with them torch) are imported only when that command is run
+or its own `--help` is asked for (`_LazyCommand`). Keep module-level imports here light.
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+import typer.core
+import typer.main
 
 try:  # recent typer carries its own copy of click: its usage errors are these classes, not the click package's
     from typer._click import exceptions as usage_errors
@@ -27,19 +35,74 @@ except ImportError:  # typer releases built on the click package
 
 from probing.errors import ProbingError
 
+# The help panels commands and options are grouped into.
+DATA_PANEL = "Data"
+STAGES_PANEL = "Stages"
+RESULTS_PANEL = "Results"
+PIPELINE_PANEL = "Pipelines"
+
+# Old option spellings that still work, per command: each prints a one-line warning naming the new spelling.
+DEPRECATED_OPTIONS: dict[str, dict[str, str]] = {
+    "search": {"--batch": "--trials-per-batch", "--epochs": "--epoch-choices"},
+}
+
+
+class _LazyCommand(click.Command):
+    """A command that `probing --help` lists by its name, one-line help and panel alone; `build()` makes the real
+    command (importing its stage modules) only when it is run or its own help is asked for."""
+
+    def __init__(self, name: str, help_text: str, panel: str, build: Callable[[], click.Command]) -> None:
+        super().__init__(name, help=help_text)
+        self.rich_help_panel = panel
+        self.build = build
+
+
+class _ProbingGroup(typer.core.TyperGroup):
+    """The root group: builds a lazy command when it is resolved, and rewrites deprecated option spellings."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for name, (help_text, panel, build) in _LAZY_COMMANDS.items():
+            self.commands[name] = _LazyCommand(name, help_text, panel, build)
+        panels = [DATA_PANEL, STAGES_PANEL, RESULTS_PANEL, PIPELINE_PANEL]  # the order of the panels in the help
+        ordered = sorted(self.commands.items(), key=lambda item: panels.index(item[1].rich_help_panel))
+        self.commands = dict(ordered)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list]:
+        name, command_, rest = super().resolve_command(ctx, args)
+        if isinstance(command_, _LazyCommand):
+            command_ = self.commands[name] = command_.build()
+        return name, command_, _replace_deprecated(name, rest)
+
+
+def _replace_deprecated(command_name: str | None, args: list[str]) -> list[str]:
+    """`args` with each deprecated option spelling of the command replaced by its current one (a warning each)."""
+    renamed = DEPRECATED_OPTIONS.get(command_name or "", {})
+    replaced = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return replaced + args[index:]
+        flag, equals, value = arg.partition("=")
+        if flag in renamed:
+            print(f"warning: {command_name} {flag} is deprecated, use {renamed[flag]}", file=sys.stderr)
+            arg = renamed[flag] + equals + value
+        replaced.append(arg)
+    return replaced
+
+
+# name -> (one-line help, panel, builder) of the commands built on demand (registered below).
+_LAZY_COMMANDS: dict[str, tuple[str, str, Callable[[], click.Command]]] = {}
+
 app = typer.Typer(
     name="probing",
+    cls=_ProbingGroup,
     help="Probe whether a vision-and-language resampler (BLIP-2 / InstructBLIP Q-Former) encodes where things are.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Inspect datasets before a long run.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
 
 _VERBOSE = False
-
-TaskOption = Annotated[str, typer.Option("--task", help="A registered task (`probing tasks`) or a task YAML file.")]
 
 
 def _parameter(name: str, kind: Any, default: Any = ..., **option: Any):
@@ -67,6 +130,21 @@ def _check_out(values: dict[str, Any], *kinds: str, option: str = "--out") -> No
     check_output(values["out"], kinds, option=option, inputs=tuple(inputs))
 
 
+def _in_panel(parameters: list, panel: str) -> list:
+    """`parameters` (typer options) shown under `panel` in their command's help."""
+    for parameter in parameters:
+        parameter.annotation.__metadata__[0].rich_help_panel = panel
+    return parameters
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from probing.artifacts import code_version
+
+        typer.echo(f"probing {code_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logging.")] = False,
@@ -77,6 +155,9 @@ def _root(
             help="Trust the disk: read feature stores without checking their shards' SHA-256 "
             "(before the command: `probing --no-verify run ...`).",
         ),
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Probe whether a resampler's query outputs still encode where things are."""
@@ -90,7 +171,11 @@ def _root(
 # ------------------------------------------------------------------ commands
 
 
-@app.command("make-demo-data")
+@app.command(
+    "make-demo-data",
+    rich_help_panel=DATA_PANEL,
+    epilog="Example: probing make-demo-data data/demo",
+)
 def make_demo_data_command(
     out: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.")],
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -125,7 +210,12 @@ def make_demo_data_command(
     typer.echo(f"  vsr:      --vsr {options['vsr']['vsr']} --images {options['vsr']['images']}")
 
 
-@app.command("build-rcm")
+@app.command(
+    "build-rcm",
+    rich_help_panel=DATA_PANEL,
+    epilog="Example: probing build-rcm --refs 'data/refcocog/refs(umd).p' "
+    "--instances data/refcocog/instances.json --out data/rcm",
+)
 def build_rcm_command(
     refs: Annotated[Path, typer.Option("--refs", help="RefCOCOg: REFER refs(umd).p")],
     instances: Annotated[Path, typer.Option("--instances", help="RefCOCOg: COCO instances.json")],
@@ -146,7 +236,11 @@ def build_rcm_command(
         )
 
 
-@app.command("tasks")
+@app.command(
+    "tasks",
+    rich_help_panel=DATA_PANEL,
+    epilog="Example: probing tasks --json",
+)
 def tasks_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     task: Annotated[list[str] | None, typer.Option("--task", help="Also a task YAML file (repeatable).")] = None,
@@ -325,131 +419,239 @@ def _mdl(**values: Any) -> None:
     )
 
 
-def _register_derived_commands() -> None:
-    """extract, train, search, zeroshot and data stats: their options derived from the request declarations."""
-    from probing.data.types import DataOptions
-    from probing.extract import ExtractionRequest
-    from probing.models import ModelSource
-    from probing.probe_run import ProbeInputs
-    from probing.search import SearchSettings
-    from probing.search_space import SearchSpace
-    from probing.settings import cli_parameters, command
-    from probing.train import TrainSettings, Trial
-    from probing.zeroshot import ZeroShotSettings
+def _lazy(name: str, help_text: str, panel: str) -> Callable:
+    """Register the decorated builder of command `name` (listed with `help_text` under `panel`)."""
 
-    task = _parameter("task", str, help="A registered task (`probing tasks`) or a task YAML file.")
-    data = cli_parameters(DataOptions)
+    def register(build: Callable[[], click.Command]) -> Callable[[], click.Command]:
+        _LAZY_COMMANDS[name] = (help_text, panel, build)
+        return build
+
+    return register
+
+
+def _derived(name: str, parameters: list, body: Callable[..., None], example: str) -> click.Command:
+    """The click command `name` with derived `parameters` calling `body`, its help from `_LAZY_COMMANDS`."""
+    from probing.settings import command
+
+    single = typer.Typer()
+    command(single, name, parameters, body, _LAZY_COMMANDS[name][0])
+    built = typer.main.get_group(single).commands[name]
+    built.epilog = example
+    return built
+
+
+def built_command(name: str) -> click.Command:
+    """The click command (or group) `name` of `probing`, built if it is built on demand: for introspection."""
+    group = typer.main.get_command(app)
+    found = group.commands[name]
+    return found.build() if isinstance(found, _LazyCommand) else found
+
+
+def _task() -> list:
+    return [_parameter("task", str, help="A registered task (`probing tasks`) or a task YAML file.")]
+
+
+def _data_options() -> list:
+    from probing.data.types import DataOptions
+    from probing.settings import cli_parameters
+
+    return _in_panel(cli_parameters(DataOptions), DATA_PANEL)
+
+
+def _model_options(**selected: Any) -> list:
+    from probing.models import ModelSource
+    from probing.settings import cli_parameters
+
+    return _in_panel(cli_parameters(ModelSource, **selected), "Model")
+
+
+@_lazy("data", "Inspect datasets before a long run.", DATA_PANEL)
+def _build_data_group() -> click.Command:
+    data_app = typer.Typer(help=_LAZY_COMMANDS["data"][0], no_args_is_help=True)
+    stats = [
+        *_task(),
+        *_data_options(),
+        _parameter("split", list[str] | None, None, help="train | val | test ... (repeatable; default all)"),
+        _parameter("as_json", bool, False, flag="--json", help="Print one JSON object."),
+    ]
+    from probing.settings import command
+
     command(
         data_app,
         "stats",
-        [
-            task,
-            *data,
-            _parameter("split", list[str] | None, None, help="train | val | test ... (repeatable; default all)"),
-            _parameter("as_json", bool, False, flag="--json", help="Print one JSON object."),
-        ],
+        stats,
         _data_stats,
         "Per split: examples, images (existence checked, not decoded), missing images, per-category counts.",
     )
-    command(
-        app,
+    group = typer.main.get_group(data_app)
+    group.name = "data"
+    group.commands["stats"].epilog = "Example: probing data stats --task vsr --vsr data/vsr --images data/coco --json"
+    return group
+
+
+@_lazy("extract", "Store per-layer query outputs of one split (sharded safetensors, resumable).", STAGES_PANEL)
+def _build_extract() -> click.Command:
+    from probing.extract import ExtractionRequest
+    from probing.settings import cli_parameters
+
+    parameters = [
+        *_task(),
+        *_data_options(),
+        *cli_parameters(ExtractionRequest),  # the model source, the extraction settings and the store's label
+        _parameter("split", str, help="A split of the task: train | val | test ..."),
+        _parameter("out", Path, help="Feature store folder (resumed if it holds this request)"),
+    ]
+    return _derived(
         "extract",
-        [
-            task,
-            *data,
-            *cli_parameters(ExtractionRequest),  # the model source, the extraction settings and the store's label
-            _parameter("split", str, help="A split of the task: train | val | test ..."),
-            _parameter("out", Path, help="Feature store folder (resumed if it holds this request)"),
-        ],
+        parameters,
         _extract,
-        "Store per-layer query outputs of one split (sharded safetensors, resumable).",
+        "Example: probing extract --model blip2 --task vsr --vsr data/vsr --images data/coco --split train "
+        "--out features/blip2/vsr/train",
     )
-    run_options = [
-        task,
-        *data,
+
+
+def _probe_run_options() -> list:
+    from probing.probe_run import ProbeInputs
+    from probing.settings import cli_parameters
+
+    return [
+        *_task(),
+        *_data_options(),
         _parameter("layer", int, help="Q-Former layer to probe (1..12 for the real models)."),
         *cli_parameters(ProbeInputs),
-        *cli_parameters(ModelSource, optional=["model"]),
+        *_model_options(optional=["model"]),
     ]
-    command(
-        app,
+
+
+@_lazy(
+    "train",
+    "Train a probe on one layer (frozen on stored features, or unfrozen with the resampler); val and the task's "
+    "evaluated splits.",
+    STAGES_PANEL,
+)
+def _build_train() -> click.Command:
+    from probing.settings import cli_parameters
+    from probing.train import TrainSettings, Trial
+
+    parameters = [
+        *_probe_run_options(),
+        *_in_panel(cli_parameters(TrainSettings), "Training"),
+        *_in_panel(cli_parameters(Trial), "Hyper-parameters"),
+        _parameter("seeds", str, "0", help="Comma-separated seeds (initialisation); mean and std are reported."),
+        _parameter("out", Path, help="Run folder to write."),
+    ]
+    return _derived(
         "train",
-        [
-            *run_options,
-            *cli_parameters(TrainSettings),
-            *cli_parameters(Trial),
-            _parameter("seeds", str, "0", help="Comma-separated seeds (initialisation); mean and std are reported."),
-            _parameter("out", Path, help="Run folder to write."),
-        ],
+        parameters,
         _train,
-        "Train a probe on one layer (frozen on stored features, or unfrozen with the resampler); val and "
-        "the task's evaluated splits.",
+        "Example: probing train --task vsr --features features/blip2/vsr --layer 12 --lr 1e-4 --epochs 10 "
+        "--seeds 0,1,2 --out runs/blip2-vsr-12",
     )
-    command(
-        app,
+
+
+@_lazy(
+    "search", "Optuna (TPE) search of the probe's hyper-parameters; the best trial is evaluated on test.", STAGES_PANEL
+)
+def _build_search() -> click.Command:
+    from probing.search import SearchSettings
+    from probing.search_space import SearchSpace
+    from probing.settings import cli_parameters
+    from probing.train import TrainSettings
+
+    parameters = [
+        *_probe_run_options(),
+        *_in_panel(cli_parameters(TrainSettings, exclude=["order_seed"]), "Training"),
+        *_in_panel(cli_parameters(SearchSettings), "Search"),
+        *_in_panel(cli_parameters(SearchSpace, optional=["lr", "epochs"]), "Search space"),
+        _parameter("out", Path, help="Search folder to write (summary, trials, plots, best/)."),
+    ]
+    return _derived(
         "search",
-        [
-            *run_options,
-            *cli_parameters(TrainSettings, exclude=["order_seed"]),
-            *cli_parameters(SearchSettings),
-            *cli_parameters(SearchSpace, optional=["lr", "epochs"]),
-            _parameter("out", Path, help="Search folder to write (summary, trials, plots, best/)."),
-        ],
+        parameters,
         _search,
-        "Optuna (TPE) search of the probe's hyper-parameters; the best trial is evaluated on test.",
+        "Example: probing search --task vsr --features features/blip2/vsr --layer 12 --trials 10 "
+        "--trials-per-batch 10 --epoch-choices 3,5,10 --out searches/blip2-vsr-12",
     )
-    command(
-        app,
+
+
+@_lazy(
+    "zeroshot",
+    "The model answers without a probe (binary tasks): InstructBLIP prompted through its language model, or "
+    "BLIP-2's image-text matching head; written as a run folder.",
+    STAGES_PANEL,
+)
+def _build_zeroshot() -> click.Command:
+    from probing.settings import cli_parameters
+    from probing.zeroshot import ZeroShotSettings
+
+    parameters = [
+        *_task(),
+        *_data_options(),
+        *_model_options(exclude=["init", "init_seed", "base", "fill_from_base"]),
+        *cli_parameters(ZeroShotSettings),
+        _parameter("out", Path, help="Run folder to write."),
+    ]
+    return _derived(
         "zeroshot",
-        [
-            task,
-            *data,
-            *cli_parameters(ModelSource, exclude=["init", "init_seed", "base", "fill_from_base"]),
-            *cli_parameters(ZeroShotSettings),
-            _parameter("out", Path, help="Run folder to write."),
-        ],
+        parameters,
         _zeroshot,
-        "The model answers without a probe (binary tasks): InstructBLIP prompted through its language model, "
-        "or BLIP-2's image-text matching head; written as a run folder.",
+        "Example: probing zeroshot --task vsr --vsr data/vsr --images data/coco --model instructblip "
+        "--out runs/zeroshot-vsr",
     )
+
+
+@_lazy(
+    "mdl",
+    "MDL by the online code (Voita & Titov, 2020): codelength and compression of the train targets, prefix "
+    "probes trained in one batched pass.",
+    STAGES_PANEL,
+)
+def _build_mdl() -> click.Command:
     from probing.mdl import MdlRequest
+    from probing.settings import cli_parameters
+    from probing.train import TrainSettings, Trial
 
-    command(
-        app,
+    parameters = [
+        *_task(),
+        *_data_options(),
+        _parameter("layer", int, help="Q-Former layer to probe (1..12 for the real models)."),
+        *cli_parameters(MdlRequest),
+        *_in_panel(cli_parameters(TrainSettings), "Training"),
+        *_in_panel(cli_parameters(Trial, exclude=["logreg_c"], optional=["lr", "epochs"]), "Hyper-parameters"),
+        _parameter("seed", int, 0, help="Initialisation seed of every prefix's probe."),
+        _parameter(
+            "from_search", Path | None, None, help="Take lr, epochs and loss scales from this search's best trial."
+        ),
+        _parameter("out", Path, help="MDL folder to write (mdl.json, manifest.json)."),
+    ]
+    return _derived(
         "mdl",
-        [
-            task,
-            *data,
-            _parameter("layer", int, help="Q-Former layer to probe (1..12 for the real models)."),
-            *cli_parameters(MdlRequest),
-            *cli_parameters(TrainSettings),
-            *cli_parameters(Trial, exclude=["logreg_c"], optional=["lr", "epochs"]),
-            _parameter("seed", int, 0, help="Initialisation seed of every prefix's probe."),
-            _parameter(
-                "from_search", Path | None, None, help="Take lr, epochs and loss scales from this search's best trial."
-            ),
-            _parameter("out", Path, help="MDL folder to write (mdl.json, manifest.json)."),
-        ],
+        parameters,
         _mdl,
-        "MDL by the online code (Voita & Titov, 2020): codelength and compression of the train targets, "
-        "prefix probes trained in one batched pass.",
+        "Example: probing mdl --task vsr --features features/blip2/vsr --layer 12 "
+        "--from-search searches/blip2-vsr-12 --out mdl/blip2-vsr-12",
     )
 
 
-_register_derived_commands()
-
-
-def _register_annotate() -> None:
-    """`probing annotate serve | score | export` (the human baseline), a sub-app of its own module."""
+@_lazy(
+    "annotate",
+    "The human baseline: an annotation page for a binary task, its scores (accuracy, Fleiss' kappa) and its answers.",
+    RESULTS_PANEL,
+)
+def _build_annotate() -> click.Command:
+    """`probing annotate serve | score | export`, a sub-app of its own module."""
     from probing.annotate.commands import annotate_app
 
-    app.add_typer(annotate_app, name="annotate")
+    group = typer.main.get_group(annotate_app)
+    group.name = "annotate"
+    return group
 
 
-_register_annotate()
-
-
-@app.command("analyze")
+@app.command(
+    "analyze",
+    rich_help_panel=RESULTS_PANEL,
+    epilog="Example: probing analyze runs/blip2-vsr-12 --json",
+)
 def analyze_command(
     run: Annotated[Path, typer.Argument(help="A run folder (probing train) or a search folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -482,7 +684,11 @@ def analyze_command(
         typer.echo(SINGLE_CLASS_NOTE)
 
 
-@app.command("plot")
+@app.command(
+    "plot",
+    rich_help_panel=RESULTS_PANEL,
+    epilog="Example: probing plot reports/demo --out figures",
+)
 def plot_command(
     runs: Annotated[list[Path], typer.Argument(help="Run or search folders, or folders holding them.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the figures (PNG + SVG).")],
@@ -497,7 +703,11 @@ def plot_command(
     typer.echo(f"{len(written)} figure files in {out}")
 
 
-@app.command("report")
+@app.command(
+    "report",
+    rich_help_panel=RESULTS_PANEL,
+    epilog="Example: probing report reports/demo --out reports/demo-report --compare-paper",
+)
 def report_command(
     runs: Annotated[list[Path], typer.Argument(help="Run or search folders, or folders holding them.")],
     out: Annotated[Path, typer.Option("--out", help="Report folder (README.md, tables/, figures/).")],
@@ -518,7 +728,11 @@ def report_command(
     )
 
 
-@app.command("dashboard")
+@app.command(
+    "dashboard",
+    rich_help_panel=RESULTS_PANEL,
+    epilog="Example: probing dashboard reports/demo --port 8080",
+)
 def dashboard_command(
     paths: Annotated[list[Path], typer.Argument(help="A workspace, search folders or study.log files.")],
     storage: Annotated[
@@ -541,20 +755,52 @@ def dashboard_command(
     run_server(gathered, host=host, port=port)
 
 
-@app.command("run")
+@app.command(
+    "run",
+    rich_help_panel=PIPELINE_PANEL,
+    epilog="Example: probing run experiments/table1.yaml --set data.vsr=/data/vsr --limit 50 --dry-run",
+)
 def run_command(
     config: Annotated[Path, typer.Argument(help="An experiment config (experiments/*.yaml).")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="KEY=VALUE: set a config field (dotted path, a number picks a list entry; the value is YAML), "
+            "validated as the file is. Repeatable.",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Read only the first N examples of each split (a smoke run, in <workspace>/limit-N; "
+            "recorded in every identity).",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the steps (reused / to run, sizes) and write nothing.")
+    ] = False,
 ) -> None:
     """Run every stage of an experiment config in order, reusing what matches, and write its report."""
-    from probing.pipeline import describe, run_config_file
+    from probing.config import load_config
+    from probing.pipeline import describe, describe_plan, planned_steps, run_config
 
-    loaded, summary = run_config_file(config, say=typer.echo)
+    loaded = load_config(config, overrides=set_ or [], limit=limit)
+    if dry_run:
+        for line in describe_plan(planned_steps(loaded)):
+            typer.echo(line)
+        return
+    summary = run_config(loaded, say=typer.echo)
     for line in describe(summary):
         typer.echo(f"  {line}")
     typer.echo(f"report: {summary.report / 'README.md'}")
 
 
-@app.command("demo")
+@app.command(
+    "demo",
+    rich_help_panel=PIPELINE_PANEL,
+    epilog="Example: probing demo --out reports/demo",
+)
 def demo_command(
     out: Annotated[Path | None, typer.Option(help="Workspace for the demo (default reports/demo).")] = None,
     refcocog_images: Annotated[int | None, typer.Option(help="Demo RefCOCOg images (fewer: a quicker check).")] = None,

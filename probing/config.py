@@ -8,9 +8,11 @@ so configs that share a workspace share their artifacts (table2.yaml reuses tabl
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -417,13 +419,110 @@ def config_from_dict(data: Any, check_paths: bool = True) -> Config:
     return check(from_dict(Config, data), paths=check_paths)
 
 
-def load_config(path: Path | str, check_paths: bool = True) -> Config:
-    """Read and validate a YAML experiment config (`check_paths=False`: structure only)."""
+INCLUDE = "include"  # a config's top-level key naming files whose sections it shares (`read_config_data`)
+
+
+def read_config_data(path: Path | str, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its `include:` files merged in: each included file (a path, or a list of them,
+    relative to the including file) gives the sections the file does not; a section both give is merged key by
+    key, the including file winning. A missing file and an include cycle are one line naming the files."""
     from probing.yaml_files import read_yaml
 
     path = Path(path)
-    data, _ = read_yaml(path)
+    prefix = f"{_including[-1]}: include: " if _including else ""
+    data, _ = read_yaml(path, prefix)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProbingError(f"{path}: config field 'top level': expected a mapping, got {shown(data)}")
+    includes = data.pop(INCLUDE, [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(item, str) for item in includes):
+        raise ProbingError(
+            f"{path}: config field '{INCLUDE}': expected a path or a list of paths, got {shown(includes)}"
+        )
+    chain = (*_including, path.resolve())
+    merged: dict[str, Any] = {}
+    for item in includes:
+        included = path.parent / item
+        if included.resolve() in chain:
+            cycle = " -> ".join(str(step) for step in (*chain, included.resolve()))
+            raise ProbingError(f"{path}: include: {item}: an include cycle ({cycle})")
+        merged = _merged(merged, read_config_data(included, chain))
+    return _merged(merged, data)
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override`'s keys: mappings merged key by key, anything else replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`data` with each `KEY=VALUE` of `overrides` set (`probing run --set`): KEY a dotted path of config fields (a
+    number picks an entry of a list: `experiments.0.search.trials=3`), VALUE read as YAML (`[1, 2]`, `true`, a
+    path). The result is validated as the file is, so an unknown field is named there."""
+    from probing.yaml_files import parse_yaml
+
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, equals, text = override.partition("=")
+        where = f"--set {override}"
+        if not equals or not key.strip():
+            raise ProbingError(f"{where}: expected KEY=VALUE (e.g. search.trials=3)")
+        value, _ = parse_yaml(text, where)
+        parts = key.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            field_path = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ProbingError(
+                        f"{where}: config field '{field_path}': no entry {part} (the list has {len(node)})"
+                    )
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ProbingError(f"{where}: config field '{'.'.join(parts[:depth])}' is not a mapping")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+    return data
+
+
+def limited(config: Config) -> Config:
+    """A config with `data.limit` runs in `<workspace>/limit-<N>` (its report in `<report.out>-limit-<N>` when
+    one is given): a smoke run's stores, searches and report never stand in a full run's folders."""
+    limit = config.data.limit
+    if limit is None:
+        return config
+    report = config.report
+    if report.out is not None:
+        report = dataclasses.replace(report, out=report.out.with_name(f"{report.out.name}-limit-{limit}"))
+    return dataclasses.replace(config, workspace=config.workspace / f"limit-{limit}", report=report)
+
+
+def load_config(
+    path: Path | str, check_paths: bool = True, overrides: Sequence[str] = (), limit: int | None = None
+) -> Config:
+    """Read and validate a YAML experiment config (`check_paths=False`: structure only), its `include:` files
+    merged in, `overrides` (`KEY=VALUE`, `probing run --set`) applied and `limit` (`probing run --limit`) set as
+    `data.limit`; a limited config runs in its own folders (`limited`)."""
+    path = Path(path)
+    data = read_config_data(path)
+    if limit is not None:
+        overrides = [*overrides, f"data.limit={limit}"]
+    data = apply_overrides(data, overrides)
     try:
-        return config_from_dict(data, check_paths)
+        return limited(config_from_dict(data, check_paths))
     except ProbingError as error:
         raise ProbingError(f"{path}: {error}") from None

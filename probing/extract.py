@@ -372,6 +372,8 @@ def _extract_claimed(
     state.wait_for_everyone()
     if state.is_main_process:
         recorded = {key: str(Path(value).resolve()) for key, value in request.data.given().items()}
+        if request.data.limit is not None:  # the targets of a limited store are the same first examples
+            recorded["limit"] = request.data.limit
         writer.finish(
             len(shards),
             {

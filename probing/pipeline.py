@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from probing.artifacts import removed_when_refused
+from probing.artifacts import read_manifest, removed_when_refused
 from probing.config import ZERO_SHOT, Config, Experiment, search_space
 from probing.data.rcm import build_rcm
 from probing.data.synthetic import demo_data_options, make_demo_data
@@ -49,6 +49,29 @@ from probing.settings import applies
 from probing.tasks import TaskSpec, get_task, load_split
 from probing.train import TrainSettings, Trial
 from probing.zeroshot import ZeroShotRequest, run_zeroshot
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One step of a dry run (`probing run --dry-run`): what it writes, whether a finished output is there to
+    reuse (its folder holds a manifest; whether that manifest matches is checked when the step runs), and its
+    size where known (on disk for a reused output; examples to read or trials to run otherwise)."""
+
+    stage: str
+    what: str
+    out: Path
+    reused: bool
+    size: str = ""
+
+    @classmethod
+    def of(cls, stage: str, what: str, out: Path, size: str = "") -> PlannedStep:
+        reused = read_manifest(out) is not None
+        return cls(stage, what, out, reused, _disk_size(out) if reused else size)
+
+
+def _disk_size(folder: Path) -> str:
+    total = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+    return f"{total / 1e6:.1f} MB on disk"
 
 
 @dataclass(frozen=True)
@@ -88,34 +111,47 @@ def _tasks(config: Config) -> dict[str, TaskSpec]:
     return {task: get_task(task) for experiment in config.experiments for task in experiment.tasks}
 
 
-def _data_options(config: Config, summary: RunSummary, say: Callable[[str], None]) -> dict[str, DataOptions]:
-    """Task reference -> the data options its reader needs (the demo dataset and RCM written when asked)."""
+def _data_options(
+    config: Config, summary: RunSummary, say: Callable[[str], None], steps: list[PlannedStep] | None = None
+) -> dict[str, DataOptions]:
+    """Task reference -> the data options its reader needs (the demo dataset and RCM written when asked; with
+    `steps`, a dry run, only planned there)."""
     data = config.data
     paths = {name: getattr(data, name) for name in ("images", "refs", "instances", "vsr", "rcm")}
     tasks = _tasks(config)
     if data.demo is not None:
         folder = config.workspace / "data"
-        say(f"demo dataset -> {folder}")
-        summary.count(
-            "data",
-            make_demo_data(
-                folder, seed=data.demo.seed, refcocog_images=data.demo.refcocog_images, vsr_images=data.demo.vsr_images
-            ),
-        )
+        if steps is not None:
+            steps.append(PlannedStep.of("data", "demo dataset", folder))
+        else:
+            say(f"demo dataset -> {folder}")
+            demo = data.demo
+            summary.count(
+                "data",
+                make_demo_data(
+                    folder, seed=demo.seed, refcocog_images=demo.refcocog_images, vsr_images=demo.vsr_images
+                ),
+            )
         demo = demo_data_options(folder)
         paths = {**demo["refcocog"], "vsr": demo["vsr"]["vsr"], "rcm": None}
     if paths["rcm"] is None and any("rcm" in spec.reader.options for spec in tasks.values()):
         paths["rcm"] = config.workspace / "rcm"
-        say(f"Region Cell Matching -> {paths['rcm']}")
-        summary.count("rcm", build_rcm(paths["refs"], paths["instances"], paths["rcm"], seed=data.rcm_seed))
+        if steps is not None:
+            steps.append(PlannedStep.of("rcm", "Region Cell Matching", paths["rcm"]))
+        else:
+            say(f"Region Cell Matching -> {paths['rcm']}")
+            summary.count("rcm", build_rcm(paths["refs"], paths["instances"], paths["rcm"], seed=data.rcm_seed))
     return {
-        task: DataOptions(task=task, **{name: paths[name] for name in spec.reader.options})
+        task: DataOptions(task=task, limit=data.limit, **{name: paths[name] for name in spec.reader.options})
         for task, spec in tasks.items()
     }
 
 
-def _models(config: Config, summary: RunSummary, say: Callable[[str], None]) -> dict[str, ModelSource]:
-    """Label -> the model source to load (tiny checkpoints written into the workspace)."""
+def _models(
+    config: Config, summary: RunSummary, say: Callable[[str], None], steps: list[PlannedStep] | None = None
+) -> dict[str, ModelSource]:
+    """Label -> the model source to load (tiny checkpoints written into the workspace; with `steps`, a dry run,
+    only planned there)."""
     sources = {}
     used = {label for experiment in config.experiments for label in experiment.models}
     for label in sorted(used):
@@ -123,12 +159,32 @@ def _models(config: Config, summary: RunSummary, say: Callable[[str], None]) -> 
         source = ModelSource(**{f.name: getattr(entry, f.name) for f in fields(ModelSource)})
         if entry.tiny is not None:
             folder = config.workspace / "models" / f"tiny-{entry.tiny}"
-            if str(folder) not in {source.model for source in sources.values()}:  # one checkpoint, several labels
-                say(f"tiny random {entry.tiny} checkpoint -> {folder.relative_to(config.workspace)} (in the workspace)")
-                summary.count("models", ensure_checkpoint(folder, entry.tiny))
+            if steps is None:
+                if str(folder) not in {source.model for source in sources.values()}:  # one checkpoint, several labels
+                    where = folder.relative_to(config.workspace)
+                    say(f"tiny random {entry.tiny} checkpoint -> {where} (in the workspace)")
+                    summary.count("models", ensure_checkpoint(folder, entry.tiny))
+            elif not any(step.out == folder for step in steps):
+                steps.append(PlannedStep.of("models", f"tiny random {entry.tiny} checkpoint", folder))
             source = replace(source, model=str(folder))
         sources[label] = source
     return sources
+
+
+def _planned_depths(config: Config, sources: dict[str, ModelSource]) -> dict[str, int]:
+    """`model_depths` for a dry run: a tiny checkpoint not written yet is counted from the config it will have."""
+    from probing.models.registry import family_for_config
+    from probing.models.tiny import build_config
+
+    depths = {}
+    for label, source in sources.items():
+        tiny = config.models[label].tiny
+        if tiny is not None and not (Path(source.model) / "config.json").is_file():
+            planned = build_config(tiny, "tiny", vocab_size=1000)  # the vocabulary does not change the depth
+            depths[label] = family_for_config(planned, source.model, tiny).resampler.layers_in(planned)
+        else:
+            depths[label] = qformer_layers(source)
+    return depths
 
 
 def model_depths(sources: dict[str, ModelSource]) -> dict[str, int]:
@@ -427,13 +483,70 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
     return summary
 
 
+def planned_steps(config: Config) -> list[PlannedStep]:
+    """Every step `run_config` would take, in order, each reused or to run; nothing is written (the data of a
+    store to extract is read, to count its examples, where it is already there)."""
+    from probing.tasks import load_split
+
+    steps: list[PlannedStep] = []
+    summary = RunSummary()
+    options = _data_options(config, summary, print, steps)
+    sources = _models(config, summary, print, steps)
+    depth = _planned_depths(config, sources)
+    units = plan(config, depth)
+    stores = {}
+    for (label, examples), requests in store_requests(config, units, options, sources, depth).items():
+        for request in requests:
+            size = ""
+            if all(path.exists() for path in request.data.given().values()):
+                size = f"{len(load_split(request.data, request.split).examples)} examples"
+            vision = " + ViT outputs" if request.store_vision else ""
+            what = f"features {label} {examples} {request.split} layers {list(request.layers)}{vision}"
+            steps.append(PlannedStep.of("features", what, request.out, size))
+        stores[(label, examples)] = requests[0].out.parent
+    for unit in units:
+        if unit.mode == ZERO_SHOT:
+            request = zeroshot_request(config, unit, sources, options, progress=False)
+            what = f"zero-shot {unit.experiment.name}: {unit.model} {unit.spec.name}"
+            steps.append(PlannedStep.of("zero-shot runs", what, request.out))
+            continue
+        request = search_request(config, unit, sources, options, stores[(unit.model, unit.spec.examples_name)])
+        control = " (control task)" if unit.control else ""
+        what = f"search {unit.experiment.name}: {unit.model} {unit.spec.name} {unit.mode} layer {unit.layer} "
+        steps.append(PlannedStep.of("searches", what + unit.probe + control, request.out, f"{request.trials} trials"))
+        if unit.experiment.mdl and unit.mode == "frozen":
+            out = request.out.with_name(request.out.name + "-mdl")
+            steps.append(PlannedStep.of("mdl", f"mdl {unit.experiment.name}: {unit.model} {unit.spec.name}", out))
+    steps.append(PlannedStep(RESULTS_STAGE, "report", config.report_dir, reused=False))
+    return steps
+
+
+RESULTS_STAGE = "report"  # written again by every run, from the searches' outputs
+
+
+def describe_plan(steps: list[PlannedStep]) -> list[str]:
+    """The dry run as a table: status, stage, what, size, folder; then the count to run and reused."""
+    rows = [("status", "stage", "what", "size", "folder")]
+    rows += [("reused" if s.reused else "to run", s.stage, s.what, s.size, str(s.out)) for s in steps]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        for row in rows
+    ]
+    reused = sum(step.reused for step in steps)
+    lines.append(f"{len(steps) - reused} step(s) to run, {reused} reused; nothing was written (--dry-run)")
+    return lines
+
+
 def describe(summary: RunSummary) -> list[str]:
     stages = sorted(set(summary.built) | set(summary.reused))
     return [f"{stage}: {summary.built.get(stage, 0)} built, {summary.reused.get(stage, 0)} reused" for stage in stages]
 
 
-def run_config_file(path: Path, say: Callable[[str], None] = print) -> tuple[Config, RunSummary]:
+def run_config_file(
+    path: Path, say: Callable[[str], None] = print, overrides: Sequence[str] = (), limit: int | None = None
+) -> tuple[Config, RunSummary]:
     from probing.config import load_config
 
-    config = load_config(path)
+    config = load_config(path, overrides=overrides, limit=limit)
     return config, run_config(config, say)

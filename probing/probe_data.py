@@ -26,7 +26,7 @@ def data_options_from(store: FeatureStore) -> DataOptions:
     recorded = store.manifest.get("data_options")
     if not recorded:
         raise ProbingError(f"{store.path}: the manifest does not say where its data is; pass the data options")
-    return DataOptions(**{k: (v if k == "task" else Path(v)) for k, v in recorded.items()})
+    return DataOptions(**{k: (v if k in ("task", "limit") else Path(v)) for k, v in recorded.items()})
 
 
 def open_store(path: Path, spec: TaskSpec, split: str, layer: int) -> FeatureStore:

@@ -104,7 +104,9 @@ class SearchSettings:
     """How a search runs: the `search` section of a config's experiment and the options of `probing search`."""
 
     trials: int = setting(10, identity=True, low=1, help="Trials to finish (shared by every worker of a study).")
-    batch: int = setting(8, identity=True, low=1, help="Frozen: trials trained together in one pass.")
+    batch: int = setting(
+        8, identity=True, low=1, cli="--trials-per-batch", help="Frozen: trials trained together in one pass."
+    )
     seed: int = setting(0, identity=True, low=0, help="Seed of the sampler and of every trial's probe.")
     final_seeds: tuple[int, ...] | None = setting(
         None,

@@ -34,6 +34,7 @@ class SearchSpace:
     )
     epochs: tuple[int, ...] = setting(
         (20, 30, 40),
+        cli="--epoch-choices",  # --epochs is one number of epochs in train and mdl
         low=1,
         parse=comma_separated(int),
         applies=SGD_PROBES,

@@ -67,7 +67,7 @@ class World:
 
     def search_args(self, out: Path, *extra) -> list:
         options = ["--task", "refcocog", "--features", self.features, "--layer", "1"]
-        return ["search", *options, "--trials", "1", "--epochs", "1", "--out", out, *extra]
+        return ["search", *options, "--trials", "1", "--epoch-choices", "1", "--out", out, *extra]
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,107 @@ from conftest import run_cli, small_refer_dataset
 
 from probing.data.synthetic import SUPERCATEGORIES
 
+EVERY_COMMAND = [
+    *[[name] for name in ("make-demo-data", "build-rcm", "tasks", "extract", "train", "search", "zeroshot", "mdl")],
+    *[[name] for name in ("analyze", "plot", "report", "dashboard", "run", "demo")],
+    ["data"],
+    ["data", "stats"],
+    ["annotate"],
+    *[["annotate", name] for name in ("serve", "score", "export")],
+]
+# The commands whose help is built without importing a stage module (their options are written in probing/cli.py).
+LIGHT_COMMANDS = [[], *[[name] for name in ("make-demo-data", "build-rcm", "tasks", "analyze", "plot", "report")]]
+LIGHT_COMMANDS += [[name] for name in ("dashboard", "run", "demo")] + [["data"], ["data", "stats"]]
+HEAVY_MODULES = ("torch", "transformers")
 
-@pytest.mark.parametrize("command", [[], ["make-demo-data"], ["build-rcm"], ["data"], ["data", "stats"], ["demo"]])
+IMPORTED_HEAVY_MODULES = """
+import sys
+from probing.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted(name for name in sys.modules if name.split(".")[0] in {heavy!r}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", [[], *EVERY_COMMAND])
 def test_help_on_every_command(capsys, command):
     code, out, _ = run_cli(capsys, *command, "--help")
-    assert code == 0 and "Usage: probing" in out
+    assert code == 0 and f"Usage: probing {' '.join(command)}".rstrip() in out
+    if command and command[0] not in ("data", "annotate"):
+        assert "Example: probing " + command[0] in " ".join(out.split())  # the epilog, whatever the wrapping
+
+
+def test_importing_the_cli_imports_neither_torch_nor_transformers():
+    """A fresh interpreter: `import probing.cli` (what every `probing` call does first) stays light."""
+    script = f"import sys, probing.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_MODULES!r}))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", LIGHT_COMMANDS)
+def test_help_of_the_root_and_light_commands_imports_no_torch(command):
+    """What makes `probing --help` fast, and cannot flake: torch and transformers are never imported for it."""
+    script = IMPORTED_HEAVY_MODULES.format(heavy=HEAVY_MODULES)
+    result = subprocess.run([sys.executable, "-c", script, *command, "--help"], capture_output=True, text=True)
+    assert "Usage: probing" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_root_help_time():
+    """`probing --help` in a fresh interpreter. The target is 1 s; the bound leaves room for a loaded machine (the
+    module check above is the exact one)."""
+    import time
+
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "probing", "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0 and "Stages" in result.stdout
+    assert elapsed < 2.5, f"probing --help took {elapsed:.2f} s"
+
+
+def test_version(capsys):
+    from probing.artifacts import code_version
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out == f"probing {code_version()}\n"
+
+
+def test_the_help_groups_commands_and_options_into_panels(capsys):
+    _, out, _ = run_cli(capsys, "--help")
+    panels = [line.split("─ ")[1].split(" ─")[0] for line in out.splitlines() if line.startswith("╭─ ")]
+    assert panels == ["Options", "Data", "Stages", "Results", "Pipelines"]
+    _, out, _ = run_cli(capsys, "search", "--help")
+    panels = [line.split("─ ")[1].split(" ─")[0] for line in out.splitlines() if line.startswith("╭─ ")]
+    assert panels == ["Options", "Data", "Model", "Training", "Search", "Search space"]
+
+
+def test_deprecated_option_spellings_still_work_with_a_warning(capsys):
+    from probing.cli import _replace_deprecated
+
+    args = ["--batch", "4", "--epochs=3,5", "--trials", "2", "--", "--batch"]
+    assert _replace_deprecated("search", args) == [
+        "--trials-per-batch",
+        "4",
+        "--epoch-choices=3,5",
+        "--trials",
+        "2",
+    ] + [
+        "--",
+        "--batch",
+    ]
+    assert capsys.readouterr().err == (
+        "warning: search --batch is deprecated, use --trials-per-batch\n"
+        "warning: search --epochs is deprecated, use --epoch-choices\n"
+    )
+    assert _replace_deprecated("train", ["--epochs", "3"]) == ["--epochs", "3"]  # train's --epochs is current
+    code, _, err = run_cli(capsys, "search", "--batch", "0", "--task", "vsr", "--layer", "1", "--out", "x")
+    assert code == 2  # --batch reached the search as --trials-per-batch and was checked there
+    assert err.splitlines() == [
+        "warning: search --batch is deprecated, use --trials-per-batch",
+        "error: --trials-per-batch: must be >= 1, got 0",
+    ]
 
 
 def test_console_script_and_module_entry_points_exist():

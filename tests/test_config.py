@@ -244,3 +244,148 @@ def test_configs_sharing_a_workspace_reuse_features_and_runs(tmp_path, tiny_chec
     assert code == 0, err
     assert "features: 0 built, 3 reused" in out and "searches: 0 built, 1 reused" in out
     assert [p.name for p in (tmp_path / "w" / "features" / "BLIP-2 (tiny)" / "vsr").iterdir()] == ["layers-4-vision"]
+
+
+# ---------------------------------------------------------------- include:, --set, --limit, --dry-run
+
+
+def test_paper_configs_include_one_data_section():
+    expected = yaml.safe_load((ROOT / "experiments" / "data.yaml").read_text())["data"]
+    for name in [*PAPER_CONFIGS, "appendix_c", "rigor"]:
+        text = (ROOT / "experiments" / f"{name}.yaml").read_text()
+        assert "\ndata:" not in text and "\ninclude: data.yaml" in text, name
+        data = load_config(ROOT / "experiments" / f"{name}.yaml", check_paths=False).data
+        assert {key: str(getattr(data, key)) for key in expected} == expected, name
+
+
+def small_config(tmp_path) -> dict:
+    return {
+        "name": "t",
+        "workspace": str(tmp_path / "w"),
+        "models": {"m": {"model": "blip2"}},
+        "experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"]}],
+    }
+
+
+def test_an_include_is_read_relative_to_its_file_and_merged_key_by_key(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data.yaml").write_text("data: {images: data/coco, vsr: data/vsr}\ndevice: cpu\n")
+    (tmp_path / "configs").mkdir()
+    config = small_config(tmp_path) | {"include": "../shared/data.yaml", "data": {"vsr": "elsewhere/vsr"}}
+    path = tmp_path / "configs" / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path, check_paths=False)
+    assert (loaded.data.images, loaded.data.vsr, loaded.device) == (Path("data/coco"), Path("elsewhere/vsr"), "cpu")
+
+
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ({"c.yaml": {"include": "absent.yaml"}}, "{c}: include: {root}/absent.yaml: file not found"),
+        (
+            {"c.yaml": {"include": ["a.yaml"]}, "a.yaml": {"include": "c.yaml"}},
+            "{a}: include: c.yaml: an include cycle ({c} -> {a} -> {c})",
+        ),
+        ({"c.yaml": {"include": "c.yaml"}}, "{c}: include: c.yaml: an include cycle ({c} -> {c})"),
+        ({"c.yaml": {"include": 3}}, "{c}: config field 'include': expected a path or a list of paths, got 3"),
+    ],
+)
+def test_include_errors_are_one_line(capsys, tmp_path, files, message):
+    for name, content in files.items():
+        body = (small_config(tmp_path) | {"data": {"images": ".", "vsr": "."}}) if name == "c.yaml" else {}
+        (tmp_path / name).write_text(yaml.safe_dump(body | content))
+    code, _, err = run_cli(capsys, "run", tmp_path / "c.yaml", "--dry-run")
+    names = {"c": tmp_path / "c.yaml", "a": tmp_path / "a.yaml", "root": tmp_path}
+    assert (code, err) == (2, f"error: {message.format(**names)}\n")
+    assert not (tmp_path / "w").exists()
+
+
+def test_set_overrides_fields_validated_as_the_file_is(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(small_config(tmp_path) | {"data": {"images": ".", "vsr": "."}}))
+    loaded = load_config(
+        path,
+        overrides=["experiments.0.search.trials=3", "experiments.0.layers=[1, 2]", "data.vsr=other", "device=cpu"],
+        check_paths=False,
+    )
+    experiment = loaded.experiments[0]
+    assert (experiment.search.trials, experiment.layers, loaded.data.vsr, loaded.device) == (
+        3,
+        [1, 2],
+        Path("other"),
+        "cpu",
+    )
+    for overrides, message in [
+        (["data.vsrr=x"], f"{path}: config field 'data.vsrr': unknown field (allowed: images, refs, "),
+        (
+            ["experiments.0.search.trials=0"],
+            f"{path}: config field 'experiments[0].search.trials': must be >= 1, got 0",
+        ),
+        (["experiments.3.layers=last"], "--set experiments.3.layers=last: config field 'experiments.3': no entry 3"),
+        (["name.x=1"], "--set name.x=1: config field 'name' is not a mapping"),
+        (["search.trials"], "--set search.trials: expected KEY=VALUE (e.g. search.trials=3)"),
+        (["device=[cpu"], "--set device=[cpu: line 1: not valid YAML"),
+        (["data.limit=0"], f"{path}: config field 'data.limit': must be >= 1, got 0"),
+    ]:
+        code, _, err = run_cli(capsys, "run", path, *[item for o in overrides for item in ("--set", o)], "--dry-run")
+        assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_limit_dry_run_and_reuse(capsys, tmp_path, tiny_checkpoints):
+    """A limited run: its own workspace folder, the limit in every data fingerprint; the dry run lists it as to run
+    before and as reused after, writing nothing; the full run's dry run reuses none of it."""
+    from probing.data.types import DataOptions
+    from probing.features import FeatureStore
+    from probing.tasks import load_split
+
+    config = {
+        "name": "small",
+        "workspace": str(tmp_path / "w"),
+        "models": {"BLIP-2 (tiny)": {"model": str(tiny_checkpoints["blip2"])}},
+        "data": {"demo": {"refcocog_images": 160, "vsr_images": 60}},
+        "experiments": [
+            {
+                "name": "frozen",
+                "tasks": ["vsr"],
+                "models": ["BLIP-2 (tiny)"],
+                "search": {"trials": 1, "batch": 1, "space": {"vsr": {"epochs": [1]}}},
+            }
+        ],
+        "device": "cpu",
+    }
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(capsys, "run", path, "--limit", "12", "--dry-run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["status", "stage", "what", "size", "folder"]
+    assert [line.split()[:3] for line in lines[1:-1]] == [
+        ["to", "run", "data"],
+        *[["to", "run", "features"]] * 3,
+        ["to", "run", "searches"],
+        ["to", "run", "report"],
+    ]
+    assert lines[-1] == "6 step(s) to run, 0 reused; nothing was written (--dry-run)"
+    assert "1 trials" in lines[5] and str(tmp_path / "w" / "limit-12" / "runs" / "frozen") in lines[5]
+    assert not (tmp_path / "w").exists()
+
+    code, out, err = run_cli(capsys, "run", path, "--limit", "12")
+    assert code == 0, err
+    assert "features: 3 built, 0 reused" in out and "searches: 1 built, 0 reused" in out
+    store = FeatureStore(tmp_path / "w" / "limit-12" / "features" / "BLIP-2 (tiny)" / "vsr" / "layers-4" / "train")
+    options = DataOptions(
+        task="vsr", **{k: Path(v) for k, v in store.manifest["data_options"].items() if k != "task" and k != "limit"}
+    )
+    limited, full = load_split(DataOptions(**{**vars(options), "limit": 12}), "train"), load_split(options, "train")
+    assert len(store) == 12 == len(limited.examples) < len(full.examples)
+    assert limited.examples == full.examples[:12]
+    assert store.manifest["request"]["dataset_fingerprint"] == limited.fingerprint != full.fingerprint
+
+    code, out, err = run_cli(capsys, "run", path, "--limit", "12", "--dry-run")
+    assert code == 0, err
+    statuses = [line.split()[0] for line in out.splitlines()[1:-1]]
+    assert statuses == ["reused"] * 5 + ["to"]  # the report is written again by every run
+    assert " MB on disk" in out.splitlines()[2]
+    code, out, err = run_cli(capsys, "run", path, "--dry-run")  # the full run: nothing of the limited one
+    assert code == 0 and out.splitlines()[-1] == "6 step(s) to run, 0 reused; nothing was written (--dry-run)"

@@ -248,14 +248,11 @@ def test_trial_settings_from_the_command_line_and_a_config(capsys, monkeypatch, 
 
 def test_options_and_config_fields_follow_the_declarations(capsys):
     """Each declared command-line field is an option of its commands, each config-settable one a config field."""
-    from probing.cli import app
+    from probing.cli import built_command
     from probing.config import SearchConfig, TrainConfig
 
     def options_of(command: str) -> set[str]:
-        import typer.main
-
-        group = typer.main.get_command(app)
-        return {opt for param in group.commands[command].params for opt in param.opts}
+        return {opt for param in built_command(command).params for opt in param.opts}
 
     for command, classes in (
         ("extract", (ExtractionSettings, ModelSource, DataOptions)),

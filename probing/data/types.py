@@ -56,10 +56,19 @@ class DataOptions:
     instances: Path | None = setting(None, help="REFER tasks: COCO instances.json")
     vsr: Path | None = setting(None, help="VSR: folder with train.jsonl, dev.jsonl, test.jsonl")
     rcm: Path | None = setting(None, help="RCM: folder written by `probing build-rcm`")
+    # Not an identity field of its own: a limit is folded into each split's data fingerprint (`load_split`), which
+    # every stage records and checks, so a limited output is never taken for a full one (nor the reverse).
+    limit: int | None = setting(
+        None, low=1, help="Read only the first N examples of each split (a quick smoke run).", show_default=False
+    )
 
     def given(self) -> dict[str, Path]:
         """The path options that are set, by name."""
-        return {name: Path(value) for name, value in vars(self).items() if name != "task" and value is not None}
+        return {
+            name: Path(value)
+            for name, value in vars(self).items()
+            if name not in ("task", "limit") and value is not None
+        }
 
 
 @dataclass(frozen=True)

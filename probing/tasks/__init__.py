@@ -83,12 +83,11 @@ def task_reference(reference: str | None) -> str | None:
     return reference
 
 
-def dataset_fingerprint(task: str, split: str, sources: dict[str, str]) -> str:
-    """A hash of what defines a split's examples: task, split, loader version, input files' hashes."""
-    payload = json.dumps(
-        {"task": task, "split": split, "loader_format_version": LOADER_FORMAT_VERSION, "sources": sources},
-        sort_keys=True,
-    )
+def dataset_fingerprint(task: str, split: str, sources: dict[str, str], limit: int | None = None) -> str:
+    """A hash of what defines a split's examples: task, split, loader version, input files' hashes, and the limit
+    to the first examples when there is one (left out otherwise, so that unlimited fingerprints stay as they were)."""
+    fields = {"task": task, "split": split, "loader_format_version": LOADER_FORMAT_VERSION, "sources": sources}
+    payload = json.dumps(fields | ({"limit": limit} if limit is not None else {}), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -98,11 +97,13 @@ def load_split(options: DataOptions, split: str) -> SplitData:
     spec.check_options(options)
     split = spec.check_split(split)
     examples = spec.reader.read(options, split)
+    if options.limit is not None:
+        examples = examples[: options.limit]
     sources = {name: sha256_file(path) for name, path in spec.reader.sources(options, split).items()}
     return SplitData(
         task=spec.examples_name,
         split=split,
         examples=examples,
-        fingerprint=dataset_fingerprint(spec.examples_name, split, sources),
+        fingerprint=dataset_fingerprint(spec.examples_name, split, sources, options.limit),
         sources=sources,
     )
