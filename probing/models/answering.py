@@ -34,6 +34,7 @@ import torch
 
 from probing.artifacts import sha256_file
 from probing.errors import ProbingError
+from probing.models.base import DTYPES
 from probing.models.checkpoint import CheckpointSource
 from probing.models.loading import (
     LLM_TOKENIZER_FILES,
@@ -48,7 +49,6 @@ from probing.records import ITM_HEAD, ZERO_SHOT_PROMPT
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TEXT_FIELD = "{text}"  # where a prompt template takes the example's caption
 # InstructBLIP's template for short answers ("Question: {} Short answer:", the one its authors evaluate
 # short-answer VQA with), holding the caption as a yes/no question; the wording of the question follows
