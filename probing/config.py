@@ -37,7 +37,7 @@ class ModelEntry(ModelSource):
     """A model under a report label: a `ModelSource` (alias, Hub id, local folder or LAVIS .pth in `model`), or
     a tiny random checkpoint of a family written into the workspace (`tiny`)."""
 
-    tiny: Literal["blip2", "instructblip"] | None = None
+    tiny: str | None = None  # a registered family that declares how its tiny checkpoint is written
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,10 @@ def check(config: Config, paths: bool = True) -> Config:
         check_folder_name(label, "config field 'models'", kind="label")
         if (entry.model is None) == (entry.tiny is None):
             raise ProbingError(f"config field 'models.{label}': give exactly one of 'model' and 'tiny'")
+        if entry.tiny is not None:
+            from probing.models.tiny import tiny_family
+
+            tiny_family(entry.tiny, f"config field 'models.{label}.tiny'")
     names = set()
     specs = {}
     for index, experiment in enumerate(config.experiments):

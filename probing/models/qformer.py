@@ -193,3 +193,9 @@ class QFormerResampler(Resampler):
 
     def image_attention_mask(self, image_embeds: torch.Tensor) -> torch.Tensor:
         return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+
+
+def randomise_query_tokens(model) -> None:
+    """For a tiny checkpoint (`probing.models.tiny.TinyCheckpoint.randomise`): the query tokens are
+    zero-initialised by transformers' `_init_weights`: made to differ, or every query would be the same."""
+    model.query_tokens.normal_(0.0, 0.5)
