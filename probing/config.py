@@ -23,6 +23,7 @@ from probing.extract import ExtractionSettings
 from probing.models import ModelSource
 from probing.probe_run import Mode
 from probing.probes import probe_kind
+from probing.registry import unknown_name
 from probing.search import SearchSettings
 from probing.settings import check as check_settings
 from probing.settings import config_fields, config_section, setting
@@ -302,9 +303,7 @@ def check(config: Config, paths: bool = True) -> Config:
         known = table_names(specs.values())
         for position, table in enumerate(config.report.tables):
             if table not in known:
-                raise ProbingError(
-                    f"config field 'report.tables[{position}]': unknown table '{table}' (known: {', '.join(known)})"
-                )
+                raise unknown_name("table", table, known, f"config field 'report.tables[{position}]'")
     if paths and config.workspace.exists() and not config.workspace.is_dir():
         raise ProbingError(f"config field 'workspace': {config.workspace} is a file, not a folder")
     data = config.data

@@ -28,15 +28,18 @@ class Registry(Generic[T]):
         self,
         kind: str,
         entry_point_group: str | None = None,
-        check: Callable[[str, T], None] | None = None,
+        check: Callable[[str, T, dict[str, T]], None] | None = None,
         builtins: Callable[[], None] | None = None,
+        origin: Callable[[T], str] | None = None,
     ):
-        """`kind` names an entry in messages ("task", "probe"); `check(name, entry)` refuses an entry that does
-        not fit (a `ProbingError`); `builtins()` registers the built-in entries on first read (for registries
-        whose built-ins would import modules that import the registry)."""
+        """`kind` names an entry in messages ("task", "probe"); `check(name, entry, others)` refuses an entry
+        that does not fit, or clashes with the other entries (a `ProbingError`); `builtins()` registers the
+        built-in entries on first read (for registries whose built-ins would import modules that import the
+        registry); `origin(entry)` says where an entry comes from, in the duplicate message (e.g. a task's file)."""
         self.kind = kind
         self.entry_point_group = entry_point_group
         self._check = check
+        self._origin = origin
         self._builtins = builtins
         self._entries: dict[str, T] = {}
         self._entry_points_loaded = entry_point_group is None
@@ -50,9 +53,14 @@ class Registry(Generic[T]):
         self._load_builtins()
         existing = self._entries.get(name)
         if existing is not None and not replace and not _same(existing, entry):
-            raise ProbingError(f"{self.kind} '{name}' is already registered (pass replace=True to replace it)")
+            new, old = (
+                ("", "")
+                if self._origin is None
+                else (f" from {self._origin(entry)}", f" (from {self._origin(existing)})")
+            )
+            raise ProbingError(f"{self.kind} '{name}'{new} is already registered{old}; pass replace=True to replace it")
         if self._check is not None:
-            self._check(name, entry)
+            self._check(name, entry, {other: value for other, value in self._entries.items() if other != name})
         self._entries[name] = entry
         return entry
 

@@ -68,7 +68,7 @@ def test_the_demo_config_is_the_packaged_one():
         (
             {"experiments": [{"name": "x", "tasks": ["refcocog", "coco"], "models": ["m"]}]},
             # the built-in tasks first (YAML tasks that other tests registered in this process may follow)
-            "config field 'experiments[0].tasks[1]': unknown task 'coco' (known: refcocog, vsr, rcm, refcocog-google, "
+            "config field 'experiments[0].tasks[1]': unknown task 'coco'; known: refcocog, vsr, rcm, refcocog-google, "
             "refcoco, refcoco+, vsr-zeroshot",
         ),
         (

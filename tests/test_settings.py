@@ -276,5 +276,5 @@ def test_a_config_refuses_an_unknown_table(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     code, _, err = run_cli(capsys, "run", path)
-    assert code == 2 and "config field 'report.tables[2]': unknown table 'table9' (known: table1, " in err
+    assert code == 2 and "config field 'report.tables[2]': unknown table 'table9'; known: table1, " in err
     assert "categories_refcoco_testB" in err and err.count("\n") == 1

@@ -46,6 +46,7 @@ from probing.models.loading import (
 from probing.models.pixels import PixelPipeline
 from probing.models.registry import BackendFamily
 from probing.records import ITM_HEAD, ZERO_SHOT_PROMPT
+from probing.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -366,16 +367,13 @@ class MatchScorer(ZeroShotScorer):
         )
 
 
-_SCORERS: dict[str, type[ZeroShotScorer]] = {}
+# The zero-shot method of each backend family, by family name (entry-point group `probing.zeroshot`).
+_SCORERS: Registry[type[ZeroShotScorer]] = Registry("zero-shot method", "probing.zeroshot")
 
 
-def register_zero_shot(family: str, scorer: type[ZeroShotScorer]) -> type[ZeroShotScorer]:
+def register_zero_shot(family: str, scorer: type[ZeroShotScorer], *, replace: bool = False) -> type[ZeroShotScorer]:
     """The zero-shot method of a backend family (one per family; a plug-in family registers its own)."""
-    existing = _SCORERS.get(family)
-    if existing is not None and existing is not scorer:
-        raise ProbingError(f"backend family '{family}' already has a zero-shot method ({existing.__name__})")
-    _SCORERS[family] = scorer
-    return scorer
+    return _SCORERS.register(family, scorer, replace=replace)
 
 
 def zero_shot_scorer(family: BackendFamily, where: str) -> type[ZeroShotScorer]:

@@ -36,17 +36,11 @@ class BackendFamily:
         return self.tokenizer_folder is not None
 
 
-def _check_family(name: str, family: BackendFamily) -> None:
+def _check_family(name: str, family: BackendFamily, others: dict[str, BackendFamily]) -> None:
     if name != family.name:
         raise ProbingError(f"backend family '{family.name}' registered under another name ('{name}')")
     clash = next(
-        (
-            alias
-            for other in _FAMILIES.values()
-            if other.name != family.name
-            for alias in family.aliases
-            if alias in other.aliases
-        ),
+        (alias for other in others.values() for alias in family.aliases if alias in other.aliases),
         None,
     )
     if clash is not None:
