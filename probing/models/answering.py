@@ -180,7 +180,7 @@ class PromptScorer(ZeroShotScorer):
         self.answer_tokens = [self._answer_tokens(answer) for answer in self.answers]
         if self.answer_tokens[0] == self.answer_tokens[1]:
             raise ProbingError(f"--answers: {self.answers[0]!r} and {self.answers[1]!r} tokenize to the same tokens")
-        self.image_processor = load_image_processor(checkpoint, config)
+        self.image_processor = load_image_processor(checkpoint, config, family.resampler)
         self.pixels = PixelPipeline(self.image_processor)
         self.model = None
 

@@ -114,9 +114,9 @@ def _load_tokenizer(source: CheckpointSource, family: BackendFamily):
     return load_tokenizer(source, family.tokenizer_folder or "")
 
 
-def load_image_processor(source: CheckpointSource, config, resampler: type[Resampler] | None = None):
+def load_image_processor(source: CheckpointSource, config, resampler: type[Resampler]):
     """The checkpoint's own processor with the PIL backend (LAVIS-exact pixels), else the family's default
-    (`resampler.default_image_processor`; BLIP's for the Q-Former families, the default when none is named)."""
+    (`resampler.default_image_processor`; BLIP's for the Q-Former families)."""
     from transformers import AutoImageProcessor
 
     processor_file = source.file("preprocessor_config.json", required=False)
@@ -125,8 +125,6 @@ def load_image_processor(source: CheckpointSource, config, resampler: type[Resam
             return AutoImageProcessor.from_pretrained(processor_file.parent, backend="pil")
         except (OSError, ValueError) as error:
             raise ProbingError(f"{processor_file}: cannot load the image processor ({error})") from None
-    if resampler is None:
-        from probing.models.qformer import QFormerResampler as resampler
     processor = resampler.default_image_processor(config)
     log.info("%s: no preprocessor_config.json; using %r", source.name_or_path, processor)
     return processor
