@@ -84,6 +84,10 @@ def test_the_demo_config_is_the_packaged_one():
             "config field 'experiments[0].search.trials': expected an integer, got 'ten'",
         ),
         ({"models": {"m": {"model": "blip2", "tiny": "blip2"}}}, "config field 'models.m': give exactly one of"),
+        (
+            {"models": {"m": {"tiny": "perceiver"}}},
+            "config field 'models.m.tiny': unknown model family with a tiny checkpoint 'perceiver'; known: blip2, ",
+        ),
         ({"data": {"images": "nowhere", "vsr": "nowhere"}}, "config field 'data.images': nowhere: not found"),
         ({"data": {"images": "."}}, "config field 'data.vsr': missing (needed by the experiments' tasks)"),
         (
