@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from families.minimal_family import FAMILY_NAME, MINIMAL_FAMILY, MinimalPerceiverResampler, write_checkpoint
 
 from probing.artifacts import MANIFEST_NAME
@@ -105,6 +106,46 @@ def test_a_perceiver_family_trains_its_connector_and_keeps_its_vision_model(mini
     assert (
         resampler.vision_dtype == torch.float32 and resampler.latent_dtype == resampler.qformer_dtype == torch.bfloat16
     )
+
+
+def test_a_perceiver_family_trains_unfrozen_through_the_command_line(
+    capsys, minimal_family, perceiver_checkpoint, demo_options, tmp_path
+):
+    vsr = demo_options["vsr"]
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--task",
+        "vsr",
+        "--mode",
+        "unfrozen",
+        "--model",
+        perceiver_checkpoint,
+        "--family",
+        FAMILY_NAME,
+        "--vsr",
+        vsr["vsr"],
+        "--images",
+        vsr["images"],
+        "--layer",
+        2,
+        "--lr",
+        3e-3,
+        "--epochs",
+        2,
+        "--batch-size",
+        32,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "run",
+    )
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["inputs"]["model"]["family"] == FAMILY_NAME and manifest["mode"] == "unfrozen"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["runs"][0]["history"]] == [1, 2]
+    assert 0 <= metrics["runs"][0]["test"]["accuracy"] <= 1
 
 
 @pytest.mark.parametrize("family", ["blip2", "instructblip"])
