@@ -1,0 +1,69 @@
+"""The resampler families beyond BLIP-2 and InstructBLIP: each family's per-layer latents, read with forward hooks
+on its own modules, equal what transformers' own forward of the whole model (language model included, read from
+the same tiny checkpoint) computes at those points."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from probing.data.images import load_rgb_image
+from probing.extract import ExtractionRequest, extract
+from probing.models import load_resampler
+from probing.models.tiny import write_checkpoint
+from probing.tasks import load_split
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return lambda family: write_checkpoint(root / family, family, seed=5)
+
+
+def extracted(checkpoint: Path, data, out: Path, layers="all"):
+    return extract(
+        ExtractionRequest(
+            model=str(checkpoint),
+            data=data,
+            split="val",
+            out=out,
+            layers=layers,
+            batch_size=8,
+            dtype="float32",
+            workers=0,
+            progress=False,
+        )
+    ).value
+
+
+def first_examples(data, store, count: int):
+    examples = {e.example_id: e for e in load_split(data, "val").examples}
+    return [examples[i] for i in store.ids[:count]]
+
+
+def test_instructblip_video_reads_an_image_as_one_frame_of_its_qformer(family_checkpoints, refcocog_val, tmp_path):
+    from transformers import InstructBlipVideoForConditionalGeneration
+
+    checkpoint = family_checkpoints("instructblip-video")
+    store = extracted(checkpoint, refcocog_val, tmp_path / "store")
+    assert store.layers == [1, 2, 3, 4] and store.manifest["request"]["model"]["family"] == "instructblip-video"
+    model = InstructBlipVideoForConditionalGeneration.from_pretrained(checkpoint).eval()
+    resampler = load_resampler(str(checkpoint))
+    examples = first_examples(refcocog_val, store, 8)
+    pixels = resampler.preprocess([load_rgb_image(e.image_path) for e in examples])
+    tokens = resampler.tokenize([e.text for e in examples])
+    captured = {}
+    model.qformer.config.output_hidden_states = True  # read by transformers' output capturing
+    hook = model.qformer.register_forward_hook(lambda module, args, output: captured.setdefault("qformer", output))
+    prompt = torch.cat([torch.full((8, 4), model.config.video_token_index), torch.randint(0, 90, (8, 6))], dim=1)
+    with torch.no_grad():
+        model(
+            pixel_values=pixels[:, None],  # [B, frames=1, C, H, W]
+            qformer_input_ids=tokens["input_ids"],
+            qformer_attention_mask=tokens["attention_mask"],
+            input_ids=prompt,
+        )
+    hook.remove()
+    inside = captured["qformer"]
+    for layer in store.layers:
+        assert torch.allclose(store.load(layer)[:8], inside.hidden_states[layer][:, :4], atol=1e-6, rtol=0)
