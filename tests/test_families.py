@@ -67,3 +67,26 @@ def test_instructblip_video_reads_an_image_as_one_frame_of_its_qformer(family_ch
     inside = captured["qformer"]
     for layer in store.layers:
         assert torch.allclose(store.load(layer)[:8], inside.hidden_states[layer][:, :4], atol=1e-6, rtol=0)
+
+
+def test_llava_projector_latents_are_the_models_image_features(family_checkpoints, refcocog_val, tmp_path):
+    from transformers import LlavaForConditionalGeneration, LlavaModel
+
+    checkpoint = family_checkpoints("llava")
+    store = extracted(checkpoint, refcocog_val, tmp_path / "store")
+    assert store.layers == [1] and store.per_image
+    resampler = load_resampler(str(checkpoint))
+    assert (resampler.num_latents, resampler.hidden_size) == (16, 48)
+    assert sorted({name.split(".")[0] for name, _ in resampler.trainable_parameters()}) == ["multi_modal_projector"]
+    model = LlavaModel.from_pretrained(checkpoint).eval()
+    examples = first_examples(refcocog_val, store, 6)
+    pixels = resampler.preprocess([load_rgb_image(e.image_path) for e in examples])
+    with torch.no_grad():
+        expected = torch.stack(model.get_image_features(pixel_values=pixels).pooler_output)
+    assert expected.shape == (6, 16, 48)
+    assert torch.allclose(store.load(1)[:6], expected, atol=1e-6, rtol=0)
+    # the checkpoint's keys are those a whole LlavaForConditionalGeneration reads (the Hub's layout)
+    whole = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        inside = torch.stack(whole.model.get_image_features(pixel_values=pixels).pooler_output)
+    assert torch.equal(inside, expected)
