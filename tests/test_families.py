@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from probing.data.images import load_rgb_image
+from probing.errors import ProbingError
 from probing.extract import ExtractionRequest, extract
 from probing.models import load_resampler
 from probing.models.tiny import write_checkpoint
@@ -90,3 +91,23 @@ def test_llava_projector_latents_are_the_models_image_features(family_checkpoint
     with torch.no_grad():
         inside = torch.stack(whole.model.get_image_features(pixel_values=pixels).pooler_output)
     assert torch.equal(inside, expected)
+
+
+def test_kosmos2_latents_are_the_models_image_embeddings(family_checkpoints, refcocog_val, tmp_path):
+    from transformers import Kosmos2Model
+
+    checkpoint = family_checkpoints("kosmos2")
+    store = extracted(checkpoint, refcocog_val, tmp_path / "store")
+    assert store.layers == [1] and store.per_image
+    resampler = load_resampler(str(checkpoint))
+    assert (resampler.num_latents, resampler.hidden_size) == (6, 16)
+    assert "image_to_text_projection.latent_query" in dict(resampler.trainable_parameters())
+    model = Kosmos2Model.from_pretrained(checkpoint).eval()
+    examples = first_examples(refcocog_val, store, 6)
+    pixels = resampler.preprocess([load_rgb_image(e.image_path) for e in examples])
+    with torch.no_grad():
+        expected = model.get_image_features(pixel_values=pixels).pooler_output
+    assert expected.shape == (6, 6, 16)
+    assert torch.allclose(store.load(1)[:6], expected, atol=1e-6, rtol=0)
+    with pytest.raises(ProbingError, match=r"^--layers: layer 0 does not exist \(the image-to-text projection has"):
+        resampler.query_states(resampler.encode_images(pixels), None, [0])

@@ -6,6 +6,7 @@ loaded from a `ModelSource` without their language model (`loading`)."""
 import probing.models.blip2  # noqa: F401
 import probing.models.instructblip  # noqa: F401
 import probing.models.instructblip_video  # noqa: F401
+import probing.models.kosmos2  # noqa: F401
 import probing.models.llava  # noqa: F401
 from probing.models.base import DTYPES, Resampler
 from probing.models.loading import ModelSource, load_resampler, qformer_layers, resampler_layers

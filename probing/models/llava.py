@@ -71,6 +71,10 @@ class LlavaProjector(Resampler):
             selected = [states[:, 1:] for states in selected]
         return torch.cat(selected, dim=-1)
 
+    def check_layers(self, layers, option: str = "--layers", lowest: int = 0) -> None:
+        """No layer 0: the projector's input is the vision tower's width, not the latents'."""
+        super().check_layers(layers, option, lowest=max(lowest, 1))
+
     def layer_modules(self):
         return [self.multi_modal_projector]
 
