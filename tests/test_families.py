@@ -111,3 +111,29 @@ def test_kosmos2_latents_are_the_models_image_embeddings(family_checkpoints, ref
     assert torch.allclose(store.load(1)[:6], expected, atol=1e-6, rtol=0)
     with pytest.raises(ProbingError, match=r"^--layers: layer 0 does not exist \(the image-to-text projection has"):
         resampler.query_states(resampler.encode_images(pixels), None, [0])
+
+
+def test_idefics2_every_perceiver_layer_is_the_one_inside_the_whole_model(family_checkpoints, refcocog_val, tmp_path):
+    from transformers import Idefics2ForConditionalGeneration
+
+    checkpoint = family_checkpoints("idefics2")
+    store = extracted(checkpoint, refcocog_val, tmp_path / "store")
+    assert store.layers == [1, 2, 3] and store.per_image
+    resampler = load_resampler(str(checkpoint))
+    assert (resampler.num_latents, resampler.hidden_size) == (5, 16)
+    model = Idefics2ForConditionalGeneration.from_pretrained(checkpoint).eval()
+    perceiver = model.model.connector.perceiver_resampler
+    captured = {}
+    for layer, module in enumerate(perceiver.layers, start=1):
+        module.register_forward_hook(lambda m, args, output, layer=layer: captured.__setitem__(layer, output))
+    examples = first_examples(refcocog_val, store, 6)
+    pixels = resampler.preprocess([load_rgb_image(e.image_path) for e in examples])
+    with torch.no_grad():
+        final = model.model.get_image_features(pixel_values=pixels[:, None]).pooler_output
+    for layer in store.layers:
+        assert torch.allclose(store.load(layer)[:6], captured[layer], atol=1e-5, rtol=0)
+    # the model's own output is the last layer through the Perceiver's final norm
+    assert torch.allclose(perceiver.norm(store.load(3)[:6]).reshape(-1, 16), torch.cat(final), atol=1e-5)
+    zero = resampler.query_states(resampler.encode_images(pixels), None, [0])[:, 0]
+    assert torch.equal(zero, perceiver.latents.expand(6, -1, -1))
+    assert all(key.startswith(("model.vision_model.", "model.connector.")) for key in resampler.state_dict())
