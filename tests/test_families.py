@@ -137,3 +137,34 @@ def test_idefics2_every_perceiver_layer_is_the_one_inside_the_whole_model(family
     zero = resampler.query_states(resampler.encode_images(pixels), None, [0])[:, 0]
     assert torch.equal(zero, perceiver.latents.expand(6, -1, -1))
     assert all(key.startswith(("model.vision_model.", "model.connector.")) for key in resampler.state_dict())
+
+
+def test_idefics_every_perceiver_block_is_the_one_inside_the_whole_model(family_checkpoints, refcocog_val, tmp_path):
+    from transformers import IdeficsForVisionText2Text
+
+    checkpoint = family_checkpoints("idefics")
+    store = extracted(checkpoint, refcocog_val, tmp_path / "store")
+    assert store.layers == [1, 2] and store.per_image
+    resampler = load_resampler(str(checkpoint))
+    assert (resampler.num_latents, resampler.hidden_size) == (5, 24)
+    model = IdeficsForVisionText2Text.from_pretrained(checkpoint).eval()
+    perceiver = model.model.perceiver_resampler
+    # the reference: the latents entering block 2's attention and the final LayerNorm, inside the model's forward
+    captured = {}
+    perceiver.blocks[1][0].register_forward_pre_hook(lambda m, args: captured.__setitem__(1, args[1]))
+    perceiver.layer_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__(2, args[0]))
+    perceiver.register_forward_hook(lambda m, args, output: captured.__setitem__("final", output))
+    examples = first_examples(refcocog_val, store, 6)
+    pixels = resampler.preprocess([load_rgb_image(e.image_path) for e in examples])
+    prompt = torch.randint(0, 60, (6, 5))
+    with torch.no_grad():
+        model(
+            input_ids=prompt, pixel_values=pixels[:, None], image_attention_mask=torch.ones(6, 5, 1, dtype=torch.long)
+        )
+    for layer in store.layers:
+        assert torch.allclose(store.load(layer)[:6], captured[layer], atol=1e-5, rtol=0)
+    # what the language model reads: the last block through the final LayerNorm
+    assert torch.allclose(perceiver.layer_norm(store.load(2)[:6]), captured["final"], atol=1e-5)
+    zero = resampler.query_states(resampler.encode_images(pixels), None, [0, 2])
+    assert torch.equal(zero[:, 0], perceiver.latents.expand(6, -1, -1))
+    assert torch.allclose(zero[:, 1], store.load(2)[:6], atol=1e-6)

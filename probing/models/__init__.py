@@ -4,6 +4,7 @@ loaded from a `ModelSource` without their language model (`loading`)."""
 
 # The built-in families register themselves on import.
 import probing.models.blip2  # noqa: F401
+import probing.models.idefics  # noqa: F401
 import probing.models.idefics2  # noqa: F401
 import probing.models.instructblip  # noqa: F401
 import probing.models.instructblip_video  # noqa: F401
