@@ -2,10 +2,12 @@
 on its own modules, equal what transformers' own forward of the whole model (language model included, read from
 the same tiny checkpoint) computes at those points."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
@@ -168,3 +170,25 @@ def test_idefics_every_perceiver_block_is_the_one_inside_the_whole_model(family_
     zero = resampler.query_states(resampler.encode_images(pixels), None, [0, 2])
     assert torch.equal(zero[:, 0], perceiver.latents.expand(6, -1, -1))
     assert torch.allclose(zero[:, 1], store.load(2)[:6], atol=1e-6)
+
+
+def test_models_lists_every_family_with_its_latent_shape_at_full_size(capsys):
+    code, out, err = run_cli(capsys, "models", "--json")
+    assert code == 0 and err == ""
+    described = {item["name"]: item for item in json.loads(out)["families"]}
+    assert list(described)[:2] == ["blip2", "instructblip"]
+    shapes = {name: (item["layers"], item["latents"], item["width"]) for name, item in described.items()}
+    assert shapes == {
+        "blip2": (12, 32, 768),
+        "instructblip": (12, 32, 768),
+        "instructblip-video": (12, 32, 768),
+        "idefics2": (3, 64, 4096),
+        "idefics": (6, 64, 1280),
+        "kosmos2": (1, 64, 2048),
+        "llava": (1, 576, 4096),  # a 336 px image in 14 px patches, nothing resampled
+    }
+    assert described["llava"]["vision_parameters"] == 303_507_456  # CLIP ViT-L/14-336, as published
+    assert not described["kosmos2"]["reads_text"] and described["instructblip-video"]["reads_text"]
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    assert out.splitlines()[-1].split()[:6] == ["llava", "1", "layers", "576", "x", "4096"]

@@ -1,6 +1,7 @@
-"""InstructBLIP-Video (e.g. MMInstruction/... or Salesforce's `instructblip-vicuna-7b` converted to
-`InstructBlipVideoForConditionalGeneration`): the InstructBLIP Q-Former of transformers' video model, an image
-read as a video of one frame.
+"""InstructBLIP-Video (`InstructBlipVideoForConditionalGeneration`, model type `instructblipvideo`): the
+InstructBLIP Q-Former of transformers' video model, an image read as a video of one frame. There is no separate
+Hub repo of it; checkpoints converted to this class are read here, Salesforce's InstructBLIP repos (model type
+`instructblip`) by the `instructblip` family, with the same latents for one frame.
 
 transformers' video model folds the frames into the batch before the vision model and the Q-Former
 (`[B, T, C, H, W] -> [B*T, C, H, W]`) and concatenates each frame's `num_query_tokens` latents only before the
