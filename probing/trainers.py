@@ -138,7 +138,9 @@ class FrozenTrainer:
     @property
     def splits(self) -> dict[str, ProbeData]:
         if self._splits is None:
-            self._splits = load_probe_splits(self.stores, self.spec, self.layer, self.data, self.control_seed)
+            self._splits = load_probe_splits(
+                self.stores, self.spec, self.layer, self.data, self.control_seed, self.settings.latents
+            )
         return self._splits
 
     def fit(self, trials: list[Trial], hooks: Sequence[TrialHooks] | None = None) -> list[FittedTrial]:

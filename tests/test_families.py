@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import extract_splits, run_cli
 
 from probing.data.images import load_rgb_image
 from probing.errors import ProbingError
@@ -192,3 +192,32 @@ def test_models_lists_every_family_with_its_latent_shape_at_full_size(capsys):
     code, out, _ = run_cli(capsys, "models")
     assert code == 0
     assert out.splitlines()[-1].split()[:6] == ["llava", "1", "layers", "576", "x", "4096"]
+
+
+def test_mean_over_latents_gives_every_family_a_probe_of_its_width(family_checkpoints, refcocog_val, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from probing.features import FeatureStore
+    from probing.train import probe_inputs
+
+    features = extract_splits(family_checkpoints("kosmos2"), refcocog_val, tmp_path / "features", layers="1")
+    common = ("train", "--task", "refcocog", "--features", features, "--layer", 1, "--lr", "0.01", "--epochs", 2)
+    code, _, err = run_cli(capsys, *common, "--latents", "mean", "--out", tmp_path / "mean")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "mean" / "manifest.json").read_text())
+    assert manifest["settings"]["latents"] == "mean"
+    weights = load_file(tmp_path / "mean" / "probes" / "seed-0.safetensors")
+    assert {tuple(t.shape) for t in weights.values() if t.dim() == 2} == {(4, 16)}  # 16 = width, not 6 x 16
+    code, _, err = run_cli(capsys, *common, "--out", tmp_path / "flat")
+    assert code == 0, err
+    assert "latents" not in json.loads((tmp_path / "flat" / "manifest.json").read_text())["settings"]
+    weights = load_file(tmp_path / "flat" / "probes" / "seed-0.safetensors")
+    assert {tuple(t.shape) for t in weights.values() if t.dim() == 2} == {(4, 96)}
+    code, out, err = run_cli(capsys, *common, "--latents", "max", "--out", tmp_path / "max")
+    assert (code, out) == (
+        2,
+        "",
+    ) and err.strip() == "error: --latents: unknown latent reading 'max' (choose flatten | mean)"
+    assert not (tmp_path / "max").exists()
+    states = FeatureStore(features / "val").load(1)
+    assert torch.equal(probe_inputs(states, "mean"), states.float().mean(dim=1).to(states.dtype))
