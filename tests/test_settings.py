@@ -39,6 +39,7 @@ TRAIN = {
     "weight_decay": (["--weight-decay", "0.5"], {"train": {"weight_decay": 0.5}}, 0.5),
     "patience": (["--patience", "3"], {"train": {"patience": {"vsr": 3}}}, 3),
     "order_seed": (["--seed", "4"], {"search": {"seed": 4}}, 4),  # a search's batch order is its seed
+    "latents": (["--latents", "mean"], {"train": {"latents": "mean"}}, "mean"),
 }
 SEARCH = {
     "trials": (["--trials", "3"], {"search": {"trials": 3}}, 3),
