@@ -221,3 +221,15 @@ def test_mean_over_latents_gives_every_family_a_probe_of_its_width(family_checkp
     assert not (tmp_path / "max").exists()
     states = FeatureStore(features / "val").load(1)
     assert torch.equal(probe_inputs(states, "mean"), states.float().mean(dim=1).to(states.dtype))
+
+
+def test_the_families_config_probes_every_family_beside_its_random_weights_control():
+    from probing.config import load_config
+    from probing.models import families
+
+    config = load_config(Path(__file__).parents[1] / "experiments" / "families.yaml", check_paths=False)
+    entries = [config.models[label] for label in config.experiments[0].models]
+    pretrained = {entry.tiny for entry in entries if entry.init == "pretrained"}
+    random = {entry.tiny for entry in entries if entry.init == "random"}
+    assert pretrained == random == {family.name for family in families() if family.tiny is not None}
+    assert config.experiments[0].layers == "last" and config.experiments[0].modes == ["frozen"]
