@@ -35,6 +35,7 @@ from scipy.stats import kendalltau
 from probing.data.types import NO_CATEGORY
 from probing.errors import ProbingError, shown
 from probing.records import NO_PROBE, MdlRecord, RunFolder, SearchSummary, read_json_file, read_predictions
+from probing.registry import Registry
 from probing.tasks import TaskSpec, get_task
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -674,12 +675,13 @@ class Analysis:
     compute: Callable[[RunResults], Any]
 
 
-ANALYSES: dict[str, Analysis] = {}
+# Installed packages may add analyses through the entry-point group `probing.analyses` (an `Analysis`).
+ANALYSES: Registry[Analysis] = Registry("analysis", "probing.analyses")
 
 
-def register_analysis(analysis: Analysis) -> Analysis:
-    ANALYSES[analysis.name] = analysis
-    return analysis
+def register_analysis(analysis: Analysis, *, replace: bool = False) -> Analysis:
+    """Add an analysis; another under a registered name is refused unless `replace`."""
+    return ANALYSES.register(analysis.name, analysis, replace=replace)
 
 
 def _kendall_json(run: RunResults) -> dict[str, Any]:

@@ -262,6 +262,30 @@ def tasks_command(
         )
 
 
+@app.command("models")
+def models_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Every registered model family at its published size: layers, latents x width, parameters (no download)."""
+    from probing.models.catalog import describe_families
+
+    described = describe_families()
+    if as_json:
+        typer.echo(json.dumps({"families": described}, indent=2))
+        return
+    for item in described:
+        shape = (
+            f"{item['layers']:2d} layers  {item['latents']:4d} x {item['width']:<5d} latents  "
+            f"vision {item['vision_parameters'] / 1e6:7.1f}M  {item['layer_owner']} "
+            f"{item['resampler_parameters'] / 1e6:6.1f}M"
+            if "latents" in item
+            else "(no real-size config declared)"
+        )
+        text = "reads text" if item["reads_text"] else "image only"
+        hub = ", ".join(item["aliases"].values()) or "-"
+        typer.echo(f"{item['name']:19s} {shape}  {text:10s}  {hub}")
+
+
 def _data_stats(**values: Any) -> None:
     from probing.data.types import DataOptions
     from probing.settings import from_cli

@@ -25,6 +25,7 @@ from probing.extract import ExtractionSettings
 from probing.models import ModelSource
 from probing.probe_run import Mode
 from probing.probes import probe_kind
+from probing.registry import unknown_name
 from probing.search import SearchSettings
 from probing.settings import check as check_settings
 from probing.settings import config_fields, config_section, setting
@@ -39,7 +40,7 @@ class ModelEntry(ModelSource):
     """A model under a report label: a `ModelSource` (alias, Hub id, local folder or LAVIS .pth in `model`), or
     a tiny random checkpoint of a family written into the workspace (`tiny`)."""
 
-    tiny: Literal["blip2", "instructblip"] | None = None
+    tiny: str | None = None  # a registered family that declares how its tiny checkpoint is written
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,10 @@ def check(config: Config, paths: bool = True) -> Config:
         check_folder_name(label, "config field 'models'", kind="label")
         if (entry.model is None) == (entry.tiny is None):
             raise ProbingError(f"config field 'models.{label}': give exactly one of 'model' and 'tiny'")
+        if entry.tiny is not None:
+            from probing.models.tiny import tiny_family
+
+            tiny_family(entry.tiny, f"config field 'models.{label}.tiny'")
     names = set()
     specs = {}
     for index, experiment in enumerate(config.experiments):
@@ -314,9 +319,7 @@ def check(config: Config, paths: bool = True) -> Config:
         known = table_names(specs.values())
         for position, table in enumerate(config.report.tables):
             if table not in known:
-                raise ProbingError(
-                    f"config field 'report.tables[{position}]': unknown table '{table}' (known: {', '.join(known)})"
-                )
+                raise unknown_name("table", table, known, f"config field 'report.tables[{position}]'")
     if paths and config.workspace.exists() and not config.workspace.is_dir():
         raise ProbingError(f"config field 'workspace': {config.workspace} is a file, not a folder")
     data = config.data

@@ -45,7 +45,7 @@ from probing.features import (
     verification_enabled,
 )
 from probing.locks import claim
-from probing.models import ModelSource, Resampler, load_resampler
+from probing.models import DTYPES, ModelSource, Resampler, load_resampler
 from probing.models.pixels import PixelPipeline
 from probing.models.text import QFormerText
 from probing.records import StageResult
@@ -54,7 +54,6 @@ from probing.tasks import get_task, load_split, task_reference
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DtypeName = Literal["float16", "bfloat16", "float32"]
 
 

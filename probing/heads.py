@@ -38,6 +38,7 @@ from probing.metrics import (
     laplace_scales,
     predicted_boxes,
 )
+from probing.registry import Registry
 
 Direction = Literal["maximize", "minimize"]
 
@@ -240,4 +241,15 @@ class BinaryHead(Head):
         return records
 
 
-HEADS: dict[str, Head] = {head.kind: head for head in (BoxHead(), BinaryHead())}
+# A head's kind is what a task YAML's `kind` names; installed packages may add heads through the entry-point
+# group `probing.heads` (a `Head`).
+HEADS: Registry[Head] = Registry("head", "probing.heads")
+
+
+def register_head(head: Head, *, replace: bool = False) -> Head:
+    """Add a head under its `kind`; another under a registered kind is refused unless `replace`."""
+    return HEADS.register(head.kind, head, replace=replace)
+
+
+register_head(BoxHead())
+register_head(BinaryHead())

@@ -323,6 +323,7 @@ def search_request(
         hidden=train.hidden if applies(TrainSettings, "hidden", probe=unit.probe) else TrainSettings.hidden,
         warmup_fraction=train.warmup_fraction,
         weight_decay=train.weight_decay,
+        latents=train.latents,
         order_seed=search.seed,
         device=config.device,
         batch_size=train.batch_size if unit.mode == "frozen" else train.unfrozen_batch_size,

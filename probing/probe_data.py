@@ -18,7 +18,7 @@ from probing.errors import ProbingError
 from probing.features import FeatureStore
 from probing.tasks import TaskSpec, load_split
 from probing.tasks.spec import TRAIN
-from probing.train import ProbeData
+from probing.train import ProbeData, probe_inputs
 
 
 def data_options_from(store: FeatureStore) -> DataOptions:
@@ -43,8 +43,16 @@ def open_store(path: Path, spec: TaskSpec, split: str, layer: int) -> FeatureSto
     return store
 
 
-def align(store: FeatureStore, spec: TaskSpec, split: str, layer: int, data_options: DataOptions | None) -> ProbeData:
-    """Features of `layer` with their targets, in store order."""
+def align(
+    store: FeatureStore,
+    spec: TaskSpec,
+    split: str,
+    layer: int,
+    data_options: DataOptions | None,
+    latents: str = "flatten",
+) -> ProbeData:
+    """Features of `layer` with their targets, in store order, the latents read as `latents` says
+    (`probing.train.LATENT_READINGS`)."""
     options = data_options or data_options_from(store)
     data = load_split(DataOptions(**{**vars(options), "task": options.task or spec.name}), split)
     if data.fingerprint != store.manifest["request"]["dataset_fingerprint"]:
@@ -61,7 +69,7 @@ def align(store: FeatureStore, spec: TaskSpec, split: str, layer: int, data_opti
     return ProbeData(
         task=spec.name,
         split=split,
-        features=states.flatten(1),
+        features=probe_inputs(states, latents),
         targets=spec.head.targets(examples, str(store.path)),
         ids=list(store.ids),
         examples=examples,
@@ -113,11 +121,12 @@ def load_probe_splits(
     data_options: DataOptions | None = None,
     control_seed: int | None = None,
     shuffled_features: bool = False,
+    latents: str = "flatten",
 ) -> dict[str, ProbeData]:
     """ProbeData for every split: the layer's features aligned with their targets (with `control_seed`, the
     targets of the task's control, drawn from the train split's targets: `probing.controls`; with
     `shuffled_features`, the train and val examples reading a permutation of their rows: the floor)."""
-    splits = {split: align(stores[split], spec, split, layer, data_options) for split in spec.splits}
+    splits = {split: align(stores[split], spec, split, layer, data_options, latents) for split in spec.splits}
     if control_seed is not None:
         train = splits[TRAIN].examples
         for split, data in splits.items():

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from probing.errors import ProbingError
+from probing.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -47,23 +48,21 @@ class ProbeKind:
         return self.fit == "sgd" and self.layers is not None
 
 
-PROBES: dict[str, ProbeKind] = {}
-
-
-def register_probe(kind: ProbeKind) -> ProbeKind:
+def _check_probe(name: str, kind: ProbeKind, others: dict[str, ProbeKind]) -> None:
     if (kind.layers is None) == (kind.build is None):
         raise ProbingError(f"probe '{kind.name}': give exactly one of layers and build")
-    existing = PROBES.get(kind.name)
-    if existing is not None and existing != kind:
-        raise ProbingError(f"probe '{kind.name}' is already registered")
-    PROBES[kind.name] = kind
-    return kind
+
+
+# Installed packages may add probes through the entry-point group `probing.probes` (a `ProbeKind`).
+PROBES: Registry[ProbeKind] = Registry("probe", "probing.probes", check=_check_probe)
+
+
+def register_probe(kind: ProbeKind, *, replace: bool = False) -> ProbeKind:
+    return PROBES.register(kind.name, kind, replace=replace)
 
 
 def probe_kind(name: str, option: str = "--probe") -> ProbeKind:
-    if name not in PROBES:
-        raise ProbingError(f"{option}: unknown probe '{name}' (choose {', '.join(PROBES)})")
-    return PROBES[name]
+    return PROBES.get(name, option)
 
 
 for _kind in (

@@ -64,6 +64,7 @@ from probing.locks import one_writer
 from probing.plots import category_figure, learning_curve_figure, per_layer_figure
 from probing.probes import PROBES
 from probing.records import HUMAN, ITM_HEAD, MDL_FILE, NO_PROBE, ZERO_SHOT_PROMPT
+from probing.registry import Registry
 from probing.tasks import TaskSpec, registered_tasks
 
 MODES = ("frozen", "unfrozen", ZERO_SHOT_PROMPT, ITM_HEAD, HUMAN)  # Table 1's rows per model, in this order
@@ -224,19 +225,20 @@ class TableBuilder:
     names: Callable[[Iterable[TaskSpec]], list[str]]
 
 
-TABLES: dict[str, TableBuilder] = {}
+# Installed packages may add tables through the entry-point group `probing.tables` (a `TableBuilder`).
+TABLES: Registry[TableBuilder] = Registry("table", "probing.tables")
 
 
-def register_table(name: str, names: Callable[[Iterable[TaskSpec]], list[str]] | None = None):
+def register_table(name: str, names: Callable[[Iterable[TaskSpec]], list[str]] | None = None, *, replace: bool = False):
     """Decorator: register a table builder under `name` (it produces a table of that name unless `names` says
-    which tables it makes)."""
+    which tables it makes); another builder under a registered name is refused unless `replace`."""
 
     def register(build: Callable[[list[RunResults], ReportOptions], Table | list[Table] | None]):
         def tables(runs: list[RunResults], options: ReportOptions) -> list[Table]:
             made = build(runs, options)
             return [] if made is None else ([made] if isinstance(made, Table) else made)
 
-        TABLES[name] = TableBuilder(name, tables, names or (lambda specs: [name]))
+        TABLES.register(name, TableBuilder(name, tables, names or (lambda specs: [name])), replace=replace)
         return build
 
     return register

@@ -98,6 +98,27 @@ class Trial:
         return identity(self)
 
 
+# How a probe reads one layer's latents `[B, Q, H]`: the paper flattens them (`Q x H` inputs); their mean over
+# the Q latents (`H` inputs) gives every family a probe of the same size whatever its latent count.
+LATENT_READINGS = ("flatten", "mean")
+
+
+def check_latent_reading(value: str, where: str) -> None:
+    if value not in LATENT_READINGS:
+        raise ProbingError(f"{where}: unknown latent reading '{value}' (choose {' | '.join(LATENT_READINGS)})")
+
+
+def probe_inputs(states: torch.Tensor, reading: str) -> torch.Tensor:
+    """`[B, Q, H]` latents -> `[B, inputs]` probe inputs, read as `reading` says (`LATENT_READINGS`)."""
+    if reading == "mean":
+        return states.mean(dim=1, dtype=torch.float32).to(states.dtype)
+    return states.flatten(1)
+
+
+def probe_input_size(latents: int, width: int, reading: str) -> int:
+    return width if reading == "mean" else latents * width
+
+
 @scoped
 @dataclass(frozen=True)
 class TrainSettings:
@@ -124,6 +145,14 @@ class TrainSettings:
         help="Early-stopping patience in epochs; 0 = none (default: the task's, 10 for RCM, none otherwise).",
     )
     order_seed: int = setting(0, identity=True, low=0, help="Seed of the batch order.")
+    latents: str = setting(
+        "flatten",
+        identity=True,
+        omit_default=True,  # runs made before the setting existed read the flattened latents
+        valid=lambda value, where: check_latent_reading(value, where),
+        help="How the probe reads a layer's latents: flatten (the paper's Q x H inputs) | mean (their mean over "
+        "the latents: H inputs, so families with different latent counts get probes of one size).",
+    )
     device: str | None = setting(
         None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: cuda if available)."
     )

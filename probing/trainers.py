@@ -141,7 +141,13 @@ class FrozenTrainer:
     def splits(self) -> dict[str, ProbeData]:
         if self._splits is None:
             self._splits = load_probe_splits(
-                self.stores, self.spec, self.layer, self.data, self.control_seed, self.shuffled_features
+                self.stores,
+                self.spec,
+                self.layer,
+                self.data,
+                self.control_seed,
+                self.shuffled_features,
+                self.settings.latents,
             )
         return self._splits
 

@@ -41,6 +41,8 @@ from probing.train import (
     TrialResult,
     compute_dtype,
     parameter_groups,
+    probe_input_size,
+    probe_inputs,
     train_module,
 )
 
@@ -51,9 +53,10 @@ class UnfrozenProbe(nn.Module):
     `vision` is pixel values (the ViT runs under no_grad) or ViT outputs from a vision store.
     """
 
-    def __init__(self, resampler: Resampler, probe: Probe, layer: int, from_pixels: bool):
+    def __init__(self, resampler: Resampler, probe: Probe, layer: int, from_pixels: bool, latents: str = "flatten"):
         super().__init__()
         self.resampler, self.probe, self.layer, self.from_pixels = resampler, probe, layer, from_pixels
+        self.latents = latents  # how the probe reads them (`probing.train.LATENT_READINGS`)
 
     def forward(
         self, vision: torch.Tensor, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
@@ -63,7 +66,7 @@ class UnfrozenProbe(nn.Module):
                 vision = self.resampler.encode_images(vision)
         tokens = {"input_ids": input_ids, "attention_mask": attention_mask} if input_ids is not None else None
         states = self.resampler.query_states(vision, tokens, [self.layer])[:, 0]
-        return self.probe(states.flatten(1))
+        return self.probe(probe_inputs(states, self.latents))
 
 
 class VisionTable:
@@ -177,12 +180,12 @@ def unfrozen_model(
     # Drawn on the CPU (the same weights for a seed on every device), then put beside the resampler.
     probe = new_probe(
         settings.probe,
-        resampler.num_query_tokens * resampler.hidden_size,
+        probe_input_size(resampler.num_latents, resampler.hidden_size, settings.latents),
         settings.head.outputs,
         settings.hidden,
         trial.seed,
     ).to(resampler.device)
-    return UnfrozenProbe(resampler, probe, layer, from_pixels=from_pixels)
+    return UnfrozenProbe(resampler, probe, layer, from_pixels=from_pixels, latents=settings.latents)
 
 
 def unfrozen_run(

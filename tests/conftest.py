@@ -236,7 +236,8 @@ def stage2_checkpoint(tmp_path_factory):
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 
-    from probing.models.tiny import _image_processor, build_config
+    from probing.models.blip2 import Blip2Resampler
+    from probing.models.tiny import build_config
 
     first_stage = build_config("blip2", "tiny", vocab_size=64)
     qformer = first_stage.qformer_config.to_dict() | {"use_qformer_text_input": False}
@@ -260,7 +261,7 @@ def stage2_checkpoint(tmp_path_factory):
         model.query_tokens.normal_(0.0, 0.5)
     out = tmp_path_factory.mktemp("stage2") / "blip2-opt"
     model.save_pretrained(out)
-    _image_processor(config.vision_config.image_size).save_pretrained(out)
+    Blip2Resampler.default_image_processor(config).save_pretrained(out)
     return out
 
 

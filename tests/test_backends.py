@@ -61,11 +61,11 @@ QUERIES_FAMILY = BackendFamily(
 @pytest.fixture
 def queries_family():
     """The family registered for one test (and taken out again, so that other tests see the package alone)."""
-    from probing.models import registry
+    from probing.models.registry import unregister_family
 
     register_family(QUERIES_FAMILY)
     yield QUERIES_FAMILY
-    registry._FAMILIES.pop(QUERIES_FAMILY.name)
+    unregister_family(QUERIES_FAMILY.name)
 
 
 def test_without_the_family_the_checkpoint_is_refused(stage2_checkpoint):

@@ -68,7 +68,7 @@ def test_the_demo_config_is_the_packaged_one():
         (
             {"experiments": [{"name": "x", "tasks": ["refcocog", "coco"], "models": ["m"]}]},
             # the built-in tasks first (YAML tasks that other tests registered in this process may follow)
-            "config field 'experiments[0].tasks[1]': unknown task 'coco' (known: refcocog, vsr, rcm, refcocog-google, "
+            "config field 'experiments[0].tasks[1]': unknown task 'coco'; known: refcocog, vsr, rcm, refcocog-google, "
             "refcoco, refcoco+, vsr-zeroshot",
         ),
         (
@@ -84,6 +84,10 @@ def test_the_demo_config_is_the_packaged_one():
             "config field 'experiments[0].search.trials': expected an integer, got 'ten'",
         ),
         ({"models": {"m": {"model": "blip2", "tiny": "blip2"}}}, "config field 'models.m': give exactly one of"),
+        (
+            {"models": {"m": {"tiny": "perceiver"}}},
+            "config field 'models.m.tiny': unknown model family with a tiny checkpoint 'perceiver'; known: blip2, ",
+        ),
         ({"data": {"images": "nowhere", "vsr": "nowhere"}}, "config field 'data.images': nowhere: not found"),
         ({"data": {"images": "."}}, "config field 'data.vsr': missing (needed by the experiments' tasks)"),
         (

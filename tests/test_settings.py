@@ -40,6 +40,7 @@ TRAIN = {
     "weight_decay": (["--weight-decay", "0.5"], {"train": {"weight_decay": 0.5}}, 0.5),
     "patience": (["--patience", "3"], {"train": {"patience": {"vsr": 3}}}, 3),
     "order_seed": (["--seed", "4"], {"search": {"seed": 4}}, 4),  # a search's batch order is its seed
+    "latents": (["--latents", "mean"], {"train": {"latents": "mean"}}, "mean"),
 }
 SEARCH = {
     "trials": (["--trials", "3"], {"search": {"trials": 3}}, 3),
@@ -284,5 +285,5 @@ def test_a_config_refuses_an_unknown_table(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     code, _, err = run_cli(capsys, "run", path)
-    assert code == 2 and "config field 'report.tables[2]': unknown table 'table9' (known: table1, " in err
+    assert code == 2 and "config field 'report.tables[2]': unknown table 'table9'; known: table1, " in err
     assert "categories_refcoco_testB" in err and err.count("\n") == 1

@@ -34,6 +34,7 @@ import torch
 
 from probing.artifacts import sha256_file
 from probing.errors import ProbingError
+from probing.models.base import DTYPES
 from probing.models.checkpoint import CheckpointSource
 from probing.models.loading import (
     LLM_TOKENIZER_FILES,
@@ -45,10 +46,10 @@ from probing.models.loading import (
 from probing.models.pixels import PixelPipeline
 from probing.models.registry import BackendFamily
 from probing.records import ITM_HEAD, ZERO_SHOT_PROMPT
+from probing.registry import Registry
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TEXT_FIELD = "{text}"  # where a prompt template takes the example's caption
 # InstructBLIP's template for short answers ("Question: {} Short answer:", the one its authors evaluate
 # short-answer VQA with), holding the caption as a yes/no question; the wording of the question follows
@@ -179,7 +180,7 @@ class PromptScorer(ZeroShotScorer):
         self.answer_tokens = [self._answer_tokens(answer) for answer in self.answers]
         if self.answer_tokens[0] == self.answer_tokens[1]:
             raise ProbingError(f"--answers: {self.answers[0]!r} and {self.answers[1]!r} tokenize to the same tokens")
-        self.image_processor = load_image_processor(checkpoint, config)
+        self.image_processor = load_image_processor(checkpoint, config, family.resampler)
         self.pixels = PixelPipeline(self.image_processor)
         self.model = None
 
@@ -366,16 +367,13 @@ class MatchScorer(ZeroShotScorer):
         )
 
 
-_SCORERS: dict[str, type[ZeroShotScorer]] = {}
+# The zero-shot method of each backend family, by family name (entry-point group `probing.zeroshot`).
+_SCORERS: Registry[type[ZeroShotScorer]] = Registry("zero-shot method", "probing.zeroshot")
 
 
-def register_zero_shot(family: str, scorer: type[ZeroShotScorer]) -> type[ZeroShotScorer]:
+def register_zero_shot(family: str, scorer: type[ZeroShotScorer], *, replace: bool = False) -> type[ZeroShotScorer]:
     """The zero-shot method of a backend family (one per family; a plug-in family registers its own)."""
-    existing = _SCORERS.get(family)
-    if existing is not None and existing is not scorer:
-        raise ProbingError(f"backend family '{family}' already has a zero-shot method ({existing.__name__})")
-    _SCORERS[family] = scorer
-    return scorer
+    return _SCORERS.register(family, scorer, replace=replace)
 
 
 def zero_shot_scorer(family: BackendFamily, where: str) -> type[ZeroShotScorer]:

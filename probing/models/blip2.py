@@ -13,8 +13,9 @@ from torch import nn
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings, Blip2VisionModel
 
 from probing.models.lavis import LavisKeyMap
-from probing.models.qformer import QFormerResampler
+from probing.models.qformer import QFormerResampler, randomise_query_tokens
 from probing.models.registry import BackendFamily, register_family
+from probing.models.tiny import REAL_QFORMER, REAL_VISION, TINY_QFORMER, TINY_VISION, TinyCheckpoint
 
 
 class Blip2Resampler(QFormerResampler):
@@ -59,6 +60,25 @@ class Blip2Resampler(QFormerResampler):
         return self.itm_head(last_query_states.to(self.itm_head.weight.dtype)).mean(dim=1)
 
 
+def tiny_config(size: str, vocab_size: int):
+    """`Blip2ForImageTextRetrieval`'s config at tiny or real size (`probing.models.tiny`)."""
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+
+    vision, qformer = (TINY_VISION, TINY_QFORMER) if size == "tiny" else (REAL_VISION, REAL_QFORMER)
+    return Blip2Config(
+        vision_config=Blip2VisionConfig(**vision).to_dict(),
+        qformer_config=Blip2QFormerConfig(use_qformer_text_input=True, vocab_size=vocab_size, **qformer).to_dict(),
+        num_query_tokens=4 if size == "tiny" else 32,
+        image_text_hidden_size=16 if size == "tiny" else 256,
+    )
+
+
+def _itm_model_class():
+    from transformers import Blip2ForImageTextRetrieval
+
+    return Blip2ForImageTextRetrieval
+
+
 BLIP2 = register_family(
     BackendFamily(
         name="blip2",
@@ -73,5 +93,6 @@ BLIP2 = register_family(
         lavis=LavisKeyMap(
             marker_prefixes=("itm_head.",), text_embeddings="embeddings.", embedding_layernorm="qformer.layernorm."
         ),
+        tiny=TinyCheckpoint(config=tiny_config, model_class=_itm_model_class, randomise=randomise_query_tokens),
     )
 )

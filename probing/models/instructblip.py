@@ -13,8 +13,18 @@ from torch import nn
 from transformers.models.instructblip.modeling_instructblip import InstructBlipQFormerModel, InstructBlipVisionModel
 
 from probing.models.lavis import LavisKeyMap
-from probing.models.qformer import QFormerResampler
+from probing.models.qformer import QFormerResampler, randomise_query_tokens
 from probing.models.registry import BackendFamily, register_family
+from probing.models.tiny import (
+    QFORMER_TOKENIZER_FOLDER,
+    REAL_LLM,
+    REAL_QFORMER,
+    REAL_VISION,
+    TINY_LLM,
+    TINY_QFORMER,
+    TINY_VISION,
+    TinyCheckpoint,
+)
 
 
 class InstructBlipResampler(QFormerResampler):
@@ -42,6 +52,29 @@ class InstructBlipResampler(QFormerResampler):
         return output.hidden_states
 
 
+def tiny_config(size: str, vocab_size: int):
+    """`InstructBlipForConditionalGeneration`'s config (with a small or Llama-7B-sized Llama) at tiny or real size
+    (`probing.models.tiny`)."""
+    from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig, LlamaConfig
+
+    vision, qformer, llm = (
+        (TINY_VISION, TINY_QFORMER, TINY_LLM) if size == "tiny" else (REAL_VISION, REAL_QFORMER, REAL_LLM)
+    )
+    return InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(**vision).to_dict(),
+        qformer_config=InstructBlipQFormerConfig(vocab_size=vocab_size, **qformer).to_dict(),
+        text_config=LlamaConfig(**llm).to_dict(),
+        num_query_tokens=4 if size == "tiny" else 32,
+        image_token_index=llm["vocab_size"] - 1,
+    )
+
+
+def _whole_model_class():
+    from transformers import InstructBlipForConditionalGeneration
+
+    return InstructBlipForConditionalGeneration
+
+
 INSTRUCTBLIP = register_family(
     BackendFamily(
         name="instructblip",
@@ -50,12 +83,15 @@ INSTRUCTBLIP = register_family(
         model_types=("instructblip",),
         aliases={"instructblip": "Salesforce/instructblip-vicuna-7b"},
         default_checkpoint="Salesforce/instructblip-vicuna-7b",
-        tokenizer_folder="qformer_tokenizer",
+        tokenizer_folder=QFORMER_TOKENIZER_FOLDER,
         # A LAVIS InstructBLIP checkpoint carries the LLM projection; its Q-Former owns its text embeddings.
         lavis=LavisKeyMap(
             marker_prefixes=("llm_proj.", "t5_proj."),
             text_embeddings="qformer.embeddings.",
             embedding_layernorm="qformer.embeddings.layernorm.",
+        ),
+        tiny=TinyCheckpoint(
+            config=tiny_config, model_class=_whole_model_class, randomise=randomise_query_tokens, llm_tokenizer=True
         ),
     )
 )

@@ -8,10 +8,13 @@
   `base` (a Hub id or folder, by default the family's checkpoint); keys the `.pth` lacks (a trimmed file
   without the ViT) are taken from `base`'s weights.
 - `init="random"`: the same architecture with seeded random weights and no weight file read: the control
-  baseline. The ViT's `initializer_range` (1e-10 in the configs, which would make a random ViT output
-  constant) is set to 0.02 and recorded.
+  baseline. What the config needs changed for it (the Q-Former families: the ViT's `initializer_range`) and
+  what is drawn beyond the modules' own init are the family's (`Resampler.random_init_config`,
+  `Resampler.init_random_weights`).
 
-Which family reads a checkpoint is the registry's answer (`probing.models.registry`).
+Which family reads a checkpoint is the registry's answer (`probing.models.registry`); everything family-shaped
+(which keys to read, tokenizer checks, the default image processor, the layer count) is the family's
+declaration (`probing.models.base`), so this module names no module of any family.
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ from probing.models.registry import BackendFamily, family_for_config, family_nam
 from probing.settings import check, setting
 
 log = logging.getLogger(__name__)
-
-RANDOM_VISION_INITIALIZER_RANGE = 0.02
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,14 @@ def load_tokenizer(
 
 
 def _load_tokenizer(source: CheckpointSource, family: BackendFamily):
-    """The Q-Former's tokenizer from the family's tokenizer folder."""
+    """The resampler's tokenizer from the family's tokenizer folder."""
     return load_tokenizer(source, family.tokenizer_folder or "")
 
 
-def load_image_processor(source: CheckpointSource, config):
-    """The checkpoint's own processor with the PIL backend (LAVIS-exact pixels), else BLIP's defaults."""
+def load_image_processor(source: CheckpointSource, config, resampler: type[Resampler]):
+    """The checkpoint's own processor with the PIL backend (LAVIS-exact pixels), else the family's default
+    (`resampler.default_image_processor`; BLIP's for the Q-Former families)."""
     from transformers import AutoImageProcessor
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     processor_file = source.file("preprocessor_config.json", required=False)
     if processor_file is not None:
@@ -125,25 +125,9 @@ def load_image_processor(source: CheckpointSource, config):
             return AutoImageProcessor.from_pretrained(processor_file.parent, backend="pil")
         except (OSError, ValueError) as error:
             raise ProbingError(f"{processor_file}: cannot load the image processor ({error})") from None
-    size = config.vision_config.image_size
-    log.info(
-        "%s: no preprocessor_config.json; using BlipImageProcessorPil(%d px, CLIP mean/std, bicubic)",
-        source.name_or_path,
-        size,
-    )
-    return BlipImageProcessorPil(
-        size={"height": size, "width": size}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
-    )
-
-
-def _check_tokenizer(tokenizer, config, where: str) -> None:
-    if tokenizer.pad_token_id != config.qformer_config.pad_token_id:
-        raise ProbingError(
-            f"{where}: tokenizer pad id {tokenizer.pad_token_id} != Q-Former pad id "
-            f"{config.qformer_config.pad_token_id}"
-        )
-    # No check of len(tokenizer) against the vocabulary: a Hub tokenizer may carry added tokens (`<image>`)
-    # that plain text never produces; `tokenize` checks the ids actually produced instead.
+    processor = resampler.default_image_processor(config)
+    log.info("%s: no preprocessor_config.json; using %r", source.name_or_path, processor)
+    return processor
 
 
 def _restore_buffers(module: torch.nn.Module) -> None:
@@ -185,13 +169,12 @@ def _random_resampler(
     cls: type[Resampler], config, tokenizer, processor, identity: dict[str, Any], seed: int
 ) -> Resampler:
     """Seeded random weights, drawn on the CPU whatever the target device: CUDA's generator draws other
-    numbers for the same seed, and the store identity (family, seed, config hash) names no device."""
-    config.vision_config.initializer_range = RANDOM_VISION_INITIALIZER_RANGE
+    numbers for the same seed, and the store identity (family, seed, config hash) names no device. The config
+    was changed by `cls.random_init_config` before (it is part of the identity)."""
     torch.manual_seed(seed)
     with torch.device("cpu"):
         resampler = cls(config, tokenizer, processor, identity)
-        with torch.no_grad():
-            resampler.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
+        resampler.init_random_weights()
     return resampler
 
 
@@ -217,11 +200,15 @@ def load_resampler(
     *,
     device: str | torch.device = "cpu",
     vision_dtype: torch.dtype = torch.float32,
-    qformer_dtype: torch.dtype = torch.float32,
+    latent_dtype: torch.dtype = torch.float32,
+    qformer_dtype: torch.dtype | None = None,
     **fields: Any,
 ) -> Resampler:
     """Load a resampler (`source` may be a model string with `ModelSource` fields as keywords); its
-    `.identity` holds what manifests record (source, revision, weights hash, init)."""
+    `.identity` holds what manifests record (source, revision, weights hash, init). `qformer_dtype` is an
+    alias of `latent_dtype` (the resampler's dtype), kept for callers that use it."""
+    if qformer_dtype is not None:
+        latent_dtype = qformer_dtype
     if isinstance(source, str):
         source = ModelSource(model=source, **fields)
     source = source.required()
@@ -248,8 +235,8 @@ def load_resampler(
     tokenizer = None
     if family.reads_text:
         tokenizer = _load_tokenizer(checkpoint, family)
-        _check_tokenizer(tokenizer, config, checkpoint.name_or_path)
-    processor = load_image_processor(checkpoint, config)
+        cls.check_tokenizer(tokenizer, config, checkpoint.name_or_path)
+    processor = load_image_processor(checkpoint, config, cls)
     identity: dict[str, Any] = {
         "family": family.name,
         "source": f"lavis:{Path(spec).resolve()}" if lavis_state is not None else checkpoint.name_or_path,
@@ -258,7 +245,7 @@ def load_resampler(
         "init": source.init,
     }
     if source.init == "random":
-        identity |= {"init_seed": source.init_seed, "vision_initializer_range": RANDOM_VISION_INITIALIZER_RANGE}
+        identity |= {"init_seed": source.init_seed} | cls.random_init_config(config)
         resampler = _random_resampler(cls, config, tokenizer, processor, identity, source.init_seed)
     else:
         resampler = _meta_resampler(cls, config, tokenizer, processor, identity)
@@ -303,12 +290,13 @@ def load_resampler(
         resampler = _fill(resampler, expected, tensors, spec if lavis_state is not None else checkpoint.name_or_path)
     if checkpoint.commit is not None:
         resampler.identity["revision"] = checkpoint.commit  # the immutable commit the files came from
-    resampler.set_dtypes(vision_dtype, qformer_dtype)
+    resampler.set_dtypes(vision_dtype, latent_dtype)
     return resampler.to(device).eval()
 
 
-def qformer_layers(source: ModelSource | str, **fields: Any) -> int:
-    """The number of Q-Former layers of a model, from its config alone (no weights read)."""
+def resampler_layers(source: ModelSource | str, **fields: Any) -> int:
+    """The number of probe-able layers of a model (`Resampler.layers_in`), from its config alone (no weights
+    read)."""
     if isinstance(source, str):
         source = ModelSource(model=source, **fields)
     aliased, spec = resolve_alias(source.required().model)
@@ -319,3 +307,6 @@ def qformer_layers(source: ModelSource | str, **fields: Any) -> int:
     checkpoint = CheckpointSource(spec, source.revision)
     config = load_config(checkpoint)
     return family_for_config(config, checkpoint.name_or_path, requested).resampler.layers_in(config)
+
+
+qformer_layers = resampler_layers  # the name callers used before the contract covered non-Q-Former families

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from probing.errors import ProbingError
+from probing.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -28,28 +29,18 @@ class BackendFamily:
     default_checkpoint: str | None = None  # where a LAVIS .pth's config and tokenizer come from by default
     tokenizer_folder: str | None = ""  # the tokenizer's folder in a checkpoint ("": its root); None: reads no text
     lavis: Any = None  # a `LavisKeyMap`, for LAVIS .pth checkpoints of this family
+    tiny: Any = None  # a `probing.models.tiny.TinyCheckpoint`: how tests and the demo write a local checkpoint
 
     @property
     def reads_text(self) -> bool:
         return self.tokenizer_folder is not None
 
 
-_FAMILIES: dict[str, BackendFamily] = {}
-
-
-def register_family(family: BackendFamily) -> BackendFamily:
-    """Add a family (once; registering the same family again is a no-op)."""
-    existing = _FAMILIES.get(family.name)
-    if existing is not None and existing != family:
-        raise ProbingError(f"backend family '{family.name}' is already registered")
+def _check_family(name: str, family: BackendFamily, others: dict[str, BackendFamily]) -> None:
+    if name != family.name:
+        raise ProbingError(f"backend family '{family.name}' registered under another name ('{name}')")
     clash = next(
-        (
-            alias
-            for other in _FAMILIES.values()
-            if other.name != family.name
-            for alias in family.aliases
-            if alias in other.aliases
-        ),
+        (alias for other in others.values() for alias in family.aliases if alias in other.aliases),
         None,
     )
     if clash is not None:
@@ -58,20 +49,30 @@ def register_family(family: BackendFamily) -> BackendFamily:
         raise ProbingError(
             f"backend family '{family.name}': tokenizer_folder and {family.resampler.__name__}.reads_text disagree"
         )
-    _FAMILIES[family.name] = family
-    return family
+
+
+# Installed packages may add families through the entry-point group `probing.backends` (a `BackendFamily`).
+_FAMILIES: Registry[BackendFamily] = Registry("family", "probing.backends", check=_check_family)
+
+
+def register_family(family: BackendFamily, *, replace: bool = False) -> BackendFamily:
+    """Add a family (once: registering the same family again is a no-op; another under its name is refused
+    unless `replace`)."""
+    return _FAMILIES.register(family.name, family, replace=replace)
+
+
+def unregister_family(name: str) -> BackendFamily:
+    """Take a family out again (a test that registered one for itself)."""
+    return _FAMILIES.unregister(name)
 
 
 def families() -> list[BackendFamily]:
     """Every registered family (the built-in ones register when `probing.models` is imported)."""
-    return list(_FAMILIES.values())
+    return _FAMILIES.values()
 
 
 def family_named(name: str, option: str = "--family") -> BackendFamily:
-    for family in families():
-        if family.name == name:
-            return family
-    raise ProbingError(f"{option}: unknown family '{name}' (choose {', '.join(f.name for f in families())})")
+    return _FAMILIES.get(name, option)
 
 
 def resolve_alias(model: str) -> tuple[BackendFamily | None, str]:

@@ -26,7 +26,10 @@ zero-shot prompt (`probing zeroshot`) to run the real classes end to end; words 
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +37,6 @@ from probing.artifacts import match_umask
 from probing.errors import ProbingError
 from probing.records import StageResult
 
-FAMILIES = ("blip2", "instructblip")
 QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"  # where InstructBLIP repos keep the Q-Former's BERT tokenizer
 LLM_TOKENIZER_FILE = "tokenizer_config.json"  # in an InstructBLIP checkpoint's root: its LLM's tokenizer
 REAL_VOCAB_SIZE = 30522  # bert-base-uncased, before [DEC]
@@ -121,106 +123,102 @@ def write_llm_tokenizer(out: Path, vocab_size: int, image_token_index: int):
     return tokenizer
 
 
-def _image_processor(image_size: int):
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+# The tiny and real sizes every Q-Former family shares (the real ones: the published checkpoints').
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    initializer_range=0.02,
+)
+TINY_QFORMER = dict(
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    cross_attention_frequency=2,
+    max_position_embeddings=160,
+)
+TINY_LLM = dict(
+    vocab_size=100,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+)
+REAL_VISION = dict(image_size=224)  # the rest are the configs' defaults: ViT-g, 39 layers, 1408 wide
+REAL_QFORMER: dict = {}  # 12 layers, 768 wide, cross-attention every 2nd layer
+REAL_LLM = dict(vocab_size=32001)  # Llama-7B defaults; never instantiated by probing
+SIZES = ("tiny", "real")
 
-    return BlipImageProcessorPil(
-        size={"height": image_size, "width": image_size}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
-    )
+
+@dataclass(frozen=True)
+class TinyCheckpoint:
+    """How a family's local checkpoints are written (a family declares one in its file, `BackendFamily.tiny`).
+
+    - `config(size, vocab_size)`: the transformers config at `size` ("tiny" or "real"), its text vocabulary
+      `vocab_size` (that of the tokenizer written for it);
+    - `model_class()`: the transformers class whose `save_pretrained` writes the checkpoint (the whole model,
+      language model included, as on the Hub);
+    - `randomise(model)`: what to draw after transformers' init (e.g. query tokens, zeros by default);
+    - `llm_tokenizer`: whether the checkpoint's root also gets a language-model tokenizer (InstructBLIP's).
+    """
+
+    config: Callable[[str, int], Any]
+    model_class: Callable[[], type]
+    randomise: Callable[[Any], None] | None = None
+    llm_tokenizer: bool = False
+
+
+def tiny_family(name: str, option: str | None = None):
+    """The registered family `name` and its `TinyCheckpoint`; a family without one is refused like an unknown
+    name, listing those that have one."""
+    from probing.models.registry import families
+    from probing.registry import unknown_name
+
+    able = {family.name: family for family in families() if family.tiny is not None}
+    if name not in able:
+        raise unknown_name("model family with a tiny checkpoint", name, able, option)
+    return able[name], able[name].tiny
 
 
 def build_config(family: str, size: str, vocab_size: int):
-    """The BLIP-2 ITM or InstructBLIP config at tiny or real size (the real size: the published checkpoints')."""
-    from transformers import (
-        Blip2Config,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        InstructBlipConfig,
-        InstructBlipQFormerConfig,
-        InstructBlipVisionConfig,
-        LlamaConfig,
-    )
-
-    if family not in FAMILIES:
-        raise ProbingError(f"unknown model family '{family}' (choose {', '.join(FAMILIES)})")
-    if size == "tiny":
-        vision = dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            initializer_range=0.02,
-        )
-        qformer = dict(
-            hidden_size=24,
-            intermediate_size=48,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            cross_attention_frequency=2,
-            vocab_size=vocab_size,
-            max_position_embeddings=160,
-        )
-        llm = dict(
-            vocab_size=100,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=256,
-        )
-        queries = 4
-    elif size == "real":
-        vision = dict(image_size=224)  # the rest are the configs' defaults: ViT-g, 39 layers, 1408 wide
-        qformer = dict(vocab_size=vocab_size)  # 12 layers, 768 wide, cross-attention every 2nd layer
-        llm = dict(vocab_size=32001)  # Llama-7B defaults; never instantiated by probing
-        queries = 32
-    else:
+    """The family's config at tiny or real size (the real size: the published checkpoints')."""
+    _, tiny = tiny_family(family)
+    if size not in SIZES:
         raise ProbingError(f"unknown checkpoint size '{size}' (choose tiny or real)")
-    if family == "blip2":
-        return Blip2Config(
-            vision_config=Blip2VisionConfig(**vision).to_dict(),
-            qformer_config=Blip2QFormerConfig(use_qformer_text_input=True, **qformer).to_dict(),
-            num_query_tokens=queries,
-            image_text_hidden_size=16 if size == "tiny" else 256,
-        )
-    return InstructBlipConfig(
-        vision_config=InstructBlipVisionConfig(**vision).to_dict(),
-        qformer_config=InstructBlipQFormerConfig(**qformer).to_dict(),
-        text_config=LlamaConfig(**llm).to_dict(),
-        num_query_tokens=queries,
-        image_token_index=llm["vocab_size"] - 1,
-    )
+    return tiny.config(size, vocab_size)
 
 
 def write_checkpoint(
     out: Path, family: str, size: str = "tiny", weights: bool = True, seed: int = 0, max_shard_size: str = "40KB"
 ) -> Path:
     """Write a Hugging Face checkpoint folder for `family`; see the module docstring. Returns `out`."""
-    from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
+    backend, tiny = tiny_family(family)
     if size == "real" and weights:
         raise ProbingError("real-size checkpoints are written without weights (use --init random with them)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = out / QFORMER_TOKENIZER_FOLDER if family == "instructblip" else out
+    tokenizer_dir = out / backend.tokenizer_folder if backend.tokenizer_folder else out
     tokenizer = write_tokenizer(tokenizer_dir, real_size=size == "real")
     config = build_config(family, size, vocab_size=len(tokenizer))
-    _image_processor(config.vision_config.image_size).save_pretrained(out)
-    if family == "instructblip":
+    backend.resampler.default_image_processor(config).save_pretrained(out)
+    if tiny.llm_tokenizer:
         write_llm_tokenizer(out, config.text_config.vocab_size, config.image_token_index)
     if not weights:
         config.save_pretrained(out)
         return out
     torch.manual_seed(seed)
-    model_class = Blip2ForImageTextRetrieval if family == "blip2" else InstructBlipForConditionalGeneration
-    model = model_class(config).eval()
-    with torch.no_grad():  # zero-initialised by _init_weights: make the queries differ, or every query is the same
-        model.query_tokens.normal_(0.0, 0.5)
+    model = tiny.model_class()(config).eval()
+    if tiny.randomise is not None:
+        with torch.no_grad():
+            tiny.randomise(model)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -242,7 +240,7 @@ def ensure_checkpoint(out: Path, family: str, seed: int = 0) -> StageResult[Path
     identity = {"kind": "tiny-checkpoint", "family": family, "seed": seed, "size": "tiny"}
     with one_writer(out):  # one writer: another worker writing it is waited for, then reused
         if existing_output_matches(out, identity, "checkpoint"):
-            if family == "instructblip" and not (out / LLM_TOKENIZER_FILE).is_file():
+            if tiny_family(family)[1].llm_tokenizer and not (out / LLM_TOKENIZER_FILE).is_file():
                 _add_llm_tokenizer(out)
             return StageResult(out, out, "reused")
         with staged_directory(out) as staging:

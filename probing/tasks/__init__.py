@@ -14,7 +14,8 @@ from pathlib import Path
 from probing.artifacts import sha256_file
 from probing.data.types import DataOptions, SplitData
 from probing.errors import ProbingError
-from probing.tasks.spec import TaskRegistry, TaskSpec
+from probing.registry import Registry
+from probing.tasks.spec import TaskSpec
 
 __all__ = [
     "TaskSpec",
@@ -30,29 +31,31 @@ __all__ = [
 # dataset fingerprint, so artifacts made by an older loader are refused instead of silently mixed.
 LOADER_FORMAT_VERSION = 1
 
-_REGISTRY = TaskRegistry()
-_BUILTINS_LOADED = False
+
+def _register_builtins() -> None:
+    # imported on first use: the built-in tasks' readers import modules that import this package
+    from probing.tasks.builtin import BUILTIN_TASKS
+
+    for spec in BUILTIN_TASKS:
+        TASKS.register(spec.name, spec)
 
 
-def _registry() -> TaskRegistry:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from probing.tasks.builtin import BUILTIN_TASKS
-
-        for spec in BUILTIN_TASKS:
-            _REGISTRY.add(spec)
-    return _REGISTRY
+# Installed packages may add tasks through the entry-point group `probing.tasks` (a `TaskSpec`).
+TASKS: Registry[TaskSpec] = Registry(
+    "task", "probing.tasks", builtins=_register_builtins, origin=lambda spec: spec.source
+)
 
 
-def register_task(spec: TaskSpec) -> TaskSpec:
-    """Add a task to the registry (a second registration under the same name must be the same task)."""
-    return _registry().add(spec)
+def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
+    """Add a task to the registry. A second registration under the same name must be the same task, or the same
+    task file read again after a change (it replaces its earlier version), or say `replace`."""
+    existing = TASKS.get(spec.name) if spec.name in TASKS else None
+    return TASKS.register(spec.name, spec, replace=replace or (existing is not None and existing.source == spec.source))
 
 
 def registered_tasks() -> list[TaskSpec]:
     """Every registered task, built-ins first, in registration order."""
-    return list(_registry().tasks.values())
+    return TASKS.values()
 
 
 def is_task_file(reference: str) -> bool:
@@ -65,15 +68,13 @@ def get_task(reference: str | TaskSpec | None, option: str = "--task") -> TaskSp
         return reference
     if reference is None:
         raise ProbingError(f"{option}: no task given")
-    registry = _registry()
-    if reference in registry.tasks:
-        return registry.tasks[reference]
+    if reference in TASKS:
+        return TASKS.get(reference)
     if is_task_file(reference):
         from probing.tasks.yaml_task import load_task_file
 
-        return registry.add(load_task_file(Path(reference)))
-    known = ", ".join(registry.tasks)
-    raise ProbingError(f"{option}: unknown task '{reference}' (known: {known}; or the path of a task .yaml file)")
+        return register_task(load_task_file(Path(reference)))
+    return TASKS.get(reference, option, hint="; or the path of a task .yaml file")
 
 
 def task_reference(reference: str | None) -> str | None:

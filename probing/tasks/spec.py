@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -149,18 +149,3 @@ class TaskSpec:
             "source": self.source,
             "description": self.description,
         }
-
-
-@dataclass
-class TaskRegistry:
-    """Registered tasks by name, in registration order. A task file read again after a change replaces its
-    earlier version; another task under a registered name is refused."""
-
-    tasks: dict[str, TaskSpec] = field(default_factory=dict)
-
-    def add(self, spec: TaskSpec) -> TaskSpec:
-        existing = self.tasks.get(spec.name)
-        if existing is not None and existing != spec and existing.source != spec.source:
-            raise ProbingError(f"task '{spec.name}' from {spec.source} is already registered (from {existing.source})")
-        self.tasks[spec.name] = spec
-        return spec

@@ -1,0 +1,89 @@
+"""docs/architecture.md's rooms table is the import rule of the package: every module is in one room, and a
+module imports only from its own room and the rooms above it (lazy imports included), bar the exceptions the
+page lists."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "architecture.md"
+
+
+def section(title: str) -> str:
+    text = PAGE.read_text()
+    start = text.index(title)
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def rooms() -> dict[str, tuple[int, str]]:
+    """Top-level module or subpackage name -> (order, room), from the rooms table."""
+    placed: dict[str, tuple[int, str]] = {}
+    for line in section("## Rooms and what each may import").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            for module in re.findall(r"`([\w_]+)`", cells[2]):
+                assert module not in placed, f"{module} is in two rooms"
+                placed[module] = (int(cells[0]), cells[1])
+    return placed
+
+
+def exceptions() -> set[tuple[str, str]]:
+    found = set()
+    for line in section("## Rooms and what each may import").split("Known exceptions")[1].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            found |= {(cells[0].strip("`"), imported) for imported in re.findall(r"`([\w_]+)`", cells[1])}
+    return found
+
+
+def top_level(module: str) -> str:
+    """`probing.models.base` -> `models`; `probing` itself -> ``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def package_imports() -> list[tuple[str, str, str]]:
+    """(importing file, its top-level module, the imported top-level module) for every probing import."""
+    found = []
+    for path in sorted((ROOT / "probing").rglob("*.py")):
+        relative = path.relative_to(ROOT).with_suffix("")
+        module = ".".join(relative.parts[:-1] if relative.name == "__init__" else relative.parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "probing" or name.startswith("probing."):
+                    found.append((str(path.relative_to(ROOT)), top_level(module), top_level(name)))
+    return found
+
+
+def test_every_module_of_the_package_has_a_room():
+    placed = rooms()
+    modules = {path.stem for path in (ROOT / "probing").glob("*.py") if path.stem != "__init__"}
+    modules |= {path.parent.name for path in (ROOT / "probing").glob("*/__init__.py")}
+    assert sorted(modules - set(placed)) == [], "modules missing from docs/architecture.md's rooms table"
+    assert sorted(set(placed) - modules) == [], "rooms table names modules that do not exist"
+    assert [order for order, _ in sorted(set(placed.values()))] == list(range(len(set(placed.values()))))
+
+
+def test_imports_run_along_the_flow():
+    placed, allowed = rooms(), exceptions()
+    against = [
+        f"{path}: {module} ({placed[module][1]}) imports {imported} ({placed[imported][1]})"
+        for path, module, imported in package_imports()
+        if module
+        and imported
+        and module != imported
+        and placed[imported][0] > placed[module][0]
+        and (module, imported) not in allowed
+    ]
+    assert against == []
+    # every listed exception still exists (a fixed one is taken off the page)
+    present = {(module, imported) for _, module, imported in package_imports()}
+    assert allowed <= present and allowed
