@@ -19,7 +19,11 @@ PAPER_TASKS = ("refcocog", "vsr", "rcm")  # the paper's Table 1 columns, in its 
 
 def paper_results_block() -> str:
     """The paper's Table 1 (test, %) as Markdown, from the numbers `probing report --compare-paper` shows."""
-    header = ["model", "mode", *(f"{get_task(name).title} ({get_task(name).head.metric_title})" for name in PAPER_TASKS)]
+    header = [
+        "model",
+        "mode",
+        *(f"{get_task(name).title} ({get_task(name).head.metric_title})" for name in PAPER_TASKS),
+    ]
     rows = []
     for (model, mode), values in PAPER_TABLE1.items():
         rows.append([model, mode, *(f"{values[name]:.2f}" if name in values else "–" for name in PAPER_TASKS)])
@@ -29,6 +33,7 @@ def paper_results_block() -> str:
 
 
 BLOCKS = {"paper-results": paper_results_block}
+README = Path(__file__).resolve().parent.parent / "README.md"  # the repository's front page
 
 
 def block_pattern(name: str) -> re.Pattern[str]:
@@ -38,7 +43,8 @@ def block_pattern(name: str) -> re.Pattern[str]:
 def rewritten(text: str) -> str:
     """`text` with every block present in it replaced by what its builder writes now."""
     for name, build in BLOCKS.items():
-        text = block_pattern(name).sub(lambda match: match.group(1) + build() + "\n" + match.group(3), text)
+        body = build()
+        text = block_pattern(name).sub(lambda match, body=body: match.group(1) + body + "\n" + match.group(3), text)
     return text
 
 
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args and not check:
         print("usage: python -m probing.docs_blocks [--check]", file=sys.stderr)
         return 2
-    readme = Path(__file__).resolve().parent.parent / "README.md"
+    readme = README
     text = readme.read_text()
     new = rewritten(text)
     if check:
