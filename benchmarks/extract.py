@@ -35,9 +35,9 @@ import torch
 from probing.data import DataOptions
 from probing.data.images import load_rgb_image
 from probing.data.synthetic import demo_data_options, make_demo_data
-from probing.extract import ExtractionRequest, default_workers, extract_loaded
 from probing.models import load_resampler
 from probing.models.tiny import build_config, write_checkpoint
+from probing.store.extract import ExtractionRequest, default_workers, extract_loaded
 from probing.tasks import load_split
 
 REFCOCOG_SENTENCES_PER_IMAGE = 80512 / 21899

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from probing.mdl import block_ends, online_code
-from probing.train import ProbeData, TrainSettings, Trial, resolve_device
+from probing.probes.train import ProbeData, TrainSettings, Trial, resolve_device
+from probing.studies.mdl import block_ends, online_code
 
 
 def synthetic(rows: int, width: int, seed: int) -> ProbeData:

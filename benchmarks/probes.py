@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from probing.device_copies import to_device_chunked
-from probing.probes import new_probe
-from probing.train import (
+from probing.core.device_copies import to_device_chunked
+from probing.probes.modules import new_probe
+from probing.probes.train import (
     EVAL_CHUNK,
     ProbeData,
     TrainSettings,
@@ -143,13 +143,13 @@ def unfrozen(args, device: torch.device) -> None:
     what a run pays once (accelerate's setup, kernel warm-up, the final weights) is left out."""
     from probing.data import DataOptions
     from probing.data.synthetic import demo_data_options, make_demo_data
-    from probing.extract import ExtractionRequest, extract_loaded
-    from probing.features import FeatureStore
     from probing.models import load_resampler
     from probing.models.tiny import write_checkpoint
+    from probing.probes.train import train_module
+    from probing.probes.unfrozen import VisionTable, unfrozen_run
+    from probing.store.extract import ExtractionRequest, extract_loaded
+    from probing.store.features import FeatureStore
     from probing.tasks import get_task, load_split
-    from probing.train import train_module
-    from probing.unfrozen import VisionTable, unfrozen_run
 
     size = "real" if device.type == "cuda" else "tiny"
     init = "random" if size == "real" else "pretrained"

@@ -16,15 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from probing.analysis import estimate
 from probing.data import DataOptions
 from probing.data.synthetic import demo_data_options, make_demo_data
-from probing.extract import ExtractionRequest, extract
 from probing.models.tiny import write_checkpoint
-from probing.search import SearchRequest, run_search
-from probing.search_space import SearchSpace
+from probing.probes.train import TrainSettings
+from probing.report.analysis import estimate
+from probing.store.extract import ExtractionRequest, extract
+from probing.studies.search import SearchRequest, run_search
 from probing.tasks import get_task
-from probing.train import TrainSettings
+from probing.tasks.search_space import SearchSpace
 
 
 def search(out: Path, pruner: str, args, options, features, checkpoint) -> tuple[int, float, float, Path]:

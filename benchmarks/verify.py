@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from probing.features import _VERIFIED, NO_VERIFY_VARIABLE, FeatureStore, FeatureStoreWriter, layer_key
+from probing.store.features import _VERIFIED, NO_VERIFY_VARIABLE, FeatureStore, FeatureStoreWriter, layer_key
 
 
 def write_store(folder: Path, examples: int, layers: int, queries: int, width: int, shard: int) -> None:

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from probing.extract import ShardWriters, default_write_threads
-from probing.features import FeatureStoreWriter, layer_key
+from probing.store.extract import ShardWriters, default_write_threads
+from probing.store.features import FeatureStoreWriter, layer_key
 
 
 def make_shards(count: int, size: int, layers: int) -> list[dict[str, torch.Tensor]]:

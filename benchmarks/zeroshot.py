@@ -32,17 +32,17 @@ from pathlib import Path
 
 import torch
 
+from probing.baselines.zeroshot import ZeroShotRequest, score_split
 from probing.data import DataOptions
 from probing.data.images import load_rgb_image
 from probing.data.synthetic import demo_data_options, make_demo_data
-from probing.extract import default_workers
 from probing.models import ModelSource, family_named
 from probing.models.answering import PromptScorer
 from probing.models.checkpoint import CheckpointSource
 from probing.models.loading import load_config
 from probing.models.tiny import write_checkpoint
+from probing.store.extract import default_workers
 from probing.tasks import load_split
-from probing.zeroshot import ZeroShotRequest, score_split
 
 
 def peak_rss_mb() -> float:

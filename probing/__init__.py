@@ -1,5 +1,9 @@
 """probing: diagnostic probes of where vision-and-language resamplers keep spatial information."""
 
-from probing.artifacts import code_version
+from probing.core.artifacts import code_version
 
 __version__ = code_version()
+
+from probing import _moved  # noqa: E402
+
+_moved.install()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 # name -> the module that defines it, grouped by stage in the order data flows
 _EXPORTS: dict[str, str] = {
     # errors: every user mistake raises ProbingError (the CLI prints it as one line)
-    "ProbingError": "probing.errors",
+    "ProbingError": "probing.core.errors",
     # data and models: tasks, the demo dataset, tiny random checkpoints
     "TaskSpec": "probing.tasks",
     "get_task": "probing.tasks",
@@ -34,49 +34,49 @@ _EXPORTS: dict[str, str] = {
     "ModelSource": "probing.models",
     "load_resampler": "probing.models",
     # extraction and stores: per-layer query outputs on disk
-    "ExtractionRequest": "probing.extract",
-    "extract": "probing.extract",
-    "FeatureStore": "probing.features",
+    "ExtractionRequest": "probing.store.extract",
+    "extract": "probing.store.extract",
+    "FeatureStore": "probing.store.features",
     # probes and training
-    "PROBES": "probing.probes",
-    "ProbeKind": "probing.probes",
-    "register_probe": "probing.probes",
-    "Trial": "probing.train",
-    "TrainSettings": "probing.train",
-    "TrainRequest": "probing.probe_run",
-    "run_training": "probing.probe_run",
+    "PROBES": "probing.probes.modules",
+    "ProbeKind": "probing.probes.modules",
+    "register_probe": "probing.probes.modules",
+    "Trial": "probing.probes.train",
+    "TrainSettings": "probing.probes.train",
+    "TrainRequest": "probing.probes.run",
+    "run_training": "probing.probes.run",
     # search: Optuna over a task's space, the best trial evaluated on its final seeds
-    "SearchSpace": "probing.search_space",
-    "SearchRequest": "probing.search",
-    "default_space": "probing.search",
-    "run_search": "probing.search",
+    "SearchSpace": "probing.tasks.search_space",
+    "SearchRequest": "probing.studies.search",
+    "default_space": "probing.studies.search",
+    "run_search": "probing.studies.search",
     # whole studies: a config (YAML or dict) run end to end, the packaged demo
-    "Config": "probing.config",
-    "config_from_dict": "probing.config",
-    "load_config": "probing.config",
-    "run_config": "probing.pipeline",
-    "RunSummary": "probing.pipeline",
-    "demo_config": "probing.demo",
-    "run_demo": "probing.demo",
+    "Config": "probing.runs.config",
+    "config_from_dict": "probing.runs.config",
+    "load_config": "probing.runs.config",
+    "run_config": "probing.runs.pipeline",
+    "RunSummary": "probing.runs.pipeline",
+    "demo_config": "probing.runs.demo",
+    "run_demo": "probing.runs.demo",
     # analysis: a run's results, intervals, comparisons, correlations
-    "RunResults": "probing.analysis",
-    "Estimate": "probing.analysis",
-    "load_run": "probing.analysis",
-    "overall": "probing.analysis",
-    "per_category": "probing.analysis",
-    "chance_level": "probing.analysis",
-    "single_class": "probing.analysis",
-    "paired_comparison": "probing.analysis",
-    "selectivity": "probing.analysis",
-    "kendall": "probing.analysis",
-    "roc_auc": "probing.analysis",
+    "RunResults": "probing.report.analysis",
+    "Estimate": "probing.report.analysis",
+    "load_run": "probing.report.analysis",
+    "overall": "probing.report.analysis",
+    "per_category": "probing.report.analysis",
+    "chance_level": "probing.report.analysis",
+    "single_class": "probing.report.analysis",
+    "paired_comparison": "probing.report.analysis",
+    "selectivity": "probing.report.analysis",
+    "kendall": "probing.report.analysis",
+    "roc_auc": "probing.report.analysis",
     # reports: tables (Markdown, CSV, LaTeX), figures, results.csv
-    "write_report": "probing.report",
-    "load_runs": "probing.report",
-    "results_frame": "probing.report",
-    "RESULT_DTYPES": "probing.report",
-    "Table": "probing.report",
-    "register_table": "probing.report",
+    "write_report": "probing.report.tables",
+    "load_runs": "probing.report.tables",
+    "results_frame": "probing.report.tables",
+    "RESULT_DTYPES": "probing.report.tables",
+    "Table": "probing.report.tables",
+    "register_table": "probing.report.tables",
 }
 
 __all__ = list(_EXPORTS)
@@ -96,7 +96,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and editors see: the same names, imported eagerly
-    from probing.analysis import (  # noqa: F401
+    from probing.core.errors import ProbingError  # noqa: F401
+    from probing.data.synthetic import demo_data_options, make_demo_data  # noqa: F401
+    from probing.data.types import DataOptions  # noqa: F401
+    from probing.models import ModelSource, load_resampler  # noqa: F401
+    from probing.models.tiny import ensure_checkpoint  # noqa: F401
+    from probing.probes.modules import PROBES, ProbeKind, register_probe  # noqa: F401
+    from probing.probes.run import TrainRequest, run_training  # noqa: F401
+    from probing.probes.train import TrainSettings, Trial  # noqa: F401
+    from probing.report.analysis import (  # noqa: F401
         Estimate,
         RunResults,
         chance_level,
@@ -109,20 +117,12 @@ if TYPE_CHECKING:  # what type checkers and editors see: the same names, importe
         selectivity,
         single_class,
     )
-    from probing.config import Config, config_from_dict, load_config  # noqa: F401
-    from probing.data.synthetic import demo_data_options, make_demo_data  # noqa: F401
-    from probing.data.types import DataOptions  # noqa: F401
-    from probing.demo import demo_config, run_demo  # noqa: F401
-    from probing.errors import ProbingError  # noqa: F401
-    from probing.extract import ExtractionRequest, extract  # noqa: F401
-    from probing.features import FeatureStore  # noqa: F401
-    from probing.models import ModelSource, load_resampler  # noqa: F401
-    from probing.models.tiny import ensure_checkpoint  # noqa: F401
-    from probing.pipeline import RunSummary, run_config  # noqa: F401
-    from probing.probe_run import TrainRequest, run_training  # noqa: F401
-    from probing.probes import PROBES, ProbeKind, register_probe  # noqa: F401
-    from probing.report import RESULT_DTYPES, Table, load_runs, register_table, results_frame, write_report  # noqa: F401
-    from probing.search import SearchRequest, default_space, run_search  # noqa: F401
-    from probing.search_space import SearchSpace  # noqa: F401
+    from probing.report.tables import RESULT_DTYPES, Table, load_runs, register_table, results_frame, write_report  # noqa: F401
+    from probing.runs.config import Config, config_from_dict, load_config  # noqa: F401
+    from probing.runs.demo import demo_config, run_demo  # noqa: F401
+    from probing.runs.pipeline import RunSummary, run_config  # noqa: F401
+    from probing.store.extract import ExtractionRequest, extract  # noqa: F401
+    from probing.store.features import FeatureStore  # noqa: F401
+    from probing.studies.search import SearchRequest, default_space, run_search  # noqa: F401
     from probing.tasks import TaskSpec, get_task, register_task, registered_tasks  # noqa: F401
-    from probing.train import TrainSettings, Trial  # noqa: F401
+    from probing.tasks.search_space import SearchSpace  # noqa: F401

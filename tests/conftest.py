@@ -153,7 +153,7 @@ def refcocog_val(demo_options):
 def extract_splits(checkpoint: Path, options, root: Path, splits=("train", "val", "test"), **settings) -> Path:
     """One feature store per split, `root/<split>`, as `probing extract` writes them (layer 4 unless `layers`
     says otherwise); `settings` are further extraction settings."""
-    from probing.extract import ExtractionRequest, extract
+    from probing.store.extract import ExtractionRequest, extract
 
     for split in splits:
         extract(
@@ -186,7 +186,7 @@ def unfrozen_search_args(checkpoint: Path, vsr_options, out: Path, *extra, trial
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """Run the `probing` CLI in-process; (exit code, stdout, stderr)."""
-    from probing.cli import main
+    from probing.cli.app import main
 
     try:
         main([str(arg) for arg in args])

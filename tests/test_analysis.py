@@ -11,13 +11,13 @@ import torch
 from conftest import assert_results_hold_every_number
 from scipy.stats import kendalltau
 
-from probing.analysis import RunResults, deduplicate, estimate, kendall, load_run, overall, per_category
-from probing.cli import main
+from probing.cli.app import main
+from probing.core.errors import ProbingError
 from probing.data import DataOptions, Example
-from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract
-from probing.plots import category_figure, category_runs, per_layer_figure
-from probing.report import PAPER_TABLE1, find_runs, write_report
+from probing.report.analysis import RunResults, deduplicate, estimate, kendall, load_run, overall, per_category
+from probing.report.plots import category_figure, category_runs, per_layer_figure
+from probing.report.tables import PAPER_TABLE1, find_runs, write_report
+from probing.store.extract import ExtractionRequest, extract
 
 
 def hand_made_run(
@@ -286,7 +286,7 @@ def test_figures_and_reports_pick_runs_deterministically(runs_folder, tmp_path):
 
 
 def test_binary_predictions_agree_with_the_metric():
-    from probing.heads import BinaryHead
+    from probing.tasks.heads import BinaryHead
 
     outputs = torch.tensor([[1e-8], [-1e-8], [3.0], [-2.0]])  # sigmoid rounds the first two to exactly 0.5
     labels = torch.tensor([1.0, 0.0, 0.0, 0.0])

@@ -22,14 +22,14 @@ import pytest
 from conftest import assert_results_hold_every_number, run_cli
 from PIL import Image
 
-from probing.analysis import estimate
-from probing.annotate.scoring import fleiss_agreement, score
-from probing.annotate.server import create_app
-from probing.annotate.store import AnnotationStore, NotNext
-from probing.annotate.study import StudyDesign, prepare_study, sequence_of
+from probing.baselines.annotate.scoring import fleiss_agreement, score
+from probing.baselines.annotate.server import create_app
+from probing.baselines.annotate.store import AnnotationStore, NotNext
+from probing.baselines.annotate.study import StudyDesign, prepare_study, sequence_of
+from probing.core.errors import ProbingError
 from probing.data.rcm import build_rcm
 from probing.data.types import DataOptions
-from probing.errors import ProbingError
+from probing.report.analysis import estimate
 from probing.tasks import load_split
 
 REQUIRE_BROWSER = os.environ.get("PROBING_REQUIRE_BROWSER") == "1"  # CI: a browser that cannot start fails

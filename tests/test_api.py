@@ -43,7 +43,7 @@ def test_the_api_page_documents_every_name():
 
 @pytest.mark.slow
 def test_the_small_study_example_runs_and_its_results_read_back_in_the_documented_types(tmp_path):
-    from probing.report import RESULT_DTYPES
+    from probing.report.tables import RESULT_DTYPES
 
     out = tmp_path / "study"
     shown = subprocess.run(

@@ -87,3 +87,43 @@ def test_imports_run_along_the_flow():
     # every listed exception still exists (a fixed one is taken off the page)
     present = {(module, imported) for _, module, imported in package_imports()}
     assert allowed <= present and allowed
+
+
+def test_the_moved_modules_table_is_the_alias_table():
+    from probing._moved import MOVED
+
+    text = PAGE.read_text()
+    for old, new in MOVED.items():
+        assert f"| `probing.{old}` | `probing.{new}` |" in text, old
+
+
+def test_an_old_module_path_is_the_new_module_with_a_deprecation_warning():
+    import importlib
+    import sys
+    import warnings
+
+    sys.modules.pop("probing.features", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("probing.features")
+    new = importlib.import_module("probing.store.features")
+    assert old is new and old.FeatureStore is new.FeatureStore
+    assert any(
+        issubclass(w.category, DeprecationWarning)
+        and "'probing.features' moved to 'probing.store.features'" in str(w.message)
+        for w in caught
+    )
+
+
+def test_an_old_module_that_became_a_package_still_answers_its_names():
+    import warnings
+
+    import probing.report
+    from probing.report.tables import write_report
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert probing.report.write_report is write_report
+    assert any(
+        "'probing.report.write_report' moved to 'probing.report.tables.write_report'" in str(w.message) for w in caught
+    )

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from probing.artifacts import (
+from probing.core.artifacts import (
     existing_output_matches,
     first_difference,
     sha256_file,
@@ -11,7 +11,7 @@ from probing.artifacts import (
     sweep_stale_partials,
     write_json,
 )
-from probing.errors import ProbingError
+from probing.core.errors import ProbingError
 
 
 def test_first_difference_names_nested_fields():

@@ -12,13 +12,13 @@ from torch import nn
 from transformers import Blip2ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
 
-from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract
+from probing.core.errors import ProbingError
 from probing.models import BackendFamily, load_resampler, register_family
 from probing.models.qformer import QFormerResampler
 from probing.models.registry import families
+from probing.probes.train import ProbeData, TrainSettings, Trial, train_frozen
+from probing.store.extract import ExtractionRequest, extract
 from probing.tasks import load_split
-from probing.train import ProbeData, TrainSettings, Trial, train_frozen
 
 
 class Blip2QueriesResampler(QFormerResampler):

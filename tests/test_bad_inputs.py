@@ -22,8 +22,8 @@ import pytest
 import torch
 from conftest import run_cli, small_refer_dataset
 
-from probing.extract import ExtractionRequest, extract
-from probing.features import _VERIFIED
+from probing.store.extract import ExtractionRequest, extract
+from probing.store.features import _VERIFIED
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _refer_data(refer: dict[str, Path]):
 
 
 def _cli_quiet(args: list) -> int:
-    from probing.cli import main
+    from probing.cli.app import main
 
     try:
         main([str(a) for a in args])
@@ -765,7 +765,7 @@ def test_a_decompression_bomb_with_skip_bad_images_is_skipped_and_recorded(world
 
 
 def test_two_trains_with_different_requests_never_share_a_run_folder(world, capsys, tmp_path):
-    from probing.locks import FolderLock
+    from probing.core.locks import FolderLock
 
     out = tmp_path / "run"
     other = FolderLock(out, request={"kind": "probe-run", "layer": 99})  # another worker's claim, alive
@@ -798,8 +798,8 @@ RACE = textwrap.dedent(
     import json, os, sys, time
     from pathlib import Path
     from probing.data import DataOptions
-    from probing.errors import ProbingError
-    from probing.extract import ExtractionRequest, extract
+    from probing.core.errors import ProbingError
+    from probing.store.extract import ExtractionRequest, extract
 
     refs, instances, images, model, root, rounds = sys.argv[1:]
     data = DataOptions(task="refcocog", refs=Path(refs), instances=Path(instances), images=Path(images))
@@ -866,9 +866,9 @@ def study(world, tmp_path_factory):
     """An annotation study of the VSR test split (four items, no practice) and a client of its server."""
     from fastapi.testclient import TestClient
 
-    from probing.annotate.server import create_app
-    from probing.annotate.store import AnnotationStore
-    from probing.annotate.study import StudyDesign, prepare_study
+    from probing.baselines.annotate.server import create_app
+    from probing.baselines.annotate.store import AnnotationStore
+    from probing.baselines.annotate.study import StudyDesign, prepare_study
     from probing.data import DataOptions
 
     design = StudyDesign(task="vsr", n=4, intro=0, data=DataOptions(task="vsr", **world.vsr))
@@ -959,7 +959,7 @@ def test_extract_on_a_full_disk_is_one_line_and_the_resume_is_byte_identical(wor
     import errno
     import os
 
-    import probing.artifacts
+    import probing.core.artifacts
 
     def extract_into(out: Path) -> tuple[int, str, str]:
         vsr = ["--task", "vsr", "--vsr", world.vsr["vsr"], "--images", world.vsr["images"]]
@@ -998,7 +998,7 @@ def test_extract_on_a_full_disk_is_one_line_and_the_resume_is_byte_identical(wor
                 return HalfWritten(handle)
         return handle
 
-    monkeypatch.setattr(probing.artifacts, "open", full_after_two, raising=False)
+    monkeypatch.setattr(probing.core.artifacts, "open", full_after_two, raising=False)
     store = tmp_path / "store"
     code, _, err = extract_into(store)
     monkeypatch.undo()

@@ -19,14 +19,14 @@ EVERY_COMMAND = [
     ["annotate"],
     *[["annotate", name] for name in ("serve", "score", "export")],
 ]
-# The commands whose help is built without importing a stage module (their options are written in probing/cli.py).
+# The commands whose help is built without importing a stage module (their options are written in probing/cli/app.py).
 LIGHT_COMMANDS = [[], *[[name] for name in ("make-demo-data", "build-rcm", "tasks", "analyze", "plot", "report")]]
 LIGHT_COMMANDS += [[name] for name in ("dashboard", "run", "demo")] + [["data"], ["data", "stats"]]
 HEAVY_MODULES = ("torch", "transformers")
 
 IMPORTED_HEAVY_MODULES = """
 import sys
-from probing.cli import main
+from probing.cli.app import main
 try:
     main(sys.argv[1:])
 except SystemExit:
@@ -44,8 +44,10 @@ def test_help_on_every_command(capsys, command):
 
 
 def test_importing_the_cli_imports_neither_torch_nor_transformers():
-    """A fresh interpreter: `import probing.cli` (what every `probing` call does first) stays light."""
-    script = f"import sys, probing.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_MODULES!r}))"
+    """A fresh interpreter: `import probing.cli.app` (what every `probing` call does first) stays light."""
+    script = (
+        f"import sys, probing.cli.app; print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_MODULES!r}))"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -72,7 +74,7 @@ def test_root_help_time():
 
 
 def test_version(capsys):
-    from probing.artifacts import code_version
+    from probing.core.artifacts import code_version
 
     code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out == f"probing {code_version()}\n"
@@ -88,7 +90,7 @@ def test_the_help_groups_commands_and_options_into_panels(capsys):
 
 
 def test_deprecated_option_spellings_still_work_with_a_warning(capsys):
-    from probing.cli import _replace_deprecated
+    from probing.cli.app import _replace_deprecated
 
     args = ["--batch", "4", "--epochs=3,5", "--trials", "2", "--", "--batch"]
     assert _replace_deprecated("search", args) == [

@@ -7,9 +7,9 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from probing.config import Config, from_dict, load_config, to_dict
-from probing.demo import demo_config
-from probing.errors import ProbingError
+from probing.core.errors import ProbingError
+from probing.runs.config import Config, from_dict, load_config, to_dict
+from probing.runs.demo import demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_CONFIGS = ["table1", "table2", "table3", "table5", "figure2a", "figure2b", "figure4", "figure5", "controls"]
@@ -340,7 +340,7 @@ def test_limit_dry_run_and_reuse(capsys, tmp_path, tiny_checkpoints):
     """A limited run: its own workspace folder, the limit in every data fingerprint; the dry run lists it as to run
     before and as reused after, writing nothing; the full run's dry run reuses none of it."""
     from probing.data.types import DataOptions
-    from probing.features import FeatureStore
+    from probing.store.features import FeatureStore
     from probing.tasks import load_split
 
     config = {

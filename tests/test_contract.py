@@ -12,14 +12,14 @@ import torch
 from conftest import run_cli
 from families.minimal_family import FAMILY_NAME, MINIMAL_FAMILY, MinimalPerceiverResampler, write_checkpoint
 
-from probing.artifacts import MANIFEST_NAME
+from probing.core.artifacts import MANIFEST_NAME
+from probing.core.errors import ProbingError
 from probing.data import DataOptions
 from probing.data.images import load_rgb_image
-from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract
 from probing.models import load_resampler, register_family
 from probing.models.base import Resampler
 from probing.models.registry import families, unregister_family
+from probing.store.extract import ExtractionRequest, extract
 from probing.tasks import load_split
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import run_cli
 
+from probing.core.errors import ProbingError
 from probing.data import DataOptions
 from probing.data.images import load_rgb_image
-from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract, parse_layers, plan_shards
-from probing.features import FeatureStore, VisionStore
 from probing.models import load_resampler
+from probing.store.extract import ExtractionRequest, extract, parse_layers, plan_shards
+from probing.store.features import FeatureStore, VisionStore
 from probing.tasks import load_split
 
 
@@ -287,12 +287,12 @@ def test_memory_stays_bounded_by_one_shard_per_writer(
     at once, and no shard exceeds --shard-size."""
     import threading
 
-    import probing.extract
-    from probing.features import FeatureStoreWriter
+    import probing.store.extract
+    from probing.store.features import FeatureStoreWriter
 
     changed = threading.Condition()
     computed, written, ahead, sizes, writing, most_writing = [0], [0], [], [], [0], [0]
-    original_query, original_write = probing.extract._query_shard, FeatureStoreWriter.write_shard
+    original_query, original_write = probing.store.extract._query_shard, FeatureStoreWriter.write_shard
 
     def counted_query(*args, **kwargs):
         result = original_query(*args, **kwargs)
@@ -318,7 +318,7 @@ def test_memory_stays_bounded_by_one_shard_per_writer(
             writing[0] -= 1
             sizes.append(len(tensors["ids"]))
 
-    monkeypatch.setattr(probing.extract, "_query_shard", counted_query)
+    monkeypatch.setattr(probing.store.extract, "_query_shard", counted_query)
     monkeypatch.setattr(FeatureStoreWriter, "write_shard", slow_write)
     out = tmp_path / "f"
     extract(

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import extract_splits, run_cli
 
+from probing.core.errors import ProbingError
 from probing.data.images import load_rgb_image
-from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract
 from probing.models import load_resampler
 from probing.models.tiny import write_checkpoint
+from probing.store.extract import ExtractionRequest, extract
 from probing.tasks import load_split
 
 
@@ -197,8 +197,8 @@ def test_models_lists_every_family_with_its_latent_shape_at_full_size(capsys):
 def test_mean_over_latents_gives_every_family_a_probe_of_its_width(family_checkpoints, refcocog_val, capsys, tmp_path):
     from safetensors.torch import load_file
 
-    from probing.features import FeatureStore
-    from probing.train import probe_inputs
+    from probing.probes.train import probe_inputs
+    from probing.store.features import FeatureStore
 
     features = extract_splits(family_checkpoints("kosmos2"), refcocog_val, tmp_path / "features", layers="1")
     common = ("train", "--task", "refcocog", "--features", features, "--layer", 1, "--lr", "0.01", "--epochs", 2)
@@ -224,8 +224,8 @@ def test_mean_over_latents_gives_every_family_a_probe_of_its_width(family_checkp
 
 
 def test_the_families_config_probes_every_family_beside_its_random_weights_control():
-    from probing.config import load_config
     from probing.models import families
+    from probing.runs.config import load_config
 
     config = load_config(Path(__file__).parents[1] / "experiments" / "families.yaml", check_paths=False)
     entries = [config.models[label] for label in config.experiments[0].models]

@@ -14,10 +14,10 @@ from test_models import model_inputs
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
 from probing.data import DataOptions
-from probing.extract import ExtractionRequest, extract
 from probing.models import load_resampler
+from probing.probes.train import TrainSettings, Trial, train_frozen, train_single
+from probing.store.extract import ExtractionRequest, extract
 from probing.tasks import load_split
-from probing.train import TrainSettings, Trial, train_frozen, train_single
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -171,9 +171,9 @@ def test_batched_trials_equal_separate_runs_in_fp32_on_the_gpu(task, probe, monk
     separate runs' weights and metrics, as on the CPU."""
     from test_train import synthetic
 
-    import probing.train
+    import probing.probes.train
 
-    monkeypatch.setattr(probing.train, "compute_dtype", lambda device: torch.float32)
+    monkeypatch.setattr(probing.probes.train, "compute_dtype", lambda device: torch.float32)
     train, val = synthetic(task, 300), synthetic(task, 100, seed=1)
     settings = TrainSettings(task=task, probe=probe, hidden=8, batch_size=32, patience=2, device=CUDA)
     trials = [Trial(lr=3e-3, epochs=4, seed=1, giou_scale=2.0, l1_scale=5.0), Trial(lr=1e-3, epochs=7, seed=2)]
@@ -255,7 +255,7 @@ def test_unfrozen_training_on_the_gpu_runs_and_its_loss_falls(capsys, tiny_check
 
 
 def test_features_reach_the_gpu_chunk_by_chunk_unchanged():
-    from probing.device_copies import to_device_chunked
+    from probing.core.device_copies import to_device_chunked
 
     features = torch.randn(1000, 3, 7, generator=torch.Generator().manual_seed(0)).to(torch.float16)
     placed = to_device_chunked(features, torch.device(CUDA), torch.bfloat16, chunk_bytes=3 * 7 * 2 * 64)  # 16 chunks

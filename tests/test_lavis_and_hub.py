@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
-from probing.errors import ProbingError
+from probing.core.errors import ProbingError
 from probing.models import load_resampler, qformer_layers
 from probing.models.lavis import lavis_to_hf, read_lavis_checkpoint
 from probing.models.registry import family_named, family_of_lavis
@@ -119,7 +119,7 @@ def test_trimmed_lavis_checkpoint_takes_the_vit_from_the_base(tiny_checkpoints, 
 
 
 def test_unpaired_and_surplus_eva_biases(tiny_checkpoints, tmp_path):
-    from probing.errors import ProbingError
+    from probing.core.errors import ProbingError
 
     model = Blip2ForImageTextRetrieval.from_pretrained(tiny_checkpoints["blip2"]).eval()
     write_lavis(model, "blip2", tmp_path / "lavis.pth")
@@ -166,7 +166,7 @@ def test_layers_of_a_pth_read_only_its_keys(tiny_checkpoints, tmp_path, monkeypa
 
 
 def test_bad_pth_is_one_line(tmp_path):
-    from probing.errors import ProbingError
+    from probing.core.errors import ProbingError
 
     (tmp_path / "broken.pth").write_bytes(b"not a zip")
     with pytest.raises(ProbingError, match=r"broken.pth: not a readable PyTorch checkpoint"):

@@ -10,9 +10,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from test_train import synthetic
 
-from probing.errors import ProbingError
-from probing.logreg import fit_logreg
-from probing.train import TrainSettings, Trial, train_frozen
+from probing.core.errors import ProbingError
+from probing.probes.logreg import fit_logreg
+from probing.probes.train import TrainSettings, Trial, train_frozen
 
 
 def test_logreg_agrees_with_the_sgd_linear_probe_and_with_scikit_learn():

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
+from probing.core.errors import ProbingError
 from probing.data.images import load_rgb_image
-from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract
 from probing.models import load_resampler
 from probing.models.checkpoint import CheckpointSource
+from probing.store.extract import ExtractionRequest, extract
 from probing.tasks import load_split
 
 

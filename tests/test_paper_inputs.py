@@ -8,9 +8,9 @@ from conftest import run_cli
 
 from probing.data.rcm import rcm_caption
 from probing.data.types import Example, SplitData
-from probing.extract import ExtractionRequest, store_identity, text_truncation
 from probing.models import load_resampler
 from probing.models.text import QFormerText, lavis_caption
+from probing.store.extract import ExtractionRequest, store_identity, text_truncation
 
 # Hand-checked against BlipCaptionProcessor.pre_caption's definition (lower-case; .!"()*#:;~ -> space; runs of
 # two or more whitespace characters -> one space; trailing newlines, then surrounding spaces, stripped; 50 words).
@@ -124,16 +124,16 @@ PAPER_CONFIGS = [
 
 
 def test_the_paper_configs_read_texts_as_lavis_and_the_demo_as_given(tmp_path):
-    from probing.config import load_config
     from probing.models import ModelSource
-    from probing.pipeline import plan, search_request
+    from probing.runs.config import load_config
+    from probing.runs.pipeline import plan, search_request
 
     root = Path(__file__).resolve().parents[1]
     for name in PAPER_CONFIGS:
         assert load_config(root / "experiments" / f"{name}.yaml", check_paths=False).extract.text_preprocessing == (
             "lavis"
         ), name
-    assert load_config(root / "probing" / "demo.yaml", check_paths=False).extract.text_preprocessing == "none"
+    assert load_config(root / "probing" / "runs" / "demo.yaml", check_paths=False).extract.text_preprocessing == "none"
     # unfrozen searches read their texts as the config's stores were extracted; frozen ones take them from the stores
     table1 = load_config(root / "experiments" / "table1.yaml", check_paths=False)
     units = [unit for unit in plan(table1, {"BLIP-2": 12, "InstructBLIP": 12}) if unit.task == "vsr"]
@@ -210,8 +210,8 @@ def test_vsr_per_category_accuracy_matches_the_official_script(tmp_path):
 
     import numpy as np
 
-    from probing.analysis import RunResults, analyse, per_category
     from probing.data.vsr import read_vsr_file
+    from probing.report.analysis import RunResults, analyse, per_category
     from probing.tasks import get_task
 
     lines = [
@@ -299,7 +299,7 @@ def test_the_lavis_key_map_sends_every_real_key_to_a_transformers_parameter_of_i
 def test_a_lavis_second_stage_checkpoint_is_refused_naming_what_it_is(tmp_path, capsys, demo_options):
     import torch
 
-    from probing.errors import ProbingError
+    from probing.core.errors import ProbingError
     from probing.models.lavis import second_stage_problem
 
     stage1 = {key: torch.zeros(1) for key in lavis_keys()["blip2_pretrain"] if key.startswith(("Qformer.", "query"))}
@@ -338,12 +338,12 @@ def test_a_lavis_second_stage_checkpoint_is_refused_naming_what_it_is(tmp_path, 
 
 
 def test_unfrozen_runs_read_and_record_their_text_choices(tiny_checkpoints, demo_options, tmp_path):
+    from probing.core.errors import ProbingError
     from probing.data.types import DataOptions
-    from probing.errors import ProbingError
     from probing.models import ModelSource
-    from probing.probe_run import TrainRequest
-    from probing.train import TrainSettings, Trial
-    from probing.trainers import UnfrozenTrainer
+    from probing.probes.run import TrainRequest
+    from probing.probes.train import TrainSettings, Trial
+    from probing.probes.trainers import UnfrozenTrainer
 
     source = ModelSource(model=str(tiny_checkpoints["instructblip"]))
     data = DataOptions(task="vsr", **demo_options["vsr"])

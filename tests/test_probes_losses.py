@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from probing.errors import ProbingError
-from probing.heads import BinaryHead, BoxHead
-from probing.losses import binary_loss, box_loss, predicted_boxes
-from probing.probes import Probe, ProbeBank, layer_shapes, new_probe
+from probing.core.errors import ProbingError
+from probing.probes.modules import Probe, ProbeBank, layer_shapes, new_probe
 from probing.tasks import get_task
+from probing.tasks.heads import BinaryHead, BoxHead
+from probing.tasks.losses import binary_loss, box_loss, predicted_boxes
 
 
 def raw_outputs_for(cxcywh):

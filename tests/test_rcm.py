@@ -4,13 +4,13 @@ from collections import Counter
 import pytest
 from conftest import run_cli, sentence, write_refer
 
-from probing.artifacts import sha256_file
+from probing.core.artifacts import sha256_file
+from probing.core.errors import ProbingError
 from probing.data import DataOptions
 from probing.data.boxes import CELL_NAMES, assign_cell
 from probing.data.rcm import REQUIRED_FIELDS, build_rcm, read_rcm_file
 from probing.data.refer import read_refs
 from probing.data.synthetic import SUPERCATEGORIES
-from probing.errors import ProbingError
 from probing.tasks import load_split
 
 

@@ -56,17 +56,17 @@ def test_relative_link_parser_tells_a_missing_file():
 
 
 def test_the_paper_results_block_is_what_the_command_writes():
-    from probing import docs_blocks
+    from probing.report import docs_blocks
 
     text = (ROOT / "README.md").read_text()
     assert docs_blocks.block_pattern("paper-results").search(text), "README.md lost its paper-results block"
-    assert docs_blocks.rewritten(text) == text, "stale block: run `python -m probing.docs_blocks`"
+    assert docs_blocks.rewritten(text) == text, "stale block: run `python -m probing.report.docs_blocks`"
     assert docs_blocks.main(["--check"]) == 0
 
 
 def test_the_paper_results_block_holds_the_papers_table1():
-    from probing import docs_blocks
-    from probing.report import PAPER_TABLE1
+    from probing.report import docs_blocks
+    from probing.report.tables import PAPER_TABLE1
 
     block = docs_blocks.paper_results_block().splitlines()
     assert block[0] == "| model | mode | RefCOCOg (Acc@0.5) | VSR (accuracy) | RCM (accuracy) |"
@@ -76,7 +76,7 @@ def test_the_paper_results_block_holds_the_papers_table1():
 
 
 def test_a_stale_block_is_rewritten_and_the_check_fails(tmp_path, monkeypatch, capsys):
-    from probing import docs_blocks
+    from probing.report import docs_blocks
 
     stale = "intro\n<!-- begin paper-results -->\n| old | table |\n<!-- end paper-results -->\nafter\n"
     fresh = docs_blocks.rewritten(stale)
@@ -90,7 +90,7 @@ def test_a_stale_block_is_rewritten_and_the_check_fails(tmp_path, monkeypatch, c
     readme.write_text(stale)
     monkeypatch.setattr(docs_blocks, "README", readme)
     assert docs_blocks.main(["--check"]) == 1
-    assert "a generated block is stale; run `python -m probing.docs_blocks`" in capsys.readouterr().err
+    assert "a generated block is stale; run `python -m probing.report.docs_blocks`" in capsys.readouterr().err
     assert readme.read_text() == stale  # --check writes nothing
     assert docs_blocks.main([]) == 0
     assert readme.read_text() == fresh

@@ -6,9 +6,9 @@ import pytest
 from conftest import sentence, small_refer_dataset, write_refer
 from PIL import Image
 
+from probing.core.errors import ProbingError
 from probing.data import DataOptions
 from probing.data.refer import load_refer, read_refs
-from probing.errors import ProbingError
 from probing.tasks import load_split
 
 

@@ -5,8 +5,8 @@ import pickle
 import pytest
 from conftest import run_cli, sentence, write_refer
 
+from probing.core.errors import ProbingError
 from probing.data import DataOptions
-from probing.errors import ProbingError
 from probing.tasks import get_task, load_split
 
 # (split, image id, category): testA holds people, testB other objects, as in the unc splits

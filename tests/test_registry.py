@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from probing.errors import ProbingError
-from probing.registry import Registry, unknown_name
+from probing.core.errors import ProbingError
+from probing.core.registry import Registry, unknown_name
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,13 @@ def test_entry_points_add_entries(tmp_path, monkeypatch):
 
 
 def test_every_registry_of_the_package_is_a_registry():
-    from probing.analysis import ANALYSES
-    from probing.heads import HEADS
     from probing.models.answering import _SCORERS
     from probing.models.registry import _FAMILIES
-    from probing.probes import PROBES
-    from probing.report import TABLES
+    from probing.probes.modules import PROBES
+    from probing.report.analysis import ANALYSES
+    from probing.report.tables import TABLES
     from probing.tasks import TASKS
+    from probing.tasks.heads import HEADS
 
     registries = {
         "task": TASKS,
@@ -145,7 +145,7 @@ def test_every_registry_of_the_package_is_a_registry():
     [
         (lambda: __import__("probing.tasks").tasks.get_task("coco"), "--task: unknown task 'coco'; known: refcocog, "),
         (
-            lambda: __import__("probing.probes").probes.probe_kind("deep"),
+            lambda: __import__("probing.probes.modules").probes.probe_kind("deep"),
             "--probe: unknown probe 'deep'; known: linear,",
         ),
         (
@@ -165,10 +165,10 @@ def test_the_package_registries_refuse_unknown_names_in_the_one_form(lookup, mes
 
 
 def test_the_package_registries_refuse_duplicates():
-    from probing.analysis import Analysis, register_analysis
-    from probing.heads import HEADS, BinaryHead, register_head
-    from probing.probes import ProbeKind, register_probe
-    from probing.report import register_table
+    from probing.probes.modules import ProbeKind, register_probe
+    from probing.report.analysis import Analysis, register_analysis
+    from probing.report.tables import register_table
+    from probing.tasks.heads import HEADS, BinaryHead, register_head
 
     with pytest.raises(ProbingError, match="^probe 'linear' is already registered"):
         register_probe(ProbeKind("linear", "another linear", layers=2))

@@ -20,10 +20,10 @@ from conftest import assert_results_hold_every_number, run_cli
 from scipy.stats import binomtest
 from statsmodels.stats.contingency_tables import mcnemar
 
-from probing.analysis import chance_level, load_run, overall, paired_comparison, per_category
-from probing.latex import LINE_WIDTH
-from probing.records import MetricsRecord, SeedRun
-from probing.report import RESULT_COLUMNS, RESULT_DTYPES, SINGLE_CLASS_MARK, write_report
+from probing.core.records import MetricsRecord, SeedRun
+from probing.report.analysis import chance_level, load_run, overall, paired_comparison, per_category
+from probing.report.latex import LINE_WIDTH
+from probing.report.tables import RESULT_COLUMNS, RESULT_DTYPES, SINGLE_CLASS_MARK, write_report
 
 RELATIONS = ["Adjacency", "Directional", "Orientation", "Projective", "Proximity", "Topological", "Unallocated"]
 
@@ -336,8 +336,8 @@ def test_figures_are_sized_for_a_paper_in_a_local_style(paper_runs, tmp_path):
     import matplotlib
     import matplotlib.pyplot as plt
 
-    from probing.plots import COLUMN_WIDTH, PAGE_WIDTH, category_figure, house_style, per_layer_figure
-    from probing.report import load_runs
+    from probing.report.plots import COLUMN_WIDTH, PAGE_WIDTH, category_figure, house_style, per_layer_figure
+    from probing.report.tables import load_runs
 
     runs, _ = load_runs([paper_runs])
     plt.style.use("ggplot")  # what Optuna's plots do to the whole process
@@ -358,15 +358,15 @@ def test_figures_are_sized_for_a_paper_in_a_local_style(paper_runs, tmp_path):
     assert COLUMN_WIDTH <= width_inches <= PAGE_WIDTH + 1.0  # page width, plus the labels bbox_inches keeps
     svg = (tmp_path / "categories.svg").read_text()
     assert "n=" in svg  # n under each category
-    from probing.plots import learning_curve_figure
+    from probing.report.plots import learning_curve_figure
 
     curve = learning_curve_figure(load_run(paper_runs / "blip2-frozen"), tmp_path / "curve")  # from the history
     assert sorted(p.suffix for p in curve) == [".pdf", ".png", ".svg"] and "seed 1" in curve[2].read_text()
 
 
 def test_a_category_without_examples_is_drawn_as_missing(tmp_path):
-    from probing.plots import category_figure
-    from probing.report import load_runs
+    from probing.report.plots import category_figure
+    from probing.report.tables import load_runs
 
     labels = {"test": [1] * 14}
     write_run(tmp_path / "runs" / "frozen", correct={"test": [[1, 0] * 7]}, labels=labels)
@@ -399,8 +399,8 @@ def test_a_category_without_examples_is_drawn_as_missing(tmp_path):
 def test_figures_keep_legends_off_the_data_text_readable_and_bands_apart(tmp_path, monkeypatch):
     import matplotlib.text
 
-    from probing import plots
-    from probing.report import load_runs
+    from probing.report import plots
+    from probing.report.tables import load_runs
 
     labels = {"test": [1] * 14}
     for family in ("blip2", "instructblip"):
@@ -447,7 +447,7 @@ def test_optunas_plots_leave_the_process_style_alone(tmp_path):
     import matplotlib
     import optuna
 
-    from probing.search import _plots
+    from probing.studies.search import _plots
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
@@ -629,8 +629,8 @@ def test_latex_tables_are_paste_ready(paper_runs, tmp_path):
 
 
 def test_figures_have_no_baked_titles_axes_from_the_data_and_a_legend_for_a_one_layer_model(tmp_path, monkeypatch):
-    from probing import plots
-    from probing.report import load_runs
+    from probing.report import plots
+    from probing.report.tables import load_runs
 
     labels = {"test": [1, 0] * 10}
     for layer, right in ((2, [1] * 11 + [0] * 9), (4, [1] * 13 + [0] * 7)):

@@ -19,17 +19,17 @@ from conftest import assert_results_hold_every_number, extract_splits
 from scipy.special import expit
 from scipy.stats import laplace
 
-from probing.analysis import estimate, load_run, paired_difference, seeds_and_examples, single_class
-from probing.controls import MetadataType, shuffled_rows, stable_uniform, type_lookup
+from probing.core.errors import ProbingError
 from probing.data.types import Example
-from probing.errors import ProbingError
-from probing.heads import BinaryHead, BoxHead
-from probing.mdl import PORTIONS, block_ends, codelength, online_code, reordered, transmission_order
-from probing.metrics import BOX_CODE_BINS, discretised_laplace_bits
-from probing.probes import new_probe
-from probing.report import SINGLE_CLASS_MARK, SINGLE_CLASS_NOTE
+from probing.probes.modules import new_probe
+from probing.probes.train import ProbeData, TrainSettings, Trial, train_frozen
+from probing.report.analysis import estimate, load_run, paired_difference, seeds_and_examples, single_class
+from probing.report.tables import SINGLE_CLASS_MARK, SINGLE_CLASS_NOTE
+from probing.studies.mdl import PORTIONS, block_ends, codelength, online_code, reordered, transmission_order
 from probing.tasks import get_task
-from probing.train import ProbeData, TrainSettings, Trial, train_frozen
+from probing.tasks.controls import MetadataType, shuffled_rows, stable_uniform, type_lookup
+from probing.tasks.heads import BinaryHead, BoxHead
+from probing.tasks.metrics import BOX_CODE_BINS, discretised_laplace_bits
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -372,8 +372,8 @@ def vsr_stores(tiny_checkpoints, demo_options, tmp_path_factory):
 def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_options, tmp_path):
     from conftest import run_cli
 
+    from probing.core.records import MdlRecord
     from probing.data import DataOptions
-    from probing.records import MdlRecord
     from probing.tasks import load_split
 
     search = ["search", "--task", "vsr", "--layer", 4, "--device", "cpu", "--trials", 2, "--batch", 2]
@@ -541,7 +541,7 @@ def test_a_yaml_tasks_control_type_names_record_fields(tmp_path):
 
 
 def test_rigour_config_fields_are_checked(tmp_path):
-    from probing.config import load_config
+    from probing.runs.config import load_config
 
     base = {
         "name": "x",
@@ -568,7 +568,7 @@ def test_rigour_config_fields_are_checked(tmp_path):
 def test_the_rigour_config_reuses_the_paper_searches():
     from pathlib import Path
 
-    from probing.config import load_config
+    from probing.runs.config import load_config
 
     root = Path(__file__).resolve().parent.parent / "experiments"
     rigor, table1 = load_config(root / "rigor.yaml", check_paths=False), load_config(root / "table1.yaml", False)
@@ -581,7 +581,7 @@ def test_the_rigour_config_reuses_the_paper_searches():
 
 def test_unfrozen_training_reads_the_control_targets(tiny_checkpoints, demo_options):
     from probing.data import DataOptions
-    from probing.unfrozen import UnfrozenSetup
+    from probing.probes.unfrozen import UnfrozenSetup
 
     data = DataOptions(task="vsr", **demo_options["vsr"])
     settings = TrainSettings(task="vsr", device="cpu")
@@ -741,7 +741,7 @@ def test_type_lookup_is_the_majority_label_of_each_train_type():
 
 # ---------------------------------------------------------------------------------------------- refusals
 
-# A value to give each scoped option, and a context its declared scope refuses (`probing.settings.Scope`).
+# A value to give each scoped option, and a context its declared scope refuses (`probing.core.settings.Scope`).
 SCOPED_VALUES = {
     "--lr": "0.01",
     "--epochs": "3",
@@ -767,15 +767,13 @@ REFUSED_CONTEXT = {  # the scope's `what` -> options that put a command outside 
 
 def scoped_cases():
     """Every command x every scoped setting it takes: (command, option, scope)."""
-    import probing.controls
-    import probing.search_space
-    import probing.train  # noqa: F401  (their declarations register the scoped settings)
-    from probing.mdl import MdlRequest
-    from probing.probe_run import TrainRequest
-    from probing.search import SearchRequest
-    from probing.search_space import SearchSpace
-    from probing.settings import SCOPED, info_of, option_name
-    from probing.train import TrainSettings, Trial
+    import probing.probes.train  # noqa: F401  (their declarations register the scoped settings)
+    from probing.core.settings import SCOPED, info_of, option_name
+    from probing.probes.run import TrainRequest
+    from probing.probes.train import TrainSettings, Trial
+    from probing.studies.mdl import MdlRequest
+    from probing.studies.search import SearchRequest
+    from probing.tasks.search_space import SearchSpace
 
     takes = {  # the declarations each command's options derive from
         "train": (TrainRequest, TrainSettings, Trial),
@@ -800,7 +798,7 @@ def command_options(name: str) -> set[str]:
     """The options a `probing` command takes, as typer made them."""
     import typer
 
-    from probing.cli import app
+    from probing.cli.app import app
 
     group = typer.main.get_command(app)
     return {option for parameter in group.commands[name].params for option in parameter.opts}
@@ -921,7 +919,7 @@ def test_probing_run_refuses_each_constraint_before_writing(capsys, tmp_path, ch
 def test_appendix_c_prepares_texts_as_the_probes_it_is_compared_with():
     from pathlib import Path
 
-    from probing.config import load_config
+    from probing.runs.config import load_config
 
     root = Path(__file__).resolve().parent.parent / "experiments"
     appendix, table1 = load_config(root / "appendix_c.yaml", False), load_config(root / "table1.yaml", False)

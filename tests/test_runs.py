@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from probing.data import DataOptions
 from probing.data.rcm import build_rcm
-from probing.features import FeatureStore
-from probing.losses import predicted_boxes
-from probing.probes import Probe
+from probing.probes.modules import Probe
+from probing.store.features import FeatureStore
 from probing.tasks import load_split
+from probing.tasks.losses import predicted_boxes
 
 
 @pytest.fixture(scope="module")

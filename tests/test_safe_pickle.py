@@ -6,8 +6,8 @@ import sys
 import pytest
 from conftest import small_refer_dataset
 
+from probing.core.errors import ProbingError
 from probing.data.safe_pickle import load_plain_pickle
-from probing.errors import ProbingError
 
 
 class RunsAShellCommand:

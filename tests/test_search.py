@@ -14,9 +14,9 @@ from conftest import run_cli, unfrozen_search_args
 from optuna.trial import TrialState
 from test_train import synthetic
 
-from probing.errors import ProbingError
-from probing.search import SearchRequest, SearchSpace, create_study, default_space, run_trials
-from probing.train import TrainSettings, train_frozen
+from probing.core.errors import ProbingError
+from probing.probes.train import TrainSettings, train_frozen
+from probing.studies.search import SearchRequest, SearchSpace, create_study, default_space, run_trials
 
 
 def test_the_paper_spaces():
@@ -185,8 +185,8 @@ def test_two_workers_share_a_journal_study(vsr_features, tmp_path):
 SLOW_WORKER = """
 import sys, time
 from pathlib import Path
-from probing.search import SearchRequest, create_study, default_space, run_trials
-from probing.train import TrainSettings
+from probing.studies.search import SearchRequest, create_study, default_space, run_trials
+from probing.probes.train import TrainSettings
 request = SearchRequest(task="vsr", mode="frozen", layer=4, out=Path(sys.argv[2]), settings=TrainSettings(task="vsr"),
                         space=default_space("vsr"), trials=3, batch=1, storage="journal:" + sys.argv[1],
                         study_name="killed", heartbeat=0.25)
@@ -277,7 +277,7 @@ def test_bad_search_options(capsys, vsr_features, tmp_path):
 
 
 def test_staleness_is_judged_by_each_trials_own_heartbeat():
-    from probing.search import retry_stale_trials
+    from probing.studies.search import retry_stale_trials
 
     study = optuna.create_study(direction="maximize")
     slow = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)})
@@ -297,7 +297,7 @@ def test_staleness_is_judged_by_each_trials_own_heartbeat():
 def test_a_trial_failed_by_another_worker_while_running_is_not_fatal(tmp_path):
     """The owner finishes a trial that another worker has meanwhile failed and retried: its value is dropped,
     the retry is trained, and the budget still ends at exactly `trials` complete trials."""
-    from probing.search import retry_stale_trials
+    from probing.studies.search import retry_stale_trials
 
     request = SearchRequest(
         task="vsr",

@@ -7,16 +7,16 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from probing.config import Config, from_dict
+from probing.core.errors import ProbingError
+from probing.core.settings import declared, identity, option_name
 from probing.data.types import DataOptions
-from probing.errors import ProbingError
-from probing.extract import ExtractionSettings
 from probing.models import ModelSource
-from probing.pipeline import plan, search_request, store_requests
-from probing.probe_run import run_identity
-from probing.search import SearchSettings, search_identity
-from probing.settings import declared, identity, option_name
-from probing.train import TrainSettings, Trial
+from probing.probes.run import run_identity
+from probing.probes.train import TrainSettings, Trial
+from probing.runs.config import Config, from_dict
+from probing.runs.pipeline import plan, search_request, store_requests
+from probing.store.extract import ExtractionSettings
+from probing.studies.search import SearchSettings, search_identity
 
 # field -> (command-line arguments, config change, expected identity value); one row per identity field
 EXTRACT = {
@@ -115,9 +115,9 @@ def run_captured(capsys, seen, *args):
 
 @pytest.mark.parametrize("name", list(EXTRACT))
 def test_extraction_settings_from_the_command_line(capsys, monkeypatch, name):
-    import probing.extract
+    import probing.store.extract
 
-    seen = capture(monkeypatch, probing.extract, "extract")
+    seen = capture(monkeypatch, probing.store.extract, "extract")
     args, _, value = EXTRACT[name]
     request = run_captured(
         capsys, seen, "extract", "--model", "blip2", "--task", "vsr", "--split", "val", "--out", "x", *args
@@ -143,7 +143,7 @@ def config_for(tmp_path, change: dict) -> dict:
 
 
 def requests_of(config):
-    from probing.config import check
+    from probing.runs.config import check
 
     check(config, paths=False)
     sources = {"m": ModelSource(model="blip2")}
@@ -165,11 +165,11 @@ def test_extraction_settings_from_a_config(tmp_path, name):
 
 @pytest.mark.parametrize("name", list(TRAIN))
 def test_train_settings_from_the_command_line_and_a_config(capsys, monkeypatch, tmp_path, name):
-    import probing.probe_run
-    import probing.search
+    import probing.probes.run
+    import probing.studies.search
 
     args, change, value = TRAIN[name]
-    seen = capture(monkeypatch, probing.probe_run, "run_training")
+    seen = capture(monkeypatch, probing.probes.run, "run_training")
     train_args = ["--order-seed", "4"] if name == "order_seed" else args  # train names it; a search takes its seed
     request = run_captured(
         capsys,
@@ -191,7 +191,7 @@ def test_train_settings_from_the_command_line_and_a_config(capsys, monkeypatch, 
     )
     run = run_identity(request, {})
     assert (run[name] if name in ("probe", "hidden") else run["settings"][name]) == value
-    seen = capture(monkeypatch, probing.search, "run_search")
+    seen = capture(monkeypatch, probing.studies.search, "run_search")
     request = run_captured(
         capsys, seen, "search", "--task", "vsr", "--layer", 4, "--features", tmp_path, "--out", "x", *args
     )
@@ -204,10 +204,10 @@ def test_train_settings_from_the_command_line_and_a_config(capsys, monkeypatch, 
 
 @pytest.mark.parametrize("name", list(SEARCH))
 def test_search_settings_from_the_command_line_and_a_config(capsys, monkeypatch, tmp_path, name):
-    import probing.search
+    import probing.studies.search
 
     args, change, value = SEARCH[name]
-    seen = capture(monkeypatch, probing.search, "run_search")
+    seen = capture(monkeypatch, probing.studies.search, "run_search")
     request = run_captured(
         capsys, seen, "search", "--task", "vsr", "--layer", 4, "--features", tmp_path, "--out", "x", *args
     )
@@ -219,10 +219,10 @@ def test_search_settings_from_the_command_line_and_a_config(capsys, monkeypatch,
 
 @pytest.mark.parametrize("name", list(TRIAL))
 def test_trial_settings_from_the_command_line_and_a_config(capsys, monkeypatch, tmp_path, name):
-    import probing.probe_run
+    import probing.probes.run
 
     args, change, value = TRIAL[name]
-    seen = capture(monkeypatch, probing.probe_run, "run_training")
+    seen = capture(monkeypatch, probing.probes.run, "run_training")
     request = run_captured(
         capsys,
         seen,
@@ -249,8 +249,8 @@ def test_trial_settings_from_the_command_line_and_a_config(capsys, monkeypatch, 
 
 def test_options_and_config_fields_follow_the_declarations(capsys):
     """Each declared command-line field is an option of its commands, each config-settable one a config field."""
-    from probing.cli import built_command
-    from probing.config import SearchConfig, TrainConfig
+    from probing.cli.app import built_command
+    from probing.runs.config import SearchConfig, TrainConfig
 
     def options_of(command: str) -> set[str]:
         return {opt for param in built_command(command).params for opt in param.opts}

@@ -19,10 +19,10 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-from probing.checkpoints import TrialCheckpoint
-from probing.errors import ProbingError
-from probing.locks import FolderLock
-from probing.studies import open_storage, repair_journal
+from probing.core.errors import ProbingError
+from probing.core.locks import FolderLock
+from probing.probes.checkpoints import TrialCheckpoint
+from probing.studies.storages import open_storage, repair_journal
 
 SPLITS = ("train", "val", "test")
 
@@ -148,11 +148,11 @@ def test_a_resumed_unfrozen_run_equals_an_uninterrupted_one(tiny_checkpoints, de
 
 
 def test_a_checkpoint_cut_by_a_full_disk_leaves_the_previous_one(tmp_path, monkeypatch):
-    import probing.checkpoints
+    import probing.probes.checkpoints
 
     checkpoint = TrialCheckpoint(tmp_path / "trial-0")
     assert checkpoint.save(1, {"w": torch.ones(3)}, {"epoch": 1})
-    real_save = probing.checkpoints.save_safetensors
+    real_save = probing.probes.checkpoints.save_safetensors
 
     def full_disk(path, tensors, metadata=None):
         real_save(path, tensors, metadata)
@@ -160,7 +160,7 @@ def test_a_checkpoint_cut_by_a_full_disk_leaves_the_previous_one(tmp_path, monke
             handle.truncate(os.path.getsize(path) // 2)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(probing.checkpoints, "save_safetensors", full_disk)
+    monkeypatch.setattr(probing.probes.checkpoints, "save_safetensors", full_disk)
     assert not checkpoint.save(2, {"w": torch.full((3,), 2.0)}, {"epoch": 2})
     tensors, state = checkpoint.latest()
     assert state == {"epoch": 1} and torch.equal(tensors["w"], torch.ones(3))
@@ -294,7 +294,7 @@ def test_a_search_reports_each_epoch_to_its_study(capsys, vsr_features, tmp_path
 def test_a_study_is_named_after_its_search_and_a_journal_of_the_old_name_still_resumes():
     from types import SimpleNamespace
 
-    from probing.search import LEGACY_STUDY, _own_study_name, default_study_name
+    from probing.studies.search import LEGACY_STUDY, _own_study_name, default_study_name
 
     request = SimpleNamespace(
         label="BLIP-2", mode="unfrozen", task="rcm", layer=12, settings=SimpleNamespace(probe="swiglu2"), control=True
@@ -315,8 +315,8 @@ class PlantedTrainer:
     def __init__(self):
         from test_train import synthetic
 
+        from probing.probes.train import TrainSettings
         from probing.tasks import get_task
-        from probing.train import TrainSettings
 
         self.spec = get_task("vsr")
         self.settings = TrainSettings(task="vsr", batch_size=64, device="cpu")
@@ -324,8 +324,8 @@ class PlantedTrainer:
         self.epochs = 0
 
     def fit(self, trials, hooks=None):
-        from probing.train import train_frozen
-        from probing.trainers import FittedTrial, epoch_callback
+        from probing.probes.train import train_frozen
+        from probing.probes.trainers import FittedTrial, epoch_callback
 
         results = train_frozen(self.train, self.val, trials, self.settings, epoch_callback(hooks))
         self.epochs += sum(r.epochs_run for r in results)
@@ -333,8 +333,8 @@ class PlantedTrainer:
 
 
 def test_the_pruner_stops_hopeless_trials_and_the_budget_counts_them(tmp_path):
-    from probing.search import SearchRequest, TrialFitter, create_study, default_space, run_trials
-    from probing.search_space import SearchSpace
+    from probing.studies.search import SearchRequest, TrialFitter, create_study, default_space, run_trials
+    from probing.tasks.search_space import SearchSpace
 
     trainer = PlantedTrainer()
     request = SearchRequest(
@@ -397,7 +397,7 @@ def test_workers_sharing_one_folder_share_the_study_and_reuse_the_result(vsr_fea
 
 def test_fresh_databases_opened_by_many_workers_at_once(tmp_path):
     script = (
-        "import sys; from probing.studies import open_storage, load_or_create_study; import optuna;"
+        "import sys; from probing.studies.storages import open_storage, load_or_create_study; import optuna;"
         "s = open_storage(sys.argv[1]); load_or_create_study(s, 'x', 'maximize', None, None)"
     )
     for url in (f"sqlite:///{tmp_path / 'fresh.db'}", f"journal:{tmp_path / 'fresh.log'}"):
@@ -524,7 +524,7 @@ def test_the_dashboard_serves_every_study_of_a_workspace(capsys, vsr_features, t
     pytest.importorskip("optuna_dashboard", reason="the [dashboard] extra is not installed")
     from optuna_dashboard import wsgi
 
-    from probing.studies import gather_studies
+    from probing.studies.storages import gather_studies
 
     for layer in (2, 4):
         args = [

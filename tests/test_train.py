@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from probing.errors import ProbingError
-from probing.probes import ProbeBank, new_probe
-from probing.train import (
+from probing.core.errors import ProbingError
+from probing.probes.modules import ProbeBank, new_probe
+from probing.probes.train import (
     BatchedAdamW,
     EarlyStopping,
     ProbeData,

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from probing.artifacts import MANIFEST_NAME
-from probing.errors import ProbingError
-from probing.extract import ExtractionRequest, extract
-from probing.features import _VERIFIED, FeatureStore, FeatureStoreWriter, shard_digest
+from probing.core.artifacts import MANIFEST_NAME
+from probing.core.errors import ProbingError
+from probing.store.extract import ExtractionRequest, extract
+from probing.store.features import _VERIFIED, FeatureStore, FeatureStoreWriter, shard_digest
 
 
 def extraction(checkpoint, options, out, **overrides) -> ExtractionRequest:
@@ -218,7 +218,7 @@ def test_non_finite_features_are_refused_at_write_time(store_copy, bad, dtype):
 def test_the_finiteness_check_agrees_with_isfinite():
     """`all_finite` (smallest and largest values) against torch's elementwise check, one bad value at each place
     of a small tensor, and the empty tensor (which has no smallest value)."""
-    from probing.features import all_finite
+    from probing.store.features import all_finite
 
     assert all_finite(torch.empty(0, 4, dtype=torch.float16))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):

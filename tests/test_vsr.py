@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from probing.core.errors import ProbingError
 from probing.data import DataOptions
 from probing.data.synthetic import COLOURS, RELATIONS, make_vsr
 from probing.data.types import NO_CATEGORY
 from probing.data.vsr import META_CATEGORIES, meta_category_table, parse_caption, read_vsr_file
-from probing.errors import ProbingError
 from probing.tasks import load_split
 
 CURRENT_LINES = [

@@ -9,8 +9,8 @@ import yaml
 from conftest import run_cli
 from PIL import Image
 
+from probing.core.errors import ProbingError
 from probing.data import DataOptions
-from probing.errors import ProbingError
 from probing.tasks import get_task, load_split
 from probing.tasks.yaml_task import stable_image_id
 

@@ -350,7 +350,7 @@ def test_threshold_from_val_is_the_most_accurate_on_val(capsys, tiny_checkpoints
 
 
 def test_each_image_goes_through_the_vit_once(prompt_scorer, vsr_options, monkeypatch):
-    from probing.zeroshot import ZeroShotRequest, plan_batches, score_split
+    from probing.baselines.zeroshot import ZeroShotRequest, plan_batches, score_split
 
     split = load_split(vsr_options, "test").examples
     # Examples of one image in a row: the batches keep them together.
@@ -377,7 +377,7 @@ def test_each_image_goes_through_the_vit_once(prompt_scorer, vsr_options, monkey
 
 
 def test_a_tiny_instructblip_written_before_its_llm_tokenizer_gains_it(tiny_checkpoints, tmp_path):
-    from probing.artifacts import write_json
+    from probing.core.artifacts import write_json
     from probing.models.tiny import ensure_checkpoint
 
     folder = tmp_path / "tiny-instructblip"
@@ -400,12 +400,12 @@ def test_a_tiny_instructblip_written_before_its_llm_tokenizer_gains_it(tiny_chec
 def test_settings_reach_the_request_from_the_command_line_and_a_config(capsys, monkeypatch, tmp_path):
     """Every zero-shot setting of the run's identity can be set both ways (as `tests/test_settings.py` checks
     for the other commands)."""
-    import probing.zeroshot
-    from probing.config import Config, from_dict
-    from probing.pipeline import plan as plan_units
-    from probing.pipeline import zeroshot_request
-    from probing.settings import declared, identity
-    from probing.zeroshot import ZeroShotSettings
+    import probing.baselines.zeroshot
+    from probing.baselines.zeroshot import ZeroShotSettings
+    from probing.core.settings import declared, identity
+    from probing.runs.config import Config, from_dict
+    from probing.runs.pipeline import plan as plan_units
+    from probing.runs.pipeline import zeroshot_request
 
     routes = {
         "prompt": (["--prompt", "Q: {text} A:"], "Q: {text} A:"),
@@ -423,7 +423,7 @@ def test_settings_reach_the_request_from_the_command_line_and_a_config(capsys, m
         seen["request"] = request
         raise KeyboardInterrupt  # stop there (the CLI exits with 130)
 
-    monkeypatch.setattr(probing.zeroshot, "run_zeroshot", stage)
+    monkeypatch.setattr(probing.baselines.zeroshot, "run_zeroshot", stage)
     for name, (args, value) in routes.items():
         code, _, _ = run_cli(capsys, "zeroshot", "--model", "instructblip", "--task", "vsr", "--out", "x", *args)
         assert code == 130 and identity(seen["request"])[name] == value
@@ -498,8 +498,8 @@ experiments:
     ],
 )
 def test_zeroshot_config_mistakes_name_the_field(tmp_path, experiment, message):
-    from probing.config import load_config
-    from probing.errors import ProbingError
+    from probing.core.errors import ProbingError
+    from probing.runs.config import load_config
 
     config = tmp_path / "c.yaml"
     config.write_text(

@@ -18,8 +18,8 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
-from probing.artifacts import file_key
-from probing.errors import ProbingError
+from probing.core.artifacts import file_key
+from probing.core.errors import ProbingError
 
 
 def _read_json(path: Path) -> Any:

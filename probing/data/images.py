@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probing.errors import ProbingError
+from probing.core.errors import ProbingError
 
 
 def coco2014_candidates(images_dir: Path, image_id: int) -> list[Path]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from probing.errors import ProbingError
+from probing.core.errors import ProbingError
 
 
 def read_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

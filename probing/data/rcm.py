@@ -25,16 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from probing.artifacts import code_version, existing_output_matches, sha256_file, staged_directory, write_json
+from probing.core.artifacts import code_version, existing_output_matches, sha256_file, staged_directory, write_json
+from probing.core.errors import ProbingError, shown
+from probing.core.locks import one_writer
+from probing.core.records import StageResult, read_json_file
 from probing.data import boxes
 from probing.data.coco import ID_RANGE, read_instances
 from probing.data.images import coco2014_candidates, resolve_image
 from probing.data.jsonl import read_objects
 from probing.data.refer import Sentence, join_sentences, read_refs, sentence_metadata
 from probing.data.types import Example
-from probing.errors import ProbingError, shown
-from probing.locks import one_writer
-from probing.records import StageResult, read_json_file
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from probing.artifacts import file_key
+from probing.core.artifacts import file_key
+from probing.core.errors import ProbingError
 from probing.data import boxes
 from probing.data.coco import ID_RANGE, annotation, box_inside_image, image_info, read_instances, supercategories
 from probing.data.images import coco2014_candidates, resolve_image
 from probing.data.safe_pickle import load_plain_pickle
 from probing.data.types import Example
-from probing.errors import ProbingError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from probing.errors import ProbingError
+from probing.core.errors import ProbingError
 
 # Globals a plain-data pickle may legitimately reference (Python 2 and 3 spellings of the set types).
 _ALLOWED_GLOBALS = frozenset(

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from probing.artifacts import code_version, existing_output_matches, staged_directory, write_json
+from probing.core.artifacts import code_version, existing_output_matches, staged_directory, write_json
+from probing.core.errors import ProbingError
+from probing.core.locks import one_writer
+from probing.core.records import StageResult, read_json_file
 from probing.data import boxes
-from probing.errors import ProbingError
-from probing.locks import one_writer
-from probing.records import StageResult, read_json_file
 
 GENERATOR_VERSION = 2
 REFS_NAME = "refs(umd).p"

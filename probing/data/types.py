@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probing.settings import setting
+from probing.core.settings import setting
 
 # The category of an example that belongs to none (a VSR relation missing from the meta-category table): it counts
 # in every overall metric and is left out of every per-category breakdown (as VSR's official evaluation script does).

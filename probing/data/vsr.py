@@ -19,10 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from probing.core.errors import ProbingError
 from probing.data.images import resolve_image, vsr_candidates
 from probing.data.jsonl import read_objects
 from probing.data.types import NO_CATEGORY, Example
-from probing.errors import ProbingError
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from probing.artifacts import sha256_file
-from probing.errors import ProbingError
+from probing.core.artifacts import sha256_file
+from probing.core.errors import ProbingError
+from probing.core.records import ITM_HEAD, ZERO_SHOT_PROMPT
+from probing.core.registry import Registry
 from probing.models.base import DTYPES
 from probing.models.checkpoint import CheckpointSource
 from probing.models.loading import (
@@ -45,8 +47,6 @@ from probing.models.loading import (
 )
 from probing.models.pixels import PixelPipeline
 from probing.models.registry import BackendFamily
-from probing.records import ITM_HEAD, ZERO_SHOT_PROMPT
-from probing.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -367,8 +367,8 @@ class MatchScorer(ZeroShotScorer):
         )
 
 
-# The zero-shot method of each backend family, by family name (entry-point group `probing.zeroshot`).
-_SCORERS: Registry[type[ZeroShotScorer]] = Registry("zero-shot method", "probing.zeroshot")
+# The zero-shot method of each backend family, by family name (entry-point group `probing.baselines.zeroshot`).
+_SCORERS: Registry[type[ZeroShotScorer]] = Registry("zero-shot method", "probing.baselines.zeroshot")
 
 
 def register_zero_shot(family: str, scorer: type[ZeroShotScorer], *, replace: bool = False) -> type[ZeroShotScorer]:

@@ -52,8 +52,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from probing.device_copies import to_device
-from probing.errors import ProbingError
+from probing.core.device_copies import to_device
+from probing.core.errors import ProbingError
 from probing.models.pixels import PixelPipeline
 from probing.models.text import QFormerText
 

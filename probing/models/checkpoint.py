@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from probing.errors import ProbingError, shown
+from probing.core.errors import ProbingError, shown
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

@@ -22,7 +22,7 @@ import torch
 from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 from transformers.models.idefics.vision import IdeficsVisionTransformer
 
-from probing.device_copies import to_device
+from probing.core.device_copies import to_device
 from probing.models.base import Resampler
 from probing.models.idefics2 import CHECKPOINT_ROOT, _add_checkpoint_root, _strip_checkpoint_root
 from probing.models.registry import BackendFamily, register_family

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from probing.errors import ProbingError
+from probing.core.errors import ProbingError
 
 # Keys that carry nothing a resampler needs: the Q-Former's MLM head, the ITC temperature, position-id
 # buffers, EVA's relative-position buffers and the language models.

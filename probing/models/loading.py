@@ -26,12 +26,12 @@ from typing import Any, Literal
 
 import torch
 
-from probing.errors import ProbingError
+from probing.core.errors import ProbingError
+from probing.core.settings import check, setting
 from probing.models.base import Resampler
 from probing.models.checkpoint import CheckpointSource, tensors_sha256
 from probing.models.lavis import lavis_to_hf, read_lavis_checkpoint, second_stage_problem
 from probing.models.registry import BackendFamily, family_for_config, family_named, family_of_lavis, resolve_alias
-from probing.settings import check, setting
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from probing.device_copies import to_device
+from probing.core.device_copies import to_device
 
 log = logging.getLogger(__name__)
 

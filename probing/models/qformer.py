@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from probing.device_copies import to_device
-from probing.errors import ProbingError
+from probing.core.device_copies import to_device
+from probing.core.errors import ProbingError
 from probing.models.base import Resampler
 
 RANDOM_VISION_INITIALIZER_RANGE = 0.02  # what `--init random` sets the ViT's initializer_range to (recorded)

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from probing.errors import ProbingError
-from probing.registry import Registry
+from probing.core.errors import ProbingError
+from probing.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from probing.errors import ProbingError
-from probing.settings import setting
+from probing.core.errors import ProbingError
+from probing.core.settings import setting
 
 TEXT_FIELD = "{text}"  # where an instruction template takes the example's text
 LAVIS_MAX_WORDS = 50  # BlipCaptionProcessor's default max_words, used by every BLIP-2/InstructBLIP eval config

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from probing.artifacts import match_umask
-from probing.errors import ProbingError
-from probing.records import StageResult
+from probing.core.artifacts import match_umask
+from probing.core.errors import ProbingError
+from probing.core.records import StageResult
 
 QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"  # where InstructBLIP repos keep the Q-Former's BERT tokenizer
 LLM_TOKENIZER_FILE = "tokenizer_config.json"  # in an InstructBLIP checkpoint's root: its LLM's tokenizer
@@ -177,8 +177,8 @@ class TinyCheckpoint:
 def tiny_family(name: str, option: str | None = None):
     """The registered family `name` and its `TinyCheckpoint`; a family without one is refused like an unknown
     name, listing those that have one."""
+    from probing.core.registry import unknown_name
     from probing.models.registry import families
-    from probing.registry import unknown_name
 
     able = {family.name: family for family in families() if family.tiny is not None}
     if name not in able:
@@ -233,8 +233,8 @@ def write_checkpoint(
 
 def ensure_checkpoint(out: Path, family: str, seed: int = 0) -> StageResult[Path]:
     """A tiny checkpoint at `out`, written once (atomically) and reused while its manifest matches."""
-    from probing.artifacts import existing_output_matches, staged_directory, write_json
-    from probing.locks import one_writer
+    from probing.core.artifacts import existing_output_matches, staged_directory, write_json
+    from probing.core.locks import one_writer
 
     out = Path(out)
     identity = {"kind": "tiny-checkpoint", "family": family, "seed": seed, "size": "tiny"}

@@ -11,10 +11,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from probing.artifacts import sha256_file
+from probing.core.artifacts import sha256_file
+from probing.core.errors import ProbingError
+from probing.core.registry import Registry
 from probing.data.types import DataOptions, SplitData
-from probing.errors import ProbingError
-from probing.registry import Registry
 from probing.tasks.spec import TaskSpec
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The built-in tasks: the paper's three (RefCOCOg umd, VSR random, RCM) and their siblings in the same formats
 (RefCOCOg google, RefCOCO and RefCOCO+ unc, VSR zero-shot). Each is one reader plus one registration.
 
-Their control tasks (`probing.controls`) draw targets per type, a type being what a probe could memorise
+Their control tasks (`probing.tasks.controls`) draw targets per type, a type being what a probe could memorise
 without knowing where anything is:
 - REFER tasks: the referred object's COCO category (so a control box is one of the train boxes of that
   category: it keeps the category's typical sizes and places, which the probe may learn from the category);
@@ -18,14 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from probing.controls import MetadataType
 from probing.data.boxes import CELL_NAMES
 from probing.data.rcm import load_rcm
 from probing.data.refer import load_refer
 from probing.data.types import DataOptions, Example
 from probing.data.vsr import META_CATEGORIES, load_vsr, split_file
-from probing.heads import BinaryHead, BoxHead
-from probing.search_space import LOSS_SCALES, SearchSpace
+from probing.tasks.controls import MetadataType
+from probing.tasks.heads import BinaryHead, BoxHead
+from probing.tasks.search_space import LOSS_SCALES, SearchSpace
 from probing.tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)

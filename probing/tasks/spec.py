@@ -3,11 +3,11 @@ on a task's name (the lm-evaluation-harness habit: a task owns its data, target,
 
 - its data: a `DatasetReader` (which data options it needs, how a split's examples are read, which files
   define them), its splits and which of them are evaluated;
-- its head (`probing.heads`): outputs, targets, loss, metrics, main metric and direction, prediction records;
+- its head (`probing.tasks.heads`): outputs, targets, loss, metrics, main metric and direction, prediction records;
 - its search defaults (the paper's Table 4 for the paper's tasks) and early-stopping patience;
 - what the report shows: title, what a category is, the order of categories, the chance level, whether
   Kendall correlations with box properties apply, which per-category table holds it;
-- its control task (`probing.controls`): what an example's type is, of which the control targets are a fixed
+- its control task (`probing.tasks.controls`): what an example's type is, of which the control targets are a fixed
   random function (its head draws them).
 """
 
@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 import torch
 
+from probing.core.errors import ProbingError
 from probing.data.types import NO_CATEGORY, DataOptions, Example
-from probing.errors import ProbingError
-from probing.heads import Head
-from probing.search_space import SearchSpace
+from probing.tasks.heads import Head
+from probing.tasks.search_space import SearchSpace
 
 TRAIN, VAL = "train", "val"
 

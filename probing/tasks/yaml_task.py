@@ -10,7 +10,7 @@
     search: {epochs: [3, 5, 10]}   # optional: overrides of the default space
 
 Optional too: `title`, `description`, `patience`, `chance`, `category_order`, `control_type` (the record
-field, or list of fields, whose values are an example's type for its control task: `probing.controls`; e.g.
+field, or list of fields, whose values are an example's type for its control task: `probing.tasks.controls`; e.g.
 `control_type: [subject, object]`), and in `fields`: `id` (an
 integer example id; default the 0-based line number), `image_id` (an integer; default a stable hash of the
 image path), `width` and `height` (pixel boxes; default the image file's size). Every other field of a
@@ -34,14 +34,14 @@ from typing import Any
 import torch
 from torchvision.ops import box_convert
 
-from probing.artifacts import file_key
-from probing.controls import MetadataType
+from probing.core.artifacts import file_key
+from probing.core.errors import ProbingError
 from probing.data.boxes import area_fraction, centre_distance
 from probing.data.jsonl import read_objects
 from probing.data.types import DataOptions, Example
-from probing.errors import ProbingError
-from probing.heads import HEADS
-from probing.search_space import LOSS_SCALES, SearchSpace
+from probing.tasks.controls import MetadataType
+from probing.tasks.heads import HEADS
+from probing.tasks.search_space import LOSS_SCALES, SearchSpace
 from probing.tasks.spec import TRAIN, VAL, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class _Document:
     """The YAML file's data with the line of every key, for messages that name file, line and field."""
 
     def __init__(self, path: Path):
-        from probing.yaml_files import read_yaml
+        from probing.core.yaml_files import read_yaml
 
         self.path = path
         self.data, node = read_yaml(path, prefix="--task: ")

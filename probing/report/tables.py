@@ -1,0 +1,1467 @@
+"""`probing report RUN... --out DIR`: tables (Markdown + CSV) and figures in the paper's shapes.
+
+Tables register themselves (`register_table`) and the report builds every registered table that the given
+runs allow (a table whose runs are absent is left out); a config's `report.tables` names some of them:
+- Table 1: accuracy per model x mode (frozen / unfrozen) x task (and split, for tasks evaluated on several),
+  linear probe on the last layer given.
+- Table 2 and the per-category tables: accuracy per category of each task (Table 2 is VSR's, per
+  meta-category; `categories_<task>` the others', e.g. per COCO supercategory), same runs.
+- Table 3: probe sizes (linear, SwiGLU 2 / 4 layers, logistic regression), frozen, last layer.
+- Table 4: the paper's layout, a row per task and hyper-parameter, a column per model and mode, each cell the
+  value the best trial chose; `searches` lists every search with its trials, val and test.
+- Table 5: Kendall tau between per-category accuracy and the number of train examples, the mean box area
+  and the mean centre distance (tasks with boxes); p > 0.05 marked with a dagger.
+- Per layer: frozen linear probes, every layer given.
+- Rigour: per model, task and layer, the accuracy beside its control task's accuracy, the selectivity
+  (paired bootstrap), the MDL codelength and compression of the task and of its control, and the accuracy
+  of the random-weights model of the same family (`init: random`), for runs that have any of them.
+Cells read `mean [95% CI]` in percent, with `+- std` over seeds where several seeds were run. With
+`--compare-paper` the paper's Table 1 numbers appear in their own rows, labelled "(paper)"; the paper
+reports single runs without intervals. CSV files are written by pandas from the numbers behind the cells, and
+`results.csv` holds every number the tables show, one row each (`results_frame`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from probing.core.artifacts import staged_directory, write_json
+from probing.core.errors import ProbingError
+from probing.core.locks import one_writer
+from probing.core.records import HUMAN, ITM_HEAD, MDL_FILE, NO_PROBE, ZERO_SHOT_PROMPT
+from probing.core.registry import Registry
+from probing.probes.modules import PROBES
+from probing.report.analysis import (
+    KENDALL_PROPERTIES,
+    MIN_KENDALL_CATEGORIES,
+    SIGNIFICANCE,
+    SINGLE_CLASS_SHARE,
+    Estimate,
+    MdlResults,
+    RunResults,
+    attach_rigour,
+    category_rows,
+    chance_level,
+    codelength_interval,
+    deduplicate,
+    kendall,
+    last_layer_runs,
+    load_mdl,
+    load_run,
+    load_run_splits,
+    overall,
+    paired_comparison,
+    per_category,
+    rigour,
+    roc_auc,
+    single_class,
+    validation_run,
+)
+from probing.report.plots import category_figure, learning_curve_figure, per_layer_figure
+from probing.tasks import TaskSpec, registered_tasks
+
+MODES = ("frozen", "unfrozen", ZERO_SHOT_PROMPT, ITM_HEAD, HUMAN)  # Table 1's rows per model, in this order
+PROPERTY_NAMES = {
+    "train_examples": "train examples",
+    "mean_area": "mean box area",
+    "mean_centre_distance": "mean centre distance",
+}
+# The paper's Table 1 (test, %), for --compare-paper: (model, mode) -> task -> value.
+PAPER_TABLE1 = {
+    ("BLIP-2", "frozen"): {"refcocog": 30.26, "vsr": 64.97, "rcm": 69.49},
+    ("BLIP-2", "unfrozen"): {"refcocog": 71.72, "vsr": 80.50, "rcm": 81.35},
+    ("InstructBLIP", "frozen"): {"refcocog": 19.92, "vsr": 55.72, "rcm": 63.08},
+    ("InstructBLIP", "unfrozen"): {"refcocog": 69.34, "vsr": 76.99, "rcm": 80.86},
+    ("Human", "human"): {"vsr": 95.40, "rcm": 92.29},  # VSR's from its authors
+}
+# The checkpoints the paper probed (by the source a run's model was read from): its rows are shown only beside
+# runs of these, under the paper's model name.
+PAPER_CHECKPOINTS = {
+    "Salesforce/blip2-itm-vit-g": "BLIP-2",
+    "Salesforce/instructblip-vicuna-7b": "InstructBLIP",
+}
+NOT_SIGNIFICANT = "†"
+SINGLE_CLASS_MARK = "‡"
+CSV_LABELS = ["model", "mode", "probe", "layer", "task", "split", "category", "property"]
+
+
+def cell(estimate: Estimate | None, run: RunResults | None = None) -> str:
+    """`mean [95% CI] ±std` in percent; marked when `run` is a probe that answers a single class."""
+    if estimate is None:
+        return "–"
+    text = f"{100 * estimate.mean:.1f} [{100 * estimate.low:.1f}, {100 * estimate.high:.1f}]"
+    if estimate.seed_std is not None:
+        text += f" ±{100 * estimate.seed_std:.1f}"
+    if run is not None and run.probe != NO_PROBE and single_class(run):
+        text += SINGLE_CLASS_MARK
+    return text
+
+
+SINGLE_CLASS_NOTE = (
+    f"{SINGLE_CLASS_MARK} the probe answers one class for at least {SINGLE_CLASS_SHARE:.0%} of the examples "
+    "in every seed: it learned the majority label, not the task"
+)
+
+
+def mark_single_class(table: Table) -> None:
+    """The note explaining the mark `cell` gives a single-class probe, on a table whose cells carry it."""
+    if any(SINGLE_CLASS_MARK in text for row in table.rows for text in row):
+        table.notes.append(SINGLE_CLASS_NOTE)
+
+
+def single_class_mark(run: RunResults) -> str:
+    """The mark of a probe that answers one class (`cell`'s), or "": for outputs that print an accuracy."""
+    return SINGLE_CLASS_MARK if run.probe != NO_PROBE and single_class(run) else ""
+
+
+def single_class_note(folder: Path) -> str | None:
+    """The note a command that printed a run's accuracy adds when its probe answers one class, else None."""
+    from probing.report.analysis import load_run
+
+    return SINGLE_CLASS_NOTE if single_class_mark(load_run(folder)) else None
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # numbers behind the cells, for the CSV
+    # rows for `results.csv` of the numbers the cells show beyond each run's accuracies (`_result`)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [
+            f"### {self.title}",
+            "",
+            "| " + " | ".join(self.headers) + " |",
+            "|" + "|".join(" --- " for _ in self.headers) + "|",
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.notes:
+            lines += [""] + [f"_{note}_" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def frame(self):
+        """The numbers behind the cells as a DataFrame (labels first; objects kept as they are, so an integer
+        column with gaps stays integers)."""
+        import pandas as pd
+
+        keys = {key for record in self.records for key in record}
+        columns = [k for k in CSV_LABELS if k in keys] + sorted(keys - set(CSV_LABELS))
+        return pd.DataFrame(self.records, columns=columns, dtype=object)
+
+    def latex(self) -> str:
+        """The table as LaTeX (booktabs, caption once, `\\label{tab:<name>}`, numbers right-aligned, a task's
+        splits and a model's modes under one grouped header), notes as a comment block."""
+        from probing.report.latex import header_groups, latex_table
+
+        groups = header_groups(self.headers, prefixes={spec.title for spec in registered_tasks()}, suffixes=MODES)
+        return latex_table(self.name, self.title, self.headers, self.rows, self.notes, groups)
+
+    def write(self, folder: Path) -> list[Path]:
+        markdown = folder / f"{self.name}.md"
+        markdown.write_text(self.markdown(), encoding="utf-8")
+        table_csv = folder / f"{self.name}.csv"
+        self.frame().to_csv(table_csv, index=False)
+        latex = folder / f"{self.name}.tex"
+        latex.write_text(self.latex(), encoding="utf-8")
+        return [markdown, table_csv, latex]
+
+
+def _record(estimate: Estimate, run: RunResults | None = None, **labels) -> dict[str, Any]:
+    where = {"task": run.task, "split": run.split} if run is not None else {}
+    return {**labels, **where, **estimate.as_dict()}
+
+
+def run_labels(run: RunResults) -> dict[str, Any]:
+    """The columns of `results.csv` that say which run, and which of its splits, a row is about."""
+    return {
+        "model": run.label,
+        "model_id": run.model_id,
+        "init": run.init,
+        "task": run.task,
+        "mode": run.mode,
+        "layer": None if run.probe == NO_PROBE else run.layer,  # a model's own answer reads no layer's features
+        "probe": run.probe,
+        "control": run.control,
+        "single_class": run.probe != NO_PROBE and single_class(run),  # Table 1's ‡: the probe answers one class
+        "split": run.split,
+        "run": str(run.path),
+    }
+
+
+def _result(run: RunResults, metric: str, value: Any = None, estimate: Estimate | None = None, **columns) -> dict:
+    """A row of `results.csv` for a number a table shows about `run`: `value`, or `estimate` with its interval."""
+    row = {**run_labels(run), "metric": metric, "value": value, **columns}
+    if estimate is not None:
+        numbers = estimate.as_dict()
+        row |= {"value": numbers["mean"], "seeds_std": numbers["seed_std"], "n": numbers["examples"]}
+        row |= {key: numbers[key] for key in ("ci_low", "ci_high", "seeds")}
+    return row
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    compare_paper: bool = False
+
+
+@dataclass(frozen=True)
+class TableBuilder:
+    """A registered table: `build(runs, options)` returns its tables (none when the runs do not allow it);
+    `names(specs)` the names it can produce for runs of these tasks."""
+
+    name: str
+    build: Callable[[list[RunResults], ReportOptions], list[Table]]
+    names: Callable[[Iterable[TaskSpec]], list[str]]
+
+
+# Installed packages may add tables through the entry-point group `probing.tables` (a `TableBuilder`).
+TABLES: Registry[TableBuilder] = Registry("table", "probing.tables")
+
+
+def register_table(name: str, names: Callable[[Iterable[TaskSpec]], list[str]] | None = None, *, replace: bool = False):
+    """Decorator: register a table builder under `name` (it produces a table of that name unless `names` says
+    which tables it makes); another builder under a registered name is refused unless `replace`."""
+
+    def register(build: Callable[[list[RunResults], ReportOptions], Table | list[Table] | None]):
+        def tables(runs: list[RunResults], options: ReportOptions) -> list[Table]:
+            made = build(runs, options)
+            return [] if made is None else ([made] if isinstance(made, Table) else made)
+
+        TABLES.register(name, TableBuilder(name, tables, names or (lambda specs: [name])), replace=replace)
+        return build
+
+    return register
+
+
+def table_names(specs: Iterable[TaskSpec] | None = None) -> list[str]:
+    """Every table name the registered builders can produce for these tasks (default: every registered task)."""
+    specs = list(registered_tasks() if specs is None else specs)
+    names: list[str] = []
+    for builder in TABLES.values():
+        names += [name for name in builder.names(specs) if name not in names]
+    return names
+
+
+def _columns(runs: Iterable[RunResults]) -> list[tuple[str, str]]:
+    """(task, split) pairs in registry order, then each task's split order."""
+    order = {spec.name: index for index, spec in enumerate(registered_tasks())}
+    present = {(run.task, run.split): run for run in runs}
+    return sorted(
+        present, key=lambda key: (order.get(key[0], len(order)), key[0], present[key].spec.eval_splits.index(key[1]))
+    )
+
+
+def _table1_runs(runs: Sequence[RunResults]) -> dict[tuple[str, str, str], RunResults]:
+    """Table 1's runs: linear probes on the last layer, and the zero-shot baselines (no probe) beside them."""
+    return last_layer_runs(list(runs)) | last_layer_runs(list(runs), NO_PROBE)
+
+
+def _modes(chosen: dict[tuple[str, str, str], RunResults]) -> list[str]:
+    """The row order of a model's modes: `MODES`, then any other (a plug-in's zero-shot method) by name."""
+    return [*MODES, *sorted({mode for _, mode, _ in chosen} - set(MODES))]
+
+
+def _people(chosen: dict[tuple[str, str, str], RunResults]) -> set[str]:
+    """The labels whose runs are all people's answers: their rows come after every model's."""
+    return {label for label, _, _ in chosen if all(run.mode == HUMAN for key, run in chosen.items() if key[0] == label)}
+
+
+def _column_title(run: RunResults) -> str:
+    return f"{run.column} ({run.spec.head.metric_label})"
+
+
+def paper_model(runs: Iterable[RunResults]) -> str | None:
+    """The paper's name of the model these runs read, when every one read one checkpoint the paper probed with
+    its own weights (`PAPER_CHECKPOINTS`), else None."""
+    names = {PAPER_CHECKPOINTS.get(run.model_id or "") if run.init == "pretrained" else None for run in runs}
+    return names.pop() if len(names) == 1 else None
+
+
+def _split_title(run: RunResults, split: str) -> str:
+    """A Table 1 column: the task's title, the split, and the metric."""
+    spec = run.spec
+    name = f"{spec.title} {split}" if split == "val" or len(spec.eval_splits) == 1 else run.column
+    return f"{name} ({spec.head.metric_label})"
+
+
+@register_table("table1")
+def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """The paper's Table 1: per model and mode, val and test of each task (val where the runs wrote val
+    predictions); a chance row (the majority-class rate of each split's labels) and the Human row last."""
+    chosen = _table1_runs(runs)
+    if not chosen:
+        return None
+    by_column = {run.column: run for run in sorted(chosen.values(), key=lambda r: (r.mode == HUMAN, str(r.path)))}
+    order = list(dict.fromkeys(run.column for run in _sorted_columns(chosen)))
+    validation = {key: validation_run(run) for key, run in chosen.items()}
+    # (column, "val" | "test"): val first where any run of the column has val predictions
+    # A task evaluated on several splits (RefCOCO's testA and testB) has one column per split but one val.
+    cells: list[tuple[str, str]] = []
+    tasks_with_val: set[str] = set()
+    for c in order:
+        task = by_column[c].task
+        if task not in tasks_with_val and any(val is not None and key[2] == c for key, val in validation.items()):
+            cells.append((c, "val"))
+            tasks_with_val.add(task)
+        cells.append((c, "test"))
+
+    def result(key: tuple[str, str, str], which: str) -> RunResults | None:
+        return chosen.get(key) if which == "test" else validation.get(key)
+
+    has_val = any(which == "val" for _, which in cells)
+    table = Table(
+        "table1",
+        "Table 1: " + ("validation and test" if has_val else "test") + " accuracy, linear probe on the last layer (%)",
+        ["model", "mode", *[_split_title(by_column[c], which) for c, which in cells]],
+    )
+    people = _people(chosen)  # the Human row comes last, after the chance row
+    models = sorted({key[0] for key in chosen}, key=lambda model: (model in people, model))
+    paper_shown, paper_missing = [], []
+
+    def chance_row() -> None:
+        levels = {}
+        for c, which in cells:
+            model_runs = [r for r in chosen.values() if r.column == c and r.mode != HUMAN]
+            found = result(next(k for k, r in chosen.items() if r is model_runs[0]), which) if model_runs else None
+            levels[(c, which)] = (chance_level(found), found) if found is not None else (None, None)
+        if not any(level is not None for level, _ in levels.values()):
+            return
+        table.rows.append(
+            [
+                "Chance",
+                "majority class",
+                *[f"{100 * level:.1f}" if level is not None else "–" for level, _ in levels.values()],
+            ]
+        )
+        table.records += [
+            {
+                "model": "Chance",
+                "mode": "majority class",
+                "task": found.task,
+                "split": found.split,
+                "mean": level,
+                "examples": len(found.ids),
+            }
+            for level, found in levels.values()
+            if level is not None
+        ]
+        table.results += [
+            {"model": "Chance", "mode": "majority class", "task": found.task, "split": found.split}
+            | {"metric": found.metric, "value": level, "n": len(found.ids)}
+            for level, found in levels.values()
+            if level is not None
+        ]
+
+    for model in models:
+        if model in people and not any(row[0] == "Chance" for row in table.rows):
+            chance_row()
+        model_runs = [run for key, run in chosen.items() if key[0] == model]
+        paper_name = paper_model(model_runs)
+        for mode in _modes(chosen):
+            if not any((model, mode, c) in chosen for c in order):
+                continue
+            found = {(c, which): result((model, mode, c), which) for c, which in cells}
+            estimates = {key: overall(run) if run is not None else None for key, run in found.items()}
+            table.rows.append([model, mode, *[cell(estimates[key], run) for key, run in found.items()]])
+            table.records += [
+                _record(estimates[key], run, model=model, mode=mode, layer=run.layer)
+                for key, run in found.items()
+                if run is not None
+            ]
+            if not options.compare_paper:
+                continue
+            paper = PAPER_TABLE1.get(("Human", HUMAN) if mode == HUMAN else (paper_name, mode))
+            if paper is None:
+                if mode != HUMAN and mode in ("frozen", "unfrozen"):
+                    paper_missing.append(model)
+                continue
+            name = "Human" if mode == HUMAN else paper_name
+            tasks = {c: by_column[c].task for c in order}
+            table.rows.append(
+                [
+                    f"{name} (paper)",
+                    mode,
+                    *[f"{paper[tasks[c]]:.2f}" if which == "test" and tasks[c] in paper else "–" for c, which in cells],
+                ]
+            )
+            shown = [
+                (by_column[c], paper[tasks[c]] / 100) for c, which in cells if which == "test" and tasks[c] in paper
+            ]
+            table.records += [
+                {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test", "mean": value}
+                for run, value in shown
+            ]
+            table.results += [
+                {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test"}
+                | {"metric": run.metric, "value": value}
+                for run, value in shown
+            ]
+            paper_shown.append(model)
+    if not any(row[0] == "Chance" for row in table.rows):
+        chance_row()
+    layers = sorted({run.layer for run in chosen.values() if run.probe != NO_PROBE})
+    table.notes.append(
+        "mean [95% bootstrap CI over the split's examples] ±std over seeds"
+        + (f"; layers used: {layers}" if layers else "")
+        + ("; val: the best trial's final seeds on the validation split" if has_val else "")
+    )
+    chance_notes = ["chance: the majority-class rate of the split's labels (50 % when balanced)"]
+    if any(chance_level(run) is None and run.mode != HUMAN for run in chosen.values()):
+        no_chance = sorted(
+            {run.spec.title for run in chosen.values() if chance_level(run) is None and run.mode != HUMAN}
+        )
+        chance_notes.append(
+            f"no chance level for {', '.join(no_chance)}: a box regression has no single chance rate (a guessed "
+            "box's IoU depends on the distribution of boxes)"
+        )
+    table.notes.append("; ".join(chance_notes))
+    if any(run.probe == NO_PROBE and run.mode != HUMAN for run in chosen.values()):
+        table.notes.append(f"{ZERO_SHOT_PROMPT}, {ITM_HEAD}: the model's own answer, no probe (`probing zeroshot`)")
+    if any(run.mode == HUMAN for run in chosen.values()):
+        table.notes.append(
+            "human rows: annotators' answers (probing annotate score) after the paper's exclusions, each kept "
+            "answer one example of the interval"
+        )
+    if options.compare_paper and paper_shown:
+        table.notes.append("rows marked (paper): numbers reported by Pantazopoulos et al. (2024), test, single runs")
+    if options.compare_paper and paper_missing:
+        table.notes.append(
+            f"no paper rows beside {', '.join(sorted(set(paper_missing)))}: the paper's numbers are shown only beside "
+            f"runs of the checkpoints it probed ({', '.join(PAPER_CHECKPOINTS)}) with their own weights"
+        )
+    mark_single_class(table)
+    return table
+
+
+def _sorted_columns(chosen: dict[tuple[str, str, str], RunResults]) -> list[RunResults]:
+    """One run per (task, split) column, in `_columns`' order."""
+    present = {(run.task, run.split): run for run in chosen.values()}
+    return [present[key] for key in _columns(chosen.values())]
+
+
+def _category_table_name(run: RunResults) -> str:
+    name = run.spec.per_category_table
+    return name if len(run.spec.eval_splits) == 1 else f"{name}_{run.split}"
+
+
+def _category_names(specs: Iterable[TaskSpec]) -> list[str]:
+    names = []
+    for spec in specs:
+        names += (
+            [spec.per_category_table]
+            if len(spec.eval_splits) == 1
+            else [f"{spec.per_category_table}_{split}" for split in spec.eval_splits]
+        )
+    return names
+
+
+@register_table("categories", names=_category_names)
+def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[Table]:
+    """Accuracy per category of each task and split (Table 2 is VSR's), last layer, linear probe."""
+    tables = []
+    chosen_all = _table1_runs(runs)
+    for task, split in _columns(chosen_all.values()):
+        chosen = {key: run for key, run in chosen_all.items() if (run.task, run.split) == (task, split)}
+        first = next(iter(chosen.values()))
+        spec = first.spec
+        present = sorted({c for run in chosen.values() for c in category_rows(run)})
+        columns = list(spec.category_order) if spec.category_order else present  # a fixed list: each shown
+        name = _category_table_name(first)
+        title = (
+            f"Table 2: {first.column} accuracy per {spec.category} (%)"
+            if name == "table2"
+            else f"{first.column} {spec.head.metric_title} per {spec.category} (%)"
+        )
+        table = Table(name, title, ["model", "mode", *columns])
+        modes = _modes(chosen)
+        people = _people(chosen)
+        counts = {c: max(run.categories.count(c) for run in chosen.values()) for c in columns}
+        table.rows.append(["n", f"{first.split} examples", *[str(counts[c]) for c in columns]])
+        for (model, mode, _), run in sorted(
+            chosen.items(), key=lambda item: (item[0][0] in people, item[0][0], modes.index(item[0][1]))
+        ):
+            estimates = per_category(run)
+            table.rows.append([model, mode, *[cell(estimates.get(c)) for c in columns]])
+            table.records += [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items()]
+        table.notes.append(
+            "mean [95% bootstrap CI] ±std over seeds, %; n: the split's examples per category (human rows: those "
+            "annotated, possibly fewer)"
+            + ("; n = 0: no example of the category in the split" if set(columns) - set(present) else "")
+        )
+        tables.append(table)
+    return tables
+
+
+@register_table("table3")
+def table3(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    frozen = [r for r in runs if r.mode == "frozen"]
+    by_probe = {probe: last_layer_runs(frozen, probe) for probe in PROBES}  # registration order
+    if sum(bool(v) for v in by_probe.values()) < 2:
+        return None  # one probe size says nothing about probe size
+    found_runs = [run for chosen in by_probe.values() for run in chosen.values()]
+    order = _columns(found_runs)
+    titles = {(run.task, run.split): run.column for run in found_runs}
+    table = Table(
+        "table3", "Table 3: probe size, frozen, last layer (%)", ["model", "probe", *[titles[c] for c in order]]
+    )
+    models = sorted({key[0] for runs_ in by_probe.values() for key in runs_})
+    for model in models:
+        for probe in PROBES:
+            found = {c: by_probe[probe].get((model, "frozen", titles[c])) for c in order}
+            if not any(found.values()):
+                continue
+            estimates = {c: overall(run) if run else None for c, run in found.items()}
+            table.rows.append([model, PROBES[probe].title, *[cell(estimates[c], found[c]) for c in order]])
+            table.records += [_record(e, found[c], model=model, probe=probe) for c, e in estimates.items() if e]
+    mark_single_class(table)
+    return table
+
+
+HYPER_PARAMETERS = {"lr": "learning rate", "epochs": "epochs", "giou_scale": "GIoU scale", "l1_scale": "L1 scale"}
+
+
+def _parameter_cell(name: str, value: Any) -> str:
+    return f"{value:.2e}" if name in ("lr", "logreg_c") else f"{value:g}"
+
+
+@register_table("table4")
+def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """The paper's Table 4 layout: a row per task and hyper-parameter, a column per model and mode, each cell the
+    value the search's best trial chose (Table 1's runs: linear probe, last layer)."""
+    searched = {key: run for key, run in _table1_runs(runs).items() if run.search is not None}
+    if not searched:
+        return None
+    models = sorted({key[0] for key in searched})
+    pairs = [(m, mode) for m in models for mode in _modes(searched) if any(k[:2] == (m, mode) for k in searched)]
+    table = Table(
+        "table4",
+        "Table 4: hyper-parameters of the best trial per task, model and mode (linear probe, last layer)",
+        ["task", "hyper-parameter", *[f"{model} {mode}" for model, mode in pairs]],
+    )
+    for run in _sorted_columns(searched):
+        column = run.column
+        params = {
+            name for key, found in searched.items() if key[2] == column for name in found.search["best"]["params"]
+        }
+        names = [name for name in HYPER_PARAMETERS if name in params] + sorted(params - set(HYPER_PARAMETERS))
+        for name in names:
+            row = [column, HYPER_PARAMETERS.get(name, name)]
+            for model, mode in pairs:
+                found = searched.get((model, mode, column))
+                value = found.search["best"]["params"].get(name) if found is not None else None
+                row.append(_parameter_cell(name, value) if value is not None else "–")
+                if value is not None:
+                    table.records.append(
+                        {"model": model, "mode": mode, "task": found.task, "parameter": name, "value": value}
+                    )
+                    table.results.append(_result(found, f"param_{name}", value))
+            table.rows.append(row)
+    table.notes.append(
+        "the best trial of each search by its val metric (`searches` lists every search with its val and test)"
+    )
+    return table
+
+
+@register_table("searches")
+def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """The best hyper-parameters each search found, with its val and test metrics, one row per search."""
+    searched = [run for run in runs if run.search is not None]
+    if not searched:
+        return None
+    table = Table(
+        "searches",
+        "Searches: best trial of each search (hyper-parameters, val and test)",
+        [
+            "model",
+            "mode",
+            "task",
+            "layer",
+            "probe",
+            "lr",
+            "epochs",
+            "GIoU scale",
+            "L1 scale",
+            "trials",
+            "pruned",
+            "val (%)",
+            "test (%)",
+        ],
+    )
+    order = {column: index for index, column in enumerate(_columns(searched))}
+    for run in sorted(
+        searched, key=lambda r: (r.label, MODES.index(r.mode), order[(r.task, r.split)], r.layer, r.probe)
+    ):
+        best = run.search["best"]
+        params = best["params"]
+        metric = run.search["metric"]
+        scales = [f"{params[name]:g}" if name in params else "–" for name in ("giou_scale", "l1_scale")]
+        lr = f"{params['lr']:.2e}" if "lr" in params else f"C={params['logreg_c']:.2e}"
+        pruned = sum(trial.get("state") == "PRUNED" for trial in run.search.get("trials", []))
+        table.rows.append(
+            [
+                run.label,
+                run.mode,
+                run.column,
+                str(run.layer),
+                run.probe,
+                lr,
+                str(params.get("epochs", "–")),
+                *scales,
+                str(run.search["trials_complete"]),
+                str(pruned),
+                f"{100 * best['val_search']:.1f}",
+                cell(overall(run), run),
+            ]
+        )
+        table.records.append(
+            {
+                "model": run.label,
+                "mode": run.mode,
+                "task": run.task,
+                "split": run.split,
+                "layer": run.layer,
+                "probe": run.probe,
+                **{f"param_{k}": v for k, v in params.items()},
+                "trials": run.search["trials_complete"],
+                "trials_pruned": pruned,
+                "val": best["val_search"],
+                **{f"test_{k}": v for k, v in overall(run).as_dict().items()},
+            }
+        )
+        table.results += [_result(run, f"param_{name}", value) for name, value in params.items()]
+        table.results += [
+            _result(run, "trials", run.search["trials_complete"]),
+            _result(run, "trials_pruned", pruned),
+            _result(run, f"search_val_{metric}", best["val_search"], split="val"),
+        ]
+    table.notes.append(
+        f"trials: completed; pruned: stopped early by the search's pruner (their epochs were not trained); val: the "
+        f"best trial's val {metric} in the search; test: the best trial retrained with its final seeds, mean [95% CI] "
+        "±std"
+    )
+    mark_single_class(table)
+    return table
+
+
+@register_table("table5")
+def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """The paper's Table 5 in its orientation: a row per task and data property, a column per model and mode,
+    each cell Kendall's tau (p) between per-category accuracy and the property, p > 0.05 marked."""
+    # against train counts and box properties: what a probe learned, not what people answer
+    kendall_runs = {
+        key: run for key, run in last_layer_runs(runs).items() if run.spec.kendall and run.probe != NO_PROBE
+    }
+    enough = {key: run for key, run in kendall_runs.items() if len(category_rows(run)) >= MIN_KENDALL_CATEGORIES}
+    chosen = {key: run for key, run in enough.items() if not single_class(run)}
+    one_class = sorted(f"{key[0]} {key[1]} ({run.column})" for key, run in enough.items() if single_class(run))
+    if not chosen and not one_class:
+        return None
+    pairs = sorted({key[:2] for key in enough}, key=lambda pair: (pair[0], _modes(enough).index(pair[1])))
+    table = Table(
+        "table5",
+        "Table 5: Kendall tau between per-category accuracy and data properties",
+        ["task", "property", *[f"{model} {mode}" for model, mode in pairs]],
+    )
+    correlations = {key: kendall(run) for key, run in chosen.items()}
+    for column in dict.fromkeys(run.column for run in _sorted_columns(enough)):
+        for name in KENDALL_PROPERTIES:
+            row = [column, PROPERTY_NAMES[name]]
+            for model, mode in pairs:
+                key = (model, mode, column)
+                if key not in correlations:
+                    row.append("single class" if key in enough else "–")
+                    continue
+                c, run = correlations[key][name], chosen[key]
+                mark = "" if c.significant else NOT_SIGNIFICANT
+                row.append(f"{c.tau:+.2f} ({c.p_value:.3f}){mark}" if c.tau == c.tau else "undefined")
+                table.records.append(
+                    {
+                        "model": model,
+                        "mode": mode,
+                        "task": run.task,
+                        "split": run.split,
+                        "property": name,
+                        "tau": c.tau if c.tau == c.tau else None,
+                        "p_value": c.p_value if c.p_value == c.p_value else None,
+                        "significant": c.significant,
+                        "categories": c.categories,
+                    }
+                )
+                table.results.append(
+                    _result(
+                        run,
+                        "kendall_tau",
+                        c.tau if c.tau == c.tau else None,
+                        against=name,
+                        p_value=c.p_value if c.p_value == c.p_value else None,
+                        n=c.categories,
+                    )
+                )
+            table.rows.append(row)
+    table.notes.append(f"{NOT_SIGNIFICANT} p > 0.05 (not significant); 'undefined': a constant column (no ranking)")
+    if one_class:
+        table.notes.append(
+            "no tau for " + ", ".join(one_class) + ": the probe predicts a single class (one answer for at least "
+            f"{SINGLE_CLASS_SHARE:.0%} of the examples in every seed), so its per-category accuracy is each "
+            "category's label rate and says nothing about what it learned"
+        )
+    if len(enough) < len(kendall_runs):
+        table.notes.append(
+            f"runs with fewer than {MIN_KENDALL_CATEGORIES} categories have no ranking to correlate and are left out"
+        )
+    return table
+
+
+@register_table("paired")
+def paired_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """Paired comparisons on the same test examples (Table 1's runs): each model's modes against each other
+    (frozen vs unfrozen ...) and, per mode, each pair of models (BLIP-2 vs InstructBLIP ...): the difference of
+    accuracies with a paired bootstrap interval, and McNemar's exact test."""
+    chosen = {key: run for key, run in _table1_runs(runs).items() if run.probe != NO_PROBE or run.mode != HUMAN}
+    pairs: list[tuple[RunResults, RunResults]] = []
+    for column in dict.fromkeys(run.column for run in _sorted_columns(chosen)):
+        here = {key[:2]: run for key, run in chosen.items() if key[2] == column}
+        modes, models = (
+            _modes({key: run for key, run in chosen.items() if key[2] == column}),
+            sorted({model for model, _ in here}),
+        )
+        for model in models:
+            mine = [mode for mode in modes if (model, mode) in here]
+            pairs += [(here[(model, b)], here[(model, a)]) for i, a in enumerate(mine) for b in mine[i + 1 :]]
+        for mode in modes:
+            having = [model for model in models if (model, mode) in here]
+            pairs += [(here[(a, mode)], here[(b, mode)]) for i, a in enumerate(having) for b in having[i + 1 :]]
+    if not pairs:
+        return None
+    table = Table(
+        "paired",
+        "Paired comparisons on the same test examples: accuracy difference (points) and McNemar's exact test",
+        ["task", "first", "second", "difference (points)", "first only", "second only", "McNemar p", "n"],
+    )
+    skipped = []
+    for first, second in pairs:
+        compared = paired_comparison(first, second)
+        names = [f"{run.label} {run.mode}" for run in (first, second)]
+        if compared is None:
+            skipped.append(f"{names[0]} / {names[1]} ({first.column})")
+            continue
+        mark = "" if compared.p_value <= SIGNIFICANCE else NOT_SIGNIFICANT
+        table.rows.append(
+            [
+                first.column,
+                *names,
+                _points(compared.difference),
+                str(compared.first_only),
+                str(compared.second_only),
+                f"{compared.p_value:.3g}{mark}",
+                str(compared.difference.examples),
+            ]
+        )
+        table.records.append(
+            {
+                "task": first.task,
+                "split": first.split,
+                "model": first.label,
+                "mode": first.mode,
+                "other_model": second.label,
+                "other_mode": second.mode,
+                **{f"difference_{k}": v for k, v in compared.difference.as_dict().items()},
+                "first_only": compared.first_only,
+                "second_only": compared.second_only,
+                "mcnemar_p": compared.p_value,
+                "run": str(first.path),
+                "other_run": str(second.path),
+            }
+        )
+        against = {"against": names[1], "against_run": str(second.path)}
+        table.results += [
+            _result(first, "accuracy_difference", estimate=compared.difference, p_value=compared.p_value, **against),
+            _result(first, "right_only_this", compared.first_only, **against),
+            _result(first, "right_only_against", compared.second_only, **against),
+        ]
+    if not table.rows:
+        return None
+    table.notes.append(
+        "difference: first - second, seed-averaged, 95% paired bootstrap CI over the shared examples; McNemar's "
+        f"exact test (statsmodels) on each run's first seed; {NOT_SIGNIFICANT} p > 0.05"
+    )
+    if skipped:
+        table.notes.append("not compared (evaluated on different examples): " + ", ".join(skipped))
+    return table
+
+
+@register_table("roc_auc")
+def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """ROC-AUC of the binary tasks beside Table 1's accuracies (same runs): how well the probe ranks true above
+    false captions, whatever its threshold."""
+    chosen = {
+        key: run
+        for key, run in _table1_runs(runs).items()
+        if run.spec.head.kind == "binary" and "probability" in run.metadata[0]  # human answers have none
+    }
+    if not chosen:
+        return None
+    titles = {(run.task, run.split): run.column for run in chosen.values()}
+    order = [titles[key] for key in _columns(chosen.values())]
+    table = Table("roc_auc", "ROC-AUC of the binary tasks, linear probe on the last layer", ["model", "mode", *order])
+    for model in sorted({key[0] for key in chosen}):
+        for mode in _modes(chosen):
+            found = {c: chosen.get((model, mode, c)) for c in order}
+            if not any(found.values()):
+                continue
+            values = {c: roc_auc(run) if run else None for c, run in found.items()}
+            table.rows.append([model, mode, *[_auc_cell(values[c]) for c in order]])
+            table.records += [
+                {
+                    "model": model,
+                    "mode": mode,
+                    "task": found[c].task,
+                    "split": found[c].split,
+                    "layer": found[c].layer,
+                    "roc_auc": v["mean"],
+                    "seed_std": v["seed_std"],
+                    "seeds": v["seeds"],
+                }
+                for c, v in values.items()
+                if v
+            ]
+            table.results += [
+                _result(found[c], "roc_auc", v["mean"], seeds_std=v["seed_std"], seeds=v["seeds"])
+                for c, v in values.items()
+                if v
+            ]
+    table.notes.append("scikit-learn's ROC-AUC of the predicted probabilities, mean ±std over seeds")
+    return table
+
+
+def _auc_cell(value: dict[str, Any] | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value['mean']:.3f}" + (f" ±{value['seed_std']:.3f}" if value["seed_std"] is not None else "")
+
+
+@register_table("per_layer")
+def per_layer_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    frozen = [r for r in runs if r.mode == "frozen" and r.probe == "linear"]
+    layers_seen = defaultdict(set)
+    for run in frozen:
+        layers_seen[(run.label, run.task, run.split)].add(run.layer)
+    if not any(len(layers) > 1 for layers in layers_seen.values()):
+        return None
+    order = _columns(frozen)
+    titles = {(run.task, run.split): run.column for run in frozen}
+    table = Table(
+        "per_layer", "Per layer: frozen linear probes, test (%)", ["model", "layer", *[titles[c] for c in order]]
+    )
+    index = {(r.label, r.layer, r.task, r.split): r for r in frozen}
+    for model in sorted({r.label for r in frozen}):
+        for layer in sorted({r.layer for r in frozen if r.label == model}):
+            found = {c: index.get((model, layer, *c)) for c in order}
+            estimates = {c: overall(run) if run else None for c, run in found.items()}
+            table.rows.append([model, str(layer), *[cell(estimates[c], found[c]) for c in order]])
+            table.records += [_record(e, found[c], model=model, layer=layer) for c, e in estimates.items() if e]
+    mark_single_class(table)
+    return table
+
+
+def _points(estimate: Estimate | None) -> str:
+    """A difference of accuracies in points, signed: `+12.3 [+8.0, +16.5]`."""
+    if estimate is None:
+        return "–"
+    return f"{100 * estimate.mean:+.1f} [{100 * estimate.low:+.1f}, {100 * estimate.high:+.1f}]"
+
+
+def _code_cells(code: MdlResults | None) -> tuple[list[str], dict[str, Any]]:
+    """The codelength (kbits) and compression cells of an online code, each with its bootstrap interval."""
+    if code is None:
+        return ["–", "–"], {}
+    record = code.record
+    low, high = codelength_interval(record)
+    kbits = [record.online_bits / 1000, low / 1000, high / 1000]
+    compression = [record.compression, record.uniform_bits / high, record.uniform_bits / low]
+    numbers = {
+        "codelength_kbits": kbits[0],
+        "codelength_ci_low": kbits[1],
+        "codelength_ci_high": kbits[2],
+        "uniform_kbits": record.uniform_bits / 1000,
+        "compression": compression[0],
+        "compression_ci_low": compression[1],
+        "compression_ci_high": compression[2],
+    }
+    return [f"{kbits[0]:.2f} [{kbits[1]:.2f}, {kbits[2]:.2f}]", "{:.2f} [{:.2f}, {:.2f}]".format(*compression)], numbers
+
+
+def _code_results(run: RunResults, code: MdlResults | None = None, prefix: str = "mdl_") -> list[dict[str, Any]]:
+    """`results.csv` rows of a run's online code (`code`, default `run.mdl`: the rigour table's MDL cells), none
+    without one."""
+    code = code or run.mdl
+    if code is None:
+        return []
+    _, numbers = _code_cells(code)
+    intervals = {"codelength_kbits": "codelength", "compression": "compression"}  # uniform_kbits has none
+    return [
+        _result(
+            run,
+            f"{prefix}{name}",
+            numbers[name],
+            ci_low=numbers.get(f"{intervals.get(name)}_ci_low"),
+            ci_high=numbers.get(f"{intervals.get(name)}_ci_high"),
+            n=code.record.examples,
+            split="train",  # the code is of the train targets
+        )
+        for name in ("codelength_kbits", "uniform_kbits", "compression")
+    ]
+
+
+def _random_counterpart(run: RunResults, runs: Sequence[RunResults]) -> RunResults | None:
+    """The same configuration on the random-weights model of the run's family (`init: random`), if any."""
+    if run.init == "random":
+        return None
+    same = [
+        other
+        for other in runs
+        if other.init == "random"
+        and other.family == run.family
+        and (other.task, other.split, other.mode, other.layer, other.probe) == run.configuration[1:]
+    ]
+    return min(same, key=lambda other: str(other.path)) if same else None
+
+
+def _prefixed(prefix: str, numbers: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{key}": value for key, value in numbers.items()}
+
+
+@register_table("rigor")
+def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """Beyond accuracy, per model, task, mode, layer and probe: the accuracy beside its floor (the same probe on
+    shuffled features), the control task's accuracy over its control seeds (Hewitt & Liang, 2019) beside the
+    controls' floor and, for binary tasks, their ceiling (the train-type lookup); the selectivity against the
+    floors; the MDL codelength and compression by the online code (Voita & Titov, 2020) beside the uniform
+    codelength and the noise-feature floor's compression, for the task and its control; and the accuracy of
+    the random-weights model of the same family."""
+    order = {column: index for index, column in enumerate(_columns(runs))} if runs else {}
+    rows = []
+    for run in runs:
+        random = _random_counterpart(run, runs)
+        if run.control_run is not None or run.mdl is not None or run.floor_run is not None or random is not None:
+            rows.append((run, random))
+    if not rows:
+        return None
+    table = Table(
+        "rigor",
+        "Rigour: floor, control task, ceiling, selectivity, MDL (online code) and the random-weights model",
+        [
+            "model",
+            "task",
+            "mode",
+            "layer",
+            "probe",
+            "accuracy (%)",
+            "floor (%)",
+            "control (%)",
+            "control floor (%)",
+            "ceiling (%)",
+            "selectivity (points)",
+            "MDL (kbits)",
+            "uniform (kbits)",
+            "compression",
+            "noise floor compression",
+            "control compression",
+            "control noise floor compression",
+            "random weights (%)",
+        ],
+    )
+    rows.sort(
+        key=lambda item: (
+            item[0].label,
+            order[(item[0].task, item[0].split)],
+            MODES.index(item[0].mode),
+            item[0].layer,
+            item[0].probe,
+        )
+    )
+    searched = False
+    for run, random in rows:
+        accuracy = overall(run)
+        numbers_of = rigour(run)
+        code_cells, code_numbers = _code_cells(run.mdl)
+        floor_cells, floor_numbers = _code_cells(run.mdl_floor)
+        control = run.control_run
+        control_cells, control_numbers = _code_cells(control.mdl if control is not None else None)
+        control_floor_cells, control_floor_numbers = _code_cells(control.mdl_floor if control is not None else None)
+        random_accuracy = overall(random) if random is not None else None
+        control_mark = ""
+        if any(c.searched_control for c in run.control_runs):
+            control_mark, searched = SEARCHED_CONTROL_MARK, True
+        uniform = f"{run.mdl.record.uniform_bits / 1000:.2f}" if run.mdl is not None else "–"
+        table.rows.append(
+            [
+                run.label,
+                run.column,
+                run.mode,
+                str(run.layer),
+                run.probe,
+                cell(accuracy, run),
+                cell(numbers_of.floor, run.floor_run),
+                _over_seeds(numbers_of.control, numbers_of.control_seeds, control, control_mark),
+                _over_seeds(numbers_of.control_floor, numbers_of.control_seeds),
+                _over_seeds(numbers_of.ceiling, numbers_of.control_seeds),
+                _points(numbers_of.selectivity),
+                code_cells[0],
+                uniform,
+                code_cells[1],
+                floor_cells[1],
+                control_cells[1],
+                control_floor_cells[1],
+                cell(random_accuracy),
+            ]
+        )
+        numbers = {
+            "model": run.label,
+            "mode": run.mode,
+            "probe": run.probe,
+            "layer": run.layer,
+            "task": run.task,
+            "split": run.split,
+            "control_seeds": numbers_of.control_seeds,
+            **_prefixed("accuracy_", accuracy.as_dict()),
+            **_prefixed("floor_", numbers_of.floor.as_dict() if numbers_of.floor else {}),
+            **_prefixed("control_", numbers_of.control.as_dict() if numbers_of.control else {}),
+            **_prefixed("control_floor_", numbers_of.control_floor.as_dict() if numbers_of.control_floor else {}),
+            **_prefixed("ceiling_", numbers_of.ceiling.as_dict() if numbers_of.ceiling else {}),
+            **_prefixed("selectivity_", numbers_of.selectivity.as_dict() if numbers_of.selectivity else {}),
+            **code_numbers,
+            **_prefixed("noise_floor_", floor_numbers),
+            **_prefixed("control_", control_numbers),
+            **_prefixed("control_noise_floor_", control_floor_numbers),
+            **(_prefixed("random_", random_accuracy.as_dict()) if random_accuracy else {}),
+            "random_model": random.label if random is not None else None,
+        }
+        table.records.append(numbers)
+        rigour_results = {
+            "floor": (numbers_of.floor, run.floor_run),
+            "control": (numbers_of.control, control),
+            "control_floor": (numbers_of.control_floor, control.floor_run if control is not None else None),
+            "ceiling": (numbers_of.ceiling, control),
+            "selectivity": (numbers_of.selectivity, control),
+        }
+        for metric, (value, against) in rigour_results.items():
+            if value is not None:
+                table.results.append(_result(run, metric, estimate=value, against_run=str(against.path)))
+        table.results += _code_results(run) + _code_results(run, run.mdl_floor, "mdl_noise_floor_")
+        if control is not None:
+            table.results += _code_results(control) + _code_results(control, control.mdl_floor, "mdl_noise_floor_")
+    table.notes += [
+        "accuracy (the task's main metric: Acc@0.5 for boxes), floor, random weights: mean [95% bootstrap CI over "
+        "test examples] ±std over seeds; floor: the same probe and hyper-parameters trained on the same targets "
+        "with the train and val feature rows permuted (what the probe reaches when the features tell nothing)",
+        "control: the task's control targets (a fixed random function of each example's type), trained with the "
+        "task's chosen hyper-parameters, mean over control seeds [95% CI resampling test examples and control "
+        "seeds] ±std over control seeds; control floor: each control's floor; ceiling (binary tasks): the "
+        "control label of each test example's type looked up in train (what memorising every train type gives)",
+        "selectivity = (accuracy - floor) - (control - control floor), in points, CI resampling test examples and "
+        "control seeds: what the probe reads beyond what it reaches by memorising types; a CI covering 0 means "
+        "no evidence that the representation holds more than the control's types",
+        "MDL: online codelength of the train targets in kbits (1 kbit = 1,000 bits; Voita & Titov's blocks of 0.1 "
+        "... 100 % of train; binary labels under Bernoulli(sigmoid), boxes per cxcywh coordinate in 100 bins "
+        "under a Laplace), 95% bootstrap CI over the coded examples; uniform: the codelength without a probe; "
+        "compression = uniform / online; noise floor compression: the same code with shuffled feature rows "
+        "(the target's prior alone): a compression is evidence only above its noise floor",
+        "random weights: the same configuration on the model of the same family with random weights (init: random)",
+    ]
+    if searched:
+        table.notes.append(
+            f"{SEARCHED_CONTROL_MARK} the control had a hyper-parameter search of its own (control_search), "
+            "not the task's hyper-parameters: its selectivity is biased down"
+        )
+    mark_single_class(table)
+    return table
+
+
+SEARCHED_CONTROL_MARK = "§"
+
+
+def _over_seeds(estimate: Estimate | None, seeds: int, run: RunResults | None = None, mark: str = "") -> str:
+    """`cell` of an estimate over control seeds (`mark` after it), with their count (`(5 seeds)`)."""
+    if estimate is None:
+        return "–"
+    return f"{cell(estimate, run)}{mark} ({seeds} seed{'s' if seeds != 1 else ''})"
+
+
+def find_runs(paths: Sequence[Path]) -> list[Path]:
+    """Run and search folders among `paths` (folders holding runs are searched, `best/` of a search once)."""
+    found: list[Path] = []
+
+    def finished(folder: Path, root: Path) -> bool:  # a hidden component is a half-written output (*.partial-*)
+        return not any(part.startswith(".") for part in folder.relative_to(root).parts)
+
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ProbingError(f"{path}: not found")
+        if (path / "summary.json").is_file() and (path / "best").is_dir():
+            found.append(path)
+        elif (path / "metrics.json").is_file() and (path / "manifest.json").is_file():
+            found.append(path)
+        elif path.is_dir():
+            searches = {
+                p.parent
+                for p in path.rglob("summary.json")
+                if (p.parent / "best").is_dir() and finished(p.parent, path)
+            }
+            runs = {
+                p.parent
+                for p in path.rglob("metrics.json")
+                if (p.parent / "manifest.json").is_file()
+                and p.parent.parent not in searches
+                and finished(p.parent, path)
+            }
+            found += sorted(searches | runs)
+        else:
+            raise ProbingError(f"{path}: not a run or search folder")
+    if not found:
+        raise ProbingError(f"no run folders under {', '.join(map(str, paths))}")
+    return found
+
+
+def find_mdl(paths: Sequence[Path]) -> list[Path]:
+    """MDL folders (`probing mdl`) among `paths` and under them (half-written ones, hidden, skipped)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / MDL_FILE).is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(
+                p.parent
+                for p in path.rglob(MDL_FILE)
+                if (p.parent / "manifest.json").is_file()
+                and not any(part.startswith(".") for part in p.parent.relative_to(path).parts)
+            )
+    return found
+
+
+def load_runs(paths: Sequence[Path]) -> tuple[list[RunResults], list[RunResults]]:
+    """Every evaluated split of the runs under `paths`, one configuration kept where several repeat it, control
+    runs and online codes riding on their task runs (`attach_rigour`): (kept, left out). Two different models
+    (by their identity) under one label are refused, naming a run of each."""
+    loaded = [results for path in find_runs(paths) for results in load_run_splits(path)]
+    check_labels(loaded)
+    kept, dropped = deduplicate(loaded)
+    tasks, unpaired = attach_rigour(kept, [load_mdl(path) for path in find_mdl(paths)])
+    return tasks, dropped + unpaired
+
+
+def check_named_runs(paths: Sequence[Path]) -> None:
+    """Two run (or search) folders named on the command line that stand for the same row (label, task, mode,
+    layer, probe, control) are refused, both named: one of them would be left out of every table. Runs found by
+    searching a folder (a workspace where two experiments share a configuration) are deduplicated instead, and
+    the ones left out are listed in `runs.txt`."""
+    from probing.report.analysis import load_run
+
+    first: dict[tuple, Path] = {}
+    for path in paths:
+        found = find_runs([path])
+        if len(found) != 1 or Path(found[0]).resolve() not in (Path(path).resolve(), Path(path).resolve() / "best"):
+            continue  # a folder holding runs, not a run
+        key = load_run(path).key
+        if key in first:
+            label, task, _, mode, layer, probe, control = key
+            raise ProbingError(
+                f"{first[key]} and {path}: both are {label} {mode} {task}{' (control)' if control else ''} layer "
+                f"{layer} {probe}; name one of them (or give each model its own --label)"
+            )
+        first[key] = Path(path)
+
+
+def model_key(run: RunResults) -> tuple:
+    """What tells two models apart across kinds of run (a probe run records the resampler's weights hash, a
+    zero-shot run the hash of every weight file): family, init (and its seed) and the source the weights were
+    read from; the weights identity itself where no source was recorded."""
+    where = run.model_id if run.model_id is not None else json.dumps(run.weights, sort_keys=True)
+    return (run.family, run.init, run.weights.get("init_seed"), where)
+
+
+def check_labels(runs: Sequence[RunResults]) -> None:
+    """One label, one model: rows are named by label, so two models under one would be merged or one dropped.
+    People's answers (no model) are left out of the check."""
+    first: dict[str, RunResults] = {}
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        if run.mode == HUMAN:
+            continue
+        seen = first.setdefault(run.label, run)
+        if model_key(seen) != model_key(run):
+            raise ProbingError(
+                f"label '{run.label}' names two different models: {seen.path} and {run.path} (give each model "
+                "its own --label)"
+            )
+
+
+RESULT_COLUMNS = [
+    "model",
+    "model_id",
+    "init",
+    "task",
+    "mode",
+    "layer",
+    "probe",
+    "control",
+    "single_class",
+    "split",
+    "category",
+    "metric",
+    "against",
+    "value",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "seeds_std",
+    "seeds",
+    "n",
+    "run",
+    "against_run",
+]
+# The pandas types of results.csv's columns, what `pd.read_csv(path, dtype=RESULT_DTYPES)` reads back: nullable
+# integers and strings (a chance row has no layer, a run row no `against`), plain booleans for the two flags.
+RESULT_DTYPES = {column: "string" for column in RESULT_COLUMNS} | {
+    "layer": "Int64",
+    "seeds": "Int64",
+    "n": "Int64",
+    "control": "bool",
+    "single_class": "bool",
+    "value": "float64",
+    "ci_low": "float64",
+    "ci_high": "float64",
+    "p_value": "float64",
+    "seeds_std": "float64",
+}
+
+
+def results_frame(runs: Sequence[RunResults], tables: Sequence[Table] = (), out: Path | None = None):
+    """`results.csv`: one row per run and split (and per category of each, `category` set), control runs too,
+    values as fractions; then the other numbers the tables show (`Table.results`: chance and paper rows,
+    hyper-parameters, Kendall tau, paired differences, ROC-AUC, selectivity, MDL), each once; in the column
+    types of RESULT_DTYPES (the data dictionary: docs/results-csv.md) and, given the report folder `out`, with
+    local paths relative to it."""
+    import pandas as pd
+
+    rows = []
+    every = [*runs, *[run.control_run for run in runs if run.control_run is not None]]
+    for run in every:
+        for results in (run, validation_run(run)):
+            if results is None:
+                continue
+            estimates = [(None, overall(results)), *per_category(results).items()]
+            rows += [_result(results, run.metric, estimate=e, category=category) for category, e in estimates]
+    rows += [row for table in tables for row in table.results]
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    frame = frame.drop_duplicates(subset=[c for c in RESULT_COLUMNS if c not in ("value", "ci_low", "ci_high")])
+    # a row of no run (chance, the paper's numbers) is no control and no single-class probe: the flags stay booleans
+    frame[["control", "single_class"]] = frame[["control", "single_class"]].fillna(False)
+    if out is not None:  # paths relative to the report, so that the file names none of this machine's folders
+        for column in ("model_id", "run", "against_run"):
+            frame[column] = [_relative(value, out) for value in frame[column]]
+    return frame.astype(RESULT_DTYPES).reset_index(drop=True)
+
+
+def _relative(value: Any, out: Path) -> Any:
+    """An absolute local path (a run folder, a checkpoint folder, `lavis:<.pth>`) relative to the report folder
+    `out`; a Hub id or an empty cell as it is."""
+    if not isinstance(value, str):
+        return value
+    scheme, _, path = value.rpartition(":") if value.startswith("lavis:") else ("", "", value)
+    if not os.path.isabs(path):
+        return value
+    relative = Path(os.path.relpath(path, Path(out).absolute())).as_posix()
+    return f"{scheme}:{relative}" if scheme else relative
+
+
+def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
+    """Per-layer curves and per-category bars of every task and split the runs hold."""
+    figures = []
+    for task, split in _columns(runs):
+        these = [run for run in runs if (run.task, run.split) == (task, split)]
+        suffix = task if len(these[0].spec.eval_splits) == 1 else f"{task}_{split}"
+        figures += per_layer_figure(these, task, folder / f"per_layer_{suffix}")
+        figures += category_figure(these, task, folder / f"categories_{suffix}")
+    searched = [run for run in runs if run.search is not None and run.split == run.spec.eval_splits[0]]
+    for run in sorted(searched, key=lambda r: (r.label, r.mode, r.task, r.layer, r.probe)):  # each search's best
+        # a folder per model and mode, a file per task, layer and probe: dozens of curves stay browsable
+        group = _file_name("-".join((run.label, run.mode)))
+        name = _file_name("-".join((run.task, f"layer{run.layer}", run.probe)))
+        figures += learning_curve_figure(run, folder / "learning_curves" / group / name)
+    return figures
+
+
+def _file_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+REPORT_FILE = "report.json"
+
+
+def write_report(
+    paths: Sequence[Path],
+    out: Path,
+    compare_paper: bool = False,
+    only: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Load the runs, write tables (all, or those named in `only`), figures, `results.csv`, `runs.txt` and
+    `README.md` into `out`, whole: staged beside it and swapped in, so an earlier report of ours leaves nothing
+    behind. A folder holding files no report wrote is refused unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ProbingError(f"--out {out}: an existing file, not a report folder")
+    with one_writer(out):  # one writer at a time (several workers finishing one config write the same report)
+        _check_ownership(out, overwrite)
+        return _write_report(paths, out, compare_paper, only)
+
+
+def _check_ownership(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding files that no report of ours wrote (its `report.json` lists what it wrote)."""
+    if overwrite or not out.is_dir():
+        return
+    present = sorted(str(path.relative_to(out)) for path in out.rglob("*") if not path.is_dir())
+    if not present:
+        return
+    ours: set[str] = set()
+    try:
+        recorded = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+        # reports made before `files` was recorded listed their tables and figures, beside their README
+        ours = set(recorded.get("files") or [*recorded["tables"], *recorded["figures"], "README.md"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    foreign = [name for name in present if name not in ours | {REPORT_FILE}] if ours else present
+    if foreign:
+        raise ProbingError(
+            f"--out {out}: holds {len(foreign)} file(s) no report wrote (e.g. {foreign[0]}); choose another folder "
+            "or pass --overwrite to replace it whole"
+        )
+
+
+def _count(runs: Sequence[RunResults]) -> str:
+    """What was run, counted: runs per mode and task."""
+    counts: dict[str, int] = defaultdict(int)
+    for run in runs:
+        counts[f"{run.mode} {run.task}"] += 1
+    return ", ".join(f"{number} {name}" for name, number in sorted(counts.items()))
+
+
+def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: Sequence[str] | None) -> dict[str, Any]:
+    runs, dropped = load_runs(paths)
+    options = ReportOptions(compare_paper=compare_paper)
+    tables = [
+        table
+        for builder in TABLES.values()
+        for table in builder.build(runs, options)
+        if only is None or table.name in only
+    ]
+    tables.sort(key=lambda t: _TABLE_ORDER.get(t.name.split("_")[0], len(_TABLE_ORDER)))
+    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+    with staged_directory(out) as staging:
+        (staging / "tables").mkdir()
+        written: dict[str, list[str]] = {"tables": [], "figures": []}
+        for table in tables:
+            written["tables"] += [str(p.relative_to(staging)) for p in table.write(staging / "tables")]
+        figures = write_figures(runs, staging / "figures")
+        written["figures"] = [str(p.relative_to(staging)) for p in figures]
+        results_frame(runs, tables, out).to_csv(staging / "results.csv", index=False)
+        shown = sorted({str(r.path) for r in runs})
+        tasks = {run.configuration for run in runs}
+        unpaired = [r for r in dropped if (r.control or r.shuffled) and r.configuration not in tasks]
+        repeated = sorted({str(r.path) for r in dropped if not any(r is u for u in unpaired)})
+        alone = sorted({str(r.path) for r in unpaired})
+        listing = ["# runs shown", *shown]
+        listing += [
+            "",
+            "# runs left out: they repeat a kept configuration (model, task, mode, layer, probe)",
+            *repeated,
+        ]
+        listing += ["", "# control runs left out: no run of the same configuration on the task's targets", *alone]
+        (staging / "runs.txt").write_text("\n".join(listing) + "\n", encoding="utf-8")
+        readme = ["# Report", "", f"{len(shown)} run(s): {_count(runs)}; their folders are listed in `runs.txt`."]
+        if repeated:
+            readme.append(
+                f"{len(repeated)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
+                "left out (`runs.txt`)."
+            )
+        if alone:
+            readme.append(
+                f"{len(alone)} control run(s) have no run of the same configuration on the task's own targets and "
+                "are left out (`runs.txt`)."
+            )
+        readme += [
+            "",
+            "Every number the tables below show is in `results.csv` (as fractions where the tables show percent): a "
+            "row per run, split and category for accuracies, then a row per other number (chance and paper rows, "
+            "hyper-parameters, Kendall tau, paired differences, ROC-AUC, selectivity, MDL; its `metric` says "
+            "which). Each table's numbers are also in its CSV in `tables/`, beside its LaTeX (booktabs).",
+            "",
+        ]
+        readme += [table.markdown() for table in tables]
+        if figures:
+            readme += ["## Figures", ""]
+            readme += [
+                f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png" and p.parent.name == "figures"
+            ]
+            curves = [p for p in figures if p.suffix == ".png" and "learning_curves" in p.parts]
+            if curves:
+                readme += [
+                    "",
+                    f"Learning curves of {len(curves)} search(es)' best trials: "
+                    "`figures/learning_curves/<model>-<mode>/"
+                    "<task>-layer<N>-<probe>.png`.",
+                ]
+            readme += ["", "PDF and SVG versions sit beside the PNGs in `figures/`.", ""]
+        readme += [
+            "## Method",
+            "",
+            "Accuracies are means over seeds of per-example correctness on the split shown (validation or test; "
+            "Acc@IoU>=0.5 for box regression), with 95% percentile bootstrap intervals over that split's examples "
+            "(1,000 resamples, seeded) and the standard deviation across seeds where several seeds were run. "
+            "Kendall tau is scipy's, across the task's categories.",
+            "",
+        ]
+        (staging / "README.md").write_text("\n".join(readme), encoding="utf-8")
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if not p.is_dir())
+        write_json(staging / REPORT_FILE, {"runs": shown, **written, "files": files, "compare_paper": compare_paper})
+        if out.exists():  # our earlier report (checked): moved aside, so the new one replaces it whole
+            os.replace(out, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    return written | {
+        "runs": len(shown),
+        "dropped": len({str(r.path) for r in dropped}),
+        "readme": str(out / "README.md"),
+    }
+
+
+# The order tables appear in (the report's sections): the paper's, then per layer, then the per-category ones.
+_TABLE_ORDER = {
+    "table1": 0,
+    "roc": 1,
+    "table2": 2,
+    "table3": 3,
+    "table4": 4,
+    "table5": 5,
+    "paired": 5.2,
+    "searches": 5.4,
+    "rigor": 5.5,
+    "per": 6,
+    "categories": 7,
+}
+
+
+def analysis_json(path: Path) -> str:
+    from probing.report.analysis import analyse
+
+    return json.dumps(analyse(load_run(path)), indent=2, allow_nan=False)
