@@ -262,7 +262,11 @@ def tasks_command(
         )
 
 
-@app.command("models")
+@app.command(
+    "models",
+    rich_help_panel=DATA_PANEL,
+    epilog="Example: probing models --json",
+)
 def models_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
