@@ -179,7 +179,7 @@ def unfrozen_search_args(checkpoint: Path, vsr_options, out: Path, *extra, trial
     """`probing search` arguments for an unfrozen VSR search of layer 2 on the CPU (the demo's VSR and images)."""
     return [
         *("search", "--task", "vsr", "--mode", "unfrozen", "--model", checkpoint, "--vsr", vsr_options["vsr"]),
-        *("--images", vsr_options["images"], "--layer", 2, "--trials", trials, "--epochs", epochs),
+        *("--images", vsr_options["images"], "--layer", 2, "--trials", trials, "--epoch-choices", epochs),
         *("--batch-size", 32, "--device", "cpu", "--out", out, *extra),
     ]
 

@@ -163,12 +163,12 @@ def test_study_mistakes_are_one_line(rcm_options, demo_options):
 def task_registry_restored():
     """The task registry as it was before the test: a YAML task registered here must not reach other tests (their
     lists of known tasks, their own task of the same name)."""
-    import probing.tasks
+    from probing.tasks import TASKS
 
-    before = dict(probing.tasks._registry().tasks)
+    before = set(TASKS.names())
     yield
-    probing.tasks._registry().tasks.clear()
-    probing.tasks._registry().tasks.update(before)
+    for name in set(TASKS.names()) - before:
+        TASKS.unregister(name)
 
 
 def test_vsr_and_yaml_items_show_their_text(demo_options, tmp_path, task_registry_restored):

@@ -545,7 +545,7 @@ USAGE_CASES = [
     ("option-without-value", line("train", "--task"), "Option '--task' requires an argument"),
     ("missing-required-option", line("plot", "r"), "Missing option '--out'"),
     ("missing-argument", line("report", "--out", "o"), "Missing argument"),
-    ("search-epochs-zero", plain("search", "--epochs", "0,3"), "--epochs"),
+    ("search-epochs-zero", plain("search", "--epoch-choices", "0,3"), "--epoch-choices"),
     ("search-final-seeds-repeated", plain("search", "--final-seeds", "1,1"), "--final-seeds"),
     ("train-seeds-repeated", plain("train", "--seeds", "1,1"), "--seeds"),
     ("extract-relative-model-absent", relative_model, "models/blip2-tiny does not exist)"),
@@ -894,7 +894,7 @@ HTTP_CASES = [
     ("body-over-limit-chunked", lambda a: {"content": iter([b"{" + b" " * 20_000, b"}"])}, 413, "over 16384 bytes"),
     ("item-huge", lambda a: _answer_with(a, item=str(10**30)), 400, "item:"),
     ("item-2-63", lambda a: _answer_with(a, item=str(2**63)), 400, "item:"),
-    ("item-5000-digits", lambda a: _answer_with(a, item="9" * 5000), 400, "body:"),
+    ("item-5000-digits", lambda a: _answer_with(a, item="9" * 5000), 400, "error parsing the body"),
     ("item-negative", lambda a: _answer_with(a, item="-1"), 400, "item:"),
     ("item-a-float", lambda a: _answer_with(a, item="1.5"), 400, "item:"),
     ("seconds-nan", lambda a: _answer_with(a, seconds="NaN"), 400, "seconds:"),
@@ -907,7 +907,7 @@ HTTP_CASES = [
     ("cells-on-a-vsr-item", lambda a: _answer_with(a, cells="[4]"), 400, "cells:"),
     ("answer-a-string", lambda a: _answer_with(a, answer='"yes"'), 400, "answer:"),
     ("an-extra-field", lambda a: _answer_with(a, path='"/etc/passwd"'), 400, "path:"),
-    ("not-json", lambda a: _json("{not json"), 400, "error parsing the body"),
+    ("not-json", lambda a: _json("{not json"), 400, "body: JSON decode error"),
     ("annotator-too-long", lambda a: _answer_with(a, annotator='"' + "a" * 41 + '"'), 400, "annotator:"),
 ]
 

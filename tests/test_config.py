@@ -96,7 +96,7 @@ def test_the_demo_config_is_the_packaged_one():
         ),
         (
             {"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "search": {"final_seeds": [0, 0]}}]},
-            "config field 'experiments[0].search.final_seeds': at least one seed, each once",
+            "config field 'experiments[0].search.final_seeds': seed 0 is given twice (each seed once)",
         ),
         (
             {"experiments": [{"name": "x", "tasks": ["vsr"], "models": ["m"], "layers": [2, 2]}]},

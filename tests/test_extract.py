@@ -400,6 +400,7 @@ def test_several_processes_through_accelerate(tiny_checkpoints, refcocog_val, tm
             "no",
             "-m",
             "probing",
+            "--verbose",  # each process's "extracted N examples" line is debug logging beside a progress bar
             *args,
         ],
         capture_output=True,

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,8 +257,9 @@ def test_hub_ids_resolve_offline_from_the_cache(tiny_checkpoints, demo_options, 
         env=env,
     )
     assert result.returncode == 2
+    # the id is also a relative path: the message says which folder it would have been, resolved
     assert result.stderr.strip() == (
-        "error: Salesforce/blip2-itm-vit-g-coco: 'config.json' is not in the Hugging "
-        "Face cache and cannot be downloaded (offline or no network); download it first "
-        "or pass a local folder"
+        "error: Salesforce/blip2-itm-vit-g-coco: no local folder "
+        f"({Path.cwd() / 'Salesforce' / 'blip2-itm-vit-g-coco'} does not exist), and 'config.json' is not in the "
+        "Hugging Face cache and cannot be downloaded (offline or no network); download it first or pass a local folder"
     )

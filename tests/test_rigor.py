@@ -376,8 +376,8 @@ def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_option
     from probing.data import DataOptions
     from probing.tasks import load_split
 
-    search = ["search", "--task", "vsr", "--layer", 4, "--device", "cpu", "--trials", 2, "--batch", 2]
-    search += ["--lr-range", "0.001,0.03", "--epochs", "5", "--final-seeds", "0,1"]
+    search = ["search", "--task", "vsr", "--layer", 4, "--device", "cpu", "--trials", 2, "--trials-per-batch", 2]
+    search += ["--lr-range", "0.001,0.03", "--epoch-choices", "5", "--final-seeds", "0,1"]
     runs = tmp_path / "runs"
     for name, features, extra in (
         ("task", "trained", []),
@@ -507,7 +507,17 @@ def test_rigour_mistakes_are_one_line(capsys, vsr_stores, tmp_path):
         "name: plain\nkind: binary\nsplits: {train: t.jsonl, val: v.jsonl}\nfields: {image: i, text: t, label: l}\n"
     )
     code, _, err = run_cli(
-        capsys, "search", "--task", task, "--layer", 4, "--features", tmp_path, "--control", "--out", tmp_path / "s"
+        capsys,
+        "search",
+        "--task",
+        task,
+        "--layer",
+        4,
+        "--features",
+        tmp_path,
+        "--control",
+        "--out",
+        tmp_path.parent / f"{tmp_path.name}-s",
     )
     assert code == 2 and "--control: task 'plain' has no control type" in err
 
@@ -745,6 +755,7 @@ def test_type_lookup_is_the_majority_label_of_each_train_type():
 SCOPED_VALUES = {
     "--lr": "0.01",
     "--epochs": "3",
+    "--epoch-choices": "3,5",
     "--giou-scale": "2",
     "--l1-scale": "2",
     "--logreg-c": "0.5",
@@ -796,12 +807,9 @@ def scoped_cases():
 
 def command_options(name: str) -> set[str]:
     """The options a `probing` command takes, as typer made them."""
-    import typer
+    from probing.cli.app import built_command
 
-    from probing.cli.app import app
-
-    group = typer.main.get_command(app)
-    return {option for parameter in group.commands[name].params for option in parameter.opts}
+    return {option for parameter in built_command(name).params for option in parameter.opts}
 
 
 @pytest.mark.parametrize(("command", "option", "scope"), scoped_cases())
@@ -835,7 +843,18 @@ def test_refused_values_and_sources(capsys, vsr_stores, tmp_path):
         code, _, err = run_cli(capsys, command, *base, *extra, "--warmup-fraction", "1.5", "--out", tmp_path / "o")
         assert code == 2 and err.strip() == "error: --warmup-fraction: must be <= 1, got 1.5", (command, err)
         assert not (tmp_path / "o").exists()
-    search = ["search", *base, "--trials", 1, "--batch", 1, "--lr-range", "0.01,0.02", "--epochs", "1"]
+    search = [
+        "search",
+        *base,
+        "--trials",
+        1,
+        "--trials-per-batch",
+        1,
+        "--lr-range",
+        "0.01,0.02",
+        "--epoch-choices",
+        "1",
+    ]
     for name, extra in (("task", []), ("control", ["--control", "--control-seed", "3"])):
         code, _, err = run_cli(capsys, *search, *extra, "--out", tmp_path / name)
         assert code == 0, err

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from probing.core.errors import ProbingError, shown
+from probing.core.errors import ClaimedElsewhere, ProbingError, shown
 
 MANIFEST_NAME = "manifest.json"
 PARTIAL_MARK = ".partial-"  # temporary names: .<name>.partial-<pid>
@@ -123,7 +123,11 @@ def removed_when_refused(path: Path, remove: bool = True) -> Iterator[None]:
     was_empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())  # made by hand for us
     try:
         yield
+    except ClaimedElsewhere:
+        raise  # another worker's folder: never ours to clean, even if it did not exist when this block began
     except ProbingError:
+        if _finished_elsewhere(path):
+            raise  # another worker finished a store here after this block began: it stays
         if was_empty and remove:
             for child in path.iterdir():
                 if child.is_dir() and not child.is_symlink():
@@ -139,6 +143,15 @@ def removed_when_refused(path: Path, remove: bool = True) -> Iterator[None]:
                 except OSError:
                     break
         raise
+
+
+def _finished_elsewhere(path: Path) -> bool:
+    """Does `path` hold a finished output (its manifest says complete)? A refused block never finished one, so such
+    a folder is a concurrent worker's, made between this block's start and its refusal."""
+    try:
+        return json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8")).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def code_version() -> str:

@@ -14,6 +14,11 @@ class ProbingError(Exception):
     """A user error: bad input, missing file, mismatched artifact. Printed as one line by the CLI."""
 
 
+class ClaimedElsewhere(ProbingError):
+    """The output folder is claimed by another worker for another request: it is theirs, so a refused command
+    must leave it as it is (`probing.core.artifacts.removed_when_refused` cleans up only what is its own)."""
+
+
 def shown(value: object) -> str:
     """A value as an error message shows it: its repr, bounded in length and depth (reprlib), so a huge or deeply
     nested value from a hostile file never makes a huge line or recurses past Python's limit."""

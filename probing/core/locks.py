@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from probing.core.artifacts import first_difference, json_normalised, pid_alive
-from probing.core.errors import ProbingError
+from probing.core.errors import ClaimedElsewhere
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def claim(folder: Path, request: Mapping, what: str, heartbeat: float = 10.0, po
         if isinstance(theirs, Mapping):
             differing = first_difference(lock.request, theirs)
             if differing is not None:
-                raise ProbingError(
+                raise ClaimedElsewhere(
                     f"{folder}: another worker (host {owner.get('host')}, pid {owner.get('pid')}) is writing a "
                     f"{what} there with a different '{differing}'; choose another output folder"
                 )

@@ -1175,9 +1175,11 @@ def check_named_runs(paths: Sequence[Path]) -> None:
             continue  # a folder holding runs, not a run
         key = load_run(path).key
         if key in first:
-            label, task, _, mode, layer, probe, control = key
+            label, task, _, mode, layer, probe, control, control_seed, shuffled = key
+            what = f" (control, seed {control_seed})" if control else ""
+            what += " (shuffled features: a floor)" if shuffled else ""
             raise ProbingError(
-                f"{first[key]} and {path}: both are {label} {mode} {task}{' (control)' if control else ''} layer "
+                f"{first[key]} and {path}: both are {label} {mode} {task}{what} layer "
                 f"{layer} {probe}; name one of them (or give each model its own --label)"
             )
         first[key] = Path(path)

@@ -470,7 +470,9 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
         if unit.experiment.mdl and unit.mode == "frozen":
             for run in coded:
                 code = mdl_request(run, trial_from(best, request.seeds_of_best[0]))
-                say(f"mdl {unit.experiment.name}: {unit.model} {unit.spec.name} layer {unit.layer} -> {code.out}")
+                what = "floor of the " if run.shuffled_features else ""
+                what += f"control (seed {run.control_seed})" if run.control else "task"
+                say(f"mdl {unit.experiment.name}: {unit.model} {unit.spec.name} layer {unit.layer} ({what})")
                 summary.count("mdl", run_mdl(code))
                 summary.codes.append(code.out)
     say(f"report -> {config.report_dir}")
