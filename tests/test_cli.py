@@ -363,10 +363,10 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
         ("BLIP-2 (tiny random)", "ITM head"),
     ):
         assert any(re.match(rf"{re.escape(model)} +{mode} +(\d|–)", line) for line in lines), (model, mode)
-    assert "searches: 37 built, 0 reused" in out and "not the paper's numbers" in out
+    assert "searches: 43 built, 0 reused" in out and "not the paper's numbers" in out
     assert "rigour runs: 66 built, 0 reused" in out  # per rigour unit: a floor, 5 controls and their floors
     assert "zero-shot runs: 4 built, 0 reused" in out
-    assert "mdl: 24 built, 0 reused" in out and "features: 27 built, 0 reused" in out
+    assert "mdl: 24 built, 0 reused" in out and "features: 45 built, 0 reused" in out
     report = tmp_path / "demo" / "report-demo"
     assert f"report: {report / 'README.md'}" in out
     readme = (report / "README.md").read_text()
@@ -378,10 +378,14 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
         "### Per layer",
         "### ROC-AUC",
         "### Rigour",
+        "### Resampler families",
         "## Figures",
     ):
         assert section in readme
-    assert len(list((report / "figures").glob("*.png"))) == 6
+    assert len(list((report / "figures").glob("*.png"))) == 7  # 6 per task (layers, categories) and families
+    families = (report / "tables" / "families.md").read_text()
+    for model, latents in (("BLIP-2", "4 × 24"), ("InstructBLIP", "4 × 24"), ("IDEFICS2", "5 × 16")):
+        assert re.search(rf"\| {model} \(tiny random\) \| \w[^|]* \| {latents} \|", families), model
     assert {p.suffix for p in (report / "figures").glob("per_layer_vsr.*")} == {".pdf", ".png", ".svg"}
     results = (report / "results.csv").read_text()
     assert results.startswith("model,model_id,init,task,mode,layer,probe,") and (report / "runs.txt").is_file()
@@ -389,7 +393,7 @@ def test_a_reduced_demo_runs_end_to_end_and_reuses_its_outputs(capsys, tmp_path)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}
     code, out, err = run_cli(capsys, "demo", *reduced)
     assert code == 0, err
-    assert "searches: 0 built, 37 reused" in out and "features: 0 built, 27 reused" in out
+    assert "searches: 0 built, 43 reused" in out and "features: 0 built, 45 reused" in out
     assert "zero-shot runs: 0 built, 4 reused" in out and "mdl: 0 built, 24 reused" in out
     assert "rigour runs: 0 built, 66 reused" in out
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*.safetensors")}  # all reused

@@ -233,3 +233,58 @@ def test_the_families_config_probes_every_family_beside_its_random_weights_contr
     random = {entry.tiny for entry in entries if entry.init == "random"}
     assert pretrained == random == {family.name for family in families() if family.tiny is not None}
     assert config.experiments[0].layers == "last" and config.experiments[0].modes == ["frozen"]
+
+
+@pytest.mark.slow
+def test_the_families_config_runs_and_its_report_sets_every_family_beside_its_random_weights(capsys, tmp_path):
+    """`probing run experiments/families.yaml` on tiny models (a smoke size: 60 examples per split, one trial):
+    the families table holds every family, by latent count, beside its random-weights model; its latent shapes
+    are the stores' tensors' and its accuracies are the report's own (results.csv)."""
+    import pandas as pd
+
+    from probing.models import families
+    from probing.report.tables import RESULT_DTYPES
+    from probing.store.features import FeatureStore
+
+    config = Path(__file__).parents[1] / "experiments" / "families.yaml"
+    overrides = [
+        "experiments.0.search.trials=1",
+        "experiments.0.search.batch=1",
+        "experiments.0.search.final_seeds=[0]",
+    ]
+    code, out, err = run_cli(
+        capsys, "run", config, "--limit", 60, *[f"--set={o}" for o in overrides], f"--set=workspace={tmp_path}"
+    )
+    assert code == 0, err
+    report = tmp_path / "limit-60" / "report-families"
+    assert {p.suffix for p in (report / "figures").glob("families.*")} == {".pdf", ".png", ".svg"}
+    table = (report / "tables" / "families.md").read_text().splitlines()
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table
+        if line.startswith("| ") and "---" not in line
+    ]
+    header, rows = rows[0], rows[1:]
+    assert [row[0] for row in rows if "(tiny random)" in row[0]] == [row[0] for row in rows]
+    assert len(rows) == len([f for f in families() if f.tiny is not None])  # every family, once
+    counts = [int(row[header.index("latents")].split(" × ")[0]) for row in rows]
+    assert counts == sorted(counts)  # by the number of latents
+    for row in rows:  # each family's random-weights model beside it, on every task
+        assert all(row[i] != "–" for i, name in enumerate(header) if name.endswith("random weights")), row[0]
+    results = pd.read_csv(report / "results.csv", dtype=RESULT_DTYPES)
+    shapes = results[results["metric"].isin(["latents", "latent_width"])]
+    for run, numbers in shapes.groupby("run"):
+        manifest = json.loads((report / run / "manifest.json").read_text())
+        store = FeatureStore(next(iter(manifest["feature_paths"].values())))
+        stored = tuple(store.load(manifest["layer"]).shape[1:])
+        assert stored == (
+            int(numbers[numbers["metric"] == "latents"]["value"].iloc[0]),
+            int(numbers[numbers["metric"] == "latent_width"]["value"].iloc[0]),
+        )
+    records = pd.read_csv(report / "tables" / "families.csv")
+    accuracy = results[results["metric"].isin(["accuracy", "acc@0.5"]) & results["category"].isna()]
+    accuracy = accuracy[(accuracy["split"] == "test") & (accuracy["mode"] == "frozen") & ~accuracy["control"]]
+    assert set(records["init"]) == {"pretrained", "random"} and len(records) == 2 * 3 * len(rows)
+    for record in records.itertuples():
+        same = accuracy[(accuracy["model"] == record.model) & (accuracy["task"] == record.task)]
+        assert len(same) == 1 and same["value"].iloc[0] == pytest.approx(record.mean), (record.model, record.task)

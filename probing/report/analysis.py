@@ -103,6 +103,7 @@ class RunResults:
     weights: dict[str, Any] = field(default_factory=dict)  # the model's identity (family, init, weights hash ...)
     # binary heads: the smallest, over seeds, of the share of examples given the seed's most frequent answer
     majority_share: float | None = None
+    latents: tuple[int, int] | None = None  # (latents, width) of the features a frozen probe read, when readable
     validation: RunResults | None | bool = field(default=False, repr=False, compare=False)  # False: not read yet
 
     @property
@@ -125,6 +126,50 @@ class RunResults:
     def configuration(self) -> tuple[str, str, str, str, int, str]:
         """Model label, task, split, mode, layer and probe: what a task run, its controls and floors share."""
         return (self.label, self.task, self.split, self.mode, self.layer, self.probe)
+
+
+def random_counterpart(run: RunResults, runs: list[RunResults]) -> RunResults | None:
+    """The same configuration on the random-weights model of the run's family (`init: random`), if any."""
+    if run.init == "random":
+        return None
+    same = [
+        other
+        for other in runs
+        if other.init == "random"
+        and other.family == run.family
+        and (other.task, other.split, other.mode, other.layer, other.probe) == run.configuration[1:]
+    ]
+    return min(same, key=lambda other: str(other.path)) if same else None
+
+
+@dataclass(frozen=True)
+class FamilyRow:
+    """One trained model of the families comparison: its family, the latent shape its probe read, and per task
+    column its last-layer frozen linear run beside the same run on its family's random-weights model."""
+
+    label: str
+    family: str
+    latents: tuple[int, int] | None
+    runs: dict[str, tuple[RunResults, RunResults | None]]  # column -> (run, random-weights run or None)
+
+
+def family_rows(runs: list[RunResults]) -> list[FamilyRow]:
+    """The families comparison (the report's `families` table and figure): per trained model, the frozen linear
+    probe on its last layer per task column; nothing unless two resampler families are present. Ordered by the
+    number of latents, then label, so that a reader sees compression grow or shrink down the table."""
+    frozen = [run for run in runs if run.mode == "frozen" and run.probe == "linear"]
+    trained = {key: run for key, run in last_layer_runs(frozen).items() if run.init != "random"}
+    if len({run.family for run in trained.values()}) < 2:
+        return []
+    by_label: dict[str, dict[str, tuple[RunResults, RunResults | None]]] = defaultdict(dict)
+    for (label, _, column), run in trained.items():
+        by_label[label][column] = (run, random_counterpart(run, frozen))
+    rows = []
+    for label, columns in by_label.items():
+        first = next(iter(columns.values()))[0]
+        shape = next((run.latents for run, _ in columns.values() if run.latents is not None), None)
+        rows.append(FamilyRow(label, first.family, shape, columns))
+    return sorted(rows, key=lambda row: (row.latents is None, row.latents or (0, 0), row.label))
 
 
 def deduplicate(runs: list[RunResults]) -> tuple[list[RunResults], list[RunResults]]:
@@ -184,6 +229,24 @@ def _store_manifests(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
     return found
+
+
+def latent_shape(manifest: dict[str, Any], layer: int) -> tuple[int, int] | None:
+    """(latents, width) of one layer's features in a frozen run's first readable feature store, from a shard's
+    safetensors header (no tensor is read); None for runs without stores or whose stores have moved."""
+    from safetensors import safe_open
+
+    for store in (manifest.get("feature_paths") or {}).values():
+        try:
+            store_manifest = json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8"))
+            shard = Path(store) / store_manifest["shards"][0]["file"]
+            with safe_open(shard, framework="numpy") as handle:
+                shape = handle.get_slice(f"layer_{layer:02d}").get_shape()
+        except (OSError, ValueError, KeyError, IndexError, TypeError):  # moved, or written by another layout
+            continue
+        if len(shape) == 3:
+            return int(shape[1]), int(shape[2])
+    return None
 
 
 def _store_label(stores: list[dict[str, Any]]) -> str | None:
@@ -271,6 +334,7 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         model_id=_model_id(manifest, stores),
         weights=dict(model),
         majority_share=majority_share,
+        latents=latent_shape(manifest, manifest["layer"]) if manifest["mode"] == "frozen" else None,
     )
 
 

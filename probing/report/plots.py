@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -31,7 +32,14 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from probing.core.records import NO_PROBE, MetricsRecord  # noqa: E402
-from probing.report.analysis import RunResults, category_rows, last_layer_runs, overall, per_category  # noqa: E402
+from probing.report.analysis import (  # noqa: E402
+    FamilyRow,
+    RunResults,
+    category_rows,
+    last_layer_runs,
+    overall,
+    per_category,
+)
 
 METRIC_LABELS = {"acc@0.5": "Acc@0.5 (%)", "accuracy": "accuracy (%)"}
 COLUMN_WIDTH = 3.3  # inches: one column of a two-column paper
@@ -162,6 +170,63 @@ def per_layer_figure(runs: Sequence[RunResults], task: str, base: Path, probe: s
         axes.set_ylabel(f"{chosen[0].split} {metric_label(chosen[0].metric)}")
         axes.set_ylim(*value_limits([100 * e.low for e in ends], [100 * e.high for e in ends], spec.chance))
         _legend_below(axes)
+        return _save(figure, base)
+
+
+def families_figure(rows: Sequence[FamilyRow], base: Path) -> list[Path]:
+    """Accuracy against the number of latents, one panel per task column: each trained model a filled marker
+    with its interval, its family's random-weights model the same marker hollow; nothing when no row knows its
+    latent count. The x axis is logarithmic (latent counts run from tens to hundreds) with the counts as ticks."""
+    rows = [row for row in rows if row.latents is not None]
+    columns = list(dict.fromkeys(column for row in rows for column in row.runs))
+    if not rows or not columns:
+        return []
+    with house_style():
+        figure, panels = plt.subplots(
+            1, len(columns), figsize=(min(PAGE_WIDTH, COLUMN_WIDTH * len(columns)), 2.4), squeeze=False
+        )
+        for axes, column in zip(panels[0], columns, strict=True):
+            ends, spec, split, metric = [], None, "test", "accuracy"
+            for index, row in enumerate(rows):
+                pair = row.runs.get(column)
+                if pair is None:
+                    continue
+                colour, marker = LINE_COLOURS[index % len(LINE_COLOURS)], MARKERS[index % len(MARKERS)]
+                for run, hollow in zip(pair, (False, True), strict=True):
+                    if run is None:
+                        continue
+                    spec, split, metric = run.spec, run.split, run.metric
+                    e = overall(run)
+                    ends.append(e)
+                    axes.errorbar(
+                        [row.latents[0] * (1.12 if hollow else 1.0)],  # beside its model's marker, not on it
+                        [100 * e.mean],
+                        yerr=[[100 * (e.mean - e.low)], [100 * (e.high - e.mean)]],
+                        color=colour,
+                        marker=marker,
+                        markerfacecolor="white" if hollow else colour,
+                        linestyle="none",
+                        capsize=2,
+                        label=f"{row.label}: random weights" if hollow else row.label,
+                    )
+            if spec is not None and spec.chance is not None:
+                axes.axhline(100 * spec.chance, color="grey", linestyle=":", linewidth=1, label="chance")
+            counts = sorted({row.latents[0] for row in rows})
+            axes.set_xscale("log")
+            axes.set_xticks(counts, [str(count) for count in counts])
+            axes.minorticks_off()
+            axes.set_xlim(counts[0] / 1.6, counts[-1] * 1.6)
+            axes.set_xlabel(f"{column}: latents")
+            axes.set_ylabel(f"{split} {metric_label(metric)}")
+            chance = spec.chance if spec is not None else None
+            axes.set_ylim(*value_limits([100 * e.low for e in ends], [100 * e.high for e in ends], chance))
+        legend: dict[str, Any] = {}  # label -> handle, over every panel (a model may miss a task)
+        for axes in panels[0]:
+            for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, handle)
+        handles, labels = list(legend.values()), list(legend)
+        figure.legend(handles, labels, loc="lower center", ncol=2, frameon=False, bbox_to_anchor=(0.5, -0.02))
+        figure.subplots_adjust(bottom=0.2 + 0.06 * ((len(labels) + 1) // 2))
         return _save(figure, base)
 
 

@@ -51,6 +51,7 @@ from probing.report.analysis import (
     chance_level,
     codelength_interval,
     deduplicate,
+    family_rows,
     kendall,
     last_layer_runs,
     load_mdl,
@@ -59,12 +60,13 @@ from probing.report.analysis import (
     overall,
     paired_comparison,
     per_category,
+    random_counterpart,
     rigour,
     roc_auc,
     single_class,
     validation_run,
 )
-from probing.report.plots import category_figure, learning_curve_figure, per_layer_figure
+from probing.report.plots import category_figure, families_figure, learning_curve_figure, per_layer_figure
 from probing.tasks import TaskSpec, registered_tasks
 
 MODES = ("frozen", "unfrozen", ZERO_SHOT_PROMPT, ITM_HEAD, HUMAN)  # Table 1's rows per model, in this order
@@ -223,22 +225,32 @@ class TableBuilder:
     name: str
     build: Callable[[list[RunResults], ReportOptions], list[Table]]
     names: Callable[[Iterable[TaskSpec]], list[str]]
+    place: float = 100.0  # where its tables stand in a report (lower first); plug-ins default to the end
 
 
 # Installed packages may add tables through the entry-point group `probing.tables` (a `TableBuilder`).
 TABLES: Registry[TableBuilder] = Registry("table", "probing.tables")
 
 
-def register_table(name: str, names: Callable[[Iterable[TaskSpec]], list[str]] | None = None, *, replace: bool = False):
+def register_table(
+    name: str,
+    names: Callable[[Iterable[TaskSpec]], list[str]] | None = None,
+    *,
+    place: float = 100.0,
+    replace: bool = False,
+):
     """Decorator: register a table builder under `name` (it produces a table of that name unless `names` says
-    which tables it makes); another builder under a registered name is refused unless `replace`."""
+    which tables it makes), its tables standing at `place` in a report (the paper's tables first, then the
+    rigour and family tables, then per layer and per category; a plug-in's table after them unless it says);
+    another builder under a registered name is refused unless `replace`."""
 
     def register(build: Callable[[list[RunResults], ReportOptions], Table | list[Table] | None]):
         def tables(runs: list[RunResults], options: ReportOptions) -> list[Table]:
             made = build(runs, options)
             return [] if made is None else ([made] if isinstance(made, Table) else made)
 
-        TABLES.register(name, TableBuilder(name, tables, names or (lambda specs: [name])), replace=replace)
+        builder = TableBuilder(name, tables, names or (lambda specs: [name]), place)
+        TABLES.register(name, builder, replace=replace)
         return build
 
     return register
@@ -248,9 +260,14 @@ def table_names(specs: Iterable[TaskSpec] | None = None) -> list[str]:
     """Every table name the registered builders can produce for these tasks (default: every registered task)."""
     specs = list(registered_tasks() if specs is None else specs)
     names: list[str] = []
-    for builder in TABLES.values():
+    for builder in builders_in_place():
         names += [name for name in builder.names(specs) if name not in names]
     return names
+
+
+def builders_in_place() -> list[TableBuilder]:
+    """The registered table builders in their declared places (registration order among equal places)."""
+    return sorted(TABLES.values(), key=lambda builder: builder.place)
 
 
 def _columns(runs: Iterable[RunResults]) -> list[tuple[str, str]]:
@@ -295,7 +312,7 @@ def _split_title(run: RunResults, split: str) -> str:
     return f"{name} ({spec.head.metric_label})"
 
 
-@register_table("table1")
+@register_table("table1", place=10)
 def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """The paper's Table 1: per model and mode, val and test of each task (val where the runs wrote val
     predictions); a chance row (the majority-class rate of each split's labels) and the Human row last."""
@@ -466,7 +483,7 @@ def _category_names(specs: Iterable[TaskSpec]) -> list[str]:
     return names
 
 
-@register_table("categories", names=_category_names)
+@register_table("categories", names=_category_names, place=70)
 def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[Table]:
     """Accuracy per category of each task and split (Table 2 is VSR's), last layer, linear probe."""
     tables = []
@@ -503,7 +520,7 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
     return tables
 
 
-@register_table("table3")
+@register_table("table3", place=30)
 def table3(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     frozen = [r for r in runs if r.mode == "frozen"]
     by_probe = {probe: last_layer_runs(frozen, probe) for probe in PROBES}  # registration order
@@ -535,7 +552,7 @@ def _parameter_cell(name: str, value: Any) -> str:
     return f"{value:.2e}" if name in ("lr", "logreg_c") else f"{value:g}"
 
 
-@register_table("table4")
+@register_table("table4", place=40)
 def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """The paper's Table 4 layout: a row per task and hyper-parameter, a column per model and mode, each cell the
     value the search's best trial chose (Table 1's runs: linear probe, last layer)."""
@@ -573,7 +590,7 @@ def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     return table
 
 
-@register_table("searches")
+@register_table("searches", place=54)
 def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """The best hyper-parameters each search found, with its val and test metrics, one row per search."""
     searched = [run for run in runs if run.search is not None]
@@ -654,7 +671,7 @@ def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
     return table
 
 
-@register_table("table5")
+@register_table("table5", place=50)
 def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """The paper's Table 5 in its orientation: a row per task and data property, a column per model and mode,
     each cell Kendall's tau (p) between per-category accuracy and the property, p > 0.05 marked."""
@@ -723,7 +740,7 @@ def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     return table
 
 
-@register_table("paired")
+@register_table("paired", place=52)
 def paired_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """Paired comparisons on the same test examples (Table 1's runs): each model's modes against each other
     (frozen vs unfrozen ...) and, per mode, each pair of models (BLIP-2 vs InstructBLIP ...): the difference of
@@ -801,7 +818,7 @@ def paired_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | 
     return table
 
 
-@register_table("roc_auc")
+@register_table("roc_auc", place=20)
 def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """ROC-AUC of the binary tasks beside Table 1's accuracies (same runs): how well the probe ranks true above
     false captions, whatever its threshold."""
@@ -851,7 +868,7 @@ def _auc_cell(value: dict[str, Any] | None) -> str:
     return f"{value['mean']:.3f}" + (f" ±{value['seed_std']:.3f}" if value["seed_std"] is not None else "")
 
 
-@register_table("per_layer")
+@register_table("per_layer", place=60)
 def per_layer_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     frozen = [r for r in runs if r.mode == "frozen" and r.probe == "linear"]
     layers_seen = defaultdict(set)
@@ -924,25 +941,11 @@ def _code_results(run: RunResults, code: MdlResults | None = None, prefix: str =
     ]
 
 
-def _random_counterpart(run: RunResults, runs: Sequence[RunResults]) -> RunResults | None:
-    """The same configuration on the random-weights model of the run's family (`init: random`), if any."""
-    if run.init == "random":
-        return None
-    same = [
-        other
-        for other in runs
-        if other.init == "random"
-        and other.family == run.family
-        and (other.task, other.split, other.mode, other.layer, other.probe) == run.configuration[1:]
-    ]
-    return min(same, key=lambda other: str(other.path)) if same else None
-
-
 def _prefixed(prefix: str, numbers: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}{key}": value for key, value in numbers.items()}
 
 
-@register_table("rigor")
+@register_table("rigor", place=55)
 def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """Beyond accuracy, per model, task, mode, layer and probe: the accuracy beside its floor (the same probe on
     shuffled features), the control task's accuracy over its control seeds (Hewitt & Liang, 2019) beside the
@@ -953,7 +956,7 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
     order = {column: index for index, column in enumerate(_columns(runs))} if runs else {}
     rows = []
     for run in runs:
-        random = _random_counterpart(run, runs)
+        random = random_counterpart(run, list(runs))
         if run.control_run is not None or run.mdl is not None or run.floor_run is not None or random is not None:
             rows.append((run, random))
     if not rows:
@@ -1090,6 +1093,62 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
 
 
 SEARCHED_CONTROL_MARK = "§"
+
+
+def _family_kind(name: str) -> tuple[str, str]:
+    """What a family's latents are made by (its layers' owner: Q-Former, Perceiver, projector ...) and whether
+    they read the text; the family's name and "?" for a family no installed package registers."""
+    from probing.models.registry import families
+
+    family = next((f for f in families() if f.name == name), None)
+    if family is None:
+        return name, "?"
+    return family.resampler.layer_owner, "yes" if family.reads_text else "no"
+
+
+@register_table("families", place=56)
+def families_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
+    """Resampler families side by side (`probing.report.analysis.family_rows`): per trained model the frozen
+    linear probe on its last layer per task, beside the same probe on its family's random-weights model, with
+    the latent count and width the probe read; only when two families or more are in the runs."""
+    rows = family_rows(list(runs))
+    if not rows:
+        return None
+    order = [c for c in _columns(runs) if any(_title(c, runs) in row.runs for row in rows)]
+    columns = [_title(c, runs) for c in order]
+    headers = ["model", "resampler", "latents", "reads text"]
+    headers += [header for column in columns for header in (f"{column} pretrained", f"{column} random weights")]
+    table = Table("families", "Resampler families: frozen linear probe on the last layer (%)", headers)
+    for row in rows:
+        kind, reads_text = _family_kind(row.family)
+        shape = "–" if row.latents is None else f"{row.latents[0]} × {row.latents[1]}"
+        cells = [row.label, kind, shape, reads_text]
+        labels = {"family": row.family}
+        if row.latents is not None:
+            labels |= {"latents": row.latents[0], "width": row.latents[1]}
+        for column in columns:
+            run, random = row.runs.get(column, (None, None))
+            for which in (run, random):
+                estimate_ = overall(which) if which is not None else None
+                cells.append(cell(estimate_, which))
+                if estimate_ is not None:
+                    table.records.append(_record(estimate_, which, model=which.label, **labels, init=which.init))
+            if run is not None and row.latents is not None:
+                table.results += [_result(run, "latents", row.latents[0]), _result(run, "latent_width", row.latents[1])]
+        table.rows.append(cells)
+    table.notes.append(
+        "latents: the number of latent vectors and their width that the probe read (flattened, latents × width "
+        "inputs; `--latents mean` reads their mean); reads text: the latents depend on the caption (a Q-Former's "
+        "queries attend to it) or on the image alone. Random weights: the same architecture with re-drawn weights "
+        "(`init: random`), same task, layer and probe; – where it was not run. Figure `families`: accuracy "
+        "against the number of latents."
+    )
+    mark_single_class(table)
+    return table
+
+
+def _title(column: tuple[str, str], runs: Sequence[RunResults]) -> str:
+    return next(run.column for run in runs if (run.task, run.split) == column)
 
 
 def _over_seeds(estimate: Estimate | None, seeds: int, run: RunResults | None = None, mark: str = "") -> str:
@@ -1295,6 +1354,7 @@ def write_figures(runs: Sequence[RunResults], folder: Path) -> list[Path]:
         suffix = task if len(these[0].spec.eval_splits) == 1 else f"{task}_{split}"
         figures += per_layer_figure(these, task, folder / f"per_layer_{suffix}")
         figures += category_figure(these, task, folder / f"categories_{suffix}")
+    figures += families_figure(family_rows(list(runs)), folder / "families")
     searched = [run for run in runs if run.search is not None and run.split == run.spec.eval_splits[0]]
     for run in sorted(searched, key=lambda r: (r.label, r.mode, r.task, r.layer, r.probe)):  # each search's best
         # a folder per model and mode, a file per task, layer and probe: dozens of curves stay browsable
@@ -1364,11 +1424,10 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
     options = ReportOptions(compare_paper=compare_paper)
     tables = [
         table
-        for builder in TABLES.values()
+        for builder in builders_in_place()
         for table in builder.build(runs, options)
         if only is None or table.name in only
     ]
-    tables.sort(key=lambda t: _TABLE_ORDER.get(t.name.split("_")[0], len(_TABLE_ORDER)))
     trash = out.with_name(f".{out.name}.old-{os.getpid()}")
     with staged_directory(out) as staging:
         (staging / "tables").mkdir()
@@ -1445,22 +1504,6 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
         "dropped": len({str(r.path) for r in dropped}),
         "readme": str(out / "README.md"),
     }
-
-
-# The order tables appear in (the report's sections): the paper's, then per layer, then the per-category ones.
-_TABLE_ORDER = {
-    "table1": 0,
-    "roc": 1,
-    "table2": 2,
-    "table3": 3,
-    "table4": 4,
-    "table5": 5,
-    "paired": 5.2,
-    "searches": 5.4,
-    "rigor": 5.5,
-    "per": 6,
-    "categories": 7,
-}
 
 
 def analysis_json(path: Path) -> str:
