@@ -179,3 +179,19 @@ def test_the_package_registries_refuse_duplicates():
     register_head(BinaryHead())  # the same head again: a no-op
     with pytest.raises(ProbingError, match="^head 'box' is already registered"):
         HEADS.register("box", BinaryHead())
+
+
+def test_tables_stand_in_their_declared_places():
+    from probing.report.tables import TABLES, builders_in_place, register_table, table_names
+
+    assert table_names()[:3] == ["table1", "roc_auc", "table3"]  # the paper's first, whatever the registration
+    names = [builder.name for builder in builders_in_place()]
+    assert names.index("rigor") < names.index("families") < names.index("per_layer") < names.index("categories")
+    register_table("first_of_all", place=0)(lambda runs, options: None)
+    register_table("a_plugins")(lambda runs, options: None)  # no place: after every built-in table
+    try:
+        names = [builder.name for builder in builders_in_place()]
+        assert names[0] == "first_of_all" and names[-1] == "a_plugins"
+    finally:
+        TABLES.unregister("first_of_all")
+        TABLES.unregister("a_plugins")
