@@ -312,6 +312,41 @@ def _split_title(run: RunResults, split: str) -> str:
     return f"{name} ({spec.head.metric_label})"
 
 
+@dataclass
+class _Table1Layout:
+    """What Table 1 shows: the chosen runs per (model, mode, column), their val runs, and the cells (column,
+    "val" | "test") in order, val first where any run of the column has val predictions (a task evaluated on
+    several splits, RefCOCO's testA and testB, has one column per split but one val)."""
+
+    chosen: dict[tuple[str, str, str], RunResults]
+    validation: dict[tuple[str, str, str], RunResults | None]
+    by_column: dict[str, RunResults]
+    order: list[str]
+    cells: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, chosen: dict[tuple[str, str, str], RunResults]) -> _Table1Layout:
+        by_column = {run.column: run for run in sorted(chosen.values(), key=lambda r: (r.mode == HUMAN, str(r.path)))}
+        order = list(dict.fromkeys(run.column for run in _sorted_columns(chosen)))
+        validation = {key: validation_run(run) for key, run in chosen.items()}
+        cells: list[tuple[str, str]] = []
+        tasks_with_val: set[str] = set()
+        for c in order:
+            task = by_column[c].task
+            if task not in tasks_with_val and any(val is not None and key[2] == c for key, val in validation.items()):
+                cells.append((c, "val"))
+                tasks_with_val.add(task)
+            cells.append((c, "test"))
+        return cls(chosen, validation, by_column, order, cells)
+
+    @property
+    def has_val(self) -> bool:
+        return any(which == "val" for _, which in self.cells)
+
+    def result(self, key: tuple[str, str, str], which: str) -> RunResults | None:
+        return self.chosen.get(key) if which == "test" else self.validation.get(key)
+
+
 @register_table("table1", place=10)
 def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     """The paper's Table 1: per model and mode, val and test of each task (val where the runs wrote val
@@ -319,76 +354,25 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     chosen = _table1_runs(runs)
     if not chosen:
         return None
-    by_column = {run.column: run for run in sorted(chosen.values(), key=lambda r: (r.mode == HUMAN, str(r.path)))}
-    order = list(dict.fromkeys(run.column for run in _sorted_columns(chosen)))
-    validation = {key: validation_run(run) for key, run in chosen.items()}
-    # (column, "val" | "test"): val first where any run of the column has val predictions
-    # A task evaluated on several splits (RefCOCO's testA and testB) has one column per split but one val.
-    cells: list[tuple[str, str]] = []
-    tasks_with_val: set[str] = set()
-    for c in order:
-        task = by_column[c].task
-        if task not in tasks_with_val and any(val is not None and key[2] == c for key, val in validation.items()):
-            cells.append((c, "val"))
-            tasks_with_val.add(task)
-        cells.append((c, "test"))
-
-    def result(key: tuple[str, str, str], which: str) -> RunResults | None:
-        return chosen.get(key) if which == "test" else validation.get(key)
-
-    has_val = any(which == "val" for _, which in cells)
+    layout = _Table1Layout.of(chosen)
     table = Table(
         "table1",
-        "Table 1: " + ("validation and test" if has_val else "test") + " accuracy, linear probe on the last layer (%)",
-        ["model", "mode", *[_split_title(by_column[c], which) for c, which in cells]],
+        "Table 1: "
+        + ("validation and test" if layout.has_val else "test")
+        + " accuracy, linear probe on the last layer (%)",
+        ["model", "mode", *[_split_title(layout.by_column[c], which) for c, which in layout.cells]],
     )
     people = _people(chosen)  # the Human row comes last, after the chance row
     models = sorted({key[0] for key in chosen}, key=lambda model: (model in people, model))
     paper_shown, paper_missing = [], []
-
-    def chance_row() -> None:
-        levels = {}
-        for c, which in cells:
-            model_runs = [r for r in chosen.values() if r.column == c and r.mode != HUMAN]
-            found = result(next(k for k, r in chosen.items() if r is model_runs[0]), which) if model_runs else None
-            levels[(c, which)] = (chance_level(found), found) if found is not None else (None, None)
-        if not any(level is not None for level, _ in levels.values()):
-            return
-        table.rows.append(
-            [
-                "Chance",
-                "majority class",
-                *[f"{100 * level:.1f}" if level is not None else "–" for level, _ in levels.values()],
-            ]
-        )
-        table.records += [
-            {
-                "model": "Chance",
-                "mode": "majority class",
-                "task": found.task,
-                "split": found.split,
-                "mean": level,
-                "examples": len(found.ids),
-            }
-            for level, found in levels.values()
-            if level is not None
-        ]
-        table.results += [
-            {"model": "Chance", "mode": "majority class", "task": found.task, "split": found.split}
-            | {"metric": found.metric, "value": level, "n": len(found.ids)}
-            for level, found in levels.values()
-            if level is not None
-        ]
-
     for model in models:
         if model in people and not any(row[0] == "Chance" for row in table.rows):
-            chance_row()
-        model_runs = [run for key, run in chosen.items() if key[0] == model]
-        paper_name = paper_model(model_runs)
+            _chance_row(table, layout)
+        paper_name = paper_model([run for key, run in chosen.items() if key[0] == model])
         for mode in _modes(chosen):
-            if not any((model, mode, c) in chosen for c in order):
+            if not any((model, mode, c) in chosen for c in layout.order):
                 continue
-            found = {(c, which): result((model, mode, c), which) for c, which in cells}
+            found = {(c, which): layout.result((model, mode, c), which) for c, which in layout.cells}
             estimates = {key: overall(run) if run is not None else None for key, run in found.items()}
             table.rows.append([model, mode, *[cell(estimates[key], run) for key, run in found.items()]])
             table.records += [
@@ -396,48 +380,94 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
                 for key, run in found.items()
                 if run is not None
             ]
-            if not options.compare_paper:
-                continue
-            paper = PAPER_TABLE1.get(("Human", HUMAN) if mode == HUMAN else (paper_name, mode))
-            if paper is None:
-                if mode != HUMAN and mode in ("frozen", "unfrozen"):
+            if options.compare_paper:
+                shown = _paper_row(table, layout, paper_name, mode)
+                if shown:
+                    paper_shown.append(model)
+                elif shown is None and mode in ("frozen", "unfrozen"):
                     paper_missing.append(model)
-                continue
-            name = "Human" if mode == HUMAN else paper_name
-            tasks = {c: by_column[c].task for c in order}
-            table.rows.append(
-                [
-                    f"{name} (paper)",
-                    mode,
-                    *[f"{paper[tasks[c]]:.2f}" if which == "test" and tasks[c] in paper else "–" for c, which in cells],
-                ]
-            )
-            shown = [
-                (by_column[c], paper[tasks[c]] / 100) for c, which in cells if which == "test" and tasks[c] in paper
-            ]
-            table.records += [
-                {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test", "mean": value}
-                for run, value in shown
-            ]
-            table.results += [
-                {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test"}
-                | {"metric": run.metric, "value": value}
-                for run, value in shown
-            ]
-            paper_shown.append(model)
     if not any(row[0] == "Chance" for row in table.rows):
-        chance_row()
+        _chance_row(table, layout)
+    _table1_notes(table, layout, options, paper_shown, paper_missing)
+    mark_single_class(table)
+    return table
+
+
+def _chance_row(table: Table, layout: _Table1Layout) -> None:
+    """The chance row: the majority-class rate of each cell's split (none for box regression)."""
+    levels = {}
+    for c, which in layout.cells:
+        model_runs = [r for r in layout.chosen.values() if r.column == c and r.mode != HUMAN]
+        key = next((k for k, r in layout.chosen.items() if model_runs and r is model_runs[0]), None)
+        found = layout.result(key, which) if key is not None else None
+        levels[(c, which)] = (chance_level(found), found) if found is not None else (None, None)
+    if not any(level is not None for level, _ in levels.values()):
+        return
+    table.rows.append(
+        [
+            "Chance",
+            "majority class",
+            *[f"{100 * level:.1f}" if level is not None else "–" for level, _ in levels.values()],
+        ]
+    )
+    shown = [(level, found) for level, found in levels.values() if level is not None]
+    table.records += [
+        {"model": "Chance", "mode": "majority class", "task": found.task, "split": found.split}
+        | {"mean": level, "examples": len(found.ids)}
+        for level, found in shown
+    ]
+    table.results += [
+        {"model": "Chance", "mode": "majority class", "task": found.task, "split": found.split}
+        | {"metric": found.metric, "value": level, "n": len(found.ids)}
+        for level, found in shown
+    ]
+
+
+def _paper_row(table: Table, layout: _Table1Layout, paper_name: str | None, mode: str) -> bool | None:
+    """The paper's numbers beside a model's row (`--compare-paper`): True when shown, None when the paper has
+    no row for this model and mode (a model it did not probe), False for modes it has no number of."""
+    paper = PAPER_TABLE1.get(("Human", HUMAN) if mode == HUMAN else (paper_name, mode))
+    if paper is None:
+        return None if mode != HUMAN else False
+    name = "Human" if mode == HUMAN else paper_name
+    tasks = {c: layout.by_column[c].task for c in layout.order}
+    table.rows.append(
+        [
+            f"{name} (paper)",
+            mode,
+            *[f"{paper[tasks[c]]:.2f}" if which == "test" and tasks[c] in paper else "–" for c, which in layout.cells],
+        ]
+    )
+    shown = [
+        (layout.by_column[c], paper[tasks[c]] / 100)
+        for c, which in layout.cells
+        if which == "test" and tasks[c] in paper
+    ]
+    table.records += [
+        {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test", "mean": value}
+        for run, value in shown
+    ]
+    table.results += [
+        {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test"}
+        | {"metric": run.metric, "value": value}
+        for run, value in shown
+    ]
+    return True
+
+
+def _table1_notes(
+    table: Table, layout: _Table1Layout, options: ReportOptions, paper_shown: list[str], paper_missing: list[str]
+) -> None:
+    chosen = layout.chosen
     layers = sorted({run.layer for run in chosen.values() if run.probe != NO_PROBE})
     table.notes.append(
         "mean [95% bootstrap CI over the split's examples] ±std over seeds"
         + (f"; layers used: {layers}" if layers else "")
-        + ("; val: the best trial's final seeds on the validation split" if has_val else "")
+        + ("; val: the best trial's final seeds on the validation split" if layout.has_val else "")
     )
     chance_notes = ["chance: the majority-class rate of the split's labels (50 % when balanced)"]
-    if any(chance_level(run) is None and run.mode != HUMAN for run in chosen.values()):
-        no_chance = sorted(
-            {run.spec.title for run in chosen.values() if chance_level(run) is None and run.mode != HUMAN}
-        )
+    no_chance = sorted({run.spec.title for run in chosen.values() if chance_level(run) is None and run.mode != HUMAN})
+    if no_chance:
         chance_notes.append(
             f"no chance level for {', '.join(no_chance)}: a box regression has no single chance rate (a guessed "
             "box's IoU depends on the distribution of boxes)"
@@ -457,8 +487,6 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
             f"no paper rows beside {', '.join(sorted(set(paper_missing)))}: the paper's numbers are shown only beside "
             f"runs of the checkpoints it probed ({', '.join(PAPER_CHECKPOINTS)}) with their own weights"
         )
-    mark_single_class(table)
-    return table
 
 
 def _sorted_columns(chosen: dict[tuple[str, str, str], RunResults]) -> list[RunResults]:
@@ -953,12 +981,7 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
     floors; the MDL codelength and compression by the online code (Voita & Titov, 2020) beside the uniform
     codelength and the noise-feature floor's compression, for the task and its control; and the accuracy of
     the random-weights model of the same family."""
-    order = {column: index for index, column in enumerate(_columns(runs))} if runs else {}
-    rows = []
-    for run in runs:
-        random = random_counterpart(run, list(runs))
-        if run.control_run is not None or run.mdl is not None or run.floor_run is not None or random is not None:
-            rows.append((run, random))
+    rows = _rigor_rows(runs)
     if not rows:
         return None
     table = Table(
@@ -985,6 +1008,28 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
             "random weights (%)",
         ],
     )
+    searched = False
+    for run, random in rows:
+        searched |= _rigor_row(table, run, random)
+    table.notes += _RIGOR_NOTES
+    if searched:
+        table.notes.append(
+            f"{SEARCHED_CONTROL_MARK} the control had a hyper-parameter search of its own (control_search), "
+            "not the task's hyper-parameters: its selectivity is biased down"
+        )
+    mark_single_class(table)
+    return table
+
+
+def _rigor_rows(runs: Sequence[RunResults]) -> list[tuple[RunResults, RunResults | None]]:
+    """The runs the rigour table has something to say about (a control, an online code, a floor or a
+    random-weights counterpart), each with that counterpart, by model, task column, mode, layer and probe."""
+    order = {column: index for index, column in enumerate(_columns(runs))} if runs else {}
+    rows = []
+    for run in runs:
+        random = random_counterpart(run, list(runs))
+        if run.control_run is not None or run.mdl is not None or run.floor_run is not None or random is not None:
+            rows.append((run, random))
     rows.sort(
         key=lambda item: (
             item[0].label,
@@ -994,102 +1039,102 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
             item[0].probe,
         )
     )
-    searched = False
-    for run, random in rows:
-        accuracy = overall(run)
-        numbers_of = rigour(run)
-        code_cells, code_numbers = _code_cells(run.mdl)
-        floor_cells, floor_numbers = _code_cells(run.mdl_floor)
-        control = run.control_run
-        control_cells, control_numbers = _code_cells(control.mdl if control is not None else None)
-        control_floor_cells, control_floor_numbers = _code_cells(control.mdl_floor if control is not None else None)
-        random_accuracy = overall(random) if random is not None else None
-        control_mark = ""
-        if any(c.searched_control for c in run.control_runs):
-            control_mark, searched = SEARCHED_CONTROL_MARK, True
-        uniform = f"{run.mdl.record.uniform_bits / 1000:.2f}" if run.mdl is not None else "–"
-        table.rows.append(
-            [
-                run.label,
-                run.column,
-                run.mode,
-                str(run.layer),
-                run.probe,
-                cell(accuracy, run),
-                cell(numbers_of.floor, run.floor_run),
-                _over_seeds(numbers_of.control, numbers_of.control_seeds, control, control_mark),
-                _over_seeds(numbers_of.control_floor, numbers_of.control_seeds),
-                _over_seeds(numbers_of.ceiling, numbers_of.control_seeds),
-                _points(numbers_of.selectivity),
-                code_cells[0],
-                uniform,
-                code_cells[1],
-                floor_cells[1],
-                control_cells[1],
-                control_floor_cells[1],
-                cell(random_accuracy),
-            ]
-        )
-        numbers = {
-            "model": run.label,
-            "mode": run.mode,
-            "probe": run.probe,
-            "layer": run.layer,
-            "task": run.task,
-            "split": run.split,
-            "control_seeds": numbers_of.control_seeds,
-            **_prefixed("accuracy_", accuracy.as_dict()),
-            **_prefixed("floor_", numbers_of.floor.as_dict() if numbers_of.floor else {}),
-            **_prefixed("control_", numbers_of.control.as_dict() if numbers_of.control else {}),
-            **_prefixed("control_floor_", numbers_of.control_floor.as_dict() if numbers_of.control_floor else {}),
-            **_prefixed("ceiling_", numbers_of.ceiling.as_dict() if numbers_of.ceiling else {}),
-            **_prefixed("selectivity_", numbers_of.selectivity.as_dict() if numbers_of.selectivity else {}),
-            **code_numbers,
-            **_prefixed("noise_floor_", floor_numbers),
-            **_prefixed("control_", control_numbers),
-            **_prefixed("control_noise_floor_", control_floor_numbers),
-            **(_prefixed("random_", random_accuracy.as_dict()) if random_accuracy else {}),
-            "random_model": random.label if random is not None else None,
-        }
-        table.records.append(numbers)
-        rigour_results = {
-            "floor": (numbers_of.floor, run.floor_run),
-            "control": (numbers_of.control, control),
-            "control_floor": (numbers_of.control_floor, control.floor_run if control is not None else None),
-            "ceiling": (numbers_of.ceiling, control),
-            "selectivity": (numbers_of.selectivity, control),
-        }
-        for metric, (value, against) in rigour_results.items():
-            if value is not None:
-                table.results.append(_result(run, metric, estimate=value, against_run=str(against.path)))
-        table.results += _code_results(run) + _code_results(run, run.mdl_floor, "mdl_noise_floor_")
-        if control is not None:
-            table.results += _code_results(control) + _code_results(control, control.mdl_floor, "mdl_noise_floor_")
-    table.notes += [
-        "accuracy (the task's main metric: Acc@0.5 for boxes), floor, random weights: mean [95% bootstrap CI over "
-        "test examples] ±std over seeds; floor: the same probe and hyper-parameters trained on the same targets "
-        "with the train and val feature rows permuted (what the probe reaches when the features tell nothing)",
-        "control: the task's control targets (a fixed random function of each example's type), trained with the "
-        "task's chosen hyper-parameters, mean over control seeds [95% CI resampling test examples and control "
-        "seeds] ±std over control seeds; control floor: each control's floor; ceiling (binary tasks): the "
-        "control label of each test example's type looked up in train (what memorising every train type gives)",
-        "selectivity = (accuracy - floor) - (control - control floor), in points, CI resampling test examples and "
-        "control seeds: what the probe reads beyond what it reaches by memorising types; a CI covering 0 means "
-        "no evidence that the representation holds more than the control's types",
-        "MDL: online codelength of the train targets in kbits (1 kbit = 1,000 bits; Voita & Titov's blocks of 0.1 "
-        "... 100 % of train; binary labels under Bernoulli(sigmoid), boxes per cxcywh coordinate in 100 bins "
-        "under a Laplace), 95% bootstrap CI over the coded examples; uniform: the codelength without a probe; "
-        "compression = uniform / online; noise floor compression: the same code with shuffled feature rows "
-        "(the target's prior alone): a compression is evidence only above its noise floor",
-        "random weights: the same configuration on the model of the same family with random weights (init: random)",
-    ]
-    if searched:
-        table.notes.append(
-            f"{SEARCHED_CONTROL_MARK} the control had a hyper-parameter search of its own (control_search), "
-            "not the task's hyper-parameters: its selectivity is biased down"
-        )
-    mark_single_class(table)
-    return table
+    return rows
+
+
+def _rigor_row(table: Table, run: RunResults, random: RunResults | None) -> bool:
+    """One run's rigour row, its numbers (the table's CSV) and its results.csv rows; whether its controls had
+    a search of their own (marked)."""
+    accuracy = overall(run)
+    numbers_of = rigour(run)
+    code_cells, code_numbers = _code_cells(run.mdl)
+    floor_cells, floor_numbers = _code_cells(run.mdl_floor)
+    control = run.control_run
+    control_cells, control_numbers = _code_cells(control.mdl if control is not None else None)
+    control_floor_cells, control_floor_numbers = _code_cells(control.mdl_floor if control is not None else None)
+    random_accuracy = overall(random) if random is not None else None
+    searched = any(c.searched_control for c in run.control_runs)
+    control_mark = SEARCHED_CONTROL_MARK if searched else ""
+    uniform = f"{run.mdl.record.uniform_bits / 1000:.2f}" if run.mdl is not None else "–"
+    table.rows.append(
+        [
+            run.label,
+            run.column,
+            run.mode,
+            str(run.layer),
+            run.probe,
+            cell(accuracy, run),
+            cell(numbers_of.floor, run.floor_run),
+            _over_seeds(numbers_of.control, numbers_of.control_seeds, control, control_mark),
+            _over_seeds(numbers_of.control_floor, numbers_of.control_seeds),
+            _over_seeds(numbers_of.ceiling, numbers_of.control_seeds),
+            _points(numbers_of.selectivity),
+            code_cells[0],
+            uniform,
+            code_cells[1],
+            floor_cells[1],
+            control_cells[1],
+            control_floor_cells[1],
+            cell(random_accuracy),
+        ]
+    )
+    numbers = {
+        "model": run.label,
+        "mode": run.mode,
+        "probe": run.probe,
+        "layer": run.layer,
+        "task": run.task,
+        "split": run.split,
+        "control_seeds": numbers_of.control_seeds,
+        **_prefixed("accuracy_", accuracy.as_dict()),
+        **_prefixed("floor_", numbers_of.floor.as_dict() if numbers_of.floor else {}),
+        **_prefixed("control_", numbers_of.control.as_dict() if numbers_of.control else {}),
+        **_prefixed("control_floor_", numbers_of.control_floor.as_dict() if numbers_of.control_floor else {}),
+        **_prefixed("ceiling_", numbers_of.ceiling.as_dict() if numbers_of.ceiling else {}),
+        **_prefixed("selectivity_", numbers_of.selectivity.as_dict() if numbers_of.selectivity else {}),
+        **code_numbers,
+        **_prefixed("noise_floor_", floor_numbers),
+        **_prefixed("control_", control_numbers),
+        **_prefixed("control_noise_floor_", control_floor_numbers),
+        **(_prefixed("random_", random_accuracy.as_dict()) if random_accuracy else {}),
+        "random_model": random.label if random is not None else None,
+    }
+    table.records.append(numbers)
+    rigour_results = {
+        "floor": (numbers_of.floor, run.floor_run),
+        "control": (numbers_of.control, control),
+        "control_floor": (numbers_of.control_floor, control.floor_run if control is not None else None),
+        "ceiling": (numbers_of.ceiling, control),
+        "selectivity": (numbers_of.selectivity, control),
+    }
+    for metric, (value, against) in rigour_results.items():
+        if value is not None:
+            table.results.append(_result(run, metric, estimate=value, against_run=str(against.path)))
+    table.results += _code_results(run) + _code_results(run, run.mdl_floor, "mdl_noise_floor_")
+    if control is not None:
+        table.results += _code_results(control) + _code_results(control, control.mdl_floor, "mdl_noise_floor_")
+    return searched
+
+
+# What each rigour column means (the table's notes)
+_RIGOR_NOTES = [
+    "accuracy (the task's main metric: Acc@0.5 for boxes), floor, random weights: mean [95% bootstrap CI over "
+    "test examples] ±std over seeds; floor: the same probe and hyper-parameters trained on the same targets "
+    "with the train and val feature rows permuted (what the probe reaches when the features tell nothing)",
+    "control: the task's control targets (a fixed random function of each example's type), trained with the "
+    "task's chosen hyper-parameters, mean over control seeds [95% CI resampling test examples and control "
+    "seeds] ±std over control seeds; control floor: each control's floor; ceiling (binary tasks): the "
+    "control label of each test example's type looked up in train (what memorising every train type gives)",
+    "selectivity = (accuracy - floor) - (control - control floor), in points, CI resampling test examples and "
+    "control seeds: what the probe reads beyond what it reaches by memorising types; a CI covering 0 means "
+    "no evidence that the representation holds more than the control's types",
+    "MDL: online codelength of the train targets in kbits (1 kbit = 1,000 bits; Voita & Titov's blocks of 0.1 "
+    "... 100 % of train; binary labels under Bernoulli(sigmoid), boxes per cxcywh coordinate in 100 bins "
+    "under a Laplace), 95% bootstrap CI over the coded examples; uniform: the codelength without a probe; "
+    "compression = uniform / online; noise floor compression: the same code with shuffled feature rows "
+    "(the target's prior alone): a compression is evidence only above its noise floor",
+    "random weights: the same configuration on the model of the same family with random weights (init: random)",
+]
 
 
 SEARCHED_CONTROL_MARK = "§"
@@ -1438,10 +1483,7 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
         written["figures"] = [str(p.relative_to(staging)) for p in figures]
         results_frame(runs, tables, out).to_csv(staging / "results.csv", index=False)
         shown = sorted({str(r.path) for r in runs})
-        tasks = {run.configuration for run in runs}
-        unpaired = [r for r in dropped if (r.control or r.shuffled) and r.configuration not in tasks]
-        repeated = sorted({str(r.path) for r in dropped if not any(r is u for u in unpaired)})
-        alone = sorted({str(r.path) for r in unpaired})
+        repeated, alone = _left_out(runs, dropped)
         listing = ["# runs shown", *shown]
         listing += [
             "",
@@ -1450,49 +1492,7 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
         ]
         listing += ["", "# control runs left out: no run of the same configuration on the task's targets", *alone]
         (staging / "runs.txt").write_text("\n".join(listing) + "\n", encoding="utf-8")
-        readme = ["# Report", "", f"{len(shown)} run(s): {_count(runs)}; their folders are listed in `runs.txt`."]
-        if repeated:
-            readme.append(
-                f"{len(repeated)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
-                "left out (`runs.txt`)."
-            )
-        if alone:
-            readme.append(
-                f"{len(alone)} control run(s) have no run of the same configuration on the task's own targets and "
-                "are left out (`runs.txt`)."
-            )
-        readme += [
-            "",
-            "Every number the tables below show is in `results.csv` (as fractions where the tables show percent): a "
-            "row per run, split and category for accuracies, then a row per other number (chance and paper rows, "
-            "hyper-parameters, Kendall tau, paired differences, ROC-AUC, selectivity, MDL; its `metric` says "
-            "which). Each table's numbers are also in its CSV in `tables/`, beside its LaTeX (booktabs).",
-            "",
-        ]
-        readme += [table.markdown() for table in tables]
-        if figures:
-            readme += ["## Figures", ""]
-            readme += [
-                f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png" and p.parent.name == "figures"
-            ]
-            curves = [p for p in figures if p.suffix == ".png" and "learning_curves" in p.parts]
-            if curves:
-                readme += [
-                    "",
-                    f"Learning curves of {len(curves)} search(es)' best trials: "
-                    "`figures/learning_curves/<model>-<mode>/"
-                    "<task>-layer<N>-<probe>.png`.",
-                ]
-            readme += ["", "PDF and SVG versions sit beside the PNGs in `figures/`.", ""]
-        readme += [
-            "## Method",
-            "",
-            "Accuracies are means over seeds of per-example correctness on the split shown (validation or test; "
-            "Acc@IoU>=0.5 for box regression), with 95% percentile bootstrap intervals over that split's examples "
-            "(1,000 resamples, seeded) and the standard deviation across seeds where several seeds were run. "
-            "Kendall tau is scipy's, across the task's categories.",
-            "",
-        ]
+        readme = _report_readme(runs, shown, repeated, alone, tables, figures)
         (staging / "README.md").write_text("\n".join(readme), encoding="utf-8")
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if not p.is_dir())
         write_json(staging / REPORT_FILE, {"runs": shown, **written, "files": files, "compare_paper": compare_paper})
@@ -1504,6 +1504,71 @@ def _write_report(paths: Sequence[Path], out: Path, compare_paper: bool, only: S
         "dropped": len({str(r.path) for r in dropped}),
         "readme": str(out / "README.md"),
     }
+
+
+def _left_out(runs: Sequence[RunResults], dropped: Sequence[RunResults]) -> tuple[list[str], list[str]]:
+    """The folders left out of a report: runs repeating a kept configuration, and control or floor runs with no
+    run of their configuration on the task's own targets."""
+    tasks = {run.configuration for run in runs}
+    unpaired = [r for r in dropped if (r.control or r.shuffled) and r.configuration not in tasks]
+    repeated = sorted({str(r.path) for r in dropped if not any(r is u for u in unpaired)})
+    return repeated, sorted({str(r.path) for r in unpaired})
+
+
+def _report_readme(
+    runs: Sequence[RunResults],
+    shown: list[str],
+    repeated: list[str],
+    alone: list[str],
+    tables: Sequence[Table],
+    figures: Sequence[Path],
+) -> list[str]:
+    """The report's README.md: what was run and left out, where the numbers are, the tables, the figures and
+    the method, as lines."""
+    readme = ["# Report", "", f"{len(shown)} run(s): {_count(runs)}; their folders are listed in `runs.txt`."]
+    if repeated:
+        readme.append(
+            f"{len(repeated)} run(s) repeat a kept configuration (model, task, mode, layer, probe) and are "
+            "left out (`runs.txt`)."
+        )
+    if alone:
+        readme.append(
+            f"{len(alone)} control run(s) have no run of the same configuration on the task's own targets and "
+            "are left out (`runs.txt`)."
+        )
+    readme += [
+        "",
+        "Every number the tables below show is in `results.csv` (as fractions where the tables show percent): a "
+        "row per run, split and category for accuracies, then a row per other number (chance and paper rows, "
+        "hyper-parameters, Kendall tau, paired differences, ROC-AUC, selectivity, MDL; its `metric` says "
+        "which). Each table's numbers are also in its CSV in `tables/`, beside its LaTeX (booktabs).",
+        "",
+    ]
+    readme += [table.markdown() for table in tables]
+    if figures:
+        readme += ["## Figures", ""]
+        readme += [
+            f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png" and p.parent.name == "figures"
+        ]
+        curves = [p for p in figures if p.suffix == ".png" and "learning_curves" in p.parts]
+        if curves:
+            readme += [
+                "",
+                f"Learning curves of {len(curves)} search(es)' best trials: "
+                "`figures/learning_curves/<model>-<mode>/"
+                "<task>-layer<N>-<probe>.png`.",
+            ]
+        readme += ["", "PDF and SVG versions sit beside the PNGs in `figures/`.", ""]
+    readme += [
+        "## Method",
+        "",
+        "Accuracies are means over seeds of per-example correctness on the split shown (validation or test; "
+        "Acc@IoU>=0.5 for box regression), with 95% percentile bootstrap intervals over that split's examples "
+        "(1,000 resamples, seeded) and the standard deviation across seeds where several seeds were run. "
+        "Kendall tau is scipy's, across the task's categories.",
+        "",
+    ]
+    return readme
 
 
 def analysis_json(path: Path) -> str:
