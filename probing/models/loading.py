@@ -20,57 +20,19 @@ declaration (`probing.models.base`), so this module names no module of any famil
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from probing.core.errors import ProbingError
-from probing.core.settings import check, setting
 from probing.models.base import Resampler
 from probing.models.checkpoint import CheckpointSource, tensors_sha256
 from probing.models.lavis import lavis_to_hf, read_lavis_checkpoint, second_stage_problem
 from probing.models.registry import BackendFamily, family_for_config, family_named, family_of_lavis, resolve_alias
+from probing.models.source import ModelSource
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Which weights a resampler is built from: the settings shared by `extract`, unfrozen `train` and
-    `search`, and a config's `models` entries."""
-
-    model: str | None = setting(
-        None, help="blip2 | blip2-coco | instructblip, a Hub id, a local checkpoint folder, or a LAVIS .pth file"
-    )
-    revision: str | None = setting(None, help="Hub branch, tag or commit.")
-    init: Literal["pretrained", "random"] = setting(
-        "pretrained", help="pretrained | random (same architecture, seeded random weights: the control baseline)"
-    )
-    init_seed: int = setting(0, low=0, help="Seed of --init random.")
-    family: str | None = setting(
-        None,
-        help="The backend family, where a checkpoint could be read by several "
-        "(and for a LAVIS .pth whose keys do not tell).",
-    )
-    base: str | None = setting(
-        None,
-        help="For a LAVIS .pth: where the config, tokenizer and image processor "
-        "come from (default: the family's checkpoint).",
-    )
-    fill_from_base: bool = setting(
-        False,
-        identity=True,
-        omit_default=True,
-        help="For a LAVIS .pth that lacks some tensors (a trimmed file without the ViT): take them from --base "
-        "(named in a log line) instead of refusing.",
-    )
-
-    def required(self, option: str = "--model") -> ModelSource:
-        if self.model is None:
-            raise ProbingError(f"{option} is required")
-        return check(self)
 
 
 def load_config(source: CheckpointSource):

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from probing.core.artifacts import sha256_file
 from probing.core.errors import ProbingError
 from probing.core.registry import Registry
 from probing.data.types import DataOptions, SplitData
-from probing.tasks.spec import TaskSpec
+
+if TYPE_CHECKING:
+    from probing.tasks.spec import TaskSpec
 
 __all__ = [
     "TaskSpec",
@@ -30,6 +33,16 @@ __all__ = [
 # Bump when a loader's output for the same files changes (fields, ids, normalization): it enters every
 # dataset fingerprint, so artifacts made by an older loader are refused instead of silently mixed.
 LOADER_FORMAT_VERSION = 1
+
+
+def __getattr__(name: str) -> Any:
+    # `TaskSpec` (and through it the heads, which need torch) is imported on first use, so that the search space
+    # and the commands' options (`probing search --help`) read this package without torch.
+    if name == "TaskSpec":
+        from probing.tasks.spec import TaskSpec
+
+        return TaskSpec
+    raise AttributeError(f"module 'probing.tasks' has no attribute {name!r}")
 
 
 def _register_builtins() -> None:
@@ -64,6 +77,8 @@ def is_task_file(reference: str) -> bool:
 
 def get_task(reference: str | TaskSpec | None, option: str = "--task") -> TaskSpec:
     """The task a name or a YAML path stands for; `option` names where it came from in messages."""
+    from probing.tasks.spec import TaskSpec  # torch-bound (heads): imported when a task is looked up
+
     if isinstance(reference, TaskSpec):
         return reference
     if reference is None:
