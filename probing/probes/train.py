@@ -731,26 +731,21 @@ def train_module(
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **values})
         epochs.set_postfix(loss=f"{train_loss:.3f}", **{metric: f"{values[metric]:.3f}"})
         if checkpoint is not None and accelerator.is_main_process:
-            _save(
-                checkpoint,
-                epoch,
-                accelerator.unwrap_model(model),
-                prepared.optimizer,
-                prepared.scheduler,
-                stopper,
-                history,
-                best_state,
-                run,
-            )
+            _save(checkpoint, epoch, prepared, stopper, history, best_state, run)
         if on_epoch is not None and on_epoch(epoch, [values[metric]], [True])[0]:
             stopper.prune(0)
             pruned = True
             break
     unwrapped = accelerator.unwrap_model(model)
-    missing = set(best_state) - {name for name, _ in unwrapped.named_parameters()}
-    assert not missing, missing  # the snapshot names trainable parameters of this very model
-    unwrapped.load_state_dict(best_state, strict=False)
+    _load_best_state(unwrapped, best_state)
     return result_at_best(trial, stopper, 0, history, run.probe(unwrapped).cpu(), pruned)
+
+
+def _load_best_state(model: nn.Module, best_state: dict[str, torch.Tensor]) -> None:
+    """Put the best epoch's trainable weights back (the rest never changed)."""
+    missing = set(best_state) - {name for name, _ in model.named_parameters()}
+    assert not missing, missing  # the snapshot names trainable parameters of this very model
+    model.load_state_dict(best_state, strict=False)
 
 
 def _random_states(run: ModuleRun) -> dict[str, torch.Tensor]:
@@ -764,8 +759,10 @@ def _random_states(run: ModuleRun) -> dict[str, torch.Tensor]:
     return states
 
 
-def _save(checkpoint, epoch, model, optimizer, scheduler, stopper, history, best_state, run) -> None:
-    optimizer_state, groups = optimizer_tensors(optimizer)
+def _save(checkpoint, epoch, prepared: _PreparedModule, stopper, history, best_state, run) -> None:
+    """Save the state at an epoch's end: what trains, the best epoch's weights, optimiser, schedule, generators."""
+    model = prepared.accelerator.unwrap_model(prepared.model)
+    optimizer_state, groups = optimizer_tensors(prepared.optimizer)
     tensors = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
     tensors |= {f"best.{name}": value for name, value in (best_state or {}).items()}
     tensors |= optimizer_state | _random_states(run)
@@ -775,7 +772,7 @@ def _save(checkpoint, epoch, model, optimizer, scheduler, stopper, history, best
         {
             "epoch": epoch,
             "optimizer": groups,
-            "scheduler": scheduler.state_dict(),
+            "scheduler": prepared.scheduler.state_dict(),
             "stopper": stopper.state(),
             "history": history,
         },
