@@ -21,7 +21,7 @@ import json
 import math
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -236,26 +236,17 @@ def make_refcocog(out: Path, images_dir: Path, image_count: int, rng: np.random.
     """Write `refs(umd).p` and `instances.json` plus the images; return counts per split."""
     splits = _assign_splits(image_count, REFCOCOG_SPLIT_FRACTIONS, rng)
     decks = {split: _CellDeck(rng) for split in REFCOCOG_SPLIT_FRACTIONS}
-    images, annotations, refs = [], [], []
-    next_ann_id, next_ref_id, next_sent_id = 1001, 1, 1
-    counts = {split: {"images": 0, "refs": 0, "sentences": 0} for split in REFCOCOG_SPLIT_FRACTIONS}
+    records = _RefcocogRecords()
     folder = images_dir / "train2014"
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(image_count):
         image_id = 100000 + index
         split = splits[index]
         width, height = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
-        placed: list[tuple[Shape, int]] = []
-        for category_id, name, supercategory, colour in _pick_shapes(int(rng.integers(2, 5)), rng):
-            cell = decks[split].deal()
-            found = _place_in_cell(cell, width, height, [s.box for s, _ in placed], rng)
-            if found is None:
-                continue
-            box, fraction = found
-            placed.append((Shape(category_id, name, supercategory, colour, box, fraction), cell))
+        placed = _place_shapes(decks[split], width, height, rng)
         file_name = f"COCO_train2014_{image_id:012d}.jpg"
-        render(width, height, [s for s, _ in placed], rng).save(folder / file_name, quality=90)
-        images.append(
+        render(width, height, placed, rng).save(folder / file_name, quality=90)
+        records.images.append(
             {
                 "id": image_id,
                 "file_name": file_name,
@@ -267,60 +258,102 @@ def make_refcocog(out: Path, images_dir: Path, image_count: int, rng: np.random.
                 "date_captured": "2014-01-01 00:00:00",
             }
         )
-        counts[split]["images"] += 1
+        records.counts[split]["images"] += 1
         # Like RefCOCOg, annotations cover every object; some objects get no referring expression.
         unreferred = len(placed) - 1 if len(placed) > 2 and rng.random() < 0.3 else None
-        for position, (shape, _) in enumerate(placed):
-            x1, y1, x2, y2 = shape.box
-            ann_id = next_ann_id
-            next_ann_id += 1
-            annotations.append(
-                {
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": shape.category_id,
-                    "iscrowd": 0,
-                    "bbox": [x1, y1, round(x2 - x1, 1), round(y2 - y1, 1)],
-                    "area": round((x2 - x1) * (y2 - y1), 2),
-                    "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
-                }
-            )
-            if position == unreferred:
-                continue
-            cell = boxes.assign_cell((x1, y1, x1 + round(x2 - x1, 1), y1 + round(y2 - y1, 1)), width, height)
-            sentences = []
-            for raw in referring_sentences(shape, cell, rng):
-                sent = _normalise_sentence(raw)
-                sentences.append({"raw": raw, "sent": sent, "tokens": sent.split(), "sent_id": next_sent_id})
-                next_sent_id += 1
-            refs.append(
-                {
-                    "ref_id": next_ref_id,
-                    "ann_id": ann_id,
-                    "image_id": image_id,
-                    "category_id": shape.category_id,
-                    "split": split,
-                    "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
-                    "sent_ids": [s["sent_id"] for s in sentences],
-                    "sentences": sentences,
-                }
-            )
-            next_ref_id += 1
-            counts[split]["refs"] += 1
-            counts[split]["sentences"] += len(sentences)
+        for position, shape in enumerate(placed):
+            records.add_object(shape, image_id, split, (width, height), position != unreferred, rng)
     instances = {
         "info": {"description": "probing demo shapes (synthetic)", "version": str(GENERATOR_VERSION)},
         "licenses": [{"id": 1, "name": "generated", "url": ""}],
-        "images": images,
-        "annotations": annotations,
+        "images": records.images,
+        "annotations": records.annotations,
         "categories": [{"id": c, "name": n, "supercategory": s} for c, n, s in CATEGORIES],
     }
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "instances.json", "w", encoding="utf-8") as handle:
         json.dump(instances, handle)
     with open(out / REFS_NAME, "wb") as handle:
-        pickle.dump(refs, handle, protocol=2)  # the protocol of REFER's Python-2 cPickle files
-    return counts
+        pickle.dump(records.refs, handle, protocol=2)  # the protocol of REFER's Python-2 cPickle files
+    return records.counts
+
+
+def _place_shapes(deck: _CellDeck, width: int, height: int, rng: np.random.Generator) -> list[Shape]:
+    """2 to 4 shapes, each in the next cell its split's deck deals (a shape that finds no room is left out)."""
+    placed: list[Shape] = []
+    for category_id, name, supercategory, colour in _pick_shapes(int(rng.integers(2, 5)), rng):
+        cell = deck.deal()
+        found = _place_in_cell(cell, width, height, [s.box for s in placed], rng)
+        if found is None:
+            continue
+        box, fraction = found
+        placed.append(Shape(category_id, name, supercategory, colour, box, fraction))
+    return placed
+
+
+@dataclass
+class _RefcocogRecords:
+    """What `make_refcocog` gathers over its images: COCO images and annotations, REFER refs, the next free ids
+    and the counts per split."""
+
+    images: list[dict[str, Any]] = field(default_factory=list)
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+    refs: list[dict[str, Any]] = field(default_factory=list)
+    next_ann_id: int = 1001
+    next_ref_id: int = 1
+    next_sent_id: int = 1
+    counts: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {split: {"images": 0, "refs": 0, "sentences": 0} for split in REFCOCOG_SPLIT_FRACTIONS}
+    )
+
+    def add_object(
+        self,
+        shape: Shape,
+        image_id: int,
+        split: str,
+        size: tuple[int, int],
+        referred: bool,
+        rng: np.random.Generator,
+    ) -> None:
+        """The object's COCO annotation and, when `referred`, its ref with its referring sentences."""
+        width, height = size
+        x1, y1, x2, y2 = shape.box
+        ann_id = self.next_ann_id
+        self.next_ann_id += 1
+        self.annotations.append(
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": shape.category_id,
+                "iscrowd": 0,
+                "bbox": [x1, y1, round(x2 - x1, 1), round(y2 - y1, 1)],
+                "area": round((x2 - x1) * (y2 - y1), 2),
+                "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
+            }
+        )
+        if not referred:
+            return
+        cell = boxes.assign_cell((x1, y1, x1 + round(x2 - x1, 1), y1 + round(y2 - y1, 1)), width, height)
+        sentences = []
+        for raw in referring_sentences(shape, cell, rng):
+            sent = _normalise_sentence(raw)
+            sentences.append({"raw": raw, "sent": sent, "tokens": sent.split(), "sent_id": self.next_sent_id})
+            self.next_sent_id += 1
+        self.refs.append(
+            {
+                "ref_id": self.next_ref_id,
+                "ann_id": ann_id,
+                "image_id": image_id,
+                "category_id": shape.category_id,
+                "split": split,
+                "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+                "sent_ids": [s["sent_id"] for s in sentences],
+                "sentences": sentences,
+            }
+        )
+        self.next_ref_id += 1
+        self.counts[split]["refs"] += 1
+        self.counts[split]["sentences"] += len(sentences)
 
 
 # ---------------------------------------------------------------------------------------------- VSR

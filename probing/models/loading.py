@@ -179,18 +179,7 @@ def load_resampler(
     requested = source.family or (aliased.name if aliased is not None else None)
     if requested is not None:
         family_named(requested)  # an unknown --family is named before anything is read
-    lavis_state = None
-    if is_lavis_file(spec):
-        lavis_state = read_lavis_checkpoint(Path(spec))  # a missing file: "<spec>: file not found"
-        lavis_family = _lavis_family(lavis_state, requested, spec)
-        requested = lavis_family.name
-        checkpoint = CheckpointSource(source.base or lavis_family.default_checkpoint, source.revision)
-    else:
-        if source.base is not None:
-            raise ProbingError("--base is only used with a LAVIS .pth checkpoint")
-        if source.fill_from_base:
-            raise ProbingError("--fill-from-base is only used with a LAVIS .pth checkpoint")
-        checkpoint = CheckpointSource(spec, source.revision)
+    checkpoint, lavis_state, requested = _checkpoint_of(source, spec, requested)
     config = load_config(checkpoint)
     family = family_for_config(config, checkpoint.name_or_path, requested)
     cls = family.resampler
@@ -213,39 +202,9 @@ def load_resampler(
         resampler = _meta_resampler(cls, config, tokenizer, processor, identity)
         expected = set(resampler.state_dict())
         if lavis_state is not None:
-            tensors, ignored = lavis_to_hf(
-                lavis_state, family.lavis, config.vision_config.num_hidden_layers, where=spec
+            tensors = _lavis_tensors(
+                lavis_state, spec, family, config, checkpoint, source, expected, resampler.identity
             )
-            # Copied out of the memory-mapped file: the model must not depend on the file staying unchanged.
-            tensors = {k: v.clone() for k, v in tensors.items() if k.startswith(cls.checkpoint_prefixes)}
-            log.info(
-                "%s: %d LAVIS keys not used by a resampler (e.g. %s)",
-                spec,
-                len(ignored),
-                ", ".join(ignored[:3]) or "none",
-            )
-            # Only the keys the .pth lacks are read from the base (whole keys used as prefixes), and only when asked:
-            # another checkpoint's tensors are never mixed in silently. Keys the base lacks too are reported as
-            # missing by `_fill`.
-            missing = sorted(expected - set(tensors))
-            if missing and not source.fill_from_base:
-                raise ProbingError(
-                    f"--model {spec}: {len(missing)} tensors the {family.title} resampler needs are missing from the "
-                    f"LAVIS checkpoint ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-                    f"--fill-from-base takes them from {checkpoint.name_or_path}"
-                )
-            wanted = set(missing) & set(checkpoint.weight_map()[0]) if missing else set()  # complete: no index read
-            if wanted:
-                tensors |= {k: v for k, v in checkpoint.read_tensors(sorted(wanted)).items() if k in wanted}
-                filled = sorted(wanted)
-                log.warning(
-                    "%s: %d tensors missing from the .pth taken from %s (--fill-from-base): %s",
-                    spec,
-                    len(filled),
-                    checkpoint.name_or_path,
-                    ", ".join(filled),
-                )
-                resampler.identity["filled_from_base"] = {"base": checkpoint.name_or_path, "tensors": len(filled)}
         else:
             tensors = checkpoint.read_tensors(cls.checkpoint_prefixes)
         resampler.identity["weights_sha256"] = tensors_sha256(tensors)
@@ -254,6 +213,73 @@ def load_resampler(
         resampler.identity["revision"] = checkpoint.commit  # the immutable commit the files came from
     resampler.set_dtypes(vision_dtype, latent_dtype)
     return resampler.to(device).eval()
+
+
+def _checkpoint_of(
+    source: ModelSource, spec: str, requested: str | None
+) -> tuple[CheckpointSource, dict[str, torch.Tensor] | None, str | None]:
+    """Where the config, tokenizer and weights come from: (checkpoint, the LAVIS `.pth` state when `spec` is one,
+    the family asked for: a LAVIS file's own family)."""
+    if is_lavis_file(spec):
+        lavis_state = read_lavis_checkpoint(Path(spec))  # a missing file: "<spec>: file not found"
+        lavis_family = _lavis_family(lavis_state, requested, spec)
+        return (
+            CheckpointSource(source.base or lavis_family.default_checkpoint, source.revision),
+            lavis_state,
+            lavis_family.name,
+        )
+    if source.base is not None:
+        raise ProbingError("--base is only used with a LAVIS .pth checkpoint")
+    if source.fill_from_base:
+        raise ProbingError("--fill-from-base is only used with a LAVIS .pth checkpoint")
+    return CheckpointSource(spec, source.revision), None, requested
+
+
+def _lavis_tensors(
+    lavis_state: dict[str, torch.Tensor],
+    spec: str,
+    family: BackendFamily,
+    config: Any,
+    checkpoint: CheckpointSource,
+    source: ModelSource,
+    expected: set[str],
+    identity: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """The resampler's tensors from a LAVIS `.pth` (renamed to the transformers keys), with what it lacks taken
+    from the base checkpoint when `--fill-from-base` asks (recorded in `identity`)."""
+    cls = family.resampler
+    tensors, ignored = lavis_to_hf(lavis_state, family.lavis, config.vision_config.num_hidden_layers, where=spec)
+    # Copied out of the memory-mapped file: the model must not depend on the file staying unchanged.
+    tensors = {k: v.clone() for k, v in tensors.items() if k.startswith(cls.checkpoint_prefixes)}
+    log.info(
+        "%s: %d LAVIS keys not used by a resampler (e.g. %s)",
+        spec,
+        len(ignored),
+        ", ".join(ignored[:3]) or "none",
+    )
+    # Only the keys the .pth lacks are read from the base (whole keys used as prefixes), and only when asked:
+    # another checkpoint's tensors are never mixed in silently. Keys the base lacks too are reported as
+    # missing by `_fill`.
+    missing = sorted(expected - set(tensors))
+    if missing and not source.fill_from_base:
+        raise ProbingError(
+            f"--model {spec}: {len(missing)} tensors the {family.title} resampler needs are missing from the "
+            f"LAVIS checkpoint ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            f"--fill-from-base takes them from {checkpoint.name_or_path}"
+        )
+    wanted = set(missing) & set(checkpoint.weight_map()[0]) if missing else set()  # complete: no index read
+    if wanted:
+        tensors |= {k: v for k, v in checkpoint.read_tensors(sorted(wanted)).items() if k in wanted}
+        filled = sorted(wanted)
+        log.warning(
+            "%s: %d tensors missing from the .pth taken from %s (--fill-from-base): %s",
+            spec,
+            len(filled),
+            checkpoint.name_or_path,
+            ", ".join(filled),
+        )
+        identity["filled_from_base"] = {"base": checkpoint.name_or_path, "tensors": len(filled)}
+    return tensors
 
 
 def resampler_layers(source: ModelSource | str, **fields: Any) -> int:

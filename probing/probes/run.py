@@ -211,40 +211,14 @@ def write_run(
         return StageResult(None, out, "elsewhere")
     spec = trainer.spec
     identity = identity or run_identity(request, trainer.inputs)
-    head = spec.head
-    runs: list[SeedRun] = []
     predictions: dict[str, list[dict[str, Any]]] = {split: [] for split in spec.evaluated_splits}
     lookups = _type_lookups(spec, trainer) if request.control else {}
-    for fit in fitted:
-        splits = {"val": fit.result.val_metrics}
-        weights = {name: getattr(fit.trial, name) for name in head.loss_weights}
-        for split in spec.evaluated_splits:
-            outputs, targets = trainer.outputs(fit, split), trainer.targets(split)
-            records = head.records(split, fit.trial.seed, trainer.examples(split), outputs, targets)
-            for record, right in zip(records, lookups.get(split, ()), strict=False):
-                record["lookup_correct"] = right
-            predictions[split] += records
-            if split != "val":
-                splits[split] = {
-                    "loss": float(head.loss(outputs, targets, weights)),
-                    **{name: float(v) for name, v in head.metrics(outputs, targets).items()},
-                }
-        runs.append(
-            SeedRun(
-                seed=fit.trial.seed,
-                trial=fit.trial.identity(),
-                best_epoch=fit.result.best_epoch,
-                epochs_run=fit.result.epochs_run,
-                stopped_early=fit.result.stopped_early,
-                splits=splits,
-                history=fit.result.history,
-            )
-        )
+    runs = [_evaluate_fit(trainer, fit, lookups, predictions) for fit in fitted]
     # Per-category training counts travel with the run: the analysis (Kendall against the number of training
     # examples of each category) then needs nothing but run folders.
     record = MetricsRecord(
         task=spec.name,
-        metric=head.main_metric,
+        metric=spec.head.main_metric,
         runs=runs,
         train_categories=category_counts(trainer.examples("train")),
         label=request.label,
@@ -252,6 +226,52 @@ def write_run(
     extra = trainer.sources()
     if is_task_file(request.task):  # a task defined by a file: the report finds its definition here
         extra["task_file"] = str(Path(spec.source).resolve())
+    manifest = {**identity, "code_version": code_version(), **extra}
+    _write_run_folder(out, request, fitted, predictions, record, manifest)
+    return StageResult(record, out, "built")
+
+
+def _evaluate_fit(
+    trainer: Trainer,
+    fit: FittedTrial,
+    lookups: dict[str, list[bool]],
+    predictions: dict[str, list[dict[str, Any]]],
+) -> SeedRun:
+    """One seed's metrics on every evaluated split; its prediction records are appended to `predictions`."""
+    spec, head = trainer.spec, trainer.spec.head
+    splits = {"val": fit.result.val_metrics}
+    weights = {name: getattr(fit.trial, name) for name in head.loss_weights}
+    for split in spec.evaluated_splits:
+        outputs, targets = trainer.outputs(fit, split), trainer.targets(split)
+        records = head.records(split, fit.trial.seed, trainer.examples(split), outputs, targets)
+        for record, right in zip(records, lookups.get(split, ()), strict=False):
+            record["lookup_correct"] = right
+        predictions[split] += records
+        if split != "val":
+            splits[split] = {
+                "loss": float(head.loss(outputs, targets, weights)),
+                **{name: float(v) for name, v in head.metrics(outputs, targets).items()},
+            }
+    return SeedRun(
+        seed=fit.trial.seed,
+        trial=fit.trial.identity(),
+        best_epoch=fit.result.best_epoch,
+        epochs_run=fit.result.epochs_run,
+        stopped_early=fit.result.stopped_early,
+        splits=splits,
+        history=fit.result.history,
+    )
+
+
+def _write_run_folder(
+    out: Path,
+    request: TrainRequest,
+    fitted: list[FittedTrial],
+    predictions: dict[str, list[dict[str, Any]]],
+    record: MetricsRecord,
+    manifest: dict[str, Any],
+) -> None:
+    """Write predictions, probe weights, metrics and manifest aside and rename the folder into place whole."""
     with staged_directory(out) as staging:
         (staging / "predictions").mkdir()
         for split, records in predictions.items():
@@ -274,5 +294,4 @@ def write_run(
                 },
             )
         write_json(staging / "metrics.json", record.to_json())
-        write_json(staging / "manifest.json", {**identity, "code_version": code_version(), **extra})
-    return StageResult(record, out, "built")
+        write_json(staging / "manifest.json", manifest)

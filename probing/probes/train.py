@@ -393,22 +393,89 @@ def _per_example(outputs: torch.Tensor, rows: torch.Tensor | None) -> torch.Tens
     return outputs if rows is None else outputs.index_select(1, rows.to(outputs.device))
 
 
-def train_frozen(
-    train: ProbeData,
-    val: ProbeData,
-    trials: Sequence[Trial],
-    settings: TrainSettings,
-    on_epoch: EpochCallback | None = None,
-    select_by_loss: bool = False,
-) -> list[TrialResult]:
-    """Train K probes in one pass over resident features; one TrialResult per trial, best weights kept (the
-    epoch of the best val main metric; `select_by_loss`: of the lowest val loss, as the online code asks)."""
+def schedule_table(
+    lrs: Sequence[float], total_steps: Sequence[int], warmup_fraction: float, device: torch.device
+) -> torch.Tensor:
+    """`[max(total_steps), K]` learning rates: row s - 1 holds each probe's rate at its step s (0 once its own
+    `total_steps` are done). The whole schedule as one table on the device: no per-step host work or
+    synchronisation."""
+    return torch.tensor(
+        [
+            [
+                lr * schedule_factor(s, total, warmup_fraction) if s <= total else 0.0
+                for lr, total in zip(lrs, total_steps, strict=True)
+            ]
+            for s in range(1, max(total_steps) + 1)
+        ],
+        dtype=torch.float32,
+        device=device,
+    )
+
+
+def load_best_weights(bank: ProbeBank, best: dict[str, torch.Tensor]) -> None:
+    """Put each probe's best epoch's weights (kept aside in `best`) back into the bank."""
+    with torch.no_grad():
+        for name, parameter in bank.named_parameters():
+            parameter.copy_(best[name])
+
+
+def result_at_best(
+    trial: Trial,
+    stopper: EarlyStopping,
+    index: int,
+    history: list[dict[str, float]],
+    probe: Probe,
+    pruned: bool = False,
+) -> TrialResult:
+    """The TrialResult of trial `index` of `stopper`: its best epoch, how long it ran, its val metrics there."""
+    best_epoch = stopper.best_epoch[index]
+    return TrialResult(
+        trial=trial,
+        best_epoch=best_epoch,
+        epochs_run=stopper.epochs_run[index],
+        stopped_early=stopper.stopped[index] and stopper.epochs_run[index] < trial.epochs,
+        val_metrics=val_metrics_at(next(h for h in history if h["epoch"] == best_epoch)),
+        history=history,
+        probe=probe,
+        pruned=pruned,
+    )
+
+
+@dataclass
+class _BankPass:
+    """What every epoch of one batched pass (`train_frozen`) reads: the bank, its optimiser, the resident
+    features and targets, the schedule table, and the global step reached."""
+
+    bank: ProbeBank
+    optimizer: BatchedAdamW
+    head: Head
+    weights: dict[str, torch.Tensor]
+    features: torch.Tensor
+    targets: torch.Tensor
+    row_of: torch.Tensor | None  # per-image features: the feature row of each train example
+    val_features: torch.Tensor
+    val_targets: torch.Tensor
+    val_rows: torch.Tensor | None
+    lr_table: torch.Tensor
+    steps_per_epoch: int
+    batch_size: int
+    device: torch.device
+    dtype: torch.dtype
+    step: int = 0
+
+
+def _checked_batched_trials(trials: Sequence[Trial], settings: TrainSettings) -> list[Trial]:
     settings.check()
     trials = [trial.check(settings.probe) for trial in trials]
     if not trials:
         raise ProbingError("no trial to train")
     if not probe_kind(settings.probe).batched:
         raise ProbingError(f"--probe {settings.probe}: not a batched probe (the frozen trainer fits it its own way)")
+    return trials
+
+
+def _bank_pass(train: ProbeData, val: ProbeData, trials: list[Trial], settings: TrainSettings) -> _BankPass:
+    """Features and targets moved to the device once, K fresh probes stacked, their schedules tabulated."""
     head = settings.head
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)
@@ -419,34 +486,83 @@ def train_frozen(
     bank = ProbeBank(
         [new_probe(settings.probe, features.shape[1], head.outputs, settings.hidden, t.seed) for t in trials]
     ).to(device)
-    optimizer = BatchedAdamW(bank, settings.weight_decay)
-    size = len(trials)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-    longest = max(t.epochs for t in trials) * steps_per_epoch
-    # The whole schedule as one table on the device: no per-step host work or synchronisation.
-    lr_table = torch.tensor(
-        [
-            [
-                t.lr * schedule_factor(s, t.epochs * steps_per_epoch, settings.warmup_fraction)
-                if s <= t.epochs * steps_per_epoch
-                else 0.0
-                for t in trials
-            ]
-            for s in range(1, longest + 1)
-        ],
-        dtype=torch.float32,
+    return _BankPass(
+        bank=bank,
+        optimizer=BatchedAdamW(bank, settings.weight_decay),
+        head=head,
+        weights=head.weights(trials, device),
+        features=features,
+        targets=targets,
+        row_of=row_of,
+        val_features=val_features,
+        val_targets=val_targets,
+        val_rows=val.rows,
+        lr_table=schedule_table(
+            [t.lr for t in trials], [t.epochs * steps_per_epoch for t in trials], settings.warmup_fraction, device
+        ),
+        steps_per_epoch=steps_per_epoch,
+        batch_size=settings.batch_size,
         device=device,
+        dtype=dtype,
     )
-    weights = head.weights(trials, device)
+
+
+def _bank_epoch(run: _BankPass, order: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """One epoch of optimiser steps for the active probes in batch order `order`; the summed train loss `[K]`."""
+    loss_sum = torch.zeros(run.bank.size, device=run.device)
+    for start in range(0, len(order), run.batch_size):
+        rows = order[start : start + run.batch_size]
+        with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
+            # index_select, not features[rows]: the same rows, 7x faster on the CPU (a memcpy per row)
+            predictions = run.bank(run.features.index_select(0, rows if run.row_of is None else run.row_of[rows]))
+        losses = run.head.loss(predictions, run.targets[rows], run.weights)
+        losses.sum().backward()  # probes share no parameter: each gradient is its own probe's
+        run.optimizer.step(run.lr_table[run.step], active)
+        run.bank.zero_grad(set_to_none=True)
+        loss_sum += losses.detach()
+        run.step += 1
+    return loss_sum
+
+
+def _bank_validation(run: _BankPass) -> tuple[list[float], dict[str, list[float]]]:
+    """Every probe's val loss and val metrics (host lists) after an epoch."""
+    val_outputs = _per_example(_bank_outputs(run.bank, run.val_features, EVAL_CHUNK, run.dtype), run.val_rows)
+    val_losses = run.head.loss(val_outputs, run.val_targets, run.weights)
+    val_values = run.head.metrics(val_outputs, run.val_targets)
+    return val_losses.tolist(), {name: v.tolist() for name, v in val_values.items()}
+
+
+def _keep_improved(bank: ProbeBank, best: dict[str, torch.Tensor], improved: list[bool], device: torch.device) -> None:
+    """Copy the weights of the probes that improved this epoch into `best` (on the device, no host copy)."""
+    with torch.no_grad():
+        mask = torch.tensor(improved, device=device)
+        for name, parameter in bank.named_parameters():
+            keep = along_probe_axis(mask, parameter, bank.probe_axis(name))
+            best[name].copy_(torch.where(keep, parameter, best[name]))
+
+
+def train_frozen(
+    train: ProbeData,
+    val: ProbeData,
+    trials: Sequence[Trial],
+    settings: TrainSettings,
+    on_epoch: EpochCallback | None = None,
+    select_by_loss: bool = False,
+) -> list[TrialResult]:
+    """Train K probes in one pass over resident features; one TrialResult per trial, best weights kept (the
+    epoch of the best val main metric; `select_by_loss`: of the lowest val loss, as the online code asks)."""
+    trials = _checked_batched_trials(trials, settings)
+    run = _bank_pass(train, val, trials, settings)
+    head, bank = run.head, run.bank
     stopper = EarlyStopping(trials, settings.effective_patience, "minimize" if select_by_loss else head.direction)
     best = {name: p.detach().clone() for name, p in bank.named_parameters()}
     histories: list[list[dict[str, float]]] = [[] for _ in trials]
     pruned = [False] * len(trials)
     epoch_order = EpochOrder(len(train), settings.order_seed)
-    step = 0
     epochs = tqdm(
         range(1, max(t.epochs for t in trials) + 1),
-        desc=f"train {size} probe(s)",
+        desc=f"train {len(trials)} probe(s)",
         unit="epoch",
         disable=None,
         leave=False,
@@ -455,37 +571,17 @@ def train_frozen(
         running = stopper.running(epoch)
         if not any(running):
             break
-        active = torch.tensor(running, device=device)
-        order = epoch_order.next_order().to(device)
-        loss_sum = torch.zeros(size, device=device)
-        for start in range(0, len(train), settings.batch_size):
-            rows = order[start : start + settings.batch_size]
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                # index_select, not features[rows]: the same rows, 7x faster on the CPU (a memcpy per row)
-                predictions = bank(features.index_select(0, rows if row_of is None else row_of[rows]))
-            losses = head.loss(predictions, targets[rows], weights)
-            losses.sum().backward()  # probes share no parameter: each gradient is its own probe's
-            optimizer.step(lr_table[step], active)
-            bank.zero_grad(set_to_none=True)
-            loss_sum += losses.detach()
-            step += 1
-        val_outputs = _per_example(_bank_outputs(bank, val_features, EVAL_CHUNK, dtype), val.rows)
-        val_losses = head.loss(val_outputs, val_targets, weights)
-        val_values = head.metrics(val_outputs, val_targets)
-        train_losses = (loss_sum / steps_per_epoch).tolist()  # one host synchronisation per epoch
-        values = {name: v.tolist() for name, v in val_values.items()}
-        val_loss_values = val_losses.tolist()
+        active = torch.tensor(running, device=run.device)
+        loss_sum = _bank_epoch(run, epoch_order.next_order().to(run.device), active)
+        val_loss_values, values = _bank_validation(run)
+        train_losses = (loss_sum / run.steps_per_epoch).tolist()  # one host synchronisation per epoch
         improved = stopper.update(epoch, val_loss_values if select_by_loss else values[head.main_metric], running)
         if on_epoch is not None:
             for index, prune in enumerate(on_epoch(epoch, values[head.main_metric], running)):
                 if prune and running[index]:
                     stopper.prune(index)
                     pruned[index] = True
-        with torch.no_grad():
-            mask = torch.tensor(improved, device=device)
-            for name, parameter in bank.named_parameters():
-                keep = along_probe_axis(mask, parameter, bank.probe_axis(name))
-                best[name].copy_(torch.where(keep, parameter, best[name]))
+        _keep_improved(bank, best, improved, run.device)
         for index, is_running in enumerate(running):
             if is_running:
                 histories[index].append(
@@ -496,26 +592,11 @@ def train_frozen(
                         **{name: v[index] for name, v in values.items()},
                     }
                 )
-    with torch.no_grad():
-        for name, parameter in bank.named_parameters():
-            parameter.copy_(best[name])
-    results = []
-    for index, trial in enumerate(trials):
-        best_epoch = stopper.best_epoch[index]
-        at_best = next(h for h in histories[index] if h["epoch"] == best_epoch)
-        results.append(
-            TrialResult(
-                trial=trial,
-                best_epoch=best_epoch,
-                epochs_run=stopper.epochs_run[index],
-                stopped_early=stopper.stopped[index] and stopper.epochs_run[index] < trial.epochs,
-                val_metrics=val_metrics_at(at_best),
-                history=histories[index],
-                probe=bank.probe(index).cpu(),
-                pruned=pruned[index],
-            )
-        )
-    return results
+    load_best_weights(bank, best)
+    return [
+        result_at_best(trial, stopper, index, histories[index], bank.probe(index).cpu(), pruned[index])
+        for index, trial in enumerate(trials)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- module loop
@@ -545,6 +626,63 @@ class ModuleRun:
     probe: Callable[[nn.Module], Probe]  # (unwrapped model) -> the probe, for saving
 
 
+@dataclass
+class _PreparedModule:
+    """A ModuleRun's model, optimiser and loaders as accelerate prepared them, and the schedule stepped with them."""
+
+    accelerator: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    val_loader: DataLoader
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def _prepare_module(run: ModuleRun, trial: Trial, settings: TrainSettings, accelerator) -> _PreparedModule:
+    from accelerate import Accelerator
+
+    device = resolve_device(settings.device)
+    # The same precision rule as train_frozen; `--device cpu` on a GPU machine stays fp32.
+    mixed_precision = "bf16" if compute_dtype(device) == torch.bfloat16 else "no"
+    accelerator = accelerator or Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    optimizer = torch.optim.AdamW(run.groups, lr=trial.lr, betas=BETAS, eps=EPS)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(
+        run.model, optimizer, run.train_loader, run.val_loader
+    )
+    total = trial.epochs * len(train_loader)
+    # Stepped by hand once per optimiser step (not prepared: accelerate would step it once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: schedule_factor(done + 1, total, settings.warmup_fraction)
+    )
+    return _PreparedModule(accelerator, model, optimizer, train_loader, val_loader, scheduler)
+
+
+def _module_epoch(
+    run: ModuleRun, prepared: _PreparedModule, head: Head, trial: Trial, weights: dict[str, float]
+) -> tuple[float, float, dict[str, float]]:
+    """One epoch of the standard loop, then val: (mean train loss across processes, val loss, val metrics)."""
+    accelerator, model, optimizer = prepared.accelerator, prepared.model, prepared.optimizer
+    model.train()
+    loss_sum, batches = torch.zeros((), device=accelerator.device), 0
+    for batch in prepared.train_loader:
+        outputs = run.forward(model, batch)
+        loss = head.loss(outputs, run.targets(batch), weights)
+        accelerator.backward(loss)
+        optimizer.step()
+        prepared.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        batches += 1
+    val_loss, values = evaluate_module(run, model, prepared.val_loader, head, trial, accelerator)
+    train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(batches, 1)
+    return train_loss, val_loss, values
+
+
+def _trainable_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only what trains changes: no copy of a frozen ViT (a billion parameters) per improvement."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def train_module(
     run: ModuleRun,
     trial: Trial,
@@ -559,24 +697,11 @@ def train_module(
     stopping, history, the best epoch's weights) and a run that finds a checkpoint resumes after its epoch:
     the resumed run's weights and metrics are those of an uninterrupted one.
     """
-    from accelerate import Accelerator
-
     settings.check()
     trial.check(settings.probe)
     head = settings.head
-    device = resolve_device(settings.device)
-    # The same precision rule as train_frozen; `--device cpu` on a GPU machine stays fp32.
-    mixed_precision = "bf16" if compute_dtype(device) == torch.bfloat16 else "no"
-    accelerator = accelerator or Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
-    optimizer = torch.optim.AdamW(run.groups, lr=trial.lr, betas=BETAS, eps=EPS)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(
-        run.model, optimizer, run.train_loader, run.val_loader
-    )
-    total = trial.epochs * len(train_loader)
-    # Stepped by hand once per optimiser step (not prepared: accelerate would step it once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: schedule_factor(done + 1, total, settings.warmup_fraction)
-    )
+    prepared = _prepare_module(run, trial, settings, accelerator)
+    accelerator, model = prepared.accelerator, prepared.model
     stopper = EarlyStopping([trial], settings.effective_patience, head.direction)
     metric = head.main_metric
     weights = {name: getattr(trial, name) for name in head.loss_weights}
@@ -586,7 +711,9 @@ def train_module(
     first_epoch = 1
     saved = checkpoint.latest() if checkpoint is not None else None
     if saved is not None:
-        history, best_state = _resume(saved, accelerator.unwrap_model(model), optimizer, scheduler, stopper, run)
+        history, best_state = _resume(
+            saved, accelerator.unwrap_model(model), prepared.optimizer, prepared.scheduler, stopper, run
+        )
         first_epoch = saved[1]["epoch"] + 1
     epochs = tqdm(
         range(first_epoch, trial.epochs + 1),
@@ -598,56 +725,27 @@ def train_module(
     for epoch in epochs:
         if not stopper.running(epoch)[0]:
             break
-        model.train()
-        loss_sum, batches = torch.zeros((), device=accelerator.device), 0
-        for batch in train_loader:
-            outputs = run.forward(model, batch)
-            loss = head.loss(outputs, run.targets(batch), weights)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            batches += 1
-        val_loss, values = evaluate_module(run, model, val_loader, head, trial, accelerator)
-        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(batches, 1)
-        improved = stopper.update(epoch, [values[metric]], [True])[0]
-        if improved:  # only what trains changes: no copy of a frozen ViT (a billion parameters) per improvement
-            unwrapped = accelerator.unwrap_model(model)
-            best_state = {name: p.detach().cpu().clone() for name, p in unwrapped.named_parameters() if p.requires_grad}
+        train_loss, val_loss, values = _module_epoch(run, prepared, head, trial, weights)
+        if stopper.update(epoch, [values[metric]], [True])[0]:
+            best_state = _trainable_snapshot(accelerator.unwrap_model(model))
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **values})
         epochs.set_postfix(loss=f"{train_loss:.3f}", **{metric: f"{values[metric]:.3f}"})
         if checkpoint is not None and accelerator.is_main_process:
-            _save(
-                checkpoint,
-                epoch,
-                accelerator.unwrap_model(model),
-                optimizer,
-                scheduler,
-                stopper,
-                history,
-                best_state,
-                run,
-            )
+            _save(checkpoint, epoch, prepared, stopper, history, best_state, run)
         if on_epoch is not None and on_epoch(epoch, [values[metric]], [True])[0]:
             stopper.prune(0)
             pruned = True
             break
     unwrapped = accelerator.unwrap_model(model)
-    missing = set(best_state) - {name for name, _ in unwrapped.named_parameters()}
+    _load_best_state(unwrapped, best_state)
+    return result_at_best(trial, stopper, 0, history, run.probe(unwrapped).cpu(), pruned)
+
+
+def _load_best_state(model: nn.Module, best_state: dict[str, torch.Tensor]) -> None:
+    """Put the best epoch's trainable weights back (the rest never changed)."""
+    missing = set(best_state) - {name for name, _ in model.named_parameters()}
     assert not missing, missing  # the snapshot names trainable parameters of this very model
-    unwrapped.load_state_dict(best_state, strict=False)
-    at_best = next(h for h in history if h["epoch"] == stopper.best_epoch[0])
-    return TrialResult(
-        trial=trial,
-        best_epoch=stopper.best_epoch[0],
-        epochs_run=stopper.epochs_run[0],
-        stopped_early=stopper.stopped[0] and stopper.epochs_run[0] < trial.epochs,
-        val_metrics=val_metrics_at(at_best),
-        history=history,
-        probe=run.probe(unwrapped).cpu(),
-        pruned=pruned,
-    )
+    model.load_state_dict(best_state, strict=False)
 
 
 def _random_states(run: ModuleRun) -> dict[str, torch.Tensor]:
@@ -661,8 +759,10 @@ def _random_states(run: ModuleRun) -> dict[str, torch.Tensor]:
     return states
 
 
-def _save(checkpoint, epoch, model, optimizer, scheduler, stopper, history, best_state, run) -> None:
-    optimizer_state, groups = optimizer_tensors(optimizer)
+def _save(checkpoint, epoch, prepared: _PreparedModule, stopper, history, best_state, run) -> None:
+    """Save the state at an epoch's end: what trains, the best epoch's weights, optimiser, schedule, generators."""
+    model = prepared.accelerator.unwrap_model(prepared.model)
+    optimizer_state, groups = optimizer_tensors(prepared.optimizer)
     tensors = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
     tensors |= {f"best.{name}": value for name, value in (best_state or {}).items()}
     tensors |= optimizer_state | _random_states(run)
@@ -672,7 +772,7 @@ def _save(checkpoint, epoch, model, optimizer, scheduler, stopper, history, best
         {
             "epoch": epoch,
             "optimizer": groups,
-            "scheduler": scheduler.state_dict(),
+            "scheduler": prepared.scheduler.state_dict(),
             "stopper": stopper.state(),
             "history": history,
         },

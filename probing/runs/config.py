@@ -15,7 +15,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from probing.baselines.zeroshot import ZeroShotSettings
 from probing.core.artifacts import check_folder_name
@@ -31,6 +31,9 @@ from probing.probes.run import Mode
 from probing.probes.train import TrainSettings
 from probing.store.extract import ExtractionSettings
 from probing.studies.search import SearchSettings
+
+if TYPE_CHECKING:
+    from probing.tasks.spec import TaskSpec
 
 ZERO_SHOT = "zeroshot"  # an experiment mode: the model's own answer (`probing zeroshot`), not a search
 
@@ -243,73 +246,19 @@ def check(config: Config, paths: bool = True) -> Config:
     """Cross-field checks: models named by experiments exist, each model has one source, tasks are known, search
     spaces are valid, report tables exist, and (with `paths`) the data the experiments need is given and exists."""
     from probing.report.tables import table_names
-    from probing.tasks import get_task
 
     check_device(config.device, "config field 'device'", present=paths)
     check_folder_name(config.name, "config field 'name'")  # names that become folders of the workspace
-    for label, entry in config.models.items():
-        check_folder_name(label, "config field 'models'", kind="label")
-        if (entry.model is None) == (entry.tiny is None):
-            raise ProbingError(f"config field 'models.{label}': give exactly one of 'model' and 'tiny'")
-        if entry.tiny is not None:
-            from probing.models.tiny import tiny_family
-
-            tiny_family(entry.tiny, f"config field 'models.{label}.tiny'")
+    _check_models(config)
     names = set()
-    specs = {}
+    specs: dict[str, TaskSpec] = {}
     for index, experiment in enumerate(config.experiments):
         where = f"experiments[{index}]"
         check_folder_name(experiment.name, f"config field '{where}.name'")
         if experiment.name in names:
             raise ProbingError(f"config field '{where}.name': '{experiment.name}' is used twice")
         names.add(experiment.name)
-        for position, task in enumerate(experiment.tasks):
-            try:
-                specs[task] = get_task(task)
-            except ProbingError as error:
-                raise ProbingError(
-                    f"config field '{where}.tasks[{position}]': {str(error).removeprefix('--task: ')}"
-                ) from None
-            if ZERO_SHOT in experiment.modes and specs[task].head.kind != "binary":
-                raise ProbingError(
-                    f"config field '{where}.tasks[{position}]': the mode {ZERO_SHOT} answers binary tasks; "
-                    f"{specs[task].name} is a {specs[task].head.kind} task"
-                )
-        for position, probe in enumerate(experiment.probes):
-            probe_kind(probe, f"config field '{where}.probes[{position}]'")
-        for position, label in enumerate(experiment.models):
-            if label not in config.models:
-                raise ProbingError(f"config field '{where}.models[{position}]': no model '{label}' in 'models'")
-            if ZERO_SHOT in experiment.modes and config.models[label].init != "pretrained":
-                raise ProbingError(
-                    f"config field 'models.{label}.init': the mode {ZERO_SHOT} ({where}) needs the pretrained weights"
-                )
-        if isinstance(experiment.layers, list) and any(layer < 1 for layer in experiment.layers):
-            raise ProbingError(f"config field '{where}.layers': layers start at 1")
-        for name in ("tasks", "models", "modes", "probes", "layers"):  # a repeat would run the same search twice
-            values = getattr(experiment, name)
-            if isinstance(values, list) and len(set(values)) != len(values):
-                raise ProbingError(f"config field '{where}.{name}': an entry is repeated")
-            if isinstance(values, list) and not values:
-                raise ProbingError(f"config field '{where}.{name}': empty")
-        prepared = (experiment.zeroshot.text_preprocessing, config.extract.text_preprocessing)
-        if ZERO_SHOT in experiment.modes and prepared[0] != prepared[1]:
-            raise ProbingError(
-                f"config field '{where}.zeroshot.text_preprocessing': '{prepared[0]}', while the probes' texts "
-                f"('extract.text_preprocessing') are prepared '{prepared[1]}': answers compared with the probes "
-                "must read the same texts (set both)"
-            )
-        search = experiment.search
-        if search.final_seeds is not None and (
-            not search.final_seeds or len(set(search.final_seeds)) != len(search.final_seeds)
-        ):
-            raise ProbingError(f"config field '{where}.search.final_seeds': at least one seed, each once")
-        for task in experiment.tasks:
-            search_space(experiment, index, task)
-        _check_rigour(experiment, index, [specs[task] for task in experiment.tasks])
-        for key in search.space:
-            if key not in experiment.tasks and key not in {specs[t].name for t in experiment.tasks}:
-                raise ProbingError(f"config field '{where}.search.space.{key}': not one of the experiment's tasks")
+        _check_experiment(config, index, experiment, specs)
     probes = {
         probe for experiment in config.experiments if experiment.modes != [ZERO_SHOT] for probe in experiment.probes
     }
@@ -324,21 +273,97 @@ def check(config: Config, paths: bool = True) -> Config:
                 raise unknown_name("table", table, known, f"config field 'report.tables[{position}]'")
     if paths and config.workspace.exists() and not config.workspace.is_dir():
         raise ProbingError(f"config field 'workspace': {config.workspace} is a file, not a folder")
-    data = config.data
-    if paths and data.demo is None:
-        needed: set[str] = set()
-        for spec in specs.values():
-            options = set(spec.reader.options)
-            if "rcm" in options and data.rcm is None:  # RCM is built from RefCOCOg's files
-                options = (options - {"rcm"}) | {"refs", "instances"}
-            needed |= options
-        for name in ("images", "refs", "instances", "vsr", "rcm"):
-            value = getattr(data, name)
-            if name in needed and value is None:
-                raise ProbingError(f"config field 'data.{name}': missing (needed by the experiments' tasks)")
-            if value is not None and not value.exists():
-                raise ProbingError(f"config field 'data.{name}': {value}: not found")
+    if paths and config.data.demo is None:
+        _check_data_paths(config.data, specs)
     return config
+
+
+def _check_models(config: Config) -> None:
+    """Each model's label is a folder name and it has exactly one source (a checkpoint or a tiny family)."""
+    for label, entry in config.models.items():
+        check_folder_name(label, "config field 'models'", kind="label")
+        if (entry.model is None) == (entry.tiny is None):
+            raise ProbingError(f"config field 'models.{label}': give exactly one of 'model' and 'tiny'")
+        if entry.tiny is not None:
+            from probing.models.tiny import tiny_family
+
+            tiny_family(entry.tiny, f"config field 'models.{label}.tiny'")
+
+
+def _check_experiment(config: Config, index: int, experiment: Experiment, specs: dict[str, TaskSpec]) -> None:
+    """One experiment's fields, and their agreement with the config's models and extraction; its tasks' specs
+    are added to `specs`."""
+    where = f"experiments[{index}]"
+    _resolve_tasks(experiment, where, specs)
+    for position, probe in enumerate(experiment.probes):
+        probe_kind(probe, f"config field '{where}.probes[{position}]'")
+    for position, label in enumerate(experiment.models):
+        if label not in config.models:
+            raise ProbingError(f"config field '{where}.models[{position}]': no model '{label}' in 'models'")
+        if ZERO_SHOT in experiment.modes and config.models[label].init != "pretrained":
+            raise ProbingError(
+                f"config field 'models.{label}.init': the mode {ZERO_SHOT} ({where}) needs the pretrained weights"
+            )
+    if isinstance(experiment.layers, list) and any(layer < 1 for layer in experiment.layers):
+        raise ProbingError(f"config field '{where}.layers': layers start at 1")
+    for name in ("tasks", "models", "modes", "probes", "layers"):  # a repeat would run the same search twice
+        values = getattr(experiment, name)
+        if isinstance(values, list) and len(set(values)) != len(values):
+            raise ProbingError(f"config field '{where}.{name}': an entry is repeated")
+        if isinstance(values, list) and not values:
+            raise ProbingError(f"config field '{where}.{name}': empty")
+    prepared = (experiment.zeroshot.text_preprocessing, config.extract.text_preprocessing)
+    if ZERO_SHOT in experiment.modes and prepared[0] != prepared[1]:
+        raise ProbingError(
+            f"config field '{where}.zeroshot.text_preprocessing': '{prepared[0]}', while the probes' texts "
+            f"('extract.text_preprocessing') are prepared '{prepared[1]}': answers compared with the probes "
+            "must read the same texts (set both)"
+        )
+    search = experiment.search
+    if search.final_seeds is not None and (
+        not search.final_seeds or len(set(search.final_seeds)) != len(search.final_seeds)
+    ):
+        raise ProbingError(f"config field '{where}.search.final_seeds': at least one seed, each once")
+    for task in experiment.tasks:
+        search_space(experiment, index, task)
+    _check_rigour(experiment, index, [specs[task] for task in experiment.tasks])
+    for key in search.space:
+        if key not in experiment.tasks and key not in {specs[t].name for t in experiment.tasks}:
+            raise ProbingError(f"config field '{where}.search.space.{key}': not one of the experiment's tasks")
+
+
+def _resolve_tasks(experiment: Experiment, where: str, specs: dict[str, TaskSpec]) -> None:
+    """Each task the experiment names is known (its spec added to `specs`) and, for zero-shot, binary."""
+    from probing.tasks import get_task
+
+    for position, task in enumerate(experiment.tasks):
+        try:
+            specs[task] = get_task(task)
+        except ProbingError as error:
+            raise ProbingError(
+                f"config field '{where}.tasks[{position}]': {str(error).removeprefix('--task: ')}"
+            ) from None
+        if ZERO_SHOT in experiment.modes and specs[task].head.kind != "binary":
+            raise ProbingError(
+                f"config field '{where}.tasks[{position}]': the mode {ZERO_SHOT} answers binary tasks; "
+                f"{specs[task].name} is a {specs[task].head.kind} task"
+            )
+
+
+def _check_data_paths(data: DataConfig, specs: dict[str, TaskSpec]) -> None:
+    """The data options the experiments' tasks read are given, and every one given exists."""
+    needed: set[str] = set()
+    for spec in specs.values():
+        options = set(spec.reader.options)
+        if "rcm" in options and data.rcm is None:  # RCM is built from RefCOCOg's files
+            options = (options - {"rcm"}) | {"refs", "instances"}
+        needed |= options
+    for name in ("images", "refs", "instances", "vsr", "rcm"):
+        value = getattr(data, name)
+        if name in needed and value is None:
+            raise ProbingError(f"config field 'data.{name}': missing (needed by the experiments' tasks)")
+        if value is not None and not value.exists():
+            raise ProbingError(f"config field 'data.{name}': {value}: not found")
 
 
 def _check_train_scope(train: Any, probes: set[str]) -> None:

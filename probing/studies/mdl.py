@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -80,14 +80,16 @@ from probing.probes.train import (
     Trial,
     TrialResult,
     compute_dtype,
+    load_best_weights,
     probe_outputs,
-    schedule_factor,
+    result_at_best,
+    schedule_table,
     train_frozen,
-    val_metrics_at,
 )
 from probing.probes.trainers import FrozenTrainer
 from probing.tasks import get_task
 from probing.tasks.controls import ControlInputs
+from probing.tasks.heads import Head
 
 MDL_FORMAT_VERSION = 1
 SELECTION = "val_loss"  # how each prefix probe's epoch is chosen (recorded in the identity and the record)
@@ -146,22 +148,56 @@ def codelength(uniform_bits: float, ends: Sequence[int], block_bits: Sequence[fl
 # ---------------------------------------------------------------------------------------------- training
 
 
-def train_prefixes(
-    train: ProbeData, val: ProbeData, ends: Sequence[int], trial: Trial, settings: TrainSettings
-) -> list[TrialResult]:
-    """One probe per prefix `train[:end]` of `ends`, all in one pass; each trained as `train_frozen` trains it
-    alone with `select_by_loss` (same initialisation from the trial's seed, batch order `EpochOrder(end,
-    order_seed)`, schedule over its own steps, early stopping, best epoch by the lowest val loss)."""
+@dataclass
+class _PrefixPass:
+    """One batched pass of `train_prefixes`: the bank of K prefix probes, what each step reads (resident
+    features, targets, the schedule table), and each probe's own progress (epoch, position in it, batch order,
+    summed train loss, whether it still trains, early stopping, best weights, history)."""
+
+    bank: ProbeBank
+    optimizer: BatchedAdamW
+    head: Head
+    weights: dict[str, torch.Tensor]
+    autocast: dict[str, Any]
+    features: torch.Tensor
+    row_of: torch.Tensor  # the feature row of each train example
+    targets: torch.Tensor
+    val_features: torch.Tensor
+    val_targets: torch.Tensor
+    batch: int
+    steps_per_epoch: list[int]
+    lr_table: torch.Tensor
+    on_device: _DeviceIndices
+    orders: list[EpochOrder]
+    stoppers: list[EarlyStopping]
+    best: dict[str, torch.Tensor]
+    histories: list[list[dict[str, float]]]
+    device: torch.device
+    step: int = 0
+    epoch: list[int] = field(default_factory=list)
+    position: list[int] = field(default_factory=list)
+    order: list[torch.Tensor | None] = field(default_factory=list)
+    loss_sums: list[torch.Tensor | None] = field(default_factory=list)
+    training: list[bool] = field(default_factory=list)
+
+
+def _checked_prefix_trial(train: ProbeData, ends: Sequence[int], trial: Trial, settings: TrainSettings) -> Trial:
     settings.check()
     trial = trial.check(settings.probe)
     if not probe_kind(settings.probe).batched:
         raise ProbingError(f"mdl: --probe {settings.probe} is not a batched probe (linear, swiglu2, swiglu4 ...)")
     if not ends or any(end < 1 or end > len(train) for end in ends):
         raise ValueError(f"prefix ends must lie in 1..{len(train)}, got {list(ends)}")
+    return trial
+
+
+def _prefix_pass(
+    train: ProbeData, val: ProbeData, ends: Sequence[int], trial: Trial, settings: TrainSettings
+) -> _PrefixPass:
+    """Features moved to the device once, K copies of the trial's initial probe, each prefix's schedule."""
     head = settings.head
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)
-    autocast = {"device_type": device.type, "dtype": dtype, "enabled": dtype != torch.float32}
     features = to_device_chunked(train.features, device, dtype)
     val_features = to_device_chunked(val.features, device, dtype)
     row_of = (train.rows if train.rows is not None else torch.arange(len(train))).to(device)
@@ -169,95 +205,124 @@ def train_prefixes(
     count, batch = len(ends), settings.batch_size
     probe = new_probe(settings.probe, features.shape[1], head.outputs, settings.hidden, trial.seed)
     bank = ProbeBank([probe] * count).to(device)  # K copies of the same initial probe (stacked, not shared)
-    optimizer = BatchedAdamW(bank, settings.weight_decay)
-    weights = head.weights([trial], device)
     steps_per_epoch = [math.ceil(end / batch) for end in ends]
-    total_steps = [trial.epochs * steps for steps in steps_per_epoch]
-    orders = [EpochOrder(end, settings.order_seed) for end in ends]
-    stoppers = [EarlyStopping([trial], settings.effective_patience, "minimize") for _ in ends]  # by val loss
-    best = {name: p.detach().clone() for name, p in bank.named_parameters()}
-    histories: list[list[dict[str, float]]] = [[] for _ in ends]
-    lr_table = torch.tensor(
-        [
-            [
-                trial.lr * schedule_factor(s, total, settings.warmup_fraction) if s <= total else 0.0
-                for total in total_steps
-            ]
-            for s in range(1, max(total_steps) + 1)
-        ],
-        dtype=torch.float32,
+    return _PrefixPass(
+        bank=bank,
+        optimizer=BatchedAdamW(bank, settings.weight_decay),
+        head=head,
+        weights=head.weights([trial], device),
+        autocast={"device_type": device.type, "dtype": dtype, "enabled": dtype != torch.float32},
+        features=features,
+        row_of=row_of,
+        targets=targets,
+        val_features=val_features,
+        val_targets=val_targets,
+        batch=batch,
+        steps_per_epoch=steps_per_epoch,
+        lr_table=schedule_table(
+            [trial.lr] * count,
+            [trial.epochs * steps for steps in steps_per_epoch],
+            settings.warmup_fraction,
+            device,
+        ),
+        on_device=_DeviceIndices(count, device),
+        orders=[EpochOrder(end, settings.order_seed) for end in ends],
+        stoppers=[EarlyStopping([trial], settings.effective_patience, "minimize") for _ in ends],  # by val loss
+        best={name: p.detach().clone() for name, p in bank.named_parameters()},
+        histories=[[] for _ in ends],
         device=device,
+        epoch=[0] * count,
+        position=[0] * count,
+        order=[None] * count,
+        loss_sums=[None] * count,
+        training=[True] * count,
     )
-    on_device = _DeviceIndices(count, device)
-    step = 0
-    epoch, position = [0] * count, [0] * count
-    order: list[torch.Tensor | None] = [None] * count
-    loss_sums: list[torch.Tensor | None] = [None] * count
-    training = [True] * count
+
+
+def _start_epochs(run: _PrefixPass) -> list[int]:
+    """Probes at the start of an epoch go on (a fresh batch order) or stop (epochs done, or patience); the
+    probes that train this step."""
+    for k in range(len(run.training)):
+        if run.training[k] and run.position[k] == 0:
+            run.epoch[k] += 1
+            if not run.stoppers[k].running(run.epoch[k])[0]:
+                run.training[k] = False
+                continue
+            run.order[k] = run.orders[k].next_order().to(run.device)
+            run.loss_sums[k] = torch.zeros((), device=run.device)
+    return [k for k in range(len(run.training)) if run.training[k]]
+
+
+def _prefix_step(run: _PrefixPass, active: list[int]) -> None:
+    """One step of every active probe on a batch of its own prefix; probes whose batches have the same size
+    (all full ones, usually) run as one batched matmul."""
+    batch = run.batch
+    rows = {k: run.order[k][run.position[k] * batch : (run.position[k] + 1) * batch] for k in active}
+    groups: dict[int, list[int]] = defaultdict(list)
+    for k in active:
+        groups[len(rows[k])].append(k)
+    for size, members in groups.items():
+        local = torch.stack([rows[k] for k in members])  # [K', size], positions within the prefixes
+        inputs = run.features.index_select(0, run.row_of[local.flatten()]).view(len(members), size, -1)
+        with torch.autocast(**run.autocast):
+            predictions = run.bank.forward_each(inputs, run.on_device.indices(members))
+        losses = run.head.loss(predictions, run.targets[local], run.weights)
+        losses.sum().backward()  # probes share no parameter: each gradient is its own probe's
+        for k, loss in zip(members, losses.detach(), strict=True):
+            run.loss_sums[k] += loss
+    # Every probe steps at every global step from the first until it stops, so its own step is the global
+    # one and its learning rate a row of one table on the device (no per-step host copy).
+    run.optimizer.step(run.lr_table[run.step], run.on_device(active))
+    run.bank.zero_grad(set_to_none=True)
+    run.step += 1
+
+
+def _end_epochs(run: _PrefixPass, active: list[int], val: ProbeData) -> None:
+    """Advance each active probe by a batch; those at their epoch's end are validated and their epoch recorded."""
+    ending = []
+    for k in active:
+        run.position[k] += 1
+        if run.position[k] == run.steps_per_epoch[k]:
+            run.position[k] = 0
+            ending.append(k)
+    if ending:
+        records = _validate(
+            run.bank,
+            ending,
+            run.val_features,
+            val,
+            run.val_targets,
+            run.head,
+            run.weights,
+            run.autocast,
+            run.stoppers,
+            run.epoch,
+            run.best,
+        )
+        for k, record in zip(ending, records, strict=True):
+            train_loss = (run.loss_sums[k] / run.steps_per_epoch[k]).item()
+            run.histories[k].append({"epoch": run.epoch[k], "train_loss": train_loss, **record})
+
+
+def train_prefixes(
+    train: ProbeData, val: ProbeData, ends: Sequence[int], trial: Trial, settings: TrainSettings
+) -> list[TrialResult]:
+    """One probe per prefix `train[:end]` of `ends`, all in one pass; each trained as `train_frozen` trains it
+    alone with `select_by_loss` (same initialisation from the trial's seed, batch order `EpochOrder(end,
+    order_seed)`, schedule over its own steps, early stopping, best epoch by the lowest val loss)."""
+    trial = _checked_prefix_trial(train, ends, trial, settings)
+    run = _prefix_pass(train, val, ends, trial, settings)
     while True:
-        for k in range(count):  # probes at the start of an epoch: go on, or stop (epochs done, or patience)
-            if training[k] and position[k] == 0:
-                epoch[k] += 1
-                if not stoppers[k].running(epoch[k])[0]:
-                    training[k] = False
-                    continue
-                order[k] = orders[k].next_order().to(device)
-                loss_sums[k] = torch.zeros((), device=device)
-        active = [k for k in range(count) if training[k]]
+        active = _start_epochs(run)
         if not active:
             break
-        # One step of every active probe on a batch of its own prefix; probes whose batches have the same size
-        # (all full ones, usually) run as one batched matmul.
-        rows = {k: order[k][position[k] * batch : (position[k] + 1) * batch] for k in active}
-        groups: dict[int, list[int]] = defaultdict(list)
-        for k in active:
-            groups[len(rows[k])].append(k)
-        for size, members in groups.items():
-            local = torch.stack([rows[k] for k in members])  # [K', size], positions within the prefixes
-            inputs = features.index_select(0, row_of[local.flatten()]).view(len(members), size, -1)
-            with torch.autocast(**autocast):
-                predictions = bank.forward_each(inputs, on_device.indices(members))
-            losses = head.loss(predictions, targets[local], weights)
-            losses.sum().backward()  # probes share no parameter: each gradient is its own probe's
-            for k, loss in zip(members, losses.detach(), strict=True):
-                loss_sums[k] += loss
-        # Every probe steps at every global step from the first until it stops, so its own step is the global
-        # one and its learning rate a row of one table on the device (no per-step host copy).
-        optimizer.step(lr_table[step], on_device(active))
-        bank.zero_grad(set_to_none=True)
-        step += 1
-        ending = []
-        for k in active:
-            position[k] += 1
-            if position[k] == steps_per_epoch[k]:
-                position[k] = 0
-                ending.append(k)
-        if ending:
-            records = _validate(
-                bank, ending, val_features, val, val_targets, head, weights, autocast, stoppers, epoch, best
-            )
-            for k, record in zip(ending, records, strict=True):
-                train_loss = (loss_sums[k] / steps_per_epoch[k]).item()
-                histories[k].append({"epoch": epoch[k], "train_loss": train_loss, **record})
-    with torch.no_grad():
-        for name, parameter in bank.named_parameters():
-            parameter.copy_(best[name])
-    results = []
-    for k, stopper in enumerate(stoppers):
-        history = histories[k]
-        best_epoch = stopper.best_epoch[0]
-        results.append(
-            TrialResult(
-                trial=trial,
-                best_epoch=best_epoch,
-                epochs_run=stopper.epochs_run[0],
-                stopped_early=stopper.stopped[0] and stopper.epochs_run[0] < trial.epochs,
-                val_metrics=val_metrics_at(next(h for h in history if h["epoch"] == best_epoch)),
-                history=history,
-                probe=bank.probe(k).cpu(),
-            )
-        )
-    return results
+        _prefix_step(run, active)
+        _end_epochs(run, active, val)
+    load_best_weights(run.bank, run.best)
+    return [
+        result_at_best(trial, stopper, 0, run.histories[k], run.bank.probe(k).cpu())
+        for k, stopper in enumerate(run.stoppers)
+    ]
 
 
 class _DeviceIndices:

@@ -129,80 +129,18 @@ def _load(key: tuple[str, int, int]) -> TaskSpec:
     path = Path(key[0])
     document = _Document(path)
     data = document.data
-    unknown = sorted(set(data) - set(TOP_FIELDS))
-    if unknown:
-        raise document.error((unknown[0],), f"unknown field (allowed: {', '.join(TOP_FIELDS)})")
-    for required in ("name", "kind", "splits", "fields"):
-        if required not in data:
-            raise ProbingError(f"{path}: field '{required}': missing")
-    name = _string(document, ("name",), data["name"])
-    if not NAME_PATTERN.fullmatch(name):
-        raise document.error(
-            ("name",),
-            f"'{name}' is not a task name (letters, digits and . _ + -, at most 64, starting with a letter or digit)",
-        )
+    _check_top_fields(document)
+    name = _task_name(document)
     kind = data["kind"]
     if kind not in HEADS:
         raise document.error(("kind",), f"expected {' or '.join(HEADS)}, got {kind!r}")
-    splits = _mapping(document, ("splits",), data["splits"])
-    for required in (TRAIN, VAL):
-        if required not in splits:
-            raise document.error(("splits",), f"missing split '{required}'")
-    split_files = {}
-    for split, file_name in splits.items():
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
-            raise document.error(("splits", split), "a split name is letters, digits, _ and -")
-        split_files[split] = path.parent / _string(document, ("splits", split), file_name)
-    fields = _mapping(document, ("fields",), data["fields"])
-    allowed_roles = FIELD_ROLES[kind] + OPTIONAL_ROLES
-    for role in fields:
-        if role not in allowed_roles:
-            raise document.error(
-                ("fields", role), f"unknown role for a {kind} task (allowed: {', '.join(allowed_roles)})"
-            )
-        _string(document, ("fields", role), fields[role])
-    for role in FIELD_ROLES[kind]:
-        if role not in fields:
-            raise document.error(("fields",), f"missing '{role}' (a {kind} task needs {', '.join(FIELD_ROLES[kind])})")
+    splits, split_files = _split_files(document)
+    fields = _field_roles(document, kind)
     images = path.parent / _string(document, ("images",), data.get("images", "."))
-    box_format = data.get("box_format", "xyxy")
-    if box_format not in ("xyxy", "xywh", "cxcywh"):
-        raise document.error(("box_format",), f"expected xyxy, xywh or cxcywh, got {box_format!r}")
-    box_units = data.get("box_units", "pixels")
-    if box_units not in ("pixels", "normalized"):
-        raise document.error(("box_units",), f"expected pixels or normalized, got {box_units!r}")
-    space = DEFAULT_SPACES[kind]
-    if "search" in data:
-        search = _mapping(document, ("search",), data["search"])
-        for dimension, values in search.items():
-            if not isinstance(values, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-            ):
-                raise document.error(("search", dimension), "expected a list of numbers")
-        try:
-            space = space.overridden(search, f"{path}: line {document.lines.get(('search',), 1)}: field 'search'")
-        except ProbingError as error:
-            raise error from None
-    patience = data.get("patience")
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-        raise document.error(("patience",), f"expected an integer >= 1, got {patience!r}")
-    chance = data.get("chance", 0.5 if kind == "binary" else None)
-    if chance is not None and (
-        isinstance(chance, bool) or not isinstance(chance, (int, float)) or not 0 <= chance <= 1
-    ):
-        raise document.error(("chance",), f"expected a number in [0, 1], got {chance!r}")
-    order = data.get("category_order")
-    if order is not None and (not isinstance(order, list) or not all(isinstance(c, str) for c in order)):
-        raise document.error(("category_order",), "expected a list of category names")
-    control_fields: tuple[str, ...] = ()
-    if "control_type" in data:
-        named = data["control_type"]
-        named = [named] if isinstance(named, str) else named
-        if not isinstance(named, list) or not named or not all(isinstance(n, str) and n for n in named):
-            raise document.error(("control_type",), "expected a field name or a list of field names")
-        if len(set(named)) != len(named):
-            raise document.error(("control_type",), "a field is named twice")
-        control_fields = tuple(named)
+    box_format, box_units = _box_layout(document)
+    space = _search_space(document, kind)
+    patience, chance, order = _report_options(document, kind)
+    control_fields = _control_fields(document)
     reader = JsonlReader(
         task_file=path,
         split_files=tuple(sorted(split_files.items())),
@@ -231,6 +169,115 @@ def _load(key: tuple[str, int, int]) -> TaskSpec:
         source=str(path),
         control_type=MetadataType(control_fields, ", ".join(control_fields)) if control_fields else None,
     )
+
+
+def _check_top_fields(document: _Document) -> None:
+    """No field the schema does not know; the four that every task needs present."""
+    unknown = sorted(set(document.data) - set(TOP_FIELDS))
+    if unknown:
+        raise document.error((unknown[0],), f"unknown field (allowed: {', '.join(TOP_FIELDS)})")
+    for required in ("name", "kind", "splits", "fields"):
+        if required not in document.data:
+            raise ProbingError(f"{document.path}: field '{required}': missing")
+
+
+def _task_name(document: _Document) -> str:
+    name = _string(document, ("name",), document.data["name"])
+    if not NAME_PATTERN.fullmatch(name):
+        raise document.error(
+            ("name",),
+            f"'{name}' is not a task name (letters, digits and . _ + -, at most 64, starting with a letter or digit)",
+        )
+    return name
+
+
+def _split_files(document: _Document) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The `splits` mapping as written (its order is the evaluated splits' order) and each split's jsonl path."""
+    splits = _mapping(document, ("splits",), document.data["splits"])
+    for required in (TRAIN, VAL):
+        if required not in splits:
+            raise document.error(("splits",), f"missing split '{required}'")
+    split_files = {}
+    for split, file_name in splits.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+            raise document.error(("splits", split), "a split name is letters, digits, _ and -")
+        split_files[split] = document.path.parent / _string(document, ("splits", split), file_name)
+    return splits, split_files
+
+
+def _field_roles(document: _Document, kind: str) -> dict[str, str]:
+    """The `fields` mapping (role -> record field): only roles the head's kind knows, and every one it needs."""
+    fields = _mapping(document, ("fields",), document.data["fields"])
+    allowed_roles = FIELD_ROLES[kind] + OPTIONAL_ROLES
+    for role in fields:
+        if role not in allowed_roles:
+            raise document.error(
+                ("fields", role), f"unknown role for a {kind} task (allowed: {', '.join(allowed_roles)})"
+            )
+        _string(document, ("fields", role), fields[role])
+    for role in FIELD_ROLES[kind]:
+        if role not in fields:
+            raise document.error(("fields",), f"missing '{role}' (a {kind} task needs {', '.join(FIELD_ROLES[kind])})")
+    return fields
+
+
+def _box_layout(document: _Document) -> tuple[str, str]:
+    """How the jsonl writes a box: its format and its units."""
+    box_format = document.data.get("box_format", "xyxy")
+    if box_format not in ("xyxy", "xywh", "cxcywh"):
+        raise document.error(("box_format",), f"expected xyxy, xywh or cxcywh, got {box_format!r}")
+    box_units = document.data.get("box_units", "pixels")
+    if box_units not in ("pixels", "normalized"):
+        raise document.error(("box_units",), f"expected pixels or normalized, got {box_units!r}")
+    return box_format, box_units
+
+
+def _search_space(document: _Document, kind: str) -> SearchSpace:
+    """The kind's default space with the file's `search` overrides."""
+    space = DEFAULT_SPACES[kind]
+    if "search" in document.data:
+        search = _mapping(document, ("search",), document.data["search"])
+        for dimension, values in search.items():
+            if not isinstance(values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+            ):
+                raise document.error(("search", dimension), "expected a list of numbers")
+        where = f"{document.path}: line {document.lines.get(('search',), 1)}: field 'search'"
+        try:
+            space = space.overridden(search, where)
+        except ProbingError as error:
+            raise error from None
+    return space
+
+
+def _report_options(document: _Document, kind: str) -> tuple[int | None, float | None, list[str] | None]:
+    """`patience`, `chance` (default 0.5 for a binary task) and `category_order`, checked."""
+    data = document.data
+    patience = data.get("patience")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise document.error(("patience",), f"expected an integer >= 1, got {patience!r}")
+    chance = data.get("chance", 0.5 if kind == "binary" else None)
+    if chance is not None and (
+        isinstance(chance, bool) or not isinstance(chance, (int, float)) or not 0 <= chance <= 1
+    ):
+        raise document.error(("chance",), f"expected a number in [0, 1], got {chance!r}")
+    order = data.get("category_order")
+    if order is not None and (not isinstance(order, list) or not all(isinstance(c, str) for c in order)):
+        raise document.error(("category_order",), "expected a list of category names")
+    return patience, chance, order
+
+
+def _control_fields(document: _Document) -> tuple[str, ...]:
+    """The record fields whose values make an example's control type (none without `control_type`)."""
+    if "control_type" not in document.data:
+        return ()
+    named = document.data["control_type"]
+    named = [named] if isinstance(named, str) else named
+    if not isinstance(named, list) or not named or not all(isinstance(n, str) and n for n in named):
+        raise document.error(("control_type",), "expected a field name or a list of field names")
+    if len(set(named)) != len(named):
+        raise document.error(("control_type",), "a field is named twice")
+    return tuple(named)
 
 
 @dataclass(frozen=True)
@@ -294,48 +341,14 @@ class JsonlReader:
             image_id = value("image_id", int, "an integer") if "image_id" in fields else stable_image_id(image_name)
             category = str(value("category", (str, int), "a string")) if "category" in fields else "all"
             text = value("text", str, "a string")
-            used = {fields[role] for role in fields}
-            metadata = {
-                key: item
-                for key, item in record.items()
-                if key not in used and isinstance(item, (str, int, float, bool, type(None)))
-            }
-            for name in self.kept:
-                if name not in record:
-                    raise ProbingError(f"{path}: line {line}: missing field '{name}' (control_type)")
-                if not isinstance(record[name], (str, int, float, bool)):
-                    raise ProbingError(f"{path}: line {line}: field '{name}' (control_type) is not a string or number")
-                metadata[name] = record[name]
+            metadata = self._metadata(record, fields, path, line)
             label, box = None, None
             if self.kind == "binary":
-                label = value("label", (int, bool), "0/1 or true/false")
-                if label not in (0, 1):
-                    raise ProbingError(f"{path}: line {line}: field '{fields['label']}' (label) must be 0 or 1")
-                label = int(label)
+                label = self._label(value, fields, path, line)
             else:
-                raw = value("box", list, "a list of 4 numbers")
-                if len(raw) != 4 or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw
-                ):
-                    raise ProbingError(f"{path}: line {line}: field '{fields['box']}' (box) is not 4 finite numbers")
-                xyxy = box_convert(torch.tensor([raw], dtype=torch.float64), in_fmt=self.box_format, out_fmt="xyxy")[
-                    0
-                ].tolist()
-                if self.box_units == "pixels":
-                    width, height = self._size(record, fields, image_path, sizes, path, line)
-                else:
-                    width, height = 1.0, 1.0
-                normalized = [xyxy[0] / width, xyxy[1] / height, xyxy[2] / width, xyxy[3] / height]
-                inside = [min(max(v, 0.0), 1.0) for v in normalized]
-                if inside != normalized:
-                    clipped += 1
-                if not (inside[2] > inside[0] and inside[3] > inside[1]):
-                    raise ProbingError(
-                        f"{path}: line {line}: field '{fields['box']}' (box) {raw} is empty "
-                        f"inside the image ({self.box_format}, {self.box_units})"
-                    )
-                box = tuple(inside)
-                xywh = (inside[0], inside[1], inside[2] - inside[0], inside[3] - inside[1])
+                box, outside = self._box(value, record, fields, image_path, sizes, path, line)
+                clipped += outside
+                xywh = (box[0], box[1], box[2] - box[0], box[3] - box[1])
                 metadata |= {
                     "area_fraction": area_fraction(xywh, 1.0, 1.0),
                     "centre_distance": centre_distance(xywh, 1.0, 1.0),
@@ -357,6 +370,59 @@ class JsonlReader:
         if clipped:
             log.warning("%s: %d box(es) reach outside the image and were clipped to it", path, clipped)
         return examples
+
+    def _metadata(self, record: dict[str, Any], fields: dict[str, str], path: Path, line: int) -> dict[str, Any]:
+        """The record's scalar fields that no role reads, plus the control type's fields (required)."""
+        used = {fields[role] for role in fields}
+        metadata = {
+            key: item
+            for key, item in record.items()
+            if key not in used and isinstance(item, (str, int, float, bool, type(None)))
+        }
+        for name in self.kept:
+            if name not in record:
+                raise ProbingError(f"{path}: line {line}: missing field '{name}' (control_type)")
+            if not isinstance(record[name], (str, int, float, bool)):
+                raise ProbingError(f"{path}: line {line}: field '{name}' (control_type) is not a string or number")
+            metadata[name] = record[name]
+        return metadata
+
+    @staticmethod
+    def _label(value: _FieldReader, fields: dict[str, str], path: Path, line: int) -> int:
+        label = value("label", (int, bool), "0/1 or true/false")
+        if label not in (0, 1):
+            raise ProbingError(f"{path}: line {line}: field '{fields['label']}' (label) must be 0 or 1")
+        return int(label)
+
+    def _box(
+        self,
+        value: _FieldReader,
+        record: dict[str, Any],
+        fields: dict[str, str],
+        image_path: Path,
+        sizes: dict[Path, tuple[float, float]],
+        path: Path,
+        line: int,
+    ) -> tuple[tuple[float, ...], bool]:
+        """The record's box as normalized xyxy clipped to the image, and whether clipping changed it."""
+        raw = value("box", list, "a list of 4 numbers")
+        if len(raw) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw
+        ):
+            raise ProbingError(f"{path}: line {line}: field '{fields['box']}' (box) is not 4 finite numbers")
+        xyxy = box_convert(torch.tensor([raw], dtype=torch.float64), in_fmt=self.box_format, out_fmt="xyxy")[0].tolist()
+        if self.box_units == "pixels":
+            width, height = self._size(record, fields, image_path, sizes, path, line)
+        else:
+            width, height = 1.0, 1.0
+        normalized = [xyxy[0] / width, xyxy[1] / height, xyxy[2] / width, xyxy[3] / height]
+        inside = [min(max(v, 0.0), 1.0) for v in normalized]
+        if not (inside[2] > inside[0] and inside[3] > inside[1]):
+            raise ProbingError(
+                f"{path}: line {line}: field '{fields['box']}' (box) {raw} is empty "
+                f"inside the image ({self.box_format}, {self.box_units})"
+            )
+        return tuple(inside), inside != normalized
 
     @staticmethod
     def _size(

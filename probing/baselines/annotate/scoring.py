@@ -120,12 +120,58 @@ def score(db: Path, out: Path, label: str = "Human") -> StageResult[dict[str, An
     if existing_output_matches(out, run_identity, "human run"):
         return StageResult(json.loads((Path(out) / HUMAN_FILE).read_text(encoding="utf-8")), Path(out), "reused")
 
+    kept = _apply_exclusions(db, scored)
+    correct = [answer["answer"] == bool(answer["label"]) for answer in kept]
+    summary, overall, agreement = _human_summary(store, description, scored, kept, correct)
+    split = description["split"]
+    record = _human_record(description, scored, overall.mean, agreement, label)
+    predictions = [
+        {
+            **answer["metadata"],
+            "id": answer["example_id"],
+            "item": answer["item"],
+            "split": split,
+            "seed": 0,
+            "annotator": answer["annotator"],
+            "category": answer["category"],
+            "label": answer["label"],
+            "predicted": int(answer["answer"]),
+            "correct": right,
+            "cells": answer["cells"],
+        }
+        for answer, right in zip(kept, correct, strict=True)
+    ]
+    extra = {"task_file": description["task_file"]} if description.get("task_file") else {}
+    with staged_directory(out) as staging:
+        (staging / "predictions").mkdir()
+        with open(staging / "predictions" / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for line in predictions:
+                handle.write(json.dumps(line) + "\n")
+        write_json(staging / HUMAN_FILE, summary)
+        write_json(staging / "metrics.json", record.to_json())
+        write_json(staging / "manifest.json", {**run_identity, "code_version": code_version(), **extra})
+    return StageResult(summary, Path(out), "built")
+
+
+def _apply_exclusions(db: Path, scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark each scored answer with the exclusion rules it meets (`excluded_by`); the answers no rule excludes."""
     for answer in scored:
         answer["excluded_by"] = [rule for rule, applies in EXCLUSION_RULES.items() if applies(answer)]
     kept = [answer for answer in scored if not answer["excluded_by"]]
     if not kept:
         raise ProbingError(f"--db {db}: every one of the {len(scored)} scored answers is excluded")
-    correct = [answer["answer"] == bool(answer["label"]) for answer in kept]
+    return kept
+
+
+def _human_summary(
+    store: AnnotationStore,
+    description: dict[str, Any],
+    scored: list[dict[str, Any]],
+    kept: list[dict[str, Any]],
+    correct: list[bool],
+) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """`human.json`'s content (exclusions, accuracy overall and per category, agreement, annotators), with the
+    overall estimate and the agreement that the metrics record repeats."""
     overall = estimate(np.array([correct], dtype=float))
     by_category: dict[str, list[bool]] = defaultdict(list)
     for answer, right in zip(kept, correct, strict=True):
@@ -163,11 +209,17 @@ def score(db: Path, out: Path, label: str = "Human") -> StageResult[dict[str, An
         "fleiss_kappa": agreement,
         "annotators": annotators,
     }
-    split = description["split"]
-    metrics = {"accuracy": overall.mean}
+    return summary, overall, agreement
+
+
+def _human_record(
+    description: dict[str, Any], scored: list[dict[str, Any]], accuracy: float, agreement: dict[str, Any], label: str
+) -> MetricsRecord:
+    """The run's `metrics.json`: one entry (seed 0) holding the split's accuracy and, when defined, kappa."""
+    metrics = {"accuracy": accuracy}
     if agreement["kappa"] is not None:
         metrics["fleiss_kappa"] = agreement["kappa"]
-    record = MetricsRecord(
+    return MetricsRecord(
         task=description["task"],
         metric="accuracy",
         runs=[
@@ -177,38 +229,12 @@ def score(db: Path, out: Path, label: str = "Human") -> StageResult[dict[str, An
                 best_epoch=0,
                 epochs_run=0,
                 stopped_early=False,
-                splits={split: metrics},
+                splits={description["split"]: metrics},
             )
         ],
         train_categories={},
         label=label,
     )
-    predictions = [
-        {
-            **answer["metadata"],
-            "id": answer["example_id"],
-            "item": answer["item"],
-            "split": split,
-            "seed": 0,
-            "annotator": answer["annotator"],
-            "category": answer["category"],
-            "label": answer["label"],
-            "predicted": int(answer["answer"]),
-            "correct": right,
-            "cells": answer["cells"],
-        }
-        for answer, right in zip(kept, correct, strict=True)
-    ]
-    extra = {"task_file": description["task_file"]} if description.get("task_file") else {}
-    with staged_directory(out) as staging:
-        (staging / "predictions").mkdir()
-        with open(staging / "predictions" / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-            for line in predictions:
-                handle.write(json.dumps(line) + "\n")
-        write_json(staging / HUMAN_FILE, summary)
-        write_json(staging / "metrics.json", record.to_json())
-        write_json(staging / "manifest.json", {**run_identity, "code_version": code_version(), **extra})
-    return StageResult(summary, Path(out), "built")
 
 
 def export(db: Path, out: Path) -> int:

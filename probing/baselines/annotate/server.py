@@ -55,9 +55,28 @@ def page_html() -> str:
 
 def create_app(store: AnnotationStore, token: str | None = None):
     """The FastAPI application of one study's database."""
-    from fastapi import Depends, FastAPI, HTTPException, Query, Request
+    from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+
+    app = FastAPI(
+        title="probing annotate",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(_token_check(token))],
+    )
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_exception_handler(RequestValidationError, _malformed)
+    api = _StudyApi(store)
+    start, answer = _request_models()
+    _add_page_routes(app, api)
+    _add_annotator_routes(app, api, start, answer)
+    _add_image_route(app, api)
+    return app
+
+
+def _request_models() -> tuple[type, type]:
+    """The request bodies (Start, Answer), strict and closed; built when an app is (pydantic loads lazily)."""
     from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
     Name = Annotated[
@@ -77,6 +96,13 @@ def create_app(store: AnnotationStore, token: str | None = None):
         incorrect: bool = False
         seconds: float | None = Field(default=None, ge=0, le=86400, allow_inf_nan=False)
 
+    return Start, Answer
+
+
+def _token_check(token: str | None) -> Callable[..., None]:
+    """The dependency every route runs: with a token, a request without it (query or header) is 403."""
+    from fastapi import HTTPException, Request
+
     def require_token(request: Request) -> None:
         if token is None:
             return
@@ -84,37 +110,52 @@ def create_app(store: AnnotationStore, token: str | None = None):
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(403, "this page needs the token of its address (?token=...)")
 
-    app = FastAPI(
-        title="probing annotate",
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-        dependencies=[Depends(require_token)],
-    )
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    return require_token
 
-    @app.exception_handler(RequestValidationError)
-    def malformed(request: Request, error: RequestValidationError) -> JSONResponse:
-        """400 naming the first wrong field and what is wrong, without the value sent (it may be huge)."""
-        first = error.errors()[0]
-        loc = () if first.get("type") == "json_invalid" else first.get("loc", ())  # its loc is a byte offset
-        where = ".".join(str(part) for part in loc if part != "body") or "body"
-        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
 
-    identity, description = store.value("identity"), store.value("description")
+def _malformed(request, error):
+    """400 naming the first wrong field and what is wrong, without the value sent (it may be huge)."""
+    from fastapi.responses import JSONResponse
 
-    def annotator_of(name: str) -> int:
+    first = error.errors()[0]
+    loc = () if first.get("type") == "json_invalid" else first.get("loc", ())  # its loc is a byte offset
+    where = ".".join(str(part) for part in loc if part != "body") or "body"
+    return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
+
+
+class _StudyApi:
+    """What the routes share: the study's database, its description, and the answers they give from it."""
+
+    def __init__(self, store: AnnotationStore):
+        self.store = store
+        self.identity, self.description = store.value("identity"), store.value("description")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "title": self.description["title"],
+            "task": self.description["task"],
+            "split": self.description["split"],
+            "n": self.identity["n"],
+            "intro": self.identity["intro"],
+            "max_cells": MAX_CELLS,
+            "cell_names": list(CELL_NAMES),
+        }
+
+    def annotator_of(self, name: str) -> int:
+        from fastapi import HTTPException
+
         try:
-            return store.annotator(name)
+            return self.store.annotator(name)
         except UnknownAnnotator as error:
             raise HTTPException(404, str(error)) from None
 
-    def state(number: int, name: str) -> dict[str, Any]:
-        progress = store.progress(number)
+    def state(self, number: int, name: str) -> dict[str, Any]:
+        """Where an annotator stands: their progress and the next item as the page shows it."""
+        progress = self.store.progress(number)
         upcoming = progress.pop("next")
         item = None
         if upcoming is not None:
-            row = store.item(upcoming)
+            row = self.store.item(upcoming)
             item = {
                 "id": upcoming,
                 "practice": row["role"] == "intro",
@@ -123,47 +164,25 @@ def create_app(store: AnnotationStore, token: str | None = None):
             }
         return {"annotator": name, **progress, "finished": upcoming is None, "item": item}
 
-    @app.get("/", response_class=HTMLResponse)
-    def page() -> HTMLResponse:
-        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
+    def item(self, item: int) -> Any:
+        """The item's row; 404 when the study has no such item."""
+        from fastapi import HTTPException
 
-    @app.get("/api/study")
-    def study() -> dict[str, Any]:
-        return {
-            "title": description["title"],
-            "task": description["task"],
-            "split": description["split"],
-            "n": identity["n"],
-            "intro": identity["intro"],
-            "max_cells": MAX_CELLS,
-            "cell_names": list(CELL_NAMES),
-        }
-
-    @app.post("/api/annotators")
-    def start(body: Start) -> dict[str, Any]:
-        try:
-            number = store.register(body.name)
-        except StudyFull as error:
-            raise HTTPException(409, str(error)) from None
-        return state(number, body.name)
-
-    @app.get("/api/state")
-    def current(annotator: Annotated[str, Query(min_length=1, max_length=NAME_LENGTH)]) -> dict[str, Any]:
-        name = annotator.strip()
-        return state(annotator_of(name), name)
-
-    @app.post("/api/answers")
-    def answer(body: Answer) -> dict[str, Any]:
-        number = annotator_of(body.annotator)
-        row = store.item(body.item)
+        row = self.store.item(item)
         if row is None:
-            raise HTTPException(404, f"no item {body.item} in this study")
+            raise HTTPException(404, f"no item {item} in this study")
+        return row
+
+    def record(self, number: int, body: Any, row: Any) -> dict[str, Any]:
+        """Store one answer (checked against its item) and say what comes next; each refusal its own status."""
+        from fastapi import HTTPException
+
         if len(set(body.cells)) != len(body.cells):
             raise HTTPException(400, "cells: each cell at most once")
         if body.cells and not shown(row["text"], row["metadata"])["claims_cell"]:
             raise HTTPException(400, f"cells: item {body.item} claims no cell: no cells to rank")
         try:
-            stored = store.record(number, body.item, body.answer, body.cells, body.incorrect, body.seconds)
+            stored = self.store.record(number, body.item, body.answer, body.cells, body.incorrect, body.seconds)
         except (sqlite3.OperationalError, OSError) as error:
             if not is_disk_full(error):
                 raise
@@ -172,28 +191,64 @@ def create_app(store: AnnotationStore, token: str | None = None):
         except NotAssigned as error:
             raise HTTPException(404, str(error)) from None
         except NotNext as error:
-            raise HTTPException(409, {"message": str(error), "state": state(number, body.annotator)}) from None
+            raise HTTPException(409, {"message": str(error), "state": self.state(number, body.annotator)}) from None
         if not stored:
             raise HTTPException(
                 409,
                 {
                     "message": f"item {body.item} was already answered by {body.annotator}",
-                    "state": state(number, body.annotator),
+                    "state": self.state(number, body.annotator),
                 },
             )
         feedback = (
             {"practice": True, "answer": body.answer, "label": bool(row["label"])} if row["role"] == "intro" else None
         )
-        return {"stored": True, "feedback": feedback, "state": state(number, body.annotator)}
+        return {"stored": True, "feedback": feedback, "state": self.state(number, body.annotator)}
+
+
+def _add_page_routes(app, api: _StudyApi) -> None:
+    """GET / (the page) and GET /api/study."""
+    from fastapi.responses import HTMLResponse
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> HTMLResponse:
+        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
+
+    @app.get("/api/study")
+    def study() -> dict[str, Any]:
+        return api.summary()
+
+
+def _add_annotator_routes(app, api: _StudyApi, start_body: type, answer_body: type) -> None:
+    """POST /api/annotators, GET /api/state, POST /api/answers: an annotator's way through the study."""
+    from fastapi import HTTPException, Query
+
+    @app.post("/api/annotators")
+    def start(body: start_body) -> dict[str, Any]:
+        try:
+            number = api.store.register(body.name)
+        except StudyFull as error:
+            raise HTTPException(409, str(error)) from None
+        return api.state(number, body.name)
+
+    @app.get("/api/state")
+    def current(annotator: Annotated[str, Query(min_length=1, max_length=NAME_LENGTH)]) -> dict[str, Any]:
+        name = annotator.strip()
+        return api.state(api.annotator_of(name), name)
+
+    @app.post("/api/answers")
+    def answer(body: answer_body) -> dict[str, Any]:
+        number = api.annotator_of(body.annotator)
+        return api.record(number, body, api.item(body.item))
+
+
+def _add_image_route(app, api: _StudyApi) -> None:
+    """GET /api/images/{item}: found by item number in the database, never by a path from the browser."""
+    from fastapi.responses import FileResponse
 
     @app.get("/api/images/{item}")
     def image(item: int) -> FileResponse:
-        row = store.item(item)
-        if row is None:
-            raise HTTPException(404, f"no item {item} in this study")
-        return FileResponse(row["image"], headers={"Cache-Control": "private, max-age=3600"})
-
-    return app
+        return FileResponse(api.item(item)["image"], headers={"Cache-Control": "private, max-age=3600"})
 
 
 class BodyLimit:
