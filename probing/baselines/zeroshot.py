@@ -31,22 +31,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from probing.baselines.settings import ZeroShotRequest, ZeroShotSettings  # noqa: F401 (their home was here)
 from probing.core.artifacts import code_version, existing_output_matches, staged_directory, write_json
-from probing.core.devices import check_device, resolve_device
+from probing.core.devices import resolve_device
 from probing.core.errors import ProbingError
 from probing.core.records import NO_PROBE, MetricsRecord, SeedRun, StageResult
-from probing.core.settings import check, comma_separated, identity, setting
-from probing.data.types import DataOptions, Example, SplitData
-from probing.models import ModelSource
+from probing.core.settings import check, identity
+from probing.data.types import Example, SplitData
 from probing.models.answering import (
-    DEFAULT_ANSWERS,
-    DEFAULT_PROMPT,
-    TEXT_FIELD,
     ZeroShotScorer,
     checkpoint_identity,
     zero_shot_scorer,
@@ -54,8 +51,7 @@ from probing.models.answering import (
 from probing.models.checkpoint import CheckpointSource
 from probing.models.loading import is_lavis_file, load_config
 from probing.models.registry import family_for_config, resolve_alias
-from probing.models.text import TextPreparation
-from probing.store.extract import DecodedImages, DtypeName, check_images_exist, collate_images, default_workers
+from probing.store.extract import DecodedImages, check_images_exist, collate_images, default_workers
 from probing.tasks import get_task, is_task_file, load_split, task_reference
 from probing.tasks.heads import BinaryHead
 
@@ -63,63 +59,6 @@ log = logging.getLogger(__name__)
 
 ZEROSHOT_FORMAT_VERSION = 1
 SEED = 0  # a zero-shot run is deterministic: its one "seed" in the run folder's records
-
-
-@dataclass(frozen=True, kw_only=True)
-class ZeroShotSettings(TextPreparation):
-    """How a zero-shot run asks and decides: the options of `probing zeroshot` and a config experiment's
-    `zeroshot` section. Texts are prepared (`TextPreparation`) before they reach the prompt or the ITM path."""
-
-    prompt: str | None = setting(
-        None,
-        identity=True,
-        help=f"InstructBLIP: the instruction, with {TEXT_FIELD} where the caption goes (default: {DEFAULT_PROMPT}).",
-        show_default=False,
-    )
-    answers: tuple[str, ...] | None = setting(
-        None,
-        identity=True,
-        parse=comma_separated(str, 2, "answers"),
-        help="InstructBLIP: the positive and the negative answer whose log-probabilities are compared "
-        f"(default {','.join(DEFAULT_ANSWERS)}).",
-    )
-    llm_dtype: DtypeName | None = setting(
-        None,
-        identity=True,
-        help="InstructBLIP: the language model's dtype (default bfloat16 on GPU, float32 on CPU); the ViT and "
-        "Q-Former stay float32.",
-    )
-    threshold_from: Literal["val"] | None = setting(
-        None,
-        identity=True,
-        help="Decide at the threshold most accurate on this split (recorded) instead of at even odds.",
-    )
-    splits: tuple[str, ...] | None = setting(
-        None,
-        identity=True,
-        cli="--split",
-        parse=comma_separated(str, what="splits"),
-        help="Comma-separated splits to score (default: val and the task's evaluated splits, e.g. val,test).",
-    )
-    batch_size: int = setting(16, identity=True, low=1, help="Examples per forward pass.")
-    workers: int | None = setting(None, low=0, help="Image decoding processes (default: cores - 2, 1..16).")
-    label: str | None = setting(None, help="How reports name the model (default: its family).")
-    device: str | None = setting(
-        None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)."
-    )
-    progress: bool = setting(True, cli=False, config=False, help="A progress bar on a terminal.")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ZeroShotRequest(ModelSource, ZeroShotSettings):
-    """One model answering one task's splits into one run folder."""
-
-    data: DataOptions
-    out: Path
-
-    @property
-    def source(self) -> ModelSource:
-        return ModelSource(**{f.name: getattr(self, f.name) for f in fields(ModelSource)})
 
 
 @dataclass

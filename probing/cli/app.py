@@ -540,7 +540,7 @@ def _build_extract() -> click.Command:
 
 def _probe_run_options() -> list:
     from probing.core.settings import cli_parameters
-    from probing.probes.run import ProbeInputs
+    from probing.probes.settings import ProbeInputs
 
     return [
         *_task(),
@@ -559,7 +559,7 @@ def _probe_run_options() -> list:
 )
 def _build_train() -> click.Command:
     from probing.core.settings import cli_parameters
-    from probing.probes.train import TrainSettings, Trial
+    from probing.probes.settings import TrainSettings, Trial
 
     parameters = [
         *_probe_run_options(),
@@ -582,7 +582,7 @@ def _build_train() -> click.Command:
 )
 def _build_search() -> click.Command:
     from probing.core.settings import cli_parameters
-    from probing.probes.train import TrainSettings
+    from probing.probes.settings import TrainSettings
     from probing.studies.search import SearchSettings
     from probing.tasks.search_space import SearchSpace
 
@@ -609,7 +609,7 @@ def _build_search() -> click.Command:
     STAGES_PANEL,
 )
 def _build_zeroshot() -> click.Command:
-    from probing.baselines.zeroshot import ZeroShotSettings
+    from probing.baselines.settings import ZeroShotSettings
     from probing.core.settings import cli_parameters
 
     parameters = [
@@ -636,8 +636,8 @@ def _build_zeroshot() -> click.Command:
 )
 def _build_mdl() -> click.Command:
     from probing.core.settings import cli_parameters
-    from probing.probes.train import TrainSettings, Trial
-    from probing.studies.mdl import MdlRequest
+    from probing.probes.settings import TrainSettings, Trial
+    from probing.studies.settings import MdlRequest
 
     parameters = [
         *_task(),

@@ -14,19 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-GRID_SIZE = 3
-
-CELL_NAMES: tuple[str, ...] = (
-    "top left",
-    "top middle",
-    "top right",
-    "middle left",
-    "middle",
-    "middle right",
-    "bottom left",
-    "bottom middle",
-    "bottom right",
-)
+from probing.data.types import CELL_NAMES, GRID_SIZE  # noqa: F401 (the grid is data vocabulary)
 
 
 def _as_boxes(boxes: torch.Tensor | Sequence[float] | Sequence[Sequence[float]]) -> torch.Tensor:

@@ -85,3 +85,19 @@ class SplitData:
     examples: list[Example]
     fingerprint: str
     sources: dict[str, str]
+
+
+# RCM's 3 x 3 grid of an image, its cells in reading order (torch-free here: the annotation page's options read it).
+GRID_SIZE = 3
+
+CELL_NAMES: tuple[str, ...] = (
+    "top left",
+    "top middle",
+    "top right",
+    "middle left",
+    "middle",
+    "middle right",
+    "bottom left",
+    "bottom middle",
+    "bottom right",
+)

@@ -47,15 +47,10 @@ from probing.models.loading import (
 )
 from probing.models.pixels import PixelPipeline
 from probing.models.registry import BackendFamily
+from probing.models.text import DEFAULT_ANSWERS, DEFAULT_PROMPT, TEXT_FIELD  # noqa: F401 (their home was here)
 
 log = logging.getLogger(__name__)
 
-TEXT_FIELD = "{text}"  # where a prompt template takes the example's caption
-# InstructBLIP's template for short answers ("Question: {} Short answer:", the one its authors evaluate
-# short-answer VQA with), holding the caption as a yes/no question; the wording of the question follows
-# InstructBLIP's instruction for VSR ("Based on the image, is this statement true ...").
-DEFAULT_PROMPT = 'Question: Based on the image, is this statement true? "{text}" Short answer:'
-DEFAULT_ANSWERS = ("yes", "no")
 QFORMER_MAX_TOKENS = 128  # LAVIS's max_txt_len for InstructBLIP's Q-Former instruction (left truncation)
 
 

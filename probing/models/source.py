@@ -9,6 +9,8 @@ from typing import Literal
 from probing.core.errors import ProbingError
 from probing.core.settings import check, setting
 
+DtypeName = Literal["float16", "bfloat16", "float32"]  # the dtypes a setting may name (`probing.models.DTYPES`)
+
 
 @dataclass(frozen=True)
 class ModelSource:

@@ -85,3 +85,12 @@ class QFormerText(TextPreparation):
         if self.instruction is None or not instruction:
             return texts
         return [self.instruction.replace(TEXT_FIELD, text) for text in texts]
+
+
+# Zero-shot prompts (`probing zeroshot`): declared with the text settings, torch-free, for the options' help.
+TEXT_FIELD = "{text}"  # where a prompt template takes the example's caption
+# InstructBLIP's template for short answers ("Question: {} Short answer:", the one its authors evaluate
+# short-answer VQA with), holding the caption as a yes/no question; the wording of the question follows
+# InstructBLIP's instruction for VSR ("Based on the image, is this statement true ...").
+DEFAULT_PROMPT = 'Question: Based on the image, is this statement true? "{text}" Short answer:'
+DEFAULT_ANSWERS = ("yes", "no")

@@ -18,88 +18,21 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from probing.core.artifacts import code_version, existing_output_matches, save_safetensors, staged_directory, write_json
-from probing.core.errors import ProbingError
 from probing.core.locks import claim
 from probing.core.records import MetricsRecord, SeedRun, StageResult
-from probing.core.settings import check_scope, setting
-from probing.data.types import NO_CATEGORY, DataOptions, Example
-from probing.models import ModelSource
-from probing.models.text import QFormerText
+from probing.data.types import NO_CATEGORY, Example
 from probing.probes.checkpoints import TrialCheckpoint
-from probing.probes.modules import probe_kind
-from probing.probes.train import TrainSettings, Trial, is_main_process
+from probing.probes.settings import Mode, ProbeInputs, TrainRequest  # noqa: F401 (their home was here)
+from probing.probes.train import is_main_process
 from probing.probes.trainers import FittedTrial, FrozenTrainer, Trainer, TrialHooks, UnfrozenTrainer
 from probing.tasks import get_task, is_task_file
-from probing.tasks.controls import ControlInputs, type_lookup
+from probing.tasks.controls import type_lookup
 
 RUN_FORMAT_VERSION = 1
-Mode = Literal["frozen", "unfrozen"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProbeInputs(ControlInputs, QFormerText):
-    """What a probe trains on, shared by `probing train` and `probing search`: stored features (frozen), or the
-    model itself trained with the probe (unfrozen, the `ModelSource` beside these fields, its texts read as
-    `QFormerText` says); the task's targets or its control's (`ControlInputs`)."""
-
-    mode: Mode = setting("frozen", help="frozen (probe on stored features) | unfrozen (resampler + probe).")
-    features: Path | None = setting(
-        None,
-        help="Folder with one feature store per split (frozen); for unfrozen, "
-        "optional stores made with --store-vision.",
-    )
-    workers: int = setting(0, low=0, help="Unfrozen: image decoding processes.")
-    label: str | None = setting(None, help="How reports name the model (default: its family and init).")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainRequest(ModelSource, ProbeInputs):
-    """One probe configuration on one layer: what `probing train` runs (and a search's best trial)."""
-
-    task: str
-    layer: int
-    out: Path
-    trials: tuple[Trial, ...]
-    settings: TrainSettings
-    data: DataOptions | None = None  # frozen: optional (else the stores' recorded paths); unfrozen: required
-
-    @property
-    def source(self) -> ModelSource:
-        return ModelSource(**{f.name: getattr(self, f.name) for f in fields(ModelSource)})
-
-    def check(self) -> TrainRequest:
-        if self.mode not in ("frozen", "unfrozen"):
-            raise ProbingError(f"--mode: unknown mode '{self.mode}' (choose frozen or unfrozen)")
-        if self.mode == "frozen" and self.features is None:
-            raise ProbingError("--features is required for --mode frozen")
-        if self.mode == "unfrozen" and (self.model is None or self.data is None):
-            raise ProbingError("--mode unfrozen needs --model and the task's data options")
-        if self.mode == "frozen" and self.text_settings != QFormerText():
-            option = "--instruction" if self.instruction is not None else "--text-preprocessing"
-            raise ProbingError(f"{option}: unfrozen only (a frozen probe reads the texts as its stores were extracted)")
-        self.check_text()
-        if self.mode == "unfrozen" and probe_kind(self.settings.probe).fit != "sgd":
-            raise ProbingError(
-                "--probe logreg: frozen only (an L-BFGS fit has no gradient steps to share with the resampler)"
-            )
-        spec = get_task(self.task)
-        if self.control:
-            spec.check_control()
-        check_scope(self, mode=self.mode)  # --shuffled-features: frozen only (a floor permutes stored rows)
-        if self.data is not None and get_task(self.data.task).name != spec.name:
-            raise ProbingError(f"--task {self.task}: the data options are for '{self.data.task}'")
-        seeds = [t.seed for t in self.trials]
-        if len(set(seeds)) != len(seeds):
-            raise ProbingError("--seeds: each seed once")
-        self.settings.check_given()
-        for trial in self.trials:
-            trial.check(self.settings.probe, spec.head.kind)
-        return self
 
 
 def make_trainer(request: TrainRequest) -> Trainer:

@@ -33,23 +33,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from probing.core.device_copies import to_device_chunked
-from probing.core.devices import check_device, resolve_device
+from probing.core.devices import resolve_device
 from probing.core.errors import ProbingError
-from probing.core.settings import (
-    BOX_TASKS,
-    HIDDEN_PROBES,
-    LOGREG_PROBE,
-    SGD_PROBES,
-    check,
-    check_scope,
-    identity,
-    scoped,
-    setting,
-)
 from probing.data.types import Example
 from probing.probes.checkpoints import TrialCheckpoint, load_optimizer, optimizer_tensors
 from probing.probes.modules import Probe, ProbeBank, new_probe, probe_kind
-from probing.tasks import get_task
+from probing.probes.settings import LATENT_READINGS, TrainSettings, Trial, check_latent_reading  # noqa: F401 (their home was here)
 from probing.tasks.heads import Head
 
 log = logging.getLogger(__name__)
@@ -57,55 +46,6 @@ log = logging.getLogger(__name__)
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 EVAL_CHUNK = 1024  # rows per evaluation forward: bounds the activations of a whole split
-
-
-@scoped
-@dataclass(frozen=True)
-class Trial:
-    """The hyper-parameters of one probe run (the paper's search space: lr, epochs, loss scales; C for logreg)."""
-
-    lr: float | None = setting(None, identity=True, above=0, applies=SGD_PROBES, help="Peak learning rate (AdamW).")
-    epochs: int | None = setting(
-        None, identity=True, low=1, applies=SGD_PROBES, help="Epochs (the best epoch by val is kept)."
-    )
-    seed: int = setting(0, identity=True, low=0, cli=False, help="Initialisation seed of the probe.")
-    giou_scale: float = setting(
-        1.0, identity=True, low=0, applies=BOX_TASKS, help="Box tasks: weight of the GIoU loss."
-    )
-    l1_scale: float = setting(1.0, identity=True, low=0, applies=BOX_TASKS, help="Box tasks: weight of the L1 loss.")
-    logreg_c: float | None = setting(
-        None,
-        identity=True,
-        omit_default=True,
-        above=0,
-        applies=LOGREG_PROBE,
-        help="logreg probe: inverse L2 regularisation strength C (default 1).",
-    )
-
-    def check(self, probe: str = "linear", head: str | None = None) -> Trial:
-        """Ranges, the settings the probe needs, and (with `head`, where a user gave the trial) no setting given
-        that the probe or the task's head would ignore."""
-        check(self)
-        if head is not None:
-            check_scope(self, probe=probe, head=head)
-        if probe_kind(probe).fit == "sgd":
-            for name in ("lr", "epochs"):
-                if getattr(self, name) is None:
-                    raise ProbingError(f"--{name} is required for --probe {probe}")
-        return self
-
-    def identity(self) -> dict[str, Any]:
-        return identity(self)
-
-
-# How a probe reads one layer's latents `[B, Q, H]`: the paper flattens them (`Q x H` inputs); their mean over
-# the Q latents (`H` inputs) gives every family a probe of the same size whatever its latent count.
-LATENT_READINGS = ("flatten", "mean")
-
-
-def check_latent_reading(value: str, where: str) -> None:
-    if value not in LATENT_READINGS:
-        raise ProbingError(f"{where}: unknown latent reading '{value}' (choose {' | '.join(LATENT_READINGS)})")
 
 
 def probe_inputs(states: torch.Tensor, reading: str) -> torch.Tensor:
@@ -117,71 +57,6 @@ def probe_inputs(states: torch.Tensor, reading: str) -> torch.Tensor:
 
 def probe_input_size(latents: int, width: int, reading: str) -> int:
     return width if reading == "mean" else latents * width
-
-
-@scoped
-@dataclass(frozen=True)
-class TrainSettings:
-    task: str = setting(cli=False, config=False, help="The task (a registered name or a task YAML file).")
-    probe: str = setting(
-        "linear",
-        identity=True,
-        config=False,
-        help="A registered probe: linear | swiglu2 | swiglu4 (SGD) | logreg (L-BFGS, binary tasks, frozen) ...",
-    )
-    hidden: int = setting(
-        768, identity=True, low=1, applies=HIDDEN_PROBES, help="Width of the SwiGLU probes' hidden layers."
-    )
-    batch_size: int = setting(128, identity=True, low=1, help="Training batch size.")
-    warmup_fraction: float = setting(
-        0.1, identity=True, low=0, high=1, help="Fraction of the steps of linear warm-up (0 to 1)."
-    )
-    weight_decay: float = setting(0.01, identity=True, low=0, help="AdamW weight decay (weight matrices only).")
-    patience: int | None = setting(
-        None,
-        identity=True,
-        low=0,
-        config=False,
-        help="Early-stopping patience in epochs; 0 = none (default: the task's, 10 for RCM, none otherwise).",
-    )
-    order_seed: int = setting(0, identity=True, low=0, help="Seed of the batch order.")
-    latents: str = setting(
-        "flatten",
-        identity=True,
-        omit_default=True,  # runs made before the setting existed read the flattened latents
-        valid=lambda value, where: check_latent_reading(value, where),
-        help="How the probe reads a layer's latents: flatten (the paper's Q x H inputs) | mean (their mean over "
-        "the latents: H inputs, so families with different latent counts get probes of one size).",
-    )
-    device: str | None = setting(
-        None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: cuda if available)."
-    )
-
-    @property
-    def head(self) -> Head:
-        return get_task(self.task).head
-
-    @property
-    def effective_patience(self) -> int | None:
-        """None: the task's default; 0: no early stopping."""
-        if self.patience is None:
-            return get_task(self.task).patience
-        return self.patience or None
-
-    def check(self) -> TrainSettings:
-        get_task(self.task)
-        probe_kind(self.probe)
-        return check(self)
-
-    def check_given(self) -> TrainSettings:
-        """`check`, and (for settings a user gave: requests, configs) no setting the probe or the task's head
-        would ignore (`--hidden` with a linear probe ...)."""
-        check_scope(self.check(), probe=self.probe, head=self.head.kind)
-        return self
-
-    def identity(self) -> dict[str, Any]:
-        """The settings as run and search manifests record them (patience resolved)."""
-        return identity(self) | {"patience": self.effective_patience}
 
 
 @dataclass

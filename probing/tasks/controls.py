@@ -40,13 +40,14 @@ import hashlib
 import json
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from probing.core.errors import ProbingError
 from probing.core.settings import FROZEN_MODE, identity, scoped, setting
 from probing.data.types import Example
+
+if TYPE_CHECKING:
+    import torch
 
 
 def stable_uniform(seed: int, key: Hashable) -> float:
@@ -131,6 +132,8 @@ FLOOR_PERMUTATION_SEED = 0  # one fixed permutation: a floor is a property of th
 def shuffled_rows(examples: int, rows: torch.Tensor | None) -> torch.Tensor:
     """The feature rows a floor's examples read: example i reads the row of example perm[i] (a fixed
     permutation drawn from `FLOOR_PERMUTATION_SEED`)."""
+    import torch  # here, not above: the control settings (`ControlInputs`) are read by --help without torch
+
     order = torch.randperm(examples, generator=torch.Generator().manual_seed(FLOOR_PERMUTATION_SEED))
     return order if rows is None else rows.index_select(0, order)
 

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from probing.core.errors import ProbingError
 from probing.core.settings import identity, setting
-from probing.data.boxes import CELL_NAMES
-from probing.data.types import DataOptions, Example
-from probing.tasks import TaskSpec, get_task, load_split, task_reference
+from probing.data.types import CELL_NAMES, DataOptions, Example
+from probing.tasks import get_task, load_split, task_reference
+
+if TYPE_CHECKING:
+    from probing.tasks.spec import TaskSpec
 
 STUDY_FORMAT_VERSION = 1
 MAX_CELLS = 4  # the paper's interface: up to 4 grid cells, ranked by priority
