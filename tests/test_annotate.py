@@ -212,6 +212,9 @@ def test_the_api_refuses_what_it_should(rcm_options, tmp_path):
     client = TestClient(create_app(store))
     page = client.get("/")
     assert page.status_code == 200 and 'id="item-image"' in page.text
+    # the introduction says what a "part of the image" is: the cells of the 3 x 3 grid, named as the items name them
+    intro = page.text.split('id="grid-intro">')[1].split("</p>")[0]
+    assert "3 × 3 grid" in intro and all(word in intro for word in ("top", "middle", "bottom", "left", "right"))
     assert "default-src 'none'" in page.headers["content-security-policy"]
     state = client.post("/api/annotators", json={"name": "ada"}).json()
     first = state["item"]["id"]
