@@ -13,16 +13,14 @@ import torch
 from safetensors.torch import save
 
 import probing.store.extract
-from probing.core.artifacts import MANIFEST_NAME
+from probing.core.artifacts import MANIFEST_NAME, _safetensors_parts, write_safetensors
 from probing.core.errors import ProbingError
 from probing.store.extract import ExtractionRequest, extract
 from probing.store.features import (
     _VERIFIED,
     FeatureStore,
     FeatureStoreWriter,
-    _safetensors_parts,
     finite_per_layer,
-    write_safetensors,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_before_growth"
@@ -239,7 +237,7 @@ def test_the_writer_writes_safetensors_own_bytes_and_hashes_them(tmp_path):
     metadata = {"probing": json.dumps({"examples": 5, "bad_images": ['caf\u00e9 "x".jpg\n']}, sort_keys=True)}
     expected = save(tensors, metadata=metadata)
     assert b"".join(bytes(part) for part in _safetensors_parts(tensors, metadata)) == expected
-    digest = write_safetensors(tmp_path / "x.safetensors", tensors, metadata)
+    digest = write_safetensors(tmp_path / "x.safetensors", tensors, metadata, tmp_path / "x.safetensors.sha256")
     assert (tmp_path / "x.safetensors").read_bytes() == expected
     assert digest == hashlib.sha256(expected).hexdigest() == (tmp_path / "x.safetensors.sha256").read_text()
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
@@ -259,3 +257,34 @@ def test_finiteness_flags_from_the_device_are_obeyed(tmp_path):
     assert not list((tmp_path / "store").glob("shard-*"))
     writer.write_shard(3, tensors, {"examples": 2}, finite={"layer_04": True})
     assert (tmp_path / "store" / "shard-00003.safetensors").is_file()
+
+
+def test_a_store_of_a_family_that_reads_no_text_grows(stage2_checkpoint, refcocog_val, tmp_path):
+    """One row per image: the growth's files hold the images' rows, the first files keep each example's row."""
+    from test_backends import QUERIES_FAMILY
+
+    from probing.models import register_family
+    from probing.models.registry import unregister_family
+
+    register_family(QUERIES_FAMILY)
+    try:
+        options = dict(data=refcocog_val, split="val", workers=0, progress=False, shard_size=40, batch_size=16)
+        grown = tmp_path / "grown"
+        extract(ExtractionRequest(model=str(stage2_checkpoint), out=grown, layers="2", **options))
+        before = digests(grown)
+        extract(ExtractionRequest(model=str(stage2_checkpoint), out=grown, layers="1,3", **options))
+        whole = extract(
+            ExtractionRequest(model=str(stage2_checkpoint), out=tmp_path / "whole", layers="1,2,3", **options)
+        )
+    finally:
+        unregister_family(QUERIES_FAMILY.name)
+    after = digests(grown)
+    assert {name: after[name] for name in before} == before
+    store = FeatureStore(grown)
+    assert store.per_image and store.layers == [1, 2, 3] and store.ids == whole.value.ids
+    for layer in (1, 2, 3):
+        states, rows = store.load_rows(layer)
+        expected_states, expected_rows = whole.value.load_rows(layer)
+        assert (
+            len(states) < len(store.ids) and torch.equal(states, expected_states) and torch.equal(rows, expected_rows)
+        )

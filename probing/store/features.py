@@ -38,13 +38,10 @@ the request is refused with the differing field named, never mixed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
-import struct
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -57,14 +54,13 @@ from safetensors import safe_open
 from probing.core.artifacts import (
     MANIFEST_NAME,
     PARTIAL_MARK,
-    _discard,
     first_difference,
     json_normalised,
     read_manifest,
-    safetensors_bytes,
     sweep_stale_partials,
     write_bytes,
     write_json,
+    write_safetensors,
 )
 from probing.core.errors import ProbingError
 
@@ -77,7 +73,7 @@ _METADATA_KEY = "probing"
 CHECKSUM_SUFFIX = ".sha256"
 NO_VERIFY_VARIABLE = "PROBING_NO_VERIFY"
 LAYER_FIELD = "layers"  # the request field that stores written before growth have in their identity
-_CHUNK = 1 << 22  # bytes hashed and written at a time: the chunk is still in the CPU's cache for the write
+_CHUNK = 1 << 22  # bytes read at a time when hashing a file
 
 
 def layer_key(layer: int) -> str:
@@ -103,76 +99,15 @@ def layer_groups(manifest: Mapping[str, Any]) -> list[list[int]]:
     return [list(group) for group in groups]
 
 
-@functools.lru_cache(maxsize=64)
-def _safetensors_layout(names_and_dtypes: tuple[tuple[str, torch.dtype], ...]) -> tuple[tuple[str, str], ...]:
-    """(name, dtype code) in the order safetensors writes tensors, asked of safetensors itself with empty tensors
-    of the same names and dtypes: its order depends on those alone (dtype, then name), not on sizes."""
-    data = safetensors_bytes({name: torch.empty(0, dtype=dtype) for name, dtype in names_and_dtypes})
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    return tuple((name, entry["dtype"]) for name, entry in header.items() if name != "__metadata__")
-
-
-def _safetensors_parts(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> list[memoryview]:
-    """The bytes of `safetensors.torch.save(tensors, metadata)` as a header and one view per tensor's memory, without
-    copying the tensors into one buffer first (`save` does, at about a third of the disk's speed on this project's
-    machines). Written by hand because safetensors has no streaming writer from a process's own memory; the layout
-    (the order and dtype codes come from safetensors, above) is the format's: an 8-byte little-endian header length,
-    the JSON header padded with spaces to 8 bytes, then the tensors' bytes. `tests/test_store_growth.py` checks
-    that the bytes equal `save`'s."""
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    layout = _safetensors_layout(tuple((name, tensors[name].dtype) for name in sorted(tensors)))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    parts, offset = [], 0
-    for name, code in layout:
-        tensor = tensors[name]
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-        if size:
-            parts.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return [memoryview(struct.pack("<Q", len(text)) + text), *parts]
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """Write `tensors` as one safetensors file and return its SHA-256, computed from the bytes in memory as they are
-    written (never read back): through a temporary name, one fsync, a rename. The hex digest is written beside the
-    file (its sidecar) before the rename, so a shard at its final name always has one unless it is from before
-    checksums. The sidecar is not fsynced: after a crash a lost or empty one makes its shard look damaged or
-    unverified, and it is computed again or checked by parsing; never wrong bytes accepted."""
-    path = Path(path)
-    if sys.byteorder != "little":  # the views below are the host's bytes; safetensors is little-endian
-        data = safetensors_bytes(tensors, metadata)
-        write_bytes(checksum_sidecar(path), hashlib.sha256(data).hexdigest().encode())
-        write_bytes(path, data)
-        return hashlib.sha256(data).hexdigest()
-    temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
-    digest = hashlib.sha256()
-    try:
-        with open(temporary, "wb") as handle:
-            for part in _safetensors_parts(tensors, metadata):
-                for start in range(0, len(part), _CHUNK):
-                    chunk = part[start : start + _CHUNK]
-                    digest.update(chunk)  # hashlib and write both release the GIL on large buffers
-                    handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        hexdigest = digest.hexdigest()
-        checksum_sidecar(path).write_text(hexdigest, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        _discard(temporary)  # a full disk or an interruption leaves no half-written file behind
-        raise
-    return hexdigest
-
-
 def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> str:
-    """Write one shard atomically with its SHA-256 beside it; returns the digest."""
+    """Write one shard atomically with its SHA-256 beside it (hashed from the bytes as they are written, never read
+    back; the digest file is not fsynced: after a crash a lost or empty one makes its shard look damaged or from
+    before checksums, and it is computed again or checked by parsing, never wrong bytes accepted); returns the
+    digest."""
     # One metadata key holding sorted JSON: safetensors keeps metadata in a hash map whose order changes from
     # process to process, which would make identical shards differ in bytes.
-    return write_safetensors(path, tensors, {_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)})
+    metadata = {_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)}
+    return write_safetensors(path, tensors, metadata, digest_beside=checksum_sidecar(path))
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
