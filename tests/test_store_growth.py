@@ -288,3 +288,30 @@ def test_a_store_of_a_family_that_reads_no_text_grows(stage2_checkpoint, refcoco
         assert (
             len(states) < len(store.ids) and torch.equal(states, expected_states) and torch.equal(rows, expected_rows)
         )
+
+
+def test_the_device_path_writes_the_same_store_and_its_flags_refuse_non_finite_states(
+    monkeypatch, tiny_checkpoints, refcocog_val, whole, tmp_path
+):
+    """The GPU path (cast and check per batch where the states are, copies into the host tensor, flags to the
+    writer) run on the CPU: the same bytes as the host path; a NaN in one layer is refused by its flag alone."""
+    import probing.store.features
+
+    monkeypatch.setattr(probing.store.extract, "checks_on_device", lambda device: True)
+    host_checks = []
+    original = probing.store.features.all_finite
+    monkeypatch.setattr(probing.store.features, "all_finite", lambda t: host_checks.append(t.shape) or original(t))
+    out = tmp_path / "store"
+    extract(extraction(tiny_checkpoints["blip2"], refcocog_val, out, "all"))
+    assert digests(out) == digests(whole.path)
+    assert all(len(shape) == 3 and shape[1] != 4 for shape in host_checks)  # vision embeds only, no layer
+    original_query = probing.models.qformer.QFormerResampler.query_states
+
+    def with_nan(self, *args, **kwargs):
+        states = original_query(self, *args, **kwargs)
+        states[0, 2, 0, 0] = float("nan")  # the third layer asked for
+        return states
+
+    monkeypatch.setattr(probing.models.qformer.QFormerResampler, "query_states", with_nan)
+    with pytest.raises(ProbingError, match=r"shard-00000.safetensors: 'layer_03' holds non-finite values"):
+        extract(extraction(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "nan", "all"))

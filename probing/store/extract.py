@@ -630,6 +630,12 @@ class ShardWriters:
             self._pool.shutdown(wait=True)
 
 
+def checks_on_device(device: torch.device) -> bool:
+    """Whether the states are cast and checked for NaN and inf where they are computed (a GPU, where the check is
+    free beside the cast), rather than by the writing threads on the host (`all_finite`)."""
+    return device.type == "cuda"
+
+
 def _query_shard(
     shard: _Shard,
     embeds: torch.Tensor | None,
@@ -668,10 +674,10 @@ def _query_shard(
         tensors["image_ids"] = torch.tensor([shard.image_ids[slot] for slot in good], dtype=torch.int64)
         tensors["example_rows"] = torch.tensor([row_of_slot[shard.slot_of_example[i]] for i in rows], dtype=torch.int64)
         inputs = [None] * math.ceil(len(good) / request.batch_size)
-    on_gpu = resampler.device.type == "cuda"
+    on_gpu = checks_on_device(resampler.device)
     shape = (len(layers), len(row_slots), queries, hidden)
     # the host tensor the writer reads; page-locked on a GPU machine (torch's host cache reuses its blocks)
-    per_layer = torch.empty(shape, dtype=storage_dtype, pin_memory=on_gpu)
+    per_layer = torch.empty(shape, dtype=storage_dtype, pin_memory=resampler.device.type == "cuda")
     finite = torch.ones(len(layers), dtype=torch.bool, device=resampler.device) if on_gpu else None
     for batch, texts in enumerate(inputs):
         start = batch * request.batch_size
