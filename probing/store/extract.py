@@ -49,6 +49,7 @@ from probing.store.features import (
     FeatureStoreWriter,
     finite_per_layer,
     layer_key,
+    shard_name,
     verification_enabled,
 )
 from probing.tasks import get_task, load_split, task_reference
@@ -331,6 +332,11 @@ def _extract_claimed(
         writer = FeatureStoreWriter(request.out, identity)  # every process checks
         if writer.complete:
             damaged = writer.damaged_shards() if verification_enabled() else []
+            if damaged and built:  # written by this call and damaged already: recomputing again would not end
+                index, group = damaged[0]
+                raise ProbingError(
+                    f"{request.out / shard_name(index, group)}: damaged right after it was written; check the disk"
+                )
             if damaged:
                 log.warning("%s: %d damaged file(s) %s; computing them again", request.out, len(damaged), damaged)
                 state.wait_for_everyone()
