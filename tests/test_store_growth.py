@@ -315,3 +315,25 @@ def test_the_device_path_writes_the_same_store_and_its_flags_refuse_non_finite_s
     monkeypatch.setattr(probing.models.qformer.QFormerResampler, "query_states", with_nan)
     with pytest.raises(ProbingError, match=r"shard-00000.safetensors: 'layer_03' holds non-finite values"):
         extract(extraction(tiny_checkpoints["blip2"], refcocog_val, tmp_path / "nan", "all"))
+
+
+def test_a_growth_asked_for_other_layers_midway_is_widened_and_restarted(tmp_path):
+    """Growth [1] interrupted after one file; a request for [2] widens it to [1, 2] (the file holding only layer 1
+    removed); a later request for [1] resumes the widened growth."""
+    identity = {"kind": "features", "case": "widen"}
+    writer = FeatureStoreWriter(tmp_path / "store", identity)
+    writer.prepare([4])
+    for index in range(2):
+        writer.write_shard(index, {"ids": torch.arange(2) + 2 * index, "layer_04": torch.zeros(2, 3)}, {"examples": 2})
+    writer.finish(2, {})
+    writer = FeatureStoreWriter(tmp_path / "store", identity)
+    assert writer.begin_growth([1]) == [1]
+    writer.write_shard(0, {"ids": torch.arange(2), "layer_01": torch.ones(2, 3)}, {"examples": 2}, group=1)
+    assert writer.shard_done(0, 1) and not writer.shard_done(1, 1)
+    writer = FeatureStoreWriter(tmp_path / "store", identity)
+    assert writer.growing == [1] and writer.begin_growth([2]) == [1, 2]
+    assert not list((tmp_path / "store").glob("*.group-01.*"))
+    writer = FeatureStoreWriter(tmp_path / "store", identity)
+    assert writer.begin_growth([1]) == [1, 2] and FeatureStore(tmp_path / "store").layers == [4]
+    with pytest.raises(ProbingError, match=r"shard-00001.safetensors: holds other examples"):
+        writer.write_shard(1, {"ids": torch.arange(2), "layer_01": torch.ones(2, 3)}, {"examples": 2}, group=1)
