@@ -15,8 +15,8 @@ COCO's usual 640 x 480 (`--image-size`): decoding a JPEG costs in proportion to 
     python benchmarks/extract.py                       # CPU, tiny model
     python benchmarks/extract.py --device cuda --size real --images 1500   # GPU, real-size ViT-g + Q-Former
 
-`--size real` needs no download: the real architecture with random weights (`--init random`). The last line
-printed is `speedup=<ours / plain>`.
+`--size real` needs no download: the real architecture with random weights (`--init random`). `--layers` picks the
+layers both ways keep (`benchmarks/gpu.sh` runs 1, 3 and 13). The last line printed is `speedup=<ours / plain>`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from probing.data.images import load_rgb_image
 from probing.data.synthetic import demo_data_options, make_demo_data
 from probing.models import load_resampler
 from probing.models.tiny import build_config, write_checkpoint
-from probing.store.extract import ExtractionRequest, default_workers, extract_loaded
+from probing.store.extract import ExtractionRequest, default_workers, extract_loaded, parse_layers
 from probing.tasks import load_split
 
 REFCOCOG_SENTENCES_PER_IMAGE = 80512 / 21899
@@ -72,8 +72,11 @@ def resize_jpegs(images_dir: Path, size: tuple[int, int]) -> None:
         resized.save(path, quality=90)
 
 
-def plain_way(checkpoint: Path, size: str, examples, batch_size: int, device: torch.device) -> float:
-    """Seconds for the model's own fp32 forward, one ViT pass per example."""
+def plain_way(
+    checkpoint: Path, size: str, examples, batch_size: int, device: torch.device, layers: str = "all"
+) -> float:
+    """Seconds for the model's own fp32 forward, one ViT pass per example, keeping the same layers as ours (the
+    forward's cost does not depend on them; the copy to the host does)."""
     from transformers import Blip2ForImageTextRetrieval
 
     reference = load_resampler(str(checkpoint), init="pretrained" if size == "tiny" else "random", device="cpu")
@@ -85,7 +88,7 @@ def plain_way(checkpoint: Path, size: str, examples, batch_size: int, device: to
             model = Blip2ForImageTextRetrieval(config)
     model = model.to(device=device, dtype=torch.float32).eval()
     model.qformer.config.output_hidden_states = True
-    layers = model.config.qformer_config.num_hidden_layers
+    kept = parse_layers(layers, model.config.qformer_config.num_hidden_layers)
     queries = model.config.num_query_tokens
 
     def run(batch):
@@ -97,7 +100,7 @@ def plain_way(checkpoint: Path, size: str, examples, batch_size: int, device: to
             attention_mask=tokens["attention_mask"].to(device),
             use_image_text_matching_head=True,
         )
-        states = torch.stack([output.text_model_output.hidden_states[k][:, :queries] for k in range(1, layers + 1)], 1)
+        states = torch.stack([output.text_model_output.hidden_states[k][:, :queries] for k in kept], 1)
         return states.to(torch.float16).cpu()
 
     with torch.inference_mode():
@@ -121,6 +124,7 @@ def our_way(
     scratch: Path,
     qformer_dtype: str,
     compile_vision: bool,
+    layers: str = "all",
 ) -> float:
     init = "pretrained" if size == "tiny" else "random"
     vision_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -135,7 +139,7 @@ def our_way(
         model=str(checkpoint),
         data=data,
         split="train",
-        layers="all",
+        layers=layers,
         batch_size=batch_size,
         workers=workers,
         init=init,
@@ -179,6 +183,12 @@ def main() -> None:
     parser.add_argument("--qformer-dtype", default="float32", help="ours only (the plain way is the fp32 forward)")
     parser.add_argument("--compile-vision", action="store_true", help="ours only: torch.compile the ViT")
     parser.add_argument(
+        "--layers",
+        default="all",
+        help="the layers both ways keep, as `probing extract --layers` (e.g. 12, 4,8,12, or 0,1,...,12 for all 13 "
+        "outputs with the embedding output)",
+    )
+    parser.add_argument(
         "--plain-examples",
         type=int,
         default=None,
@@ -206,17 +216,26 @@ def main() -> None:
             flush=True,
         )
         ours = our_way(
-            checkpoint, size, data, args.batch_size, workers, device, scratch, args.qformer_dtype, args.compile_vision
+            checkpoint,
+            size,
+            data,
+            args.batch_size,
+            workers,
+            device,
+            scratch,
+            args.qformer_dtype,
+            args.compile_vision,
+            args.layers,
         )
         ours_rate = len(examples) / ours
         print(
             f"ours:  {ours_rate:9.1f} examples/s ({ours:.2f} s; ViT {'bf16' if device.type == 'cuda' else 'fp32'} "
-            f"once per image{', compiled' if args.compile_vision else ''}, Q-Former {args.qformer_dtype}, all layers "
-            "stored fp16)",
+            f"once per image{', compiled' if args.compile_vision else ''}, Q-Former {args.qformer_dtype}, layers "
+            f"{args.layers} stored fp16)",
             flush=True,
         )
         timed = examples[: args.plain_examples] if args.plain_examples else examples
-        plain = plain_way(checkpoint, size, timed, args.batch_size, device)
+        plain = plain_way(checkpoint, size, timed, args.batch_size, device, args.layers)
         plain_rate = len(timed) / plain
         print(
             f"plain: {plain_rate:9.1f} examples/s ({plain:.2f} s for {len(timed)} examples; fp32 forward once per "

@@ -101,12 +101,12 @@ def test_rcm_texts_whose_cell_words_are_cut_are_counted(blip2, instructblip, cap
 def test_the_store_identity_records_the_text_choices_only_when_made(blip2, instructblip, tmp_path):
     data = rcm_examples([3])
     request = ExtractionRequest(model="m", data=None, split="val", out=tmp_path)
-    default = store_identity(blip2, data, request, [1])
+    default = store_identity(blip2, data, request)
     assert "text_preprocessing" not in default and "instruction" not in default  # stores made before stay valid
     lavis = ExtractionRequest(model="m", data=None, split="val", out=tmp_path, text_preprocessing="lavis")
-    assert store_identity(blip2, data, lavis, [1]) == default | {"text_preprocessing": "lavis"}
+    assert store_identity(blip2, data, lavis) == default | {"text_preprocessing": "lavis"}
     instructed = ExtractionRequest(model="m", data=None, split="val", out=tmp_path, instruction="Is it {text}?")
-    assert store_identity(instructblip, data, instructed, [1])["instruction"] == "Is it {text}?"
+    assert store_identity(instructblip, data, instructed)["instruction"] == "Is it {text}?"
 
 
 PAPER_CONFIGS = [

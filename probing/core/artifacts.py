@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import stat
+import struct
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -221,6 +223,81 @@ def save_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[s
     data = safetensors_bytes(tensors, metadata)
     write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+_WRITE_CHUNK = 1 << 22  # bytes hashed then written at a time: still in the CPU's cache for the write
+
+
+@functools.lru_cache(maxsize=64)
+def _safetensors_layout(names_and_dtypes: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, str], ...]:
+    """(name, dtype code) in the order safetensors writes tensors, asked of safetensors itself with empty tensors
+    of the same names and dtypes: its order depends on those alone (dtype, then name), not on sizes."""
+    import torch
+
+    data = safetensors_bytes({name: torch.empty(0, dtype=dtype) for name, dtype in names_and_dtypes})
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    return tuple((name, entry["dtype"]) for name, entry in header.items() if name != "__metadata__")
+
+
+def _safetensors_parts(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> list[memoryview]:
+    """The bytes of `safetensors.torch.save(tensors, metadata)` as a header and one view per tensor's memory, without
+    copying the tensors into one buffer first (`save` does: one more pass over the shard, into freshly allocated
+    memory). Written by hand because safetensors has no streaming writer from a process's own memory; the layout
+    (the order and dtype codes come from safetensors, above) is the format's: an 8-byte little-endian header length,
+    the JSON header padded with spaces to 8 bytes, then the tensors' bytes. `tests/test_store_growth.py` checks
+    that the bytes equal `save`'s."""
+    import torch
+
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    layout = _safetensors_layout(tuple((name, tensors[name].dtype) for name in sorted(tensors)))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    parts, offset = [], 0
+    for name, code in layout:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+        if size:
+            parts.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return [memoryview(struct.pack("<Q", len(text)) + text), *parts]
+
+
+def write_safetensors(
+    path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str], digest_beside: Path | None = None
+) -> str:
+    """Write `tensors` as one safetensors file (the bytes of `safetensors.torch.save`) and return its SHA-256,
+    computed from the bytes in memory as they are written, never read back: through a temporary name, one fsync, a
+    rename, the file with the umask's mode. `digest_beside`: a file that gets the hex digest before the rename (not
+    fsynced: the caller decides what a lost one means)."""
+    path = Path(path)
+    if sys.byteorder != "little":  # the views below are the host's bytes; safetensors is little-endian
+        data = safetensors_bytes(tensors, metadata)
+        if digest_beside is not None:
+            write_bytes(digest_beside, hashlib.sha256(data).hexdigest().encode())
+        write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
+    temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(temporary, "wb") as handle:
+            for part in _safetensors_parts(tensors, metadata):
+                for start in range(0, len(part), _WRITE_CHUNK):
+                    chunk = part[start : start + _WRITE_CHUNK]
+                    digest.update(chunk)  # hashlib and write both release the GIL on large buffers
+                    handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        hexdigest = digest.hexdigest()
+        if digest_beside is not None:
+            Path(digest_beside).write_text(hexdigest, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        _discard(temporary)  # a full disk or an interruption leaves no half-written file behind
+        raise
+    return hexdigest
 
 
 def match_umask(folder: Path) -> None:

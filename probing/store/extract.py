@@ -47,7 +47,9 @@ from probing.store.features import (
     STORE_FORMAT_VERSION,
     FeatureStore,
     FeatureStoreWriter,
+    finite_per_layer,
     layer_key,
+    shard_name,
     verification_enabled,
 )
 from probing.tasks import get_task, load_split, task_reference
@@ -255,10 +257,9 @@ def extract(request: ExtractionRequest) -> StageResult[FeatureStore]:
     return extract_loaded(resampler, data, request, state)
 
 
-def store_identity(
-    resampler: Resampler, data: SplitData, request: ExtractionRequest, layers: list[int]
-) -> dict[str, Any]:
-    """What defines a store: the weights, the data, the layers, the settings that change its values or layout."""
+def store_identity(resampler: Resampler, data: SplitData, request: ExtractionRequest) -> dict[str, Any]:
+    """What defines a store: the weights, the data, the settings that change its values or layout. Not the layers:
+    a store grows by the layers a later request adds (`probing.store.features`), and the manifest lists them."""
     settings = identity(request, only=[f.name for f in fields(ExtractionSettings)])
     text = (
         {"max_tokens": resampler.max_text_tokens, "truncation_side": resampler.truncation_side, "padding": "longest"}
@@ -272,7 +273,6 @@ def store_identity(
         "task": data.task,
         "split": data.split,
         "dataset_fingerprint": data.fingerprint,
-        "layers": layers,
         "dtype": settings.pop("dtype"),
         # the dtypes the resampler really runs in (a caller may hand over a loaded one)
         "vision_dtype": str(resampler.vision_dtype).removeprefix("torch."),
@@ -300,7 +300,7 @@ def extract_loaded(
     shards = plan_shards(data.examples, request.shard_size)
     if request.compile_vision:
         resampler.compile_vision()
-    identity = store_identity(resampler, data, request, layers)
+    identity = store_identity(resampler, data, request)
     # One writer per store, claimed before anything is read or written: another worker (another job on the shared
     # disk) extracting the same request is waited for, then reused; one with another request is refused at once.
     # A refusal on the way (a bad image, a full disk is not one) removes the store and folders this run created.
@@ -324,35 +324,101 @@ def _extract_claimed(
     storage_dtype: torch.dtype,
     identity: dict[str, Any],
 ) -> StageResult[FeatureStore]:
-    """The extraction proper once the store is claimed."""
-    device = resampler.device
-    writer = FeatureStoreWriter(request.out, identity)  # every process checks
-    if writer.complete:
-        damaged = writer.damaged_shards() if verification_enabled() else []
-        if not damaged:
-            log.info("%s: already complete for this request; nothing to do", request.out)
-            if state.is_main_process:
-                relabel_json(request.out / MANIFEST_NAME, request.label)
+    """The extraction proper once the store is claimed: finish or repair what the folder holds, then add the
+    requested layers it lacks. Each pass runs the model once over the shards that need it; every process decides
+    from the manifest the main process wrote before the last barrier."""
+    built = False
+    while True:
+        writer = FeatureStoreWriter(request.out, identity)  # every process checks
+        if writer.complete:
+            damaged = writer.damaged_shards() if verification_enabled() else []
+            if damaged and built:  # written by this call and damaged already: recomputing again would not end
+                index, group = damaged[0]
+                raise ProbingError(
+                    f"{request.out / shard_name(index, group)}: damaged right after it was written; check the disk"
+                )
+            if damaged:
+                log.warning("%s: %d damaged file(s) %s; computing them again", request.out, len(damaged), damaged)
+                state.wait_for_everyone()
+                if state.is_main_process:
+                    writer.reopen(damaged)
+                state.wait_for_everyone()
+                continue
+            missing = [layer for layer in layers if layer not in writer.present_layers]
+            if not missing:
+                if not built:
+                    log.info("%s: holds layers %s; nothing to do", request.out, writer.present_layers)
+                if state.is_main_process:
+                    relabel_json(request.out / MANIFEST_NAME, request.label)
+                state.wait_for_everyone()
+                return StageResult(FeatureStore(request.out), request.out, "built" if built else "reused")
+            check_images_exist(data.examples, request.skip_bad_images)
             state.wait_for_everyone()
-            return StageResult(FeatureStore(request.out), request.out, "reused")
-        log.warning("%s: %d damaged shard(s) (%s); computing them again", request.out, len(damaged), damaged)
+            if state.is_main_process:
+                writer.begin_growth(missing)
+            state.wait_for_everyone()
+            writer = FeatureStoreWriter(request.out, identity)  # the growth as the main process recorded it
+            log.info("%s: holds layers %s; adding %s", request.out, writer.present_layers, writer.growing)
+            group = len(writer.groups)
+            _extract_groups(resampler, request, state, shards, storage_dtype, writer, {group: writer.growing})
+            if state.is_main_process:
+                writer.finish_growth(len(shards), {"code_version": code_version()})
+        else:
+            check_images_exist(data.examples, request.skip_bad_images)
+            state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
+            if state.is_main_process:
+                writer.prepare(layers)
+            state.wait_for_everyone()
+            writer = FeatureStoreWriter(request.out, identity)  # its layer groups, as recorded
+            groups = dict(enumerate(writer.groups))
+            _extract_groups(resampler, request, state, shards, storage_dtype, writer, groups)
+            if state.is_main_process:
+                writer.finish(len(shards), _summary(resampler, data, request))
+        built = True
         state.wait_for_everyone()
-        if state.is_main_process:
-            writer.reopen(damaged)
-        state.wait_for_everyone()
-    check_images_exist(data.examples, request.skip_bad_images)
-    state.wait_for_everyone()  # all checks passed everywhere before the main process creates the store
-    if state.is_main_process:
-        writer.prepare()
-    state.wait_for_everyone()
-    mine = [
-        s for s in shards if s.index % state.num_processes == state.process_index and not writer.shard_done(s.index)
-    ]
+
+
+def _summary(resampler: Resampler, data: SplitData, request: ExtractionRequest) -> dict[str, Any]:
+    """What a new store's manifest says beside its identity: where the data came from, counts, the code."""
+    recorded = {key: str(Path(value).resolve()) for key, value in request.data.given().items()}
+    if request.data.limit is not None:  # the targets of a limited store are the same first examples
+        recorded["limit"] = request.data.limit
+    return {
+        **text_truncation(resampler, data, request.out),
+        "model_source": resampler.identity,
+        "data_sources": data.sources,
+        # where the data was read from, so that `probing train` can find the targets by itself
+        "data_options": {"task": task_reference(request.data.task), **recorded},
+        "images": len({e.image_path for e in data.examples}),
+        "code_version": code_version(),
+        **({"label": request.label} if request.label is not None else {}),
+    }
+
+
+def _extract_groups(
+    resampler: Resampler,
+    request: ExtractionRequest,
+    state,
+    shards: list,
+    storage_dtype: torch.dtype,
+    writer: FeatureStoreWriter,
+    groups: dict[int, list[int]],
+) -> None:
+    """Compute the (shard, layer group) files of `groups` that are not on disk yet, this process's shards only."""
+    device = resampler.device
+    mine = []
+    for shard in shards:
+        if shard.index % state.num_processes != state.process_index:
+            continue
+        pending = {
+            group: group_layers for group, group_layers in groups.items() if not writer.shard_done(shard.index, group)
+        }
+        if pending:
+            mine.append((shard, pending))
     started = time.perf_counter()
     done_examples = _run_shards(
         mine,
         resampler,
-        layers,
         storage_dtype,
         writer,
         request,
@@ -369,25 +435,6 @@ def _extract_claimed(
             done_examples / max(elapsed, 1e-9),
         )
     state.wait_for_everyone()
-    if state.is_main_process:
-        recorded = {key: str(Path(value).resolve()) for key, value in request.data.given().items()}
-        if request.data.limit is not None:  # the targets of a limited store are the same first examples
-            recorded["limit"] = request.data.limit
-        writer.finish(
-            len(shards),
-            {
-                **text_truncation(resampler, data, request.out),
-                "model_source": resampler.identity,
-                "data_sources": data.sources,
-                # where the data was read from, so that `probing train` can find the targets by itself
-                "data_options": {"task": task_reference(request.data.task), **recorded},
-                "images": len({e.image_path for e in data.examples}),
-                "code_version": code_version(),
-                **({"label": request.label} if request.label is not None else {}),
-            },
-        )
-    state.wait_for_everyone()
-    return StageResult(FeatureStore(request.out), request.out, "built")
 
 
 def text_truncation(resampler: Resampler, data: SplitData, out: Path) -> dict[str, Any]:
@@ -444,19 +491,21 @@ def default_write_threads() -> int:
 
 
 def _run_shards(
-    shards: list[_Shard],
+    jobs: list[tuple[_Shard, dict[int, list[int]]]],
     resampler: Resampler,
-    layers: list[int],
     storage_dtype: torch.dtype,
     writer: FeatureStoreWriter,
     request: ExtractionRequest,
     device: torch.device,
     show_progress: bool,
 ) -> int:
+    """Run the model over each job's shard once, for the layers of all the layer groups it lacks, and hand each
+    group's file to the writing threads."""
     from tqdm.auto import tqdm
 
-    if not shards:
+    if not jobs:
         return 0
+    shards = [shard for shard, _ in jobs]
     paths = [path for shard in shards for path in shard.images]
     batches, offset = [], 0
     for shard in shards:  # image batches never straddle shards
@@ -483,17 +532,31 @@ def _run_shards(
     done = 0
     with ShardWriters(writer, request.write_threads or default_write_threads()) as writers, torch.inference_mode():
         offset = 0
-        for shard in shards:
+        for shard, groups in jobs:
             embeds, bad_slots, errors = _encode_shard_images(shard, offset, batch_iterator, resampler, request)
             offset += len(shard.images)
-            tensors, vision, metadata = _query_shard(
+            layers = sorted({layer for group_layers in groups.values() for layer in group_layers})
+            tensors, vision, metadata, finite = _query_shard(
                 shard, embeds, bad_slots, resampler, layers, storage_dtype, request, errors
             )
             ready = None
             if device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(device))  # after the shard's copies to the host
-            writers.submit(shard.index, tensors, metadata, vision, ready)
+            for group, group_layers in sorted(groups.items()):
+                part = {key: tensors[key] for key in ("ids", "image_ids", "example_rows") if key in tensors}
+                if group > 0:  # a growth's file: the ids to align it with the shard's first file, and its layers
+                    part, part_metadata = (
+                        {"ids": tensors["ids"]},
+                        {"examples": metadata["examples"], "layers": group_layers},
+                    )
+                else:
+                    part_metadata = metadata
+                part |= {layer_key(layer): tensors[layer_key(layer)] for layer in group_layers}
+                checked = (
+                    None if finite is None else {layer_key(layer): finite[layer_key(layer)] for layer in group_layers}
+                )
+                writers.submit(shard.index, part, part_metadata, vision if group == 0 else None, ready, group, checked)
             done += len(shard.examples)
             progress.update(len(shard.examples))
     progress.close()
@@ -535,17 +598,28 @@ class ShardWriters:
         self._pool = ThreadPoolExecutor(max_workers=threads)
         self._pending: deque[Future] = deque()  # oldest first
 
-    def submit(self, index: int, tensors, metadata, vision=None, ready: torch.cuda.Event | None = None) -> None:
-        """Queue shard `index`; `ready` is a CUDA event recorded after its copies to the host, waited for in the
-        writing thread (not here, so that the caller goes on to queue the next shard's GPU work)."""
+    def submit(
+        self,
+        index: int,
+        tensors,
+        metadata,
+        vision=None,
+        ready: torch.cuda.Event | None = None,
+        group: int = 0,
+        finite: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Queue the file of (shard `index`, layer group `group`); `ready` is a CUDA event recorded after its copies
+        to the host, waited for in the writing thread (not here, so that the caller goes on to queue the next
+        shard's GPU work). `finite`: per tensor name, a one-element flag computed on the device (host copy)."""
         if len(self._pending) == self.threads:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._write, index, tensors, metadata, vision, ready))
+        self._pending.append(self._pool.submit(self._write, index, tensors, metadata, vision, ready, group, finite))
 
-    def _write(self, index: int, tensors, metadata, vision, ready) -> None:
+    def _write(self, index: int, tensors, metadata, vision, ready, group, finite) -> None:
         if ready is not None:
             ready.synchronize()
-        self.writer.write_shard(index, tensors, metadata, vision)
+        flags = None if finite is None else {name: bool(flag) for name, flag in finite.items()}
+        self.writer.write_shard(index, tensors, metadata, vision, group=group, finite=flags)
 
     def __enter__(self) -> ShardWriters:
         return self
@@ -562,6 +636,12 @@ class ShardWriters:
             self._pool.shutdown(wait=True)
 
 
+def checks_on_device(device: torch.device) -> bool:
+    """Whether the states are cast and checked for NaN and inf where they are computed (a GPU, where the check is
+    free beside the cast), rather than by the writing threads on the host (`all_finite`)."""
+    return device.type == "cuda"
+
+
 def _query_shard(
     shard: _Shard,
     embeds: torch.Tensor | None,
@@ -572,6 +652,14 @@ def _query_shard(
     request: ExtractionRequest,
     errors: dict[int, str],
 ):
+    """The shard's query states of `layers` on the host, its metadata and vision tensors, and (on a GPU) per layer
+    whether its states are finite.
+
+    On a GPU each batch is cast to the storage dtype on the device, checked for NaN and inf there (the elementwise
+    check is free beside the cast; on the host it was the writer's largest cost), and copied into page-locked host
+    memory asynchronously (queued on the stream, so the copy overlaps the next batch's computation); the writer
+    waits for the shard's event before reading. On the CPU the states are written into the host tensor directly
+    and the writer checks them (`all_finite`)."""
     rows = [i for i, slot in enumerate(shard.slot_of_example) if slot not in bad_slots]
     queries, hidden = resampler.num_query_tokens, resampler.hidden_size
     tensors = {"ids": torch.tensor([shard.examples[i].example_id for i in rows], dtype=torch.int64)}
@@ -592,9 +680,11 @@ def _query_shard(
         tensors["image_ids"] = torch.tensor([shard.image_ids[slot] for slot in good], dtype=torch.int64)
         tensors["example_rows"] = torch.tensor([row_of_slot[shard.slot_of_example[i]] for i in rows], dtype=torch.int64)
         inputs = [None] * math.ceil(len(good) / request.batch_size)
-    per_layer = torch.empty(
-        (len(layers), len(row_slots), queries, hidden), dtype=storage_dtype, device=resampler.device
-    )
+    on_gpu = checks_on_device(resampler.device)
+    shape = (len(layers), len(row_slots), queries, hidden)
+    # the host tensor the writer reads; page-locked on a GPU machine (torch's host cache reuses its blocks)
+    per_layer = torch.empty(shape, dtype=storage_dtype, pin_memory=resampler.device.type == "cuda")
+    finite = torch.ones(len(layers), dtype=torch.bool, device=resampler.device) if on_gpu else None
     for batch, texts in enumerate(inputs):
         start = batch * request.batch_size
         slots = row_slots[start : start + request.batch_size]
@@ -602,8 +692,18 @@ def _query_shard(
         if tokens and tokens["input_ids"].shape[1] == resampler.max_text_tokens:  # only then can a text be cut
             truncated += resampler.count_truncated(texts)
         states = resampler.query_states(embeds, tokens, layers, image_slots=slots)
-        per_layer[:, start : start + len(slots)] = states.transpose(0, 1).to(storage_dtype)
-    per_layer = to_host(per_layer)
+        if not on_gpu:
+            per_layer[:, start : start + len(slots)] = states.transpose(0, 1).to(storage_dtype)
+            continue
+        cast = torch.empty((len(layers), len(slots), queries, hidden), dtype=storage_dtype, device=states.device)
+        cast.copy_(states.transpose(0, 1))  # [L, B, Q, H], contiguous: one host copy per layer below
+        finite &= finite_per_layer(cast)
+        for j in range(len(layers)):  # both sides contiguous: a true asynchronous copy
+            per_layer[j, start : start + len(slots)].copy_(cast[j], non_blocking=True)
+    flags = None
+    if finite is not None:
+        host_flags = to_host(finite)  # queued behind the shard's copies; read after the shard's event
+        flags = {layer_key(layer): host_flags[j] for j, layer in enumerate(layers)}
     tensors |= {layer_key(layer): per_layer[j] for j, layer in enumerate(layers)}
     # No batch size here: it is in the store's request, which a resumed run must match, so all shards share it.
     metadata = {
@@ -621,4 +721,4 @@ def _query_shard(
             if embeds is not None
             else torch.empty((0, 0, 0)),
         }
-    return tensors, vision, metadata
+    return tensors, vision, metadata, flags

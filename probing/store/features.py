@@ -2,17 +2,37 @@
 
 Layout of a store folder:
 
-    manifest.json                     what made it (model, data fingerprint, preprocessing, layers, dtypes ...),
-                                      "complete": false until every shard exists
-    shard-00000.safetensors ...       tensors `ids` [n] (int64) and `layer_01` ... [n, Q, H], metadata per shard
-    vision/shard-00000.safetensors    with --store-vision: `ids` (image ids) and `image_embeds` [m, V, D]
+    manifest.json                         what made it (model, data fingerprint, preprocessing, dtypes ...), the
+                                          layers it holds and where; "complete": false until every shard exists
+    shard-00000.safetensors ...           tensors `ids` [n] (int64) and `layer_01` ... [n, Q, H] of the layers of
+                                          the first extraction (layer group 0), metadata per shard
+    shard-00000.group-01.safetensors ...  `ids` and the layers added by the first growth (layer group 1), ...
+    vision/shard-00000.safetensors        with --store-vision: `ids` (image ids) and `image_embeds` [m, V, D]
 
 A backend whose queries read no text has the same states for every example of an image: its store keeps
 one row per image (`"rows": "per image"` in the request): a shard then holds `layer_XX` [m, Q, H] for its m
 images, `image_ids` [m] and `example_rows` [n], the row each of its n examples reads.
 
+Growth. The layer set is not part of a store's identity: asking for layers a store lacks opens it and adds only
+those, in one pass of the model over the split, as a new *layer group*: one file per (shard, group), named
+`shard-XXXXX.group-GG.safetensors`. Files of the groups already there are never opened for writing, so their
+bytes (and the digests the manifest holds) stay as they were. Asking for layers it holds reuses it. One file per
+(shard, group) rather than one per (shard, layer), because:
+- a store made in one extraction keeps exactly the layout (and bytes) of the stores made before growth existed,
+  so old and new stores are one format, and an old store grows by the same code path;
+- the layers of one growth come from one forward pass and are finished together: the (shard, group) file is the
+  unit of resumption, written with one fsync, as a shard was before;
+- files stay few (a 13-layer store grown once has two per shard, not 13).
+The price: reading one layer of a group verifies the whole group file (once per process).
+
+The manifest lists `layer_groups` (the layers of each group, group 0 first) and `layers` (all of them, sorted);
+each shard entry lists its group files after the first (`groups`: file and SHA-256). A store written before
+growth has neither: its one group is its request's `layers`. While a growth runs, the manifest stays complete
+(the present layers stay readable) and records `growing` (the layers being added); an interrupted growth is
+resumed by a rerun that asks for any of them, keeping the (shard, group) files already written.
+
 A shard is written under a temporary name and renamed when complete, so a killed run leaves only whole
-shards; a rerun with the same request keeps them and computes the rest. A store whose manifest differs from
+shards; a rerun with the same request keeps them and computes the rest. A store whose identity differs from
 the request is refused with the differing field named, never mixed.
 """
 
@@ -22,7 +42,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -36,10 +57,10 @@ from probing.core.artifacts import (
     first_difference,
     json_normalised,
     read_manifest,
-    safetensors_bytes,
     sweep_stale_partials,
     write_bytes,
     write_json,
+    write_safetensors,
 )
 from probing.core.errors import ProbingError
 
@@ -51,35 +72,62 @@ VISION_FOLDER = "vision"
 _METADATA_KEY = "probing"
 CHECKSUM_SUFFIX = ".sha256"
 NO_VERIFY_VARIABLE = "PROBING_NO_VERIFY"
+LAYER_FIELD = "layers"  # the request field that stores written before growth have in their identity
+_CHUNK = 1 << 22  # bytes read at a time when hashing a file
 
 
 def layer_key(layer: int) -> str:
     return f"layer_{layer:02d}"
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
+def shard_name(index: int, group: int = 0) -> str:
+    """The file of shard `index` holding layer group `group` (group 0: the shard file itself, as before growth)."""
+    return f"shard-{index:05d}.safetensors" if group == 0 else f"shard-{index:05d}.group-{group:02d}.safetensors"
 
 
-def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
-    """Write one shard atomically (temporary name, fsync, rename), its SHA-256 beside it first: a shard on disk
-    without one beside it is from before checksums, never one whose digest was lost."""
+def without_layers(request: Mapping[str, Any]) -> dict[str, Any]:
+    """A store's identity from its manifest's request: stores written before growth also name their layers there."""
+    return {key: value for key, value in request.items() if key != LAYER_FIELD}
+
+
+def layer_groups(manifest: Mapping[str, Any]) -> list[list[int]]:
+    """The layers of each layer group, group 0 first (a store written before growth: its request's layers)."""
+    groups = manifest.get("layer_groups")
+    if groups is None:
+        request = manifest.get("request", {})
+        groups = [request[LAYER_FIELD]] if LAYER_FIELD in request else []
+    return [list(group) for group in groups]
+
+
+def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> str:
+    """Write one shard atomically with its SHA-256 beside it (hashed from the bytes as they are written, never read
+    back; the digest file is not fsynced: after a crash a lost or empty one makes its shard look damaged or from
+    before checksums, and it is computed again or checked by parsing, never wrong bytes accepted); returns the
+    digest."""
     # One metadata key holding sorted JSON: safetensors keeps metadata in a hash map whose order changes from
     # process to process, which would make identical shards differ in bytes.
-    data = safetensors_bytes(tensors, {_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)})
-    write_bytes(checksum_sidecar(path), hashlib.sha256(data).hexdigest().encode())
-    write_bytes(path, data)
+    metadata = {_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)}
+    return write_safetensors(path, tensors, metadata, digest_beside=checksum_sidecar(path))
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether a tensor holds no NaN and no infinity. Its smallest and largest values tell (a NaN makes both NaN,
     +inf is the largest, -inf the smallest), and `torch.aminmax` finds them about 20 times faster than
     `torch.isfinite(tensor).all()` on a CPU's fp16 shard (0.07 s against 1.4 s for 1,024 examples of 13 layers):
-    the full check had been the shard writer's largest cost."""
+    the full check had been the shard writer's largest cost. (On a GPU extraction checks on the device instead,
+    `finite_per_layer`, where the elementwise check is free beside the cast.)"""
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def finite_per_layer(states: torch.Tensor) -> torch.Tensor:
+    """`[L]` bool: whether each layer of `[L, ...]` states holds only finite values, computed where the states are
+    (no host sync: the flags travel to the host with the states and the writer checks them)."""
+    if states.numel() == 0:
+        return torch.ones(len(states), dtype=torch.bool, device=states.device)
+    return torch.isfinite(states).reshape(len(states), -1).all(dim=1)
 
 
 def checksum_sidecar(shard: Path) -> Path:
@@ -105,12 +153,29 @@ _VERIFIED: set[tuple[tuple[str, int, int, int], str]] = set()
 
 
 def shard_digest(path: Path) -> str:
-    """The SHA-256 of a shard's bytes (read in chunks: a shard may be larger than memory allows twice)."""
+    """The SHA-256 of a shard's bytes, read in chunks into one reused buffer (a shard may be larger than memory
+    allows twice; no chunk is allocated afresh)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while read := handle.readinto(buffer):
+            digest.update(view[:read])
     return digest.hexdigest()
+
+
+def _hash_threads() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _digests(paths: Sequence[Path]) -> list[str]:
+    """The SHA-256 of several files, hashed by parallel threads (hashlib and reads release the GIL): verification
+    of a store is hashing-bound, and its shards are independent."""
+    if len(paths) < 2:
+        return [shard_digest(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=min(_hash_threads(), len(paths))) as pool:
+        return list(pool.map(shard_digest, paths))
 
 
 def _readable_shard(path: Path) -> bool:
@@ -124,61 +189,87 @@ def _readable_shard(path: Path) -> bool:
         return False
 
 
-def _intact(path: Path, recorded: str | None) -> bool:
-    """Whether a shard's bytes have the recorded SHA-256 (a shard from before checksums, recorded None: whether
-    it parses). Remembered per process while the file is unchanged."""
-    if not path.is_file():
-        return False
-    state = _file_state(path)
-    if recorded is None:
-        return _readable_shard(path)
-    if (state, recorded) in _VERIFIED:
-        return True
-    if shard_digest(path) != recorded:
-        return False
-    _VERIFIED.add((state, recorded))
-    return True
-
-
-def _verify_shards(folder: Path, entries: list[dict[str, Any]], count_key: str) -> bool:
-    """Check each listed shard against its recorded SHA-256 and its recorded count; a shard listed without a
-    digest (a store written before checksums) is checked for parsing and gets its digest recorded (True:
-    entries changed). A damaged shard is a ProbingError naming it."""
-    changed = False
-    for entry in entries:
-        path = folder / entry["file"]
+def _intact_all(checks: Sequence[tuple[Path, str | None]]) -> list[bool]:
+    """For each (shard, recorded SHA-256): whether its bytes have that digest (recorded None, a shard from before
+    checksums: whether it parses). Shards not yet verified in this process are hashed in parallel; a verified one
+    is remembered while the file is unchanged."""
+    results: list[bool | None] = [None] * len(checks)
+    to_hash: list[int] = []
+    for position, (path, recorded) in enumerate(checks):
         if not path.is_file():
-            raise ProbingError(f"{path}: shard missing; rerun the same `probing extract` to recompute it")
-        if not _intact(path, entry.get("sha256")):
-            reason = "it does not parse" if entry.get("sha256") is None else "its SHA-256 differs from the manifest's"
-            raise ProbingError(f"{path}: shard damaged ({reason}); rerun the same `probing extract` to recompute it")
-        if entry.get("sha256") is None:
-            entry["sha256"] = shard_digest(path)
-            _VERIFIED.add((_file_state(path), entry["sha256"]))
-            changed = True
-        found = _shard_metadata(path).get(count_key)
-        if found != entry.get(count_key):
-            raise ProbingError(f"{path}: holds {found} {count_key} but the manifest lists {entry.get(count_key)}")
-    return changed
+            results[position] = False
+        elif recorded is None:
+            results[position] = _readable_shard(path)
+        elif (_file_state(path), recorded) in _VERIFIED:
+            results[position] = True
+        else:
+            to_hash.append(position)
+    states = [_file_state(checks[position][0]) for position in to_hash]  # before hashing: a change after is seen
+    for position, state, digest in zip(to_hash, states, _digests([checks[p][0] for p in to_hash]), strict=True):
+        results[position] = digest == checks[position][1]
+        if results[position]:
+            _VERIFIED.add((state, digest))
+    return [bool(result) for result in results]
+
+
+def _intact(path: Path, recorded: str | None) -> bool:
+    return _intact_all([(path, recorded)])[0]
+
+
+def _store_files(manifest: Mapping[str, Any]) -> list[tuple[str, int, int, dict[str, Any]]]:
+    """Every file a complete store lists: (folder, shard index, layer group, its entry), vision shards as group 0
+    of the folder `vision`. Raises on a damaged 'shards' field."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and "file" in e for e in shards):
+        raise ProbingError(f"field 'shards' is damaged ({MANIFEST_NAME})")
+    files: list[tuple[str, int, int, dict[str, Any]]] = []
+    extra = len(layer_groups(manifest)) - 1
+    for index, entry in enumerate(shards):
+        files.append(("", index, 0, entry))
+        groups = entry.get("groups", [])
+        if len(groups) != extra or not all(isinstance(g, dict) and "file" in g for g in groups):
+            raise ProbingError(f"field 'shards[{index}].groups' does not list one file per layer group after the first")
+        files.extend(("", index, group, item) for group, item in enumerate(groups, start=1))
+    for index, entry in enumerate((manifest.get("vision") or {}).get("shards", [])):
+        files.append((VISION_FOLDER, index, 0, entry))
+    return files
 
 
 def verify_store(path: Path, manifest: dict[str, Any]) -> None:
-    """Check a complete store's shards against its manifest: their SHA-256 and example counts, and the total.
+    """Check a complete store's files against its manifest: their SHA-256 (hashed in parallel, once per process)
+    and example counts, and the total; a damaged file is a ProbingError naming it.
 
     A store written before checksums is trusted once: its shards' digests are recorded in its manifest (when
     the folder is writable), so that every later read checks them.
     """
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(isinstance(e, dict) and "file" in e for e in shards):
-        raise ProbingError(f"{path / MANIFEST_NAME}: field 'shards' is damaged")
-    changed = _verify_shards(path, shards, "examples")
-    if manifest.get("examples") != sum(int(entry["examples"]) for entry in shards):
+    try:
+        files = _store_files(manifest)
+    except ProbingError as error:
+        raise ProbingError(f"{path / MANIFEST_NAME}: {error}") from None
+    paths = [path / folder / entry["file"] for folder, _, _, entry in files]
+    for file in paths:
+        if not file.is_file():
+            raise ProbingError(f"{file}: shard missing; rerun the same `probing extract` to recompute it")
+    intact = _intact_all([(file, entry.get("sha256")) for file, (_, _, _, entry) in zip(paths, files, strict=True)])
+    changed = False
+    for file, (folder, index, group, entry), whole in zip(paths, files, intact, strict=True):
+        if not whole:
+            reason = "it does not parse" if entry.get("sha256") is None else "its SHA-256 differs from the manifest's"
+            raise ProbingError(f"{file}: shard damaged ({reason}); rerun the same `probing extract` to recompute it")
+        if entry.get("sha256") is None:
+            entry["sha256"] = shard_digest(file)
+            _VERIFIED.add((_file_state(file), entry["sha256"]))
+            changed = True
+        count_key = "images" if folder == VISION_FOLDER else "examples"
+        expected = entry.get(count_key) if group == 0 else manifest["shards"][index].get("examples")
+        found = _shard_metadata(file).get(count_key)
+        if found != expected:
+            raise ProbingError(f"{file}: holds {found} {count_key} but the manifest lists {expected}")
+    if manifest.get("examples") != sum(int(entry["examples"]) for entry in manifest["shards"]):
         raise ProbingError(
             f"{path / MANIFEST_NAME}: field 'examples' is {manifest.get('examples')!r} but its shards hold "
-            f"{sum(int(entry['examples']) for entry in shards)}"
+            f"{sum(int(entry['examples']) for entry in manifest['shards'])}"
         )
-    if manifest.get("vision"):
-        changed |= _verify_shards(path / VISION_FOLDER, manifest["vision"]["shards"], "images")
     if changed:
         try:
             write_json(path / MANIFEST_NAME, manifest)
@@ -220,18 +311,24 @@ class _ShardedTensors:
         return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
 
     def load(
-        self, key: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        self,
+        key: str,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        files: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Concatenate `key` over shards into one preallocated tensor (one shard in memory at a time)."""
-        if not self.shard_files:
+        """Concatenate `key` over shards (or over `files`, one per shard: a layer group's) into one preallocated
+        tensor (one shard in memory at a time)."""
+        files = self.shard_files if files is None else list(files)
+        if not files:
             raise ProbingError(f"{self.folder}: store has no shards")
         total = 0
-        for name in self.shard_files:  # shapes from the headers: nothing is read yet
+        for name in files:  # shapes from the headers: nothing is read yet
             with safe_open(self.folder / name, framework="pt") as handle:
                 total += handle.get_slice(key).get_shape()[0]
         result: torch.Tensor | None = None
         offset = 0
-        for name in self.shard_files:
+        for name in files:
             with safe_open(self.folder / name, framework="pt") as handle:
                 part = handle.get_tensor(key)
             if len(part) == 0:
@@ -270,6 +367,7 @@ class FeatureStore:
         if verification_enabled() if verify is None else verify:
             verify_store(self.path, self.manifest)
         self._tensors = _ShardedTensors(self.path, [s["file"] for s in self.manifest["shards"]])
+        self._group_of = {layer: group for group, layers in enumerate(layer_groups(self.manifest)) for layer in layers}
 
     @property
     def ids(self) -> list[int]:
@@ -277,7 +375,7 @@ class FeatureStore:
 
     @property
     def layers(self) -> list[int]:
-        return list(self.manifest["request"]["layers"])
+        return sorted(self._group_of)
 
     @property
     def per_image(self) -> bool:
@@ -299,9 +397,11 @@ class FeatureStore:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stored rows and, for a per-image store, the row each example reads (else None): a per-image
         store stays one row per image in memory."""
-        if layer not in self.layers:
+        if layer not in self._group_of:
             raise ProbingError(f"{self.path}: layer {layer} is not in the store (it has {self.layers})")
-        states = self._tensors.load(layer_key(layer), dtype=dtype, device=device)
+        group = self._group_of[layer]
+        files = [s["file"] if group == 0 else s["groups"][group - 1]["file"] for s in self.manifest["shards"]]
+        states = self._tensors.load(layer_key(layer), dtype=dtype, device=device, files=files)
         return states, (self._tensors.example_rows() if self.per_image else None)
 
     @property
@@ -329,57 +429,96 @@ class VisionStore:
 
 
 class FeatureStoreWriter:
-    """Write side: checks an existing store against the request, lists finished shards, finalises.
+    """Write side: checks an existing store against the request, lists finished (shard, layer group) files,
+    finalises a new store or a growth.
 
-    `identity` is the part of the manifest that defines the request; an existing store whose identity
-    differs is refused, naming the first differing field. Safe with several processes (accelerate): each
+    `identity` is the part of the manifest that defines the request, without the layers; an existing store whose
+    identity differs is refused, naming the first differing field (a store written before growth also has its
+    layers in its request: they are left out of the comparison). Safe with several processes (accelerate): each
     writes its own shards; the main process writes the manifests.
     """
 
     def __init__(self, path: Path, identity: Mapping[str, Any]):
         """Read-only checks (safe on every process at once); `prepare()` then creates the store."""
         self.path = Path(path)
-        self.identity = json_normalised(identity)
+        self.identity = without_layers(json_normalised(dict(identity)))
         if self.path.exists() and not self.path.is_dir():
             raise ProbingError(f"{self.path}: exists and is not a directory")
         existing = read_manifest(self.path) if self.path.is_dir() else None
         if existing is None and self.path.is_dir() and any(self.path.iterdir()):
             raise ProbingError(f"{self.path}: not empty and has no {MANIFEST_NAME}; choose another output directory")
         if existing is not None:
-            differing = first_difference(self.identity, existing.get("request", {}))
+            differing = first_difference(self.identity, without_layers(existing.get("request", {})))
             if differing is not None:
                 raise ProbingError(
                     f"{self.path}: holds features made with a different '{differing}'; "
                     "choose another output directory or remove it"
                 )
+        self.manifest: dict[str, Any] = existing or {}
         self.exists = existing is not None
         self.complete = bool(existing and existing.get("complete"))
 
-    def prepare(self) -> None:
-        """Create the folder and its first manifest (main process only, before any shard is written)."""
+    @property
+    def groups(self) -> list[list[int]]:
+        """The layers of each layer group the store has or is being made with (empty for a new store)."""
+        return layer_groups(self.manifest) if self.exists else []
+
+    @property
+    def present_layers(self) -> list[int]:
+        """The layers a complete store holds."""
+        return sorted({layer for group in self.groups for layer in group}) if self.complete else []
+
+    @property
+    def growing(self) -> list[int] | None:
+        """The layers an unfinished growth of a complete store is adding (None: no growth under way)."""
+        growing = self.manifest.get("growing")
+        return list(growing["layers"]) if self.complete and growing else None
+
+    def prepare(self, layers: Sequence[int] = ()) -> None:
+        """Create the folder and its first manifest (main process only, before any shard is written): a new store
+        is made with `layers` as its layer group 0; an unfinished one keeps the groups it records."""
         self.path.mkdir(parents=True, exist_ok=True)
-        if not self.exists:  # the manifest first, so that the folder is never ours without saying so
-            write_json(self.path / MANIFEST_NAME, {"request": self.identity, "complete": False})
+        if not self.exists or not self.groups:  # the manifest first: the folder is never ours without saying so
+            self.manifest = {"request": self.identity, "complete": False, "layer_groups": [sorted(layers)]}
+            write_json(self.path / MANIFEST_NAME, self.manifest)
+            self.exists = True
         if self.identity.get("store_vision"):
             (self.path / VISION_FOLDER).mkdir(exist_ok=True)
         self._sweep_partials()
+
+    def begin_growth(self, missing: Sequence[int]) -> list[int]:
+        """Record in the complete manifest that layers are being added (main process only); returns the layers of
+        the new group. An unfinished growth that already covers `missing` is resumed (its files kept); one that
+        does not is widened to its layers and `missing`, its files removed (they hold the narrower set)."""
+        under_way = self.growing
+        if under_way is not None and set(missing) <= set(under_way):
+            return under_way
+        layers = sorted(set(missing) | set(under_way or []))
+        group = len(self.groups)
+        for path in self.path.glob(f"shard-*.group-{group:02d}.safetensors*"):
+            path.unlink(missing_ok=True)  # an earlier growth's own files, never a group the manifest lists
+        self.manifest["growing"] = {"layers": layers}
+        write_json(self.path / MANIFEST_NAME, self.manifest)
+        self._sweep_partials()
+        return layers
 
     def _sweep_partials(self) -> None:
         for folder in (self.path, self.path / VISION_FOLDER):
             if folder.is_dir():
                 sweep_stale_partials(folder, f".*{PARTIAL_MARK}*")
 
-    def _shard_paths(self, index: int) -> list[Path]:
-        paths = [self.path / shard_name(index)]
-        if self.identity.get("store_vision"):
+    def _unit_paths(self, index: int, group: int) -> list[Path]:
+        """The files of one unit of work: (shard, layer group); the vision shard goes with group 0, first."""
+        paths = [self.path / shard_name(index, group)]
+        if group == 0 and self.identity.get("store_vision"):
             paths.insert(0, self.path / VISION_FOLDER / shard_name(index))
         return paths
 
-    def shard_done(self, index: int) -> bool:
-        """Whether shard `index` is on disk and whole: its bytes match the SHA-256 written beside it (a shard
-        from before checksums, with none beside it, must parse and gets one). A damaged shard is deleted and
-        reported not done, so that a resumed extraction recomputes it."""
-        paths = self._shard_paths(index)
+    def shard_done(self, index: int, group: int = 0) -> bool:
+        """Whether the file(s) of (shard `index`, layer group `group`) are on disk and whole: their bytes match the
+        SHA-256 written beside them (a shard from before checksums, with none beside it, must parse and gets one).
+        A damaged unit is deleted and reported not done, so that a resumed extraction recomputes it."""
+        paths = self._unit_paths(index, group)
         if not paths[-1].is_file():  # the query shard is written last: without it the unit of work is not done
             return False
         for path in paths:
@@ -405,61 +544,82 @@ class FeatureStoreWriter:
         tensors: Mapping[str, torch.Tensor],
         metadata: Mapping[str, Any],
         vision: Mapping[str, torch.Tensor] | None = None,
+        group: int = 0,
+        finite: Mapping[str, bool] | None = None,
     ) -> None:
         """Write one unit of work: the vision shard first (a query shard on disk means its unit is done), each
-        shard's SHA-256 beside it before the shard itself (a shard without one is from before checksums)."""
+        file's SHA-256 beside it before the file takes its name (a shard without one is from before checksums).
+
+        `finite`: for the tensors it names, whether they are finite, as checked where they were computed (a GPU);
+        the other floating tensors are checked here. A growth's file (`group` > 0) must hold the examples of the
+        shard's first file, in its order: images that became readable or unreadable since would misalign rows."""
+        finite = dict(finite or {})
         for name, tensor in [*tensors.items(), *(vision or {}).items()]:
-            if tensor.is_floating_point() and not all_finite(tensor):
+            ok = finite[name] if name in finite else (not tensor.is_floating_point() or all_finite(tensor))
+            if not ok:
                 raise ProbingError(
-                    f"{self.path / shard_name(index)}: '{name}' holds non-finite values (NaN or inf) for example "
-                    f"ids {tensors['ids'].tolist()[:5]}...: the model's outputs overflowed or a checkpoint is "
+                    f"{self.path / shard_name(index, group)}: '{name}' holds non-finite values (NaN or inf) for "
+                    f"example ids {tensors['ids'].tolist()[:5]}...: the model's outputs overflowed or a checkpoint is "
                     "damaged; nothing of this shard was written"
                 )
+        if group > 0:
+            base = self.path / shard_name(index)
+            with safe_open(base, framework="pt") as handle:
+                expected = handle.get_tensor("ids")
+            if not torch.equal(expected, tensors["ids"]):
+                raise ProbingError(
+                    f"{base}: holds other examples than this extraction computed for it (images became readable or "
+                    "unreadable since the store was made); extract into a new folder"
+                )
+        written = []
         if vision is not None:
-            save_shard(self.path / VISION_FOLDER / shard_name(index), vision, {"images": len(vision["ids"])})
-        save_shard(self.path / shard_name(index), tensors, metadata)
+            path = self.path / VISION_FOLDER / shard_name(index)
+            written.append((path, save_shard(path, vision, {"images": len(vision["ids"])})))
+        path = self.path / shard_name(index, group)
+        written.append((path, save_shard(path, tensors, metadata)))
+        for path, digest in written:  # hashed from the very bytes written: this process need not read them back
+            _VERIFIED.add((_file_state(path), digest))
 
-    def damaged_shards(self) -> list[int]:
-        """The shards of a complete store that are missing or whose bytes differ from the manifest's SHA-256
-        (unparsable, for a store from before checksums)."""
-        manifest = read_manifest(self.path) or {}
-        listed = [("", manifest.get("shards", [])), (VISION_FOLDER, (manifest.get("vision") or {}).get("shards", []))]
-        damaged: set[int] = set()
-        for folder, entries in listed:
-            for index, entry in enumerate(entries):
-                if not _intact(self.path / folder / entry["file"], entry.get("sha256")):
-                    damaged.add(index)
-        return sorted(damaged)
+    def damaged_shards(self) -> list[tuple[int, int]]:
+        """The (shard, layer group) units of a complete store with a file missing or whose bytes differ from the
+        manifest's SHA-256 (unparsable, for a store from before checksums)."""
+        files = _store_files(self.manifest)
+        intact = _intact_all([(self.path / f / entry["file"], entry.get("sha256")) for f, _, _, entry in files])
+        return sorted({(index, group) for (_, index, group, _), whole in zip(files, intact, strict=True) if not whole})
 
-    def reopen(self, damaged: Sequence[int]) -> None:
-        """Make a complete store resumable again with shards `damaged` to compute (main process only): the good
-        shards keep the digests the manifest recorded (beside them again), the damaged ones are removed."""
-        manifest = read_manifest(self.path) or {}
-        entries = {"": manifest.get("shards", []), VISION_FOLDER: (manifest.get("vision") or {}).get("shards", [])}
-        for folder, listed in entries.items():
-            for index, entry in enumerate(listed):
-                path = self.path / folder / entry["file"]
-                if index in damaged:
-                    path.unlink(missing_ok=True)
-                elif entry.get("sha256"):
-                    write_bytes(checksum_sidecar(path), entry["sha256"].encode())
-        write_json(self.path / MANIFEST_NAME, {"request": self.identity, "complete": False})
+    def reopen(self, damaged: Sequence[tuple[int, int]]) -> None:
+        """Make a complete store resumable again with units `damaged` to compute (main process only): the good
+        files keep the digests the manifest recorded (beside them again), the damaged ones are removed."""
+        for folder, index, group, entry in _store_files(self.manifest):
+            path = self.path / folder / entry["file"]
+            if (index, group) in damaged:
+                path.unlink(missing_ok=True)
+            elif entry.get("sha256"):
+                write_bytes(checksum_sidecar(path), entry["sha256"].encode())
+        self.manifest = {"request": self.identity, "complete": False, "layer_groups": self.groups}
+        write_json(self.path / MANIFEST_NAME, self.manifest)
         self.exists, self.complete = True, False
 
     def finish(self, shard_count: int, summary: Mapping[str, Any]) -> dict[str, Any]:
-        """Check every shard exists, gather per-shard metadata, write the complete manifest."""
+        """Check every file of every layer group exists, gather per-shard metadata, write the complete manifest."""
+        groups = self.groups
         shards, bad_images, examples = [], [], 0
         for index in range(shard_count):
             path = self.path / shard_name(index)
             if not path.is_file():
                 raise ProbingError(f"{path}: shard missing after extraction")  # a worker process failed
             metadata = _shard_metadata(path)
-            shards.append({"file": shard_name(index), "examples": metadata["examples"], "sha256": _sidecar(path)})
+            entry = {"file": shard_name(index), "examples": metadata["examples"], "sha256": _sidecar(path)}
+            if len(groups) > 1:
+                entry["groups"] = [self._group_entry(index, group) for group in range(1, len(groups))]
+            shards.append(entry)
             examples += metadata["examples"]
             bad_images += metadata.get("bad_images", [])
         manifest: dict[str, Any] = {
             "request": self.identity,
             "complete": True,
+            "layer_groups": groups,
+            "layers": sorted({layer for group in groups for layer in group}),
             "examples": examples,
             "shards": shards,
             "bad_images": sorted(set(bad_images)),
@@ -474,10 +634,45 @@ class FeatureStoreWriter:
                 )
             manifest["vision"] = {"shards": vision_shards, "images": sum(s["images"] for s in vision_shards)}
         write_json(self.path / MANIFEST_NAME, manifest)
-        for index in range(shard_count):  # the manifest holds the digests now
-            for path in self._shard_paths(index):
-                checksum_sidecar(path).unlink(missing_ok=True)
+        self._drop_sidecars(shard_count, range(len(groups)))
+        self.manifest, self.complete = manifest, True
         return manifest
+
+    def finish_growth(self, shard_count: int, summary: Mapping[str, Any]) -> dict[str, Any]:
+        """Add the grown layer group to the complete manifest: its layers, each shard's file and SHA-256. The files
+        and entries of the groups already there are left as they were."""
+        layers = self.growing
+        if layers is None:
+            raise ProbingError(f"{self.path / MANIFEST_NAME}: no growth under way to finish")
+        group = len(self.groups)
+        entries = [self._group_entry(index, group) for index in range(shard_count)]
+        manifest = dict(self.manifest)
+        manifest.pop("growing")
+        if LAYER_FIELD in manifest["request"]:  # a store written before growth: its identity without the layers
+            manifest["request"] = without_layers(manifest["request"])
+        manifest["layer_groups"] = [*self.groups, layers]
+        manifest["layers"] = sorted({layer for g in manifest["layer_groups"] for layer in g})
+        manifest["shards"] = [
+            {**entry, "groups": [*entry.get("groups", []), added]}
+            for entry, added in zip(manifest["shards"], entries, strict=True)
+        ]
+        manifest |= dict(summary)
+        write_json(self.path / MANIFEST_NAME, manifest)
+        self._drop_sidecars(shard_count, [group])
+        self.manifest = manifest
+        return manifest
+
+    def _group_entry(self, index: int, group: int) -> dict[str, Any]:
+        path = self.path / shard_name(index, group)
+        if not path.is_file():
+            raise ProbingError(f"{path}: shard missing after extraction")  # a worker process failed
+        return {"file": shard_name(index, group), "sha256": _sidecar(path)}
+
+    def _drop_sidecars(self, shard_count: int, groups: Iterable[int]) -> None:
+        for group in groups:  # the manifest holds the digests now
+            for index in range(shard_count):
+                for path in self._unit_paths(index, group):
+                    checksum_sidecar(path).unlink(missing_ok=True)
 
 
 def _sidecar(path: Path) -> str:
