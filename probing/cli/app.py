@@ -520,7 +520,7 @@ def _build_data_group() -> click.Command:
 @_lazy("extract", "Store per-layer query outputs of one split (sharded safetensors, resumable).", STAGES_PANEL)
 def _build_extract() -> click.Command:
     from probing.core.settings import cli_parameters
-    from probing.store.extract import ExtractionRequest
+    from probing.store.settings import ExtractionRequest
 
     parameters = [
         *_task(),
