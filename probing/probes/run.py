@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +68,8 @@ class TrainRequest(ModelSource, ProbeInputs):
     trials: tuple[Trial, ...]
     settings: TrainSettings
     data: DataOptions | None = None  # frozen: optional (else the stores' recorded paths); unfrozen: required
+    # frozen: stores already open instead of --features (features extracted in memory, `probing.store.memory`)
+    stores: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def source(self) -> ModelSource:
@@ -75,7 +78,7 @@ class TrainRequest(ModelSource, ProbeInputs):
     def check(self) -> TrainRequest:
         if self.mode not in ("frozen", "unfrozen"):
             raise ProbingError(f"--mode: unknown mode '{self.mode}' (choose frozen or unfrozen)")
-        if self.mode == "frozen" and self.features is None:
+        if self.mode == "frozen" and self.features is None and self.stores is None:
             raise ProbingError("--features is required for --mode frozen")
         if self.mode == "unfrozen" and (self.model is None or self.data is None):
             raise ProbingError("--mode unfrozen needs --model and the task's data options")
@@ -114,6 +117,7 @@ def make_trainer(request: TrainRequest) -> Trainer:
             request.data,
             control,
             request.shuffled_features,
+            stores=request.stores,
         )
     return UnfrozenTrainer(
         request.task,

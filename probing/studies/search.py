@@ -50,7 +50,7 @@ from probing.core.artifacts import (
 from probing.core.errors import ProbingError
 from probing.core.locks import FolderLock
 from probing.core.records import MetricsRecord, SearchSummary, StageResult
-from probing.core.settings import check, comma_separated, identity, setting
+from probing.core.settings import FROZEN_MODE, check, check_scope, comma_separated, identity, scoped, setting
 from probing.data.types import DataOptions
 from probing.models import ModelSource
 from probing.probes.checkpoints import TrialCheckpoint
@@ -99,6 +99,7 @@ def _distinct(values: tuple[int, ...], where: str) -> None:
         raise ProbingError(f"{where}: seed {repeated[0]} is given twice (each seed once), got {list(values)}")
 
 
+@scoped
 @dataclass(frozen=True, kw_only=True)
 class SearchSettings:
     """How a search runs: the `search` section of a config's experiment and the options of `probing search`."""
@@ -128,6 +129,12 @@ class SearchSettings:
         omit_default=True,
         help="Stops hopeless trials from their per-epoch val metric: Optuna's median or hyperband pruner; auto: "
         "hyperband for unfrozen searches, none for frozen ones (their trials train together in one pass).",
+    )
+    in_memory: bool = setting(
+        False,
+        applies=FROZEN_MODE,
+        help="Extract the layer from --model straight into device memory (GPU if present) and train there: no "
+        "feature store is written or read (the same values as one; the manifests say features_in_memory).",
     )
     heartbeat: float = setting(
         30.0, above=0, help="Seconds between a running trial's heartbeats; a trial silent for 4x as long is retried."
@@ -163,25 +170,57 @@ class SearchRequest(ModelSource, SearchSettings, ProbeInputs):
 
     def check(self) -> SearchRequest:
         check(self)
+        check_scope(self, mode=self.mode)  # --in-memory: frozen only (unfrozen trials train the resampler itself)
         final = self.seeds_of_best
         if len(set(final)) != len(final):
             raise ProbingError(f"final seeds must be distinct, got {list(final)}")
         self.space.check()
-        self.train_request((), self.out).check()
+        if self.in_memory:
+            self.check_in_memory()
+        # in memory, the stores are extracted once the request is checked (`run_search`): an empty mapping stands
+        # for them here
+        self.train_request((), self.out, stores={} if self.in_memory else None).check()
         if self.storage is not None and self.study_name is None:
             raise ProbingError("--storage needs --study-name (the study that workers share)")
         return self
+
+    def check_in_memory(self) -> None:
+        """`--in-memory` reads the features from the model, in this one process."""
+        if self.features is not None:
+            raise ProbingError("--in-memory: extracts the features from --model itself; leave out --features")
+        if self.model is None or self.data is None:
+            raise ProbingError("--in-memory: needs --model and the task's data options (the features come from them)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ProbingError(
+                "--in-memory: the features live in one process's device memory; run one process (several "
+                "`probing search --in-memory` workers on one --storage each extract their own), not `accelerate launch`"
+            )
 
     @property
     def storage_url(self) -> str:
         """Where the study lives: --storage, or a journal file in the search folder."""
         return self.storage or f"journal:{self.out / STUDY_JOURNAL}"
 
-    def train_request(self, trials: tuple[Trial, ...], out: Path) -> TrainRequest:
+    def train_request(self, trials: tuple[Trial, ...], out: Path, stores=None) -> TrainRequest:
+        """The `probing train` request of some trials of this search (`stores`: open ones, e.g. in memory)."""
         shared = {f.name: getattr(self, f.name) for f in (*fields(ModelSource), *fields(ProbeInputs))}
         return TrainRequest(
-            task=self.task, layer=self.layer, out=out, trials=trials, settings=self.settings, data=self.data, **shared
+            task=self.task,
+            layer=self.layer,
+            out=out,
+            trials=trials,
+            settings=self.settings,
+            data=self.data,
+            stores=stores,
+            **shared,
         )
+
+    def memory_stores(self) -> dict[str, Any]:
+        """`--in-memory`: the searched layer extracted from the model into the training device's memory, as
+        `probing extract` with its default settings would store it (`probing.store.memory`)."""
+        from probing.store.memory import memory_stores
+
+        return memory_stores(self, self.data, [self.layer], device=self.settings.device)
 
 
 def pruner_of(request: SearchRequest):
@@ -664,10 +703,11 @@ def claim_folder(out: Path, identity: dict[str, Any]) -> str:
     return "open"
 
 
-def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
+def run_search(request: SearchRequest, stores: dict[str, Any] | None = None) -> StageResult[SearchSummary]:
     """Search (resuming the study where it stopped), then train the best trial once more and evaluate it on
     test; write `request.out`. Several workers may run the same search: they share its trials, one writes the
-    result, the others reuse it."""
+    result, the others reuse it. With `request.in_memory` the features are extracted in memory (`stores`: ones
+    already extracted, e.g. by `probing run` for several searches of one model and task)."""
     request.check()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DDP would pair processes that Optuna gives different trials: they would train each other's models
@@ -677,7 +717,10 @@ def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
             "`probing extract`)"
         )
     out = request.out
-    train_request = request.train_request((), out / "best")  # its trials: the best one's, once known
+    if request.in_memory and stores is None:
+        stores = request.memory_stores()  # the model and data read now (their identity); a split extracted when read
+    # its trials: the best one's, once known
+    train_request = request.train_request((), out / "best", stores if request.in_memory else None)
     trainer = make_trainer(train_request)
     identity = search_identity(request, trainer.inputs)
     # A storage given with --storage is opened (and refused in one line) before anything is written into --out;
@@ -749,6 +792,8 @@ def _write_result(request, study, trainer, fitter, train_request, identity) -> S
             **identity,
             "code_version": code_version(),
             "storage": redact(request.storage) if request.storage else None,
+            # not part of the identity: a search in memory gives the numbers of the same search on a store
+            **({"features_in_memory": True} if request.in_memory else {}),
             "study": {
                 "storage": redact(request.storage_url),
                 "name": study.study_name,
