@@ -115,3 +115,73 @@ def test_in_memory_needs_the_model_and_one_process(capsys, demo_options, tiny_ch
     code, _, err = run_cli(capsys, *search_args(tmp_path / "out", *in_memory_args(tiny_checkpoints, demo_options)))
     assert code == 2 and err.strip().startswith("error: --in-memory: the features live in one process's"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def small_config(tmp_path, checkpoint, name: str, in_memory: bool) -> dict:
+    return {
+        "name": name,
+        "workspace": str(tmp_path / name),
+        "models": {"BLIP-2 (tiny)": {"model": str(checkpoint)}},
+        "data": {"demo": {"refcocog_images": 160, "vsr_images": 60}},
+        "experiments": [
+            {
+                "name": "frozen",
+                "tasks": ["vsr"],
+                "models": ["BLIP-2 (tiny)"],
+                "layers": [2, 4],
+                "controls": True,
+                "control_seeds": [0],
+                "search": {
+                    "trials": 3,
+                    "batch": 3,
+                    "in_memory": in_memory,
+                    "space": {"vsr": {"lr": [0.001, 0.1], "epochs": [3]}},
+                },
+            }
+        ],
+        "report": {"out": str(tmp_path / f"report-{name}")},
+        "device": "cpu",
+    }
+
+
+def test_a_config_in_memory_writes_no_store_and_gives_the_numbers_of_one(capsys, tmp_path, tiny_checkpoints):
+    """`search: {in_memory: true}`: both layers extracted once into memory for the two searches, their floors and
+    controls; every number as with stores."""
+    import yaml
+
+    for name, in_memory in (("memory", True), ("disk", False)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(small_config(tmp_path, tiny_checkpoints["blip2"], name, in_memory)))
+        code, out, err = run_cli(capsys, "run", path)
+        assert code == 0, err
+        assert "searches: 2 built" in out and "rigour runs: 6 built" in out, out
+    assert not (tmp_path / "memory" / "features").exists() and (tmp_path / "disk" / "features").is_dir()
+    runs = sorted(p.relative_to(tmp_path / "disk") for p in (tmp_path / "disk" / "runs").rglob("metrics.json"))
+    assert len(runs) == 8  # 2 searches' best runs, and per search its floor, control and the control's floor
+    for run in runs:
+        metrics = [json.loads((tmp_path / name / run).read_text()) for name in ("disk", "memory")]
+        assert metrics[0] == metrics[1], run
+        manifest = json.loads((tmp_path / "memory" / run.parent / "manifest.json").read_text())
+        assert manifest["features_in_memory"] is True and "feature_paths" not in manifest
+    assert (tmp_path / "report-memory" / "tables" / "table1.md").read_text() == (
+        tmp_path / "report-disk" / "tables" / "table1.md"
+    ).read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"modes": ["unfrozen"]}, "applies to frozen probes (--mode frozen) only, not modes unfrozen"),
+        ({"mdl": True}, "the online code ('mdl: true') reads feature stores; leave one of them out"),
+    ],
+)
+def test_a_config_refuses_in_memory_where_it_makes_no_sense(capsys, tmp_path, tiny_checkpoints, change, message):
+    import yaml
+
+    config = small_config(tmp_path, tiny_checkpoints["blip2"], "w", True)
+    config["experiments"][0] |= change
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, _, err = run_cli(capsys, "run", path)
+    assert code == 2 and err == f"error: {path}: config field 'experiments[0].search.in_memory': {message}\n", err
+    assert not (tmp_path / "w").exists()
