@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 SEARCH_FORMAT_VERSION = 1
 STUDY_JOURNAL = "study.log"  # the study of a search without --storage, in its folder
 LEGACY_STUDY = "search"  # the one name every search's own study had before studies were named after their search
-HYPERBAND_REDUCTION = 4  # hyperband's reduction factor (see `pruner_of`)
+HYPERBAND_REDUCTION = 4  # the reduction factor of hyperband and successive halving (see `pruner_of`)
+PRUNERS = ("none", "median", "hyperband", "successive-halving")  # the kinds a study records (user attr "pruner")
 CLAIM = "search.json"  # written first: what the folder's study and outputs are for (the manifest comes last)
 
 
@@ -123,12 +124,13 @@ class SearchSettings:
         "search folder, so a killed search resumes).",
     )
     study_name: str | None = setting(None, identity=True, config=False, help="Study to create or resume in --storage.")
-    pruner: Literal["auto", "none", "median", "hyperband"] = setting(
+    pruner: Literal["auto", "none", "median", "hyperband", "successive-halving"] = setting(
         "auto",
         identity=True,
         omit_default=True,
-        help="Stops hopeless trials from their per-epoch val metric: Optuna's median or hyperband pruner; auto: "
-        "hyperband for unfrozen searches, none for frozen ones (their trials train together in one pass).",
+        help="Stops hopeless trials from their per-epoch val metric: Optuna's median, hyperband or successive-halving "
+        "pruner; auto: successive-halving for unfrozen searches (a study begun with another keeps it), none for "
+        "frozen ones (their trials train together in one pass).",
     )
     in_memory: bool = setting(
         False,
@@ -153,7 +155,7 @@ class SearchSettings:
 
     def pruner_for(self, mode: str) -> str:
         if self.pruner == "auto":
-            return "hyperband" if mode == "unfrozen" else "none"
+            return "successive-halving" if mode == "unfrozen" else "none"
         return self.pruner
 
 
@@ -223,11 +225,20 @@ class SearchRequest(ModelSource, SearchSettings, ProbeInputs):
         return memory_stores(self, self.data, [self.layer], device=self.settings.device)
 
 
-def pruner_of(request: SearchRequest):
-    """Optuna's pruner for the request (hyperband's resource is the epoch, up to the space's longest run)."""
+def pruner_of(request: SearchRequest, kind: str | None = None):
+    """Optuna's pruner of `kind` (default: the request's); the resource is the epoch, up to the space's longest run."""
     import optuna
 
-    kind = request.pruner_for(request.mode)
+    kind = kind or request.pruner_for(request.mode)
+    if kind == "successive-halving":
+        # The default of unfrozen searches: asynchronous successive halving (Li et al., 2020), rungs after epochs
+        # 1, 4, 16 ... (reduction factor 4), each trial compared with every trial that reached the same rung.
+        # Hyperband runs several such brackets with later first rungs, to hedge against judging too early; with
+        # the ~10 trials of an unfrozen search each bracket gets too few trials to compare, and Optuna deals trials
+        # to brackets by a hash of the study's name and the trial's number, so what is saved depends on the name:
+        # the same 10-trial benchmark search (benchmarks/search.py) trained 49 epochs under the name "search" and
+        # 40 under its current name. One bracket compares every trial with all the others, whatever the name.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=HYPERBAND_REDUCTION)
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     if kind == "hyperband":
@@ -239,6 +250,14 @@ def pruner_of(request: SearchRequest):
             min_resource=1, max_resource=max(request.space.epochs), reduction_factor=HYPERBAND_REDUCTION
         )
     return optuna.pruners.NopPruner()
+
+
+def study_pruner(study, request: SearchRequest) -> str:
+    """The kind of pruner the study's trials are judged by: the request's, or the one an `auto` study began with."""
+    recorded = study.user_attrs.get("pruner")
+    if request.pruner == "auto" and recorded in PRUNERS:
+        return recorded
+    return request.pruner_for(request.mode)
 
 
 def create_study(request: SearchRequest, identity: dict[str, Any] | None = None, storage=None):
@@ -262,6 +281,11 @@ def create_study(request: SearchRequest, identity: dict[str, Any] | None = None,
     except optuna.exceptions.DuplicatedStudyError:
         seed = hash((request.seed, os.getpid(), time.time_ns())) % (2**31)
         study = load_or_create_study(storage, name, direction, _sampler(seed), pruner_of(request))
+        recorded = study.user_attrs.get("pruner")
+        if request.pruner == "auto" and recorded in PRUNERS and recorded != request.pruner_for(request.mode):
+            # begun when `auto` meant another pruner (hyperband before successive halving): its trials were judged
+            # by that one, and the rest of them are too
+            study.pruner = pruner_of(request, recorded)
     if identity is not None:
         claim_study(study, identity, str(request.out))
         describe_study(study, request, identity)
@@ -307,7 +331,7 @@ def describe_study(study, request: SearchRequest, identity: dict[str, Any]) -> N
         "mode": request.mode,
         "layer": request.layer,
         "probe": request.settings.probe,
-        "pruner": request.pruner_for(request.mode),
+        "pruner": study_pruner(study, request),
         "store": identity.get("inputs"),
     }.items():
         if study.user_attrs.get(key) != value:
@@ -797,7 +821,7 @@ def _write_result(request, study, trainer, fitter, train_request, identity) -> S
             "study": {
                 "storage": redact(request.storage_url),
                 "name": study.study_name,
-                "pruner": request.pruner_for(request.mode),
+                "pruner": study_pruner(study, request),
             },
         },
     )
