@@ -765,6 +765,7 @@ SCOPED_VALUES = {
     "--l1-scales": "1,2",
     "--logreg-c-range": "0.01,1",
     "--shuffled-features": None,  # a flag
+    "--in-memory": None,  # a flag (search)
 }
 SGD_SCOPE = "SGD probes (linear, swiglu2, swiglu4 ...)"
 REFUSED_CONTEXT = {  # the scope's `what` -> options that put a command outside it, and how the message says so

@@ -32,14 +32,18 @@ def data_options_from(store: FeatureStore) -> DataOptions:
 def open_store(path: Path, spec: TaskSpec, split: str, layer: int) -> FeatureStore:
     if not path.is_dir():
         raise ProbingError(f"{path}: no feature store for split '{split}' (expected --features DIR/{split})")
-    store = FeatureStore(path)
+    return checked_store(FeatureStore(path), spec, split, layer)
+
+
+def checked_store(store: Any, spec: TaskSpec, split: str, layer: int) -> Any:
+    """A store (on disk, or in memory: `probing.store.memory`) refused unless it holds the task's split and layer."""
     request = store.manifest["request"]
     if request["task"] != spec.examples_name:
-        raise ProbingError(f"{path}: features of task '{request['task']}', not '{spec.examples_name}'")
+        raise ProbingError(f"{store.path}: features of task '{request['task']}', not '{spec.examples_name}'")
     if request["split"] != split:
-        raise ProbingError(f"{path}: features of split '{request['split']}', not '{split}'")
+        raise ProbingError(f"{store.path}: features of split '{request['split']}', not '{split}'")
     if layer not in store.layers:
-        raise ProbingError(f"{path}: layer {layer} is not in the store (it has {store.layers})")
+        raise ProbingError(f"{store.path}: layer {layer} is not in the store (it has {store.layers})")
     return store
 
 
@@ -108,9 +112,23 @@ def open_stores(features_dir: Path, spec: TaskSpec, layer: int) -> dict[str, Fea
     if not features_dir.is_dir():
         raise ProbingError(f"--features: {features_dir}: not a directory")
     stores = {split: open_store(features_dir / split, spec, split, layer) for split in spec.splits}
+    return _one_model(stores, spec, str(features_dir))
+
+
+def checked_stores(stores: dict[str, Any], spec: TaskSpec, layer: int) -> dict[str, Any]:
+    """Stores handed over already open (features in memory, `probing.store.memory`), checked as `open_stores`
+    checks those it opens."""
+    missing = next((split for split in spec.splits if split not in stores), None)
+    if missing is not None:
+        raise ProbingError(f"no features for split '{missing}' of task '{spec.name}'")
+    checked = {split: checked_store(stores[split], spec, split, layer) for split in spec.splits}
+    return _one_model(checked, spec, "the features")
+
+
+def _one_model(stores: dict[str, Any], spec: TaskSpec, where: str) -> dict[str, Any]:
     models = {split: store.manifest["request"]["model"] for split, store in stores.items()}
     if len({str(sorted(m.items())) for m in models.values()}) != 1:
-        raise ProbingError(f"{features_dir}: the stores of {', '.join(spec.splits)} come from different models")
+        raise ProbingError(f"{where}: the stores of {', '.join(spec.splits)} come from different models")
     return stores
 
 

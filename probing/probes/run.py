@@ -47,6 +47,7 @@ def make_trainer(request: TrainRequest) -> Trainer:
             request.data,
             control,
             request.shuffled_features,
+            stores=request.stores,
         )
     return UnfrozenTrainer(
         request.task,

@@ -5,7 +5,8 @@ trains on) and `TrainRequest` (one `probing train`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -181,6 +182,8 @@ class TrainRequest(ModelSource, ProbeInputs):
     trials: tuple[Trial, ...]
     settings: TrainSettings
     data: DataOptions | None = None  # frozen: optional (else the stores' recorded paths); unfrozen: required
+    # frozen: stores already open instead of --features (features extracted in memory, `probing.store.memory`)
+    stores: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def source(self) -> ModelSource:
@@ -189,7 +192,7 @@ class TrainRequest(ModelSource, ProbeInputs):
     def check(self) -> TrainRequest:
         if self.mode not in ("frozen", "unfrozen"):
             raise ProbingError(f"--mode: unknown mode '{self.mode}' (choose frozen or unfrozen)")
-        if self.mode == "frozen" and self.features is None:
+        if self.mode == "frozen" and self.features is None and self.stores is None:
             raise ProbingError("--features is required for --mode frozen")
         if self.mode == "unfrozen" and (self.model is None or self.data is None):
             raise ProbingError("--mode unfrozen needs --model and the task's data options")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +30,7 @@ from probing.data.types import DataOptions, Example
 from probing.models import ModelSource
 from probing.models.text import QFormerText
 from probing.probes.checkpoints import TrialCheckpoint
-from probing.probes.data import feature_identity, load_probe_splits, open_stores
+from probing.probes.data import checked_stores, feature_identity, load_probe_splits, open_stores
 from probing.probes.logreg import fit_logreg
 from probing.probes.modules import probe_kind
 from probing.probes.train import (
@@ -110,7 +110,8 @@ class Trainer(Protocol):
 
 class FrozenTrainer:
     """Probes on stored features: the stores are checked when it is made, read on the first fit (a reused
-    search never reads them)."""
+    search never reads them). `stores` hands over stores already open instead of a `features` folder (features
+    extracted in memory, `probing.store.memory`: extracted on that first read)."""
 
     keeps_models = False
 
@@ -123,11 +124,15 @@ class FrozenTrainer:
         data: DataOptions | None = None,
         control_seed: int | None = None,
         shuffled_features: bool = False,
+        stores: Mapping[str, Any] | None = None,
     ):
         self.spec, self.settings, self.layer, self.data = get_task(task), settings, layer, data
         self.control_seed = control_seed  # None: the task's targets; else its control's (`probing.tasks.controls`)
         self.shuffled_features = shuffled_features  # the floor: train and val rows permuted (`probing.tasks.controls`)
-        self.stores = open_stores(features, self.spec, layer)
+        if stores is not None:
+            self.stores = checked_stores(dict(stores), self.spec, layer)
+        else:
+            self.stores = open_stores(features, self.spec, layer)
         self._splits: dict[str, ProbeData] | None = None
 
     @property
@@ -135,6 +140,9 @@ class FrozenTrainer:
         return {"features": {split: feature_identity(store) for split, store in self.stores.items()}}
 
     def sources(self) -> dict[str, Any]:
+        first = next(iter(self.stores.values()))
+        if getattr(first, "in_memory", False):  # no folder to point at: the model they were extracted from
+            return first.sources()
         return {"feature_paths": {split: str(store.path.resolve()) for split, store in self.stores.items()}}
 
     @property

@@ -327,6 +327,7 @@ def _check_experiment(config: Config, index: int, experiment: Experiment, specs:
     for task in experiment.tasks:
         search_space(experiment, index, task)
     _check_rigour(experiment, index, [specs[task] for task in experiment.tasks])
+    _check_in_memory(experiment, index)
     for key in search.space:
         if key not in experiment.tasks and key not in {specs[t].name for t in experiment.tasks}:
             raise ProbingError(f"config field '{where}.search.space.{key}': not one of the experiment's tasks")
@@ -380,6 +381,19 @@ def _check_train_scope(train: Any, probes: set[str]) -> None:
                 f"config field 'train.{settings_field.name}': applies to {info.applies.what} only, not probes "
                 f"{', '.join(sorted(probes))}"
             )
+
+
+def _check_in_memory(experiment: Experiment, index: int) -> None:
+    """`search.in_memory` feeds frozen searches (and their floors and controls) from the model; the online code
+    reads stores."""
+    if not experiment.search.in_memory:
+        return
+    where = f"config field 'experiments[{index}].search.in_memory'"
+    if "frozen" not in experiment.modes:
+        modes = ", ".join(experiment.modes)
+        raise ProbingError(f"{where}: applies to frozen probes (--mode frozen) only, not modes {modes}")
+    if experiment.mdl:
+        raise ProbingError(f"{where}: the online code ('mdl: true') reads feature stores; leave one of them out")
 
 
 def _check_rigour(experiment: Experiment, index: int, specs: list) -> None:

@@ -92,6 +92,11 @@ class Unit:
     def spec(self) -> TaskSpec:
         return get_task(self.task)
 
+    @property
+    def in_memory(self) -> bool:
+        """A frozen search whose experiment asks for features in memory (`search.in_memory`): it needs no store."""
+        return self.mode == "frozen" and self.experiment.search.in_memory
+
 
 @dataclass
 class RunSummary:
@@ -230,7 +235,7 @@ def store_layouts(units: list[Unit], depth: dict[str, int]) -> dict[tuple[str, s
     need; tasks that share their examples (`TaskSpec.examples_from`) share their stores."""
     needs: dict[tuple[str, str], tuple[str, set[int], bool]] = {}
     for unit in units:
-        if unit.mode == ZERO_SHOT:  # the model answers from the images themselves
+        if unit.mode == ZERO_SHOT or unit.in_memory:  # the model answers from the images; features in memory
             continue
         key = (unit.model, unit.spec.examples_name)
         task, layers, vision = needs.get(key, (unit.task, set(), False))
@@ -238,6 +243,44 @@ def store_layouts(units: list[Unit], depth: dict[str, int]) -> dict[tuple[str, s
             layers = layers | {unit.layer}
         needs[key] = (task, layers, vision or unit.mode == "unfrozen")
     return {key: (task, sorted(layers) or [depth[key[0]]], vision) for key, (task, layers, vision) in needs.items()}
+
+
+def memory_layouts(units: list[Unit]) -> dict[tuple[str, str], tuple[str, list[int]]]:
+    """(model, examples) -> (a task reference, layers): what the searches with features in memory need, extracted
+    once for all of them."""
+    needs: dict[tuple[str, str], tuple[str, set[int]]] = {}
+    for unit in units:
+        if unit.in_memory:
+            key = (unit.model, unit.spec.examples_name)
+            task, layers = needs.get(key, (unit.task, set()))
+            needs[key] = (task, layers | {unit.layer})
+    return {key: (task, sorted(layers)) for key, (task, layers) in needs.items()}
+
+
+class MemoryFeatures:
+    """The in-memory stores of the (model, examples) the current searches read (`probing.store.memory`), one
+    model and task at a time: a config's units run model by model and task by task, so each is extracted once
+    and let go when the next is needed (device memory holds one task's features)."""
+
+    def __init__(self, config: Config, units: list[Unit], sources: dict[str, ModelSource], options):
+        self.config, self.sources, self.options = config, sources, options
+        self.layouts = memory_layouts(units)
+        self.key: tuple[str, str] | None = None
+        self.stores: dict | None = None
+
+    def of(self, unit: Unit) -> dict | None:
+        if not unit.in_memory:
+            return None
+        key = (unit.model, unit.spec.examples_name)
+        if key != self.key:
+            from probing.store.memory import memory_stores
+
+            task, layers = self.layouts[key]
+            self.key, self.stores = None, None  # the previous task's features are let go before the next's
+            settings = replace(self.config.extract, device=self.config.device, progress=False)
+            self.stores = memory_stores(self.sources[unit.model], self.options[task], layers, settings)
+            self.key = key
+        return self.stores
 
 
 def store_folder(config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int) -> Path:
@@ -302,7 +345,11 @@ def store_requests(
 
 
 def search_request(
-    config: Config, unit: Unit, sources: dict[str, ModelSource], options: dict[str, DataOptions], features: Path
+    config: Config,
+    unit: Unit,
+    sources: dict[str, ModelSource],
+    options: dict[str, DataOptions],
+    features: Path | None,
 ) -> SearchRequest:
     """The search of one unit: the experiment's search settings, the config's train settings for its mode."""
     spec = unit.spec
@@ -332,6 +379,7 @@ def search_request(
     index = config.experiments.index(unit.experiment)
     search_settings = {f.name: getattr(search, f.name) for f in fields(SearchSettings)}
     search_settings["study_name"] = f"{config.name}/{out.relative_to(config.workspace)}" if search.storage else None
+    search_settings["in_memory"] = unit.in_memory  # the experiment's unfrozen searches read the model themselves
     return SearchRequest(
         **search_settings,
         **vars(sources[unit.model]),
@@ -341,7 +389,7 @@ def search_request(
         out=out,
         settings=settings,
         space=search_space(unit.experiment, index, unit.task).for_probe(unit.probe),
-        features=features,
+        features=None if unit.in_memory else features,
         data=options[unit.task],
         workers=config.extract.workers or 0,
         label=unit.model,
@@ -439,6 +487,7 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
         for request in requests:
             summary.count("features", extract(request))
         stores[(label, examples)] = folder
+    memory = MemoryFeatures(config, units, sources, options)
     for unit in units:
         if unit.mode == ZERO_SHOT:
             request = zeroshot_request(config, unit, sources, options, progress)
@@ -446,13 +495,14 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
             summary.count("zero-shot runs", run_zeroshot(request))
             summary.zeroshot.append(request.out)
             continue
-        request = search_request(config, unit, sources, options, stores[(unit.model, unit.spec.examples_name)])
+        request = search_request(config, unit, sources, options, stores.get((unit.model, unit.spec.examples_name)))
         control = " (control task)" if unit.control else ""
+        in_memory = memory.of(unit)
         say(
             f"search {unit.experiment.name}: {unit.model} {unit.spec.name} {unit.mode} layer {unit.layer} "
             f"{unit.probe}{control}"
         )
-        searched = summary.count("searches", run_search(request))
+        searched = summary.count("searches", run_search(request, in_memory))
         summary.searches.append(request.out)
         best = searched.value.best["params"]
         coded: list[SearchRequest | TrainRequest] = [request]
@@ -463,7 +513,7 @@ def run_config(config: Config, say: Callable[[str], None] = print, progress: boo
                     f"{'floor' if run.shuffled_features else 'control'} {unit.experiment.name}: {unit.model} "
                     f"{unit.spec.name} {unit.mode} layer {unit.layer} {unit.probe} ({what})"
                 )
-                summary.count("rigour runs", run_training(run))
+                summary.count("rigour runs", run_training(replace(run, stores=in_memory) if in_memory else run))
                 summary.searches.append(run.out)
                 if not run.control or run.control_seed == unit.experiment.control_seeds[0]:  # task, first control
                     coded.append(run)
@@ -513,8 +563,9 @@ def planned_steps(config: Config) -> list[PlannedStep]:
             what = f"zero-shot {unit.experiment.name}: {unit.model} {unit.spec.name}"
             steps.append(PlannedStep.of("zero-shot runs", what, request.out))
             continue
-        request = search_request(config, unit, sources, options, stores[(unit.model, unit.spec.examples_name)])
+        request = search_request(config, unit, sources, options, stores.get((unit.model, unit.spec.examples_name)))
         control = " (control task)" if unit.control else ""
+        control += " (features in memory)" if unit.in_memory else ""
         what = f"search {unit.experiment.name}: {unit.model} {unit.spec.name} {unit.mode} layer {unit.layer} "
         steps.append(PlannedStep.of("searches", what + unit.probe + control, request.out, f"{request.trials} trials"))
         if unit.experiment.mdl and unit.mode == "frozen":

@@ -50,7 +50,7 @@ from probing.core.artifacts import (
 from probing.core.errors import ProbingError
 from probing.core.locks import FolderLock
 from probing.core.records import MetricsRecord, SearchSummary, StageResult
-from probing.core.settings import check, comma_separated, identity, setting
+from probing.core.settings import FROZEN_MODE, check, check_scope, comma_separated, identity, scoped, setting
 from probing.data.types import DataOptions
 from probing.models import ModelSource
 from probing.probes.checkpoints import TrialCheckpoint
@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 SEARCH_FORMAT_VERSION = 1
 STUDY_JOURNAL = "study.log"  # the study of a search without --storage, in its folder
 LEGACY_STUDY = "search"  # the one name every search's own study had before studies were named after their search
-HYPERBAND_REDUCTION = 4  # hyperband's reduction factor (see `pruner_of`)
+HYPERBAND_REDUCTION = 4  # the reduction factor of hyperband and successive halving (see `pruner_of`)
+PRUNERS = ("none", "median", "hyperband", "successive-halving")  # the kinds a study records (user attr "pruner")
 CLAIM = "search.json"  # written first: what the folder's study and outputs are for (the manifest comes last)
 
 
@@ -99,6 +100,7 @@ def _distinct(values: tuple[int, ...], where: str) -> None:
         raise ProbingError(f"{where}: seed {repeated[0]} is given twice (each seed once), got {list(values)}")
 
 
+@scoped
 @dataclass(frozen=True, kw_only=True)
 class SearchSettings:
     """How a search runs: the `search` section of a config's experiment and the options of `probing search`."""
@@ -122,12 +124,19 @@ class SearchSettings:
         "search folder, so a killed search resumes).",
     )
     study_name: str | None = setting(None, identity=True, config=False, help="Study to create or resume in --storage.")
-    pruner: Literal["auto", "none", "median", "hyperband"] = setting(
+    pruner: Literal["auto", "none", "median", "hyperband", "successive-halving"] = setting(
         "auto",
         identity=True,
         omit_default=True,
-        help="Stops hopeless trials from their per-epoch val metric: Optuna's median or hyperband pruner; auto: "
-        "hyperband for unfrozen searches, none for frozen ones (their trials train together in one pass).",
+        help="Stops hopeless trials from their per-epoch val metric: Optuna's median, hyperband or successive-halving "
+        "pruner; auto: successive-halving for unfrozen searches (a study begun with another keeps it), none for "
+        "frozen ones (their trials train together in one pass).",
+    )
+    in_memory: bool = setting(
+        False,
+        applies=FROZEN_MODE,
+        help="Extract the layer from --model straight into device memory (GPU if present) and train there: no "
+        "feature store is written or read (the same values as one; the manifests say features_in_memory).",
     )
     heartbeat: float = setting(
         30.0, above=0, help="Seconds between a running trial's heartbeats; a trial silent for 4x as long is retried."
@@ -146,7 +155,7 @@ class SearchSettings:
 
     def pruner_for(self, mode: str) -> str:
         if self.pruner == "auto":
-            return "hyperband" if mode == "unfrozen" else "none"
+            return "successive-halving" if mode == "unfrozen" else "none"
         return self.pruner
 
 
@@ -163,32 +172,73 @@ class SearchRequest(ModelSource, SearchSettings, ProbeInputs):
 
     def check(self) -> SearchRequest:
         check(self)
+        check_scope(self, mode=self.mode)  # --in-memory: frozen only (unfrozen trials train the resampler itself)
         final = self.seeds_of_best
         if len(set(final)) != len(final):
             raise ProbingError(f"final seeds must be distinct, got {list(final)}")
         self.space.check()
-        self.train_request((), self.out).check()
+        if self.in_memory:
+            self.check_in_memory()
+        # in memory, the stores are extracted once the request is checked (`run_search`): an empty mapping stands
+        # for them here
+        self.train_request((), self.out, stores={} if self.in_memory else None).check()
         if self.storage is not None and self.study_name is None:
             raise ProbingError("--storage needs --study-name (the study that workers share)")
         return self
+
+    def check_in_memory(self) -> None:
+        """`--in-memory` reads the features from the model, in this one process."""
+        if self.features is not None:
+            raise ProbingError("--in-memory: extracts the features from --model itself; leave out --features")
+        if self.model is None or self.data is None:
+            raise ProbingError("--in-memory: needs --model and the task's data options (the features come from them)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ProbingError(
+                "--in-memory: the features live in one process's device memory; run one process (several "
+                "`probing search --in-memory` workers on one --storage each extract their own), not `accelerate launch`"
+            )
 
     @property
     def storage_url(self) -> str:
         """Where the study lives: --storage, or a journal file in the search folder."""
         return self.storage or f"journal:{self.out / STUDY_JOURNAL}"
 
-    def train_request(self, trials: tuple[Trial, ...], out: Path) -> TrainRequest:
+    def train_request(self, trials: tuple[Trial, ...], out: Path, stores=None) -> TrainRequest:
+        """The `probing train` request of some trials of this search (`stores`: open ones, e.g. in memory)."""
         shared = {f.name: getattr(self, f.name) for f in (*fields(ModelSource), *fields(ProbeInputs))}
         return TrainRequest(
-            task=self.task, layer=self.layer, out=out, trials=trials, settings=self.settings, data=self.data, **shared
+            task=self.task,
+            layer=self.layer,
+            out=out,
+            trials=trials,
+            settings=self.settings,
+            data=self.data,
+            stores=stores,
+            **shared,
         )
 
+    def memory_stores(self) -> dict[str, Any]:
+        """`--in-memory`: the searched layer extracted from the model into the training device's memory, as
+        `probing extract` with its default settings would store it (`probing.store.memory`)."""
+        from probing.store.memory import memory_stores
 
-def pruner_of(request: SearchRequest):
-    """Optuna's pruner for the request (hyperband's resource is the epoch, up to the space's longest run)."""
+        return memory_stores(self, self.data, [self.layer], device=self.settings.device)
+
+
+def pruner_of(request: SearchRequest, kind: str | None = None):
+    """Optuna's pruner of `kind` (default: the request's); the resource is the epoch, up to the space's longest run."""
     import optuna
 
-    kind = request.pruner_for(request.mode)
+    kind = kind or request.pruner_for(request.mode)
+    if kind == "successive-halving":
+        # The default of unfrozen searches: asynchronous successive halving (Li et al., 2020), rungs after epochs
+        # 1, 4, 16 ... (reduction factor 4), each trial compared with every trial that reached the same rung.
+        # Hyperband runs several such brackets with later first rungs, to hedge against judging too early; with
+        # the ~10 trials of an unfrozen search each bracket gets too few trials to compare, and Optuna deals trials
+        # to brackets by a hash of the study's name and the trial's number, so what is saved depends on the name:
+        # the same 10-trial benchmark search (benchmarks/search.py) trained 49 epochs under the name "search" and
+        # 40 under its current name. One bracket compares every trial with all the others, whatever the name.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=HYPERBAND_REDUCTION)
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     if kind == "hyperband":
@@ -200,6 +250,14 @@ def pruner_of(request: SearchRequest):
             min_resource=1, max_resource=max(request.space.epochs), reduction_factor=HYPERBAND_REDUCTION
         )
     return optuna.pruners.NopPruner()
+
+
+def study_pruner(study, request: SearchRequest) -> str:
+    """The kind of pruner the study's trials are judged by: the request's, or the one an `auto` study began with."""
+    recorded = study.user_attrs.get("pruner")
+    if request.pruner == "auto" and recorded in PRUNERS:
+        return recorded
+    return request.pruner_for(request.mode)
 
 
 def create_study(request: SearchRequest, identity: dict[str, Any] | None = None, storage=None):
@@ -223,6 +281,11 @@ def create_study(request: SearchRequest, identity: dict[str, Any] | None = None,
     except optuna.exceptions.DuplicatedStudyError:
         seed = hash((request.seed, os.getpid(), time.time_ns())) % (2**31)
         study = load_or_create_study(storage, name, direction, _sampler(seed), pruner_of(request))
+        recorded = study.user_attrs.get("pruner")
+        if request.pruner == "auto" and recorded in PRUNERS and recorded != request.pruner_for(request.mode):
+            # begun when `auto` meant another pruner (hyperband before successive halving): its trials were judged
+            # by that one, and the rest of them are too
+            study.pruner = pruner_of(request, recorded)
     if identity is not None:
         claim_study(study, identity, str(request.out))
         describe_study(study, request, identity)
@@ -268,7 +331,7 @@ def describe_study(study, request: SearchRequest, identity: dict[str, Any]) -> N
         "mode": request.mode,
         "layer": request.layer,
         "probe": request.settings.probe,
-        "pruner": request.pruner_for(request.mode),
+        "pruner": study_pruner(study, request),
         "store": identity.get("inputs"),
     }.items():
         if study.user_attrs.get(key) != value:
@@ -664,10 +727,11 @@ def claim_folder(out: Path, identity: dict[str, Any]) -> str:
     return "open"
 
 
-def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
+def run_search(request: SearchRequest, stores: dict[str, Any] | None = None) -> StageResult[SearchSummary]:
     """Search (resuming the study where it stopped), then train the best trial once more and evaluate it on
     test; write `request.out`. Several workers may run the same search: they share its trials, one writes the
-    result, the others reuse it."""
+    result, the others reuse it. With `request.in_memory` the features are extracted in memory (`stores`: ones
+    already extracted, e.g. by `probing run` for several searches of one model and task)."""
     request.check()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DDP would pair processes that Optuna gives different trials: they would train each other's models
@@ -677,7 +741,10 @@ def run_search(request: SearchRequest) -> StageResult[SearchSummary]:
             "`probing extract`)"
         )
     out = request.out
-    train_request = request.train_request((), out / "best")  # its trials: the best one's, once known
+    if request.in_memory and stores is None:
+        stores = request.memory_stores()  # the model and data read now (their identity); a split extracted when read
+    # its trials: the best one's, once known
+    train_request = request.train_request((), out / "best", stores if request.in_memory else None)
     trainer = make_trainer(train_request)
     identity = search_identity(request, trainer.inputs)
     # A storage given with --storage is opened (and refused in one line) before anything is written into --out;
@@ -749,10 +816,12 @@ def _write_result(request, study, trainer, fitter, train_request, identity) -> S
             **identity,
             "code_version": code_version(),
             "storage": redact(request.storage) if request.storage else None,
+            # not part of the identity: a search in memory gives the numbers of the same search on a store
+            **({"features_in_memory": True} if request.in_memory else {}),
             "study": {
                 "storage": redact(request.storage_url),
                 "name": study.study_name,
-                "pruner": request.pruner_for(request.mode),
+                "pruner": study_pruner(study, request),
             },
         },
     )
