@@ -583,7 +583,7 @@ def _build_train() -> click.Command:
 def _build_search() -> click.Command:
     from probing.core.settings import cli_parameters
     from probing.probes.settings import TrainSettings
-    from probing.studies.search import SearchSettings
+    from probing.studies.settings import SearchSettings
     from probing.tasks.search_space import SearchSpace
 
     parameters = [

@@ -138,7 +138,8 @@ class _MemoryExtraction:
                 "kind": "features",
                 "complete": True,
                 "features_in_memory": True,
-                "request": store_identity(self.resampler, self.data[split], self.requests[split], self.layers),
+                "request": store_identity(self.resampler, self.data[split], self.requests[split]),
+                "layers": list(self.layers),  # as a store's manifest lists the layers it holds
                 "model_source": self.model_source,
                 "data_options": {"task": task_reference(data.task), **recorded},
             }
