@@ -23,10 +23,12 @@ if [[ $device == cpu ]]; then  # tiny model (4 layers): 1, 3 and all 5 outputs w
   size=(--device cpu --size tiny --images 40 --plain-examples 40 --workers 0)
   layers_1=4 layers_3=2,3,4 layers_13=0,1,2,3,4
   write_size=(--shards 2 --shard-size 64 --repeats 1 --check host)
+  memory_size=(--device cpu --size tiny --vsr-images 120 --trials 4 --epochs 4)
 else  # real-size BLIP-2: its Q-Former has 12 layers, 13 outputs with the embedding output
   size=(--device cuda --size real --images 600 --plain-examples 300)
   layers_1=12 layers_3=4,8,12 layers_13=0,1,2,3,4,5,6,7,8,9,10,11,12
   write_size=(--shards 4 --shard-size 1024 --repeats 2 --threads 4 --check device)  # the GPU path's writer
+  memory_size=(--device cuda --size real --vsr-images 800 --trials 16 --epochs 20)
 fi
 step() {  # step NAME SECONDS COMMAND...: run it under a limit, its output on screen and in LOG_DIR/NAME.log
   local name=$1 limit=$2
@@ -58,16 +60,8 @@ step extract-1 130 "$python" benchmarks/extract.py "${size[@]}" --layers "$layer
 step extract-3 130 "$python" benchmarks/extract.py "${size[@]}" --layers "$layers_3"
 step extract-13 140 "$python" benchmarks/extract.py "${size[@]}" --layers "$layers_13"
 step write 60 "$python" benchmarks/write.py "${write_size[@]}"
-# in-memory: PLACEHOLDER for `probing search --in-memory` (another branch adds the option). Until then this step
-# reports "skipped"; once `probing search --help` lists it, replace the echo with its benchmark command, e.g.
-#   "$python" benchmarks/search.py --device "$device" --in-memory
-if [[ $steps == *" in-memory "* ]]; then
-  if "$python" -m probing search --help 2>/dev/null | grep -q -- '--in-memory'; then
-    step in-memory 60 echo "in-memory: TODO fill in the benchmark command for probing search --in-memory"
-  else
-    rows+=("in-memory|skipped: probing search has no --in-memory yet|||")
-  fi
-fi
+# in-memory: a frozen search with `--in-memory` against extract-then-search on stores (same best trial required)
+step in-memory 120 "$python" benchmarks/in_memory.py "${memory_size[@]}"
 step tests 240 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step qformer 120 bash -c "'$python' benchmarks/qformer.py --device $device && '$python' benchmarks/qformer.py \
 --device $device --dtype bfloat16"
