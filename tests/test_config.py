@@ -247,7 +247,48 @@ def test_configs_sharing_a_workspace_reuse_features_and_runs(tmp_path, tiny_chec
     code, out, err = run_cli(capsys, "run", tmp_path / "second.yaml")
     assert code == 0, err
     assert "features: 0 built, 3 reused" in out and "searches: 0 built, 1 reused" in out
-    assert [p.name for p in (tmp_path / "w" / "features" / "BLIP-2 (tiny)" / "vsr").iterdir()] == ["layers-4-vision"]
+    assert [p.name for p in (tmp_path / "w" / "features" / "BLIP-2 (tiny)" / "vsr").iterdir()] == ["store-vision"]
+
+
+def test_a_config_asking_for_more_layers_grows_the_workspace_store(tmp_path, tiny_checkpoints, capsys):
+    """Table 1's last layer, then a per-layer figure on the same workspace: the second run adds the layers the
+    store lacks to the same store (its dry run says so), and the first run's layer stays byte for byte."""
+    import hashlib
+
+    from probing.store.features import FeatureStore
+
+    base = {
+        "workspace": str(tmp_path / "w"),
+        "device": "cpu",
+        "models": {"BLIP-2 (tiny)": {"model": str(tiny_checkpoints["blip2"])}},
+        "data": {"demo": {"refcocog_images": 20, "vsr_images": 60}},
+    }
+    search = {"trials": 1, "batch": 1, "space": {"vsr": {"lr": [0.001, 0.01], "epochs": [2]}}}
+    experiment = {"name": "main", "tasks": ["vsr"], "models": ["BLIP-2 (tiny)"], "modes": ["frozen"], "search": search}
+    configs = {
+        "last": base | {"name": "last", "experiments": [experiment | {"layers": "last"}]},
+        "per-layer": base | {"name": "per-layer", "experiments": [experiment | {"name": "layers", "layers": [2, 4]}]},
+    }
+    for name, config in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(capsys, "run", tmp_path / "last.yaml")
+    assert code == 0, err
+    assert "features: 3 built, 0 reused" in out
+    root = tmp_path / "w" / "features" / "BLIP-2 (tiny)" / "vsr"
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.safetensors")}
+    assert [p.name for p in root.iterdir()] == ["store"] and before
+    code, out, err = run_cli(capsys, "run", tmp_path / "per-layer.yaml", "--dry-run")
+    assert code == 0, err
+    assert out.count("(grows by layers [2])") == 3 and "features" in out
+    code, out, err = run_cli(capsys, "run", tmp_path / "per-layer.yaml")
+    assert code == 0, err
+    assert [p.name for p in root.iterdir()] == ["store"]  # one store, grown
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before  # layer 4 untouched
+    for split in ("train", "val", "test"):
+        assert FeatureStore(root / "store" / split).layers == [2, 4]
+    code, out, err = run_cli(capsys, "run", tmp_path / "last.yaml")
+    assert code == 0, err
+    assert "features: 0 built, 3 reused" in out and "searches: 0 built, 1 reused" in out
 
 
 # ---------------------------------------------------------------- include:, --set, --limit, --dry-run
@@ -377,7 +418,7 @@ def test_limit_dry_run_and_reuse(capsys, tmp_path, tiny_checkpoints):
     code, out, err = run_cli(capsys, "run", path, "--limit", "12")
     assert code == 0, err
     assert "features: 3 built, 0 reused" in out and "searches: 1 built, 0 reused" in out
-    store = FeatureStore(tmp_path / "w" / "limit-12" / "features" / "BLIP-2 (tiny)" / "vsr" / "layers-4" / "train")
+    store = FeatureStore(tmp_path / "w" / "limit-12" / "features" / "BLIP-2 (tiny)" / "vsr" / "store" / "train")
     options = DataOptions(
         task="vsr", **{k: Path(v) for k, v in store.manifest["data_options"].items() if k != "task" and k != "limit"}
     )

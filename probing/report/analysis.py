@@ -232,20 +232,24 @@ def _store_manifests(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def latent_shape(manifest: dict[str, Any], layer: int) -> tuple[int, int] | None:
-    """(latents, width) of one layer's features in a frozen run's first readable feature store, from a shard's
-    safetensors header (no tensor is read); None for runs without stores or whose stores have moved."""
-    from safetensors import safe_open
+    """(latents, width) of one layer's features in a frozen run's first readable feature store, from its files'
+    headers (no tensor is read, nothing verified); None for runs without stores or whose stores have moved."""
+    from safetensors import SafetensorError
+
+    from probing.store.features import FeatureStore  # torch: only reports of frozen runs get here
 
     for store in (manifest.get("feature_paths") or {}).values():
         try:
-            store_manifest = json.loads((Path(store) / "manifest.json").read_text(encoding="utf-8"))
-            shard = Path(store) / store_manifest["shards"][0]["file"]
-            with safe_open(shard, framework="numpy") as handle:
-                shape = handle.get_slice(f"layer_{layer:02d}").get_shape()
-        except (OSError, ValueError, KeyError, IndexError, TypeError):  # moved, or written by another layout
+            return FeatureStore(store, verify=False).latent_shape(layer)
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            IndexError,
+            SafetensorError,
+            ProbingError,
+        ):  # moved, or not readable any more
             continue
-        if len(shape) == 3:
-            return int(shape[1]), int(shape[2])
     return None
 
 

@@ -69,6 +69,12 @@ class PlannedStep:
         return cls(stage, what, out, reused, _disk_size(out) if reused else size)
 
 
+def _stored_layers(store: Path) -> set[int]:
+    """The layers a store folder holds (its manifest's list; before stores grew, its request's)."""
+    manifest = read_manifest(store) or {}
+    return set(manifest.get("layers") or manifest.get("request", {}).get("layers") or [])
+
+
 def _disk_size(folder: Path) -> str:
     total = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
     return f"{total / 1e6:.1f} MB on disk"
@@ -283,14 +289,19 @@ class MemoryFeatures:
         return self.stores
 
 
-def store_folder(config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int) -> Path:
-    name = "layers-all" if layers == list(range(1, depth + 1)) else "layers-" + "-".join(map(str, layers))
-    folder = name + ("-vision" if vision else "")
+# A store folder of a workspace: one per model, examples and whether it keeps ViT outputs; it grows by the layers
+# later experiments ask for (`probing.store.features`: a request for more layers adds only those).
+GROWING_STORE = "store"
+
+
+def store_folder(config: Config, model: str, task: str, vision: bool) -> Path:
+    folder = GROWING_STORE + ("-vision" if vision else "")
     return config.workspace / "features" / model / get_task(task).examples_name / folder
 
 
 def parse_store_name(name: str, depth: int) -> tuple[list[int], bool] | None:
-    """(layers, has ViT outputs) from a store folder name written by `store_folder`, or None."""
+    """(layers, has ViT outputs) from the name of a store folder that earlier versions wrote, one per layer set
+    (`layers-4`, `layers-all-vision`), or None."""
     vision = name.endswith("-vision")
     body = name.removesuffix("-vision").removeprefix("layers-")
     if not name.startswith("layers-"):
@@ -301,11 +312,10 @@ def parse_store_name(name: str, depth: int) -> tuple[list[int], bool] | None:
     return ([int(part) for part in parts], vision) if all(part.isdigit() for part in parts) else None
 
 
-def covering_store(
-    config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int
-) -> tuple[list[int], bool]:
-    """The layout of an existing store that already holds what is needed (configs sharing a workspace extract
-    once: Table 1's last layer with ViT outputs also serves Table 3's frozen probes), else the one asked for."""
+def covering_store(config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int) -> Path:
+    """The folder of the store that serves these layers: a store of an earlier version's layout (a folder per
+    layer set) that already holds them, else the workspace's growing store (the one with ViT outputs when it is
+    there or they are needed), which the extraction grows by the layers it lacks."""
     spec = get_task(task)
     root = config.workspace / "features" / model / spec.examples_name
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
@@ -314,8 +324,9 @@ def covering_store(
             continue
         stored_layers, stored_vision = parsed
         if set(layers) <= set(stored_layers) and (stored_vision or not vision):
-            return stored_layers, stored_vision
-    return layers, vision
+            return folder
+    with_vision = store_folder(config, model, task, vision=True)
+    return with_vision if vision or with_vision.is_dir() else store_folder(config, model, task, vision=False)
 
 
 def store_requests(
@@ -330,10 +341,17 @@ def store_requests(
     covers them is taken instead)."""
     requests = {}
     for (label, examples), (task, *needed) in sorted(store_layouts(units, depth).items()):
-        layers, vision = covering_store(config, label, task, *needed, depth[label])
-        folder = store_folder(config, label, task, layers, vision, depth[label])
+        layers, vision = needed
+        folder = covering_store(config, label, task, layers, vision, depth[label])
+        parsed = parse_store_name(folder.name, depth[label])
+        if parsed is not None:  # an earlier layout's store: asked for what it holds, so it is reused as it is
+            layers, _ = parsed
         settings = replace(
-            config.extract, layers=tuple(layers), store_vision=vision, device=config.device, progress=progress
+            config.extract,
+            layers=tuple(layers),
+            store_vision=folder.name.endswith("-vision"),
+            device=config.device,
+            progress=progress,
         )
         requests[(label, examples)] = [
             ExtractionRequest(
@@ -555,7 +573,12 @@ def planned_steps(config: Config) -> list[PlannedStep]:
                 size = f"{len(load_split(request.data, request.split).examples)} examples"
             vision = " + ViT outputs" if request.store_vision else ""
             what = f"features {label} {examples} {request.split} layers {list(request.layers)}{vision}"
-            steps.append(PlannedStep.of("features", what, request.out, size))
+            step = PlannedStep.of("features", what, request.out, size)
+            present = _stored_layers(request.out)
+            if step.reused and not set(request.layers) <= present:  # a store there, but it grows by these layers
+                missing = sorted(set(request.layers) - present)
+                step = replace(step, reused=False, what=f"{what} (grows by layers {missing})")
+            steps.append(step)
         stores[(label, examples)] = requests[0].out.parent
     for unit in units:
         if unit.mode == ZERO_SHOT:

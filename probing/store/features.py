@@ -404,6 +404,17 @@ class FeatureStore:
         states = self._tensors.load(layer_key(layer), dtype=dtype, device=device, files=files)
         return states, (self._tensors.example_rows() if self.per_image else None)
 
+    def latent_shape(self, layer: int) -> tuple[int, int]:
+        """(latents, width) of one stored layer, from the first of its files' headers (no tensor is read)."""
+        if layer not in self._group_of:
+            raise ProbingError(f"{self.path}: layer {layer} is not in the store (it has {self.layers})")
+        group = self._group_of[layer]
+        first = self.manifest["shards"][0]
+        name = first["file"] if group == 0 else first["groups"][group - 1]["file"]
+        with safe_open(self.path / name, framework="pt") as handle:
+            shape = handle.get_slice(layer_key(layer)).get_shape()
+        return int(shape[1]), int(shape[2])
+
     @property
     def vision(self) -> VisionStore:
         return VisionStore(self.path / VISION_FOLDER)
