@@ -468,7 +468,7 @@ def _run_shards(
     with ShardWriters(writer, request.write_threads or default_write_threads()) as writers, torch.inference_mode():
         offset = 0
         for shard, groups in jobs:
-            embeds, bad_slots, errors = _encode_shard_images(shard, offset, batch_iterator, resampler, request)
+            embeds, bad_slots, errors = encode_shard_images(shard, offset, batch_iterator, resampler, request)
             offset += len(shard.images)
             layers = sorted({layer for group_layers in groups.values() for layer in group_layers})
             tensors, vision, metadata, finite = _query_shard(
@@ -498,7 +498,7 @@ def _run_shards(
     return done
 
 
-def _encode_shard_images(
+def encode_shard_images(
     shard: _Shard, offset: int, batch_iterator, resampler: Resampler, request: ExtractionRequest
 ) -> tuple[torch.Tensor | None, set[int], dict[int, str]]:
     """ViT outputs for the shard's unique images: `[U, V, D]` on the device, plus bad image slots."""

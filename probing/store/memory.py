@@ -34,10 +34,10 @@ from probing.store.extract import (
     DecodedImages,
     ExtractionRequest,
     ExtractionSettings,
-    _encode_shard_images,
     check_images_exist,
     collate_images,
     default_workers,
+    encode_shard_images,
     parse_layers,
     plan_shards,
     resolved,
@@ -237,7 +237,7 @@ def _extract_split(
     with torch.inference_mode():
         offset = 0
         for shard in shards:
-            embeds, bad_slots, _ = _encode_shard_images(shard, offset, batch_iterator, resampler, request)
+            embeds, bad_slots, _ = encode_shard_images(shard, offset, batch_iterator, resampler, request)
             offset += len(shard.images)
             kept = [i for i, slot in enumerate(shard.slot_of_example) if slot not in bad_slots]
             ids += [shard.examples[i].example_id for i in kept]
