@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import kendalltau
 
+from probing.core.artifacts import read_manifest
 from probing.core.errors import ProbingError, shown
 from probing.core.records import NO_PROBE, MdlRecord, RunFolder, SearchSummary, read_json_file, read_predictions
 from probing.core.registry import Registry
@@ -103,7 +104,8 @@ class RunResults:
     weights: dict[str, Any] = field(default_factory=dict)  # the model's identity (family, init, weights hash ...)
     # binary heads: the smallest, over seeds, of the share of examples given the seed's most frequent answer
     majority_share: float | None = None
-    latents: tuple[int, int] | None = None  # (latents, width) of the features a frozen probe read, when readable
+    # (latents, width) of the features a frozen probe read, when readable (`run_latents`); False: not read yet
+    latents: tuple[int, int] | None | bool = field(default=False, repr=False, compare=False)
     validation: RunResults | None | bool = field(default=False, repr=False, compare=False)  # False: not read yet
 
     @property
@@ -128,7 +130,7 @@ class RunResults:
         return (self.label, self.task, self.split, self.mode, self.layer, self.probe)
 
 
-def random_counterpart(run: RunResults, runs: list[RunResults]) -> RunResults | None:
+def random_counterpart(run: RunResults, runs: Sequence[RunResults]) -> RunResults | None:
     """The same configuration on the random-weights model of the run's family (`init: random`), if any."""
     if run.init == "random":
         return None
@@ -167,7 +169,7 @@ def family_rows(runs: list[RunResults]) -> list[FamilyRow]:
     rows = []
     for label, columns in by_label.items():
         first = next(iter(columns.values()))[0]
-        shape = next((run.latents for run, _ in columns.values() if run.latents is not None), None)
+        shape = next((shape for run, _ in columns.values() if (shape := run_latents(run)) is not None), None)
         rows.append(FamilyRow(label, first.family, shape, columns))
     return sorted(rows, key=lambda row: (row.latents is None, row.latents or (0, 0), row.label))
 
@@ -231,26 +233,25 @@ def _store_manifests(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def latent_shape(manifest: dict[str, Any], layer: int) -> tuple[int, int] | None:
+def run_latents(run: RunResults) -> tuple[int, int] | None:
     """(latents, width) of one layer's features in a frozen run's first readable feature store, from its files'
-    headers (no tensor is read, nothing verified); None for runs without stores or whose stores have moved."""
+    headers (no tensor is read, nothing verified); None for runs without stores or whose stores have moved. Read on
+    first use (the families table and figure), once per run: loading a run opens no store."""
+    if run.latents is not False:
+        return run.latents
     from safetensors import SafetensorError
 
     from probing.store.features import FeatureStore  # torch: only reports of frozen runs get here
 
+    run.latents = None
+    manifest = (read_manifest(run.path) or {}) if run.mode == "frozen" else {}
     for store in (manifest.get("feature_paths") or {}).values():
         try:
-            return FeatureStore(store, verify=False).latent_shape(layer)
-        except (
-            OSError,
-            ValueError,
-            KeyError,
-            IndexError,
-            SafetensorError,
-            ProbingError,
-        ):  # moved, or not readable any more
+            run.latents = FeatureStore(store, verify=False).latent_shape(run.layer)
+            break
+        except (OSError, ValueError, KeyError, IndexError, SafetensorError, ProbingError):  # moved or unreadable
             continue
-    return None
+    return run.latents
 
 
 def _store_label(stores: list[dict[str, Any]]) -> str | None:
@@ -338,7 +339,6 @@ def load_run(path: Path | str, split: str | None = None) -> RunResults:
         model_id=_model_id(manifest, stores),
         weights=dict(model),
         majority_share=majority_share,
-        latents=latent_shape(manifest, manifest["layer"]) if manifest["mode"] == "frozen" else None,
     )
 
 

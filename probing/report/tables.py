@@ -1027,7 +1027,7 @@ def _rigor_rows(runs: Sequence[RunResults]) -> list[tuple[RunResults, RunResults
     order = {column: index for index, column in enumerate(_columns(runs))} if runs else {}
     rows = []
     for run in runs:
-        random = random_counterpart(run, list(runs))
+        random = random_counterpart(run, runs)
         if run.control_run is not None or run.mdl is not None or run.floor_run is not None or random is not None:
             rows.append((run, random))
     rows.sort(
@@ -1159,8 +1159,8 @@ def families_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
     rows = family_rows(list(runs))
     if not rows:
         return None
-    order = [c for c in _columns(runs) if any(_title(c, runs) in row.runs for row in rows)]
-    columns = [_title(c, runs) for c in order]
+    titles = {(run.task, run.split): run.column for run in runs}
+    columns = [titles[c] for c in _columns(runs) if any(titles[c] in row.runs for row in rows)]
     headers = ["model", "resampler", "latents", "reads text"]
     headers += [header for column in columns for header in (f"{column} pretrained", f"{column} random weights")]
     table = Table("families", "Resampler families: frozen linear probe on the last layer (%)", headers)
@@ -1190,10 +1190,6 @@ def families_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
     )
     mark_single_class(table)
     return table
-
-
-def _title(column: tuple[str, str], runs: Sequence[RunResults]) -> str:
-    return next(run.column for run in runs if (run.task, run.split) == column)
 
 
 def _over_seeds(estimate: Estimate | None, seeds: int, run: RunResults | None = None, mark: str = "") -> str:

@@ -312,10 +312,13 @@ def parse_store_name(name: str, depth: int) -> tuple[list[int], bool] | None:
     return ([int(part) for part in parts], vision) if all(part.isdigit() for part in parts) else None
 
 
-def covering_store(config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int) -> Path:
-    """The folder of the store that serves these layers: a store of an earlier version's layout (a folder per
-    layer set) that already holds them, else the workspace's growing store (the one with ViT outputs when it is
-    there or they are needed), which the extraction grows by the layers it lacks."""
+def covering_store(
+    config: Config, model: str, task: str, layers: list[int], vision: bool, depth: int
+) -> tuple[Path, list[int]]:
+    """The folder of the store that serves these layers, and the layers to ask it for: a store of an earlier
+    version's layout (a folder per layer set) that already holds them, asked for what it holds (so that it is
+    reused as it is), else the workspace's growing store (the one with ViT outputs when it is there or they are
+    needed), asked for these layers: the extraction grows it by those it lacks."""
     spec = get_task(task)
     root = config.workspace / "features" / model / spec.examples_name
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
@@ -324,9 +327,9 @@ def covering_store(config: Config, model: str, task: str, layers: list[int], vis
             continue
         stored_layers, stored_vision = parsed
         if set(layers) <= set(stored_layers) and (stored_vision or not vision):
-            return folder
+            return folder, stored_layers
     with_vision = store_folder(config, model, task, vision=True)
-    return with_vision if vision or with_vision.is_dir() else store_folder(config, model, task, vision=False)
+    return (with_vision if vision or with_vision.is_dir() else store_folder(config, model, task, vision=False)), layers
 
 
 def store_requests(
@@ -341,11 +344,7 @@ def store_requests(
     covers them is taken instead)."""
     requests = {}
     for (label, examples), (task, *needed) in sorted(store_layouts(units, depth).items()):
-        layers, vision = needed
-        folder = covering_store(config, label, task, layers, vision, depth[label])
-        parsed = parse_store_name(folder.name, depth[label])
-        if parsed is not None:  # an earlier layout's store: asked for what it holds, so it is reused as it is
-            layers, _ = parsed
+        folder, layers = covering_store(config, label, task, *needed, depth[label])
         settings = replace(
             config.extract,
             layers=tuple(layers),
