@@ -48,7 +48,7 @@ _EXPORTS: dict[str, str] = {
     # search: Optuna over a task's space, the best trial evaluated on its final seeds
     "SearchSpace": "probing.tasks.search_space",
     "SearchRequest": "probing.studies.search",
-    "default_space": "probing.studies.search",
+    "default_space": "probing.studies.settings",
     "run_search": "probing.studies.search",
     # whole studies: a config (YAML or dict) run end to end, the packaged demo
     "Config": "probing.runs.config",

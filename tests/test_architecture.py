@@ -169,3 +169,72 @@ def test_no_function_over_80_lines():
     # an allowed function that was split (or renamed) is taken off the list
     listed = {(path, name) for path, names in LONG_FUNCTIONS_ALLOWED.items() for name in names}
     assert sorted(listed - allowed_seen) == [], "in LONG_FUNCTIONS_ALLOWED but within the limit (or gone)"
+
+
+# Settings that share a name but are different settings, each declared once for its own meaning.
+SAME_NAME_OTHER_SETTING = {
+    "batch_size": "images per extraction pass, examples per zero-shot pass, examples per training step",
+    "seed": "a probe's initialisation, a search's sampler, an annotation study's draw",
+    "lr": "a trial's value and the search space's range",
+    "epochs": "a trial's value and the search space's choices",
+    "giou_scale": "a trial's value and the search space's choices",
+    "l1_scale": "a trial's value and the search space's choices",
+    "logreg_c": "a trial's value and the search space's range",
+    "features": "optional for a probe run (unfrozen needs none), required for an online code",
+    "workers": "in-process by default for unfrozen training, cores - 2 for extraction and zero-shot answers",
+    "label": "how reports name a run's model, and the default a feature store keeps for the runs made from it",
+    "task": "any task (TaskChoice) or a binary task of an annotation study; the others are internal copies",
+}
+
+
+def declaring_classes() -> dict[str, set[str]]:
+    """For each setting name, the settings dataclasses of the package that declare it themselves (inherited
+    fields are their base's declaration)."""
+    import dataclasses
+    import importlib
+    import inspect
+    import pkgutil
+
+    import probing
+    from probing.core.settings import info_of
+
+    found: dict[str, set[str]] = {}
+    for module_info in pkgutil.walk_packages(probing.__path__, "probing."):
+        if module_info.name.endswith("__main__") or module_info.name.split(".")[1] == "_moved":
+            continue
+        module = importlib.import_module(module_info.name)
+        for value in vars(module).values():
+            if not (isinstance(value, type) and dataclasses.is_dataclass(value)) or value.__module__ != module.__name__:
+                continue
+            own = inspect.get_annotations(value)
+            for field in dataclasses.fields(value):
+                if field.name in own and info_of(field) is not None:
+                    found.setdefault(field.name, set()).add(f"{value.__module__}.{value.__qualname__}")
+    return found
+
+
+def test_each_setting_is_declared_by_one_class():
+    repeated = {name: classes for name, classes in declaring_classes().items() if len(classes) > 1}
+    unexplained = {name: sorted(classes) for name, classes in repeated.items() if name not in SAME_NAME_OTHER_SETTING}
+    assert unexplained == {}, "declare the setting once (probing/core/shared_settings.py) and derive from it"
+    assert declaring_classes()["layer"] == {"probing.probes.settings.ProbeTarget"}
+    assert declaring_classes()["device"] == {"probing.core.shared_settings.Placement"}
+
+
+def test_train_search_and_mdl_take_layer_and_task_from_one_declaration(capsys):
+    from conftest import run_cli
+
+    from probing.cli.app import built_command
+    from probing.probes.settings import ProbeTarget, TrainRequest
+    from probing.studies.settings import MdlRequest, SearchRequest
+
+    assert all(issubclass(request, ProbeTarget) for request in (TrainRequest, SearchRequest, MdlRequest))
+    helps = {}
+    for name in ("train", "search", "mdl"):
+        options = {p.name: p for p in built_command(name).params}
+        helps[name] = (options["layer"].help, options["task"].help)
+    assert len(set(helps.values())) == 1, helps
+    # the declared range is checked by every command: a negative layer is refused naming the option
+    for name in ("train", "search", "mdl"):
+        code, _, err = run_cli(capsys, name, "--task", "vsr", "--layer", "-1", "--features", "f", "--out", "o")
+        assert code == 2 and "--layer: must be >= 0, got -1" in err, (name, err)

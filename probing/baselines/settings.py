@@ -7,15 +7,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from probing.core.devices import check_device
 from probing.core.settings import comma_separated, setting
+from probing.core.shared_settings import ImagePipeline, ModelLabel
 from probing.data.types import DataOptions
 from probing.models.source import DtypeName, ModelSource
 from probing.models.text import DEFAULT_ANSWERS, DEFAULT_PROMPT, TEXT_FIELD, TextPreparation
 
 
 @dataclass(frozen=True, kw_only=True)
-class ZeroShotSettings(TextPreparation):
+class ZeroShotSettings(ImagePipeline, ModelLabel, TextPreparation):
     """How a zero-shot run asks and decides: the options of `probing zeroshot` and a config experiment's
     `zeroshot` section. Texts are prepared (`TextPreparation`) before they reach the prompt or the ITM path."""
 
@@ -51,12 +51,6 @@ class ZeroShotSettings(TextPreparation):
         help="Comma-separated splits to score (default: val and the task's evaluated splits, e.g. val,test).",
     )
     batch_size: int = setting(16, identity=True, low=1, help="Examples per forward pass.")
-    workers: int | None = setting(None, low=0, help="Image decoding processes (default: cores - 2, 1..16).")
-    label: str | None = setting(None, help="How reports name the model (default: its family).")
-    device: str | None = setting(
-        None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)."
-    )
-    progress: bool = setting(True, cli=False, config=False, help="A progress bar on a terminal.")
 
 
 @dataclass(frozen=True, kw_only=True)

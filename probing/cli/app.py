@@ -328,29 +328,21 @@ def _extract(**values: Any) -> None:
 
 
 def _train(**values: Any) -> None:
-    from dataclasses import replace
-
-    from probing.core.settings import check_as, comma_separated, from_cli
     from probing.probes.run import TrainRequest, run_training
-    from probing.probes.train import Trial
 
-    seeds = comma_separated(int, what="integers")(values["seeds"], "--seeds")
-    for seed in seeds:
-        check_as(Trial, "seed", seed, "--seeds")
-    trial = from_cli(Trial, values)  # the hyper-parameters, once per seed
-    request = from_cli(TrainRequest, values, trials=tuple(replace(trial, seed=seed) for seed in seeds))
+    request = TrainRequest.from_options(values)
     _check_out(values, "probe-run")
     result = run_training(request)
     if result.status == "elsewhere":
         return  # another process of the launch wrote the run and reports it
     record = result.value
-    typer.echo(f"run {'already there' if result.reused else 'written'}: {values['out']}")
+    typer.echo(f"run {'already there' if result.reused else 'written'}: {request.out}")
     summary = record.summary
     for split in record.splits:
         value = summary[split][record.metric]
         spread = f" +- {value['std']:.4f}" if value["std"] is not None else ""
         typer.echo(f"  {split:4s} {record.metric} {value['mean']:.4f}{spread} ({value['seeds']} seed(s))")
-    _echo_single_class(Path(values["out"]))
+    _echo_single_class(request.out)
 
 
 def _echo_single_class(folder: Path) -> None:
@@ -363,24 +355,15 @@ def _echo_single_class(folder: Path) -> None:
 
 
 def _search(**values: Any) -> None:
-    from probing.core.settings import check_scope, declared, from_cli
-    from probing.studies.search import SearchRequest, default_space, run_search
-    from probing.tasks import get_task
-    from probing.tasks.search_space import SearchSpace
+    from probing.studies.search import SearchRequest, run_search
 
-    task = values["task"]
-    given = [field.name for field, _ in declared(SearchSpace) if values.get(field.name) is not None]
-    parsed = from_cli(SearchSpace, {name: values[name] for name in given})  # the options' text, checked
-    check_scope(parsed, probe=values["probe"], head=get_task(task).head.kind)  # no dimension it would ignore
-    space = default_space(task, values["probe"]).overridden({name: getattr(parsed, name) for name in given}, None)
-    # a search's batch order is its seed
-    request = from_cli(SearchRequest, values | {"order_seed": values["seed"]}, space=space)
+    request = SearchRequest.from_options(values)
     _check_out(values, "search")
     result = run_search(request)
     summary = result.value
     best, metric = summary.best, summary.metric
     typer.echo(
-        f"search {'already there' if result.reused else 'written'}: {values['out']} ({summary.trials_complete} trials"
+        f"search {'already there' if result.reused else 'written'}: {request.out} ({summary.trials_complete} trials"
         + (", control task)" if request.control else ")")
     )
     typer.echo(f"  best trial {best['number']}: {json.dumps(best['params'], sort_keys=True)}")
@@ -390,7 +373,7 @@ def _search(**values: Any) -> None:
         if isinstance(best[split], dict) and metric in best[split]
     )
     typer.echo(f"  {evaluated}")
-    _echo_single_class(Path(values["out"]))
+    _echo_single_class(request.out)
 
 
 def _zeroshot(**values: Any) -> None:
@@ -407,39 +390,13 @@ def _zeroshot(**values: Any) -> None:
 
 
 def _mdl(**values: Any) -> None:
-    from probing.core.records import SearchSummary
-    from probing.core.settings import check_as, from_cli
-    from probing.probes.train import Trial
-    from probing.studies.mdl import MdlRequest, check_from_search, run_mdl
-    from probing.tasks import get_task
+    from probing.studies.mdl import MdlRequest, run_mdl
 
-    check_as(Trial, "seed", values["seed"], "--seed")
-    search = values.pop("from_search")
-    if search is not None:  # the hyper-parameters of a search's best trial
-        if values["lr"] is not None or values["epochs"] is not None:
-            raise ProbingError("--from-search: give it or --lr and --epochs, not both")
-        summary = SearchSummary.read(search)
-        asked = (get_task(values["task"]).name, values["layer"], values["probe"])
-        if (summary.task, summary.layer, summary.probe) != asked:
-            raise ProbingError(
-                f"--from-search: {search} searched {summary.task} layer {summary.layer} {summary.probe}, "
-                f"not {asked[0]} layer {asked[1]} {asked[2]}"
-            )
-        params = summary.best["params"]
-        if "lr" not in params:
-            raise ProbingError(f"--from-search: {search} found no learning rate (a {summary.probe} search)")
-        values |= {
-            "lr": params["lr"],
-            "epochs": params["epochs"],
-            **{name: params[name] for name in ("giou_scale", "l1_scale") if name in params},
-        }
-    request = from_cli(MdlRequest, values)
-    if search is not None:
-        check_from_search(search, request.check())
-    _check_out(values | {"from_search": search}, "mdl")
+    request = MdlRequest.from_options(values)
+    _check_out(values, "mdl")
     result = run_mdl(request)
     record = result.value
-    typer.echo(f"mdl {'already there' if result.reused else 'written'}: {values['out']}")
+    typer.echo(f"mdl {'already there' if result.reused else 'written'}: {request.out}")
     typer.echo(
         f"  {record.task}{' (control task)' if record.control else ''} layer {record.layer}: online codelength "
         f"{record.online_bits / 1000:.2f} kbits, uniform {record.uniform_bits / 1000:.2f} kbits, "
@@ -476,7 +433,18 @@ def built_command(name: str) -> click.Command:
 
 
 def _task() -> list:
-    return [_parameter("task", str, help="A registered task (`probing tasks`) or a task YAML file.")]
+    from probing.core.settings import cli_parameters
+    from probing.probes.settings import TaskChoice
+
+    return cli_parameters(TaskChoice)
+
+
+def _probe_target() -> list:
+    """--task and --layer, as `ProbeTarget` declares them (train, search, mdl)."""
+    from probing.core.settings import cli_parameters
+    from probing.probes.settings import ProbeTarget
+
+    return cli_parameters(ProbeTarget)
 
 
 def _data_options() -> list:
@@ -543,9 +511,8 @@ def _probe_run_options() -> list:
     from probing.probes.settings import ProbeInputs
 
     return [
-        *_task(),
+        *_probe_target(),
         *_data_options(),
-        _parameter("layer", int, help="Q-Former layer to probe (1..12 for the real models)."),
         *cli_parameters(ProbeInputs),
         *_model_options(optional=["model"]),
     ]
@@ -640,10 +607,9 @@ def _build_mdl() -> click.Command:
     from probing.studies.settings import MdlRequest
 
     parameters = [
-        *_task(),
+        *_probe_target(),
         *_data_options(),
-        _parameter("layer", int, help="Q-Former layer to probe (1..12 for the real models)."),
-        *cli_parameters(MdlRequest),
+        *cli_parameters(MdlRequest, exclude=["task", "layer"]),
         *_in_panel(cli_parameters(TrainSettings), "Training"),
         *_in_panel(cli_parameters(Trial, exclude=["logreg_c"], optional=["lr", "epochs"]), "Hyper-parameters"),
         _parameter("seed", int, 0, help="Initialisation seed of every prefix's probe."),

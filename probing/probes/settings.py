@@ -6,11 +6,10 @@ trains on) and `TrainRequest` (one `probing train`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from probing.core.devices import check_device
 from probing.core.errors import ProbingError
 from probing.core.settings import (
     BOX_TASKS,
@@ -18,11 +17,15 @@ from probing.core.settings import (
     LOGREG_PROBE,
     SGD_PROBES,
     check,
+    check_as,
     check_scope,
+    comma_separated,
+    from_cli,
     identity,
     scoped,
     setting,
 )
+from probing.core.shared_settings import ModelLabel, Placement
 from probing.data.types import DataOptions
 from probing.models.source import ModelSource
 from probing.models.text import QFormerText
@@ -90,7 +93,7 @@ def check_latent_reading(value: str, where: str) -> None:
 
 @scoped
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(Placement):
     task: str = setting(cli=False, config=False, help="The task (a registered name or a task YAML file).")
     probe: str = setting(
         "linear",
@@ -121,9 +124,6 @@ class TrainSettings:
         valid=lambda value, where: check_latent_reading(value, where),
         help="How the probe reads a layer's latents: flatten (the paper's Q x H inputs) | mean (their mean over "
         "the latents: H inputs, so families with different latent counts get probes of one size).",
-    )
-    device: str | None = setting(
-        None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: cuda if available)."
     )
 
     @property
@@ -157,7 +157,27 @@ Mode = Literal["frozen", "unfrozen"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeInputs(ControlInputs, QFormerText):
+class TaskChoice:
+    """The task a command reads: declared once for every command that takes `--task`."""
+
+    task: str = setting(help="A registered task (`probing tasks`) or a task YAML file.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeTarget(TaskChoice):
+    """What one probe reads: a task and one layer of the resampler. Declared once here for `probing train`,
+    `probing search` and `probing mdl` (their requests derive from it), and read from here by their options, by a
+    config's planned runs and by the manifests those write."""
+
+    layer: int = setting(
+        low=0,
+        help="Resampler layer to probe: 1..N (12 for the BLIP-2 Q-Former); 0 the layers' input (the embedded "
+        "queries), where a family has one. The features must hold it.",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeInputs(ModelLabel, ControlInputs, QFormerText):
     """What a probe trains on, shared by `probing train` and `probing search`: stored features (frozen), or the
     model itself trained with the probe (unfrozen, the `ModelSource` beside these fields, its texts read as
     `QFormerText` says); the task's targets or its control's (`ControlInputs`)."""
@@ -169,15 +189,12 @@ class ProbeInputs(ControlInputs, QFormerText):
         "optional stores made with --store-vision.",
     )
     workers: int = setting(0, low=0, help="Unfrozen: image decoding processes.")
-    label: str | None = setting(None, help="How reports name the model (default: its family and init).")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainRequest(ModelSource, ProbeInputs):
+class TrainRequest(ProbeTarget, ModelSource, ProbeInputs):
     """One probe configuration on one layer: what `probing train` runs (and a search's best trial)."""
 
-    task: str
-    layer: int
     out: Path
     trials: tuple[Trial, ...]
     settings: TrainSettings
@@ -188,6 +205,16 @@ class TrainRequest(ModelSource, ProbeInputs):
     @property
     def source(self) -> ModelSource:
         return ModelSource(**{f.name: getattr(self, f.name) for f in fields(ModelSource)})
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> TrainRequest:
+        """`probing train`'s request from its options, checked: one trial per seed of `--seeds`, each with the
+        hyper-parameters the options give."""
+        seeds = comma_separated(int, what="integers")(values["seeds"], "--seeds")
+        for seed in seeds:
+            check_as(Trial, "seed", seed, "--seeds")
+        trial = from_cli(Trial, dict(values))
+        return from_cli(cls, dict(values), trials=tuple(replace(trial, seed=seed) for seed in seeds))
 
     def check(self) -> TrainRequest:
         if self.mode not in ("frozen", "unfrozen"):

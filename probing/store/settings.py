@@ -6,15 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from probing.core.devices import check_device
 from probing.core.settings import setting
+from probing.core.shared_settings import ImagePipeline
 from probing.data.types import DataOptions
 from probing.models.source import DtypeName, ModelSource
 from probing.models.text import QFormerText
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractionSettings(QFormerText):
+class ExtractionSettings(ImagePipeline, QFormerText):
     """How a split is extracted: the `extract` section of a config and the options of `probing extract`.
     Which layers and whether ViT outputs are kept, a config derives from its experiments. How texts reach the
     Q-Former (`QFormerText`: preprocessing, instruction) is part of the store's identity when not the default."""
@@ -45,16 +45,11 @@ class ExtractionSettings(QFormerText):
         identity=True,
         help="Record missing or corrupt images in the manifest and leave their examples out, instead of stopping.",
     )
-    workers: int | None = setting(None, low=0, help="Image decoding processes (default: cores - 2, 1..16).")
     write_threads: int | None = setting(
         None,
         low=1,
         help="Threads writing shards; each holds one shard in memory (default: one per 4 cores, 1..4).",
     )
-    device: str | None = setting(
-        None, config=False, valid=check_device, help="cpu, cuda, cuda:1 ... (default: accelerate's choice)."
-    )
-    progress: bool = setting(True, cli=False, config=False, help="A progress bar on a terminal.")
 
 
 @dataclass(frozen=True, kw_only=True)

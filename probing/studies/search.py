@@ -55,10 +55,15 @@ from probing.probes.checkpoints import TrialCheckpoint
 from probing.probes.run import make_trainer, write_run
 from probing.probes.train import Trial
 from probing.probes.trainers import FittedTrial, Trainer, TrialHooks
-from probing.studies.settings import STUDY_JOURNAL, SearchRequest, SearchSettings  # noqa: F401 (their home was here)
+from probing.studies.settings import (  # noqa: F401 (their home was here)
+    STUDY_JOURNAL,
+    SearchRequest,
+    SearchSettings,
+    default_space,
+)
 from probing.studies.storages import claim_study, load_or_create_study, open_storage, redact
 from probing.tasks import get_task
-from probing.tasks.search_space import SearchSpace
+from probing.tasks.search_space import SearchSpace  # noqa: F401 (imported from here by scripts)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +72,6 @@ LEGACY_STUDY = "search"  # the one name every search's own study had before stud
 HYPERBAND_REDUCTION = 4  # the reduction factor of hyperband and successive halving (see `pruner_of`)
 PRUNERS = ("none", "median", "hyperband", "successive-halving")  # the kinds a study records (user attr "pruner")
 CLAIM = "search.json"  # written first: what the folder's study and outputs are for (the manifest comes last)
-
-
-def default_space(task: str, probe: str = "linear") -> SearchSpace:
-    """The task's default space (the paper's Table 4 for its tasks), as the probe kind searches it."""
-    return get_task(task).search_space.for_probe(probe)
 
 
 def trial_from(params: dict[str, Any], seed: int) -> Trial:

@@ -5,26 +5,36 @@ options (`probing mdl --help`, `probing search --help`), configs and manifests r
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from probing.core.errors import ProbingError
-from probing.core.settings import FROZEN_MODE, check, check_scope, comma_separated, scoped, setting
+from probing.core.settings import (
+    FROZEN_MODE,
+    check,
+    check_as,
+    check_scope,
+    comma_separated,
+    declared,
+    from_cli,
+    scoped,
+    setting,
+)
+from probing.core.shared_settings import ModelLabel
 from probing.data.types import DataOptions
 from probing.models.source import ModelSource
-from probing.probes.settings import ProbeInputs, TrainRequest, TrainSettings, Trial, probe_kind
+from probing.probes.settings import ProbeInputs, ProbeTarget, TrainRequest, TrainSettings, Trial, probe_kind
 from probing.tasks import get_task
 from probing.tasks.controls import ControlInputs
 from probing.tasks.search_space import SearchSpace
 
 
 @dataclass(frozen=True, kw_only=True)
-class MdlRequest(ControlInputs):
+class MdlRequest(ProbeTarget, ModelLabel, ControlInputs):
     """One online code: a task (or its control), layer, probe and trial on stored features."""
 
-    task: str
-    layer: int
     out: Path
     settings: TrainSettings
     trial: Trial
@@ -32,8 +42,38 @@ class MdlRequest(ControlInputs):
     shuffle_seed: int = setting(
         0, identity=True, low=0, help="Seed of the order the train examples are sent in (the blocks are its prefixes)."
     )
-    label: str | None = setting(None, help="How reports name the model (default: its family and init).")
     data: DataOptions | None = None  # optional: else the paths the stores' manifests recorded
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> MdlRequest:
+        """`probing mdl`'s request from its options, checked: the hyper-parameters from --lr and --epochs, or
+        from the best trial of the search `--from-search` names (of the same task, layer and probe, on the same
+        features and targets)."""
+        from probing.core.records import SearchSummary
+
+        check_as(Trial, "seed", values["seed"], "--seed")
+        values = dict(values)
+        search = values.pop("from_search", None)
+        if search is None:
+            return from_cli(cls, values)
+        if values["lr"] is not None or values["epochs"] is not None:
+            raise ProbingError("--from-search: give it or --lr and --epochs, not both")
+        summary = SearchSummary.read(search)
+        asked = (get_task(values["task"]).name, values["layer"], values["probe"])
+        if (summary.task, summary.layer, summary.probe) != asked:
+            raise ProbingError(
+                f"--from-search: {search} searched {summary.task} layer {summary.layer} {summary.probe}, "
+                f"not {asked[0]} layer {asked[1]} {asked[2]}"
+            )
+        params = summary.best["params"]
+        if "lr" not in params:
+            raise ProbingError(f"--from-search: {search} found no learning rate (a {summary.probe} search)")
+        best = {name: params[name] for name in ("lr", "epochs", "giou_scale", "l1_scale") if name in params}
+        request = from_cli(cls, values | best)
+        from probing.studies.mdl import check_from_search  # reads the search's features: torch
+
+        check_from_search(search, request.check())
+        return request
 
     def check(self) -> MdlRequest:
         check(self)
@@ -51,6 +91,11 @@ class MdlRequest(ControlInputs):
         if self.control:
             spec.check_control()
         return self
+
+
+def default_space(task: str, probe: str = "linear") -> SearchSpace:
+    """The task's default space (the paper's Table 4 for its tasks), as the probe kind searches it."""
+    return get_task(task).search_space.for_probe(probe)
 
 
 STUDY_JOURNAL = "study.log"  # the study of a search without --storage, in its folder
@@ -127,15 +172,25 @@ class SearchSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SearchRequest(ModelSource, SearchSettings, ProbeInputs):
+class SearchRequest(ProbeTarget, ModelSource, SearchSettings, ProbeInputs):
     """One search: a task, layer and probe; its space; what it trains on; how it runs."""
 
-    task: str
-    layer: int
     out: Path
     settings: TrainSettings
     space: SearchSpace
     data: DataOptions | None = None
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> SearchRequest:
+        """`probing search`'s request from its options, checked: the search-space options given replace those
+        dimensions of the task's default space (no dimension the probe or the task's head would ignore), and the
+        search's batch order is its seed."""
+        task, probe = values["task"], values["probe"]
+        given = [f.name for f, _ in declared(SearchSpace) if values.get(f.name) is not None]
+        parsed = from_cli(SearchSpace, {name: values[name] for name in given})  # the options' text, checked
+        check_scope(parsed, probe=probe, head=get_task(task).head.kind)
+        space = default_space(task, probe).overridden({name: getattr(parsed, name) for name in given}, None)
+        return from_cli(cls, {**values, "order_seed": values["seed"]}, space=space)
 
     def check(self) -> SearchRequest:
         check(self)
