@@ -230,6 +230,105 @@ def assert_results_hold_every_number(report: Path) -> int:
     return checked
 
 
+# Numbers a table's CSV keeps beside the shown ones, as context: how many examples, seeds, categories or control
+# seeds an estimate stands on (a cell shows the estimate, not its count), whether tau is significant (the dagger),
+# and the codelengths behind the rigour table's noise-floor and control compressions (it shows the compressions,
+# the ratio of two codelengths; results.csv holds the codelengths too).
+CONTEXT_NUMBERS = ("examples", "seeds", "categories", "significant", "control_seeds")
+UNSHOWN_CODELENGTHS = {
+    f"{prefix}{name}"
+    for prefix in ("noise_floor_", "control_", "control_noise_floor_")
+    for name in ("codelength_kbits", "codelength_ci_low", "codelength_ci_high", "uniform_kbits")
+}
+
+
+def _renderings(value: float) -> set[str]:
+    """The ways a table may print `value`: percent, signed points, tau, p, kbits, learning rates, counts."""
+    v = float(value)
+    shown = {f"{100 * v:.1f}", f"{100 * v:+.1f}", f"{100 * v:.2f}", f"{v:.2f}", f"{v:+.2f}", f"{v:.3f}"}
+    return shown | {f"{v:.3g}", f"{v:.2e}", f"{v:g}"}
+
+
+def _numbers(record: dict, context: bool = False) -> dict[str, float]:
+    """A record's numbers that a cell shows (not its labels; its context counts too where `context`)."""
+    return {
+        key: value
+        for key, value in record.items()
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value == value
+        and key != "layer"  # a label: the layer column's, or no column's
+        and (context or not (key.endswith(CONTEXT_NUMBERS) or key in UNSHOWN_CODELENGTHS))
+    }
+
+
+def report_tables(paths, compare_paper: bool = False, only=None) -> list:
+    """The tables (`probing.report.tables.Table`) a report of the run folders `paths` builds, as objects."""
+    from probing.report.tables import ReportOptions, builders_in_place, load_runs
+
+    runs, _ = load_runs([Path(path) for path in paths])
+    built = [table for builder in builders_in_place() for table in builder.build(runs, ReportOptions(compare_paper))]
+    return [table for table in built if only is None or table.name in only]
+
+
+def assert_rows_hold_their_numbers(tables, report: Path) -> int:
+    """Every number of every table's CSV is shown in the row it came from, every number a row shows is in its
+    records (a per-category table's count row aside), and results.csv holds every number of the tables' CSVs;
+    returns how many numbers the CSVs hold."""
+    mismatches = [m for m in row_number_mismatches(tables) if "['n', " not in m]
+    assert mismatches == [], "\n".join(mismatches)
+    missing = results_number_mismatches(tables, report)
+    assert missing == [], "\n".join(missing)
+    for table in tables:  # the objects checked are the tables written
+        assert (report / "tables" / f"{table.name}.md").read_text(encoding="utf-8") == table.markdown()
+    return sum(isinstance(value, float) for table in tables for record in table.records for value in record.values())
+
+
+def row_number_mismatches(tables) -> list[str]:
+    """For each row of each table (`probing.report.tables.Table`): a number of its records that none of its
+    cells shows, or a number a cell shows (outside the label columns) that none of its records holds; named."""
+    import re
+
+    number = re.compile(r"[+-]?\d+(?:\.\d+)?(?:e[+-]\d+)?")
+    mismatches = []
+    for table in tables:
+        for row in table.body:
+            shown = {
+                token
+                for header, text in zip(table.headers, row.texts, strict=True)
+                if header not in REPORT_LABEL_COLUMNS
+                for token in number.findall(text)
+            }
+            held: set[str] = set()
+            for record in row.every_record:
+                held |= {text for value in _numbers(record, context=True).values() for text in _renderings(value)}
+                for key, value in _numbers(record).items():
+                    if not _renderings(value) & shown:
+                        mismatches.append(f"{table.name} {row.texts[:2]}: {key}={value} is in no cell of its row")
+            for token in sorted(shown - held):
+                mismatches.append(f"{table.name} {row.texts[:2]}: {token} is shown but in no record of its row")
+    return mismatches
+
+
+def results_number_mismatches(tables, report: Path) -> list[str]:
+    """The numbers of each table's CSV that `results.csv` (written beside them in `report`) does not hold."""
+    import pandas as pd
+
+    results = pd.read_csv(report / "results.csv")
+    held = {
+        round(float(v), 12)
+        for column in ("value", "ci_low", "ci_high", "seeds_std", "p_value", "n", "seeds")
+        for v in results[column].dropna()
+    }
+    return [
+        f"{table.name}: {key}={value} of {record.get('model')} {record.get('mode')} is not in results.csv"
+        for table in tables
+        for record in table.records
+        for key, value in _numbers(record).items()
+        if round(float(value), 12) not in held
+    ]
+
+
 @pytest.fixture(scope="session")
 def stage2_checkpoint(tmp_path_factory):
     """A tiny random BLIP-2 stage-2 checkpoint (OPT language model) saved with save_pretrained."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import extract_splits, run_cli
+from conftest import assert_rows_hold_their_numbers, extract_splits, report_tables, run_cli
 
 from probing.core.errors import ProbingError
 from probing.data.images import load_rgb_image
@@ -281,6 +281,10 @@ def test_the_families_config_runs_and_its_report_sets_every_family_beside_its_ra
             int(numbers[numbers["metric"] == "latents"]["value"].iloc[0]),
             int(numbers[numbers["metric"] == "latent_width"]["value"].iloc[0]),
         )
+    written = json.loads((report / "report.json").read_text())  # the runs shown (a search's `best/`), the tables
+    runs = [Path(run).parent if Path(run).name == "best" else Path(run) for run in written["runs"]]
+    tables = report_tables(runs, only={Path(name).stem for name in written["tables"]})
+    assert assert_rows_hold_their_numbers(tables, report) > 100  # each number in its row and in results.csv
     records = pd.read_csv(report / "tables" / "families.csv")
     accuracy = results[results["metric"].isin(["accuracy", "acc@0.5"]) & results["category"].isna()]
     accuracy = accuracy[(accuracy["split"] == "test") & (accuracy["mode"] == "frozen") & ~accuracy["control"]]

@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import assert_results_hold_every_number, extract_splits
+from conftest import assert_results_hold_every_number, assert_rows_hold_their_numbers, extract_splits, report_tables
 from scipy.special import expit
 from scipy.stats import laplace
 
@@ -484,6 +484,7 @@ def test_control_search_mdl_and_the_rigour_table(capsys, vsr_stores, demo_option
     table1 = (tmp_path / "report" / "tables" / "table1.md").read_text()
     assert table1.count("| BLIP-2 | frozen |") == 1  # the control run is no row of other tables
     assert assert_results_hold_every_number(tmp_path / "report") > 50  # selectivity and the codes' numbers too
+    assert assert_rows_hold_their_numbers(report_tables([runs]), tmp_path / "report") > 50
     results = pd.read_csv(tmp_path / "report" / "results.csv")
     codes = results[results["metric"] == "mdl_codelength_kbits"].set_index("control")
     assert codes.loc[False, "value"] == pytest.approx(record.online_bits / 1000)

@@ -43,8 +43,11 @@ from probing.report.analysis import (
     MIN_KENDALL_CATEGORIES,
     SIGNIFICANCE,
     SINGLE_CLASS_SHARE,
+    Correlation,
     Estimate,
+    FamilyRow,
     MdlResults,
+    Paired,
     RunResults,
     attach_rigour,
     category_rows,
@@ -130,16 +133,133 @@ def single_class_note(folder: Path) -> str | None:
     return SINGLE_CLASS_NOTE if single_class_mark(load_run(folder)) else None
 
 
+@dataclass(frozen=True)
+class Shown:
+    """A cell that shows numbers, carrying them: `records`, the table CSV's rows of them, and `results`,
+    results.csv's (none for a run's own accuracy: results.csv has a row per run and split already). A label (a
+    model's name, a mode, a layer index) is a plain str cell, not a `Shown`."""
+
+    text: str
+    records: tuple[dict[str, Any], ...] = ()
+    results: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.records and not self.results:  # else the cell would show a number that no CSV holds
+            raise ProbingError(f"cell {self.text!r} shows numbers without them: give its records or results")
+
+    @classmethod
+    def estimate(cls, estimate: Estimate | None, run: RunResults, *, marked: bool = True, **labels) -> Shown | str:
+        """`cell`'s text of a run's estimate with its record (the run's task and split, `labels`, the numbers);
+        "–" without one. `marked`: the text carries the single-class mark of `run`'s probe."""
+        if estimate is None:
+            return cell(None)
+        return cls(cell(estimate, run if marked else None), (_record(estimate, run, **labels),))
+
+
+@dataclass(frozen=True)
+class Row:
+    """A table row, declared once: its cells (labels as str, numbers as `Shown` cells carrying them) and, for
+    a row whose numbers make one record across its cells (a search's, a run's rigour, a paired comparison),
+    that record and its results.csv rows. The table's Markdown row, CSV records and results all come from it."""
+
+    cells: Sequence[str | Shown]
+    records: Sequence[dict[str, Any]] = ()
+    results: Sequence[dict[str, Any]] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("cells", "records", "results"):  # frozen: a row added to a table stays what it was
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text if isinstance(c, Shown) else c for c in self.cells]
+
+    @property
+    def every_record(self) -> list[dict[str, Any]]:
+        """The table CSV's rows of this row: its cells' records in cell order, then the row's own."""
+        return [r for c in self.cells if isinstance(c, Shown) for r in c.records] + list(self.records)
+
+    @property
+    def every_result(self) -> list[dict[str, Any]]:
+        """results.csv's rows of this row: its cells' results in cell order, then the row's own."""
+        return [r for c in self.cells if isinstance(c, Shown) for r in c.results] + list(self.results)
+
+
+class _AddingList(list):
+    """What `Table.rows`, `Table.records` and `Table.results` read: the derived list, a copy, except that
+    `append`, `extend` and `+=` reach the table, so a plug-in table written before `Table.add` (appending a row's
+    texts to `rows` and its numbers to `records`) still works."""
+
+    def __init__(self, items: Iterable, add: Callable[[Any], None]):
+        super().__init__(items)
+        self._add = add
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self._add(item)
+
+    def extend(self, items: Iterable) -> None:
+        for item in items:
+            self.append(item)
+
+    def __iadd__(self, items: Iterable) -> _AddingList:
+        self.extend(items)
+        return self
+
+
 @dataclass
 class Table:
+    """A report table: `add(Row(...))` adds a row; `rows` (the cells' texts), `records` (the numbers behind
+    them, the table's CSV) and `results` (its rows of results.csv beyond each run's accuracies) are read from
+    the rows added, so a cell and its numbers cannot part."""
+
     name: str
     title: str
     headers: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)  # numbers behind the cells, for the CSV
-    # rows for `results.csv` of the numbers the cells show beyond each run's accuracies (`_result`)
-    results: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    body: list[Row] = field(default_factory=list, init=False, repr=False)
+    # numbers a plug-in appended to `records` or `results` directly (the way before `Row`), after the rows'
+    _loose_records: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+    _loose_results: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+
+    def add(self, row: Row) -> None:
+        if not isinstance(row, Row):
+            raise ProbingError(f"table {self.name}: Table.add takes a Row, not {type(row).__name__}")
+        self.body.append(row)
+
+    @property
+    def rows(self) -> list[list[str]]:
+        return _AddingList((row.texts for row in self.body), lambda texts: self.add(Row(list(texts))))
+
+    @rows.setter
+    def rows(self, value: list[list[str]]) -> None:
+        self._refuse_unless_added("rows", value)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        every = [record for row in self.body for record in row.every_record] + self._loose_records
+        return _AddingList(every, self._loose_records.append)
+
+    @records.setter
+    def records(self, value: list[dict[str, Any]]) -> None:
+        self._refuse_unless_added("records", value)
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        every = [result for row in self.body for result in row.every_result] + self._loose_results
+        return _AddingList(every, self._loose_results.append)
+
+    @results.setter
+    def results(self, value: list[dict[str, Any]]) -> None:
+        self._refuse_unless_added("results", value)
+
+    def _refuse_unless_added(self, name: str, value: Any) -> None:
+        """`table.rows += [...]` sets what `+=` returned, the list that already added them: nothing to do; any
+        other assignment would replace what the rows declare."""
+        if not isinstance(value, _AddingList):
+            raise ProbingError(
+                f"table {self.name}: Table.{name} is read from its rows; add one with Table.add(Row(...))"
+            )
 
     def markdown(self) -> str:
         lines = [
@@ -372,14 +492,14 @@ def table1(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
         for mode in _modes(chosen):
             if not any((model, mode, c) in chosen for c in layout.order):
                 continue
-            found = {(c, which): layout.result((model, mode, c), which) for c, which in layout.cells}
-            estimates = {key: overall(run) if run is not None else None for key, run in found.items()}
-            table.rows.append([model, mode, *[cell(estimates[key], run) for key, run in found.items()]])
-            table.records += [
-                _record(estimates[key], run, model=model, mode=mode, layer=run.layer)
-                for key, run in found.items()
+            found = [layout.result((model, mode, c), which) for c, which in layout.cells]
+            cells = [
+                Shown.estimate(overall(run), run, model=model, mode=mode, layer=run.layer)
                 if run is not None
+                else cell(None)
+                for run in found
             ]
+            table.add(Row([model, mode, *cells]))
             if options.compare_paper:
                 shown = _paper_row(table, layout, paper_name, mode)
                 if shown:
@@ -403,24 +523,20 @@ def _chance_row(table: Table, layout: _Table1Layout) -> None:
         levels[(c, which)] = (chance_level(found), found) if found is not None else (None, None)
     if not any(level is not None for level, _ in levels.values()):
         return
-    table.rows.append(
-        [
-            "Chance",
-            "majority class",
-            *[f"{100 * level:.1f}" if level is not None else "–" for level, _ in levels.values()],
-        ]
+    table.add(Row(["Chance", "majority class", *[_chance_cell(level, found) for level, found in levels.values()]]))
+
+
+def _chance_cell(level: float | None, found: RunResults | None) -> Shown | str:
+    """A chance cell: the majority-class rate of `found`'s split, in the table's CSV and in results.csv (no
+    run's row holds it)."""
+    if level is None:
+        return "–"
+    where = {"model": "Chance", "mode": "majority class", "task": found.task, "split": found.split}
+    return Shown(
+        f"{100 * level:.1f}",
+        (where | {"mean": level, "examples": len(found.ids)},),
+        (where | {"metric": found.metric, "value": level, "n": len(found.ids)},),
     )
-    shown = [(level, found) for level, found in levels.values() if level is not None]
-    table.records += [
-        {"model": "Chance", "mode": "majority class", "task": found.task, "split": found.split}
-        | {"mean": level, "examples": len(found.ids)}
-        for level, found in shown
-    ]
-    table.results += [
-        {"model": "Chance", "mode": "majority class", "task": found.task, "split": found.split}
-        | {"metric": found.metric, "value": level, "n": len(found.ids)}
-        for level, found in shown
-    ]
 
 
 def _paper_row(table: Table, layout: _Table1Layout, paper_name: str | None, mode: str) -> bool | None:
@@ -430,28 +546,20 @@ def _paper_row(table: Table, layout: _Table1Layout, paper_name: str | None, mode
     if paper is None:
         return None if mode != HUMAN else False
     name = "Human" if mode == HUMAN else paper_name
-    tasks = {c: layout.by_column[c].task for c in layout.order}
-    table.rows.append(
-        [
-            f"{name} (paper)",
-            mode,
-            *[f"{paper[tasks[c]]:.2f}" if which == "test" and tasks[c] in paper else "–" for c, which in layout.cells],
-        ]
-    )
-    shown = [
-        (layout.by_column[c], paper[tasks[c]] / 100)
-        for c, which in layout.cells
-        if which == "test" and tasks[c] in paper
-    ]
-    table.records += [
-        {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test", "mean": value}
-        for run, value in shown
-    ]
-    table.results += [
-        {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test"}
-        | {"metric": run.metric, "value": value}
-        for run, value in shown
-    ]
+    cells: list[Shown | str] = []
+    for c, which in layout.cells:
+        run = layout.by_column[c]
+        if which != "test" or run.task not in paper:
+            cells.append("–")
+            continue
+        where = {"model": f"{name} (paper)", "mode": mode, "task": run.task, "split": "test"}
+        value = paper[run.task] / 100  # a fraction, as every other number of the CSVs
+        cells.append(
+            Shown(
+                f"{paper[run.task]:.2f}", (where | {"mean": value},), (where | {"metric": run.metric, "value": value},)
+            )
+        )
+    table.add(Row([f"{name} (paper)", mode, *cells]))
     return True
 
 
@@ -532,13 +640,11 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
         modes = _modes(chosen)
         people = _people(chosen)
         counts = {c: max(run.categories.count(c) for run in chosen.values()) for c in columns}
-        table.rows.append(["n", f"{first.split} examples", *[str(counts[c]) for c in columns]])
+        table.add(Row(["n", f"{first.split} examples", *[str(counts[c]) for c in columns]]))
         for (model, mode, _), run in sorted(
             chosen.items(), key=lambda item: (item[0][0] in people, item[0][0], modes.index(item[0][1]))
         ):
-            estimates = per_category(run)
-            table.rows.append([model, mode, *[cell(estimates.get(c)) for c in columns]])
-            table.records += [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items()]
+            table.add(_category_row(run, model, mode, columns))
         table.notes.append(
             "mean [95% bootstrap CI] ±std over seeds, %; n: the split's examples per category (human rows: those "
             "annotated, possibly fewer)"
@@ -546,6 +652,18 @@ def category_tables(runs: Sequence[RunResults], options: ReportOptions) -> list[
         )
         tables.append(table)
     return tables
+
+
+def _category_row(run: RunResults, model: str, mode: str, columns: list[str]) -> Row:
+    """A model's row of a per-category table: a cell per column (unmarked: Table 1 marks a single-class
+    probe); a category of the run that no column shows (a fixed order without it) keeps its record."""
+    estimates = per_category(run)
+
+    def shown(category: str) -> Shown | str:
+        return Shown.estimate(estimates.get(category), run, marked=False, model=model, mode=mode, category=category)
+
+    unshown = [_record(e, run, model=model, mode=mode, category=c) for c, e in estimates.items() if c not in columns]
+    return Row([model, mode, *map(shown, columns)], records=unshown)
 
 
 @register_table("table3", place=30)
@@ -566,9 +684,10 @@ def table3(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
             found = {c: by_probe[probe].get((model, "frozen", titles[c])) for c in order}
             if not any(found.values()):
                 continue
-            estimates = {c: overall(run) if run else None for c, run in found.items()}
-            table.rows.append([model, PROBES[probe].title, *[cell(estimates[c], found[c]) for c in order]])
-            table.records += [_record(e, found[c], model=model, probe=probe) for c, e in estimates.items() if e]
+            cells = [
+                Shown.estimate(overall(run), run, model=model, probe=probe) if run else "–" for run in found.values()
+            ]
+            table.add(Row([model, PROBES[probe].title, *cells]))
     mark_single_class(table)
     return table
 
@@ -578,6 +697,15 @@ HYPER_PARAMETERS = {"lr": "learning rate", "epochs": "epochs", "giou_scale": "GI
 
 def _parameter_cell(name: str, value: Any) -> str:
     return f"{value:.2e}" if name in ("lr", "logreg_c") else f"{value:g}"
+
+
+def _parameter_shown(found: RunResults | None, model: str, mode: str, name: str) -> Shown | str:
+    """Table 4's cell: the value of hyper-parameter `name` that `found`'s search chose, "–" where none."""
+    value = found.search["best"]["params"].get(name) if found is not None else None
+    if value is None:
+        return "–"
+    record = {"model": model, "mode": mode, "task": found.task, "parameter": name, "value": value}
+    return Shown(_parameter_cell(name, value), (record,), (_result(found, f"param_{name}", value),))
 
 
 @register_table("table4", place=40)
@@ -601,17 +729,8 @@ def table4(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
         }
         names = [name for name in HYPER_PARAMETERS if name in params] + sorted(params - set(HYPER_PARAMETERS))
         for name in names:
-            row = [column, HYPER_PARAMETERS.get(name, name)]
-            for model, mode in pairs:
-                found = searched.get((model, mode, column))
-                value = found.search["best"]["params"].get(name) if found is not None else None
-                row.append(_parameter_cell(name, value) if value is not None else "–")
-                if value is not None:
-                    table.records.append(
-                        {"model": model, "mode": mode, "task": found.task, "parameter": name, "value": value}
-                    )
-                    table.results.append(_result(found, f"param_{name}", value))
-            table.rows.append(row)
+            cells = [_parameter_shown(searched.get((model, mode, column)), model, mode, name) for model, mode in pairs]
+            table.add(Row([column, HYPER_PARAMETERS.get(name, name), *cells]))
     table.notes.append(
         "the best trial of each search by its val metric (`searches` lists every search with its val and test)"
     )
@@ -647,56 +766,44 @@ def searches_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
     for run in sorted(
         searched, key=lambda r: (r.label, MODES.index(r.mode), order[(r.task, r.split)], r.layer, r.probe)
     ):
-        best = run.search["best"]
-        params = best["params"]
-        metric = run.search["metric"]
-        scales = [f"{params[name]:g}" if name in params else "–" for name in ("giou_scale", "l1_scale")]
-        lr = f"{params['lr']:.2e}" if "lr" in params else f"C={params['logreg_c']:.2e}"
-        pruned = sum(trial.get("state") == "PRUNED" for trial in run.search.get("trials", []))
-        table.rows.append(
-            [
-                run.label,
-                run.mode,
-                run.column,
-                str(run.layer),
-                run.probe,
-                lr,
-                str(params.get("epochs", "–")),
-                *scales,
-                str(run.search["trials_complete"]),
-                str(pruned),
-                f"{100 * best['val_search']:.1f}",
-                cell(overall(run), run),
-            ]
-        )
-        table.records.append(
-            {
-                "model": run.label,
-                "mode": run.mode,
-                "task": run.task,
-                "split": run.split,
-                "layer": run.layer,
-                "probe": run.probe,
-                **{f"param_{k}": v for k, v in params.items()},
-                "trials": run.search["trials_complete"],
-                "trials_pruned": pruned,
-                "val": best["val_search"],
-                **{f"test_{k}": v for k, v in overall(run).as_dict().items()},
-            }
-        )
-        table.results += [_result(run, f"param_{name}", value) for name, value in params.items()]
-        table.results += [
-            _result(run, "trials", run.search["trials_complete"]),
-            _result(run, "trials_pruned", pruned),
-            _result(run, f"search_val_{metric}", best["val_search"], split="val"),
-        ]
+        table.add(_search_row(run))
     table.notes.append(
         f"trials: completed; pruned: stopped early by the search's pruner (their epochs were not trained); val: the "
-        f"best trial's val {metric} in the search; test: the best trial retrained with its final seeds, mean [95% CI] "
-        "±std"
+        f"best trial's val {run.search['metric']} in the search; test: the best trial retrained with its final "
+        "seeds, mean [95% CI] ±std"
     )
     mark_single_class(table)
     return table
+
+
+def _search_row(run: RunResults) -> Row:
+    """A search's row: its best trial's hyper-parameters, trials, val and test, one record across the cells
+    (the test accuracy's results.csv row is the run's own)."""
+    best = run.search["best"]
+    params = best["params"]
+    scales = [f"{params[name]:g}" if name in params else "–" for name in ("giou_scale", "l1_scale")]
+    lr = f"{params['lr']:.2e}" if "lr" in params else f"C={params['logreg_c']:.2e}"
+    pruned = sum(trial.get("state") == "PRUNED" for trial in run.search.get("trials", []))
+    trials = run.search["trials_complete"]
+    cells = [run.label, run.mode, run.column, str(run.layer), run.probe, lr, str(params.get("epochs", "–")), *scales]
+    cells += [str(trials), str(pruned), f"{100 * best['val_search']:.1f}", cell(overall(run), run)]
+    record = {
+        "model": run.label,
+        "mode": run.mode,
+        "task": run.task,
+        "split": run.split,
+        "layer": run.layer,
+        "probe": run.probe,
+        **{f"param_{k}": v for k, v in params.items()},
+        "trials": trials,
+        "trials_pruned": pruned,
+        "val": best["val_search"],
+        **{f"test_{k}": v for k, v in overall(run).as_dict().items()},
+    }
+    results = [_result(run, f"param_{name}", value) for name, value in params.items()]
+    results += [_result(run, "trials", trials), _result(run, "trials_pruned", pruned)]
+    results.append(_result(run, f"search_val_{run.search['metric']}", best["val_search"], split="val"))
+    return Row(cells, records=[record], results=results)
 
 
 @register_table("table5", place=50)
@@ -721,39 +828,14 @@ def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
     correlations = {key: kendall(run) for key, run in chosen.items()}
     for column in dict.fromkeys(run.column for run in _sorted_columns(enough)):
         for name in KENDALL_PROPERTIES:
-            row = [column, PROPERTY_NAMES[name]]
+            cells = []
             for model, mode in pairs:
                 key = (model, mode, column)
-                if key not in correlations:
-                    row.append("single class" if key in enough else "–")
-                    continue
-                c, run = correlations[key][name], chosen[key]
-                mark = "" if c.significant else NOT_SIGNIFICANT
-                row.append(f"{c.tau:+.2f} ({c.p_value:.3f}){mark}" if c.tau == c.tau else "undefined")
-                table.records.append(
-                    {
-                        "model": model,
-                        "mode": mode,
-                        "task": run.task,
-                        "split": run.split,
-                        "property": name,
-                        "tau": c.tau if c.tau == c.tau else None,
-                        "p_value": c.p_value if c.p_value == c.p_value else None,
-                        "significant": c.significant,
-                        "categories": c.categories,
-                    }
-                )
-                table.results.append(
-                    _result(
-                        run,
-                        "kendall_tau",
-                        c.tau if c.tau == c.tau else None,
-                        against=name,
-                        p_value=c.p_value if c.p_value == c.p_value else None,
-                        n=c.categories,
-                    )
-                )
-            table.rows.append(row)
+                if key in correlations:
+                    cells.append(_kendall_shown(correlations[key][name], chosen[key], model, mode, name))
+                else:
+                    cells.append("single class" if key in enough else "–")
+            table.add(Row([column, PROPERTY_NAMES[name], *cells]))
     table.notes.append(f"{NOT_SIGNIFICANT} p > 0.05 (not significant); 'undefined': a constant column (no ranking)")
     if one_class:
         table.notes.append(
@@ -766,6 +848,20 @@ def table5(runs: Sequence[RunResults], options: ReportOptions) -> Table | None:
             f"runs with fewer than {MIN_KENDALL_CATEGORIES} categories have no ranking to correlate and are left out"
         )
     return table
+
+
+def _kendall_shown(c: Correlation, run: RunResults, model: str, mode: str, name: str) -> Shown:
+    """Table 5's cell: tau (p) against property `name`, marked when not significant; "undefined" (no number)
+    for a constant column, whose record and results row say so with empty values."""
+    tau = c.tau if c.tau == c.tau else None  # NaN: no ranking
+    p_value = c.p_value if c.p_value == c.p_value else None
+    text = (
+        f"{c.tau:+.2f} ({c.p_value:.3f}){'' if c.significant else NOT_SIGNIFICANT}" if tau is not None else "undefined"
+    )
+    record = {"model": model, "mode": mode, "task": run.task, "split": run.split, "property": name}
+    record |= {"tau": tau, "p_value": p_value, "significant": c.significant, "categories": c.categories}
+    result = _result(run, "kendall_tau", tau, against=name, p_value=p_value, n=c.categories)
+    return Shown(text, (record,), (result,))
 
 
 @register_table("paired", place=52)
@@ -801,41 +897,8 @@ def paired_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | 
         if compared is None:
             skipped.append(f"{names[0]} / {names[1]} ({first.column})")
             continue
-        mark = "" if compared.p_value <= SIGNIFICANCE else NOT_SIGNIFICANT
-        table.rows.append(
-            [
-                first.column,
-                *names,
-                _points(compared.difference),
-                str(compared.first_only),
-                str(compared.second_only),
-                f"{compared.p_value:.3g}{mark}",
-                str(compared.difference.examples),
-            ]
-        )
-        table.records.append(
-            {
-                "task": first.task,
-                "split": first.split,
-                "model": first.label,
-                "mode": first.mode,
-                "other_model": second.label,
-                "other_mode": second.mode,
-                **{f"difference_{k}": v for k, v in compared.difference.as_dict().items()},
-                "first_only": compared.first_only,
-                "second_only": compared.second_only,
-                "mcnemar_p": compared.p_value,
-                "run": str(first.path),
-                "other_run": str(second.path),
-            }
-        )
-        against = {"against": names[1], "against_run": str(second.path)}
-        table.results += [
-            _result(first, "accuracy_difference", estimate=compared.difference, p_value=compared.p_value, **against),
-            _result(first, "right_only_this", compared.first_only, **against),
-            _result(first, "right_only_against", compared.second_only, **against),
-        ]
-    if not table.rows:
+        table.add(_paired_row(first, second, compared, names))
+    if not table.body:
         return None
     table.notes.append(
         "difference: first - second, seed-averaged, 95% paired bootstrap CI over the shared examples; McNemar's "
@@ -844,6 +907,36 @@ def paired_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | 
     if skipped:
         table.notes.append("not compared (evaluated on different examples): " + ", ".join(skipped))
     return table
+
+
+def _paired_row(first: RunResults, second: RunResults, compared: Paired, names: list[str]) -> Row:
+    """A paired comparison's row: the difference, the examples only one run got right, McNemar's p and n, one
+    record across the cells and their results.csv rows (about `first`, `against` naming `second`)."""
+    mark = "" if compared.p_value <= SIGNIFICANCE else NOT_SIGNIFICANT
+    difference = compared.difference
+    cells = [first.column, *names, _points(difference), str(compared.first_only), str(compared.second_only)]
+    cells += [f"{compared.p_value:.3g}{mark}", str(difference.examples)]
+    record = {
+        "task": first.task,
+        "split": first.split,
+        "model": first.label,
+        "mode": first.mode,
+        "other_model": second.label,
+        "other_mode": second.mode,
+        **{f"difference_{k}": v for k, v in difference.as_dict().items()},
+        "first_only": compared.first_only,
+        "second_only": compared.second_only,
+        "mcnemar_p": compared.p_value,
+        "run": str(first.path),
+        "other_run": str(second.path),
+    }
+    against = {"against": names[1], "against_run": str(second.path)}
+    results = [
+        _result(first, "accuracy_difference", estimate=difference, p_value=compared.p_value, **against),
+        _result(first, "right_only_this", compared.first_only, **against),
+        _result(first, "right_only_against", compared.second_only, **against),
+    ]
+    return Row(cells, records=[record], results=results)
 
 
 @register_table("roc_auc", place=20)
@@ -865,29 +958,20 @@ def roc_auc_table(runs: Sequence[RunResults], options: ReportOptions) -> Table |
             found = {c: chosen.get((model, mode, c)) for c in order}
             if not any(found.values()):
                 continue
-            values = {c: roc_auc(run) if run else None for c, run in found.items()}
-            table.rows.append([model, mode, *[_auc_cell(values[c]) for c in order]])
-            table.records += [
-                {
-                    "model": model,
-                    "mode": mode,
-                    "task": found[c].task,
-                    "split": found[c].split,
-                    "layer": found[c].layer,
-                    "roc_auc": v["mean"],
-                    "seed_std": v["seed_std"],
-                    "seeds": v["seeds"],
-                }
-                for c, v in values.items()
-                if v
-            ]
-            table.results += [
-                _result(found[c], "roc_auc", v["mean"], seeds_std=v["seed_std"], seeds=v["seeds"])
-                for c, v in values.items()
-                if v
-            ]
+            table.add(Row([model, mode, *[_auc_shown(run, model, mode) for run in found.values()]]))
     table.notes.append("scikit-learn's ROC-AUC of the predicted probabilities, mean ±std over seeds")
     return table
+
+
+def _auc_shown(run: RunResults | None, model: str, mode: str) -> Shown | str:
+    """A ROC-AUC cell: the run's mean ±std over seeds, "–" without a run (or a value)."""
+    value = roc_auc(run) if run else None
+    if not value:
+        return _auc_cell(None)
+    record = {"model": model, "mode": mode, "task": run.task, "split": run.split, "layer": run.layer}
+    record |= {"roc_auc": value["mean"], "seed_std": value["seed_std"], "seeds": value["seeds"]}
+    result = _result(run, "roc_auc", value["mean"], seeds_std=value["seed_std"], seeds=value["seeds"])
+    return Shown(_auc_cell(value), (record,), (result,))
 
 
 def _auc_cell(value: dict[str, Any] | None) -> str:
@@ -913,9 +997,10 @@ def per_layer_table(runs: Sequence[RunResults], options: ReportOptions) -> Table
     for model in sorted({r.label for r in frozen}):
         for layer in sorted({r.layer for r in frozen if r.label == model}):
             found = {c: index.get((model, layer, *c)) for c in order}
-            estimates = {c: overall(run) if run else None for c, run in found.items()}
-            table.rows.append([model, str(layer), *[cell(estimates[c], found[c]) for c in order]])
-            table.records += [_record(e, found[c], model=model, layer=layer) for c, e in estimates.items() if e]
+            cells = [
+                Shown.estimate(overall(run), run, model=model, layer=layer) if run else "–" for run in found.values()
+            ]
+            table.add(Row([model, str(layer), *cells]))
     mark_single_class(table)
     return table
 
@@ -1008,9 +1093,9 @@ def rigor_table(runs: Sequence[RunResults], options: ReportOptions) -> Table | N
             "random weights (%)",
         ],
     )
-    searched = False
     for run, random in rows:
-        searched |= _rigor_row(table, run, random)
+        table.add(_rigor_row(run, random))
+    searched = any(c.searched_control for run, _ in rows for c in run.control_runs)
     table.notes += _RIGOR_NOTES
     if searched:
         table.notes.append(
@@ -1042,9 +1127,9 @@ def _rigor_rows(runs: Sequence[RunResults]) -> list[tuple[RunResults, RunResults
     return rows
 
 
-def _rigor_row(table: Table, run: RunResults, random: RunResults | None) -> bool:
-    """One run's rigour row, its numbers (the table's CSV) and its results.csv rows; whether its controls had
-    a search of their own (marked)."""
+def _rigor_row(run: RunResults, random: RunResults | None) -> Row:
+    """One run's rigour row: its cells, one record of their numbers (the table's CSV) and its results.csv rows;
+    the control's cell marked when its controls had a search of their own."""
     accuracy = overall(run)
     numbers_of = rigour(run)
     code_cells, code_numbers = _code_cells(run.mdl)
@@ -1056,29 +1141,27 @@ def _rigor_row(table: Table, run: RunResults, random: RunResults | None) -> bool
     searched = any(c.searched_control for c in run.control_runs)
     control_mark = SEARCHED_CONTROL_MARK if searched else ""
     uniform = f"{run.mdl.record.uniform_bits / 1000:.2f}" if run.mdl is not None else "–"
-    table.rows.append(
-        [
-            run.label,
-            run.column,
-            run.mode,
-            str(run.layer),
-            run.probe,
-            cell(accuracy, run),
-            cell(numbers_of.floor, run.floor_run),
-            _over_seeds(numbers_of.control, numbers_of.control_seeds, control, control_mark),
-            _over_seeds(numbers_of.control_floor, numbers_of.control_seeds),
-            _over_seeds(numbers_of.ceiling, numbers_of.control_seeds),
-            _points(numbers_of.selectivity),
-            code_cells[0],
-            uniform,
-            code_cells[1],
-            floor_cells[1],
-            control_cells[1],
-            control_floor_cells[1],
-            cell(random_accuracy),
-        ]
-    )
-    numbers = {
+    cells = [
+        run.label,
+        run.column,
+        run.mode,
+        str(run.layer),
+        run.probe,
+        cell(accuracy, run),
+        cell(numbers_of.floor, run.floor_run),
+        _over_seeds(numbers_of.control, numbers_of.control_seeds, control, control_mark),
+        _over_seeds(numbers_of.control_floor, numbers_of.control_seeds),
+        _over_seeds(numbers_of.ceiling, numbers_of.control_seeds),
+        _points(numbers_of.selectivity),
+        code_cells[0],
+        uniform,
+        code_cells[1],
+        floor_cells[1],
+        control_cells[1],
+        control_floor_cells[1],
+        cell(random_accuracy),
+    ]
+    record = {
         "model": run.label,
         "mode": run.mode,
         "probe": run.probe,
@@ -1099,7 +1182,14 @@ def _rigor_row(table: Table, run: RunResults, random: RunResults | None) -> bool
         **(_prefixed("random_", random_accuracy.as_dict()) if random_accuracy else {}),
         "random_model": random.label if random is not None else None,
     }
-    table.records.append(numbers)
+    return Row(cells, records=[record], results=_rigor_results(run))
+
+
+def _rigor_results(run: RunResults) -> list[dict[str, Any]]:
+    """The results.csv rows of a run's rigour row: floor, control, control floor, ceiling and selectivity, each
+    naming the run it was measured against, then the online codes of the run and of its control."""
+    numbers_of = rigour(run)
+    control = run.control_run
     rigour_results = {
         "floor": (numbers_of.floor, run.floor_run),
         "control": (numbers_of.control, control),
@@ -1107,13 +1197,15 @@ def _rigor_row(table: Table, run: RunResults, random: RunResults | None) -> bool
         "ceiling": (numbers_of.ceiling, control),
         "selectivity": (numbers_of.selectivity, control),
     }
-    for metric, (value, against) in rigour_results.items():
-        if value is not None:
-            table.results.append(_result(run, metric, estimate=value, against_run=str(against.path)))
-    table.results += _code_results(run) + _code_results(run, run.mdl_floor, "mdl_noise_floor_")
+    results = [
+        _result(run, metric, estimate=value, against_run=str(against.path))
+        for metric, (value, against) in rigour_results.items()
+        if value is not None
+    ]
+    results += _code_results(run) + _code_results(run, run.mdl_floor, "mdl_noise_floor_")
     if control is not None:
-        table.results += _code_results(control) + _code_results(control, control.mdl_floor, "mdl_noise_floor_")
-    return searched
+        results += _code_results(control) + _code_results(control, control.mdl_floor, "mdl_noise_floor_")
+    return results
 
 
 # What each rigour column means (the table's notes)
@@ -1166,21 +1258,17 @@ def families_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
     table = Table("families", "Resampler families: frozen linear probe on the last layer (%)", headers)
     for row in rows:
         kind, reads_text = _family_kind(row.family)
-        shape = "–" if row.latents is None else f"{row.latents[0]} × {row.latents[1]}"
-        cells = [row.label, kind, shape, reads_text]
         labels = {"family": row.family}
         if row.latents is not None:
             labels |= {"latents": row.latents[0], "width": row.latents[1]}
-        for column in columns:
-            run, random = row.runs.get(column, (None, None))
-            for which in (run, random):
-                estimate_ = overall(which) if which is not None else None
-                cells.append(cell(estimate_, which))
-                if estimate_ is not None:
-                    table.records.append(_record(estimate_, which, model=which.label, **labels, init=which.init))
-            if run is not None and row.latents is not None:
-                table.results += [_result(run, "latents", row.latents[0]), _result(run, "latent_width", row.latents[1])]
-        table.rows.append(cells)
+        accuracies = [
+            Shown.estimate(overall(which), which, model=which.label, **labels, init=which.init)
+            if which is not None
+            else cell(None)
+            for column in columns
+            for which in row.runs.get(column, (None, None))
+        ]
+        table.add(Row([row.label, kind, _latents_shown(row, columns), reads_text, *accuracies]))
     table.notes.append(
         "latents: the number of latent vectors and their width that the probe read (flattened, latents × width "
         "inputs; `--latents mean` reads their mean); reads text: the latents depend on the caption (a Q-Former's "
@@ -1190,6 +1278,21 @@ def families_table(runs: Sequence[RunResults], options: ReportOptions) -> Table 
     )
     mark_single_class(table)
     return table
+
+
+def _latents_shown(row: FamilyRow, columns: list[str]) -> Shown | str:
+    """The families table's latents cell (`count × width`): in results.csv once per task run it was read for;
+    in the table's CSV as labels of each accuracy's record."""
+    if row.latents is None:
+        return "–"
+    runs = [row.runs[column][0] for column in columns if row.runs.get(column, (None, None))[0] is not None]
+    results = [
+        r
+        for run in runs
+        for r in (_result(run, "latents", row.latents[0]), _result(run, "latent_width", row.latents[1]))
+    ]
+    text = f"{row.latents[0]} × {row.latents[1]}"
+    return Shown(text, results=tuple(results)) if results else text
 
 
 def _over_seeds(estimate: Estimate | None, seeds: int, run: RunResults | None = None, mark: str = "") -> str:
