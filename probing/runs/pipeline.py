@@ -65,13 +65,16 @@ class PlannedStep:
 
     @classmethod
     def of(cls, stage: str, what: str, out: Path, size: str = "") -> PlannedStep:
-        reused = read_manifest(out) is not None
+        return cls.found(stage, what, out, read_manifest(out) is not None, size)
+
+    @classmethod
+    def found(cls, stage: str, what: str, out: Path, reused: bool, size: str = "") -> PlannedStep:
+        """The step of an output whose manifest the caller has read already (`reused`: there is one)."""
         return cls(stage, what, out, reused, _disk_size(out) if reused else size)
 
 
-def _stored_layers(store: Path) -> set[int]:
-    """The layers a store folder holds (its manifest's list; before stores grew, its request's)."""
-    manifest = read_manifest(store) or {}
+def _stored_layers(manifest: dict) -> set[int]:
+    """The layers a store holds, from its manifest (its list; before stores grew, its request's)."""
     return set(manifest.get("layers") or manifest.get("request", {}).get("layers") or [])
 
 
@@ -572,8 +575,9 @@ def planned_steps(config: Config) -> list[PlannedStep]:
                 size = f"{len(load_split(request.data, request.split).examples)} examples"
             vision = " + ViT outputs" if request.store_vision else ""
             what = f"features {label} {examples} {request.split} layers {list(request.layers)}{vision}"
-            step = PlannedStep.of("features", what, request.out, size)
-            present = _stored_layers(request.out)
+            manifest = read_manifest(request.out)  # once: whether the store is there, and which layers it holds
+            step = PlannedStep.found("features", what, request.out, manifest is not None, size)
+            present = _stored_layers(manifest or {})
             if step.reused and not set(request.layers) <= present:  # a store there, but it grows by these layers
                 missing = sorted(set(request.layers) - present)
                 step = replace(step, reused=False, what=f"{what} (grows by layers {missing})")
