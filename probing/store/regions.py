@@ -1,0 +1,193 @@
+"""Reading a feature store's safetensors files region by region, each region's BLAKE3 checked as it is read.
+
+A store written since BLAKE3 records, per file, the digest of its header (the 8-byte length and the JSON,
+`HEADER_REGION`) and of each tensor's bytes. Opening a store checks the headers only (small); `read_tensor` reads a
+tensor's bytes once, with `readinto`, straight into the caller's result (or into a staging buffer when the result's
+dtype, device or the host's byte order differ from the file's), and hashes the very bytes it read: while the main
+thread reads chunk k+1, a hashing thread hashes chunk k (blake3 and `readinto` release the GIL). Each tensor's
+region is hashed in order by one thread; the regions of one load are spread over `hash_threads()` threads, so that
+the hashing keeps pace with the reading on two cores. `check` waits for the digests and compares them with the
+manifest before the caller returns anything. A region verified in this process is remembered (`_VERIFIED`) while
+its file is unchanged, and not hashed again.
+
+Why BLAKE3 rather than SHA-256 (which stores written before it record, over the whole file, and which are verified
+as before): on the 2-core machine of docs/performance.md SHA-256 hashes 1.1 GB/s a core and a page-cached read runs
+at about 6 GB/s, so no overlap could hide it; BLAKE3 hashes 5.5 GB/s on one thread (AVX-512) and is cryptographic,
+like SHA-256, with a command-line tool (`b3sum`) to check a region by hand. Per-region digests rather than one per
+file, so that loading one layer reads and checks only that layer's bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import blake3
+import torch
+
+from probing.core.artifacts import (
+    HEADER_REGION,
+    SafetensorsHeader,
+    TensorRegion,
+    header_length,
+    parse_safetensors_header,
+)
+from probing.core.errors import ProbingError
+
+CHUNK = 1 << 22  # bytes read (and handed to a hashing thread) at a time: large enough that a thread's hand-off is
+# cheap, small enough that the hashing thread finds the bytes still in the CPU's cache
+
+DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+
+FileState = tuple[str, int, int, int]
+
+# What this process has verified: (file state, region, BLAKE3) for a region of a store written since BLAKE3,
+# (file state, "", SHA-256) for a whole file of an older store. A file state is (path, inode, size, mtime): a file
+# rewritten since is hashed again. A layer sweep opens a store once per layer and hashes each region once.
+_VERIFIED: set[tuple[FileState, str, str]] = set()
+WHOLE_FILE = ""
+
+
+def file_state(path: Path) -> FileState:
+    status = path.stat()
+    return (str(path.resolve()), status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def hash_threads() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def damaged(path: Path, reason: str) -> ProbingError:
+    return ProbingError(f"{path}: shard damaged ({reason}); rerun the same `probing extract` to recompute it")
+
+
+def read_header(path: Path) -> tuple[SafetensorsHeader, bytes]:
+    """A file's parsed header and its bytes (to hash); a ProbingError naming the file when it does not parse."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(8)
+            data += handle.read(header_length(data) - 8)
+        return parse_safetensors_header(data), data
+    except (ValueError, UnicodeDecodeError) as error:
+        raise damaged(path, f"its header does not parse: {error}") from None
+
+
+def checked_header(path: Path, recorded: dict[str, str]) -> SafetensorsHeader:
+    """The header of a file whose regions' BLAKE3 the manifest records (`recorded`), checked cheaply: its digest,
+    the tensors it lists (those the manifest has digests for) and the file's size (the header's); the tensors'
+    bytes are checked as they are read."""
+    header, data = read_header(path)
+    if blake3.blake3(data).hexdigest() != recorded.get(HEADER_REGION) or set(header.regions()) != set(recorded):
+        raise damaged(path, "its BLAKE3 differs from the manifest's")
+    size = path.stat().st_size
+    if size != header.size:
+        raise damaged(path, f"it holds {size} bytes, its header declares {header.size}")
+    return header
+
+
+def file_digests(path: Path) -> dict[str, str] | None:
+    """The BLAKE3 of a file's header and of each of its tensors' regions, the file read once in chunks into one
+    reused buffer; None when its header does not parse or its size is not the header's (the full check of a
+    store: resuming or reusing one in `probing extract`)."""
+    try:
+        header, data = read_header(path)
+    except ProbingError:
+        return None
+    if path.stat().st_size != header.size:
+        return None
+    digests = {HEADER_REGION: blake3.blake3(data).hexdigest()}
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(header.length)
+        for name, region in sorted(header.tensors.items(), key=lambda item: item[1].start):
+            digest, left = blake3.blake3(), region.end - region.start
+            while left:
+                read = handle.readinto(view[: min(CHUNK, left)])
+                if not read:
+                    return None  # shortened while being read
+                digest.update(view[:read])
+                left -= read
+            digests[name] = digest.hexdigest()
+    return digests
+
+
+class RegionReader:
+    """Reads tensors' regions into memory, hashing what it reads in threads when given the digests to expect.
+
+    Use as a context manager; `check()` before using what was read. Each region is hashed by one thread, chunk after
+    chunk in order (a BLAKE3 state is sequential), its regions spread round-robin over the threads."""
+
+    def __init__(self) -> None:
+        self._chains: list[ThreadPoolExecutor] = []
+        self._next = 0
+        self._pending: list[tuple[Path, str, FileState, str, Future[str]]] = []
+
+    def __enter__(self) -> RegionReader:
+        return self
+
+    def __exit__(self, *_) -> None:
+        for chain in self._chains:  # after an error too: no thread is left hashing a buffer
+            chain.shutdown(wait=True, cancel_futures=True)
+
+    def _chain(self) -> ThreadPoolExecutor:
+        if not self._chains:  # created on the first hashed region: an unverified read starts no thread
+            self._chains = [ThreadPoolExecutor(max_workers=1) for _ in range(hash_threads())]
+        chain = self._chains[self._next % len(self._chains)]
+        self._next += 1
+        return chain
+
+    def read_tensor(self, path: Path, name: str, region: TensorRegion, target: torch.Tensor, expected: str | None):
+        """Read tensor `name` (its `region` of file `path`) into `target` (a contiguous tensor of its shape, any dtype
+        or device), hashing the bytes read when `expected` (its BLAKE3 from the manifest) is given."""
+        stored = DTYPES.get(region.dtype)
+        if stored is None:
+            raise ProbingError(f"{path}: tensor '{name}' has dtype {region.dtype}, which a feature store never holds")
+        direct = target.device.type == "cpu" and target.dtype == stored and sys.byteorder == "little"
+        buffer = target if direct else torch.empty(region.end - region.start, dtype=torch.uint8)
+        self._read(path, name, region, memoryview(buffer.reshape(-1).view(torch.uint8).numpy()), expected)
+        if not direct:
+            if sys.byteorder != "little" and stored.itemsize > 1:  # safetensors' bytes are little-endian
+                buffer = buffer.view(-1, stored.itemsize).flip(1).contiguous()
+            target.copy_(buffer.view(stored).reshape(region.shape))
+
+    def _read(self, path: Path, name: str, region: TensorRegion, view: memoryview, expected: str | None) -> None:
+        state = file_state(path)  # before reading: a change after is seen by the next process
+        if expected is not None and (state, name, expected) in _VERIFIED:
+            expected = None
+        digest, chain = (blake3.blake3(), self._chain()) if expected is not None else (None, None)
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(region.start)
+            position = 0
+            while position < len(view):
+                read = handle.readinto(view[position : position + CHUNK])
+                if not read:
+                    raise damaged(path, "it is shorter than its header declares")
+                if digest is not None:
+                    chain.submit(digest.update, view[position : position + read])
+                position += read
+        if digest is not None:
+            self._pending.append((path, name, state, expected, chain.submit(digest.hexdigest)))
+
+    def check(self) -> None:
+        """Wait for the digests of what was read and compare them with the manifest's: a ProbingError naming the
+        first file that differs. The regions that match are remembered as verified."""
+        pending, self._pending = self._pending, []
+        for path, name, state, expected, future in pending:
+            if future.result() != expected:
+                raise damaged(path, "its BLAKE3 differs from the manifest's")
+            _VERIFIED.add((state, name, expected))
