@@ -36,9 +36,11 @@ from the bytes in memory as they are written. Opening a store checks each header
 before it reuses or resumes a store. Stores written before BLAKE3 record `sha256` (of the whole file) instead and
 are verified as they always were, whole when they open; stores from before checksums record neither and are
 given their digests on first read. A region can be checked by hand: `tail -c +$((start + 1)) FILE | head -c
-$((end - start)) | b3sum`, with start and end from the header (8 + N plus its `data_offsets`). While a growth runs, the manifest stays complete
-(the present layers stay readable) and records `growing` (the layers being added); an interrupted growth is
-resumed by a rerun that asks for any of them, keeping the (shard, group) files already written.
+$((end - start)) | b3sum`, with start and end from the header (8 + N plus its `data_offsets`).
+
+While a growth runs, the manifest stays complete (the present layers stay readable) and records `growing` (the
+layers being added); an interrupted growth is resumed by a rerun that asks for any of them, keeping the (shard,
+group) files already written.
 
 A shard is written under a temporary name and renamed when complete, so a killed run leaves only whole
 shards; a rerun with the same request keeps them and computes the rest. A store whose identity differs from
@@ -75,7 +77,6 @@ from probing.core.artifacts import (
 from probing.core.errors import ProbingError
 from probing.store.regions import (
     _VERIFIED,
-    DTYPES,
     WHOLE_FILE,
     FileState,
     RegionReader,
@@ -85,6 +86,7 @@ from probing.store.regions import (
     file_state,
     hash_threads,
     read_header,
+    stored_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -401,7 +403,8 @@ class _ShardedTensors:
         # images were all bad is written as [0, 0, 0]): the output is shaped by the first shard with rows.
         shaped = next((region for _, region in parts if region.shape[0] > 0), parts[-1][1])
         total = sum(region.shape[0] for _, region in parts)
-        result = torch.empty((total, *shaped.shape[1:]), dtype=dtype or DTYPES[shaped.dtype], device=device)
+        stored = stored_dtype(self.folder / files[0], key, shaped)
+        result = torch.empty((total, *shaped.shape[1:]), dtype=dtype or stored, device=device)
         offset = 0
         with RegionReader() as reader:
             for name, region in parts:

@@ -75,6 +75,14 @@ def damaged(path: Path, reason: str) -> ProbingError:
     return ProbingError(f"{path}: shard damaged ({reason}); rerun the same `probing extract` to recompute it")
 
 
+def stored_dtype(path: Path, name: str, region: TensorRegion) -> torch.dtype:
+    """The torch dtype of a tensor's bytes in a file."""
+    stored = DTYPES.get(region.dtype)
+    if stored is None:
+        raise ProbingError(f"{path}: tensor '{name}' has dtype {region.dtype}, which a feature store never holds")
+    return stored
+
+
 def read_header(path: Path) -> tuple[SafetensorsHeader, bytes]:
     """A file's parsed header and its bytes (to hash); a ProbingError naming the file when it does not parse."""
     try:
@@ -154,9 +162,7 @@ class RegionReader:
     def read_tensor(self, path: Path, name: str, region: TensorRegion, target: torch.Tensor, expected: str | None):
         """Read tensor `name` (its `region` of file `path`) into `target` (a contiguous tensor of its shape, any dtype
         or device), hashing the bytes read when `expected` (its BLAKE3 from the manifest) is given."""
-        stored = DTYPES.get(region.dtype)
-        if stored is None:
-            raise ProbingError(f"{path}: tensor '{name}' has dtype {region.dtype}, which a feature store never holds")
+        stored = stored_dtype(path, name, region)
         direct = target.device.type == "cpu" and target.dtype == stored and sys.byteorder == "little"
         buffer = target if direct else torch.empty(region.end - region.start, dtype=torch.uint8)
         self._read(path, name, region, memoryview(buffer.reshape(-1).view(torch.uint8).numpy()), expected)
