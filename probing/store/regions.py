@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,18 +53,20 @@ DTYPES = {
     "F64": torch.float64,
 }
 
-FileState = tuple[str, int, int, int]
+FileState = tuple[int, int, int, int, int]
 
 # What this process has verified: (file state, region, BLAKE3) for a region of a store written since BLAKE3,
-# (file state, "", SHA-256) for a whole file of an older store. A file state is (path, inode, size, mtime): a file
-# rewritten since is hashed again. A layer sweep opens a store once per layer and hashes each region once.
+# (file state, "", SHA-256) for a whole file of an older store. A file state is (device, inode, size, mtime,
+# ctime): a file rewritten since is hashed again; one renamed keeps its bytes, and its state. A layer sweep opens a
+# store once per layer and hashes each region once.
 _VERIFIED: set[tuple[FileState, str, str]] = set()
 WHOLE_FILE = ""
 
 
-def file_state(path: Path) -> FileState:
-    status = path.stat()
-    return (str(path.resolve()), status.st_ino, status.st_size, status.st_mtime_ns)
+def file_state(path: Path | int) -> FileState:
+    """The state of a file (a path, or an open file's descriptor: no second lookup), as `_VERIFIED` keys it."""
+    status = os.stat(path)
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
 def hash_threads() -> int:
@@ -83,25 +86,26 @@ def stored_dtype(path: Path, name: str, region: TensorRegion) -> torch.dtype:
     return stored
 
 
-def read_header(path: Path) -> tuple[SafetensorsHeader, bytes]:
-    """A file's parsed header and its bytes (to hash); a ProbingError naming the file when it does not parse."""
+def read_header(path: Path) -> tuple[SafetensorsHeader, bytes, int]:
+    """A file's parsed header, its bytes (to hash) and the file's size; a ProbingError naming the file when it does
+    not parse."""
     try:
         with open(path, "rb") as handle:
             data = handle.read(8)
             data += handle.read(header_length(data) - 8)
-        return parse_safetensors_header(data), data
+            size = os.fstat(handle.fileno()).st_size
+        return parse_safetensors_header(data), data, size
     except (ValueError, UnicodeDecodeError) as error:
         raise damaged(path, f"its header does not parse: {error}") from None
 
 
-def checked_header(path: Path, recorded: dict[str, str]) -> SafetensorsHeader:
+def checked_header(path: Path, recorded: Mapping[str, str]) -> SafetensorsHeader:
     """The header of a file whose regions' BLAKE3 the manifest records (`recorded`), checked cheaply: its digest,
     the tensors it lists (those the manifest has digests for) and the file's size (the header's); the tensors'
     bytes are checked as they are read."""
-    header, data = read_header(path)
+    header, data, size = read_header(path)
     if blake3.blake3(data).hexdigest() != recorded.get(HEADER_REGION) or set(header.regions()) != set(recorded):
         raise damaged(path, "its BLAKE3 differs from the manifest's")
-    size = path.stat().st_size
     if size != header.size:
         raise damaged(path, f"it holds {size} bytes, its header declares {header.size}")
     return header
@@ -112,10 +116,10 @@ def file_digests(path: Path) -> dict[str, str] | None:
     reused buffer; None when its header does not parse or its size is not the header's (the full check of a
     store: resuming or reusing one in `probing extract`)."""
     try:
-        header, data = read_header(path)
+        header, data, size = read_header(path)
     except ProbingError:
         return None
-    if path.stat().st_size != header.size:
+    if size != header.size:
         return None
     digests = {HEADER_REGION: blake3.blake3(data).hexdigest()}
     buffer = bytearray(CHUNK)
@@ -134,6 +138,20 @@ def file_digests(path: Path) -> dict[str, str] | None:
     return digests
 
 
+_CHAINS: list[ThreadPoolExecutor] = []
+_CHAINS_PID = 0
+
+
+def _hashing_chains() -> list[ThreadPoolExecutor]:
+    """One single-thread executor per core (at most 8), kept for the process: starting threads for each load costs
+    more than a layer's hashing on a busy machine. Made again in a forked child (threads do not survive a fork)."""
+    global _CHAINS, _CHAINS_PID
+    if _CHAINS_PID != os.getpid():
+        _CHAINS = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="blake3") for _ in range(hash_threads())]
+        _CHAINS_PID = os.getpid()
+    return _CHAINS
+
+
 class RegionReader:
     """Reads tensors' regions into memory, hashing what it reads in threads when given the digests to expect.
 
@@ -141,23 +159,21 @@ class RegionReader:
     chunk in order (a BLAKE3 state is sequential), its regions spread round-robin over the threads."""
 
     def __init__(self) -> None:
-        self._chains: list[ThreadPoolExecutor] = []
         self._next = 0
+        self._submitted: list[Future] = []
         self._pending: list[tuple[Path, str, FileState, str, Future[str]]] = []
 
     def __enter__(self) -> RegionReader:
         return self
 
     def __exit__(self, *_) -> None:
-        for chain in self._chains:  # after an error too: no thread is left hashing a buffer
-            chain.shutdown(wait=True, cancel_futures=True)
+        for future in self._submitted:  # after an error: hashing left queued is dropped (the buffers stay alive
+            future.cancel()  # while a thread holds them, so one already hashing finishes harmlessly)
 
-    def _chain(self) -> ThreadPoolExecutor:
-        if not self._chains:  # created on the first hashed region: an unverified read starts no thread
-            self._chains = [ThreadPoolExecutor(max_workers=1) for _ in range(hash_threads())]
-        chain = self._chains[self._next % len(self._chains)]
-        self._next += 1
-        return chain
+    def _submit(self, chain: ThreadPoolExecutor, function, *args) -> Future:
+        future = chain.submit(function, *args)
+        self._submitted.append(future)
+        return future
 
     def read_tensor(self, path: Path, name: str, region: TensorRegion, target: torch.Tensor, expected: str | None):
         """Read tensor `name` (its `region` of file `path`) into `target` (a contiguous tensor of its shape, any dtype
@@ -172,11 +188,13 @@ class RegionReader:
             target.copy_(buffer.view(stored).reshape(region.shape))
 
     def _read(self, path: Path, name: str, region: TensorRegion, view: memoryview, expected: str | None) -> None:
-        state = file_state(path)  # before reading: a change after is seen by the next process
-        if expected is not None and (state, name, expected) in _VERIFIED:
-            expected = None
-        digest, chain = (blake3.blake3(), self._chain()) if expected is not None else (None, None)
         with open(path, "rb", buffering=0) as handle:
+            state = file_state(handle.fileno()) if expected is not None else None  # before reading: a later
+            digest = chain = None  # change is seen by the next load
+            if expected is not None and (state, name, expected) not in _VERIFIED:
+                digest, chains = blake3.blake3(), _hashing_chains()
+                chain = chains[self._next % len(chains)]
+                self._next += 1
             handle.seek(region.start)
             position = 0
             while position < len(view):
@@ -184,10 +202,10 @@ class RegionReader:
                 if not read:
                     raise damaged(path, "it is shorter than its header declares")
                 if digest is not None:
-                    chain.submit(digest.update, view[position : position + read])
+                    self._submit(chain, digest.update, view[position : position + read])
                 position += read
         if digest is not None:
-            self._pending.append((path, name, state, expected, chain.submit(digest.hexdigest)))
+            self._pending.append((path, name, state, expected, self._submit(chain, digest.hexdigest)))
 
     def check(self) -> None:
         """Wait for the digests of what was read and compare them with the manifest's: a ProbingError naming the
