@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -138,42 +140,62 @@ def file_digests(path: Path) -> dict[str, str] | None:
     return digests
 
 
-_CHAINS: list[ThreadPoolExecutor] = []
-_CHAINS_PID = 0
+_POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
 
 
-def _hashing_chains() -> list[ThreadPoolExecutor]:
-    """One single-thread executor per core (at most 8), kept for the process: starting threads for each load costs
-    more than a layer's hashing on a busy machine. Made again in a forked child (threads do not survive a fork)."""
-    global _CHAINS, _CHAINS_PID
-    if _CHAINS_PID != os.getpid():
-        _CHAINS = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="blake3") for _ in range(hash_threads())]
-        _CHAINS_PID = os.getpid()
-    return _CHAINS
+def _hashing_pool() -> ThreadPoolExecutor:
+    """One hashing thread per core (at most 8), kept for the process: starting threads for each load costs more
+    than a layer's hashing on a busy machine. Made again in a forked child (threads do not survive a fork)."""
+    global _POOL, _POOL_PID
+    if _POOL is None or _POOL_PID != os.getpid():
+        _POOL = ThreadPoolExecutor(max_workers=hash_threads(), thread_name_prefix="blake3")
+        _POOL_PID = os.getpid()
+    return _POOL
+
+
+class _Hashing:
+    """One region's BLAKE3, fed chunk by chunk as they are read: the chunks are hashed in order (a BLAKE3 state is
+    sequential) by whichever thread holds the lock, a hashing thread or the reader, which helps once it has read
+    everything instead of waiting (on a busy machine a hashing thread may wait long for a core)."""
+
+    def __init__(self, path: Path, name: str, state: FileState, expected: str):
+        self.path, self.name, self.state, self.expected = path, name, state, expected
+        self.digest = blake3.blake3()
+        self.chunks: deque[memoryview] = deque()
+        self.lock = threading.Lock()
+
+    def drain(self, wait: bool = False) -> None:
+        """Hash the chunks queued. `wait` true: return when all are hashed, a chunk another thread is hashing
+        included (it holds the lock until it is done); false: return at once when another thread holds the lock
+        (that thread also takes the chunks queued meanwhile: after letting go it looks again)."""
+        while True:
+            if not self.lock.acquire(blocking=wait):
+                return
+            try:
+                while self.chunks:
+                    self.digest.update(self.chunks.popleft())  # releases the GIL
+            finally:
+                self.lock.release()
+            if not self.chunks:
+                return
 
 
 class RegionReader:
     """Reads tensors' regions into memory, hashing what it reads in threads when given the digests to expect.
 
-    Use as a context manager; `check()` before using what was read. Each region is hashed by one thread, chunk after
-    chunk in order (a BLAKE3 state is sequential), its regions spread round-robin over the threads."""
+    Use as a context manager; `check()` before using what was read. Each chunk read is queued on its region's
+    `_Hashing` and a hashing thread asked to drain it, while the reader reads the next chunk."""
 
     def __init__(self) -> None:
-        self._next = 0
-        self._submitted: list[Future] = []
-        self._pending: list[tuple[Path, str, FileState, str, Future[str]]] = []
+        self._pending: list[_Hashing] = []
 
     def __enter__(self) -> RegionReader:
         return self
 
     def __exit__(self, *_) -> None:
-        for future in self._submitted:  # after an error: hashing left queued is dropped (the buffers stay alive
-            future.cancel()  # while a thread holds them, so one already hashing finishes harmlessly)
-
-    def _submit(self, chain: ThreadPoolExecutor, function, *args) -> Future:
-        future = chain.submit(function, *args)
-        self._submitted.append(future)
-        return future
+        for hashing in self._pending:  # after an error: nothing left to hash (a chunk being hashed finishes)
+            hashing.chunks.clear()
 
     def read_tensor(self, path: Path, name: str, region: TensorRegion, target: torch.Tensor, expected: str | None):
         """Read tensor `name` (its `region` of file `path`) into `target` (a contiguous tensor of its shape, any dtype
@@ -189,29 +211,32 @@ class RegionReader:
 
     def _read(self, path: Path, name: str, region: TensorRegion, view: memoryview, expected: str | None) -> None:
         with open(path, "rb", buffering=0) as handle:
-            state = file_state(handle.fileno()) if expected is not None else None  # before reading: a later
-            digest = chain = None  # change is seen by the next load
-            if expected is not None and (state, name, expected) not in _VERIFIED:
-                digest, chains = blake3.blake3(), _hashing_chains()
-                chain = chains[self._next % len(chains)]
-                self._next += 1
+            hashing = None
+            if expected is not None:
+                state = file_state(handle.fileno())  # before reading: a later change is seen by the next load
+                if (state, name, expected) not in _VERIFIED:
+                    hashing = _Hashing(path, name, state, expected)
+                    self._pending.append(hashing)
             handle.seek(region.start)
             position = 0
             while position < len(view):
                 read = handle.readinto(view[position : position + CHUNK])
                 if not read:
                     raise damaged(path, "it is shorter than its header declares")
-                if digest is not None:
-                    self._submit(chain, digest.update, view[position : position + read])
+                if hashing is not None:
+                    hashing.chunks.append(view[position : position + read])
+                    _hashing_pool().submit(hashing.drain)
                 position += read
-        if digest is not None:
-            self._pending.append((path, name, state, expected, self._submit(chain, digest.hexdigest)))
 
     def check(self) -> None:
-        """Wait for the digests of what was read and compare them with the manifest's: a ProbingError naming the
-        first file that differs. The regions that match are remembered as verified."""
+        """Hash what the threads have not (the latest regions first: the threads work from the earliest), then
+        compare every digest with the manifest's: a ProbingError naming the first file that differs. The regions
+        that match are remembered as verified."""
         pending, self._pending = self._pending, []
-        for path, name, state, expected, future in pending:
-            if future.result() != expected:
-                raise damaged(path, "its BLAKE3 differs from the manifest's")
-            _VERIFIED.add((state, name, expected))
+        for hashing in reversed(pending):
+            hashing.drain(wait=False)
+        for hashing in pending:
+            hashing.drain(wait=True)
+            if hashing.digest.hexdigest() != hashing.expected:
+                raise damaged(hashing.path, "its BLAKE3 differs from the manifest's")
+            _VERIFIED.add((hashing.state, hashing.name, hashing.expected))
