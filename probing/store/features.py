@@ -85,7 +85,7 @@ from probing.store.regions import (
     file_digests,
     file_state,
     hash_threads,
-    read_header,
+    known_header,
     stored_dtype,
 )
 
@@ -378,7 +378,7 @@ class _ShardedTensors:
         """A file's header, its digest checked when its bytes are (it says where each tensor lies)."""
         path = self.folder / name
         recorded = None if self.checks is None else self.checks.get(name)
-        return read_header(path)[0] if recorded is None else checked_header(path, recorded)
+        return known_header(path)[0] if recorded is None else checked_header(path, recorded)
 
     def load(
         self,
