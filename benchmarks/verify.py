@@ -13,8 +13,9 @@ of each tensor's bytes. Opening it checks the headers (their digests, the files'
 shard's region of that layer once, with `readinto`, 1 MB at a time, straight into the preallocated result, and
 hashes the bytes it read in a thread while it reads the next chunk (one hashing thread per core but the reader's;
 the reader hashes its latest chunk itself when the threads fall behind), then compares with the manifest before
-returning. The unverified load is the same read without the hashing (one thread). A verified region is remembered per process by (path, inode, size, mtime), so later loads
-do not hash it again; files a process has just written were hashed from memory as they were written.
+returning. The unverified load is the same read without the hashing (one thread). A verified region is remembered
+per process by its file's (device, inode, size, mtime, ctime), so later loads do not hash it again; files a process
+has just written were hashed from memory as they were written.
 
 Then SHA-256 (hashlib, which stores written before BLAKE3 record) against BLAKE3 (one thread, and one per core) on
 the same bytes: why the digest is BLAKE3. The last line is

@@ -3,12 +3,12 @@
 A store written since BLAKE3 records, per file, the digest of its header (the 8-byte length and the JSON,
 `HEADER_REGION`) and of each tensor's bytes. Opening a store checks the headers only (small); `read_tensor` reads a
 tensor's bytes once, with `readinto`, straight into the caller's result (or into a staging buffer when the result's
-dtype, device or the host's byte order differ from the file's), and hashes the very bytes it read: while the main
-thread reads chunk k+1, a hashing thread hashes chunk k (blake3 and `readinto` release the GIL). Each tensor's
-region is hashed in order by one thread; the regions of one load are spread over `hash_threads()` threads, so that
-the hashing keeps pace with the reading on two cores. `check` waits for the digests and compares them with the
-manifest before the caller returns anything. A region verified in this process is remembered (`_VERIFIED`) while
-its file is unchanged, and not hashed again.
+dtype, device or the host's byte order differ from the file's), and hashes the very bytes it read: while the
+reading thread reads chunk k+1, a hashing thread hashes chunk k (blake3 and `readinto` release the GIL). A region's
+chunks are hashed in order (a BLAKE3 state is sequential) by whichever thread holds its lock: a hashing thread, or
+the reader when the threads fall behind and once it has read everything. `check` then compares every digest with
+the manifest before the caller returns anything. A region verified in this process is remembered (`_VERIFIED`)
+while its file is unchanged, and not hashed again. `--no-verify` reads the same way without hashing.
 
 Why BLAKE3 rather than SHA-256 (which stores written before it record, over the whole file, and which are verified
 as before): on the 2-core machine of docs/performance.md SHA-256 hashes 1.1 GB/s a core and a page-cached read runs
