@@ -257,3 +257,22 @@ def test_an_interrupted_store_from_before_blake3_resumes_with_its_sha256_sidecar
     assert not list(folder.glob("*.sha256")) and not list(folder.glob("*.blake3"))
     _VERIFIED.clear()
     assert torch.equal(FeatureStore(folder).load(1), values["layer_01"][:6])
+
+
+@pytest.mark.parametrize("chunk", [64, 1000, 1 << 20])
+def test_regions_read_in_many_chunks_hash_in_order(store, values, monkeypatch, chunk):
+    """A region longer than a chunk is read and hashed chunk by chunk, by the hashing thread or the reader: the
+    digest is the region's whatever the chunk size (64 bytes: 15 chunks for layer 2 in shard 0)."""
+    monkeypatch.setattr("probing.store.regions.CHUNK", chunk)
+    for _ in range(3):
+        _VERIFIED.clear()
+        opened = FeatureStore(store)
+        for layer in LAYERS:
+            assert torch.equal(opened.load(layer), values[layer_key(layer)])
+        assert len([entry for entry in _VERIFIED if entry[1].startswith("layer_")]) == 9
+    start, end = region_of(shard(store, 0), "layer_02")
+    assert (end - start) // 64 == 15
+    flip(shard(store, 0), end - 1)  # the last byte: in the last chunk
+    _VERIFIED.clear()
+    with pytest.raises(ProbingError, match=r"shard-00000.safetensors: shard damaged \(its BLAKE3 differs"):
+        FeatureStore(store).load(2)
