@@ -300,12 +300,12 @@ def parse_safetensors_header(data: bytes) -> SafetensorsHeader:
     parsed = json.loads(data[8:length])
     if not isinstance(parsed, dict):
         raise ValueError("header is not a JSON object")
-    metadata = parsed.pop("__metadata__", None) or {}
     try:
+        metadata = dict(parsed.pop("__metadata__", None) or {})
         tensors = dict(_tensor_regions(parsed, length))
     except (KeyError, TypeError, AttributeError) as error:  # a field missing or of the wrong type
         raise ValueError(f"header field {error} is damaged") from None
-    return SafetensorsHeader(length, tensors, dict(metadata))
+    return SafetensorsHeader(length, tensors, metadata)
 
 
 def _tensor_regions(parsed: dict[str, Any], length: int) -> Iterator[tuple[str, TensorRegion]]:
