@@ -8,12 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors.torch import save
+from test_verify_on_read import independent_digests
 
 import probing.store.extract
-from probing.core.artifacts import MANIFEST_NAME, _safetensors_parts, write_safetensors
+from probing.core.artifacts import MANIFEST_NAME, _safetensors_parts, region_digests, write_safetensors
 from probing.core.errors import ProbingError
 from probing.store.extract import ExtractionRequest, extract
 from probing.store.features import (
@@ -100,9 +102,10 @@ def test_growth_adds_only_the_missing_layers_and_leaves_the_present_files_alone(
     assert "layers" not in manifest["request"] and "growing" not in manifest
     for entry in manifest["shards"]:
         (group,) = entry["groups"]
-        assert group["sha256"] == after[group["file"]]
-        assert entry["sha256"] == before[entry["file"]]
-    assert not list(out.rglob("*.sha256"))
+        assert group["blake3"] == independent_digests(out / group["file"])
+        assert entry["blake3"] == independent_digests(out / entry["file"])
+        assert sorted(group["blake3"]) == ["__header__", "ids", "layer_01", "layer_02", "layer_03"]
+    assert not list(out.rglob("*.sha256")) and not list(out.rglob("*.blake3"))
     store = FeatureStore(out)
     assert store.layers == [1, 2, 3, 4] and store.ids == whole.ids
     for layer in (1, 2, 3, 4):
@@ -181,8 +184,10 @@ def test_a_damaged_growth_file_is_refused_naming_it_and_recomputed_alone(
     data = bytearray(damaged.read_bytes())
     data[-5] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    with pytest.raises(ProbingError, match=r"shard-00001.group-01.safetensors: shard damaged \(its SHA-256 differs"):
-        FeatureStore(out)
+    store = FeatureStore(out)  # opens: the headers are whole; the damage is in layer 3's bytes, refused when read
+    assert torch.equal(store.load(1), FeatureStore(clean).load(1))
+    with pytest.raises(ProbingError, match=r"shard-00001.group-01.safetensors: shard damaged \(its BLAKE3 differs"):
+        store.load(3)
     others = {k: v for k, v in stamps(out).items() if k not in (damaged.name, MANIFEST_NAME)}
     assert extract(extraction(tiny_checkpoints["blip2"], refcocog_val, out, "4")).status == "built"
     assert counted == [[1, 2, 3]]  # one shard, the damaged group's layers
@@ -236,10 +241,12 @@ def test_the_writer_writes_safetensors_own_bytes_and_hashes_them(tmp_path):
     }
     metadata = {"probing": json.dumps({"examples": 5, "bad_images": ['caf\u00e9 "x".jpg\n']}, sort_keys=True)}
     expected = save(tensors, metadata=metadata)
-    assert b"".join(bytes(part) for part in _safetensors_parts(tensors, metadata)) == expected
-    digest = write_safetensors(tmp_path / "x.safetensors", tensors, metadata, tmp_path / "x.safetensors.sha256")
+    assert b"".join(bytes(part) for _, part in _safetensors_parts(tensors, metadata)) == expected
+    digests = write_safetensors(tmp_path / "x.safetensors", tensors, metadata, tmp_path / "x.safetensors.blake3")
     assert (tmp_path / "x.safetensors").read_bytes() == expected
-    assert digest == hashlib.sha256(expected).hexdigest() == (tmp_path / "x.safetensors.sha256").read_text()
+    assert digests == independent_digests(tmp_path / "x.safetensors") == region_digests(expected)
+    assert digests == json.loads((tmp_path / "x.safetensors.blake3").read_text())
+    assert len(digests) == 7 and digests["empty"] == blake3.blake3(b"").hexdigest()
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
 

@@ -1,6 +1,7 @@
-"""Verified stores: each shard's SHA-256 in the manifest, checked on read; damage refused in one line naming the
-shard and recomputed by a rerun; stores from before checksums trusted once and given theirs; files written with
-the umask; non-finite features refused at write time."""
+"""Verified stores: each shard's BLAKE3 (of its header and of each tensor) in the manifest, the headers checked when
+a store opens and the tensors as they are read; damage refused in one line naming the shard and recomputed by a
+rerun; stores from before checksums trusted once and given theirs; files written with the umask; non-finite
+features refused at write time. (Stores written before BLAKE3: tests/test_verify_on_read.py.)"""
 
 import json
 import os
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from test_verify_on_read import independent_digests
 
 from probing.core.artifacts import MANIFEST_NAME
 from probing.core.errors import ProbingError
 from probing.store.extract import ExtractionRequest, extract
-from probing.store.features import _VERIFIED, FeatureStore, FeatureStoreWriter, shard_digest
+from probing.store.features import _VERIFIED, FeatureStore, FeatureStoreWriter
 
 
 def extraction(checkpoint, options, out, **overrides) -> ExtractionRequest:
@@ -52,13 +54,14 @@ def store_copy(pristine, tmp_path) -> Path:
     return copy
 
 
-def test_manifest_records_each_shards_sha256_and_no_sidecar_stays(pristine):
+def test_manifest_records_each_shards_blake3_and_no_sidecar_stays(pristine):
     manifest = json.loads((pristine / MANIFEST_NAME).read_text())
     assert len(manifest["shards"]) > 2
     for folder, entries in ((pristine, manifest["shards"]), (pristine / "vision", manifest["vision"]["shards"])):
         for entry in entries:
-            assert entry["sha256"] == shard_digest(folder / entry["file"])
-    assert not list(pristine.rglob("*.sha256"))
+            assert entry["blake3"] == independent_digests(folder / entry["file"]) and "sha256" not in entry
+    assert sorted(manifest["shards"][0]["blake3"]) == ["__header__", "ids", "layer_01", "layer_04"]
+    assert not list(pristine.rglob("*.sha256")) and not list(pristine.rglob("*.blake3"))
 
 
 def test_files_get_the_umask_mode(tiny_checkpoints, refcocog_val, tmp_path):
@@ -101,13 +104,27 @@ def _damage(store: Path, how: str) -> str:
     raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how", ["altered", "swapped", "truncated", "emptied", "nan"])
+DIFFERS = "its BLAKE3 differs from the manifest's"
+
+
+@pytest.mark.parametrize(
+    "how, reason, when",
+    [
+        ("altered", DIFFERS, "load"),  # layer 4's bytes: the headers are whole, the layer's read is refused
+        ("swapped", DIFFERS, "load"),  # the two shards' headers are the same bytes: their ids differ
+        ("truncated", r"it holds \d+ bytes, its header declares \d+", "open"),
+        ("emptied", "its header does not parse", "open"),
+        ("nan", DIFFERS, "open"),  # rewritten by safetensors without our metadata: another header
+    ],
+)
 def test_a_damaged_shard_is_refused_naming_it_and_a_rerun_recomputes_it(
-    how, store_copy, pristine, tiny_checkpoints, refcocog_val
+    how, reason, when, store_copy, pristine, tiny_checkpoints, refcocog_val
 ):
     name = _damage(store_copy, how)
-    with pytest.raises(ProbingError, match=rf"{name}: shard damaged \(its SHA-256 differs from the manifest's\)"):
-        FeatureStore(store_copy)
+    with pytest.raises(ProbingError, match=rf"{name}: shard damaged \({reason}.*\); rerun the same `probing extract`"):
+        store = FeatureStore(store_copy)
+        assert when == "load"  # opened: the damage is in tensors' bytes, refused as they are read
+        store.ids, store.load(1), store.load(4)
     result = extract(extraction(tiny_checkpoints["blip2"], refcocog_val, store_copy))
     assert result.status == "built"
     assert tree_bytes(store_copy) == tree_bytes(pristine)  # recomputed to the very bytes
@@ -153,15 +170,15 @@ def test_edited_example_count_in_the_manifest_is_refused(store_copy):
 def test_no_verify_trusts_the_disk(store_copy, monkeypatch):
     _damage(store_copy, "altered")
     monkeypatch.setenv("PROBING_NO_VERIFY", "1")
-    assert len(FeatureStore(store_copy).ids) > 0
+    assert len(FeatureStore(store_copy).ids) > 0 and len(FeatureStore(store_copy).load(4)) > 0
     with pytest.raises(ProbingError, match="shard damaged"):
-        FeatureStore(store_copy, verify=True)
+        FeatureStore(store_copy, verify=True).load(4)
 
 
 def test_a_store_from_before_checksums_is_trusted_once_and_given_them(store_copy, pristine):
     manifest = json.loads((store_copy / MANIFEST_NAME).read_text())
     for entry in [*manifest["shards"], *manifest["vision"]["shards"]]:
-        del entry["sha256"]
+        del entry["blake3"]
     (store_copy / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     shards_before = {k: v for k, v in tree_bytes(store_copy).items() if k != MANIFEST_NAME}
     store = FeatureStore(store_copy)  # not refused, not recomputed
@@ -171,13 +188,13 @@ def test_a_store_from_before_checksums_is_trusted_once_and_given_them(store_copy
     _VERIFIED.clear()
     _damage(store_copy, "altered")  # from now on its shards are checked
     with pytest.raises(ProbingError, match="shard-00000.safetensors: shard damaged"):
-        FeatureStore(store_copy)
+        FeatureStore(store_copy).load(4)
 
 
 def test_an_old_store_with_an_unparsable_shard_is_refused(store_copy):
     manifest = json.loads((store_copy / MANIFEST_NAME).read_text())
     for entry in manifest["shards"]:
-        del entry["sha256"]
+        del entry["blake3"]
     (store_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     _damage(store_copy, "truncated")
     with pytest.raises(ProbingError, match=r"shard-00000.safetensors: shard damaged \(it does not parse\)"):
@@ -193,7 +210,7 @@ def test_a_resumed_extraction_recomputes_a_shard_damaged_before_the_store_was_co
     for folder, entries in ((store_copy, manifest["shards"]), (store_copy / "vision", manifest["vision"]["shards"])):
         for entry in entries:
             if entry["file"] in keep:
-                (folder / (entry["file"] + ".sha256")).write_text(entry["sha256"])
+                (folder / (entry["file"] + ".blake3")).write_text(json.dumps(entry["blake3"]))
             else:
                 (folder / entry["file"]).unlink()
     unfinished = {"request": manifest["request"], "complete": False, "layer_groups": manifest["layer_groups"]}

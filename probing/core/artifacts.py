@@ -9,6 +9,7 @@ request is reused, a different one is refused with the first differing field nam
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -240,13 +241,104 @@ def _safetensors_layout(names_and_dtypes: tuple[tuple[str, Any], ...]) -> tuple[
     return tuple((name, entry["dtype"]) for name, entry in header.items() if name != "__metadata__")
 
 
-def _safetensors_parts(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> list[memoryview]:
-    """The bytes of `safetensors.torch.save(tensors, metadata)` as a header and one view per tensor's memory, without
-    copying the tensors into one buffer first (`save` does: one more pass over the shard, into freshly allocated
-    memory). Written by hand because safetensors has no streaming writer from a process's own memory; the layout
-    (the order and dtype codes come from safetensors, above) is the format's: an 8-byte little-endian header length,
-    the JSON header padded with spaces to 8 bytes, then the tensors' bytes. `tests/test_store_growth.py` checks
-    that the bytes equal `save`'s."""
+HEADER_REGION = "__header__"  # the name a safetensors file's header (its 8-byte length and JSON) is hashed under
+# Bytes per element of each safetensors dtype code: a header's regions are checked against their shapes with it.
+SAFETENSORS_ITEM_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's length
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRegion:
+    """Where one tensor's bytes lie in a safetensors file: `start` and `end` count from the file's first byte."""
+
+    dtype: str  # the safetensors code (F16, I64 ...)
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetensorsHeader:
+    """A parsed safetensors header: `length` bytes (the 8-byte length and the JSON) come before the tensors."""
+
+    length: int
+    tensors: dict[str, TensorRegion]
+    metadata: dict[str, str]
+
+    @property
+    def size(self) -> int:
+        """The file's size in bytes, as the header declares it."""
+        return max((region.end for region in self.tensors.values()), default=self.length)
+
+    def regions(self) -> dict[str, tuple[int, int]]:
+        """(start, end) of every region a digest is kept for: the header, then each tensor."""
+        return {HEADER_REGION: (0, self.length), **{n: (r.start, r.end) for n, r in self.tensors.items()}}
+
+
+def header_length(prefix: bytes) -> int:
+    """The bytes of a safetensors header, from the file's first 8 (its JSON's length, little-endian) on."""
+    if len(prefix) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > _MAX_HEADER:
+        raise ValueError(f"declares a header of {length} bytes")
+    return 8 + length
+
+
+def parse_safetensors_header(data: bytes) -> SafetensorsHeader:
+    """The header at the start of `data` (at least `header_length(data)` bytes), its tensors' byte regions checked:
+    each region's size is its shape's, and the regions tile the data section from its start with no gap, so that
+    the header's region and the tensors' regions together are the whole file. Parsed by hand because no safetensors
+    API gives the byte offsets (`safe_open` reads tensors, never says where they lie), and a verified read must
+    read each region itself. Raises ValueError when it does not parse."""
+    length = header_length(data)
+    if len(data) < length:
+        raise ValueError("shorter than its header")
+    parsed = json.loads(data[8:length])
+    if not isinstance(parsed, dict):
+        raise ValueError("header is not a JSON object")
+    try:
+        metadata = dict(parsed.pop("__metadata__", None) or {})
+        tensors = dict(_tensor_regions(parsed, length))
+    except (KeyError, TypeError, AttributeError) as error:  # a field missing or of the wrong type
+        raise ValueError(f"header field {error} is damaged") from None
+    return SafetensorsHeader(length, tensors, metadata)
+
+
+def _tensor_regions(parsed: dict[str, Any], length: int) -> Iterator[tuple[str, TensorRegion]]:
+    position = length
+    for name, entry in sorted(parsed.items(), key=lambda item: list(item[1]["data_offsets"])):
+        dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        count = 1
+        for dimension in shape:
+            if not isinstance(dimension, int) or dimension < 0:
+                raise ValueError(f"tensor '{name}' has shape {list(shape)}")
+            count *= dimension
+        if start + length != position or end - start != count * SAFETENSORS_ITEM_SIZES[dtype]:
+            raise ValueError(f"tensor '{name}' has byte offsets {[start, end]} that do not follow its shape")
+        yield name, TensorRegion(dtype, shape, length + start, length + end)
+        position = length + end
+
+
+def region_digests(data: bytes | memoryview) -> dict[str, str]:
+    """The BLAKE3 of the header and of each tensor's region of a whole safetensors file in memory."""
+    import blake3
+
+    data = memoryview(data)
+    regions = parse_safetensors_header(bytes(data[: header_length(bytes(data[:8]))])).regions()
+    return {name: blake3.blake3(data[start:end]).hexdigest() for name, (start, end) in regions.items()}
+
+
+def _safetensors_parts(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> list[tuple[str, memoryview]]:
+    """The bytes of `safetensors.torch.save(tensors, metadata)` as (name, bytes) pairs: the header (HEADER_REGION),
+    then a view of each tensor's memory in the file's order, without copying the tensors into one buffer first
+    (`save` does: one more pass over the shard, into freshly allocated memory). Written by hand because safetensors
+    has no streaming writer from a process's own memory; the layout (the order and dtype codes come from
+    safetensors, above) is the format's: an 8-byte little-endian header length, the JSON header padded with spaces
+    to 8 bytes, then the tensors' bytes. `tests/test_store_growth.py` checks that the bytes equal `save`'s."""
     import torch
 
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
@@ -258,46 +350,50 @@ def _safetensors_parts(tensors: Mapping[str, Any], metadata: Mapping[str, str]) 
         size = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
         offset += size
-        if size:
-            parts.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        parts.append((name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if size else memoryview(b"")))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    return [memoryview(struct.pack("<Q", len(text)) + text), *parts]
+    return [(HEADER_REGION, memoryview(struct.pack("<Q", len(text)) + text)), *parts]
 
 
 def write_safetensors(
     path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str], digest_beside: Path | None = None
-) -> str:
-    """Write `tensors` as one safetensors file (the bytes of `safetensors.torch.save`) and return its SHA-256,
-    computed from the bytes in memory as they are written, never read back: through a temporary name, one fsync, a
-    rename, the file with the umask's mode. `digest_beside`: a file that gets the hex digest before the rename (not
-    fsynced: the caller decides what a lost one means)."""
+) -> dict[str, str]:
+    """Write `tensors` as one safetensors file (the bytes of `safetensors.torch.save`) and return the BLAKE3 of its
+    header and of each tensor's bytes (`region_digests`), computed from the bytes in memory as they are written,
+    never read back: through a temporary name, one fsync, a rename, the file with the umask's mode.
+    `digest_beside`: a file that gets the digests as JSON before the rename (not fsynced: the caller decides what a
+    lost one means)."""
+    import blake3
+
     path = Path(path)
     if sys.byteorder != "little":  # the views below are the host's bytes; safetensors is little-endian
         data = safetensors_bytes(tensors, metadata)
+        digests = region_digests(data)
         if digest_beside is not None:
-            write_bytes(digest_beside, hashlib.sha256(data).hexdigest().encode())
+            write_bytes(digest_beside, json.dumps(digests, sort_keys=True).encode())
         write_bytes(path, data)
-        return hashlib.sha256(data).hexdigest()
+        return digests
     temporary = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
-    digest = hashlib.sha256()
+    digests = {}
     try:
         with open(temporary, "wb") as handle:
-            for part in _safetensors_parts(tensors, metadata):
+            for name, part in _safetensors_parts(tensors, metadata):
+                digest = blake3.blake3()
                 for start in range(0, len(part), _WRITE_CHUNK):
                     chunk = part[start : start + _WRITE_CHUNK]
-                    digest.update(chunk)  # hashlib and write both release the GIL on large buffers
+                    digest.update(chunk)  # blake3 and write both release the GIL on large buffers
                     handle.write(chunk)
+                digests[name] = digest.hexdigest()
             handle.flush()
             os.fsync(handle.fileno())
-        hexdigest = digest.hexdigest()
         if digest_beside is not None:
-            Path(digest_beside).write_text(hexdigest, encoding="utf-8")
+            Path(digest_beside).write_text(json.dumps(digests, sort_keys=True), encoding="utf-8")
         os.replace(temporary, path)
     except BaseException:
         _discard(temporary)  # a full disk or an interruption leaves no half-written file behind
         raise
-    return hexdigest
+    return digests
 
 
 def match_umask(folder: Path) -> None:

@@ -23,13 +23,24 @@ bytes (and the digests the manifest holds) stay as they were. Asking for layers 
 - the layers of one growth come from one forward pass and are finished together: the (shard, group) file is the
   unit of resumption, written with one fsync, as a shard was before;
 - files stay few (a 13-layer store grown once has two per shard, not 13).
-The price: reading one layer of a group verifies the whole group file (once per process).
+Reading one layer reads and verifies only that layer's bytes in each file (its digests are per tensor, below).
 
 The manifest lists `layer_groups` (the layers of each group, group 0 first) and `layers` (all of them, sorted);
-each shard entry lists its group files after the first (`groups`: file and SHA-256). A store written before
-growth has neither: its one group is its request's `layers`. While a growth runs, the manifest stays complete
-(the present layers stay readable) and records `growing` (the layers being added); an interrupted growth is
-resumed by a rerun that asks for any of them, keeping the (shard, group) files already written.
+each shard entry lists its group files after the first (`groups`: file and digests). A store written before
+growth has neither: its one group is its request's `layers`.
+
+Digests. Each file's entry records `blake3`: the BLAKE3 of the file's header (`"__header__"`: its first 8 + N
+bytes, the length and the JSON) and of each tensor's bytes (by tensor name: `"ids"`, `"layer_04"` ...), computed
+from the bytes in memory as they are written. Opening a store checks each header's digest and each file's size
+(cheap); loading a tensor checks the bytes it reads (`probing.store.regions`); `probing extract` checks every byte
+before it reuses or resumes a store. Stores written before BLAKE3 record `sha256` (of the whole file) instead and
+are verified as they always were, whole when they open; stores from before checksums record neither and are
+given their digests on first read. A region can be checked by hand: `tail -c +$((start + 1)) FILE | head -c
+$((end - start)) | b3sum`, with start and end from the header (8 + N plus its `data_offsets`).
+
+While a growth runs, the manifest stays complete (the present layers stay readable) and records `growing` (the
+layers being added); an interrupted growth is resumed by a rerun that asks for any of them, keeping the (shard,
+group) files already written.
 
 A shard is written under a temporary name and renamed when complete, so a killed run leaves only whole
 shards; a rerun with the same request keeps them and computes the rest. A store whose identity differs from
@@ -54,6 +65,7 @@ from safetensors import safe_open
 from probing.core.artifacts import (
     MANIFEST_NAME,
     PARTIAL_MARK,
+    SafetensorsHeader,
     first_difference,
     json_normalised,
     read_manifest,
@@ -63,6 +75,19 @@ from probing.core.artifacts import (
     write_safetensors,
 )
 from probing.core.errors import ProbingError
+from probing.store.regions import (
+    _VERIFIED,
+    WHOLE_FILE,
+    FileState,
+    RegionReader,
+    checked_header,
+    damaged,
+    file_digests,
+    file_state,
+    hash_threads,
+    known_header,
+    stored_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +95,8 @@ STORE_FORMAT_VERSION = 1  # the request's "format_version": bump when the layout
 PER_IMAGE = "per image"  # the request's "rows" for backends that read no text (absent: one row per example)
 VISION_FOLDER = "vision"
 _METADATA_KEY = "probing"
-CHECKSUM_SUFFIX = ".sha256"
+CHECKSUM_SUFFIX = ".blake3"  # beside a shard until the manifest records its digests
+SHA256_SUFFIX = ".sha256"  # the same, left by an extraction from before BLAKE3
 NO_VERIFY_VARIABLE = "PROBING_NO_VERIFY"
 LAYER_FIELD = "layers"  # the request field that stores written before growth have in their identity
 _CHUNK = 1 << 22  # bytes read at a time when hashing a file
@@ -99,11 +125,11 @@ def layer_groups(manifest: Mapping[str, Any]) -> list[list[int]]:
     return [list(group) for group in groups]
 
 
-def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> str:
-    """Write one shard atomically with its SHA-256 beside it (hashed from the bytes as they are written, never read
-    back; the digest file is not fsynced: after a crash a lost or empty one makes its shard look damaged or from
-    before checksums, and it is computed again or checked by parsing, never wrong bytes accepted); returns the
-    digest."""
+def save_shard(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> dict[str, str]:
+    """Write one shard atomically with its digests beside it (the BLAKE3 of its header and of each tensor, hashed
+    from the bytes as they are written, never read back; the digest file is not fsynced: after a crash a lost or
+    empty one makes its shard look damaged or from before checksums, and it is computed again or checked by
+    parsing, never wrong bytes accepted); returns the digests."""
     # One metadata key holding sorted JSON: safetensors keeps metadata in a hash map whose order changes from
     # process to process, which would make identical shards differ in bytes.
     metadata = {_METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)}
@@ -131,9 +157,14 @@ def finite_per_layer(states: torch.Tensor) -> torch.Tensor:
 
 
 def checksum_sidecar(shard: Path) -> Path:
-    """Where a shard's SHA-256 waits until the store's manifest records it (a resumed extraction checks a
-    shard it finds against it, and recomputes a damaged one)."""
+    """Where a shard's digests (BLAKE3 of its header and of each tensor, JSON) wait until the store's manifest
+    records them (a resumed extraction checks a shard it finds against them, and recomputes a damaged one)."""
     return shard.with_name(shard.name + CHECKSUM_SUFFIX)
+
+
+def sha256_sidecar(shard: Path) -> Path:
+    """Where an extraction from before BLAKE3 left a shard's SHA-256 (an interrupted store it began, resumed now)."""
+    return shard.with_name(shard.name + SHA256_SUFFIX)
 
 
 def verification_enabled() -> bool:
@@ -142,19 +173,9 @@ def verification_enabled() -> bool:
     return os.environ.get(NO_VERIFY_VARIABLE, "") not in ("1", "true", "yes")
 
 
-def _file_state(path: Path) -> tuple[str, int, int, int]:
-    status = path.stat()
-    return (str(path.resolve()), status.st_ino, status.st_size, status.st_mtime_ns)
-
-
-# Shards verified in this process, by (path, inode, size, mtime) and digest: a layer sweep opens a store once
-# per layer, and its shards are hashed once.
-_VERIFIED: set[tuple[tuple[str, int, int, int], str]] = set()
-
-
 def shard_digest(path: Path) -> str:
-    """The SHA-256 of a shard's bytes, read in chunks into one reused buffer (a shard may be larger than memory
-    allows twice; no chunk is allocated afresh)."""
+    """The SHA-256 of a shard's bytes (stores written before BLAKE3 record it), read in chunks into one reused
+    buffer (a shard may be larger than memory allows twice; no chunk is allocated afresh)."""
     digest = hashlib.sha256()
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
@@ -164,18 +185,30 @@ def shard_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _hash_threads() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores))
+Recorded = str | dict[str, str] | None  # what a manifest entry records: BLAKE3 per region, SHA-256, or nothing
 
 
-def _digests(paths: Sequence[Path]) -> list[str]:
-    """The SHA-256 of several files, hashed by parallel threads (hashlib and reads release the GIL): verification
-    of a store is hashing-bound, and its shards are independent."""
-    if len(paths) < 2:
-        return [shard_digest(path) for path in paths]
-    with ThreadPoolExecutor(max_workers=min(_hash_threads(), len(paths))) as pool:
-        return list(pool.map(shard_digest, paths))
+def recorded_digest(entry: Mapping[str, Any]) -> Recorded:
+    """A manifest entry's digests: its `blake3` (per region, stores written since BLAKE3), else its `sha256` (the
+    whole file, stores written before), else None (a store from before checksums)."""
+    return entry.get("blake3") or entry.get("sha256")
+
+
+def _whole_file_check(path: Path, recorded: Recorded) -> tuple[bool, list[tuple[FileState, str, str]]]:
+    """Whether a file's bytes have the recorded digests, read whole, and what to remember as verified."""
+    state = file_state(path)  # before hashing: a change after is seen
+    if isinstance(recorded, dict):
+        whole = file_digests(path) == recorded
+        return whole, [(state, name, digest) for name, digest in recorded.items()] if whole else []
+    whole = shard_digest(path) == recorded
+    return whole, [(state, WHOLE_FILE, str(recorded))] if whole else []
+
+
+def _known_intact(path: Path, recorded: Recorded) -> bool:
+    state = file_state(path)
+    if isinstance(recorded, dict):
+        return all((state, name, digest) in _VERIFIED for name, digest in recorded.items())
+    return (state, WHOLE_FILE, recorded) in _VERIFIED
 
 
 def _readable_shard(path: Path) -> bool:
@@ -189,10 +222,12 @@ def _readable_shard(path: Path) -> bool:
         return False
 
 
-def _intact_all(checks: Sequence[tuple[Path, str | None]]) -> list[bool]:
-    """For each (shard, recorded SHA-256): whether its bytes have that digest (recorded None, a shard from before
-    checksums: whether it parses). Shards not yet verified in this process are hashed in parallel; a verified one
-    is remembered while the file is unchanged."""
+def _intact_all(checks: Sequence[tuple[Path, Recorded]]) -> list[bool]:
+    """For each (file, recorded digests): whether all its bytes have them, read whole: every region's BLAKE3 (a
+    store written since BLAKE3) or the file's SHA-256 (one written before); recorded None, a shard from before
+    checksums: whether it parses. Files not yet verified in this process are hashed by parallel threads (blake3,
+    hashlib and reads release the GIL; a store's files are independent); a verified one is remembered while the
+    file is unchanged."""
     results: list[bool | None] = [None] * len(checks)
     to_hash: list[int] = []
     for position, (path, recorded) in enumerate(checks):
@@ -200,20 +235,16 @@ def _intact_all(checks: Sequence[tuple[Path, str | None]]) -> list[bool]:
             results[position] = False
         elif recorded is None:
             results[position] = _readable_shard(path)
-        elif (_file_state(path), recorded) in _VERIFIED:
+        elif _known_intact(path, recorded):
             results[position] = True
         else:
             to_hash.append(position)
-    states = [_file_state(checks[position][0]) for position in to_hash]  # before hashing: a change after is seen
-    for position, state, digest in zip(to_hash, states, _digests([checks[p][0] for p in to_hash]), strict=True):
-        results[position] = digest == checks[position][1]
-        if results[position]:
-            _VERIFIED.add((state, digest))
+    with ThreadPoolExecutor(max_workers=max(1, min(hash_threads(), len(to_hash)))) as pool:
+        outcomes = list(pool.map(lambda position: _whole_file_check(*checks[position]), to_hash))
+    for position, (whole, verified) in zip(to_hash, outcomes, strict=True):
+        results[position] = whole
+        _VERIFIED.update(verified)
     return [bool(result) for result in results]
-
-
-def _intact(path: Path, recorded: str | None) -> bool:
-    return _intact_all([(path, recorded)])[0]
 
 
 def _store_files(manifest: Mapping[str, Any]) -> list[tuple[str, int, int, dict[str, Any]]]:
@@ -235,9 +266,25 @@ def _store_files(manifest: Mapping[str, Any]) -> list[tuple[str, int, int, dict[
     return files
 
 
+def _region_checks(manifest: Mapping[str, Any], folder: str) -> dict[str, dict[str, str]]:
+    """File name -> the BLAKE3 of its regions, for the files of `folder` ("" or `vision`) whose regions are checked
+    as they are read (a store's files from before BLAKE3 are checked whole when it opens instead)."""
+    return {
+        entry["file"]: entry["blake3"]
+        for where, _, _, entry in _store_files(manifest)
+        if where == folder and isinstance(entry.get("blake3"), dict)
+    }
+
+
+_REASONS = {str: "its SHA-256 differs from the manifest's", type(None): "it does not parse"}  # files checked whole
+
+
 def verify_store(path: Path, manifest: dict[str, Any]) -> None:
-    """Check a complete store's files against its manifest: their SHA-256 (hashed in parallel, once per process)
-    and example counts, and the total; a damaged file is a ProbingError naming it.
+    """The checks of a complete store when it opens: every file present, its example count the manifest's and the
+    total; a file whose manifest entry records BLAKE3 per region has its header's digest and its size checked (its
+    tensors are checked as they are read: `_ShardedTensors.load`), one from before BLAKE3 (a SHA-256 of the whole
+    file) is hashed whole, as stores were before (in parallel, once per process). A damaged file is a ProbingError
+    naming it. (The full check of every byte, for `probing extract`: `FeatureStoreWriter.damaged_shards`.)
 
     A store written before checksums is trusted once: its shards' digests are recorded in its manifest (when
     the folder is writable), so that every later read checks them.
@@ -250,21 +297,25 @@ def verify_store(path: Path, manifest: dict[str, Any]) -> None:
     for file in paths:
         if not file.is_file():
             raise ProbingError(f"{file}: shard missing; rerun the same `probing extract` to recompute it")
-    intact = _intact_all([(file, entry.get("sha256")) for file, (_, _, _, entry) in zip(paths, files, strict=True)])
+    whole_checks = [(f, recorded_digest(e)) for f, (*_, e) in zip(paths, files, strict=True)]
+    whole_checks = [(f, r) for f, r in whole_checks if not isinstance(r, dict)]
+    intact = dict(zip([f for f, _ in whole_checks], _intact_all(whole_checks), strict=True))
     changed = False
-    for file, (folder, index, group, entry), whole in zip(paths, files, intact, strict=True):
-        if not whole:
-            reason = "it does not parse" if entry.get("sha256") is None else "its SHA-256 differs from the manifest's"
-            raise ProbingError(f"{file}: shard damaged ({reason}); rerun the same `probing extract` to recompute it")
-        if entry.get("sha256") is None:
-            entry["sha256"] = shard_digest(file)
-            _VERIFIED.add((_file_state(file), entry["sha256"]))
+    for file, (folder, index, group, entry) in zip(paths, files, strict=True):
+        recorded = recorded_digest(entry)
+        if isinstance(recorded, dict):
+            metadata = json.loads(checked_header(file, recorded).metadata.get(_METADATA_KEY, "{}"))
+        elif not intact[file]:
+            raise damaged(file, _REASONS[type(recorded)])
+        else:
+            metadata = _shard_metadata(file)
+        if recorded is None:
+            entry["blake3"] = _record_digests(file)
             changed = True
         count_key = "images" if folder == VISION_FOLDER else "examples"
         expected = entry.get(count_key) if group == 0 else manifest["shards"][index].get("examples")
-        found = _shard_metadata(file).get(count_key)
-        if found != expected:
-            raise ProbingError(f"{file}: holds {found} {count_key} but the manifest lists {expected}")
+        if metadata.get(count_key) != expected:
+            raise ProbingError(f"{file}: holds {metadata.get(count_key)} {count_key} but the manifest lists {expected}")
     if manifest.get("examples") != sum(int(entry["examples"]) for entry in manifest["shards"]):
         raise ProbingError(
             f"{path / MANIFEST_NAME}: field 'examples' is {manifest.get('examples')!r} but its shards hold "
@@ -273,9 +324,19 @@ def verify_store(path: Path, manifest: dict[str, Any]) -> None:
     if changed:
         try:
             write_json(path / MANIFEST_NAME, manifest)
-            log.info("%s: recorded the SHA-256 of its shards (a store written before checksums)", path)
+            log.info("%s: recorded the BLAKE3 of its shards (a store written before checksums)", path)
         except OSError as error:  # a read-only store: verified by parsing this time, digests not kept
             log.warning("%s: could not record its shards' checksums (%s)", path, error.strerror)
+
+
+def _record_digests(file: Path) -> dict[str, str]:
+    """The BLAKE3 of a parsable file's regions, remembered as verified (a shard from before checksums, trusted)."""
+    state = file_state(file)
+    digests = file_digests(file)
+    if digests is None:
+        raise damaged(file, "it does not parse")
+    _VERIFIED.update((state, name, digest) for name, digest in digests.items())
+    return digests
 
 
 def _shard_metadata(path: Path) -> dict[str, Any]:
@@ -284,31 +345,36 @@ def _shard_metadata(path: Path) -> dict[str, Any]:
 
 
 class _ShardedTensors:
-    """Read side shared by FeatureStore and VisionStore: ids and named tensors concatenated over shards."""
+    """Read side shared by FeatureStore and VisionStore: ids and named tensors concatenated over shards.
 
-    def __init__(self, folder: Path, shard_files: Sequence[str]):
+    `checks`: file name -> the BLAKE3 of its header and tensors, for the files whose bytes are checked as they are
+    read (None: nothing is checked, `--no-verify`; the same reads, without hashing)."""
+
+    def __init__(self, folder: Path, shard_files: Sequence[str], checks: Mapping[str, Mapping[str, str]] | None = None):
         self.folder = folder
         self.shard_files = list(shard_files)
+        self.checks = checks
         missing = [name for name in self.shard_files if not (folder / name).is_file()]
         if missing:
             raise ProbingError(f"{folder / missing[0]}: shard missing ({len(missing)} of {len(self.shard_files)})")
 
     @cached_property
     def ids(self) -> list[int]:
-        ids: list[int] = []
-        for name in self.shard_files:
-            with safe_open(self.folder / name, framework="pt") as handle:
-                ids.extend(handle.get_tensor("ids").tolist())
-        return ids
+        return self.load("ids").tolist()
 
     def example_rows(self) -> torch.Tensor:
         """Per-image stores: the row of `load`'s result that each example reads, `[N]` (shard offsets added)."""
         rows, offset = [], 0
         for name in self.shard_files:
-            with safe_open(self.folder / name, framework="pt") as handle:
-                rows.append(handle.get_tensor("example_rows") + offset)
-                offset += handle.get_slice("image_ids").get_shape()[0]
+            rows.append(self.load("example_rows", files=[name]) + offset)
+            offset += self._header(name).tensors["image_ids"].shape[0]
         return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
+
+    def _header(self, name: str) -> SafetensorsHeader:
+        """A file's header, its digest checked when its bytes are (it says where each tensor lies)."""
+        path = self.folder / name
+        recorded = None if self.checks is None else self.checks.get(name)
+        return known_header(path)[0] if recorded is None else checked_header(path, recorded)
 
     def load(
         self,
@@ -318,29 +384,38 @@ class _ShardedTensors:
         files: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Concatenate `key` over shards (or over `files`, one per shard: a layer group's) into one preallocated
-        tensor (one shard in memory at a time)."""
+        tensor: each shard's bytes are read once, straight into the result (through one shard's staging buffer
+        when the dtype or device differ), and checked against the manifest's BLAKE3 before it is returned."""
         files = self.shard_files if files is None else list(files)
         if not files:
             raise ProbingError(f"{self.folder}: store has no shards")
-        total = 0
+        parts = []
         for name in files:  # shapes from the headers: nothing is read yet
-            with safe_open(self.folder / name, framework="pt") as handle:
-                total += handle.get_slice(key).get_shape()[0]
-        result: torch.Tensor | None = None
+            region = self._header(name).tensors.get(key)
+            if region is None:
+                raise ProbingError(f"{self.folder / name}: holds no tensor '{key}'")
+            parts.append((name, region))
+        # Shards without rows add none, and their other dimensions may be placeholders (a vision shard whose
+        # images were all bad is written as [0, 0, 0]): the output is shaped by the first shard with rows.
+        shaped = next((region for _, region in parts if region.shape[0] > 0), parts[-1][1])
+        total = sum(region.shape[0] for _, region in parts)
+        stored = stored_dtype(self.folder / files[0], key, shaped)
+        result = torch.empty((total, *shaped.shape[1:]), dtype=dtype or stored, device=device)
         offset = 0
-        for name in files:
-            with safe_open(self.folder / name, framework="pt") as handle:
-                part = handle.get_tensor(key)
-            if len(part) == 0:
-                # Adds no row, and its other dimensions may be placeholders (a vision shard whose images were
-                # all bad is written as [0, 0, 0]): the output is shaped by the first shard with rows.
-                continue
-            if result is None:
-                result = torch.empty((total, *part.shape[1:]), dtype=dtype or part.dtype, device=device)
-            result[offset : offset + len(part)] = part.to(device=result.device, dtype=result.dtype)
-            offset += len(part)
-        if result is None:  # every shard is empty: no row to return
-            return torch.empty((0, *part.shape[1:]), dtype=dtype or part.dtype, device=device)
+        with RegionReader() as reader:
+            for name, region in parts:
+                rows = region.shape[0]
+                if rows == 0:
+                    continue
+                if region.shape[1:] != shaped.shape[1:]:
+                    raise ProbingError(
+                        f"{self.folder / name}: '{key}' is {list(region.shape)}, other shards' [*, "
+                        f"{', '.join(map(str, shaped.shape[1:]))}]"
+                    )
+                expected = None if self.checks is None or name not in self.checks else self.checks[name][key]
+                reader.read_tensor(self.folder / name, key, region, result[offset : offset + rows], expected)
+                offset += rows
+            reader.check()
         return result
 
 
@@ -362,11 +437,16 @@ class FeatureStore:
     """
 
     def __init__(self, path: Path | str, verify: bool | None = None):
+        """Opens the store with its cheap checks (`verify_store`); each load then checks the bytes it reads.
+        `verify` None: unless `--no-verify` (`PROBING_NO_VERIFY=1`) says the disk is trusted."""
         self.path = Path(path)
         self.manifest: dict[str, Any] = _read_complete_manifest(self.path, "feature store")
-        if verification_enabled() if verify is None else verify:
+        self.verify = verification_enabled() if verify is None else verify
+        checks = None
+        if self.verify:
             verify_store(self.path, self.manifest)
-        self._tensors = _ShardedTensors(self.path, [s["file"] for s in self.manifest["shards"]])
+            checks = _region_checks(self.manifest, "")
+        self._tensors = _ShardedTensors(self.path, [s["file"] for s in self.manifest["shards"]], checks)
         self._group_of = {layer: group for group, layers in enumerate(layer_groups(self.manifest)) for layer in layers}
 
     @property
@@ -417,19 +497,23 @@ class FeatureStore:
 
     @property
     def vision(self) -> VisionStore:
-        return VisionStore(self.path / VISION_FOLDER)
+        return VisionStore(self.path / VISION_FOLDER, verify=self.verify)
 
 
 class VisionStore:
     """Per-image ViT outputs written with --store-vision: `.ids` are image ids, `.load() -> [M, V, D]`."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, verify: bool | None = None):
+        """The vision shards' bytes are checked as they are read (their BLAKE3), unless `verify` is false or, when
+        None, `--no-verify` says the disk is trusted."""
         self.path = Path(path)
         parent = _read_complete_manifest(self.path.parent, "feature store")
         if not parent.get("vision"):
             raise ProbingError(f"{self.path.parent}: extracted without --store-vision")
         self.manifest = parent
-        self._tensors = _ShardedTensors(self.path, [s["file"] for s in parent["vision"]["shards"]])
+        verify = verification_enabled() if verify is None else verify
+        checks = _region_checks(parent, VISION_FOLDER) if verify else None
+        self._tensors = _ShardedTensors(self.path, [s["file"] for s in parent["vision"]["shards"]], checks)
 
     @property
     def ids(self) -> list[int]:
@@ -527,25 +611,22 @@ class FeatureStoreWriter:
 
     def shard_done(self, index: int, group: int = 0) -> bool:
         """Whether the file(s) of (shard `index`, layer group `group`) are on disk and whole: their bytes match the
-        SHA-256 written beside them (a shard from before checksums, with none beside it, must parse and gets one).
-        A damaged unit is deleted and reported not done, so that a resumed extraction recomputes it."""
+        digests written beside them: the BLAKE3 of each region, or the SHA-256 of the file that an extraction from
+        before BLAKE3 wrote beside it (a shard from before checksums, with none beside it, must parse and gets its
+        digests). A damaged unit is deleted and reported not done, so that a resumed extraction recomputes it."""
         paths = self._unit_paths(index, group)
         if not paths[-1].is_file():  # the query shard is written last: without it the unit of work is not done
             return False
         for path in paths:
-            sidecar = checksum_sidecar(path)
-            whole = path.is_file()
-            if whole and sidecar.is_file():
-                whole = sidecar.read_text(encoding="utf-8").strip() == shard_digest(path)
-            elif whole:
-                whole = _readable_shard(path)
-                if whole:
-                    write_bytes(sidecar, shard_digest(path).encode())
+            whole = path.is_file() and _intact_all([(path, _sidecar_digest(path))])[0]
+            if whole and _sidecar_digest(path) is None:
+                write_bytes(checksum_sidecar(path), json.dumps(file_digests(path), sort_keys=True).encode())
             if not whole:
                 log.warning("%s: damaged; computing it again", path)
-                for damaged in paths:
-                    damaged.unlink(missing_ok=True)
-                    checksum_sidecar(damaged).unlink(missing_ok=True)
+                for unit in paths:
+                    unit.unlink(missing_ok=True)
+                    checksum_sidecar(unit).unlink(missing_ok=True)
+                    sha256_sidecar(unit).unlink(missing_ok=True)
                 return False
         return True
 
@@ -559,7 +640,7 @@ class FeatureStoreWriter:
         finite: Mapping[str, bool] | None = None,
     ) -> None:
         """Write one unit of work: the vision shard first (a query shard on disk means its unit is done), each
-        file's SHA-256 beside it before the file takes its name (a shard without one is from before checksums).
+        file's digests beside it before the file takes its name (a shard without any is from before checksums).
 
         `finite`: for the tensors it names, whether they are finite, as checked where they were computed (a GPU);
         the other floating tensors are checked here. A growth's file (`group` > 0) must hold the examples of the
@@ -588,14 +669,16 @@ class FeatureStoreWriter:
             written.append((path, save_shard(path, vision, {"images": len(vision["ids"])})))
         path = self.path / shard_name(index, group)
         written.append((path, save_shard(path, tensors, metadata)))
-        for path, digest in written:  # hashed from the very bytes written: this process need not read them back
-            _VERIFIED.add((_file_state(path), digest))
+        for path, digests in written:  # hashed from the very bytes written: this process need not read them back
+            state = file_state(path)
+            _VERIFIED.update((state, name, digest) for name, digest in digests.items())
 
     def damaged_shards(self) -> list[tuple[int, int]]:
         """The (shard, layer group) units of a complete store with a file missing or whose bytes differ from the
-        manifest's SHA-256 (unparsable, for a store from before checksums)."""
+        manifest's digests, every byte read: each region's BLAKE3, or the file's SHA-256 for a store from before
+        BLAKE3 (unparsable, for a store from before checksums)."""
         files = _store_files(self.manifest)
-        intact = _intact_all([(self.path / f / entry["file"], entry.get("sha256")) for f, _, _, entry in files])
+        intact = _intact_all([(self.path / f / entry["file"], recorded_digest(entry)) for f, _, _, entry in files])
         return sorted({(index, group) for (_, index, group, _), whole in zip(files, intact, strict=True) if not whole})
 
     def reopen(self, damaged: Sequence[tuple[int, int]]) -> None:
@@ -605,8 +688,10 @@ class FeatureStoreWriter:
             path = self.path / folder / entry["file"]
             if (index, group) in damaged:
                 path.unlink(missing_ok=True)
+            elif isinstance(entry.get("blake3"), dict):
+                write_bytes(checksum_sidecar(path), json.dumps(entry["blake3"], sort_keys=True).encode())
             elif entry.get("sha256"):
-                write_bytes(checksum_sidecar(path), entry["sha256"].encode())
+                write_bytes(sha256_sidecar(path), entry["sha256"].encode())
         self.manifest = {"request": self.identity, "complete": False, "layer_groups": self.groups}
         write_json(self.path / MANIFEST_NAME, self.manifest)
         self.exists, self.complete = True, False
@@ -620,7 +705,7 @@ class FeatureStoreWriter:
             if not path.is_file():
                 raise ProbingError(f"{path}: shard missing after extraction")  # a worker process failed
             metadata = _shard_metadata(path)
-            entry = {"file": shard_name(index), "examples": metadata["examples"], "sha256": _sidecar(path)}
+            entry = {"file": shard_name(index), "examples": metadata["examples"], **_digest_fields(path)}
             if len(groups) > 1:
                 entry["groups"] = [self._group_entry(index, group) for group in range(1, len(groups))]
             shards.append(entry)
@@ -641,7 +726,7 @@ class FeatureStoreWriter:
             for index in range(shard_count):
                 path = self.path / VISION_FOLDER / shard_name(index)
                 vision_shards.append(
-                    {"file": shard_name(index), "images": _shard_metadata(path)["images"], "sha256": _sidecar(path)}
+                    {"file": shard_name(index), "images": _shard_metadata(path)["images"], **_digest_fields(path)}
                 )
             manifest["vision"] = {"shards": vision_shards, "images": sum(s["images"] for s in vision_shards)}
         write_json(self.path / MANIFEST_NAME, manifest)
@@ -677,16 +762,34 @@ class FeatureStoreWriter:
         path = self.path / shard_name(index, group)
         if not path.is_file():
             raise ProbingError(f"{path}: shard missing after extraction")  # a worker process failed
-        return {"file": shard_name(index, group), "sha256": _sidecar(path)}
+        return {"file": shard_name(index, group), **_digest_fields(path)}
 
     def _drop_sidecars(self, shard_count: int, groups: Iterable[int]) -> None:
         for group in groups:  # the manifest holds the digests now
             for index in range(shard_count):
                 for path in self._unit_paths(index, group):
                     checksum_sidecar(path).unlink(missing_ok=True)
+                    sha256_sidecar(path).unlink(missing_ok=True)
 
 
-def _sidecar(path: Path) -> str:
-    """The SHA-256 written beside a shard (computed now for a shard from before checksums)."""
-    sidecar = checksum_sidecar(path)
-    return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else shard_digest(path)
+def _sidecar_digest(path: Path) -> Recorded:
+    """The digests written beside a shard: its regions' BLAKE3 (JSON), or the SHA-256 an extraction from before
+    BLAKE3 left; None when there are none (or an empty file, which a crash can leave: the shard is then checked by
+    parsing and given its digests)."""
+    for sidecar in (checksum_sidecar(path), sha256_sidecar(path)):
+        text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+        if text:
+            try:
+                return json.loads(text) if sidecar.suffix == CHECKSUM_SUFFIX else text
+            except ValueError:  # a sidecar cut short by a crash: damaged, the shard is checked by parsing instead
+                return None
+    return None
+
+
+def _digest_fields(path: Path) -> dict[str, Any]:
+    """A shard's manifest fields for its digests: from beside it (`blake3`, or `sha256` when an extraction from
+    before BLAKE3 wrote it), computed now for a shard from before checksums."""
+    recorded = _sidecar_digest(path)
+    if isinstance(recorded, str):
+        return {"sha256": recorded}
+    return {"blake3": recorded if recorded is not None else file_digests(path)}
