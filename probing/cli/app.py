@@ -152,8 +152,8 @@ def _root(
         bool,
         typer.Option(
             "--no-verify",
-            help="Trust the disk: read feature stores without checking their shards' SHA-256 "
-            "(before the command: `probing --no-verify run ...`).",
+            help="Trust the disk: read feature stores without checking their shards' digests (BLAKE3 per tensor; "
+            "SHA-256 per file in older stores) (before the command: `probing --no-verify run ...`).",
         ),
     ] = False,
     version: Annotated[
