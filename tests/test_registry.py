@@ -145,7 +145,7 @@ def test_every_registry_of_the_package_is_a_registry():
     [
         (lambda: __import__("probing.tasks").tasks.get_task("coco"), "--task: unknown task 'coco'; known: refcocog, "),
         (
-            lambda: __import__("probing.probes.modules").probes.probe_kind("deep"),
+            lambda: __import__("probing.probes.modules").probes.modules.probe_kind("deep"),
             "--probe: unknown probe 'deep'; known: linear,",
         ),
         (
