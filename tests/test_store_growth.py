@@ -344,3 +344,40 @@ def test_a_growth_asked_for_other_layers_midway_is_widened_and_restarted(tmp_pat
     assert writer.begin_growth([1]) == [1, 2] and FeatureStore(tmp_path / "store").layers == [4]
     with pytest.raises(ProbingError, match=r"shard-00001.safetensors: holds other examples"):
         writer.write_shard(1, {"ids": torch.arange(2), "layer_01": torch.ones(2, 3)}, {"examples": 2}, group=1)
+
+
+def test_two_workers_growing_one_store_at_once_leave_every_layer_each_asked_for(
+    tiny_checkpoints, refcocog_val, tmp_path
+):
+    """Two `probing extract` processes on one store folder at the same time, asking for different layers (two
+    experiments of a config run by two workers): the store's identity holds no layers, so the second waits for the
+    first's claim and then grows the store by its own layers. Both succeed, and every layer equals a single
+    extraction's."""
+    import subprocess
+    import sys
+
+    def args(out: Path, layers: str) -> list[str]:
+        return [
+            *("extract", "--model", str(tiny_checkpoints["blip2"]), "--task", "refcocog"),
+            *("--refs", str(refcocog_val.refs), "--instances", str(refcocog_val.instances)),
+            *("--images", str(refcocog_val.images), "--split", "val", "--out", str(out), "--workers", "0"),
+            *("--shard-size", "40", "--layers", layers),
+        ]
+
+    shared = tmp_path / "shared"
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "probing", *args(shared, layers)], stderr=subprocess.PIPE, text=True)
+        for layers in ("1", "3,4")
+    ]
+    errors = [worker.communicate(timeout=300)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], errors
+    single = tmp_path / "single"
+    assert (
+        subprocess.run([sys.executable, "-m", "probing", *args(single, "1,3,4")], capture_output=True).returncode == 0
+    )
+    grown_store, single_store = FeatureStore(shared), FeatureStore(single)
+    assert grown_store.layers == [1, 3, 4] and grown_store.ids == single_store.ids
+    for layer in (1, 3, 4):
+        assert torch.equal(grown_store.load(layer), single_store.load(layer)), layer
+    assert not [p.name for p in shared.rglob("*") if ".partial" in p.name]  # no half-written file left
+    assert not shared.with_name("shared.lock").exists()  # both claims released
