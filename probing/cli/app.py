@@ -384,7 +384,7 @@ def _zeroshot(**values: Any) -> None:
     _check_out(values, "zeroshot-run")
     result = run_zeroshot(request)
     record = result.value
-    typer.echo(f"zero-shot run {'already there' if result.reused else 'written'}: {values['out']}")
+    typer.echo(f"zero-shot run {'already there' if result.reused else 'written'}: {request.out}")
     for split in record.splits:
         typer.echo(f"  {split:4s} {record.metric} {record.summary[split][record.metric]['mean']:.4f}")
 

@@ -278,9 +278,10 @@ class Table:
         column with gaps stays integers)."""
         import pandas as pd
 
-        keys = {key for record in self.records for key in record}
+        records = self.records  # derived from the rows: gathered once
+        keys = {key for record in records for key in record}
         columns = [k for k in CSV_LABELS if k in keys] + sorted(keys - set(CSV_LABELS))
-        return pd.DataFrame(self.records, columns=columns, dtype=object)
+        return pd.DataFrame(records, columns=columns, dtype=object)
 
     def latex(self) -> str:
         """The table as LaTeX (booktabs, caption once, `\\label{tab:<name>}`, numbers right-aligned, a task's

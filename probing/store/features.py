@@ -367,10 +367,10 @@ class _ShardedTensors:
         rows, offset = [], 0
         for name in self.shard_files:
             rows.append(self.load("example_rows", files=[name]) + offset)
-            offset += self._header(name).tensors["image_ids"].shape[0]
+            offset += self.header(name).tensors["image_ids"].shape[0]
         return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
 
-    def _header(self, name: str) -> SafetensorsHeader:
+    def header(self, name: str) -> SafetensorsHeader:
         """A file's header, its digest checked when its bytes are (it says where each tensor lies)."""
         path = self.folder / name
         recorded = None if self.checks is None else self.checks.get(name)
@@ -391,7 +391,7 @@ class _ShardedTensors:
             raise ProbingError(f"{self.folder}: store has no shards")
         parts = []
         for name in files:  # shapes from the headers: nothing is read yet
-            region = self._header(name).tensors.get(key)
+            region = self.header(name).tensors.get(key)
             if region is None:
                 raise ProbingError(f"{self.folder / name}: holds no tensor '{key}'")
             parts.append((name, region))
@@ -477,23 +477,20 @@ class FeatureStore:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stored rows and, for a per-image store, the row each example reads (else None): a per-image
         store stays one row per image in memory."""
-        if layer not in self._group_of:
-            raise ProbingError(f"{self.path}: layer {layer} is not in the store (it has {self.layers})")
-        group = self._group_of[layer]
-        files = [s["file"] if group == 0 else s["groups"][group - 1]["file"] for s in self.manifest["shards"]]
-        states = self._tensors.load(layer_key(layer), dtype=dtype, device=device, files=files)
+        states = self._tensors.load(layer_key(layer), dtype=dtype, device=device, files=self._files_of(layer))
         return states, (self._tensors.example_rows() if self.per_image else None)
 
     def latent_shape(self, layer: int) -> tuple[int, int]:
         """(latents, width) of one stored layer, from the first of its files' headers (no tensor is read)."""
+        shape = self._tensors.header(self._files_of(layer)[0]).tensors[layer_key(layer)].shape
+        return int(shape[1]), int(shape[2])
+
+    def _files_of(self, layer: int) -> list[str]:
+        """The file of each shard that holds `layer` (its layer group's)."""
         if layer not in self._group_of:
             raise ProbingError(f"{self.path}: layer {layer} is not in the store (it has {self.layers})")
         group = self._group_of[layer]
-        first = self.manifest["shards"][0]
-        name = first["file"] if group == 0 else first["groups"][group - 1]["file"]
-        with safe_open(self.path / name, framework="pt") as handle:
-            shape = handle.get_slice(layer_key(layer)).get_shape()
-        return int(shape[1]), int(shape[2])
+        return [s["file"] if group == 0 else s["groups"][group - 1]["file"] for s in self.manifest["shards"]]
 
     @property
     def vision(self) -> VisionStore:
@@ -618,9 +615,10 @@ class FeatureStoreWriter:
         if not paths[-1].is_file():  # the query shard is written last: without it the unit of work is not done
             return False
         for path in paths:
-            whole = path.is_file() and _intact_all([(path, _sidecar_digest(path))])[0]
-            if whole and _sidecar_digest(path) is None:
-                write_bytes(checksum_sidecar(path), json.dumps(file_digests(path), sort_keys=True).encode())
+            beside = _sidecar_digest(path)
+            whole = path.is_file() and _intact_all([(path, beside)])[0]
+            if whole and beside is None:
+                _write_sidecar(path, file_digests(path))
             if not whole:
                 log.warning("%s: damaged; computing it again", path)
                 for unit in paths:
@@ -689,7 +687,7 @@ class FeatureStoreWriter:
             if (index, group) in damaged:
                 path.unlink(missing_ok=True)
             elif isinstance(entry.get("blake3"), dict):
-                write_bytes(checksum_sidecar(path), json.dumps(entry["blake3"], sort_keys=True).encode())
+                _write_sidecar(path, entry["blake3"])
             elif entry.get("sha256"):
                 write_bytes(sha256_sidecar(path), entry["sha256"].encode())
         self.manifest = {"request": self.identity, "complete": False, "layer_groups": self.groups}
@@ -735,7 +733,7 @@ class FeatureStoreWriter:
         return manifest
 
     def finish_growth(self, shard_count: int, summary: Mapping[str, Any]) -> dict[str, Any]:
-        """Add the grown layer group to the complete manifest: its layers, each shard's file and SHA-256. The files
+        """Add the grown layer group to the complete manifest: its layers, each shard's file and digests. The files
         and entries of the groups already there are left as they were."""
         layers = self.growing
         if layers is None:
@@ -770,6 +768,11 @@ class FeatureStoreWriter:
                 for path in self._unit_paths(index, group):
                     checksum_sidecar(path).unlink(missing_ok=True)
                     sha256_sidecar(path).unlink(missing_ok=True)
+
+
+def _write_sidecar(path: Path, digests: Mapping[str, str]) -> None:
+    """The BLAKE3 of a shard's regions beside it, as the writer leaves them (`write_safetensors`)."""
+    write_bytes(checksum_sidecar(path), json.dumps(dict(digests), sort_keys=True).encode())
 
 
 def _sidecar_digest(path: Path) -> Recorded:
