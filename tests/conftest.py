@@ -424,3 +424,21 @@ def postgres_url():
     finally:
         run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def val_extraction(checkpoint, options, out, **overrides):
+    """An extraction of a tiny checkpoint on a data fixture's val split at test sizes (40-example shards, batches
+    of 16, decoding in the process), `overrides` on top."""
+    from probing.store.settings import ExtractionRequest
+
+    settings = dict(
+        model=str(checkpoint),
+        data=options,
+        split="val",
+        out=out,
+        shard_size=40,
+        batch_size=16,
+        workers=0,
+        progress=False,
+    )
+    return ExtractionRequest(**(settings | overrides))

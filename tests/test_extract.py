@@ -12,30 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, val_extraction
 
 from probing.core.errors import ProbingError
 from probing.data import DataOptions
 from probing.data.images import load_rgb_image
 from probing.models import load_resampler
-from probing.store.extract import ExtractionRequest, extract, parse_layers, plan_shards
+from probing.store.extract import extract, parse_layers, plan_shards
 from probing.store.features import FeatureStore, VisionStore
 from probing.tasks import load_split
 
 
 def request(checkpoint, options, out, **overrides):
-    settings = dict(
-        model=str(checkpoint),
-        data=options,
-        split="val",
-        out=out,
-        shard_size=40,
-        batch_size=16,
-        workers=0,
-        progress=False,
-        dtype="float32",
-    )
-    return ExtractionRequest(**(settings | overrides))
+    return val_extraction(checkpoint, options, out, **({"dtype": "float32"} | overrides))
 
 
 def cli_args(checkpoint, options, out, *extra):

@@ -11,6 +11,7 @@ from pathlib import Path
 import blake3
 import pytest
 import torch
+from conftest import val_extraction
 from safetensors.torch import save
 from test_verify_on_read import independent_digests
 
@@ -30,19 +31,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "store_before_growth"
 
 def extraction(checkpoint, options, out, layers, **overrides) -> ExtractionRequest:
     # the settings the fixture store was written with (its README)
-    settings = dict(
-        model=str(checkpoint),
-        data=options,
-        split="val",
-        out=out,
-        shard_size=40,
-        batch_size=16,
-        workers=0,
-        progress=False,
-        layers=layers,
-        store_vision=True,
-    )
-    return ExtractionRequest(**(settings | overrides))
+    return val_extraction(checkpoint, options, out, **({"layers": layers, "store_vision": True} | overrides))
 
 
 def digests(folder: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, val_extraction
 from test_verify_on_read import independent_digests
 
 from probing.core.artifacts import MANIFEST_NAME
@@ -20,19 +20,7 @@ from probing.store.features import _VERIFIED, FeatureStore, FeatureStoreWriter
 
 
 def extraction(checkpoint, options, out, **overrides) -> ExtractionRequest:
-    settings = dict(
-        model=str(checkpoint),
-        data=options,
-        split="val",
-        out=out,
-        shard_size=40,
-        batch_size=16,
-        workers=0,
-        progress=False,
-        layers="1,4",
-        store_vision=True,
-    )
-    return ExtractionRequest(**(settings | overrides))
+    return val_extraction(checkpoint, options, out, **({"layers": "1,4", "store_vision": True} | overrides))
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
